@@ -1,0 +1,1 @@
+"""Shared runtime of the ARM services: config, database, gRPC bootstrap, errors, outbox, hashing."""

@@ -1,0 +1,107 @@
+"""The authenticated caller (principal), permission checks, and API key format.
+
+API keys look like `arm_<key id>_<secret>`; only SHA-256 of the whole key is stored, so a key is
+shown once and cannot be recovered."""
+
+from __future__ import annotations
+
+import contextvars
+import secrets
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from arm_common.canonical import sha256_hex
+from arm_common.errors import PermissionDenied, Unauthenticated
+from arm_common.ids import new_id
+
+SCOPE_TENANT = "TENANT"
+SCOPE_PROJECT = "PROJECT"
+SCOPE_ENVIRONMENT = "ENVIRONMENT"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A permission and where it applies (tenant-wide, or one project or environment)."""
+
+    permission: str
+    scope_type: str = SCOPE_TENANT
+    scope_id: str = ""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant of their key, operator or agent, and their grants."""
+
+    tenant_id: str
+    actor_type: str  # "OPERATOR" | "AGENT" | "SYSTEM"
+    actor_id: str
+    api_key_id: str
+    grants: tuple[Grant, ...] = ()
+    tenant_active: bool = True
+    system_tenant: bool = False
+    _index: dict[str, list[Grant]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for g in self.grants:
+            self._index.setdefault(g.permission, []).append(g)
+
+    def has(self, permission: str, *, project_id: str = "", environment_id: str = "") -> bool:
+        """True when a grant covers the permission at the tenant, or at the given project or
+        environment."""
+        for g in self._index.get(permission, ()):
+            if g.scope_type == SCOPE_TENANT:
+                return True
+            if g.scope_type == SCOPE_PROJECT and project_id and g.scope_id == project_id:
+                return True
+            if g.scope_type == SCOPE_ENVIRONMENT and environment_id and g.scope_id == environment_id:
+                return True
+        return False
+
+    def require(self, permission: str, *, project_id: str = "", environment_id: str = "") -> None:
+        if not self.has(permission, project_id=project_id, environment_id=environment_id):
+            raise PermissionDenied(
+                f"the caller lacks the permission {permission!r}",
+                reason="MISSING_PERMISSION",
+                metadata={"permission": permission, "actor_id": self.actor_id})
+
+    @property
+    def is_agent(self) -> bool:
+        return self.actor_type == "AGENT"
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("arm_principal",
+                                                                            default=None)
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("arm_request_id", default="")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (set by the auth interceptor)."""
+    principal = _current.get()
+    if principal is None:
+        raise Unauthenticated("no authenticated caller", reason="UNAUTHENTICATED")
+    return principal
+
+
+class Authenticator(Protocol):
+    """Turns the bearer key of a call into a principal, or raises Unauthenticated."""
+
+    async def authenticate(self, api_key: str) -> Principal: ...
+
+
+def new_api_key() -> tuple[str, str, str]:
+    """Returns (key id, full key to show once, hash to store)."""
+    key_id = new_id("key")
+    full = f"arm_{key_id}_{secrets.token_urlsafe(32)}"
+    return key_id, full, hash_api_key(full)
+
+
+def hash_api_key(full_key: str) -> str:
+    return sha256_hex(full_key)
+
+
+def parse_api_key(full_key: str) -> str:
+    """Returns the key id of a well-formed key, or raises Unauthenticated."""
+    parts = full_key.split("_", 3)  # "arm", "key", "<id part>", "<secret>"
+    if len(parts) != 4 or parts[0] != "arm" or parts[1] != "key" or not parts[3]:
+        raise Unauthenticated("the API key is malformed", reason="INVALID_API_KEY")
+    return f"{parts[1]}_{parts[2]}"

@@ -1,0 +1,104 @@
+"""Canonical JSON and SHA-256 hashing, byte-compatible with the older TypeScript platform.
+
+Canonical form: object keys sorted recursively, no whitespace, UTF-8 without escaping non-ASCII,
+array order kept, numbers written as JavaScript's `Number.prototype.toString` writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+
+def js_number(value: float | int) -> str:
+    """Formats a number the way JavaScript does (`String(x)`): `1` not `1.0`, `1e+21`, `1e-7`."""
+    if isinstance(value, bool):
+        raise TypeError("booleans are not numbers here")
+    if isinstance(value, int):
+        if abs(value) < 10**21:
+            return str(value)
+        value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError("NaN and Infinity have no JSON form")
+    if value == 0:
+        return "0"  # JavaScript writes -0 as "0" too.
+    # repr gives the shortest digits that round-trip, as JavaScript does; only the layout differs.
+    digits_repr = repr(abs(value))
+    if "e" in digits_repr:
+        coeff, _, exp_part = digits_repr.partition("e")
+        exponent = int(exp_part)
+    else:
+        coeff, exponent = digits_repr, 0
+    int_part, _, frac_part = coeff.partition(".")
+    if frac_part == "0":
+        frac_part = ""
+    digits = (int_part + frac_part).lstrip("0")
+    # Decimal exponent n such that value = 0.d1d2... × 10^n (ECMAScript's "n").
+    lead_zeros = len(int_part + frac_part) - len((int_part + frac_part).lstrip("0"))
+    n = len(int_part) - lead_zeros + exponent
+    digits = digits.rstrip("0") or "0"
+    k = len(digits)
+    sign = "-" if value < 0 else ""
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return sign + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return sign + "0." + "0" * (-n) + digits
+    e = n - 1
+    exp_str = f"e+{e}" if e >= 0 else f"e-{-e}"
+    if k == 1:
+        return sign + digits + exp_str
+    return sign + digits[0] + "." + digits[1:] + exp_str
+
+
+def _encode(value: Any, out: list[str]) -> None:
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, (int, float)):
+        out.append(js_number(value))
+    elif isinstance(value, str):
+        out.append(json.dumps(value, ensure_ascii=False))
+    elif isinstance(value, dict):
+        out.append("{")
+        for i, key in enumerate(sorted(value)):
+            if not isinstance(key, str):
+                raise TypeError(f"object keys must be strings, got {type(key).__name__}")
+            if i:
+                out.append(",")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(":")
+            _encode(value[key], out)
+        out.append("}")
+    elif isinstance(value, (list, tuple)):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _encode(item, out)
+        out.append("]")
+    else:
+        raise TypeError(f"{type(value).__name__} has no canonical JSON form")
+
+
+def canonical_json(value: Any) -> str:
+    """Returns the canonical JSON text of a JSON-like value."""
+    out: list[str] = []
+    _encode(value, out)
+    return "".join(out)
+
+
+def sha256_hex(data: str | bytes) -> str:
+    """Lowercase hex SHA-256 of text (UTF-8) or bytes."""
+    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+
+
+def canonical_hash(value: Any) -> str:
+    """SHA-256 of the canonical JSON of a value."""
+    return sha256_hex(canonical_json(value))

@@ -1,0 +1,117 @@
+"""Service configuration from environment variables: a frozen dataclass, validated at start.
+A bad value fails fast with a message naming the variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """A configuration variable is missing or malformed; the message names it."""
+
+
+DEFAULT_PORTS = {"registry": 50051, "governance": 50052, "telemetry": 50053, "allinone": 50051}
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _address(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    raw = env.get(name) or default
+    if raw is None:
+        return None
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be host:port, got {raw!r}")
+    return raw
+
+
+def _database_url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name) or default
+    if not raw.startswith(("sqlite", "postgresql", "postgres")):
+        raise ConfigError(f"{name} must be a sqlite:// or postgresql:// URL, got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Settings of one service process (or of the all-in-one dev server)."""
+
+    service: str
+    """Which service: registry, governance, telemetry or allinone."""
+    listen: str
+    """host:port to serve on (`ARM_<SERVICE>_LISTEN`, then `ARM_LISTEN`); port 0 picks one."""
+    database_url: str
+    """SQLAlchemy URL (`ARM_<SERVICE>_DATABASE_URL`, then `ARM_DATABASE_URL`); default a SQLite
+    file under `ARM_DATA_DIR` (default `.arm`)."""
+    database_schema: str | None
+    """PostgreSQL schema to use (`ARM_DATABASE_SCHEMA`); default the server's search_path."""
+    data_dir: str
+    """Folder for SQLite files and the dev admin key (`ARM_DATA_DIR`, default `.arm`)."""
+    compat_mode: bool
+    """`ARM_COMPAT_MODE` (default true): prefer legacy agent ids over instance ids in lookups."""
+    registry_address: str | None
+    """Where registry serves (`ARM_REGISTRY_ADDRESS`), for the other services."""
+    governance_address: str | None
+    """Where governance serves (`ARM_GOVERNANCE_ADDRESS`): the outbox delivers change records there."""
+    telemetry_address: str | None
+    """Where telemetry serves (`ARM_TELEMETRY_ADDRESS`): the outbox delivers opEvents there."""
+    service_api_key: str | None
+    """Key the service presents when it calls another service (`ARM_SERVICE_API_KEY`)."""
+    auth_cache_ttl_s: float
+    """How long an authenticated key is trusted before it is looked up again
+    (`ARM_AUTH_CACHE_TTL_S`, default 5)."""
+    shutdown_grace_s: float
+    """Seconds in-flight calls get to finish on SIGTERM (`ARM_SHUTDOWN_GRACE_S`, default 10)."""
+    outbox_poll_s: float
+    """How often the outbox relay looks for undelivered messages (`ARM_OUTBOX_POLL_S`, default 1)."""
+
+    @classmethod
+    def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
+        env = os.environ if env is None else env
+        prefix = f"ARM_{service.upper()}_"
+        data_dir = env.get("ARM_DATA_DIR") or ".arm"
+        default_db = f"sqlite+aiosqlite:///{data_dir}/{service}.db"
+        listen_name = f"{prefix}LISTEN" if env.get(f"{prefix}LISTEN") else "ARM_LISTEN"
+        db_name = f"{prefix}DATABASE_URL" if env.get(f"{prefix}DATABASE_URL") else "ARM_DATABASE_URL"
+        listen = _address(env, listen_name, f"127.0.0.1:{DEFAULT_PORTS.get(service, 50051)}")
+        assert listen is not None
+        return cls(
+            service=service,
+            listen=listen,
+            database_url=_database_url(env, db_name, default_db),
+            database_schema=env.get("ARM_DATABASE_SCHEMA") or None,
+            data_dir=data_dir,
+            compat_mode=_bool(env, "ARM_COMPAT_MODE", True),
+            registry_address=_address(env, "ARM_REGISTRY_ADDRESS", None),
+            governance_address=_address(env, "ARM_GOVERNANCE_ADDRESS", None),
+            telemetry_address=_address(env, "ARM_TELEMETRY_ADDRESS", None),
+            service_api_key=env.get("ARM_SERVICE_API_KEY") or None,
+            auth_cache_ttl_s=_float(env, "ARM_AUTH_CACHE_TTL_S", 5.0),
+            shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
+            outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
+        )

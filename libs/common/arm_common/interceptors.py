@@ -1,0 +1,174 @@
+"""The one server interceptor every service uses: request id, authentication, and mapping of
+domain errors (and unexpected ones) to gRPC statuses with `google.rpc` details."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from arm_common.auth import Authenticator, Principal, _current, _request_id
+from arm_common.errors import ERROR_DOMAIN, ArmError, Unauthenticated, Unimplemented
+
+log = logging.getLogger(__name__)
+
+# Calls that need no key: health checks and reflection.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def to_status(err: ArmError, request_id: str) -> grpc.Status:
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN,
+                                       metadata={**err.metadata, "request_id": request_id})
+    details.append(info)
+    if err.violations:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in err.violations]))
+    if err.retry_delay_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_delay_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    return rpc_status.to_status(status_pb2.Status(
+        code=getattr(code_pb2, err.code.name), message=err.message, details=packed))
+
+
+def _bearer(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization must be 'Bearer <api key>'",
+                                      reason="INVALID_AUTHORIZATION_HEADER")
+            return token.strip()
+    return None
+
+
+def _metadata_value(metadata: Any, name: str) -> str:
+    for key, value in metadata or ():
+        if key == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return ""
+
+
+class ArmServerInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every non-public call, sets the principal and request id for the handler,
+    and turns ArmError into a status with ErrorInfo/BadRequest/RetryInfo details. Anything else
+    becomes INTERNAL with the request id to look up in the logs; the server keeps serving."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        metadata = handler_call_details.invocation_metadata
+        request_id = _metadata_value(metadata, "x-request-id") or uuid.uuid4().hex
+        authenticator = self.authenticator
+
+        async def prepare(context: grpc.aio.ServicerContext) -> Principal:
+            key = _bearer(metadata)
+            if key is None:
+                raise Unauthenticated("this call needs 'authorization: Bearer <api key>'",
+                                      reason="MISSING_API_KEY")
+            principal = await authenticator.authenticate(key)
+            _current.set(principal)
+            _request_id.set(request_id)
+            return principal
+
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+            if isinstance(exc, NotImplementedError):
+                # Generated servicer bases raise this for RPCs a later release implements.
+                exc = Unimplemented(f"{method} is not implemented yet", reason="NOT_IMPLEMENTED",
+                                    metadata={"method": method})
+            if isinstance(exc, ArmError):
+                status = to_status(exc, request_id)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            log.exception("unexpected error in %s (request %s)", method, request_id)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error; request id {request_id}")
+
+        def passthrough(exc: BaseException) -> bool:
+            # Aborts raised by handlers themselves, and cancellation, propagate unchanged.
+            return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError))
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    await prepare(context)
+                    return await inner_uu(request, context)
+                except BaseException as exc:
+                    if passthrough(exc):
+                        raise
+                    await fail(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    await prepare(context)
+                    async for item in inner_us(request, context):
+                        yield item
+                except BaseException as exc:
+                    if passthrough(exc):
+                        raise
+                    await fail(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    await prepare(context)
+                    return await inner_su(request_iterator, context)
+                except BaseException as exc:
+                    if passthrough(exc):
+                        raise
+                    await fail(context, exc)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer)
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                await prepare(context)
+                async for item in inner_ss(request_iterator, context):
+                    yield item
+            except BaseException as exc:
+                if passthrough(exc):
+                    raise
+                await fail(context, exc)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer)
+
+

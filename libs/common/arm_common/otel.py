@@ -1,0 +1,51 @@
+"""OpenTelemetry set-up: traces and metrics for every RPC (gRPC server interceptor) and every
+database call (SQLAlchemy instrumentation). Spans and metrics are exported over OTLP when
+OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise the API's no-op providers keep the cost near zero."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+log = logging.getLogger(__name__)
+_configured = False
+
+
+def configure(service_name: str) -> None:
+    """Installs SDK providers with OTLP exporters once per process, when an endpoint is set."""
+    global _configured
+    if _configured or not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(MeterProvider(
+        resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+    _configured = True
+    log.info("OpenTelemetry: exporting to %s", os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"])
+
+
+def server_interceptor() -> Any:
+    """The gRPC server interceptor producing a span and duration metric per RPC."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return aio_server_interceptor()
+
+
+def instrument_engine(engine: Any) -> None:
+    """Adds a span per database statement on an (async) SQLAlchemy engine."""
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)

@@ -1,0 +1,168 @@
+"""The transactional outbox: change records and opEvents are written in the same database
+transaction as the change they describe, then relayed to their receiver with retries and backoff.
+A crash loses nothing (the row is committed with the change) and a retry duplicates nothing (the
+receiver deduplicates on the message id)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from google.protobuf.message import Message
+from sqlalchemy import and_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm_common.db import Database
+from arm_common.tables import utcnow
+
+log = logging.getLogger(__name__)
+
+TOPIC_CHANGE_RECORD = "change_record"
+TOPIC_OP_EVENT = "op_event"
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One undelivered message as the relay hands it to a deliverer."""
+
+    position: int
+    message_id: str
+    topic: str
+    tenant_id: str
+    payload: bytes
+    attempts: int
+
+
+async def enqueue(session: AsyncSession, outbox_table, *, topic: str, tenant_id: str,  # type: ignore[no-untyped-def]
+                  message_id: str, message: Message) -> None:
+    """Adds a message to the outbox inside the caller's transaction."""
+    now = utcnow()
+    await session.execute(outbox_table.insert().values(
+        message_id=message_id, topic=topic, tenant_id=tenant_id,
+        payload=message.SerializeToString(), created_at=now, attempts=0, next_attempt_at=now))
+
+
+Deliver = Callable[[Sequence[OutboxMessage]], Awaitable[None]]
+
+
+class OutboxRelay:
+    """Delivers one topic's messages in insertion order. Any number of replicas may run a relay:
+    on PostgreSQL rows are claimed with `FOR UPDATE SKIP LOCKED`; elsewhere one process owns the
+    database. A failed batch is retried with exponential backoff (capped) and jitter."""
+
+    def __init__(self, db: Database, outbox_table, topic: str, deliver: Deliver | None, *,  # type: ignore[no-untyped-def]
+                 batch_size: int = 200, poll_interval_s: float = 1.0,
+                 max_backoff_s: float = 60.0) -> None:
+        self.db = db
+        self.table = outbox_table
+        self.topic = topic
+        self.deliver = deliver
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.max_backoff_s = max_backoff_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def notify(self) -> None:
+        """Called after a commit that enqueued messages, so they go out without waiting a poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self.deliver is None:
+            log.info("outbox %s: no receiver configured; messages wait in the outbox", self.topic)
+            return
+        self._task = asyncio.create_task(self._loop(), name=f"outbox-{self.topic}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task:
+            self._wake.set()
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                moved = await self.relay_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a broken database must not kill the relay; try again later
+                log.exception("outbox %s: relay pass failed", self.topic)
+                moved = 0
+            if moved == self.batch_size:
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+            except TimeoutError:
+                pass
+
+    async def relay_once(self) -> int:
+        """Delivers at most one batch; returns how many messages were delivered."""
+        if self.db.is_postgres:
+            # Claim, deliver and mark in one transaction: other replicas skip the locked rows.
+            return await self.db.run(self._claim_and_deliver)
+        # SQLite: one process owns the file; don't hold its write lock during the network call.
+        ready = await self.db.read(self._claim)
+        if not ready:
+            return 0
+        return await self._deliver_and_mark(ready)
+
+    async def _claim(self, session: AsyncSession) -> list[OutboxMessage]:
+        t = self.table
+        now = utcnow()
+        query = (select(t).where(and_(t.c.topic == self.topic, t.c.delivered_at.is_(None)))
+                 .order_by(t.c.position).limit(self.batch_size))
+        if self.db.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        rows = (await session.execute(query)).mappings().all()
+        # Keep order: stop at the first message still backing off, so nothing overtakes it.
+        ready = []
+        for row in rows:
+            if row["next_attempt_at"] > now:
+                break
+            ready.append(OutboxMessage(row["position"], row["message_id"], row["topic"],
+                                       row["tenant_id"], row["payload"], row["attempts"]))
+        return ready
+
+    async def _claim_and_deliver(self, session: AsyncSession) -> int:
+        ready = await self._claim(session)
+        if not ready:
+            return 0
+        return await self._deliver_and_mark(ready, session)
+
+    async def _deliver_and_mark(self, ready: list[OutboxMessage],
+                                session: AsyncSession | None = None) -> int:
+        assert self.deliver is not None
+        t = self.table
+        positions = [m.position for m in ready]
+        try:
+            await self.deliver(ready)
+        except Exception as exc:  # noqa: BLE001 - any failure means "retry later"
+            attempts = ready[0].attempts + 1
+            delay = min(self.max_backoff_s, 0.1 * 2**attempts) * random.uniform(0.5, 1.0)
+            log.warning("outbox %s: delivery of %d failed (attempt %d): %s", self.topic,
+                        len(ready), attempts, exc)
+            stmt = update(t).where(t.c.position.in_(positions)).values(
+                attempts=t.c.attempts + 1, last_error=str(exc)[:2000],
+                next_attempt_at=utcnow() + timedelta(seconds=delay))
+            delivered = 0
+        else:
+            stmt = update(t).where(t.c.position.in_(positions)).values(
+                delivered_at=utcnow(), attempts=t.c.attempts + 1, last_error=None)
+            delivered = len(ready)
+        if session is not None:
+            await session.execute(stmt)
+        else:
+            async def mark(s: AsyncSession) -> None:
+                await s.execute(stmt)
+            await self.db.run(mark)
+        return delivered
