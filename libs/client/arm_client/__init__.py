@@ -1,0 +1,57 @@
+"""Python client for ARM: one channel with the API key attached to every call, and typed stubs
+for each service. Talks gRPC only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
+
+
+class _AuthInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                       grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call's metadata."""
+
+    def __init__(self, api_key: str) -> None:
+        self._pair = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        metadata.append(self._pair)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+class ArmClient:
+    """`ArmClient("127.0.0.1:50051", key)`; use `.tenancy`, `.access`, `.agents`, `.compat`.
+    Without a key, calls go out unauthenticated (useful for health checks and tests)."""
+
+    def __init__(self, address: str, api_key: str | None = None) -> None:
+        interceptors = [_AuthInterceptor(api_key)] if api_key else []
+        self.channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
+        self.tenancy = tenancy_pb2_grpc.TenancyServiceStub(self.channel)
+        self.access = access_pb2_grpc.AccessServiceStub(self.channel)
+        self.agents = agents_pb2_grpc.AgentServiceStub(self.channel)
+        self.compat = compat_pb2_grpc.CompatServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> ArmClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

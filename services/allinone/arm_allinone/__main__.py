@@ -1,0 +1,64 @@
+"""`python -m arm_allinone` (what `make run` starts): migrates the SQLite databases, bootstraps
+the system tenant on first start, prints the address and the admin key, and serves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from arm_common import logs
+from arm_common.config import ConfigError, ServiceConfig
+from arm_common.server import Host
+from arm_registry import app as registry_app
+
+log = logging.getLogger("arm_allinone")
+
+
+def write_key_file(path: Path, key: str) -> None:
+    """Writes the admin key readable by its owner only (0600), never briefly wider."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.chmod(path, 0o600)
+
+
+async def main() -> int:
+    config = ServiceConfig.from_env("allinone")
+    registry_config = ServiceConfig.from_env("registry")
+    # One process, one port: the registry shares the all-in-one address.
+    registry_db = registry_app.database(registry_config)
+    try:
+        await registry_app.migrate(registry_db)
+        registry = registry_app.RegistryComponent(registry_db, registry_config)
+        key_file = Path(config.data_dir) / "dev-admin-key"
+        boot = await registry_app.bootstrap(registry.store, new_key_if_exists=not key_file.exists())
+        if boot.api_key:
+            write_key_file(key_file, boot.api_key)
+        admin_key = key_file.read_text().strip()
+        host = Host([registry], registry.authenticator, config.listen, service_name="arm-allinone")
+        port = await host.start()
+        address = f"{config.listen.rpartition(':')[0]}:{port}"
+        print(f"ARM dev server listening on {address}", flush=True)
+        print(f"admin API key: {admin_key}  (also in {key_file})", flush=True)
+        print("services: registry (governance and telemetry join in later releases)", flush=True)
+        await host.serve_until_signal(config.shutdown_grace_s)
+        return 0
+    finally:
+        await registry_db.dispose()
+
+
+def run() -> None:
+    logs.configure()
+    try:
+        sys.exit(asyncio.run(main()))
+    except ConfigError as exc:
+        print(f"arm_allinone: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,2 @@
+"""ARM governance service. Its contracts are in proto/arm/governance/v1; the service itself is built in its own
+issue, and until then its RPCs answer UNIMPLEMENTED."""

@@ -1,0 +1,105 @@
+"""Wiring of the registry: its component for a gRPC host, migrations, and the bootstrap that
+creates the system tenant with its first admin and key."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from sqlalchemy import select
+
+from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
+from arm_common import migrations, otel
+from arm_common.auth import Principal
+from arm_common.config import ServiceConfig
+from arm_common.db import Database
+from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay
+from arm_registry import models
+from arm_registry.authn import LocalAuthenticator
+from arm_registry.models import OUTBOX
+from arm_registry.servicers import AccessServicer, AgentServicer, CompatServicer, TenancyServicer
+from arm_registry.store import RegistryStore
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+SYSTEM = Principal(tenant_id="", actor_type="SYSTEM", actor_id="arm-bootstrap", api_key_id="")
+
+
+def database(config: ServiceConfig) -> Database:
+    db = Database(config.database_url, schema=config.database_schema)
+    otel.instrument_engine(db.engine)
+    return db
+
+
+async def migrate(db: Database) -> None:
+    await migrations.upgrade(db, MIGRATIONS)
+
+
+class RegistryComponent:
+    """The registry's servicers, authenticator and change-record outbox relay."""
+
+    def __init__(self, db: Database, config: ServiceConfig) -> None:
+        self.db = db
+        self.config = config
+        # Change records wait in the outbox until governance's audit API receives them.
+        self.relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver=None,
+                                 poll_interval_s=config.outbox_poll_s)
+        self.store = RegistryStore(db, self.relay)
+        self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
+
+    def attach(self, server: grpc.aio.Server) -> list[str]:
+        agents = AgentServicer(self.store, self.config.compat_mode)
+        tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(self.store), server)
+        access_pb2_grpc.add_AccessServiceServicer_to_server(
+            AccessServicer(self.store, self.authenticator), server)
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(agents, server)
+        compat_pb2_grpc.add_CompatServiceServicer_to_server(
+            CompatServicer(self.store, agents, self.config.compat_mode), server)
+        return ["arm.registry.v1.TenancyService", "arm.registry.v1.AccessService",
+                "arm.registry.v1.AgentService", "arm.registry.v1.CompatService"]
+
+    async def start(self) -> None:
+        await migrations.check_at_head(self.db, MIGRATIONS, "registry")
+        await self.relay.start()
+
+    async def stop(self) -> None:
+        await self.relay.stop()
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """The system tenant's first admin; `api_key` is set only when a key was created now."""
+
+    tenant_id: str
+    operator_id: str
+    api_key: str | None
+
+
+async def bootstrap(store: RegistryStore, *, new_key_if_exists: bool = False) -> Bootstrap:
+    """Creates the system tenant `default`, its admin operator and an admin API key, once.
+    With new_key_if_exists, an existing system admin gets a fresh key (for a lost dev key)."""
+
+    async def run(s):  # type: ignore[no-untyped-def]
+        tenant = (await s.execute(select(models.Tenant).where(models.Tenant.system.is_(True)))).scalar_one_or_none()
+        if tenant is not None:
+            op = (await s.execute(select(models.Operator).where(
+                models.Operator.tenant_id == tenant.id).order_by(models.Operator.id).limit(1))).scalar_one()
+            key = None
+            if new_key_if_exists:
+                _, key = await store.create_key_row(s, SYSTEM, tenant.id, operator_id=op.id,
+                                                    display_name="dev admin key")
+            return Bootstrap(tenant.id, op.id, key)
+        tenant = await store.create_tenant_rows(s, SYSTEM, slug="default", name="Default tenant",
+                                                description="System tenant created at bootstrap",
+                                                system=True)
+        op = await store.create_operator_row(s, SYSTEM, tenant.id, email="admin@localhost",
+                                             name="Administrator")
+        await store.assign_role_row(s, SYSTEM, tenant.id, op.id,
+                                    await store.role_by_name(s, tenant.id, "admin"))
+        _, key = await store.create_key_row(s, SYSTEM, tenant.id, operator_id=op.id,
+                                            display_name="bootstrap admin key")
+        return Bootstrap(tenant.id, op.id, key)
+
+    return await store.db.run(run)

@@ -1,0 +1,81 @@
+"""Authentication of API keys against the registry's own tables, with a short-lived in-memory
+cache so the hot path does not query the database per call."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm_common.auth import Grant, Principal, hash_api_key, parse_api_key
+from arm_common.db import Database
+from arm_common.errors import Unauthenticated
+from arm_common.tables import utcnow
+from arm_registry import domain, models
+
+_CACHE_LIMIT = 10_000
+
+
+class LocalAuthenticator:
+    """Looks a key up by its id, compares hashes in constant time, and builds the principal:
+    an operator's grants come from their unexpired role assignments; an agent key gets the
+    built-in `agent` role. A revoked key, an inactive operator or a retired instance stops working
+    within `ttl_s` (immediately on this process when the change was made here)."""
+
+    def __init__(self, db: Database, ttl_s: float = 5.0) -> None:
+        self.db = db
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def authenticate(self, api_key: str) -> Principal:
+        hit = self._cache.get(api_key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        key_id = parse_api_key(api_key)
+        principal = await self.db.read(lambda s: self._load(s, key_id, api_key))
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[api_key] = (now + self.ttl_s, principal)
+        return principal
+
+    async def _load(self, s: AsyncSession, key_id: str, api_key: str) -> Principal:
+        row = (await s.execute(select(models.ApiKey, models.Tenant)
+                               .join(models.Tenant, models.Tenant.id == models.ApiKey.tenant_id)
+                               .where(models.ApiKey.id == key_id))).first()
+        invalid = Unauthenticated("the API key is not valid", reason="INVALID_API_KEY")
+        if row is None:
+            raise invalid
+        key, tenant = row
+        if not hmac.compare_digest(key.key_hash, hash_api_key(api_key)):
+            raise invalid
+        now = utcnow()
+        if key.revoked_at is not None:
+            raise Unauthenticated("the API key was revoked", reason="API_KEY_REVOKED")
+        if key.expires_at is not None and key.expires_at <= now:
+            raise Unauthenticated("the API key has expired", reason="API_KEY_EXPIRED")
+        if key.operator_id:
+            op = await s.get(models.Operator, key.operator_id)
+            if op is None or not op.active:
+                raise Unauthenticated("the key's operator is inactive", reason="OPERATOR_INACTIVE")
+            rows = (await s.execute(select(models.RoleAssignment, models.Role)
+                                    .join(models.Role, models.Role.id == models.RoleAssignment.role_id)
+                                    .where(models.RoleAssignment.operator_id == op.id))).all()
+            grants = tuple(Grant(perm, ra.scope_type, ra.scope_id)
+                           for ra, role in rows if ra.expires_at is None or ra.expires_at > now
+                           for perm in role.permissions)
+            return Principal(tenant_id=tenant.id, actor_type="OPERATOR", actor_id=op.id,
+                             api_key_id=key.id, grants=grants, tenant_active=tenant.active,
+                             system_tenant=tenant.system)
+        inst = await s.get(models.AgentInstance, key.instance_id)
+        if inst is None or inst.state == "RETIRED":
+            raise Unauthenticated("the key's agent instance is retired", reason="INSTANCE_RETIRED")
+        perms = domain.BUILT_IN_ROLES["agent"][1]
+        return Principal(tenant_id=tenant.id, actor_type="AGENT", actor_id=inst.id, api_key_id=key.id,
+                         grants=tuple(Grant(p) for p in perms), tenant_active=tenant.active,
+                         system_tenant=tenant.system)

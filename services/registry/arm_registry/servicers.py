@@ -1,0 +1,1159 @@
+"""gRPC servicers of the registry: validate at the edge, check the caller's permission, run the
+operation in one transaction through the store (with its change record), convert to protobuf."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm.common.v1 import common_pb2
+from arm.registry.v1 import (access_pb2, access_pb2_grpc, agents_pb2, agents_pb2_grpc, compat_pb2,
+                             compat_pb2_grpc, tenancy_pb2, tenancy_pb2_grpc)
+from arm_common import pagination
+from arm_common.auth import SCOPE_TENANT, Principal, current_principal
+from arm_common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument,
+                               NotFound)
+from arm_common.ids import new_id
+from arm_common.tables import utcnow
+from arm_registry import convert, domain, models
+from arm_registry.store import CR, RegistryStore
+from arm_registry.validate import check
+
+Ctx = grpc.aio.ServicerContext
+
+
+def _env_type(value: int) -> str:
+    return tenancy_pb2.EnvironmentType.Name(value).removeprefix("ENVIRONMENT_TYPE_")
+
+
+def _version_state(value: int) -> str:
+    return agents_pb2.VersionState.Name(value).removeprefix("VERSION_STATE_")
+
+
+def _instance_state(value: int) -> str:
+    return agents_pb2.InstanceState.Name(value).removeprefix("INSTANCE_STATE_")
+
+
+def _scope(value: int) -> str:
+    return "TENANT" if value == 0 else access_pb2.RoleScopeType.Name(value).removeprefix("ROLE_SCOPE_TYPE_")
+
+
+def _future_time(field: str, value: Any) -> Any:
+    if value is None:
+        return None
+    when = value.ToDatetime(tzinfo=UTC)
+    if when <= utcnow():
+        raise InvalidArgument(f"{field} must be in the future", reason="INVALID_FIELDS",
+                              violations=[FieldViolation(field, "must be in the future")])
+    return when
+
+
+class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
+    def __init__(self, store: RegistryStore) -> None:
+        self.store = store
+
+    async def CreateTenant(self, request: tenancy_pb2.CreateTenantRequest, context: Ctx) -> Any:
+        rules = [("slug", "slug"), ("name", "name"), ("text?", "description")]
+        if request.admin_email or request.admin_name:
+            rules += [("email", "admin_email"), ("name", "admin_name")]
+        check(request, *rules)
+        p = current_principal()
+        p.require("tenants:admin")
+        store = self.store
+
+        async def write(s: AsyncSession) -> tenancy_pb2.CreateTenantResponse:
+            tenant = await store.create_tenant_rows(s, p, slug=request.slug, name=request.name,
+                                                    description=request.description)
+            resp = tenancy_pb2.CreateTenantResponse(tenant=convert.tenant(tenant))
+            if request.admin_email:
+                op = await store.create_operator_row(s, p, tenant.id, email=request.admin_email,
+                                                     name=request.admin_name)
+                admin = await store.role_by_name(s, tenant.id, "admin")
+                await store.assign_role_row(s, p, tenant.id, op.id, admin)
+                _, secret = await store.create_key_row(s, p, tenant.id, operator_id=op.id,
+                                                       display_name="first admin key")
+                resp.admin_operator_id = op.id
+                resp.admin_api_key = secret
+            return resp
+
+        def without_secret(resp: tenancy_pb2.CreateTenantResponse) -> tenancy_pb2.CreateTenantResponse:
+            kept = tenancy_pb2.CreateTenantResponse()
+            kept.CopyFrom(resp)
+            kept.admin_api_key = ""
+            return kept
+
+        return await store.write(p, "CreateTenant", request, tenancy_pb2.CreateTenantResponse,
+                                 write, without_secret)
+
+    def _tenant_scope(self, p: Principal, tenant_id: str) -> str:
+        """Tenant id to filter on: the caller's own, unless they administer tenants."""
+        if p.has("tenants:admin"):
+            return ""
+        p.require("registry:read")
+        return p.tenant_id if tenant_id in ("", p.tenant_id) else "\x00no-such-tenant"
+
+    async def GetTenant(self, request: tenancy_pb2.GetTenantRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+        scope = self._tenant_scope(p, request.id)
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Tenant, request.id, scope, "tenant")
+            return tenancy_pb2.GetTenantResponse(tenant=convert.tenant(row))
+
+        return await self.store.read(read)
+
+    async def ListTenants(self, request: tenancy_pb2.ListTenantsRequest, context: Ctx) -> Any:
+        check(request)
+        p = current_principal()
+        scope = self._tenant_scope(p, "")
+        size = pagination.page_size(request.page_size)
+        after = pagination.decode_token(request.page_token, {"m": "tenants"})
+
+        async def read(s: AsyncSession) -> Any:
+            q = select(models.Tenant)
+            if scope:
+                q = q.where(models.Tenant.id == scope)
+            rows, last = await self.store.page(s, q, models.Tenant.id, size, after)
+            return tenancy_pb2.ListTenantsResponse(
+                tenants=[convert.tenant(r) for r in rows],
+                next_page_token=pagination.encode_token(last, {"m": "tenants"}) if last else "")
+
+        return await self.store.read(read)
+
+    async def UpdateTenant(self, request: tenancy_pb2.UpdateTenantRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        if request.HasField("name"):
+            check(request, ("name", "name"))
+        if request.HasField("description"):
+            check(request, ("text?", "description"))
+        p = current_principal()
+        admin = p.has("tenants:admin")
+        if not admin:
+            p.require("operators:admin")
+            if request.HasField("active"):
+                p.require("tenants:admin")
+        scope = "" if admin else p.tenant_id
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Tenant, request.id, scope, "tenant", for_update=True)
+            self.store.check_etag(row, request.etag)
+            before = {"name": row.name, "active": row.active}
+            if request.HasField("name"):
+                row.name = request.name
+            if request.HasField("description"):
+                row.description = request.description
+            if request.HasField("active"):
+                if row.system and not request.active:
+                    raise FailedPrecondition("the system tenant cannot be deactivated",
+                                             reason="SYSTEM_TENANT")
+                row.active = request.active
+            self.store.touch(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="tenant",
+                                    target_id=row.id, tenant_id=row.id, summary="tenant updated",
+                                    before=before, after={"name": row.name, "active": row.active})
+            return tenancy_pb2.UpdateTenantResponse(tenant=convert.tenant(row))
+
+        return await self.store.write(p, "UpdateTenant", request, tenancy_pb2.UpdateTenantResponse, write)
+
+    # environments
+
+    async def CreateEnvironment(self, request: tenancy_pb2.CreateEnvironmentRequest, context: Ctx) -> Any:
+        check(request, ("name", "name"), ("enum", "type"))
+        p = current_principal()
+        p.require("registry:write")
+
+        async def write(s: AsyncSession) -> Any:
+            now = utcnow()
+            row = models.Environment(id=new_id("env"), tenant_id=p.tenant_id, name=request.name,
+                                     type=_env_type(request.type),
+                                     require_active_deployment=request.require_active_deployment,
+                                     created_at=now, updated_at=now, revision=1)
+            s.add(row)
+            await self.store.flush_unique(s, "environment", {"name": request.name})
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_ENVIRONMENT_CREATED,
+                                    target_type="environment", target_id=row.id,
+                                    summary=f"environment {row.name} ({row.type}) created",
+                                    after={"name": row.name, "type": row.type,
+                                           "require_active_deployment": row.require_active_deployment})
+            return tenancy_pb2.CreateEnvironmentResponse(environment=convert.environment(row))
+
+        return await self.store.write(p, "CreateEnvironment", request,
+                                      tenancy_pb2.CreateEnvironmentResponse, write)
+
+    async def GetEnvironment(self, request: tenancy_pb2.GetEnvironmentRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Environment, request.id, p.tenant_id, "environment")
+            p.require("registry:read", environment_id=row.id)
+            return tenancy_pb2.GetEnvironmentResponse(environment=convert.environment(row))
+
+        return await self.store.read(read)
+
+    async def ListEnvironments(self, request: tenancy_pb2.ListEnvironmentsRequest, context: Ctx) -> Any:
+        return await _list(self.store, request, "registry:read", models.Environment, {},
+                           lambda rows, tok: tenancy_pb2.ListEnvironmentsResponse(
+                               environments=[convert.environment(r) for r in rows], next_page_token=tok))
+
+    async def UpdateEnvironment(self, request: tenancy_pb2.UpdateEnvironmentRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        if request.HasField("name"):
+            check(request, ("name", "name"))
+        p = current_principal()
+        p.require("registry:write")
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Environment, request.id, p.tenant_id, "environment",
+                                       for_update=True)
+            self.store.check_etag(row, request.etag)
+            before = {"name": row.name, "require_active_deployment": row.require_active_deployment}
+            if request.HasField("name"):
+                row.name = request.name
+            if request.HasField("require_active_deployment"):
+                row.require_active_deployment = request.require_active_deployment
+            self.store.touch(row)
+            await self.store.flush_unique(s, "environment", {"name": row.name})
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
+                                    target_type="environment", target_id=row.id,
+                                    summary="environment updated", before=before,
+                                    after={"name": row.name,
+                                           "require_active_deployment": row.require_active_deployment})
+            return tenancy_pb2.UpdateEnvironmentResponse(environment=convert.environment(row))
+
+        return await self.store.write(p, "UpdateEnvironment", request,
+                                      tenancy_pb2.UpdateEnvironmentResponse, write)
+
+    # projects
+
+    async def CreateProject(self, request: tenancy_pb2.CreateProjectRequest, context: Ctx) -> Any:
+        check(request, ("slug", "slug"), ("name", "name"), ("text?", "description"))
+        p = current_principal()
+        p.require("registry:write")
+
+        async def write(s: AsyncSession) -> Any:
+            now = utcnow()
+            row = models.Project(id=new_id("prj"), tenant_id=p.tenant_id, slug=request.slug,
+                                 name=request.name, description=request.description,
+                                 created_at=now, updated_at=now, revision=1)
+            s.add(row)
+            await self.store.flush_unique(s, "project", {"slug": request.slug})
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_PROJECT_CREATED, target_type="project",
+                                    target_id=row.id, project_id=row.id,
+                                    summary=f"project {row.slug} created",
+                                    after={"slug": row.slug, "name": row.name})
+            return tenancy_pb2.CreateProjectResponse(project=convert.project(row))
+
+        return await self.store.write(p, "CreateProject", request, tenancy_pb2.CreateProjectResponse,
+                                      write)
+
+    async def GetProject(self, request: tenancy_pb2.GetProjectRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Project, request.id, p.tenant_id, "project")
+            p.require("registry:read", project_id=row.id)
+            return tenancy_pb2.GetProjectResponse(project=convert.project(row))
+
+        return await self.store.read(read)
+
+    async def ListProjects(self, request: tenancy_pb2.ListProjectsRequest, context: Ctx) -> Any:
+        return await _list(self.store, request, "registry:read", models.Project, {},
+                           lambda rows, tok: tenancy_pb2.ListProjectsResponse(
+                               projects=[convert.project(r) for r in rows], next_page_token=tok))
+
+    async def UpdateProject(self, request: tenancy_pb2.UpdateProjectRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        if request.HasField("name"):
+            check(request, ("name", "name"))
+        if request.HasField("description"):
+            check(request, ("text?", "description"))
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Project, request.id, p.tenant_id, "project",
+                                       for_update=True)
+            p.require("registry:write", project_id=row.id)
+            self.store.check_etag(row, request.etag)
+            before = {"name": row.name}
+            if request.HasField("name"):
+                row.name = request.name
+            if request.HasField("description"):
+                row.description = request.description
+            self.store.touch(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="project",
+                                    target_id=row.id, project_id=row.id, summary="project updated",
+                                    before=before, after={"name": row.name})
+            return tenancy_pb2.UpdateProjectResponse(project=convert.project(row))
+
+        return await self.store.write(p, "UpdateProject", request, tenancy_pb2.UpdateProjectResponse,
+                                      write)
+
+
+async def _list(store: RegistryStore, request: Any, permission: str, model: Any,
+                filters: dict[str, Any], build: Any, *, project_id: str = "",
+                token_scope: dict[str, Any] | None = None) -> Any:
+    """The standard tenant-scoped, id-ordered, paginated list with equality filters.
+    token_scope: what a page token is bound to, when it differs from the column filters."""
+    check(request)
+    p = current_principal()
+    p.require(permission, project_id=project_id)
+    size = pagination.page_size(request.page_size)
+    fingerprint = {"m": model.__tablename__, **(filters if token_scope is None else token_scope)}
+    after = pagination.decode_token(request.page_token, fingerprint)
+
+    async def read(s: AsyncSession) -> Any:
+        q = select(model).where(model.tenant_id == p.tenant_id)
+        for column, value in filters.items():
+            if value not in ("", None, 0):
+                q = q.where(getattr(model, column) == value)
+        rows, last = await store.page(s, q, model.id, size, after)
+        return build(rows, pagination.encode_token(last, fingerprint) if last else "")
+
+    return await store.read(read)
+
+
+class AccessServicer(access_pb2_grpc.AccessServiceServicer):
+    def __init__(self, store: RegistryStore, authenticator: Any) -> None:
+        self.store = store
+        self.authenticator = authenticator
+
+    async def Authenticate(self, request: access_pb2.AuthenticateRequest, context: Ctx) -> Any:
+        p = current_principal()
+        return access_pb2.AuthenticateResponse(principal=access_pb2.Principal(
+            tenant_id=p.tenant_id, actor=common_pb2.Actor(
+                type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{p.actor_type}"), id=p.actor_id),
+            grants=[access_pb2.Grant(permission=g.permission,
+                                     scope_type=access_pb2.RoleScopeType.Value(f"ROLE_SCOPE_TYPE_{g.scope_type}"),
+                                     scope_id=g.scope_id) for g in p.grants],
+            api_key_id=p.api_key_id, tenant_active=p.tenant_active, system_tenant=p.system_tenant))
+
+    async def CreateOperator(self, request: access_pb2.CreateOperatorRequest, context: Ctx) -> Any:
+        check(request, ("email", "email"), ("name", "name"), ("name?", "external_subject"))
+        p = current_principal()
+        p.require("operators:admin")
+
+        async def write(s: AsyncSession) -> Any:
+            op = await self.store.create_operator_row(s, p, p.tenant_id, email=request.email,
+                                                      name=request.name,
+                                                      external_subject=request.external_subject)
+            return access_pb2.CreateOperatorResponse(operator=convert.operator(op))
+
+        return await self.store.write(p, "CreateOperator", request, access_pb2.CreateOperatorResponse,
+                                      write)
+
+    async def GetOperator(self, request: access_pb2.GetOperatorRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+        p.require("registry:read")
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Operator, request.id, p.tenant_id, "operator")
+            return access_pb2.GetOperatorResponse(operator=convert.operator(row))
+
+        return await self.store.read(read)
+
+    async def ListOperators(self, request: access_pb2.ListOperatorsRequest, context: Ctx) -> Any:
+        return await _list(self.store, request, "registry:read", models.Operator, {},
+                           lambda rows, tok: access_pb2.ListOperatorsResponse(
+                               operators=[convert.operator(r) for r in rows], next_page_token=tok))
+
+    async def UpdateOperator(self, request: access_pb2.UpdateOperatorRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        if request.HasField("name"):
+            check(request, ("name", "name"))
+        if request.HasField("external_subject"):
+            check(request, ("name?", "external_subject"))
+        p = current_principal()
+        p.require("operators:admin")
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Operator, request.id, p.tenant_id, "operator",
+                                       for_update=True)
+            self.store.check_etag(row, request.etag)
+            before = {"name": row.name, "active": row.active}
+            if request.HasField("name"):
+                row.name = request.name
+            if request.HasField("external_subject"):
+                row.external_subject = request.external_subject
+            if request.HasField("active"):
+                if not request.active and row.id == p.actor_id:
+                    raise FailedPrecondition("operators cannot deactivate themselves",
+                                             reason="SELF_DEACTIVATION")
+                row.active = request.active
+            self.store.touch(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="operator",
+                                    target_id=row.id, summary="operator updated", before=before,
+                                    after={"name": row.name, "active": row.active})
+            return access_pb2.UpdateOperatorResponse(operator=convert.operator(row))
+
+        result = await self.store.write(p, "UpdateOperator", request,
+                                        access_pb2.UpdateOperatorResponse, write)
+        self.authenticator.invalidate()
+        return result
+
+    async def ListPermissions(self, request: access_pb2.ListPermissionsRequest, context: Ctx) -> Any:
+        current_principal().require("registry:read")
+        return access_pb2.ListPermissionsResponse(permissions=[
+            access_pb2.Permission(name=name, resource=name.split(":")[0], action=name.split(":")[1],
+                                  description=desc) for name, desc in sorted(domain.PERMISSIONS.items())])
+
+    async def CreateRole(self, request: access_pb2.CreateRoleRequest, context: Ctx) -> Any:
+        check(request, ("name", "name"), ("text?", "description"), ("list", "permissions"))
+        unknown = [(i, n) for i, n in enumerate(request.permissions)
+                   if n not in domain.PERMISSIONS or n == "tenants:admin"]
+        if unknown:
+            raise InvalidArgument("unknown permissions: " + ", ".join(n for _, n in unknown),
+                                  reason="UNKNOWN_PERMISSION", violations=[
+                                      FieldViolation(f"permissions[{i}]", f"{n!r} is not in the catalogue")
+                                      for i, n in unknown])
+        p = current_principal()
+        p.require("operators:admin")
+
+        async def write(s: AsyncSession) -> Any:
+            row = models.Role(id=new_id("rol"), tenant_id=p.tenant_id, name=request.name,
+                              description=request.description,
+                              permissions=sorted(set(request.permissions)), built_in=False,
+                              created_at=utcnow())
+            s.add(row)
+            await self.store.flush_unique(s, "role", {"name": request.name})
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="role",
+                                    target_id=row.id, summary=f"role {row.name} created",
+                                    after={"permissions": row.permissions})
+            return access_pb2.CreateRoleResponse(role=convert.role(row))
+
+        return await self.store.write(p, "CreateRole", request, access_pb2.CreateRoleResponse, write)
+
+    async def GetRole(self, request: access_pb2.GetRoleRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+        p.require("registry:read")
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.Role, request.id, p.tenant_id, "role")
+            return access_pb2.GetRoleResponse(role=convert.role(row))
+
+        return await self.store.read(read)
+
+    async def ListRoles(self, request: access_pb2.ListRolesRequest, context: Ctx) -> Any:
+        return await _list(self.store, request, "registry:read", models.Role, {},
+                           lambda rows, tok: access_pb2.ListRolesResponse(
+                               roles=[convert.role(r) for r in rows], next_page_token=tok))
+
+    async def CreateRoleAssignment(self, request: access_pb2.CreateRoleAssignmentRequest, context: Ctx) -> Any:
+        check(request, ("id", "operator_id"), ("id", "role_id"), ("enum?", "scope_type"))
+        scope = _scope(request.scope_type)
+        if scope != SCOPE_TENANT:
+            check(request, ("id", "scope_id"))
+        expires = _future_time("expire_time", request.expire_time if request.HasField("expire_time") else None)
+        p = current_principal()
+        p.require("operators:admin")
+
+        async def write(s: AsyncSession) -> Any:
+            await self.store.get(s, models.Operator, request.operator_id, p.tenant_id, "operator")
+            role = await self.store.get(s, models.Role, request.role_id, p.tenant_id, "role")
+            if scope == "PROJECT":
+                await self.store.get(s, models.Project, request.scope_id, p.tenant_id, "project")
+            elif scope == "ENVIRONMENT":
+                await self.store.get(s, models.Environment, request.scope_id, p.tenant_id, "environment")
+            row = await self.store.assign_role_row(s, p, p.tenant_id, request.operator_id, role,
+                                                   scope_type=scope,
+                                                   scope_id=request.scope_id if scope != SCOPE_TENANT else "",
+                                                   expires_at=expires)
+            return access_pb2.CreateRoleAssignmentResponse(role_assignment=convert.role_assignment(row))
+
+        result = await self.store.write(p, "CreateRoleAssignment", request,
+                                        access_pb2.CreateRoleAssignmentResponse, write)
+        self.authenticator.invalidate()
+        return result
+
+    async def ListRoleAssignments(self, request: access_pb2.ListRoleAssignmentsRequest, context: Ctx) -> Any:
+        check(request, ("id?", "operator_id"))
+        return await _list(self.store, request, "registry:read", models.RoleAssignment,
+                           {"operator_id": request.operator_id},
+                           lambda rows, tok: access_pb2.ListRoleAssignmentsResponse(
+                               role_assignments=[convert.role_assignment(r) for r in rows],
+                               next_page_token=tok))
+
+    async def DeleteRoleAssignment(self, request: access_pb2.DeleteRoleAssignmentRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+        p.require("operators:admin")
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.RoleAssignment, request.id, p.tenant_id,
+                                       "role_assignment", for_update=True)
+            await s.delete(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
+                                    target_type="operator", target_id=row.operator_id,
+                                    summary="role assignment removed",
+                                    before={"role_id": row.role_id, "scope_type": row.scope_type,
+                                            "scope_id": row.scope_id})
+            return access_pb2.DeleteRoleAssignmentResponse()
+
+        result = await self.store.write(p, "DeleteRoleAssignment", request,
+                                        access_pb2.DeleteRoleAssignmentResponse, write)
+        self.authenticator.invalidate()
+        return result
+
+    async def CreateApiKey(self, request: access_pb2.CreateApiKeyRequest, context: Ctx) -> Any:
+        check(request, ("id?", "operator_id"), ("id?", "instance_id"), ("name?", "display_name"))
+        if bool(request.operator_id) == bool(request.instance_id):
+            raise InvalidArgument("exactly one of operator_id and instance_id must be set",
+                                  reason="INVALID_FIELDS", violations=[
+                                      FieldViolation("operator_id", "set exactly one of operator_id, instance_id")])
+        expires = _future_time("expire_time", request.expire_time if request.HasField("expire_time") else None)
+        p = current_principal()
+        p.require("operators:admin")
+
+        async def write(s: AsyncSession) -> Any:
+            if request.operator_id:
+                await self.store.get(s, models.Operator, request.operator_id, p.tenant_id, "operator")
+            else:
+                await self.store.get(s, models.AgentInstance, request.instance_id, p.tenant_id,
+                                     "agent_instance")
+            row, secret = await self.store.create_key_row(
+                s, p, p.tenant_id, operator_id=request.operator_id or None,
+                instance_id=request.instance_id or None, display_name=request.display_name,
+                expires_at=expires)
+            return access_pb2.CreateApiKeyResponse(api_key=convert.api_key(row), secret=secret)
+
+        def without_secret(resp: access_pb2.CreateApiKeyResponse) -> access_pb2.CreateApiKeyResponse:
+            return access_pb2.CreateApiKeyResponse(api_key=resp.api_key)
+
+        return await self.store.write(p, "CreateApiKey", request, access_pb2.CreateApiKeyResponse,
+                                      write, without_secret)
+
+    async def ListApiKeys(self, request: access_pb2.ListApiKeysRequest, context: Ctx) -> Any:
+        check(request, ("id?", "operator_id"), ("id?", "instance_id"))
+        return await _list(self.store, request, "operators:admin", models.ApiKey,
+                           {"operator_id": request.operator_id, "instance_id": request.instance_id},
+                           lambda rows, tok: access_pb2.ListApiKeysResponse(
+                               api_keys=[convert.api_key(r) for r in rows], next_page_token=tok))
+
+    async def RevokeApiKey(self, request: access_pb2.RevokeApiKeyRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+        p.require("operators:admin")
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.ApiKey, request.id, p.tenant_id, "api_key",
+                                       for_update=True)
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+                await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
+                                        target_type="api_key", target_id=row.id,
+                                        summary="API key revoked")
+            return access_pb2.RevokeApiKeyResponse(api_key=convert.api_key(row))
+
+        result = await self.store.write(p, "RevokeApiKey", request, access_pb2.RevokeApiKeyResponse,
+                                        write)
+        self.authenticator.invalidate()
+        return result
+
+
+class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
+    def __init__(self, store: RegistryStore, compat_mode: bool) -> None:
+        self.store = store
+        self.compat_mode = compat_mode
+
+    # templates
+
+    async def CreateAgentTemplate(self, request: agents_pb2.CreateAgentTemplateRequest, context: Ctx) -> Any:
+        check(request, ("id", "project_id"), ("slug", "slug"), ("name", "name"),
+              ("text?", "description"), ("list", "owners"), ("list", "tags"))
+        p = current_principal()
+        p.require("registry:write", project_id=request.project_id)
+
+        async def write(s: AsyncSession) -> Any:
+            await self.store.get(s, models.Project, request.project_id, p.tenant_id, "project")
+            now = utcnow()
+            row = models.AgentTemplate(
+                id=new_id("tpl"), tenant_id=p.tenant_id, project_id=request.project_id,
+                slug=request.slug, name=request.name, description=request.description,
+                owners=list(request.owners), tags=list(request.tags), active=True,
+                version_count=0, created_at=now, updated_at=now, revision=1)
+            s.add(row)
+            await self.store.flush_unique(s, "template", {"slug": request.slug})
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_TEMPLATE_CREATED,
+                                    target_type="agent_template", target_id=row.id,
+                                    project_id=row.project_id, template_id=row.id,
+                                    summary=f"template {row.slug} created",
+                                    after={"slug": row.slug, "name": row.name})
+            return agents_pb2.CreateAgentTemplateResponse(agent_template=convert.template(row))
+
+        return await self.store.write(p, "CreateAgentTemplate", request,
+                                      agents_pb2.CreateAgentTemplateResponse, write)
+
+    async def GetAgentTemplate(self, request: agents_pb2.GetAgentTemplateRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentTemplate, request.id, p.tenant_id, "agent_template")
+            p.require("registry:read", project_id=row.project_id)
+            return agents_pb2.GetAgentTemplateResponse(agent_template=convert.template(row))
+
+        return await self.store.read(read)
+
+    async def ListAgentTemplates(self, request: agents_pb2.ListAgentTemplatesRequest, context: Ctx) -> Any:
+        check(request, ("id?", "project_id"))
+        return await _list(self.store, request, "registry:read", models.AgentTemplate,
+                           {"project_id": request.project_id},
+                           lambda rows, tok: agents_pb2.ListAgentTemplatesResponse(
+                               agent_templates=[convert.template(r) for r in rows], next_page_token=tok),
+                           project_id=request.project_id)
+
+    async def UpdateAgentTemplate(self, request: agents_pb2.UpdateAgentTemplateRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"), ("list", "owners"), ("list", "tags"))
+        if request.HasField("name"):
+            check(request, ("name", "name"))
+        if request.HasField("description"):
+            check(request, ("text?", "description"))
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentTemplate, request.id, p.tenant_id,
+                                       "agent_template", for_update=True)
+            p.require("registry:write", project_id=row.project_id)
+            self.store.check_etag(row, request.etag)
+            before = {"name": row.name, "description": row.description, "owners": row.owners,
+                      "tags": row.tags, "active": row.active}
+            if request.HasField("name"):
+                row.name = request.name
+            if request.HasField("description"):
+                row.description = request.description
+            if request.update_owners:
+                row.owners = list(request.owners)
+            if request.update_tags:
+                row.tags = list(request.tags)
+            if request.HasField("active"):
+                row.active = request.active
+            self.store.touch(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_TEMPLATE_UPDATED,
+                                    target_type="agent_template", target_id=row.id,
+                                    project_id=row.project_id, template_id=row.id,
+                                    summary=f"template {row.slug} updated", before=before,
+                                    after={"name": row.name, "description": row.description,
+                                           "owners": row.owners, "tags": row.tags, "active": row.active})
+            return agents_pb2.UpdateAgentTemplateResponse(agent_template=convert.template(row))
+
+        return await self.store.write(p, "UpdateAgentTemplate", request,
+                                      agents_pb2.UpdateAgentTemplateResponse, write)
+
+    # versions
+
+    async def CreateAgentVersion(self, request: agents_pb2.CreateAgentVersionRequest, context: Ctx) -> Any:
+        check(request, ("id", "template_id"), ("id?", "parent_version_id"), ("text?", "notes"))
+        if not request.HasField("genome"):
+            raise InvalidArgument("genome is required", reason="INVALID_FIELDS",
+                                  violations=[FieldViolation("genome", "is required")])
+        genome_text, genome_hash = self.store.genome_text(json_format.MessageToDict(request.genome))
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            tpl = await self.store.get(s, models.AgentTemplate, request.template_id, p.tenant_id,
+                                       "agent_template", for_update=True)
+            p.require("registry:write", project_id=tpl.project_id)
+            if not tpl.active:
+                raise FailedPrecondition(f"template {tpl.slug} is inactive", reason="TEMPLATE_INACTIVE")
+            if request.parent_version_id:
+                parent = await self.store.get(s, models.AgentVersion, request.parent_version_id,
+                                              p.tenant_id, "agent_version")
+                if parent.template_id != tpl.id:
+                    raise InvalidArgument("the parent version belongs to another template",
+                                          reason="INVALID_FIELDS", violations=[FieldViolation(
+                                              "parent_version_id", "must be a version of the same template")])
+            tpl.version_count += 1  # serialised by the row lock: numbers are 1, 2, 3 … per template
+            now = utcnow()
+            row = models.AgentVersion(
+                id=new_id("ver"), tenant_id=p.tenant_id, template_id=tpl.id,
+                project_id=tpl.project_id, number=tpl.version_count, genome_json=genome_text,
+                genome_hash=genome_hash, state="DRAFT", eval_status="NOT_RUN", eval_summary="",
+                parent_version_id=request.parent_version_id, notes=request.notes,
+                created_by=p.actor_id, approved_by="", created_at=now, updated_at=now, revision=1)
+            s.add(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_VERSION_CREATED,
+                                    target_type="agent_version", target_id=row.id,
+                                    project_id=row.project_id, template_id=tpl.id, version_id=row.id,
+                                    summary=f"version {row.number} of {tpl.slug} created",
+                                    after={"number": row.number, "genome_hash": genome_hash,
+                                           "state": "DRAFT"})
+            return agents_pb2.CreateAgentVersionResponse(agent_version=convert.version(row))
+
+        return await self.store.write(p, "CreateAgentVersion", request,
+                                      agents_pb2.CreateAgentVersionResponse, write)
+
+    async def GetAgentVersion(self, request: agents_pb2.GetAgentVersionRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentVersion, request.id, p.tenant_id, "agent_version")
+            p.require("registry:read", project_id=row.project_id)
+            return agents_pb2.GetAgentVersionResponse(agent_version=convert.version(row))
+
+        return await self.store.read(read)
+
+    async def ListAgentVersions(self, request: agents_pb2.ListAgentVersionsRequest, context: Ctx) -> Any:
+        check(request, ("id?", "template_id"), ("enum?", "state"))
+        state = _version_state(request.state) if request.state else ""
+        return await _list(self.store, request, "registry:read", models.AgentVersion,
+                           {"template_id": request.template_id, "state": state},
+                           lambda rows, tok: agents_pb2.ListAgentVersionsResponse(
+                               agent_versions=[convert.version(r) for r in rows], next_page_token=tok))
+
+    async def TransitionAgentVersion(self, request: agents_pb2.TransitionAgentVersionRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"), ("enum", "to_state"))
+        target = _version_state(request.to_state)
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentVersion, request.id, p.tenant_id,
+                                       "agent_version", for_update=True)
+            p.require("registry:write", project_id=row.project_id)
+            self.store.check_etag(row, request.etag)
+            domain.check_transition("version", domain.VERSION_TRANSITIONS, row.state, target)
+            if target == "CANDIDATE" and row.eval_status != "PASS":
+                raise FailedPrecondition(
+                    f"TESTING → CANDIDATE needs eval_status PASS, the version has {row.eval_status}",
+                    reason="EVALUATION_NOT_PASSED", metadata={"eval_status": row.eval_status})
+            if target == "APPROVED":
+                p.require("versions:approve", project_id=row.project_id)
+                row.approved_by = p.actor_id
+            before = row.state
+            row.state = target
+            self.store.touch(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_VERSION_TRANSITIONED,
+                                    target_type="agent_version", target_id=row.id,
+                                    project_id=row.project_id, template_id=row.template_id,
+                                    version_id=row.id, summary=f"version {before} → {target}",
+                                    before={"state": before}, after={"state": target},
+                                    reason=request.reason)
+            return agents_pb2.TransitionAgentVersionResponse(agent_version=convert.version(row))
+
+        return await self.store.write(p, "TransitionAgentVersion", request,
+                                      agents_pb2.TransitionAgentVersionResponse, write)
+
+    async def RecordEvaluation(self, request: agents_pb2.RecordEvaluationRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"), ("enum", "eval_status"), ("text?", "summary"))
+        status = agents_pb2.EvalStatus.Name(request.eval_status).removeprefix("EVAL_STATUS_")
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentVersion, request.id, p.tenant_id,
+                                       "agent_version", for_update=True)
+            p.require("registry:write", project_id=row.project_id)
+            if row.state != "TESTING":
+                raise FailedPrecondition(
+                    f"evaluations are recorded in TESTING, the version is {row.state}",
+                    reason="VERSION_NOT_IN_TESTING", metadata={"state": row.state})
+            before = row.eval_status
+            row.eval_status = status
+            row.eval_summary = request.summary
+            self.store.touch(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
+                                    target_type="agent_version", target_id=row.id,
+                                    project_id=row.project_id, template_id=row.template_id,
+                                    version_id=row.id, summary=f"evaluation {status}",
+                                    before={"eval_status": before}, after={"eval_status": status},
+                                    payload={"summary": request.summary})
+            return agents_pb2.RecordEvaluationResponse(agent_version=convert.version(row))
+
+        return await self.store.write(p, "RecordEvaluation", request,
+                                      agents_pb2.RecordEvaluationResponse, write)
+
+    # instances
+
+    async def CreateAgentInstance(self, request: agents_pb2.CreateAgentInstanceRequest, context: Ctx) -> Any:
+        check(request, ("id", "version_id"), ("id", "environment_id"), ("name", "name"),
+              ("id?", "legacy_agent_id"))
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            ver = await self.store.get(s, models.AgentVersion, request.version_id, p.tenant_id,
+                                       "agent_version")
+            env = await self.store.get(s, models.Environment, request.environment_id, p.tenant_id,
+                                       "environment")
+            p.require("registry:write", project_id=ver.project_id)
+            if not (ver.state == "APPROVED" or (ver.state == "CANDIDATE" and env.type == "DEV")):
+                raise FailedPrecondition(
+                    f"instances need an APPROVED version (or CANDIDATE in a DEV environment); "
+                    f"version {ver.number} is {ver.state} and {env.name} is {env.type}",
+                    reason="VERSION_NOT_DEPLOYABLE",
+                    metadata={"version_state": ver.state, "environment_type": env.type})
+            if env.require_active_deployment:
+                # The deployment check needs governance's deployments API; fail closed until then.
+                raise FailedPrecondition(
+                    f"environment {env.name} requires an active deployment, and deployment checks "
+                    "are not available in this release", reason="DEPLOYMENT_CHECK_UNAVAILABLE")
+            row = await self.create_instance_row(s, p, ver, env, request.name,
+                                                 request.legacy_agent_id or None, "PROVISIONING")
+            return agents_pb2.CreateAgentInstanceResponse(agent_instance=convert.instance(row))
+
+        return await self.store.write(p, "CreateAgentInstance", request,
+                                      agents_pb2.CreateAgentInstanceResponse, write)
+
+    async def create_instance_row(self, s: AsyncSession, p: Principal, ver: models.AgentVersion,
+                                  env: models.Environment, name: str, legacy_agent_id: str | None,
+                                  state: str) -> models.AgentInstance:
+        now = utcnow()
+        row = models.AgentInstance(
+            id=new_id("ins"), tenant_id=p.tenant_id, template_id=ver.template_id, version_id=ver.id,
+            environment_id=env.id, project_id=ver.project_id, name=name, state=state,
+            legacy_agent_id=legacy_agent_id, last_heartbeat_at=None,
+            activated_at=now if state == "ACTIVE" else None, retired_at=None, created_at=now,
+            updated_at=now, revision=1)
+        s.add(row)
+        if legacy_agent_id:
+            await self.store.flush_unique(s, "legacy agent", {"legacy_agent_id": legacy_agent_id})
+        await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_INSTANCE_CREATED,
+                                target_type="agent_instance", target_id=row.id,
+                                project_id=row.project_id, template_id=row.template_id,
+                                version_id=ver.id, instance_id=row.id,
+                                summary=f"instance {name} created in {env.name}",
+                                after={"state": state, "environment_id": env.id,
+                                       "legacy_agent_id": legacy_agent_id or ""})
+        return row
+
+    async def GetAgentInstance(self, request: agents_pb2.GetAgentInstanceRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentInstance, request.id, p.tenant_id, "agent_instance")
+            if not (p.is_agent and p.actor_id == row.id):
+                p.require("registry:read", project_id=row.project_id, environment_id=row.environment_id)
+            return agents_pb2.GetAgentInstanceResponse(agent_instance=convert.instance(row))
+
+        return await self.store.read(read)
+
+    async def ListAgentInstances(self, request: agents_pb2.ListAgentInstancesRequest, context: Ctx) -> Any:
+        check(request, ("id?", "template_id"), ("id?", "version_id"), ("id?", "environment_id"),
+              ("id?", "project_id"), ("enum?", "state"), ("id?", "agent_ref"))
+        filters: dict[str, Any] = {
+            "template_id": request.template_id, "version_id": request.version_id,
+            "environment_id": request.environment_id, "project_id": request.project_id,
+            "state": _instance_state(request.state) if request.state else ""}
+        if request.agent_ref:
+            ref = await self._match_ref(request.agent_ref)
+            filters["id"] = ref or "\x00none"
+            filters["agent_ref"] = request.agent_ref  # part of the page-token fingerprint only
+
+        def build(rows: Any, tok: str) -> Any:
+            return agents_pb2.ListAgentInstancesResponse(
+                agent_instances=[convert.instance(r) for r in rows], next_page_token=tok)
+
+        columns = {k: v for k, v in filters.items() if k != "agent_ref"}
+        return await _list(self.store, request, "registry:read", models.AgentInstance, columns,
+                           build, project_id=request.project_id, token_scope=filters)
+
+    async def _match_ref(self, agent_ref: str) -> str | None:
+        """Instance id for a reference that may be either id; ARM_COMPAT_MODE picks which first."""
+        p = current_principal()
+
+        async def read(s: AsyncSession) -> str | None:
+            by_legacy = select(models.AgentInstance.id).where(
+                models.AgentInstance.tenant_id == p.tenant_id,
+                models.AgentInstance.legacy_agent_id == agent_ref)
+            by_id = select(models.AgentInstance.id).where(
+                models.AgentInstance.tenant_id == p.tenant_id, models.AgentInstance.id == agent_ref)
+            for q in ((by_legacy, by_id) if self.compat_mode else (by_id, by_legacy)):
+                found = (await s.execute(q)).scalar_one_or_none()
+                if found:
+                    return found
+            return None
+
+        return await self.store.read(read)
+
+    async def TransitionAgentInstance(self, request: agents_pb2.TransitionAgentInstanceRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"), ("enum", "to_state"), ("id?", "approval_id"))
+        target = _instance_state(request.to_state)
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentInstance, request.id, p.tenant_id,
+                                       "agent_instance", for_update=True)
+            p.require("instances:transition", project_id=row.project_id,
+                      environment_id=row.environment_id)
+            self.store.check_etag(row, request.etag)
+            domain.check_transition("instance", domain.INSTANCE_TRANSITIONS, row.state, target)
+            if row.state == "QUARANTINED" and target == "ACTIVE":
+                # Needs an approved INSTANCE_REACTIVATION approval, which governance's approvals
+                # API verifies; until that API exists the transition is refused, never waved through.
+                raise FailedPrecondition(
+                    "QUARANTINED → ACTIVE needs an approved INSTANCE_REACTIVATION approval; "
+                    "approval verification is not available in this release",
+                    reason="APPROVAL_REQUIRED", metadata={"action_type": "INSTANCE_REACTIVATION"})
+            before = row.state
+            row.state = target
+            if target == "ACTIVE" and row.activated_at is None:
+                row.activated_at = utcnow()
+            if target == "RETIRED":
+                row.retired_at = utcnow()
+            self.store.touch(row)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_INSTANCE_TRANSITIONED,
+                                    target_type="agent_instance", target_id=row.id,
+                                    project_id=row.project_id, template_id=row.template_id,
+                                    version_id=row.version_id, instance_id=row.id,
+                                    summary=f"instance {before} → {target}",
+                                    before={"state": before}, after={"state": target},
+                                    reason=request.reason)
+            return agents_pb2.TransitionAgentInstanceResponse(agent_instance=convert.instance(row))
+
+        return await self.store.write(p, "TransitionAgentInstance", request,
+                                      agents_pb2.TransitionAgentInstanceResponse, write)
+
+    async def RecordHeartbeat(self, request: agents_pb2.RecordHeartbeatRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentInstance, request.id, p.tenant_id,
+                                       "agent_instance", for_update=True)
+            if not (p.is_agent and p.actor_id == row.id):
+                p.require("registry:write", project_id=row.project_id)
+            row.last_heartbeat_at = utcnow()  # liveness, not a change: no revision bump or record
+            return agents_pb2.RecordHeartbeatResponse(agent_instance=convert.instance(row))
+
+        return await self.store.db.run(write)
+
+    # identities
+
+    async def UpsertAgentIdentity(self, request: agents_pb2.UpsertAgentIdentityRequest, context: Ctx) -> Any:
+        check(request)
+        ident = request.agent_identity
+        v = [("name", "name"), ("id?", "template_id"), ("id?", "instance_id"),
+             ("id?", "legacy_agent_id"), ("name?", "soul_hash")]
+        check(ident, *v)
+        if len(ident.soul_content) > 200_000 or len(ident.tools_notes) > 50_000 or len(ident.description) > 10_000:
+            raise InvalidArgument("identity text is too long", reason="INVALID_FIELDS", violations=[
+                FieldViolation("agent_identity.soul_content", "must be at most 200000 characters")])
+        p = current_principal()
+        p.require("registry:write")
+        status, soul_hash = domain.identity_status(ident.soul_content, ident.soul_hash, ident.tools_notes)
+
+        async def write(s: AsyncSession) -> Any:
+            if ident.template_id:
+                await self.store.get(s, models.AgentTemplate, ident.template_id, p.tenant_id, "agent_template")
+            if ident.instance_id:
+                await self.store.get(s, models.AgentInstance, ident.instance_id, p.tenant_id, "agent_instance")
+            row = (await s.execute(select(models.AgentIdentity).where(
+                models.AgentIdentity.tenant_id == p.tenant_id,
+                models.AgentIdentity.name == ident.name).with_for_update())).scalar_one_or_none()
+            created = row is None
+            now = utcnow()
+            before = None
+            if row is None:
+                row = models.AgentIdentity(id=new_id("idn"), tenant_id=p.tenant_id, name=ident.name,
+                                           created_at=now, updated_at=now, revision=1,
+                                           validation_status=status)
+                s.add(row)
+            else:
+                self.store.check_etag(row, ident.etag)
+                before = {"soul_hash": row.soul_hash, "validation_status": row.validation_status}
+                self.store.touch(row)
+            row.soul_content, row.soul_hash, row.tools_notes = ident.soul_content, soul_hash, ident.tools_notes
+            row.validation_status = status
+            row.template_id, row.instance_id = ident.template_id, ident.instance_id
+            row.legacy_agent_id, row.description = ident.legacy_agent_id, ident.description
+            await self.store.flush_unique(s, "identity", {"name": ident.name})
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_IDENTITY_UPDATED,
+                                    target_type="agent_identity", target_id=row.id,
+                                    template_id=row.template_id, instance_id=row.instance_id,
+                                    summary=f"identity {row.name} {'created' if created else 'updated'}",
+                                    before=before, after={"soul_hash": soul_hash,
+                                                          "validation_status": status})
+            return agents_pb2.UpsertAgentIdentityResponse(agent_identity=convert.identity(row),
+                                                          created=created)
+
+        return await self.store.write(p, "UpsertAgentIdentity", request,
+                                      agents_pb2.UpsertAgentIdentityResponse, write)
+
+    async def GetAgentIdentity(self, request: agents_pb2.GetAgentIdentityRequest, context: Ctx) -> Any:
+        check(request, ("id", "id"))
+        p = current_principal()
+        p.require("registry:read")
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get(s, models.AgentIdentity, request.id, p.tenant_id, "agent_identity")
+            return agents_pb2.GetAgentIdentityResponse(agent_identity=convert.identity(row))
+
+        return await self.store.read(read)
+
+    async def ListAgentIdentities(self, request: agents_pb2.ListAgentIdentitiesRequest, context: Ctx) -> Any:
+        check(request, ("id?", "template_id"))
+        return await _list(self.store, request, "registry:read", models.AgentIdentity,
+                           {"template_id": request.template_id},
+                           lambda rows, tok: agents_pb2.ListAgentIdentitiesResponse(
+                               agent_identities=[convert.identity(r) for r in rows], next_page_token=tok))
+
+
+class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
+    def __init__(self, store: RegistryStore, agents: AgentServicer, compat_mode: bool) -> None:
+        self.store = store
+        self.agents = agents
+        self.compat_mode = compat_mode
+
+    async def _resolve(self, s: AsyncSession, tenant_id: str, column: Any, value: str) -> Any:
+        row = (await s.execute(
+            select(models.AgentInstance, models.AgentVersion, models.Environment, models.Tenant)
+            .join(models.AgentVersion, models.AgentVersion.id == models.AgentInstance.version_id)
+            .join(models.Environment, models.Environment.id == models.AgentInstance.environment_id)
+            .join(models.Tenant, models.Tenant.id == models.AgentInstance.tenant_id)
+            .where(models.AgentInstance.tenant_id == tenant_id, column == value))).first()
+        return None if row is None else convert.resolved(*row)
+
+    async def ResolveAgentRef(self, request: compat_pb2.ResolveAgentRefRequest, context: Ctx) -> Any:
+        which = request.WhichOneof("ref")
+        if which is None:
+            raise InvalidArgument("one of instance_id, legacy_agent_id, agent_ref is required",
+                                  reason="INVALID_FIELDS",
+                                  violations=[FieldViolation("ref", "set one of instance_id, legacy_agent_id, agent_ref")])
+        check(request, ("id", which))
+        value = getattr(request, which)
+        p = current_principal()
+        by_id, by_legacy = models.AgentInstance.id, models.AgentInstance.legacy_agent_id
+        columns = {"instance_id": [by_id], "legacy_agent_id": [by_legacy],
+                   "agent_ref": [by_legacy, by_id] if self.compat_mode else [by_id, by_legacy]}[which]
+
+        async def read(s: AsyncSession) -> Any:
+            for column in columns:
+                found = await self._resolve(s, p.tenant_id, column, value)
+                if found is not None:
+                    # Agents may resolve only themselves; operators need registry:read.
+                    if not (p.is_agent and p.actor_id == found.instance_id):
+                        p.require("registry:read", project_id=found.project_id,
+                                  environment_id=found.environment_id)
+                    return compat_pb2.ResolveAgentRefResponse(agent=found)
+            raise NotFound(f"no agent {value!r}", reason="AGENT_NOT_FOUND", metadata={which: value})
+
+        return await self.store.read(read)
+
+    async def EnsureInstanceForLegacyAgent(self, request: compat_pb2.EnsureInstanceForLegacyAgentRequest, context: Ctx) -> Any:
+        check(request, ("id", "legacy_agent_id"), ("name?", "name"), ("id?", "project_id"),
+              ("id?", "environment_id"), ("name?", "legacy_status"))
+        p = current_principal()
+        p.require("registry:write")
+        name = request.name or request.legacy_agent_id
+        store = self.store
+
+        async def existing(s: AsyncSession) -> Any:
+            inst = (await s.execute(select(models.AgentInstance).where(
+                models.AgentInstance.tenant_id == p.tenant_id,
+                models.AgentInstance.legacy_agent_id == request.legacy_agent_id))).scalar_one_or_none()
+            if inst is None:
+                return None
+            tpl = await store.get(s, models.AgentTemplate, inst.template_id, p.tenant_id, "agent_template")
+            ver = await store.get(s, models.AgentVersion, inst.version_id, p.tenant_id, "agent_version")
+            return compat_pb2.EnsureInstanceForLegacyAgentResponse(
+                agent_template=convert.template(tpl), agent_version=convert.version(ver),
+                agent_instance=convert.instance(inst), created=False)
+
+        async def get_or_create(s: AsyncSession, model: Any, where: list[Any], make: Any) -> Any:
+            row = (await s.execute(select(model).where(*where))).scalar_one_or_none()
+            if row is None:
+                row = make()
+                s.add(row)
+                await s.flush()
+                return row, True
+            return row, False
+
+        async def write(s: AsyncSession) -> Any:
+            found = await existing(s)
+            if found is not None:
+                return found
+            now = utcnow()
+            if request.project_id:
+                project = await store.get(s, models.Project, request.project_id, p.tenant_id, "project")
+            else:
+                project, made = await get_or_create(
+                    s, models.Project, [models.Project.tenant_id == p.tenant_id, models.Project.slug == "legacy"],
+                    lambda: models.Project(id=new_id("prj"), tenant_id=p.tenant_id, slug="legacy",
+                                           name="Legacy agents", description="Agents of the older platform",
+                                           created_at=now, updated_at=now, revision=1))
+                if made:
+                    await store.record(s, p, CR.CHANGE_RECORD_TYPE_PROJECT_CREATED, target_type="project",
+                                       target_id=project.id, project_id=project.id,
+                                       summary="project legacy created for legacy agents")
+            if request.environment_id:
+                env = await store.get(s, models.Environment, request.environment_id, p.tenant_id, "environment")
+            else:
+                env, made = await get_or_create(
+                    s, models.Environment, [models.Environment.tenant_id == p.tenant_id,
+                                            models.Environment.name == "legacy"],
+                    lambda: models.Environment(id=new_id("env"), tenant_id=p.tenant_id, name="legacy",
+                                               type="PROD", require_active_deployment=False,
+                                               created_at=now, updated_at=now, revision=1))
+                if made:
+                    await store.record(s, p, CR.CHANGE_RECORD_TYPE_ENVIRONMENT_CREATED,
+                                       target_type="environment", target_id=env.id,
+                                       summary="environment legacy created for legacy agents")
+            slug = store.legacy_slug(request.legacy_agent_id)
+            tpl = models.AgentTemplate(
+                id=new_id("tpl"), tenant_id=p.tenant_id, project_id=project.id, slug=slug, name=name,
+                description=f"Legacy agent {request.legacy_agent_id}", owners=[], tags=["legacy"],
+                active=True, version_count=1, created_at=now, updated_at=now, revision=1)
+            s.add(tpl)
+            await store.record(s, p, CR.CHANGE_RECORD_TYPE_TEMPLATE_CREATED, target_type="agent_template",
+                               target_id=tpl.id, project_id=project.id, template_id=tpl.id,
+                               summary=f"template {slug} created for legacy agent")
+            genome_text, genome_hash = store.genome_text(store.legacy_genome(request.legacy_agent_id, name))
+            ver = models.AgentVersion(
+                id=new_id("ver"), tenant_id=p.tenant_id, template_id=tpl.id, project_id=project.id,
+                number=1, genome_json=genome_text, genome_hash=genome_hash, state="APPROVED",
+                eval_status="NOT_RUN", eval_summary="", parent_version_id="",
+                notes="created by EnsureInstanceForLegacyAgent", created_by=p.actor_id,
+                approved_by=p.actor_id, created_at=now, updated_at=now, revision=1)
+            s.add(ver)
+            await store.record(s, p, CR.CHANGE_RECORD_TYPE_VERSION_CREATED, target_type="agent_version",
+                               target_id=ver.id, project_id=project.id, template_id=tpl.id,
+                               version_id=ver.id, summary="version 1 created for legacy agent",
+                               after={"state": "APPROVED", "genome_hash": genome_hash})
+            state = domain.legacy_status_to_state(request.legacy_status) if request.legacy_status else "ACTIVE"
+            inst = await self.agents.create_instance_row(s, p, ver, env, name, request.legacy_agent_id, state)
+            return compat_pb2.EnsureInstanceForLegacyAgentResponse(
+                agent_template=convert.template(tpl), agent_version=convert.version(ver),
+                agent_instance=convert.instance(inst), created=True)
+
+        # Concurrent first calls race on the unique legacy id / template slug: the losers roll
+        # back and find the winner's set.
+        for _ in range(5):
+            try:
+                return await store.write(p, "EnsureInstanceForLegacyAgent", request,
+                                         compat_pb2.EnsureInstanceForLegacyAgentResponse, write)
+            except (IntegrityError, AlreadyExists):
+                found = await store.read(existing)
+                if found is not None:
+                    return found
+        raise FailedPrecondition("could not create or find the legacy agent's instance",
+                                 reason="LEGACY_ENSURE_CONFLICT")
+
+    async def GetAgentByLegacyId(self, request: compat_pb2.GetAgentByLegacyIdRequest, context: Ctx) -> Any:
+        check(request, ("id", "legacy_agent_id"))
+        p = current_principal()
+
+        async def read(s: AsyncSession) -> Any:
+            row = (await s.execute(select(models.AgentInstance, models.AgentTemplate.name)
+                                   .join(models.AgentTemplate, models.AgentTemplate.id == models.AgentInstance.template_id)
+                                   .where(models.AgentInstance.tenant_id == p.tenant_id,
+                                          models.AgentInstance.legacy_agent_id == request.legacy_agent_id))).first()
+            if row is None:
+                raise NotFound(f"no agent with legacy id {request.legacy_agent_id!r}",
+                               reason="AGENT_NOT_FOUND", metadata={"legacy_agent_id": request.legacy_agent_id})
+            inst, tpl_name = row
+            if not (p.is_agent and p.actor_id == inst.id):
+                p.require("registry:read", project_id=inst.project_id)
+            return compat_pb2.GetAgentByLegacyIdResponse(
+                agent_instance=convert.instance(inst), legacy_status=domain.INSTANCE_TO_LEGACY[inst.state],
+                name=tpl_name)
+
+        return await self.store.read(read)

@@ -1,0 +1,64 @@
+"""Edge validation of registry requests: every bad field is reported at once as INVALID_ARGUMENT
+with field violations, before any permission check or database work."""
+
+from __future__ import annotations
+
+from google.protobuf.message import Message
+
+from arm.registry.v1 import access_pb2, agents_pb2, tenancy_pb2
+from arm_common import validation as val
+from arm_common.errors import Violations
+
+ENV_TYPES = set(tenancy_pb2.EnvironmentType.values()) - {0}
+VERSION_STATES = set(agents_pb2.VersionState.values()) - {0}
+INSTANCE_STATES = set(agents_pb2.InstanceState.values()) - {0}
+EVAL_STATUSES = set(agents_pb2.EvalStatus.values()) - {0}
+SCOPE_TYPES = set(access_pb2.RoleScopeType.values())
+
+
+def common(v: Violations, request: Message) -> None:
+    """request_id, etag, page_size and reason bounds shared by many requests."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "request_id" in fields:
+        val.optional(v, "request_id", getattr(request, "request_id"), 128)
+    if "etag" in fields:
+        val.optional(v, "etag", getattr(request, "etag"), 64)
+    if "page_size" in fields and getattr(request, "page_size") < 0:
+        v.add("page_size", "must not be negative")
+    if "page_token" in fields:
+        val.optional(v, "page_token", getattr(request, "page_token"), 1000)
+    if "reason" in fields:
+        val.optional(v, "reason", getattr(request, "reason"), val.MAX_TEXT)
+
+
+def check(request: Message, *rules: tuple[str, str]) -> None:
+    """Validates `request` with the shared checks plus the given (kind, field) rules.
+    kinds: id (required id), id? (optional id), name, name?, text?, slug, email, enum, enum?"""
+    v = Violations()
+    common(v, request)
+    for kind, field in rules:
+        value = getattr(request, field)
+        if kind == "id":
+            val.resource_id(v, field, value)
+        elif kind == "id?":
+            val.resource_id(v, field, value, required_=False)
+        elif kind == "name":
+            val.required(v, field, value)
+        elif kind == "name?":
+            val.optional(v, field, value)
+        elif kind == "text?":
+            val.optional(v, field, value, val.MAX_TEXT)
+        elif kind == "slug":
+            val.slug(v, field, value)
+        elif kind == "email":
+            val.email(v, field, value)
+        elif kind.startswith("enum"):
+            enum_values = {f.name: f for f in request.DESCRIPTOR.fields}[field].enum_type.values_by_number
+            if kind == "enum?" and value == 0:
+                continue
+            val.enum_set(v, field, value, set(enum_values) - {0})
+        elif kind == "list":
+            val.string_list(v, field, list(value))
+        else:  # pragma: no cover - a programming error in a rule table
+            raise ValueError(kind)
+    v.raise_if_any()
