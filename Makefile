@@ -42,7 +42,7 @@ lock:
 	/tmp/arm-lock-venv/bin/pip freeze > requirements.lock
 
 bench: setup
-	$(PY) bench/engine.py
+	$(PY) bench/resolve.py
 
 clean:
 	rm -rf $(VENV) node_modules .arm

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from arm_common import otel
 from arm_common.auth import Authenticator, Principal, _current, _request_id
 from arm_common.errors import ERROR_DOMAIN, ArmError, Unauthenticated, Unimplemented
 
@@ -97,6 +99,21 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             _request_id.set(request_id)
             return principal
 
+        def done(started: float, exc: BaseException | None) -> None:
+            if exc is None:
+                code = "OK"
+            elif isinstance(exc, ArmError):
+                code = exc.code.name
+            elif isinstance(exc, asyncio.CancelledError):
+                code = "CANCELLED"
+            elif isinstance(exc, grpc.aio.AbortError):
+                code = "ABORTED_BY_HANDLER"
+            elif isinstance(exc, NotImplementedError):
+                code = "UNIMPLEMENTED"
+            else:
+                code = "INTERNAL"
+            otel.record_rpc(method, code, (time.perf_counter() - started) * 1000)
+
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             if isinstance(exc, NotImplementedError):
                 # Generated servicer bases raise this for RPCs a later release implements.
@@ -117,13 +134,17 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
                 try:
                     await prepare(context)
-                    return await inner_uu(request, context)
+                    result = await inner_uu(request, context)
                 except BaseException as exc:
+                    done(started, exc)
                     if passthrough(exc):
                         raise
                     await fail(context, exc)
+                done(started, None)
+                return result
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer)
@@ -131,14 +152,17 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
                 try:
                     await prepare(context)
                     async for item in inner_us(request, context):
                         yield item
                 except BaseException as exc:
+                    done(started, exc)
                     if passthrough(exc):
                         raise
                     await fail(context, exc)
+                done(started, None)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer)
@@ -146,27 +170,34 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
                 try:
                     await prepare(context)
-                    return await inner_su(request_iterator, context)
+                    result = await inner_su(request_iterator, context)
                 except BaseException as exc:
+                    done(started, exc)
                     if passthrough(exc):
                         raise
                     await fail(context, exc)
+                done(started, None)
+                return result
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, handler.request_deserializer, handler.response_serializer)
         inner_ss = handler.stream_stream
 
         async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
             try:
                 await prepare(context)
                 async for item in inner_ss(request_iterator, context):
                     yield item
             except BaseException as exc:
+                done(started, exc)
                 if passthrough(exc):
                     raise
                 await fail(context, exc)
+            done(started, None)
 
         return grpc.stream_stream_rpc_method_handler(
             stream_stream, handler.request_deserializer, handler.response_serializer)

@@ -49,3 +49,13 @@ def instrument_engine(engine: Any) -> None:
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
     SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
+
+
+_meter = metrics.get_meter("arm")
+_rpc_duration = _meter.create_histogram(
+    "rpc.server.duration", unit="ms", description="Duration of ARM RPCs by method and status")
+
+
+def record_rpc(method: str, code: str, elapsed_ms: float) -> None:
+    """One observation per finished RPC (the gRPC instrumentation gives spans, not metrics)."""
+    _rpc_duration.record(elapsed_ms, {"rpc.method": method, "rpc.grpc.status_code": code})

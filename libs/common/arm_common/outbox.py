@@ -6,6 +6,7 @@ receiver deduplicates on the message id)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from google.protobuf.message import Message
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm_common.db import Database
@@ -51,8 +52,8 @@ Deliver = Callable[[Sequence[OutboxMessage]], Awaitable[None]]
 
 class OutboxRelay:
     """Delivers one topic's messages in insertion order. Any number of replicas may run a relay:
-    on PostgreSQL rows are claimed with `FOR UPDATE SKIP LOCKED`; elsewhere one process owns the
-    database. A failed batch is retried with exponential backoff (capped) and jitter."""
+    on PostgreSQL one of them at a time holds the topic's advisory lock and delivers; elsewhere
+    one process owns the database. A failed batch is retried with exponential backoff (capped) and jitter."""
 
     def __init__(self, db: Database, outbox_table, topic: str, deliver: Deliver | None, *,  # type: ignore[no-untyped-def]
                  batch_size: int = 200, poll_interval_s: float = 1.0,
@@ -121,8 +122,6 @@ class OutboxRelay:
         now = utcnow()
         query = (select(t).where(and_(t.c.topic == self.topic, t.c.delivered_at.is_(None)))
                  .order_by(t.c.position).limit(self.batch_size))
-        if self.db.is_postgres:
-            query = query.with_for_update(skip_locked=True)
         rows = (await session.execute(query)).mappings().all()
         # Keep order: stop at the first message still backing off, so nothing overtakes it.
         ready = []
@@ -134,6 +133,12 @@ class OutboxRelay:
         return ready
 
     async def _claim_and_deliver(self, session: AsyncSession) -> int:
+        # One relay per topic at a time (a transaction-scoped advisory lock), so messages leave in
+        # commit order even with many replicas; the others find the lock taken and wait a poll.
+        lock_key = int.from_bytes(hashlib.sha256(f"arm-outbox:{self.topic}".encode()).digest()[:8],
+                                  "big", signed=True)
+        if not (await session.execute(text("select pg_try_advisory_xact_lock(:k)"), {"k": lock_key})).scalar():
+            return 0
         ready = await self._claim(session)
         if not ready:
             return 0
