@@ -12,7 +12,6 @@ import asyncio
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

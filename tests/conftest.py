@@ -35,7 +35,7 @@ def pg_reachable() -> bool:
         async def probe() -> bool:
             try:
                 conn = await asyncpg.connect(PG_URL, timeout=3)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, asyncpg.PostgresError):
                 return False
             await conn.close()
             return True

@@ -80,3 +80,34 @@ async def test_standalone_registry_refuses_unmigrated_database(backend: str, tmp
         if spec.schema:
             from tests.conftest import drop_schema
             await drop_schema(spec.schema)
+
+
+async def test_make_run_serves_on_the_default_address(tmp_path: Path) -> None:
+    """`make run` itself (set-up is a no-op once done): health SERVING on 127.0.0.1:50051 and the
+    registry services listed through reflection."""
+    import os
+    import subprocess
+
+    from tests.processes import ROOT
+    log = tmp_path / "make-run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT,
+                                env=base_env(ARM_DATA_DIR=str(tmp_path / "data")),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        await wait_serving("127.0.0.1:50051", proc, log, timeout_s=300)
+        assert REGISTRY_SERVICES <= await reflected_services("127.0.0.1:50051")
+        assert "admin API key: arm_key_" in log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_bad_configuration_fails_fast_naming_the_variable(tmp_path: Path) -> None:
+    log = tmp_path / "bad.log"
+    proc = spawn("arm_registry", env=base_env(ARM_REGISTRY_LISTEN="nonsense"), log=log)
+    assert proc.wait(60) == 2
+    assert "ARM_REGISTRY_LISTEN" in log.read_text()
+    proc = spawn("arm_allinone", env=base_env(ARM_COMPAT_MODE="maybe", ARM_DATA_DIR=str(tmp_path)), log=log)
+    assert proc.wait(60) == 2
+    assert "ARM_COMPAT_MODE" in log.read_text()

@@ -14,8 +14,8 @@ from sqlalchemy import MetaData, select
 from arm.common.v1 import common_pb2
 from arm_common.db import Database
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxMessage, OutboxRelay, enqueue
-from tests.conftest import drop_schema, new_database_spec
 from arm_common.tables import add_shared_tables
+from tests.conftest import drop_schema, new_database_spec
 
 METADATA = MetaData()
 add_shared_tables(METADATA)

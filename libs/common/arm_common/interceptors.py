@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any

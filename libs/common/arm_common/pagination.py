@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from arm_common.canonical import canonical_hash
-from arm_common.errors import InvalidArgument, FieldViolation
+from arm_common.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500

@@ -6,8 +6,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String,
-                        Table, Text)
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.types import TypeDecorator
 
 # Integer on SQLite so the column is a rowid alias there; BIGINT on PostgreSQL.

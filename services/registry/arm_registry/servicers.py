@@ -13,12 +13,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
-from arm.registry.v1 import (access_pb2, access_pb2_grpc, agents_pb2, agents_pb2_grpc, compat_pb2,
-                             compat_pb2_grpc, tenancy_pb2, tenancy_pb2_grpc)
+from arm.registry.v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    agents_pb2,
+    agents_pb2_grpc,
+    compat_pb2,
+    compat_pb2_grpc,
+    tenancy_pb2,
+    tenancy_pb2_grpc,
+)
 from arm_common import pagination
 from arm_common.auth import SCOPE_TENANT, Principal, current_principal
-from arm_common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument,
-                               NotFound)
+from arm_common.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from arm_common.ids import new_id
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models

@@ -20,7 +20,7 @@ from arm_common import pagination
 from arm_common.auth import Principal, new_api_key
 from arm_common.canonical import canonical_json
 from arm_common.db import Database
-from arm_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from arm_common.errors import Aborted, AlreadyExists, NotFound
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay, enqueue

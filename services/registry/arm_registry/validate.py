@@ -19,16 +19,12 @@ SCOPE_TYPES = set(access_pb2.RoleScopeType.values())
 def common(v: Violations, request: Message) -> None:
     """request_id, etag, page_size and reason bounds shared by many requests."""
     fields = request.DESCRIPTOR.fields_by_name
-    if "request_id" in fields:
-        val.optional(v, "request_id", getattr(request, "request_id"), 128)
-    if "etag" in fields:
-        val.optional(v, "etag", getattr(request, "etag"), 64)
-    if "page_size" in fields and getattr(request, "page_size") < 0:
+    for name, limit in (("request_id", 128), ("etag", 64), ("page_token", 1000),
+                        ("reason", val.MAX_TEXT)):
+        if name in fields:
+            val.optional(v, name, getattr(request, name), limit)
+    if "page_size" in fields and getattr(request, "page_size") < 0:  # noqa: B009
         v.add("page_size", "must not be negative")
-    if "page_token" in fields:
-        val.optional(v, "page_token", getattr(request, "page_token"), 1000)
-    if "reason" in fields:
-        val.optional(v, "reason", getattr(request, "reason"), val.MAX_TEXT)
 
 
 def check(request: Message, *rules: tuple[str, str]) -> None:

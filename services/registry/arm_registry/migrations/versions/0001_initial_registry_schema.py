@@ -1,14 +1,14 @@
 """initial registry schema
 
-Revision ID: e575433d94bf
-Revises: 
+Revision ID: 0001
+Revises: (none)
 Create Date: 2026-11-24 20:41:49.937360
 """
 
-from alembic import op
 import sqlalchemy as sa
-import arm_common.tables
+from alembic import op
 
+import arm_common.tables
 
 revision = '0001'
 down_revision = None
