@@ -98,17 +98,20 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
         return await store.write(p, "CreateTenant", request, tenancy_pb2.CreateTenantResponse,
                                  write, without_secret)
 
-    def _tenant_scope(self, p: Principal, tenant_id: str) -> str:
-        """Tenant id to filter on: the caller's own, unless they administer tenants."""
+    @staticmethod
+    def _tenant_scope(p: Principal) -> str:
+        """Tenant id to filter on: the caller's own, or "" (all) for tenant administrators."""
         if p.has("tenants:admin"):
             return ""
         p.require("registry:read")
-        return p.tenant_id if tenant_id in ("", p.tenant_id) else "\x00no-such-tenant"
+        return p.tenant_id
 
     async def GetTenant(self, request: tenancy_pb2.GetTenantRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
         p = current_principal()
-        scope = self._tenant_scope(p, request.id)
+        scope = self._tenant_scope(p)
+        if scope and request.id != scope:
+            raise NotFound.of("tenant", request.id)
 
         async def read(s: AsyncSession) -> Any:
             row = await self.store.get(s, models.Tenant, request.id, scope, "tenant")
@@ -119,7 +122,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
     async def ListTenants(self, request: tenancy_pb2.ListTenantsRequest, context: Ctx) -> Any:
         check(request)
         p = current_principal()
-        scope = self._tenant_scope(p, "")
+        scope = self._tenant_scope(p)
         size = pagination.page_size(request.page_size)
         after = pagination.decode_token(request.page_token, {"m": "tenants"})
 
@@ -851,8 +854,11 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             "environment_id": request.environment_id, "project_id": request.project_id,
             "state": _instance_state(request.state) if request.state else ""}
         if request.agent_ref:
+            current_principal().require("registry:read", project_id=request.project_id)
             ref = await self._match_ref(request.agent_ref)
-            filters["id"] = ref or "\x00none"
+            if ref is None:
+                return agents_pb2.ListAgentInstancesResponse()
+            filters["id"] = ref
             filters["agent_ref"] = request.agent_ref  # part of the page-token fingerprint only
 
         def build(rows: Any, tok: str) -> Any:

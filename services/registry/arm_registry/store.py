@@ -20,7 +20,7 @@ from arm_common import pagination
 from arm_common.auth import Principal, new_api_key
 from arm_common.canonical import canonical_json
 from arm_common.db import Database
-from arm_common.errors import Aborted, AlreadyExists, NotFound
+from arm_common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay, enqueue
@@ -115,7 +115,8 @@ class RegistryStore:
         """Keyset page on the (time-ordered) id; returns rows and the last id when more follow."""
         if after is not None:
             if not isinstance(after, str):
-                raise pagination.InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN")
+                raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
+                                      violations=[FieldViolation("page_token", "is malformed")])
             query = query.where(id_column > after)
         rows = (await session.execute(query.order_by(id_column).limit(size + 1))).scalars().all()
         page, more = pagination.split_page(rows, size)
