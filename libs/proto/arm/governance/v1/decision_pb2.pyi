@@ -377,7 +377,7 @@ class SpendEntry(_message.Message):
     AMOUNT_USD_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
-    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    RECORD_TIME_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     """Server-assigned id (output only)."""
     tenant_id: _builtins.str
@@ -401,7 +401,7 @@ class SpendEntry(_message.Message):
         """When the spend happened; absent = when received. Decides the day and month it counts for."""
 
     @_builtins.property
-    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+    def record_time(self) -> _timestamp_pb2.Timestamp:
         """When governance stored it (output only)."""
 
     def __init__(
@@ -416,11 +416,11 @@ class SpendEntry(_message.Message):
         amount_usd: _builtins.float = ...,
         idempotency_key: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
-        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        record_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "recorded_at", b"recorded_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "record_time", b"record_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_usd", b"amount_usd", "entry_id", b"entry_id", "idempotency_key", b"idempotency_key", "instance_id", b"instance_id", "legacy_agent_id", b"legacy_agent_id", "occur_time", b"occur_time", "recorded_at", b"recorded_at", "run_id", b"run_id", "tenant_id", b"tenant_id", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_usd", b"amount_usd", "entry_id", b"entry_id", "idempotency_key", b"idempotency_key", "instance_id", b"instance_id", "legacy_agent_id", b"legacy_agent_id", "occur_time", b"occur_time", "record_time", b"record_time", "run_id", b"run_id", "tenant_id", b"tenant_id", "tool_call_id", b"tool_call_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
