@@ -180,7 +180,7 @@ Global___Actor: _TypeAlias = Actor  # noqa: Y015
 @_typing.final
 class ChangeRecord(_message.Message):
     """One entry of the append-only audit trail. Producers fill the descriptive fields; governance
-    assigns `sequence`, `prev_hash`, `hash` and `recorded_at` when it appends the record.
+    assigns `sequence`, `prev_hash`, `hash` and `record_time` when it appends the record.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -202,7 +202,7 @@ class ChangeRecord(_message.Message):
     AFTER_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
-    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    RECORD_TIME_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -257,7 +257,7 @@ class ChangeRecord(_message.Message):
         """When the change happened at the producer."""
 
     @_builtins.property
-    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+    def record_time(self) -> _timestamp_pb2.Timestamp:
         """When governance appended it (output only)."""
 
     def __init__(
@@ -280,14 +280,14 @@ class ChangeRecord(_message.Message):
         after: _struct_pb2.Struct | None = ...,
         reason: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
-        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        record_time: _timestamp_pb2.Timestamp | None = ...,
         prev_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
         source: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "after", b"after", "before", b"before", "occur_time", b"occur_time", "payload", b"payload", "recorded_at", b"recorded_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "after", b"after", "before", b"before", "occur_time", b"occur_time", "payload", b"payload", "record_time", b"record_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "after", b"after", "before", b"before", "hash", b"hash", "instance_id", b"instance_id", "occur_time", b"occur_time", "payload", b"payload", "prev_hash", b"prev_hash", "project_id", b"project_id", "reason", b"reason", "record_id", b"record_id", "recorded_at", b"recorded_at", "sequence", b"sequence", "source", b"source", "summary", b"summary", "target_id", b"target_id", "target_type", b"target_type", "template_id", b"template_id", "tenant_id", b"tenant_id", "type", b"type", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "after", b"after", "before", b"before", "hash", b"hash", "instance_id", b"instance_id", "occur_time", b"occur_time", "payload", b"payload", "prev_hash", b"prev_hash", "project_id", b"project_id", "reason", b"reason", "record_id", b"record_id", "record_time", b"record_time", "sequence", b"sequence", "source", b"source", "summary", b"summary", "target_id", b"target_id", "target_type", b"target_type", "template_id", b"template_id", "tenant_id", b"tenant_id", "type", b"type", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -689,7 +689,7 @@ class Backfill(_message.Message):
     REMAINING_COUNT_FIELD_NUMBER: _builtins.int
     UNRESOLVED_COUNT_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
-    STARTED_AT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     COMPLETE_TIME_FIELD_NUMBER: _builtins.int
     backfill_id: _builtins.str
@@ -711,7 +711,7 @@ class Backfill(_message.Message):
     error_message: _builtins.str
     """Error of a FAILED backfill."""
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp:
+    def start_time(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
 
     @_builtins.property
@@ -734,13 +734,13 @@ class Backfill(_message.Message):
         remaining_count: _builtins.int = ...,
         unresolved_count: _builtins.int = ...,
         error_message: _builtins.str = ...,
-        started_at: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         complete_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time", "started_at", b"started_at", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill_id", b"backfill_id", "complete_time", b"complete_time", "cursor", b"cursor", "error_message", b"error_message", "processed_count", b"processed_count", "remaining_count", b"remaining_count", "started_at", b"started_at", "state", b"state", "tenant_id", b"tenant_id", "unresolved_count", b"unresolved_count", "update_time", b"update_time", "updated_count", b"updated_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill_id", b"backfill_id", "complete_time", b"complete_time", "cursor", b"cursor", "error_message", b"error_message", "processed_count", b"processed_count", "remaining_count", b"remaining_count", "start_time", b"start_time", "state", b"state", "tenant_id", b"tenant_id", "unresolved_count", b"unresolved_count", "update_time", b"update_time", "updated_count", b"updated_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
