@@ -39,7 +39,7 @@ class Principal:
     grants: tuple[Grant, ...] = ()
     tenant_active: bool = True
     system_tenant: bool = False
-    _index: dict[str, list[Grant]] = field(default_factory=dict, compare=False, repr=False)
+    _index: dict[str, list[Grant]] = field(init=False, default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for g in self.grants:
@@ -102,6 +102,6 @@ def hash_api_key(full_key: str) -> str:
 def parse_api_key(full_key: str) -> str:
     """Returns the key id of a well-formed key, or raises Unauthenticated."""
     parts = full_key.split("_", 3)  # "arm", "key", "<id part>", "<secret>"
-    if len(parts) != 4 or parts[0] != "arm" or parts[1] != "key" or not parts[3]:
+    if len(parts) != 4 or parts[0] != "arm" or parts[1] != "key" or not parts[2] or not parts[3]:
         raise Unauthenticated("the API key is malformed", reason="INVALID_API_KEY")
     return f"{parts[1]}_{parts[2]}"

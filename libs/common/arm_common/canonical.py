@@ -17,9 +17,9 @@ def js_number(value: float | int) -> str:
     if isinstance(value, bool):
         raise TypeError("booleans are not numbers here")
     if isinstance(value, int):
-        if abs(value) < 10**21:
+        if abs(value) <= 2**53:
             return str(value)
-        value = float(value)
+        value = float(value)  # JavaScript numbers are doubles: big integers round like them
     if math.isnan(value) or math.isinf(value):
         raise ValueError("NaN and Infinity have no JSON form")
     if value == 0:

@@ -1,7 +1,9 @@
 """Opaque page tokens and page sizes (AIP-158).
 
-A token is base64url JSON holding the last id of the page and a fingerprint of the filters, so a
-token used with other filters, or a token that was tampered with, is INVALID_ARGUMENT."""
+A token is base64url JSON holding the last key of the page (a scalar, or a flat list of scalars for composite keys) and a fingerprint of the
+filters: a token used with other filters, or one that does not decode to that shape, is
+INVALID_ARGUMENT. Tokens are not signed: a hand-made one can only name another position in the
+caller's own, tenant-scoped results."""
 
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ def encode_token(last_key: Any, filters: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def decode_token(token: str, filters: dict[str, Any]) -> Any:
     """Returns the last key of the previous page, or None for the first page."""
     if not token:
@@ -47,7 +53,9 @@ def decode_token(token: str, filters: dict[str, Any]) -> Any:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         key, fp = data["k"], data["f"]
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        if not (_scalar(key) or (isinstance(key, list) and all(map(_scalar, key)))) or not isinstance(fp, str):
+            raise TypeError("page token fields have the wrong types")
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
         raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
                               violations=[FieldViolation("page_token", "is malformed")]) from exc
     if fp != _fingerprint(filters):

@@ -155,8 +155,14 @@ def normalize_genome(genome: dict[str, Any]) -> dict[str, Any]:
         created = prov.get("createdAt")
         if not (_number(created) or (isinstance(created, str) and created.strip())):
             v.add("genome.provenance.created_at", "is required (epoch milliseconds or a timestamp)")
-    if not v and len(canonical_json(g).encode()) > MAX_GENOME_BYTES:
-        v.add("genome", f"must be at most {MAX_GENOME_BYTES} bytes as canonical JSON")
+    if not v:
+        try:
+            size = len(canonical_json(g).encode())
+        except (ValueError, TypeError) as exc:  # NaN, Infinity: no JSON form, so no hash
+            v.add("genome", f"has a value with no JSON form ({exc})")
+        else:
+            if size > MAX_GENOME_BYTES:
+                v.add("genome", f"must be at most {MAX_GENOME_BYTES} bytes as canonical JSON")
     v.raise_if_any("the genome is invalid")
     return g
 
