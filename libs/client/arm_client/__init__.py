@@ -10,8 +10,7 @@ import grpc
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 
 
-class _AuthInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                       grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _Auth:
     """Adds `authorization: Bearer <key>` to every call's metadata."""
 
     def __init__(self, api_key: str) -> None:
@@ -22,17 +21,32 @@ class _AuthInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStrea
         metadata.append(self._pair)
         return details._replace(metadata=metadata)
 
+
+# grpc.aio files an interceptor under the first call kind it implements only, so each kind
+# gets its own class.
+class _UnaryUnaryAuth(_Auth, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStreamAuth(_Auth, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamUnaryAuth(_Auth, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
 
+
+class _StreamStreamAuth(_Auth, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
+
+
+def auth_interceptors(api_key: str) -> list[Any]:
+    """Client interceptors that send the key on every kind of call."""
+    return [cls(api_key) for cls in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
 
 
 class ArmClient:
@@ -40,7 +54,7 @@ class ArmClient:
     Without a key, calls go out unauthenticated (useful for health checks and tests)."""
 
     def __init__(self, address: str, api_key: str | None = None) -> None:
-        interceptors = [_AuthInterceptor(api_key)] if api_key else []
+        interceptors = auth_interceptors(api_key) if api_key else []
         self.channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
         self.tenancy = tenancy_pb2_grpc.TenancyServiceStub(self.channel)
         self.access = access_pb2_grpc.AccessServiceStub(self.channel)

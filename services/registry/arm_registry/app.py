@@ -15,6 +15,7 @@ from arm_common import migrations, otel
 from arm_common.auth import Principal
 from arm_common.config import ServiceConfig
 from arm_common.db import Database
+from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay
 from arm_registry import models
 from arm_registry.authn import LocalAuthenticator
@@ -46,7 +47,8 @@ class RegistryComponent:
         # Change records wait in the outbox until governance's audit API receives them.
         self.relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver=None,
                                  poll_interval_s=config.outbox_poll_s)
-        self.store = RegistryStore(db, self.relay)
+        self.changes = ChangeChannel(db, "registry_agents")
+        self.store = RegistryStore(db, self.relay, self.changes)
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
@@ -62,10 +64,12 @@ class RegistryComponent:
 
     async def start(self) -> None:
         await migrations.check_at_head(self.db, MIGRATIONS, "registry")
+        await self.changes.start()
         await self.relay.start()
 
     async def stop(self) -> None:
         await self.relay.stop()
+        await self.changes.stop()
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
                                              reason="SYSTEM_TENANT")
                 row.active = request.active
             self.store.touch(row)
+            await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_TENANT, row.id)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="tenant",
                                     target_id=row.id, tenant_id=row.id, summary="tenant updated",
                                     before=before, after={"name": row.name, "active": row.active})
@@ -742,6 +743,8 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             before = row.state
             row.state = target
             self.store.touch(row)
+            await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_VERSION, row.tenant_id,
+                                           version_id=row.id)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_VERSION_TRANSITIONED,
                                     target_type="agent_version", target_id=row.id,
                                     project_id=row.project_id, template_id=row.template_id,
@@ -825,6 +828,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
         s.add(row)
         if legacy_agent_id:
             await self.store.flush_unique(s, "legacy agent", {"legacy_agent_id": legacy_agent_id})
+        await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_INSTANCE, row.tenant_id,
+                                       instance_id=row.id, version_id=ver.id,
+                                       legacy_agent_id=legacy_agent_id)
         await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_INSTANCE_CREATED,
                                 target_type="agent_instance", target_id=row.id,
                                 project_id=row.project_id, template_id=row.template_id,
@@ -913,6 +919,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             if target == "RETIRED":
                 row.retired_at = utcnow()
             self.store.touch(row)
+            await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_INSTANCE, row.tenant_id,
+                                           instance_id=row.id, version_id=row.version_id,
+                                           legacy_agent_id=row.legacy_agent_id)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_INSTANCE_TRANSITIONED,
                                     target_type="agent_instance", target_id=row.id,
                                     project_id=row.project_id, template_id=row.template_id,
@@ -1149,6 +1158,31 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
                     return found
         raise FailedPrecondition("could not create or find the legacy agent's instance",
                                  reason="LEGACY_ENSURE_CONFLICT")
+
+    async def WatchAgentChanges(self, request: compat_pb2.WatchAgentChangesRequest, context: Ctx) -> Any:
+        p = current_principal()
+        every_tenant = p.has("tenants:admin")
+        if not every_tenant:
+            p.require("registry:read")
+        if self.store.changes is None:
+            raise FailedPrecondition("change notices are not enabled", reason="WATCH_UNAVAILABLE")
+        queue = self.store.changes.subscribe()
+        try:
+            yield compat_pb2.WatchAgentChangesResponse(
+                change=compat_pb2.AgentChange(kind=compat_pb2.AGENT_CHANGE_KIND_RESET))
+            while True:
+                notice = await queue.get()
+                if notice.get("reset"):
+                    change = compat_pb2.AgentChange(kind=compat_pb2.AGENT_CHANGE_KIND_RESET)
+                elif every_tenant or notice.get("t") == p.tenant_id:
+                    change = compat_pb2.AgentChange(
+                        kind=notice["k"], tenant_id=notice["t"], instance_id=notice["i"],
+                        version_id=notice["v"], legacy_agent_id=notice["l"])
+                else:
+                    continue
+                yield compat_pb2.WatchAgentChangesResponse(change=change)
+        finally:
+            self.store.changes.unsubscribe(queue)
 
     async def GetAgentByLegacyId(self, request: compat_pb2.GetAgentByLegacyIdRequest, context: Ctx) -> Any:
         check(request, ("id", "legacy_agent_id"))

@@ -23,6 +23,7 @@ from arm_common.db import Database
 from arm_common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
+from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay, enqueue
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
@@ -44,9 +45,11 @@ class RegistryStore:
     """Data access for the registry. Reads are scoped to a tenant: a row of another tenant is
     indistinguishable from a missing one (NOT_FOUND)."""
 
-    def __init__(self, db: Database, relay: OutboxRelay | None = None) -> None:
+    def __init__(self, db: Database, relay: OutboxRelay | None = None,
+                 changes: ChangeChannel | None = None) -> None:
         self.db = db
         self.relay = relay
+        self.changes = changes
 
     # --- transactions ------------------------------------------------------------------------
 
@@ -109,6 +112,14 @@ class RegistryStore:
             occur_time=now, source="registry")
         await enqueue(session, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
                       message_id=rec.record_id, message=rec)
+
+    async def agent_changed(self, session: AsyncSession, kind: int, tenant_id: str, *,
+                            instance_id: str = "", version_id: str = "",
+                            legacy_agent_id: str | None = "") -> None:
+        """Announces (on commit) a change that makes cached agent resolutions stale."""
+        if self.changes is not None:
+            await self.changes.send(session, {"k": kind, "t": tenant_id, "i": instance_id,
+                                              "v": version_id, "l": legacy_agent_id or ""})
 
     async def page(self, session: AsyncSession, query: Select[Any], id_column: Any, size: int,
                    after: str | None) -> tuple[Sequence[Any], str | None]:

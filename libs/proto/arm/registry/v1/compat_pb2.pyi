@@ -9,6 +9,7 @@ from arm.registry.v1 import agents_pb2 as _agents_pb2
 from arm.registry.v1 import tenancy_pb2 as _tenancy_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,117 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AgentChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_CHANGE_KIND_UNSPECIFIED: _AgentChangeKind.ValueType  # 0
+    """Not set."""
+    AGENT_CHANGE_KIND_RESET: _AgentChangeKind.ValueType  # 1
+    """Drop everything cached: sent first on every stream, and after the server lost track."""
+    AGENT_CHANGE_KIND_INSTANCE: _AgentChangeKind.ValueType  # 2
+    """An instance changed (state, version, environment, legacy id)."""
+    AGENT_CHANGE_KIND_VERSION: _AgentChangeKind.ValueType  # 3
+    """A version changed (state)."""
+    AGENT_CHANGE_KIND_TENANT: _AgentChangeKind.ValueType  # 4
+    """A tenant changed (active flag)."""
+
+class AgentChangeKind(_AgentChangeKind, metaclass=_AgentChangeKindEnumTypeWrapper):
+    """What an agent change concerns."""
+
+AGENT_CHANGE_KIND_UNSPECIFIED: AgentChangeKind.ValueType  # 0
+"""Not set."""
+AGENT_CHANGE_KIND_RESET: AgentChangeKind.ValueType  # 1
+"""Drop everything cached: sent first on every stream, and after the server lost track."""
+AGENT_CHANGE_KIND_INSTANCE: AgentChangeKind.ValueType  # 2
+"""An instance changed (state, version, environment, legacy id)."""
+AGENT_CHANGE_KIND_VERSION: AgentChangeKind.ValueType  # 3
+"""A version changed (state)."""
+AGENT_CHANGE_KIND_TENANT: AgentChangeKind.ValueType  # 4
+"""A tenant changed (active flag)."""
+Global___AgentChangeKind: _TypeAlias = AgentChangeKind  # noqa: Y015
+
+@_typing.final
+class AgentChange(_message.Message):
+    """One change that may make a cached resolution stale."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    LEGACY_AGENT_ID_FIELD_NUMBER: _builtins.int
+    kind: Global___AgentChangeKind.ValueType
+    """What changed."""
+    tenant_id: _builtins.str
+    """The tenant."""
+    instance_id: _builtins.str
+    """The instance, for INSTANCE."""
+    version_id: _builtins.str
+    """The version, for VERSION (and the instance's version for INSTANCE)."""
+    legacy_agent_id: _builtins.str
+    """The instance's legacy agent id, when it has one."""
+    def __init__(
+        self,
+        *,
+        kind: Global___AgentChangeKind.ValueType = ...,
+        tenant_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        legacy_agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "kind", b"kind", "legacy_agent_id", b"legacy_agent_id", "tenant_id", b"tenant_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentChange: _TypeAlias = AgentChange  # noqa: Y015
+
+@_typing.final
+class WatchAgentChangesRequest(_message.Message):
+    """Request of WatchAgentChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAgentChangesRequest: _TypeAlias = WatchAgentChangesRequest  # noqa: Y015
+
+@_typing.final
+class WatchAgentChangesResponse(_message.Message):
+    """One message of WatchAgentChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___AgentChange:
+        """The change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___AgentChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAgentChangesResponse: _TypeAlias = WatchAgentChangesResponse  # noqa: Y015
 
 @_typing.final
 class ResolvedAgent(_message.Message):

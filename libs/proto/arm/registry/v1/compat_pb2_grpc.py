@@ -50,6 +50,11 @@ class CompatServiceStub:
                 request_serializer=arm_dot_registry_dot_v1_dot_compat__pb2.GetAgentByLegacyIdRequest.SerializeToString,
                 response_deserializer=arm_dot_registry_dot_v1_dot_compat__pb2.GetAgentByLegacyIdResponse.FromString,
                 _registered_method=True)
+        self.WatchAgentChanges = channel.unary_stream(
+                '/arm.registry.v1.CompatService/WatchAgentChanges',
+                request_serializer=arm_dot_registry_dot_v1_dot_compat__pb2.WatchAgentChangesRequest.SerializeToString,
+                response_deserializer=arm_dot_registry_dot_v1_dot_compat__pb2.WatchAgentChangesResponse.FromString,
+                _registered_method=True)
 
 
 class CompatServiceServicer:
@@ -78,6 +83,15 @@ class CompatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAgentChanges(self, request, context):
+        """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
+        can cache resolutions and drop them on change. The first message is a RESET. Changes of every
+        tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CompatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_CompatServiceServicer_to_server(servicer, server):
                     servicer.GetAgentByLegacyId,
                     request_deserializer=arm_dot_registry_dot_v1_dot_compat__pb2.GetAgentByLegacyIdRequest.FromString,
                     response_serializer=arm_dot_registry_dot_v1_dot_compat__pb2.GetAgentByLegacyIdResponse.SerializeToString,
+            ),
+            'WatchAgentChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgentChanges,
+                    request_deserializer=arm_dot_registry_dot_v1_dot_compat__pb2.WatchAgentChangesRequest.FromString,
+                    response_serializer=arm_dot_registry_dot_v1_dot_compat__pb2.WatchAgentChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class CompatService:
             '/arm.registry.v1.CompatService/GetAgentByLegacyId',
             arm_dot_registry_dot_v1_dot_compat__pb2.GetAgentByLegacyIdRequest.SerializeToString,
             arm_dot_registry_dot_v1_dot_compat__pb2.GetAgentByLegacyIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgentChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/arm.registry.v1.CompatService/WatchAgentChanges',
+            arm_dot_registry_dot_v1_dot_compat__pb2.WatchAgentChangesRequest.SerializeToString,
+            arm_dot_registry_dot_v1_dot_compat__pb2.WatchAgentChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

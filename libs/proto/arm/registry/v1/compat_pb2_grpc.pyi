@@ -43,6 +43,11 @@ class CompatServiceStub:
     """
     GetAgentByLegacyId: _grpc.UnaryUnaryMultiCallable[_compat_pb2.GetAgentByLegacyIdRequest, _compat_pb2.GetAgentByLegacyIdResponse]
     """Returns the instance-shaped view of a legacy agent."""
+    WatchAgentChanges: _grpc.UnaryStreamMultiCallable[_compat_pb2.WatchAgentChangesRequest, _compat_pb2.WatchAgentChangesResponse]
+    """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
+    can cache resolutions and drop them on change. The first message is a RESET. Changes of every
+    tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+    """
 
 @_typing.type_check_only
 class CompatServiceAsyncStub(CompatServiceStub):
@@ -57,6 +62,11 @@ class CompatServiceAsyncStub(CompatServiceStub):
     """
     GetAgentByLegacyId: _aio.UnaryUnaryMultiCallable[_compat_pb2.GetAgentByLegacyIdRequest, _compat_pb2.GetAgentByLegacyIdResponse]  # type: ignore[assignment]
     """Returns the instance-shaped view of a legacy agent."""
+    WatchAgentChanges: _aio.UnaryStreamMultiCallable[_compat_pb2.WatchAgentChangesRequest, _compat_pb2.WatchAgentChangesResponse]  # type: ignore[assignment]
+    """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
+    can cache resolutions and drop them on change. The first message is a RESET. Changes of every
+    tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+    """
 
 class CompatServiceServicer(metaclass=_abc_1.ABCMeta):
     """Resolves agent references and gives legacy agents registry entries on the fly."""
@@ -86,5 +96,16 @@ class CompatServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_compat_pb2.GetAgentByLegacyIdResponse, _abc.Awaitable[_compat_pb2.GetAgentByLegacyIdResponse]]:
         """Returns the instance-shaped view of a legacy agent."""
+
+    @_abc_1.abstractmethod
+    def WatchAgentChanges(
+        self,
+        request: _compat_pb2.WatchAgentChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_compat_pb2.WatchAgentChangesResponse], _abc.AsyncIterator[_compat_pb2.WatchAgentChangesResponse]]:
+        """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
+        can cache resolutions and drop them on change. The first message is a RESET. Changes of every
+        tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+        """
 
 def add_CompatServiceServicer_to_server(servicer: CompatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
