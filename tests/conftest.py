@@ -22,6 +22,7 @@ from arm_client import ArmClient
 from arm_common.config import ServiceConfig
 from arm_common.db import Database
 from arm_common.server import Host
+from arm_governance import app as governance_app
 from arm_registry import app as registry_app
 
 PG_URL = os.environ.get("ARM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -170,3 +171,50 @@ async def make_tenant(registry: RegistryServer, system_admin: ArmClient) -> Tena
         admin_name="Tenant Admin"))
     return TenantContext(resp.tenant, resp.admin_operator_id, resp.admin_api_key,
                          registry.client(resp.admin_api_key), registry)
+
+
+@dataclass
+class GovernanceServer:
+    """A running governance on 127.0.0.1:<port>, resolving agents through `registry`."""
+
+    backend: str
+    address: str
+    component: governance_app.GovernanceComponent
+    host: Host
+    db: Database
+    spec: DatabaseSpec
+
+    def client(self, key: str | None) -> ArmClient:
+        return ArmClient(self.address, key)
+
+
+async def start_governance(spec: DatabaseSpec, registry: RegistryServer,
+                           extra_env: dict[str, str] | None = None) -> GovernanceServer:
+    env = {"ARM_GOVERNANCE_LISTEN": "127.0.0.1:0", "ARM_REGISTRY_ADDRESS": registry.address,
+           "ARM_SERVICE_API_KEY": registry.admin_key, **spec.env("governance"), **(extra_env or {})}
+    config = ServiceConfig.from_env("governance", env)
+    db = governance_app.database(config)
+    await governance_app.migrate(db)
+    component = governance_app.GovernanceComponent(db, config)
+    assert component.authenticator is not None
+    host = Host([component], component.authenticator, config.listen)
+    port = await host.start()
+    assert component.agents is not None
+    assert await component.agents.wait_live(), "governance never connected to the agent change feed"
+    return GovernanceServer(spec.backend, f"127.0.0.1:{port}", component, host, db, spec)
+
+
+async def stop_governance(server: GovernanceServer, *, drop: bool = True) -> None:
+    await server.host.stop(0)
+    await server.db.dispose()
+    if drop and server.spec.schema:
+        await drop_schema(server.spec.schema)
+
+
+@pytest.fixture(scope="session")
+async def governance(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GovernanceServer]:
+    """One governance per backend for the run, on its own database, talking to `registry` over gRPC."""
+    spec = new_database_spec(registry.backend, tmp_path_factory.mktemp(f"governance-{registry.backend}"), "governance")
+    server = await start_governance(spec, registry)
+    yield server
+    await stop_governance(server)

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from arm.governance.v1 import decision_pb2_grpc, policy_pb2_grpc
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 
 
@@ -50,7 +51,8 @@ def auth_interceptors(api_key: str) -> list[Any]:
 
 
 class ArmClient:
-    """`ArmClient("127.0.0.1:50051", key)`; use `.tenancy`, `.access`, `.agents`, `.compat`.
+    """`ArmClient("127.0.0.1:50051", key)`; registry: `.tenancy`, `.access`, `.agents`,
+    `.compat`; governance: `.policies`, `.decisions`.
     Without a key, calls go out unauthenticated (useful for health checks and tests)."""
 
     def __init__(self, address: str, api_key: str | None = None) -> None:
@@ -60,6 +62,8 @@ class ArmClient:
         self.access = access_pb2_grpc.AccessServiceStub(self.channel)
         self.agents = agents_pb2_grpc.AgentServiceStub(self.channel)
         self.compat = compat_pb2_grpc.CompatServiceStub(self.channel)
+        self.policies = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.decisions = decision_pb2_grpc.DecisionServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -72,6 +72,7 @@ class Principal:
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("arm_principal",
                                                                             default=None)
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("arm_request_id", default="")
+_api_key: contextvars.ContextVar[str] = contextvars.ContextVar("arm_api_key", default="")
 
 
 def current_principal() -> Principal:
@@ -80,6 +81,15 @@ def current_principal() -> Principal:
     if principal is None:
         raise Unauthenticated("no authenticated caller", reason="UNAUTHENTICATED")
     return principal
+
+
+def current_api_key() -> str:
+    """The bearer key of the RPC being served, for calls made on the caller's behalf."""
+    return _api_key.get()
+
+
+def current_request_id() -> str:
+    return _request_id.get()
 
 
 class Authenticator(Protocol):

@@ -16,7 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from arm_common import otel
-from arm_common.auth import Authenticator, Principal, _current, _request_id
+from arm_common.auth import Authenticator, Principal, _api_key, _current, _request_id
 from arm_common.errors import ERROR_DOMAIN, ArmError, Unauthenticated, Unimplemented
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,10 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             if key is None:
                 raise Unauthenticated("this call needs 'authorization: Bearer <api key>'",
                                       reason="MISSING_API_KEY")
+            _request_id.set(request_id)
             principal = await authenticator.authenticate(key)
             _current.set(principal)
-            _request_id.set(request_id)
+            _api_key.set(key)
             return principal
 
         def done(started: float, exc: BaseException | None) -> None:

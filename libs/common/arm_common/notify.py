@@ -70,6 +70,12 @@ class ChangeChannel:
 
     # --- receiving ------------------------------------------------------------------------------
 
+    @property
+    def live(self) -> bool:
+        """True while every committed notice is guaranteed to reach this process's subscribers
+        (always on SQLite, whose one process publishes its own commits)."""
+        return self._listening.is_set() if self.db.is_postgres else True
+
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE_LIMIT)
         self._subscribers.add(queue)

@@ -53,14 +53,18 @@ class Host:
 
     async def start(self) -> int:
         """Starts serving; returns the bound port (useful with port 0)."""
+        self.port = self.server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.listen}")
+        address = f"{self.listen.rpartition(':')[0]}:{self.port}"
         for component in self.components:
+            bound = getattr(component, "bound", None)
+            if bound is not None:  # e.g. a component that calls another hosted here
+                bound(address)
             self.service_names.extend(component.attach(self.server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(self.listen)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.listen}")
         for component in self.components:
             await component.start()
         await self.server.start()

@@ -4,6 +4,7 @@ the system tenant on first start, prints the address and the admin key, and serv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from arm_common import logs
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.server import Host
+from arm_governance import app as governance_app
 from arm_registry import app as registry_app
 
 log = logging.getLogger("arm_allinone")
@@ -31,24 +33,34 @@ async def main() -> int:
     registry_config = ServiceConfig.from_env("registry")
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)
+    governance_db = governance_app.database(ServiceConfig.from_env("governance"))
     try:
         await registry_app.migrate(registry_db)
+        await governance_app.migrate(governance_db)
         registry = registry_app.RegistryComponent(registry_db, registry_config)
         key_file = Path(config.data_dir) / "dev-admin-key"
         boot = await registry_app.bootstrap(registry.store, new_key_if_exists=not key_file.exists())
         if boot.api_key:
             write_key_file(key_file, boot.api_key)
         admin_key = key_file.read_text().strip()
-        host = Host([registry], registry.authenticator, config.listen, service_name="arm-allinone")
+        # In one process the system admin's key doubles as the service key governance uses to
+        # follow the registry's agent changes.
+        governance_config = dataclasses.replace(ServiceConfig.from_env("governance"),
+                                                service_api_key=admin_key)
+        governance = governance_app.GovernanceComponent(governance_db, governance_config,
+                                                        in_process_registry=True)
+        host = Host([registry, governance], registry.authenticator, config.listen,
+                    service_name="arm-allinone")
         port = await host.start()
         address = f"{config.listen.rpartition(':')[0]}:{port}"
         print(f"ARM dev server listening on {address}", flush=True)
         print(f"admin API key: {admin_key}  (also in {key_file})", flush=True)
-        print("services: registry (governance and telemetry join in later releases)", flush=True)
+        print("services: registry, governance (telemetry joins in a later release)", flush=True)
         await host.serve_until_signal(config.shutdown_grace_s)
         return 0
     finally:
         await registry_db.dispose()
+        await governance_db.dispose()
 
 
 def run() -> None:

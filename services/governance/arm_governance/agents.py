@@ -1,0 +1,123 @@
+"""Agent resolutions for the decision path: asked of the registry over gRPC, kept in memory, and
+dropped when the registry's WatchAgentChanges feed says they changed. While the feed is not
+connected nothing is cached, so a stale resolution is never used."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from arm.registry.v1 import compat_pb2, compat_pb2_grpc
+from arm_common.errors import PermissionDenied, Unavailable
+
+log = logging.getLogger(__name__)
+Resolved = compat_pb2.ResolvedAgent
+_LIMIT = 100_000
+
+
+class AgentDirectory:
+    def __init__(self, channel: grpc.aio.Channel, service_key: str | None) -> None:
+        self.stub = compat_pb2_grpc.CompatServiceStub(channel)
+        self.service_key = service_key
+        self._cache: dict[tuple[str, str, str], Resolved | None] = {}
+        self._generation = 0  # bumped by every invalidation; guards against caching stale answers
+        self.live = False
+        self._live_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.on_change: list[Callable[[compat_pb2.AgentChange], None]] = []
+
+    async def resolve(self, api_key: str, tenant_id: str, kind: str, ref: str) -> Resolved | None:
+        """kind: instance_id or legacy_agent_id. None means the registry does not know the agent
+        (in the caller's tenant)."""
+        key = (tenant_id, kind, ref)
+        if self.live and key in self._cache:
+            return self._cache[key]
+        generation = self._generation
+        try:
+            resp = await self.stub.ResolveAgentRef(
+                compat_pb2.ResolveAgentRefRequest(**{kind: ref}),
+                metadata=(("authorization", f"Bearer {api_key}"),), timeout=5)
+            found: Resolved | None = resp.agent
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                found = None
+            elif exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                raise PermissionDenied(exc.details() or "not allowed to resolve this agent",
+                                       reason="AGENT_NOT_ACCESSIBLE") from None
+            else:
+                raise Unavailable(f"the registry could not resolve the agent: {exc.code().name}",
+                                  reason="REGISTRY_UNAVAILABLE") from None
+        if self.live and generation == self._generation:
+            if len(self._cache) >= _LIMIT:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+    def _invalidate(self, change: compat_pb2.AgentChange) -> None:
+        self._generation += 1
+        kind = change.kind
+        if kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
+            self._cache.clear()
+        else:
+            for key, value in list(self._cache.items()):
+                tenant, ref_kind, ref = key
+                if tenant != change.tenant_id:
+                    continue
+                if (kind == compat_pb2.AGENT_CHANGE_KIND_TENANT
+                        or (ref_kind == "instance_id" and ref == change.instance_id)
+                        or (ref_kind == "legacy_agent_id" and change.legacy_agent_id and ref == change.legacy_agent_id)
+                        or (value is not None and (value.instance_id == change.instance_id
+                                                   or (kind == compat_pb2.AGENT_CHANGE_KIND_VERSION
+                                                       and value.version_id == change.version_id)))):
+                    del self._cache[key]
+        for callback in self.on_change:
+            callback(change)
+
+    async def start(self) -> None:
+        if not self.service_key:
+            log.warning("no ARM_SERVICE_API_KEY: agent resolutions are not cached (one registry "
+                        "call per decision)")
+            return
+        self._task = asyncio.create_task(self._watch(), name="watch-agent-changes")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def wait_live(self, timeout_s: float = 10) -> bool:
+        """Waits until the change feed is connected (resolutions are cached from then on)."""
+        try:
+            await asyncio.wait_for(self._live_event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        return self.live
+
+    async def _watch(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                stream = self.stub.WatchAgentChanges(
+                    compat_pb2.WatchAgentChangesRequest(),
+                    metadata=(("authorization", f"Bearer {self.service_key}"),))
+                async for msg in stream:
+                    self._invalidate(msg.change)
+                    if msg.change.kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
+                        self.live = True
+                        self._live_event.set()
+                        delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("agent change feed lost (%s); resolving without cache", exc.code().name)
+            self.live = False
+            self._live_event.clear()
+            self._invalidate(compat_pb2.AgentChange(kind=compat_pb2.AGENT_CHANGE_KIND_RESET))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,113 @@
+"""Wiring of governance: its component for a gRPC host (servicers, caches, the decision log, the
+outbox relays, the change-notice follower) and its migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+
+from arm.governance.v1 import decision_pb2_grpc, policy_pb2_grpc
+from arm_common import migrations, otel
+from arm_common.config import ConfigError, ServiceConfig
+from arm_common.db import Database
+from arm_common.notify import ChangeChannel
+from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
+from arm_common.remote_auth import RemoteAuthenticator
+from arm_governance.agents import AgentDirectory
+from arm_governance.decision_log import DecisionLog
+from arm_governance.decisions import Approvals, Decider, SpendBook
+from arm_governance.models import OUTBOX
+from arm_governance.policies import PolicyCache
+from arm_governance.policy_store import PolicyStore, RegistryLookup
+from arm_governance.servicers import DecisionServicer, PolicyServicer
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService"]
+
+
+def database(config: ServiceConfig) -> Database:
+    db = Database(config.database_url, schema=config.database_schema)
+    otel.instrument_engine(db.engine)
+    return db
+
+
+async def migrate(db: Database) -> None:
+    await migrations.upgrade(db, MIGRATIONS)
+
+
+class GovernanceComponent:
+    """Governance for a gRPC host. `registry_address` defaults to ARM_REGISTRY_ADDRESS; the
+    all-in-one server passes its own address once bound (see `bound`)."""
+
+    def __init__(self, db: Database, config: ServiceConfig, *, in_process_registry: bool = False) -> None:
+        if not config.registry_address and not in_process_registry:
+            raise ConfigError("ARM_REGISTRY_ADDRESS must be set: governance resolves agents through the registry")
+        self.db = db
+        self.config = config
+        self.registry_address = config.registry_address
+        self.channel = grpc.aio.insecure_channel(self.registry_address) if self.registry_address else None
+        self.changes = ChangeChannel(db, "governance")
+        self.cache = PolicyCache(db, self.changes)
+        self.spend = SpendBook(db)
+        # Change records wait for governance's audit trail, opEvents for telemetry (their issues).
+        self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, None, poll_interval_s=config.outbox_poll_s),
+                       OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, None, poll_interval_s=config.outbox_poll_s)]
+        self.log = DecisionLog(db, self.relays)
+        self.store = PolicyStore(self.changes)
+        self.agents: AgentDirectory | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self.authenticator = RemoteAuthenticator(self.channel, config.auth_cache_ttl_s) if self.channel else None
+
+    def bound(self, address: str) -> None:
+        if self.channel is None:
+            self.registry_address = address
+            self.channel = grpc.aio.insecure_channel(address)
+
+    def attach(self, server: grpc.aio.Server) -> list[str]:
+        assert self.channel is not None, "bound() must run before attach() without ARM_REGISTRY_ADDRESS"
+        self.agents = AgentDirectory(self.channel, self.config.service_api_key)
+        self.decider = Decider(self.agents, self.cache, self.log, self.spend, Approvals(self.db))
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+            PolicyServicer(self.db, self.store, self.cache, self.agents, RegistryLookup(self.channel)), server)
+        decision_pb2_grpc.add_DecisionServiceServicer_to_server(
+            DecisionServicer(self.db, self.decider, self.spend, self.changes), server)
+        return list(SERVICES)
+
+    async def start(self) -> None:
+        await migrations.check_at_head(self.db, MIGRATIONS, "governance")
+        await self.changes.start()
+        queue = self.changes.subscribe()
+
+        async def follow() -> None:
+            while True:
+                notice = await queue.get()
+                if notice.get("reset"):
+                    self.cache.invalidate(None)
+                    self.spend.invalidate(None)
+                elif "tenant" in notice:
+                    self.cache.invalidate(notice["tenant"])
+                elif "spend" in notice:
+                    self.spend.invalidate(notice["spend"])
+
+        self._follower = asyncio.create_task(follow(), name="governance-notices")
+        await self.log.start()
+        for relay in self.relays:
+            await relay.start()
+        assert self.agents is not None
+        await self.agents.start()
+
+    async def stop(self) -> None:
+        if self.agents:
+            await self.agents.stop()
+        for relay in self.relays:
+            await relay.stop()
+        await self.log.stop()
+        if self._follower:
+            self._follower.cancel()
+        await self.changes.stop()
+        if self.channel is not None:
+            await self.channel.close()

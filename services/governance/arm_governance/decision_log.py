@@ -1,0 +1,141 @@
+"""The decision log with group commit: every decision is committed before its answer is sent,
+and the decisions of many concurrent Checks share one transaction. The same transaction writes
+the approval a NEEDS_APPROVAL creates (one per instance and tool call id), the POLICY_DENIED
+change record of a DENY, and each decision's opEvent, the latter two through the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm.governance.v1 import decision_pb2
+from arm_common.db import Database
+from arm_common.errors import Unavailable
+from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay, enqueue
+from arm_governance import models
+from arm_governance.models import OUTBOX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingDecision:
+    """One decision waiting for its commit."""
+
+    record: dict[str, Any]  # DecisionRecord columns (response is filled from `response`)
+    response: decision_pb2.CheckResponse
+    approval: dict[str, Any] | None = None  # Approval columns, for NEEDS_APPROVAL
+    messages: list[tuple[str, str, Message]] = field(default_factory=list)  # (topic, id, message)
+    future: asyncio.Future[decision_pb2.CheckResponse] | None = None
+
+
+class DecisionLog:
+    def __init__(self, db: Database, relays: list[OutboxRelay], *, max_batch: int = 500) -> None:
+        self.db = db
+        self.relays = relays
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[PendingDecision] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._writer(), name="decision-log")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def append(self, pending: PendingDecision) -> decision_pb2.CheckResponse:
+        """Returns once the decision is committed: the response to send (for a retried
+        request_id, the first decision's response; for a repeated tool call id, the response
+        names the existing approval)."""
+        pending.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(pending)
+        return await pending.future
+
+    async def _writer(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self.db.run(lambda s, batch=batch: self._write(s, batch))
+            except Exception:  # noqa: BLE001 - isolate the item that breaks the batch
+                log.exception("decision batch of %d failed; writing one by one", len(batch))
+                for item in batch:
+                    try:
+                        await self.db.run(lambda s, item=item: self._write(s, [item]))
+                    except Exception as exc:  # noqa: BLE001
+                        log.exception("decision %s could not be logged", item.record["id"])
+                        if item.future and not item.future.done():
+                            item.future.set_exception(Unavailable(
+                                "the decision could not be logged; retry", reason="DECISION_LOG_UNAVAILABLE"))
+                        del exc
+                        continue
+                    self._resolve([item])
+                continue
+            self._resolve(batch)
+            for relay in self.relays:
+                relay.notify()
+
+    @staticmethod
+    def _resolve(batch: list[PendingDecision]) -> None:
+        for item in batch:
+            if item.future and not item.future.done():
+                item.future.set_result(item.response)
+
+    async def _write(self, s: AsyncSession, batch: list[PendingDecision]) -> None:
+        by_request: dict[tuple[str, str], PendingDecision] = {}
+        keys = [(p.record["tenant_id"], p.record["request_id"]) for p in batch if p.record["request_id"]]
+        earlier: dict[tuple[str, str], bytes] = {}
+        if keys:
+            rows = (await s.execute(select(models.DecisionRecord.tenant_id, models.DecisionRecord.request_id,
+                                           models.DecisionRecord.response).where(
+                models.DecisionRecord.request_id.in_([k[1] for k in keys])))).all()
+            earlier = {(r.tenant_id, r.request_id): r.response for r in rows}
+        for item in batch:
+            rid = item.record["request_id"]
+            key = (item.record["tenant_id"], rid)
+            if rid and key in earlier:  # a retry: answer with the logged decision
+                item.response = decision_pb2.CheckResponse.FromString(earlier[key])
+                continue
+            if rid and key in by_request:  # a twin in this very batch
+                item.response = by_request[key].response
+                continue
+            if rid:
+                by_request[key] = item
+            if item.approval is not None:
+                await self._approval(s, item)
+            item.record["response"] = item.response.SerializeToString()
+            s.add(models.DecisionRecord(**item.record))
+            for topic, message_id, message in item.messages:
+                await enqueue(s, OUTBOX, topic=topic, tenant_id=item.record["tenant_id"],
+                              message_id=message_id, message=message)
+
+    @staticmethod
+    async def _approval(s: AsyncSession, item: PendingDecision) -> None:
+        approval = item.approval
+        assert approval is not None
+        if approval["tool_call_id"]:
+            existing = (await s.execute(select(models.Approval.id).where(
+                models.Approval.tenant_id == approval["tenant_id"],
+                models.Approval.instance_id == approval["instance_id"],
+                models.Approval.tool_call_id == approval["tool_call_id"]))).scalar_one_or_none()
+            if existing is not None:
+                item.response.approval_id = existing
+                item.record["approval_id"] = existing
+                return
+        s.add(models.Approval(**approval))
+        await s.flush()
+
+
+TOPICS = (TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT)

@@ -1,0 +1,304 @@
+"""The decision path (`Check`): resolve the agent and its compiled policy from memory, evaluate
+with the pure engine, log durably (group commit), answer. Database work per call is limited to
+the commit of the decision log, plus a lookup when an approval id is presented or a budget
+applies and the spend is not cached."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm.common.v1 import common_pb2
+from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
+from arm.telemetry.v1 import events_pb2
+from arm_common import validation as val
+from arm_common.auth import Principal
+from arm_common.canonical import canonical_hash
+from arm_common.db import Database
+from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
+from arm_common.ids import new_id
+from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
+from arm_common.tables import utcnow
+from arm_governance import convert, engine, models
+from arm_governance.agents import AgentDirectory
+from arm_governance.decision_log import DecisionLog, PendingDecision
+from arm_governance.policies import PolicyCache
+
+MAX_ARGUMENT_BYTES = 64 * 1024
+TOOL_APPROVAL_TTL = timedelta(hours=1)
+_RISKS = set(range(0, 5))
+
+
+def validate_check(request: decision_pb2.CheckRequest, prefix: str = "") -> None:
+    v = Violations()
+    kind = request.WhichOneof("agent")
+    if kind is None:
+        v.add(f"{prefix}agent", "set instance_id or legacy_agent_id")
+    else:
+        val.resource_id(v, f"{prefix}{kind}", getattr(request, kind))
+    val.required(v, f"{prefix}tool_name", request.tool_name, 200)
+    if request.declared_risk not in _RISKS:
+        v.add(f"{prefix}declared_risk", f"unknown enum value {request.declared_risk}")
+    if not math.isfinite(request.estimated_cost_usd) or request.estimated_cost_usd < 0:
+        v.add(f"{prefix}estimated_cost_usd", "must be a finite number >= 0")
+    for name in ("run_id", "tool_call_id", "request_id"):
+        val.optional(v, f"{prefix}{name}", getattr(request, name), 128)
+    val.resource_id(v, f"{prefix}approval_id", request.approval_id, required_=False)
+    if request.ByteSize() > MAX_ARGUMENT_BYTES + 4096:
+        v.add(f"{prefix}arguments", f"the request must be at most {MAX_ARGUMENT_BYTES} bytes")
+    v.raise_if_any()
+
+
+def argument_digest(arguments: dict[str, Any] | None) -> str:
+    return canonical_hash(arguments or {})
+
+
+class SpendBook:
+    """Spend totals per instance for budget checks, cached until a spend notice."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cache: dict[tuple[str, str, str, str, str], engine.Spend] = {}
+
+    def invalidate(self, instance_id: str | None) -> None:
+        if instance_id is None:
+            self._cache.clear()
+        else:
+            for key in [k for k in self._cache if k[1] == instance_id]:
+                del self._cache[key]
+
+    async def totals(self, tenant_id: str, instance_id: str, run_id: str, now: datetime) -> engine.Spend:
+        day = now.strftime("%Y-%m-%d")
+        month = now.strftime("%Y-%m")
+        key = (tenant_id, instance_id, run_id, day, month)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month_start = day_start.replace(day=1)
+        e = models.SpendEntry
+
+        async def read(s: AsyncSession) -> engine.Spend:
+            base = (e.tenant_id == tenant_id) & (e.instance_id == instance_id)
+            month_total = (await s.execute(select(func.coalesce(func.sum(e.amount_usd), 0.0)).where(
+                base, e.occurred_at >= month_start))).scalar_one()
+            day_total = (await s.execute(select(func.coalesce(func.sum(e.amount_usd), 0.0)).where(
+                base, e.occurred_at >= day_start))).scalar_one()
+            run_total = 0.0
+            if run_id:
+                run_total = (await s.execute(select(func.coalesce(func.sum(e.amount_usd), 0.0)).where(
+                    base, e.run_id == run_id))).scalar_one()
+            return engine.Spend(run_usd=float(run_total), day_usd=float(day_total), month_usd=float(month_total))
+
+        spend = await self.db.read(read)
+        self._cache[key] = spend
+        return spend
+
+
+class Approvals:
+    """Grant checks and single-use consumption of tool-execution approvals."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def grant_status(self, tenant_id: str, approval_id: str, instance_id: str, tool: str,
+                           digest: str) -> str:
+        async def read(s: AsyncSession) -> str:
+            row = (await s.execute(select(models.Approval).where(
+                models.Approval.id == approval_id, models.Approval.tenant_id == tenant_id))).scalar_one_or_none()
+            if row is None:
+                return "NOT_FOUND"
+            if row.status == approvals_pb2.APPROVAL_STATUS_EXPIRED or row.expires_at <= utcnow():
+                return "EXPIRED"
+            if row.status != approvals_pb2.APPROVAL_STATUS_APPROVED:
+                return "NOT_APPROVED"
+            if row.consumed_at is not None:
+                return "USED"
+            if (row.action_type != approvals_pb2.APPROVAL_ACTION_TYPE_TOOL_EXECUTION
+                    or row.instance_id != instance_id or row.tool_name != tool or row.argument_digest != digest):
+                return "MISMATCH"
+            return "VALID"
+        return await self.db.read(read)
+
+    async def consume(self, tenant_id: str, approval_id: str) -> bool:
+        """Marks the grant used; False when another call used it first."""
+        async def write(s: AsyncSession) -> bool:
+            result = await s.execute(update(models.Approval).where(
+                models.Approval.id == approval_id, models.Approval.tenant_id == tenant_id,
+                models.Approval.consumed_at.is_(None),
+                models.Approval.status == approvals_pb2.APPROVAL_STATUS_APPROVED,
+            ).values(consumed_at=utcnow(), revision=models.Approval.revision + 1))
+            return bool(result.rowcount)
+        return await self.db.run(write)
+
+
+class Decider:
+    def __init__(self, agents: AgentDirectory, policies: PolicyCache, log: DecisionLog,
+                 spend: SpendBook, approvals: Approvals,
+                 classifier: engine.Classifier | None = None) -> None:
+        self.agents = agents
+        self.policies = policies
+        self.log = log
+        self.spend = spend
+        self.approvals = approvals
+        self.classifier = classifier or engine.DEFAULT_CLASSIFIER
+
+    async def check(self, principal: Principal, api_key: str,
+                    request: decision_pb2.CheckRequest) -> decision_pb2.CheckResponse:
+        principal.require("decisions:check")
+        kind = request.WhichOneof("agent")
+        assert kind is not None
+        ref = getattr(request, kind)
+        resolved = await self.agents.resolve(api_key, principal.tenant_id, kind, ref)
+        if principal.is_agent and (resolved is None or resolved.instance_id != principal.actor_id):
+            raise PermissionDenied("an agent key may only ask about its own instance",
+                                   reason="NOT_YOUR_AGENT", metadata={kind: ref})
+        tenant = await self.policies.tenant(principal.tenant_id)
+        now = utcnow()
+        args = convert.arguments(request)
+        digest = argument_digest(args)
+        agent = convert.agent_to_engine(resolved) if resolved is not None else None
+        if agent is not None:
+            policy, has_budgets = tenant.compiled(agent.project_id, agent.version_id)
+            controls = tenant.controls_for(agent.project_id)
+        else:
+            policy, has_budgets = tenant.compiled("", "")
+            controls = engine.Controls()
+        spend = engine.Spend()
+        if agent is not None and has_budgets:
+            spend = await self.spend.totals(principal.tenant_id, agent.instance_id, request.run_id, now)
+        grant = None
+        if request.approval_id and agent is not None:
+            grant = engine.Grant(await self.approvals.grant_status(
+                principal.tenant_id, request.approval_id, agent.instance_id, request.tool_name, digest))
+        elif request.approval_id:
+            grant = engine.Grant("NOT_FOUND")
+        call = engine.Call(tool=request.tool_name, arguments=args,
+                           declared_risk=engine.Risk(request.declared_risk) if request.declared_risk else None,
+                           estimated_cost_usd=request.estimated_cost_usd, is_run_start=request.is_run_start,
+                           grant=grant)
+        result = engine.decide(policy, agent, call, controls=controls, spend=spend, classifier=self.classifier)
+        if (grant is not None and grant.status == "VALID" and result.step == engine.Step.APPROVAL_GRANT
+                and result.effect == engine.Effect.ALLOW):
+            if not await self.approvals.consume(principal.tenant_id, request.approval_id):
+                call = engine.Call(tool=call.tool, arguments=call.arguments, declared_risk=call.declared_risk,
+                                   estimated_cost_usd=call.estimated_cost_usd,
+                                   is_run_start=call.is_run_start, grant=engine.Grant("USED"))
+                result = engine.decide(policy, agent, call, controls=controls, spend=spend,
+                                       classifier=self.classifier)
+        return await self._log(principal, request, resolved, result, tenant.epoch, digest, args, now)
+
+    async def _log(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
+                   result: engine.Result, epoch: int, digest: str, args: dict[str, Any] | None,
+                   now: datetime) -> decision_pb2.CheckResponse:
+        decision_id = new_id("dec")
+        approval_row = None
+        approval_id = ""
+        if result.effect == engine.Effect.NEEDS_APPROVAL and resolved is not None:
+            approval_id = new_id("apr")
+            approval_row = self._approval_row(principal, request, resolved, result, approval_id,
+                                              decision_id, digest, args, now)
+        response = convert.result_to_response(result, decision_id=decision_id, approval_id=approval_id,
+                                              epoch=epoch, request_id=request.request_id, decided=now)
+        record = dict(
+            id=decision_id, tenant_id=principal.tenant_id, request_id=request.request_id or None,
+            instance_id=resolved.instance_id if resolved is not None else "",
+            legacy_agent_id=(resolved.legacy_agent_id if resolved is not None else request.legacy_agent_id),
+            version_id=resolved.version_id if resolved is not None else "",
+            project_id=resolved.project_id if resolved is not None else "",
+            run_id=request.run_id, tool_call_id=request.tool_call_id, tool_name=request.tool_name,
+            decision=int(result.effect), step=int(result.step), risk=int(result.risk), policy_epoch=epoch,
+            approval_id=approval_id, request=request.SerializeToString(),
+            agent=resolved.SerializeToString() if resolved is not None else b"", decided_at=now)
+        pending = PendingDecision(record=record, response=response, approval=approval_row)
+        pending.messages.append((TOPIC_OP_EVENT, f"evt-{decision_id}",
+                                 self._op_event(principal, request, resolved, result, decision_id, now)))
+        if result.effect == engine.Effect.DENY:
+            change = self._denied_record(principal, request, resolved, result, decision_id, now)
+            pending.messages.append((TOPIC_CHANGE_RECORD, change.record_id, change))
+        return await self.log.append(pending)
+
+    def _approval_row(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
+                      result: engine.Result, approval_id: str, decision_id: str, digest: str,
+                      args: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
+        required = 2 if result.risk >= engine.Risk.HIGH else 1
+        expires = now + TOOL_APPROVAL_TTL
+        body = approvals_pb2.Approval(
+            approval_id=approval_id, tenant_id=principal.tenant_id, project_id=resolved.project_id,
+            instance_id=resolved.instance_id, version_id=resolved.version_id,
+            action_type=approvals_pb2.APPROVAL_ACTION_TYPE_TOOL_EXECUTION, tool_name=request.tool_name,
+            argument_digest=digest, arguments=convert.struct(args), risk=int(result.risk),
+            justification="; ".join(r.message for r in result.reasons),
+            estimated_cost_usd=request.estimated_cost_usd, required_decisions=required,
+            status=approvals_pb2.APPROVAL_STATUS_PENDING, expire_time=convert.ts(expires),
+            requester=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
+                                       id=principal.actor_id),
+            run_id=request.run_id, tool_call_id=request.tool_call_id, decision_id=decision_id,
+            create_time=convert.ts(now), update_time=convert.ts(now), etag="1")
+        return dict(
+            id=approval_id, tenant_id=principal.tenant_id, project_id=resolved.project_id,
+            instance_id=resolved.instance_id, version_id=resolved.version_id,
+            action_type=approvals_pb2.APPROVAL_ACTION_TYPE_TOOL_EXECUTION, tool_name=request.tool_name,
+            tool_call_id=request.tool_call_id or None, run_id=request.run_id, argument_digest=digest,
+            risk=int(result.risk), estimated_cost_usd=request.estimated_cost_usd,
+            required_decisions=required, escalation_level=0,
+            status=approvals_pb2.APPROVAL_STATUS_PENDING, decision_id=decision_id,
+            requested_by=principal.actor_id, body=body.SerializeToString(), created_at=now,
+            expires_at=expires, consumed_at=None, revision=1)
+
+    @staticmethod
+    def _op_event(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
+                  result: engine.Result, decision_id: str, now: datetime) -> events_pb2.OpEvent:
+        blocked = result.effect == engine.Effect.DENY
+        event = events_pb2.OpEvent(
+            event_id=f"evt-{decision_id}", tenant_id=principal.tenant_id,
+            type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED if blocked else events_pb2.OP_EVENT_TYPE_DECISION_MADE,
+            occur_time=convert.ts(now), run_id=request.run_id, tool_call_id=request.tool_call_id,
+            payload=convert.struct({
+                "decision_id": decision_id, "tool_name": request.tool_name,
+                "decision": policy_pb2.Decision.Name(int(result.effect)),
+                "risk": common_pb2.RiskLevel.Name(int(result.risk)),
+                "step": decision_pb2.DecisionStep.Name(int(result.step)),
+                "reasons": [r.code for r in result.reasons]}))
+        if resolved is not None:
+            event.project_id, event.environment_id = resolved.project_id, resolved.environment_id
+            event.template_id, event.version_id = resolved.template_id, resolved.version_id
+            event.instance_id, event.legacy_agent_id = resolved.instance_id, resolved.legacy_agent_id
+        else:
+            event.legacy_agent_id = request.legacy_agent_id
+        return event
+
+    @staticmethod
+    def _denied_record(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
+                       result: engine.Result, decision_id: str, now: datetime) -> common_pb2.ChangeRecord:
+        occurred = timestamp_pb2.Timestamp()
+        occurred.FromDatetime(now)
+        kind = request.WhichOneof("agent") or "instance_id"
+        return common_pb2.ChangeRecord(
+            record_id=new_id("chg"), tenant_id=principal.tenant_id,
+            type=common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED,
+            actor=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
+                                   id=principal.actor_id),
+            target_type="tool_call", target_id=request.tool_call_id or decision_id,
+            project_id=resolved.project_id if resolved is not None else "",
+            template_id=resolved.template_id if resolved is not None else "",
+            version_id=resolved.version_id if resolved is not None else "",
+            instance_id=resolved.instance_id if resolved is not None else "",
+            summary=f"{request.tool_name} denied: {result.reasons[0].code if result.reasons else 'DENY'}",
+            payload=convert.struct({"decision_id": decision_id, "agent_ref": getattr(request, kind),
+                                    "reasons": [r.code for r in result.reasons],
+                                    "step": decision_pb2.DecisionStep.Name(int(result.step))}),
+            occur_time=occurred, source="governance")
+
+
+def check_batch_limit(n: int) -> None:
+    if n == 0 or n > 100:
+        raise InvalidArgument("checks must hold 1 to 100 items", reason="INVALID_FIELDS",
+                              violations=[FieldViolation("checks", "must hold 1 to 100 items")])
+
+

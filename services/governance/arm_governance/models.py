@@ -1,0 +1,172 @@
+"""Governance tables (SQLAlchemy ORM): policy envelopes and their revisions, operator controls,
+the decision log, approvals, the spend ledger, and per-tenant policy epochs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from arm_common.tables import UtcDateTime, add_shared_tables
+
+NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+          "ck": "ck_%(table_name)s_%(constraint_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+          "pk": "pk_%(table_name)s"}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UtcDateTime, dict[str, Any]: JSON, list[str]: JSON}
+
+
+add_shared_tables(Base.metadata)
+OUTBOX = Base.metadata.tables["outbox_messages"]
+IDEMPOTENCY = Base.metadata.tables["idempotency_keys"]
+
+
+class PolicyEnvelope(Base):
+    """The current revision of an envelope; `body` is the serialized PolicyEnvelope message."""
+
+    __tablename__ = "policy_envelopes"
+    __table_args__ = (Index("ix_envelopes_tenant_scope", "tenant_id", "scope", "scope_id"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    scope: Mapped[int] = mapped_column(Integer)
+    scope_id: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean)
+    revision: Mapped[int] = mapped_column(Integer)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class PolicyEnvelopeRevision(Base):
+    """Every revision ever written, kept and readable."""
+
+    __tablename__ = "policy_envelope_revisions"
+    envelope_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    actor_type: Mapped[int] = mapped_column(Integer)
+    actor_id: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime]
+
+
+class OperatorControl(Base):
+    """A kill switch of a tenant or project; absent means NORMAL."""
+
+    __tablename__ = "operator_controls"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    mode: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor_type: Mapped[int] = mapped_column(Integer)
+    actor_id: Mapped[str] = mapped_column(String(64))
+    revision: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+
+class PolicyEpoch(Base):
+    """Per tenant, incremented by every policy or control change: the `policy_epoch` a decision
+    reports, and what replicas compare to know their cache is current."""
+
+    __tablename__ = "policy_epochs"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+
+
+class DecisionRecord(Base):
+    """The decision log: every Check's input and outcome, written before the answer is sent."""
+
+    __tablename__ = "decisions"
+    __table_args__ = (UniqueConstraint("tenant_id", "request_id"),
+                      Index("ix_decisions_tenant_time", "tenant_id", "decided_at"))
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    instance_id: Mapped[str] = mapped_column(String(64), default="")
+    legacy_agent_id: Mapped[str] = mapped_column(String(100), default="")
+    version_id: Mapped[str] = mapped_column(String(64), default="")
+    project_id: Mapped[str] = mapped_column(String(64), default="")
+    run_id: Mapped[str] = mapped_column(String(128), default="")
+    tool_call_id: Mapped[str] = mapped_column(String(128), default="")
+    tool_name: Mapped[str] = mapped_column(String(200))
+    decision: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    risk: Mapped[int] = mapped_column(Integer)
+    policy_epoch: Mapped[int] = mapped_column(BigInteger)
+    approval_id: Mapped[str] = mapped_column(String(64), default="")
+    # Everything needed to re-evaluate the call (SimulatePolicy) and to answer a retry.
+    request: Mapped[bytes] = mapped_column(LargeBinary)  # CheckRequest
+    agent: Mapped[bytes] = mapped_column(LargeBinary)  # ResolvedAgent (empty when unknown)
+    response: Mapped[bytes] = mapped_column(LargeBinary)  # CheckResponse
+    decided_at: Mapped[datetime]
+
+
+class Approval(Base):
+    """Approval requests. Tool-execution approvals come from Check (one per instance and tool
+    call id) and are single-use grants bound to instance, tool and argument digest."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("tenant_id", "instance_id", "tool_call_id"),
+                      Index("ix_approvals_tenant_status", "tenant_id", "status"))
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    project_id: Mapped[str] = mapped_column(String(64), default="")
+    instance_id: Mapped[str] = mapped_column(String(64), default="")
+    version_id: Mapped[str] = mapped_column(String(64), default="")
+    action_type: Mapped[int] = mapped_column(Integer)
+    tool_name: Mapped[str] = mapped_column(String(200), default="")
+    # NULL when the request had no tool call id: the unique constraint then admits many.
+    tool_call_id: Mapped[str | None] = mapped_column(String(128))
+    run_id: Mapped[str] = mapped_column(String(128), default="")
+    argument_digest: Mapped[str] = mapped_column(String(64), default="")
+    risk: Mapped[int] = mapped_column(Integer)
+    estimated_cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    required_decisions: Mapped[int] = mapped_column(Integer)
+    escalation_level: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[int] = mapped_column(Integer)
+    decision_id: Mapped[str] = mapped_column(String(64), default="")
+    requested_by: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # the Approval message as created
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    consumed_at: Mapped[datetime | None]
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class SpendEntry(Base):
+    """The spend ledger (ReportSpend now, telemetry COST_TICK events later)."""
+
+    __tablename__ = "spend_ledger"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
+                      Index("ix_spend_instance_time", "tenant_id", "instance_id", "occurred_at"))
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    instance_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(128), default="")
+    tool_call_id: Mapped[str] = mapped_column(String(128), default="")
+    amount_usd: Mapped[float] = mapped_column(Float)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    occurred_at: Mapped[datetime]
+    recorded_at: Mapped[datetime]

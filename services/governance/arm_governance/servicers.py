@@ -1,0 +1,443 @@
+"""gRPC servicers of governance: validate at the edge, check permissions, delegate to the policy
+store, the decider and the pure engine, convert to protobuf."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm.governance.v1 import decision_pb2, decision_pb2_grpc, policy_pb2, policy_pb2_grpc
+from arm_common import pagination
+from arm_common import validation as val
+from arm_common.auth import current_api_key, current_principal
+from arm_common.db import Database
+from arm_common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Violations
+from arm_common.idempotency import run_idempotent
+from arm_common.ids import new_id
+from arm_common.tables import utcnow
+from arm_governance import convert, engine, models
+from arm_governance.agents import AgentDirectory
+from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
+from arm_governance.models import IDEMPOTENCY
+from arm_governance.policies import PolicyCache
+from arm_governance.policy_store import CR, PolicyStore, RegistryLookup, actor, validate_envelope
+
+Ctx = grpc.aio.ServicerContext
+MAX_LOOKBACK = timedelta(days=30)
+
+
+def _check_common(request: Any) -> None:
+    v = Violations()
+    fields = request.DESCRIPTOR.fields_by_name
+    for name, limit in (("request_id", 128), ("etag", 64), ("reason", val.MAX_TEXT), ("page_token", 1000)):
+        if name in fields:
+            val.optional(v, name, getattr(request, name), limit)
+    if "page_size" in fields and request.page_size < 0:
+        v.add("page_size", "must not be negative")
+    v.raise_if_any()
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, db: Database, store: PolicyStore, cache: PolicyCache, agents: AgentDirectory,
+                 lookup: RegistryLookup) -> None:
+        self.db = db
+        self.store = store
+        self.cache = cache
+        self.agents = agents
+        self.lookup = lookup
+
+    async def _write(self, method: str, request: Any, response_type: Any, fn: Any) -> Any:
+        p = current_principal()
+        result = await run_idempotent(self.db, IDEMPOTENCY, tenant_id=p.tenant_id, method=method,
+                                      request=request, response_type=response_type, write=fn)
+        self.cache.invalidate(p.tenant_id)  # this process at once; others on the notice
+        return result
+
+    async def CreatePolicyEnvelope(self, request: policy_pb2.CreatePolicyEnvelopeRequest, context: Ctx) -> Any:
+        _check_common(request)
+        validate_envelope(request.envelope)
+        p = current_principal()
+        p.require("policies:write")
+        env = policy_pb2.PolicyEnvelope()
+        env.CopyFrom(request.envelope)
+        self.store.scope_fields(p, env)
+        await self.lookup.check_scope(current_api_key(), env.scope, env.scope_id)
+
+        async def write(s: AsyncSession) -> Any:
+            now = utcnow()
+            saved = await self.store.save(s, p, env, None, request.reason, now)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_POLICY_CREATED, target_type="policy_envelope",
+                                    target_id=saved.envelope_id, reason=request.reason,
+                                    summary=f"policy {saved.name} created at {policy_pb2.PolicyScope.Name(saved.scope)}",
+                                    after={"revision": saved.revision, "scope": saved.scope, "scope_id": saved.scope_id,
+                                           "mode": saved.mode})
+            return policy_pb2.CreatePolicyEnvelopeResponse(envelope=saved)
+
+        return await self._write("CreatePolicyEnvelope", request, policy_pb2.CreatePolicyEnvelopeResponse, write)
+
+    async def GetPolicyEnvelope(self, request: policy_pb2.GetPolicyEnvelopeRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.resource_id(v, "envelope_id", request.envelope_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:read")
+
+        async def read(s: AsyncSession) -> Any:
+            row = await self.store.get_row(s, p.tenant_id, request.envelope_id)
+            return policy_pb2.GetPolicyEnvelopeResponse(envelope=policy_pb2.PolicyEnvelope.FromString(row.body))
+
+        return await self.db.read(read)
+
+    async def ListPolicyEnvelopes(self, request: policy_pb2.ListPolicyEnvelopesRequest, context: Ctx) -> Any:
+        _check_common(request)
+        p = current_principal()
+        p.require("policies:read")
+        size = pagination.page_size(request.page_size)
+        filters = {"scope": request.scope, "scope_id": request.scope_id, "mode": request.mode,
+                   "active": int(request.active) + 1 if request.HasField("active") else 0}
+        after = pagination.decode_token(request.page_token, filters)
+
+        async def read(s: AsyncSession) -> Any:
+            m = models.PolicyEnvelope
+            q = select(m).where(m.tenant_id == p.tenant_id)
+            if request.scope:
+                q = q.where(m.scope == request.scope)
+            if request.scope_id:
+                q = q.where(m.scope_id == request.scope_id)
+            if request.mode:
+                q = q.where(m.mode == request.mode)
+            if request.HasField("active"):
+                q = q.where(m.active.is_(request.active))
+            if after is not None:
+                q = q.where(m.id > str(after))
+            rows = (await s.execute(q.order_by(m.id).limit(size + 1))).scalars().all()
+            page, more = pagination.split_page(rows, size)
+            return policy_pb2.ListPolicyEnvelopesResponse(
+                envelopes=[policy_pb2.PolicyEnvelope.FromString(r.body) for r in page],
+                next_page_token=pagination.encode_token(page[-1].id, filters) if more and page else "")
+
+        return await self.db.read(read)
+
+    async def UpdatePolicyEnvelope(self, request: policy_pb2.UpdatePolicyEnvelopeRequest, context: Ctx) -> Any:
+        _check_common(request)
+        v = Violations()
+        val.resource_id(v, "envelope.envelope_id", request.envelope.envelope_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:write")
+        api_key = current_api_key()
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get_row(s, p.tenant_id, request.envelope.envelope_id, for_update=True)
+            self.store.check_etag(row, request.etag, required=True)
+            current = policy_pb2.PolicyEnvelope.FromString(row.body)
+            merged = self.store.apply_mask(current, request.envelope, request.update_mask)
+            validate_envelope(merged)
+            self.store.scope_fields(p, merged)
+            moved = (merged.scope, merged.scope_id) != (current.scope, current.scope_id)
+            if moved:
+                await self.lookup.check_scope(api_key, merged.scope, merged.scope_id)
+            saved = await self.store.save(s, p, merged, row, request.reason, utcnow())
+            kind = CR.CHANGE_RECORD_TYPE_POLICY_ATTACHED if moved else CR.CHANGE_RECORD_TYPE_POLICY_UPDATED
+            await self.store.record(s, p, kind, target_type="policy_envelope", target_id=saved.envelope_id,
+                                    reason=request.reason, summary=f"policy {saved.name} revision {saved.revision}",
+                                    before={"revision": current.revision, "scope": current.scope,
+                                            "scope_id": current.scope_id, "active": current.active},
+                                    after={"revision": saved.revision, "scope": saved.scope,
+                                           "scope_id": saved.scope_id, "active": saved.active})
+            return policy_pb2.UpdatePolicyEnvelopeResponse(envelope=saved)
+
+        return await self._write("UpdatePolicyEnvelope", request, policy_pb2.UpdatePolicyEnvelopeResponse, write)
+
+    async def DeactivatePolicyEnvelope(self, request: policy_pb2.DeactivatePolicyEnvelopeRequest, context: Ctx) -> Any:
+        _check_common(request)
+        v = Violations()
+        val.resource_id(v, "envelope_id", request.envelope_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:write")
+
+        async def write(s: AsyncSession) -> Any:
+            row = await self.store.get_row(s, p.tenant_id, request.envelope_id, for_update=True)
+            self.store.check_etag(row, request.etag, required=False)
+            env = policy_pb2.PolicyEnvelope.FromString(row.body)
+            env.active = False
+            saved = await self.store.save(s, p, env, row, request.reason, utcnow())
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="policy_envelope",
+                                    target_id=saved.envelope_id, reason=request.reason,
+                                    summary=f"policy {saved.name} deactivated",
+                                    before={"active": True}, after={"active": False, "revision": saved.revision})
+            return policy_pb2.DeactivatePolicyEnvelopeResponse(envelope=saved)
+
+        return await self._write("DeactivatePolicyEnvelope", request,
+                                 policy_pb2.DeactivatePolicyEnvelopeResponse, write)
+
+    def _revision(self, row: models.PolicyEnvelopeRevision) -> policy_pb2.PolicyEnvelopeRevision:
+        return policy_pb2.PolicyEnvelopeRevision(
+            envelope_id=row.envelope_id, revision=row.revision,
+            envelope=policy_pb2.PolicyEnvelope.FromString(row.body), create_time=convert.ts(row.created_at),
+            created_by=policy_pb2.PolicyEnvelope.FromString(row.body).updated_by, reason=row.reason)
+
+    async def GetPolicyEnvelopeRevision(self, request: policy_pb2.GetPolicyEnvelopeRevisionRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.resource_id(v, "envelope_id", request.envelope_id)
+        if request.revision <= 0:
+            v.add("revision", "must be 1 or more")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:read")
+
+        async def read(s: AsyncSession) -> Any:
+            r = models.PolicyEnvelopeRevision
+            row = (await s.execute(select(r).where(r.envelope_id == request.envelope_id,
+                                                   r.revision == request.revision,
+                                                   r.tenant_id == p.tenant_id))).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"policy envelope {request.envelope_id!r} has no revision {request.revision}",
+                               reason="POLICY_REVISION_NOT_FOUND",
+                               metadata={"envelope_id": request.envelope_id, "revision": str(request.revision)})
+            return policy_pb2.GetPolicyEnvelopeRevisionResponse(envelope_revision=self._revision(row))
+
+        return await self.db.read(read)
+
+    async def ListPolicyEnvelopeRevisions(self, request: policy_pb2.ListPolicyEnvelopeRevisionsRequest, context: Ctx) -> Any:
+        _check_common(request)
+        v = Violations()
+        val.resource_id(v, "envelope_id", request.envelope_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:read")
+        size = pagination.page_size(request.page_size)
+        filters = {"envelope": request.envelope_id}
+        after = pagination.decode_token(request.page_token, filters)
+
+        async def read(s: AsyncSession) -> Any:
+            await self.store.get_row(s, p.tenant_id, request.envelope_id)
+            r = models.PolicyEnvelopeRevision
+            q = select(r).where(r.envelope_id == request.envelope_id, r.tenant_id == p.tenant_id)
+            if after is not None:
+                if not isinstance(after, int):
+                    raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
+                                          violations=[FieldViolation("page_token", "is malformed")])
+                q = q.where(r.revision < after)
+            rows = (await s.execute(q.order_by(r.revision.desc()).limit(size + 1))).scalars().all()
+            page, more = pagination.split_page(rows, size)
+            return policy_pb2.ListPolicyEnvelopeRevisionsResponse(
+                envelope_revisions=[self._revision(row) for row in page],
+                next_page_token=pagination.encode_token(page[-1].revision, filters) if more and page else "")
+
+        return await self.db.read(read)
+
+    async def GetEffectivePolicy(self, request: policy_pb2.GetEffectivePolicyRequest, context: Ctx) -> Any:
+        kind = request.WhichOneof("agent")
+        if kind is None:
+            raise InvalidArgument("set instance_id or legacy_agent_id", reason="INVALID_FIELDS",
+                                  violations=[FieldViolation("agent", "set instance_id or legacy_agent_id")])
+        v = Violations()
+        val.resource_id(v, kind, getattr(request, kind))
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:read")
+        resolved = await self.agents.resolve(current_api_key(), p.tenant_id, kind, getattr(request, kind))
+        if resolved is None:
+            raise NotFound(f"no agent {getattr(request, kind)!r}", reason="AGENT_NOT_FOUND",
+                           metadata={kind: getattr(request, kind)})
+        tenant = await self.cache.tenant(p.tenant_id)
+        policy, _ = tenant.compiled(resolved.project_id, resolved.version_id)
+        return policy_pb2.GetEffectivePolicyResponse(
+            instance_id=resolved.instance_id, legacy_agent_id=resolved.legacy_agent_id,
+            version_id=resolved.version_id, project_id=resolved.project_id,
+            environment_id=resolved.environment_id, policy_epoch=tenant.epoch,
+            rules=convert.effective_rules(engine.effective_rules(policy)))
+
+    async def SimulatePolicy(self, request: policy_pb2.SimulatePolicyRequest, context: Ctx) -> Any:
+        validate_envelope(request.candidate, "candidate.")
+        if request.limit < 0:
+            raise InvalidArgument("limit must not be negative", reason="INVALID_FIELDS",
+                                  violations=[FieldViolation("limit", "must not be negative")])
+        lookback = request.lookback.ToTimedelta() if request.HasField("lookback") else timedelta(days=1)
+        if lookback <= timedelta(0) or lookback > MAX_LOOKBACK:
+            raise InvalidArgument("lookback must be positive and at most 30 days", reason="INVALID_FIELDS",
+                                  violations=[FieldViolation("lookback", "must be in (0, 30 days]")])
+        limit = min(request.limit or 1000, 10_000)
+        p = current_principal()
+        p.require("policies:read")
+        candidate = policy_pb2.PolicyEnvelope()
+        candidate.CopyFrom(request.candidate)
+        self.store.scope_fields(p, candidate)
+        if not candidate.envelope_id:
+            candidate.envelope_id = new_id("sim")
+        candidate.active = True
+        tenant = await self.cache.tenant(p.tenant_id)
+        envelopes = [e for e in tenant.envelopes if e.id != candidate.envelope_id]
+        envelopes.append(convert.envelope_to_engine(candidate))
+
+        async def read(s: AsyncSession) -> Any:
+            d = models.DecisionRecord
+            return (await s.execute(select(d).where(d.tenant_id == p.tenant_id, d.decided_at >= utcnow() - lookback)
+                                    .order_by(d.decided_at.desc()).limit(limit + 1))).scalars().all()
+
+        rows = await self.db.read(read)
+        return convert.simulate(rows[:limit], envelopes, tenant, truncated=len(rows) > limit)
+
+    # operator controls
+
+    async def SetOperatorControl(self, request: policy_pb2.SetOperatorControlRequest, context: Ctx) -> Any:
+        _check_common(request)
+        v = Violations()
+        val.enum_set(v, "scope", request.scope, {1, 2})
+        val.enum_set(v, "mode", request.mode, {1, 2, 3, 4})
+        if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT:
+            val.resource_id(v, "scope_id", request.scope_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:write")
+        scope_id = self.store.control_key(p, request.scope, request.scope_id)
+        if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT:
+            await self.lookup.check_scope(current_api_key(), policy_pb2.POLICY_SCOPE_PROJECT, scope_id)
+
+        async def write(s: AsyncSession) -> Any:
+            c = models.OperatorControl
+            row = (await s.execute(select(c).where(c.tenant_id == p.tenant_id, c.scope == request.scope,
+                                                   c.scope_id == scope_id).with_for_update())).scalar_one_or_none()
+            before = convert.control_mode_name(row.mode if row else None)
+            if row is None:
+                row = c(tenant_id=p.tenant_id, scope=request.scope, scope_id=scope_id, revision=0)
+                s.add(row)
+            else:
+                self.store.check_etag(row, request.etag, required=False)
+            row.mode, row.reason, row.updated_at = request.mode, request.reason, utcnow()
+            row.actor_type, row.actor_id, row.revision = actor(p).type, p.actor_id, row.revision + 1
+            await self.store.bump_epoch(s, p.tenant_id)
+            after = convert.control_mode_name(request.mode)
+            await self.store.record(
+                s, p, CR.CHANGE_RECORD_TYPE_EMERGENCY_PAUSE, target_type=(
+                    "tenant" if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT else "project"),
+                target_id=scope_id, reason=request.reason,
+                project_id=scope_id if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT else "",
+                summary=f"kill switch {before} → {after}", before={"mode": before}, after={"mode": after})
+            return policy_pb2.SetOperatorControlResponse(control=convert.control(row))
+
+        return await self._write("SetOperatorControl", request, policy_pb2.SetOperatorControlResponse, write)
+
+    async def GetOperatorControl(self, request: policy_pb2.GetOperatorControlRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.enum_set(v, "scope", request.scope, {1, 2})
+        if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT:
+            val.resource_id(v, "scope_id", request.scope_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:read")
+        scope_id = self.store.control_key(p, request.scope, request.scope_id)
+
+        async def read(s: AsyncSession) -> Any:
+            c = models.OperatorControl
+            row = (await s.execute(select(c).where(c.tenant_id == p.tenant_id, c.scope == request.scope,
+                                                   c.scope_id == scope_id))).scalar_one_or_none()
+            if row is None:
+                return policy_pb2.GetOperatorControlResponse(control=policy_pb2.OperatorControl(
+                    tenant_id=p.tenant_id, scope=request.scope, scope_id=scope_id,
+                    mode=policy_pb2.OPERATOR_CONTROL_MODE_NORMAL, etag="0"))
+            return policy_pb2.GetOperatorControlResponse(control=convert.control(row))
+
+        return await self.db.read(read)
+
+    async def ListOperatorControls(self, request: policy_pb2.ListOperatorControlsRequest, context: Ctx) -> Any:
+        _check_common(request)
+        p = current_principal()
+        p.require("policies:read")
+        size = pagination.page_size(request.page_size)
+        filters = {"mode": request.mode}
+        after = pagination.decode_token(request.page_token, filters)
+
+        async def read(s: AsyncSession) -> Any:
+            c = models.OperatorControl
+            q = select(c).where(c.tenant_id == p.tenant_id)
+            if request.mode:
+                q = q.where(c.mode == request.mode)
+            if after is not None:
+                if not (isinstance(after, list) and len(after) == 2):
+                    raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
+                                          violations=[FieldViolation("page_token", "is malformed")])
+                q = q.where((c.scope > after[0]) | ((c.scope == after[0]) & (c.scope_id > str(after[1]))))
+            rows = (await s.execute(q.order_by(c.scope, c.scope_id).limit(size + 1))).scalars().all()
+            page, more = pagination.split_page(rows, size)
+            token = pagination.encode_token([page[-1].scope, page[-1].scope_id], filters) if more and page else ""
+            return policy_pb2.ListOperatorControlsResponse(controls=[convert.control(r) for r in page],
+                                                           next_page_token=token)
+
+        return await self.db.read(read)
+
+
+class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
+    def __init__(self, db: Database, decider: Decider, spend: SpendBook, changes: Any) -> None:
+        self.db = db
+        self.decider = decider
+        self.spend = spend
+        self.changes = changes
+
+    async def Check(self, request: decision_pb2.CheckRequest, context: Ctx) -> Any:
+        validate_check(request)
+        return await self.decider.check(current_principal(), current_api_key(), request)
+
+    async def CheckBatch(self, request: decision_pb2.CheckBatchRequest, context: Ctx) -> Any:
+        check_batch_limit(len(request.checks))
+        for i, item in enumerate(request.checks):
+            validate_check(item, f"checks[{i}].")
+        p, key = current_principal(), current_api_key()
+        results = await asyncio.gather(*(self.decider.check(p, key, item) for item in request.checks))
+        return decision_pb2.CheckBatchResponse(results=results, request_id=request.request_id)
+
+    async def ReportSpend(self, request: decision_pb2.ReportSpendRequest, context: Ctx) -> Any:
+        _check_common(request)
+        e = request.entry
+        v = Violations()
+        if not (e.instance_id or e.legacy_agent_id):
+            v.add("entry.instance_id", "set instance_id or legacy_agent_id")
+        val.resource_id(v, "entry.instance_id", e.instance_id, required_=False)
+        val.resource_id(v, "entry.legacy_agent_id", e.legacy_agent_id, required_=False)
+        val.required(v, "entry.idempotency_key", e.idempotency_key, 128)
+        val.optional(v, "entry.run_id", e.run_id, 128)
+        val.optional(v, "entry.tool_call_id", e.tool_call_id, 128)
+        if not math.isfinite(e.amount_usd) or e.amount_usd < 0:
+            v.add("entry.amount_usd", "must be a finite amount >= 0")
+        v.raise_if_any()
+        p = current_principal()
+        if not p.has("decisions:check") and not p.has("telemetry:write"):
+            p.require("decisions:check")
+        kind = "instance_id" if e.instance_id else "legacy_agent_id"
+        resolved = await self.decider.agents.resolve(current_api_key(), p.tenant_id, kind, getattr(e, kind))
+        if resolved is None:
+            raise NotFound(f"no agent {getattr(e, kind)!r}", reason="AGENT_NOT_FOUND", metadata={kind: getattr(e, kind)})
+        if p.is_agent and resolved.instance_id != p.actor_id:
+            raise PermissionDenied("an agent key may only report its own spend", reason="NOT_YOUR_AGENT")
+        now = utcnow()
+        occurred = e.occur_time.ToDatetime(tzinfo=now.tzinfo) if e.HasField("occur_time") else now
+
+        async def write(s: AsyncSession) -> Any:
+            m = models.SpendEntry
+            row = (await s.execute(select(m).where(m.tenant_id == p.tenant_id,
+                                                   m.idempotency_key == e.idempotency_key))).scalar_one_or_none()
+            duplicate = row is not None
+            if row is None:
+                row = m(id=new_id("spd"), tenant_id=p.tenant_id, instance_id=resolved.instance_id,
+                        run_id=e.run_id, tool_call_id=e.tool_call_id, amount_usd=e.amount_usd,
+                        idempotency_key=e.idempotency_key, occurred_at=occurred, recorded_at=now)
+                s.add(row)
+                await self.changes.send(s, {"spend": resolved.instance_id})
+            return decision_pb2.ReportSpendResponse(entry=convert.spend_entry(row, resolved.legacy_agent_id),
+                                                    duplicate=duplicate)
+
+        try:
+            result = await self.db.run(write)
+        except IntegrityError:  # a concurrent report with the same key won: this one is its duplicate
+            result = await self.db.run(write)
+        self.spend.invalidate(resolved.instance_id)
+        return result
