@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm_common.canonical import sha256_hex
 from arm_common.db import Database
-from arm_common.errors import FieldViolation, InvalidArgument
+from arm_common.errors import AlreadyExists, FieldViolation, InvalidArgument
 from arm_common.tables import utcnow
 
 R = TypeVar("R", bound=Message)
@@ -75,9 +75,10 @@ async def run_idempotent(
 
     try:
         return await db.run(attempt)
-    except IntegrityError:
-        # Either a concurrent twin won the race for this request_id, or the write itself hit a
-        # unique constraint. Replay the twin's response if there is one; otherwise re-raise.
+    except (IntegrityError, AlreadyExists):
+        # Either a concurrent twin won the race for this request_id (its write then collides with
+        # ours on a unique key, or on the idempotency key itself), or the write hit a unique
+        # constraint on its own. Replay the twin's response if there is one; otherwise re-raise.
         earlier = await db.read(replay)
         if earlier is None:
             raise

@@ -20,12 +20,16 @@ def required(v: Violations, path: str, value: str, max_len: int = MAX_NAME) -> N
         v.add(path, "is required")
     elif len(value) > max_len:
         v.add(path, f"must be at most {max_len} characters")
+    elif "\x00" in value:
+        v.add(path, "must not contain NUL characters")
 
 
 def optional(v: Violations, path: str, value: str | None, max_len: int = MAX_NAME) -> None:
     """A string that may be empty but not longer than max_len."""
     if value is not None and len(value) > max_len:
         v.add(path, f"must be at most {max_len} characters")
+    elif value and "\x00" in value:
+        v.add(path, "must not contain NUL characters")
 
 
 def slug(v: Violations, path: str, value: str) -> None:
@@ -64,5 +68,5 @@ def string_list(v: Violations, path: str, values: list[str], *, max_items: int =
     if len(values) > max_items:
         v.add(path, f"must have at most {max_items} items")
     for i, item in enumerate(values):
-        if not item or len(item) > max_len:
-            v.add(f"{path}[{i}]", f"must be 1 to {max_len} characters")
+        if not item or len(item) > max_len or "\x00" in item:
+            v.add(f"{path}[{i}]", f"must be 1 to {max_len} characters, without NUL")

@@ -52,7 +52,7 @@ class RegistryComponent:
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
-        agents = AgentServicer(self.store, self.config.compat_mode)
+        agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator)
         tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(self.store), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
             AccessServicer(self.store, self.authenticator), server)

@@ -572,9 +572,10 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
 
 
 class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
-    def __init__(self, store: RegistryStore, compat_mode: bool) -> None:
+    def __init__(self, store: RegistryStore, compat_mode: bool, authenticator: Any = None) -> None:
         self.store = store
         self.compat_mode = compat_mode
+        self.authenticator = authenticator
 
     # templates
 
@@ -931,8 +932,11 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                                     reason=request.reason)
             return agents_pb2.TransitionAgentInstanceResponse(agent_instance=convert.instance(row))
 
-        return await self.store.write(p, "TransitionAgentInstance", request,
-                                      agents_pb2.TransitionAgentInstanceResponse, write)
+        result = await self.store.write(p, "TransitionAgentInstance", request,
+                                        agents_pb2.TransitionAgentInstanceResponse, write)
+        if self.authenticator is not None:  # a retired instance's keys stop working at once
+            self.authenticator.invalidate()
+        return result
 
     async def RecordHeartbeat(self, request: agents_pb2.RecordHeartbeatRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
@@ -953,12 +957,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
     async def UpsertAgentIdentity(self, request: agents_pb2.UpsertAgentIdentityRequest, context: Ctx) -> Any:
         check(request)
         ident = request.agent_identity
-        v = [("name", "name"), ("id?", "template_id"), ("id?", "instance_id"),
-             ("id?", "legacy_agent_id"), ("name?", "soul_hash")]
-        check(ident, *v)
-        if len(ident.soul_content) > 200_000 or len(ident.tools_notes) > 50_000 or len(ident.description) > 10_000:
-            raise InvalidArgument("identity text is too long", reason="INVALID_FIELDS", violations=[
-                FieldViolation("agent_identity.soul_content", "must be at most 200000 characters")])
+        check(ident, ("name", "name"), ("id?", "template_id"), ("id?", "instance_id"),
+              ("id?", "legacy_agent_id"), ("name?", "soul_hash"), ("long?", "soul_content"),
+              ("text?", "tools_notes"), ("text?", "description"), prefix="agent_identity.")
         p = current_principal()
         p.require("registry:write")
         status, soul_hash = domain.identity_status(ident.soul_content, ident.soul_hash, ident.tools_notes)

@@ -27,13 +27,16 @@ def common(v: Violations, request: Message) -> None:
         v.add("page_size", "must not be negative")
 
 
-def check(request: Message, *rules: tuple[str, str]) -> None:
+def check(request: Message, *rules: tuple[str, str], prefix: str = "") -> None:
     """Validates `request` with the shared checks plus the given (kind, field) rules.
-    kinds: id (required id), id? (optional id), name, name?, text?, slug, email, enum, enum?"""
+    kinds: id (required id), id? (optional id), name, name?, text?, slug, email, enum, enum?,
+    list, long? (up to 200,000 characters). `prefix` names a nested message, e.g.
+    "agent_identity.", in the field violations."""
     v = Violations()
     common(v, request)
-    for kind, field in rules:
-        value = getattr(request, field)
+    for kind, name in rules:
+        value = getattr(request, name)
+        field = prefix + name
         if kind == "id":
             val.resource_id(v, field, value)
         elif kind == "id?":
@@ -48,8 +51,10 @@ def check(request: Message, *rules: tuple[str, str]) -> None:
             val.slug(v, field, value)
         elif kind == "email":
             val.email(v, field, value)
+        elif kind == "long?":
+            val.optional(v, field, value, 200_000)
         elif kind.startswith("enum"):
-            enum_values = {f.name: f for f in request.DESCRIPTOR.fields}[field].enum_type.values_by_number
+            enum_values = {f.name: f for f in request.DESCRIPTOR.fields}[name].enum_type.values_by_number
             if kind == "enum?" and value == 0:
                 continue
             val.enum_set(v, field, value, set(enum_values) - {0})
