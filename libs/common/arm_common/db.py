@@ -36,6 +36,8 @@ def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError) and "database is locked" in str(exc):
         return True
     if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:  # the server closed the connection (restart, failover)
+            return True
         orig = getattr(exc, "orig", None)
         code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
         return code in _RETRYABLE_SQLSTATES
@@ -60,8 +62,10 @@ class Database:
             connect_args: dict[str, Any] = {}
             if schema:
                 connect_args["server_settings"] = {"search_path": schema}
+            # No pre-ping (a round trip per transaction on the hot path): a connection found dead
+            # is invalidated by SQLAlchemy and run() retries the transaction on a fresh one.
             kwargs.update(connect_args=connect_args, pool_size=pool_size, max_overflow=pool_size,
-                          pool_pre_ping=True)
+                          pool_recycle=1800)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             self._configure_sqlite()

@@ -47,6 +47,20 @@ async def enqueue(session: AsyncSession, outbox_table, *, topic: str, tenant_id:
         payload=message.SerializeToString(), created_at=now, attempts=0, next_attempt_at=now))
 
 
+def outbox_row(*, topic: str, tenant_id: str, message_id: str, message: Message) -> dict[str, object]:
+    """The row enqueue() writes, for callers that insert many in one statement."""
+    now = utcnow()
+    return {"message_id": message_id, "topic": topic, "tenant_id": tenant_id,
+            "payload": message.SerializeToString(), "created_at": now, "attempts": 0,
+            "next_attempt_at": now}
+
+
+async def enqueue_many(session: AsyncSession, outbox_table, rows: list[dict[str, object]]) -> None:  # type: ignore[no-untyped-def]
+    """Adds many messages (see outbox_row) in one statement, inside the caller's transaction."""
+    if rows:
+        await session.execute(outbox_table.insert(), rows)
+
+
 Deliver = Callable[[Sequence[OutboxMessage]], Awaitable[None]]
 
 

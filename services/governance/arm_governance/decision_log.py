@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
 from arm_common.db import Database
 from arm_common.errors import Unavailable
-from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay, enqueue
+from arm_common.outbox import OutboxRelay, enqueue_many, outbox_row
 from arm_governance import models
 from arm_governance.models import OUTBOX
 
@@ -94,48 +94,65 @@ class DecisionLog:
                 item.future.set_result(item.response)
 
     async def _write(self, s: AsyncSession, batch: list[PendingDecision]) -> None:
+        """One transaction, a handful of statements whatever the batch size."""
+        earlier = await self._earlier_responses(s, batch)
         by_request: dict[tuple[str, str], PendingDecision] = {}
-        keys = [(p.record["tenant_id"], p.record["request_id"]) for p in batch if p.record["request_id"]]
-        earlier: dict[tuple[str, str], bytes] = {}
-        if keys:
-            rows = (await s.execute(select(models.DecisionRecord.tenant_id, models.DecisionRecord.request_id,
-                                           models.DecisionRecord.response).where(
-                models.DecisionRecord.request_id.in_([k[1] for k in keys])))).all()
-            earlier = {(r.tenant_id, r.request_id): r.response for r in rows}
+        fresh: list[PendingDecision] = []
         for item in batch:
             rid = item.record["request_id"]
             key = (item.record["tenant_id"], rid)
             if rid and key in earlier:  # a retry: answer with the logged decision
                 item.response = decision_pb2.CheckResponse.FromString(earlier[key])
-                continue
-            if rid and key in by_request:  # a twin in this very batch
+            elif rid and key in by_request:  # a twin in this very batch
                 item.response = by_request[key].response
-                continue
-            if rid:
-                by_request[key] = item
-            if item.approval is not None:
-                await self._approval(s, item)
+            else:
+                if rid:
+                    by_request[key] = item
+                fresh.append(item)
+        await self._approvals(s, [item for item in fresh if item.approval is not None])
+        decisions, messages = [], []
+        for item in fresh:
             item.record["response"] = item.response.SerializeToString()
-            s.add(models.DecisionRecord(**item.record))
-            for topic, message_id, message in item.messages:
-                await enqueue(s, OUTBOX, topic=topic, tenant_id=item.record["tenant_id"],
-                              message_id=message_id, message=message)
+            decisions.append(item.record)
+            messages.extend(outbox_row(topic=topic, tenant_id=item.record["tenant_id"], message_id=mid,
+                                       message=message) for topic, mid, message in item.messages)
+        if decisions:
+            await s.execute(insert(models.DecisionRecord.__table__), decisions)
+        await enqueue_many(s, OUTBOX, messages)
 
     @staticmethod
-    async def _approval(s: AsyncSession, item: PendingDecision) -> None:
-        approval = item.approval
-        assert approval is not None
-        if approval["tool_call_id"]:
-            existing = (await s.execute(select(models.Approval.id).where(
-                models.Approval.tenant_id == approval["tenant_id"],
-                models.Approval.instance_id == approval["instance_id"],
-                models.Approval.tool_call_id == approval["tool_call_id"]))).scalar_one_or_none()
-            if existing is not None:
-                item.response.approval_id = existing
-                item.record["approval_id"] = existing
-                return
-        s.add(models.Approval(**approval))
-        await s.flush()
+    async def _earlier_responses(s: AsyncSession, batch: list[PendingDecision]) -> dict[tuple[str, str], bytes]:
+        ids = [p.record["request_id"] for p in batch if p.record["request_id"]]
+        if not ids:
+            return {}
+        d = models.DecisionRecord
+        rows = (await s.execute(select(d.tenant_id, d.request_id, d.response).where(d.request_id.in_(ids)))).all()
+        return {(r.tenant_id, r.request_id): r.response for r in rows}
 
-
-TOPICS = (TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT)
+    @staticmethod
+    async def _approvals(s: AsyncSession, items: list[PendingDecision]) -> None:
+        """Creates the approvals of NEEDS_APPROVAL decisions; a tool call id that already has
+        one (logged earlier, or earlier in this batch) gets that one instead."""
+        if not items:
+            return
+        a = models.Approval
+        call_ids = [i.approval["tool_call_id"] for i in items if i.approval and i.approval["tool_call_id"]]
+        existing: dict[tuple[str, str, str], str] = {}
+        if call_ids:
+            rows = (await s.execute(select(a.id, a.tenant_id, a.instance_id, a.tool_call_id)
+                                    .where(a.tool_call_id.in_(call_ids)))).all()
+            existing = {(r.tenant_id, r.instance_id, r.tool_call_id): r.id for r in rows}
+        new_rows = []
+        for item in items:
+            approval = item.approval
+            assert approval is not None
+            key = (approval["tenant_id"], approval["instance_id"], approval["tool_call_id"])
+            if approval["tool_call_id"] and key in existing:
+                item.response.approval_id = existing[key]
+                item.record["approval_id"] = existing[key]
+                continue
+            if approval["tool_call_id"]:
+                existing[key] = approval["id"]
+            new_rows.append(approval)
+        if new_rows:
+            await s.execute(insert(a.__table__), new_rows)

@@ -5,10 +5,10 @@ Revises: (none)
 Create Date: 2026-11-24 20:59:02.832251
 """
 
-from alembic import op
 import sqlalchemy as sa
-import arm_common.tables
+from alembic import op
 
+import arm_common.tables
 
 revision = '0001'
 down_revision = None

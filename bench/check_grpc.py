@@ -1,0 +1,239 @@
+"""Check benchmark: throughput and p50/p99 latency of governance's `Check` over gRPC, next to a
+bare grpc.aio echo server measured in the same run as the reference.
+
+Registry and governance run as their own processes on PostgreSQL; the load generator runs in
+its own process. Each configuration is measured at 1 and at 64 calls in flight; with --workers N,
+N governance processes serve one port (SO_REUSEPORT) and the load generator opens one channel
+per worker so the kernel spreads connections over them.
+
+  .venv/bin/python bench/check_grpc.py [--postgres URL] [--seconds 5] [--workers 1 2]
+
+Prints figures; asserts nothing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from arm.governance.v1 import decision_pb2, policy_pb2  # noqa: E402
+from arm.registry.v1 import agents_pb2  # noqa: E402
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+# --- processes spawned by this script --------------------------------------------------------
+
+async def echo_server(port: int) -> None:
+    """A bare grpc.aio server that returns the request bytes: the floor for any unary RPC."""
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def load(address: str, key: str, instance: str, in_flight: int, seconds: float,
+               channels: int, echo: bool) -> dict[str, float]:
+    """Runs `in_flight` concurrent callers for `seconds`; returns calls/s, p50 and p99 in ms."""
+    from arm_client import auth_interceptors
+
+    chans = [grpc.aio.insecure_channel(address, interceptors=None if echo else auth_interceptors(key),
+                                       options=[("grpc.use_local_subchannel_pool", 1)])
+             for _ in range(channels)]
+    tools = ["fs.read", "web.search", "db.write", "payments.send", "git.push", "docs.get",
+             "shell.exec", "email.send", "deploy.prod", "kb.query"]
+    requests = [decision_pb2.CheckRequest(instance_id=instance, tool_name=t, run_id="bench-run",
+                                          arguments=None) for t in tools]
+    calls = []
+    for ch in chans:
+        if echo:
+            calls.append(ch.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None))
+        else:
+            from arm.governance.v1 import decision_pb2_grpc
+            calls.append(decision_pb2_grpc.DecisionServiceStub(ch).Check)
+    payloads = [r.SerializeToString() for r in requests] if echo else requests
+    latencies: list[float] = []
+
+    async def worker(n: int) -> None:
+        call = calls[n % len(calls)]
+        i = n
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            await call(payloads[i % len(payloads)])
+            latencies.append(time.perf_counter() - t0)
+            i += 1
+
+    deadline = time.perf_counter() + min(1.0, seconds / 5)  # warm-up
+    await asyncio.gather(*(worker(n) for n in range(in_flight)))
+    latencies.clear()
+    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(in_flight)))
+    elapsed = time.perf_counter() - started
+    for ch in chans:
+        await ch.close()
+    latencies.sort()
+    return {"calls_per_s": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000,
+            "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000, "calls": len(latencies)}
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=open(log, "ab"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT)
+
+
+def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,
+             echo: bool) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
+                          "--in-flight", str(in_flight), "--seconds", str(seconds),
+                          "--channels", str(channels)] + (["--echo"] if echo else []),
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def setup_world(address: str, key: str, gov_address: str) -> str:
+    """A tenant policy set of ten cases over tenant, project and version scopes; one ACTIVE agent."""
+    from arm_client import ArmClient
+    from tests.helpers import approved_version
+
+    async with ArmClient(address, key) as reg, ArmClient(gov_address, key) as gov:
+        agents = await approved_version(reg)
+        inst = (await reg.agents.CreateAgentInstance(agents_pb2.CreateAgentInstanceRequest(
+            version_id=agents.version.id, environment_id=agents.environment.id, name="bench"))).agent_instance
+        await reg.agents.TransitionAgentInstance(agents_pb2.TransitionAgentInstanceRequest(
+            id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE))
+        P = policy_pb2
+        envelopes = [
+            P.PolicyEnvelope(name="tenant guard", scope=P.POLICY_SCOPE_TENANT, mode=P.POLICY_MODE_ENFORCE,
+                             deny_at_risk=4, tool_rules=[
+                                 P.ToolRule(tool="db.drop*", effect=P.DECISION_DENY, locked=True),
+                                 P.ToolRule(tool="payments.**", effect=P.DECISION_NEEDS_APPROVAL, locked=True)]),
+            P.PolicyEnvelope(name="project rules", scope=P.POLICY_SCOPE_PROJECT, scope_id=agents.project.id,
+                             mode=P.POLICY_MODE_ENFORCE, require_approval_at_risk=3, tool_rules=[
+                                 P.ToolRule(tool="git.*", effect=P.DECISION_ALLOW),
+                                 P.ToolRule(tool="shell.exec", effect=P.DECISION_NEEDS_APPROVAL)]),
+            P.PolicyEnvelope(name="version rules", scope=P.POLICY_SCOPE_VERSION, scope_id=agents.version.id,
+                             mode=P.POLICY_MODE_ENFORCE, autonomy_tier=3, tool_rules=[
+                                 P.ToolRule(tool="fs.read", effect=P.DECISION_ALLOW),
+                                 P.ToolRule(tool="**", effect=P.DECISION_ALLOW,
+                                            when=P.ToolRuleCondition(min_risk=1))]),
+            P.PolicyEnvelope(name="shadow", scope=P.POLICY_SCOPE_TENANT, mode=P.POLICY_MODE_SHADOW,
+                             default_effect=P.DECISION_DENY),
+        ]
+        for env in envelopes:
+            await gov.policies.CreatePolicyEnvelope(P.CreatePolicyEnvelopeRequest(envelope=env))
+        return inst.id
+
+
+async def orchestrate(args: argparse.Namespace) -> None:
+    import asyncpg
+
+    from tests.processes import base_env, free_port, wait_serving
+    tmp = Path(tempfile.mkdtemp(prefix="arm-bench-check-"))
+    suffix = secrets.token_hex(4)
+    schemas = {"registry": f"bench_reg_{suffix}", "governance": f"bench_gov_{suffix}"}
+    procs: list[subprocess.Popen[bytes]] = []
+    log = tmp / "services.log"
+    try:
+        reg_port = free_port()
+        reg_env = base_env(ARM_REGISTRY_LISTEN=f"127.0.0.1:{reg_port}", ARM_LOG_LEVEL="WARNING",
+                           ARM_REGISTRY_DATABASE_URL=args.postgres, ARM_DATABASE_SCHEMA=schemas["registry"])
+        for cmd in (["migrate"], ["bootstrap"]):
+            subprocess.run([sys.executable, "-m", "arm_registry", *cmd], env=reg_env, cwd=ROOT, check=True,
+                           stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        key = log.read_text().split("(shown once): ")[1].split()[0]
+        procs.append(spawn(["-m", "arm_registry"], reg_env, log))
+        await wait_serving(f"127.0.0.1:{reg_port}", procs[-1], log)
+        echo_port = free_port()
+        procs.append(spawn([__file__, "--echo-server", str(echo_port)], base_env(), log))
+        print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per point; "
+              f"load generator in its own process")
+        print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
+        await asyncio.sleep(1)
+        echo = {}
+        for n in (1, 64):
+            echo[n] = run_load(f"127.0.0.1:{echo_port}", "", "", n, args.seconds, 1, True)
+            r = echo[n]
+            print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}")
+        instance = None
+        for workers in args.workers:
+            gov_port = free_port()
+            gov_env = base_env(ARM_GOVERNANCE_LISTEN=f"127.0.0.1:{gov_port}", ARM_LOG_LEVEL="WARNING",
+                               ARM_GOVERNANCE_DATABASE_URL=args.postgres,
+                               ARM_DATABASE_SCHEMA=schemas["governance"],
+                               ARM_REGISTRY_ADDRESS=f"127.0.0.1:{reg_port}", ARM_SERVICE_API_KEY=key)
+            subprocess.run([sys.executable, "-m", "arm_governance", "migrate"], env=gov_env, cwd=ROOT,
+                           check=True, stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+            gov_procs = [spawn(["-m", "arm_governance"], gov_env, log) for _ in range(workers)]
+            procs.extend(gov_procs)
+            for p in gov_procs:
+                await wait_serving(f"127.0.0.1:{gov_port}", p, log)
+            if instance is None:
+                instance = await setup_world(f"127.0.0.1:{reg_port}", key, f"127.0.0.1:{gov_port}")
+            for n in (1, 64):
+                r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False)
+                label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
+                print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
+                      f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
+                      f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50)")
+            for p in gov_procs:
+                p.terminate()
+                p.wait(30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)
+        conn = await asyncpg.connect(args.postgres)
+        for schema in schemas.values():
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--postgres", default=os.environ.get("ARM_TEST_POSTGRES_URL",
+                                                             "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--key", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--instance", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--in-flight", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--channels", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        asyncio.run(echo_server(args.echo_server))
+    elif args.load:
+        result = asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
+                                  args.channels, args.echo))
+        print(json.dumps(result))
+    else:
+        asyncio.run(orchestrate(args))
+
+
+if __name__ == "__main__":
+    main()
