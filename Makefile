@@ -42,6 +42,8 @@ lock:
 	/tmp/arm-lock-venv/bin/pip freeze > requirements.lock
 
 bench: setup
+	$(PY) bench/engine.py
+	$(PY) bench/check_grpc.py
 	$(PY) bench/resolve.py
 
 clean:
