@@ -154,7 +154,12 @@ class Decider:
         kind = request.WhichOneof("agent")
         assert kind is not None
         ref = getattr(request, kind)
-        resolved = await self.agents.resolve(api_key, principal.tenant_id, kind, ref)
+        try:
+            resolved = await self.agents.resolve(api_key, principal.tenant_id, kind, ref)
+        except PermissionDenied:
+            if not principal.is_agent:
+                raise
+            resolved = None  # the registry hides other agents from an agent key
         if principal.is_agent and (resolved is None or resolved.instance_id != principal.actor_id):
             raise PermissionDenied("an agent key may only ask about its own instance",
                                    reason="NOT_YOUR_AGENT", metadata={kind: ref})
@@ -198,7 +203,9 @@ class Decider:
                    now: datetime) -> decision_pb2.CheckResponse:
         decision_id = new_id("dec")
         approval_row = None
-        approval_id = ""
+        # An ALLOW from a grant names the approval it used up.
+        approval_id = request.approval_id if result.step == engine.Step.APPROVAL_GRANT and \
+            result.effect == engine.Effect.ALLOW else ""
         if result.effect == engine.Effect.NEEDS_APPROVAL and resolved is not None:
             approval_id = new_id("apr")
             approval_row = self._approval_row(principal, request, resolved, result, approval_id,

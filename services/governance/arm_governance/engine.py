@@ -18,9 +18,10 @@ Choices where SPEC is silent (also listed in bench/README.md's engine section):
 - Tool globs match case-insensitively; `*` is `[^.]*` (may be empty), `**` is `.*` (may be empty,
   crosses dots), nothing else is special. Specificity: exact name > glob; then more literal
   characters; then fewer `**`; then the strictest effect; then the lower rule index.
-- `when.arg_patterns` follow the proto contract: regular expressions (Python `re`, RE2's common
-  subset) searched in the canonical JSON of the arguments (`{}` when absent), case-sensitive
-  unless the pattern says `(?i)`. A pattern that does not compile matches its text literally.
+- `when.arg_patterns` follow the proto contract: RE2 regular expressions (linear time, so an
+  operator's pattern cannot stall decisions on crafted arguments), searched in the canonical
+  JSON of the arguments (`{}` when absent), case-sensitive unless the pattern says `(?i)`. The
+  service refuses a pattern RE2 cannot compile; here such a pattern matches its text literally.
 - Locked rules: every matching locked DENY / NEEDS_APPROVAL rule of an ENFORCE TENANT or PROJECT
   envelope counts, whether or not it is the most specific rule of its envelope. They also act as
   ordinary rules of their envelope in step 5. Locked ALLOW and locked rules at VERSION scope, or
@@ -39,11 +40,14 @@ from __future__ import annotations
 
 import enum
 import json
+import json.encoder
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import re2
 
 from arm_common.canonical import canonical_json
 
@@ -354,31 +358,121 @@ def _glob_parts(glob: str) -> tuple[str, int, int]:
     return "".join(out), literal, dstar
 
 
+class _GlobAutomaton:
+    """Matches a glob by simulating its automaton: time linear in the name's length whatever
+    the glob, where a backtracking regex of many `*` can take exponential time on a hostile tool
+    name. Used for globs with more than `_MAX_REGEX_WILDCARDS` wildcard runs."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, glob: str) -> None:
+        tokens: list[str] = []  # a lower-case character, "*" or "**"
+        for part in re.split(r"(\*+)", glob.lower()):
+            if part.startswith("*"):
+                tokens.append("**" if len(part) >= 2 else "*")
+            else:
+                tokens.extend(part)
+        self.tokens = tuple(tokens)
+
+    def _closure(self, states: set[int]) -> set[int]:
+        todo = list(states)
+        while todo:
+            i = todo.pop()
+            if i < len(self.tokens) and self.tokens[i] in ("*", "**") and i + 1 not in states:
+                states.add(i + 1)
+                todo.append(i + 1)
+        return states
+
+    def fullmatch(self, tool: str) -> bool:
+        tokens, end = self.tokens, len(self.tokens)
+        states = self._closure({0})
+        for ch in tool.lower():
+            nxt = set()
+            for i in states:
+                if i == end:
+                    continue
+                tok = tokens[i]
+                if tok == "**" or (tok == "*" and ch != "."):
+                    nxt.add(i)
+                elif tok == ch:
+                    nxt.add(i + 1)
+            if not nxt:
+                return False
+            states = self._closure(nxt)
+        return end in states
+
+
+_MAX_REGEX_WILDCARDS = 3
+
+
+def _glob_matcher(glob: str) -> Any:
+    """An object whose `fullmatch(tool)` is truthy when the glob matches (case-insensitive)."""
+    regex, _literal, _dstar = _glob_parts(glob)
+    if len(re.findall(r"\*+", glob)) <= _MAX_REGEX_WILDCARDS:
+        return re.compile(regex, re.IGNORECASE | re.DOTALL)
+    return _GlobAutomaton(glob)
+
+
 def glob_matches(glob: str, tool: str) -> bool:
     """Whether a tool-rule glob matches a tool name (case-insensitive)."""
-    return re.fullmatch(_glob_parts(glob)[0], tool, re.IGNORECASE | re.DOTALL) is not None
+    return bool(_glob_matcher(glob).fullmatch(tool))
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # errors are reported to the caller, not to stderr
 
 
 def arg_pattern_error(pattern: str) -> str | None:
-    """Why an arg pattern does not compile, or None; for the service's input validation."""
+    """Why an arg pattern does not compile as RE2, or None; for the service's input validation."""
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        return str(exc)
+        re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        return exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
     return None
 
 
-def _compile_arg_pattern(pattern: str) -> re.Pattern[str]:
+def _compile_arg_pattern(pattern: str) -> Any:
+    # RE2, as the contract promises: matching is linear in the argument text, so an operator's
+    # pattern such as (a+)+$ cannot stall the decision path on a crafted argument.
+    # Compiled for UTF-8 bytes: the wrapper then skips a conversion on every search.
     try:
-        return re.compile(pattern)
-    except re.error:
-        return re.compile(re.escape(pattern))
+        return re2.compile(pattern.encode(), _RE2_OPTIONS)
+    except re2.error:
+        return re2.compile(re2.escape(pattern.encode()), _RE2_OPTIONS)
+
+
+_MAX_SAFE_INT = 2**53
+# The C encoder writes exactly the canonical form when the value holds no floats and no integers
+# beyond 2**53 (JSON-safe integers, strings, booleans, null), at a fraction of the cost.
+try:
+    _fast_encoder: Any = json.encoder.c_make_encoder(  # type: ignore[misc]
+        None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+except TypeError:  # no C accelerator, or another signature: canonical_json does it all
+    _fast_encoder = None
+
+
+def _fast_json(value: Any, depth: int) -> bool:
+    """Whether the value is JSON the fast encoder writes canonically."""
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return True
+    if t is int:
+        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+    if depth > 32:
+        return False
+    if t is dict:
+        return all(type(k) is str and _fast_json(v, depth + 1) for k, v in value.items())
+    if t is list or t is tuple:
+        return all(_fast_json(v, depth + 1) for v in value)
+    return False
 
 
 def _arguments_text(arguments: Any) -> str:
     """Canonical JSON of the arguments, as arg patterns see it; never raises."""
     if not arguments:
         return "{}"
+    if _fast_encoder is not None and type(arguments) is dict and _fast_json(arguments, 0):
+        return "".join(_fast_encoder(arguments, 0))
     try:
         return canonical_json(arguments if type(arguments) is dict else dict(arguments))
     except (TypeError, ValueError, RecursionError):
@@ -447,8 +541,8 @@ class _Rule:
             self.effect = Effect(rule.effect)
         except ValueError:
             raise PolicyError(f"{env.label}: tool_rules[{index}] has no valid effect") from None
-        regex, self.literal, self.dstar = _glob_parts(rule.tool)
-        self.regex = re.compile(regex, re.IGNORECASE | re.DOTALL)
+        _regex, self.literal, self.dstar = _glob_parts(rule.tool)
+        self.regex = _glob_matcher(rule.tool)
         self.exact = "*" not in rule.tool
         self.strict = _STRICTNESS[self.effect]
         self.locked = bool(rule.locked)
@@ -478,8 +572,10 @@ class _Rule:
         return not self.arg_bits or bool(mask & self.arg_bits)
 
 
+# Memo bounds: tool names come from agents, so the tables must not grow without limit. When one
+# is full it is emptied (simpler than LRU, and refilling costs one evaluation per entry).
 _PLAN_LIMIT = 4096
-_RESULT_LIMIT = 512
+_RESULT_LIMIT = 16384
 
 
 class _ToolPlan:
@@ -511,8 +607,8 @@ class CompiledPolicy:
     Immutable once built, apart from internal memo tables; share one per agent version."""
 
     __slots__ = ("tenant_id", "project_id", "version_id", "_enforce", "_groups", "_shadow",
-                 "_locked", "_patterns", "_plans", "_has_budget", "_min_run", "_min_day",
-                 "_min_month")
+                 "_locked", "_patterns", "_plans", "_memo_size", "_has_budget", "_min_run",
+                 "_min_day", "_min_month")
 
     def __init__(self, tenant_id: str, project_id: str, version_id: str,
                  envelopes: list[Envelope]) -> None:
@@ -539,13 +635,15 @@ class CompiledPolicy:
         self._locked: tuple[_Rule, ...] = tuple(locked)
         self._patterns = tuple(_compile_arg_pattern(p) for p in patterns)
         self._plans: dict[str, _ToolPlan] = {}
+        self._memo_size = 0  # results memoised over all plans
         # The fast budget check: the tightest limit per dimension over every envelope (enforced
         # or shadow); only when one of them is crossed is the exact evaluation needed.
         inf = math.inf
         mins = {"run_usd": inf, "day_usd": inf, "month_usd": inf}
         for e in envs:
             for _dim, attr, limit in e.limits:
-                mins[attr] = min(mins[attr], limit)
+                # A NaN limit is crossed by any spend (fail safe); min() would skip it.
+                mins[attr] = -inf if math.isnan(limit) else min(mins[attr], limit)
         self._has_budget = any(e.limits for e in envs)
         self._min_run, self._min_day, self._min_month = (
             mins["run_usd"], mins["day_usd"], mins["month_usd"])
@@ -560,12 +658,16 @@ class CompiledPolicy:
         """The shadow envelopes, in the same order."""
         return tuple(e.envelope for e in self._shadow)
 
+    def _forget(self) -> None:
+        self._plans.clear()
+        self._memo_size = 0
+
     def _plan(self, tool: str) -> _ToolPlan:
         plan = self._plans.get(tool)
         if plan is None:
             plan = _ToolPlan(self, tool)
             if len(self._plans) >= _PLAN_LIMIT:
-                self._plans.clear()
+                self._forget()
             self._plans[tool] = plan
         return plan
 
@@ -791,7 +893,7 @@ def _evaluate(policy: CompiledPolicy, plan: _ToolPlan, risk: Risk, envn: str, en
 def _mask(plan: _ToolPlan, arguments: Any) -> int:
     if not plan.patterns:
         return 0
-    text = _arguments_text(arguments)
+    text = _arguments_text(arguments).encode()
     mask = 0
     for bit, rx in plan.patterns:
         if rx.search(text) is not None:
@@ -958,8 +1060,9 @@ def decide(policy: CompiledPolicy, agent: Agent | None, call: Call, *,
         result = plan.results.get(key)
         if result is None:
             result = _evaluate(policy, plan, risk, envn, envt, mask, None, 0.0)
-            if len(plan.results) >= _RESULT_LIMIT:
-                plan.results.clear()
+            policy._memo_size += 1
+            if policy._memo_size > _RESULT_LIMIT:
+                policy._forget()  # this plan stays usable for this call
             plan.results[key] = result
         if policy._has_budget:
             cost = call.estimated_cost_usd

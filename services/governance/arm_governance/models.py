@@ -43,7 +43,8 @@ class PolicyEnvelope(Base):
     """The current revision of an envelope; `body` is the serialized PolicyEnvelope message."""
 
     __tablename__ = "policy_envelopes"
-    __table_args__ = (Index("ix_envelopes_tenant_scope", "tenant_id", "scope", "scope_id"),)
+    __table_args__ = (Index("ix_envelopes_tenant_scope", "tenant_id", "scope", "scope_id"),
+                      UniqueConstraint("tenant_id", "name"))
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True)
     name: Mapped[str] = mapped_column(String(200))

@@ -36,7 +36,8 @@ class TenantPolicies:
                                            project_id=project_id, version_id=version_id)
             scopes = {(engine.Scope.TENANT, self.tenant_id), (engine.Scope.PROJECT, project_id),
                       (engine.Scope.VERSION, version_id)}
-            has_budgets = any(e.budgets is not None and not e.shadow and (e.scope, e.scope_id) in scopes
+            # Shadow envelopes count too: their budget verdicts are reported beside the decision.
+            has_budgets = any(e.budgets is not None and (e.scope, e.scope_id) in scopes
                               for e in self.envelopes)
             hit = self._compiled[key] = (policy, has_budgets)
         return hit

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
@@ -18,7 +19,15 @@ from arm.governance.v1 import policy_pb2
 from arm.registry.v1 import agents_pb2, agents_pb2_grpc, tenancy_pb2, tenancy_pb2_grpc
 from arm_common import validation as val
 from arm_common.auth import Principal
-from arm_common.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Unavailable, Violations
+from arm_common.errors import (
+    Aborted,
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Violations,
+)
 from arm_common.ids import new_id
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
@@ -46,7 +55,8 @@ def validate_envelope(env: policy_pb2.PolicyEnvelope, prefix: str = "envelope.")
     val.enum_set(v, f"{prefix}scope", env.scope, {1, 2, 3})
     if env.scope in (2, 3):
         val.resource_id(v, f"{prefix}scope_id", env.scope_id)
-    val.enum_set(v, f"{prefix}mode", env.mode, {1, 2})
+    if env.mode not in (0, 1, 2):  # 0: ENFORCE on create (see the contract)
+        v.add(f"{prefix}mode", f"unknown enum value {env.mode}")
     if env.HasField("priority") and not 0 <= env.priority <= 1_000_000:
         v.add(f"{prefix}priority", "must be from 0 to 1000000")
     if len(env.tool_rules) > 500:
@@ -152,6 +162,8 @@ class PolicyStore:
             env.priority = 100
         if not env.HasField("active"):
             env.active = True
+        if env.mode == policy_pb2.POLICY_MODE_UNSPECIFIED:
+            env.mode = policy_pb2.POLICY_MODE_ENFORCE
         if row is None:
             env.envelope_id = new_id("pol")
             env.revision = 1
@@ -165,6 +177,12 @@ class PolicyStore:
         row.name, row.scope, row.scope_id, row.mode = env.name, env.scope, env.scope_id, env.mode
         row.active, row.revision, row.updated_at = env.active, env.revision, now
         row.body = env.SerializeToString()
+        try:
+            async with s.begin_nested():
+                await s.flush()
+        except IntegrityError:
+            raise AlreadyExists(f"a policy envelope named {env.name!r} already exists",
+                                reason="POLICY_ENVELOPE_EXISTS", metadata={"name": env.name}) from None
         s.add(models.PolicyEnvelopeRevision(
             envelope_id=env.envelope_id, revision=env.revision, tenant_id=principal.tenant_id,
             body=row.body, actor_type=env.updated_by.type, actor_id=principal.actor_id, reason=reason,
@@ -197,7 +215,7 @@ class PolicyStore:
         for path in paths:
             merged.ClearField(path)
             field = incoming.DESCRIPTOR.fields_by_name[path]
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 getattr(merged, path).extend(getattr(incoming, path))
             elif field.message_type is not None or field.has_presence:
                 if incoming.HasField(path):

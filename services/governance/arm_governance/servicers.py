@@ -168,12 +168,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             row = await self.store.get_row(s, p.tenant_id, request.envelope_id, for_update=True)
             self.store.check_etag(row, request.etag, required=False)
             env = policy_pb2.PolicyEnvelope.FromString(row.body)
+            was_active = env.active
             env.active = False
             saved = await self.store.save(s, p, env, row, request.reason, utcnow())
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="policy_envelope",
                                     target_id=saved.envelope_id, reason=request.reason,
                                     summary=f"policy {saved.name} deactivated",
-                                    before={"active": True}, after={"active": False, "revision": saved.revision})
+                                    before={"active": was_active}, after={"active": False, "revision": saved.revision})
             return policy_pb2.DeactivatePolicyEnvelopeResponse(envelope=saved)
 
         return await self._write("DeactivatePolicyEnvelope", request,
@@ -281,8 +282,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
         async def read(s: AsyncSession) -> Any:
             d = models.DecisionRecord
-            return (await s.execute(select(d).where(d.tenant_id == p.tenant_id, d.decided_at >= utcnow() - lookback)
-                                    .order_by(d.decided_at.desc()).limit(limit + 1))).scalars().all()
+            q = select(d.id, d.decided_at, d.instance_id, d.tool_name, d.decision, d.request, d.agent).where(
+                d.tenant_id == p.tenant_id, d.decided_at >= utcnow() - lookback, d.agent != b"")
+            # Only decisions of agents the candidate's scope covers.
+            if candidate.scope == policy_pb2.POLICY_SCOPE_PROJECT:
+                q = q.where(d.project_id == candidate.scope_id)
+            elif candidate.scope == policy_pb2.POLICY_SCOPE_VERSION:
+                q = q.where(d.version_id == candidate.scope_id)
+            return (await s.execute(q.order_by(d.decided_at.desc()).limit(limit + 1))).all()
 
         rows = await self.db.read(read)
         return convert.simulate(rows[:limit], envelopes, tenant, truncated=len(rows) > limit)

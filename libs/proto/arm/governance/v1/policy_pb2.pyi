@@ -689,7 +689,7 @@ class ListPolicyEnvelopesResponse(_message.Message):
     """Token for the next page; empty at the end."""
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyEnvelope]:
-        """The page of envelopes, by scope, then priority (highest first), then name."""
+        """The page of envelopes, oldest first (creation order)."""
 
     def __init__(
         self,

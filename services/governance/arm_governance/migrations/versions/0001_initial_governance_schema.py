@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-24 20:59:02.832251
+Create Date: 2026-11-24 21:30:32.451781
 """
 
 import sqlalchemy as sa
@@ -137,7 +137,8 @@ def upgrade() -> None:
     sa.Column('body', sa.LargeBinary(), nullable=False),
     sa.Column('created_at', arm_common.tables.UtcDateTime(), nullable=False),
     sa.Column('updated_at', arm_common.tables.UtcDateTime(), nullable=False),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_policy_envelopes'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_policy_envelopes')),
+    sa.UniqueConstraint('tenant_id', 'name', name=op.f('uq_policy_envelopes_tenant_id'))
     )
     with op.batch_alter_table('policy_envelopes', schema=None) as batch_op:
         batch_op.create_index('ix_envelopes_tenant_scope', ['tenant_id', 'scope', 'scope_id'], unique=False)
