@@ -731,7 +731,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
         async def write(s: AsyncSession) -> Any:
             row = await self.store.get(s, models.AgentVersion, request.id, p.tenant_id,
                                        "agent_version", for_update=True)
-            p.require("registry:write", project_id=row.project_id)
+            # Approving is the approver's permission; every other move is a registry write.
+            p.require("versions:approve" if target == "APPROVED" else "registry:write",
+                      project_id=row.project_id)
             self.store.check_etag(row, request.etag)
             domain.check_transition("version", domain.VERSION_TRANSITIONS, row.state, target)
             if target == "CANDIDATE" and row.eval_status != "PASS":
@@ -1126,6 +1128,7 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
                 description=f"Legacy agent {request.legacy_agent_id}", owners=[], tags=["legacy"],
                 active=True, version_count=1, created_at=now, updated_at=now, revision=1)
             s.add(tpl)
+            await s.flush()  # rows are inserted in this order: no relationship() tells SQLAlchemy
             await store.record(s, p, CR.CHANGE_RECORD_TYPE_TEMPLATE_CREATED, target_type="agent_template",
                                target_id=tpl.id, project_id=project.id, template_id=tpl.id,
                                summary=f"template {slug} created for legacy agent")
@@ -1137,6 +1140,7 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
                 notes="created by EnsureInstanceForLegacyAgent", created_by=p.actor_id,
                 approved_by=p.actor_id, created_at=now, updated_at=now, revision=1)
             s.add(ver)
+            await s.flush()
             await store.record(s, p, CR.CHANGE_RECORD_TYPE_VERSION_CREATED, target_type="agent_version",
                                target_id=ver.id, project_id=project.id, template_id=tpl.id,
                                version_id=ver.id, summary="version 1 created for legacy agent",
