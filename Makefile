@@ -24,7 +24,7 @@ run: setup
 	$(PY) -m arm_allinone
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 proto: setup
 	$(PY) scripts/gen_protos.py
