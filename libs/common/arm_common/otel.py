@@ -1,6 +1,7 @@
 """OpenTelemetry set-up: traces and metrics for every RPC (gRPC server interceptor) and every
-database call (SQLAlchemy instrumentation). Spans and metrics are exported over OTLP when
-OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise the API's no-op providers keep the cost near zero."""
+database call (SQLAlchemy instrumentation), exported over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is
+set. Without an endpoint nothing would receive them, so the instrumentation is not installed at
+all (it costs a measurable share of a decision even with no-op providers)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from opentelemetry import metrics, trace
 
 log = logging.getLogger(__name__)
 _configured = False
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
 def configure(service_name: str) -> None:
@@ -46,6 +51,8 @@ def server_interceptor() -> Any:
 
 def instrument_engine(engine: Any) -> None:
     """Adds a span per database statement on an (async) SQLAlchemy engine."""
+    if not enabled():
+        return
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
     SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)

@@ -44,7 +44,8 @@ class Host:
         self.listen = listen
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[otel.server_interceptor(), ArmServerInterceptor(authenticator)],
+            interceptors=[*([otel.server_interceptor()] if otel.enabled() else []),
+                          ArmServerInterceptor(authenticator)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.so_reuseport", 1)])
