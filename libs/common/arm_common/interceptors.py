@@ -130,14 +130,13 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             # Aborts raised by handlers themselves, and cancellation, propagate unchanged.
             return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError))
 
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def unary_response(inner: Any) -> Any:
+            """Wraps a handler returning one response (unary-unary and stream-unary alike)."""
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 try:
                     await prepare(context)
-                    result = await inner_uu(request, context)
+                    result = await inner(request, context)
                 except BaseException as exc:
                     done(started, exc)
                     if passthrough(exc):
@@ -145,17 +144,15 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                     await fail(context, exc)
                 done(started, None)
                 return result
+            return wrapper
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def stream_response(inner: Any) -> Any:
+            """Wraps a handler yielding responses (unary-stream and stream-stream alike)."""
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
                     await prepare(context)
-                    async for item in inner_us(request, context):
+                    async for item in inner(request, context):
                         yield item
                 except BaseException as exc:
                     done(started, exc)
@@ -163,43 +160,15 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                         raise
                     await fail(context, exc)
                 done(started, None)
+            return wrapper
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
+        ser = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), *ser)
         if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                try:
-                    await prepare(context)
-                    result = await inner_su(request_iterator, context)
-                except BaseException as exc:
-                    done(started, exc)
-                    if passthrough(exc):
-                        raise
-                    await fail(context, exc)
-                done(started, None)
-                return result
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer)
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            try:
-                await prepare(context)
-                async for item in inner_ss(request_iterator, context):
-                    yield item
-            except BaseException as exc:
-                done(started, exc)
-                if passthrough(exc):
-                    raise
-                await fail(context, exc)
-            done(started, None)
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), *ser)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), *ser)
+        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), *ser)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf.message import Message
+
 from arm_common.errors import Violations
 
 SLUG_RE = re.compile(r"^[a-z0-9-]{2,63}$")
@@ -70,3 +72,14 @@ def string_list(v: Violations, path: str, values: list[str], *, max_items: int =
     for i, item in enumerate(values):
         if not item or len(item) > max_len or "\x00" in item:
             v.add(f"{path}[{i}]", f"must be 1 to {max_len} characters, without NUL")
+
+
+def standard_fields(v: Violations, request: Message) -> None:
+    """Bounds of the AIP fields many requests carry: request_id, etag, reason, page_token,
+    page_size (negative is refused)."""
+    fields = request.DESCRIPTOR.fields_by_name
+    for name, limit in (("request_id", 128), ("etag", 64), ("page_token", 1000), ("reason", MAX_TEXT)):
+        if name in fields:
+            optional(v, name, getattr(request, name), limit)
+    if "page_size" in fields and getattr(request, "page_size") < 0:  # noqa: B009
+        v.add("page_size", "must not be negative")

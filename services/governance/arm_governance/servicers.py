@@ -35,12 +35,7 @@ MAX_LOOKBACK = timedelta(days=30)
 
 def _check_common(request: Any) -> None:
     v = Violations()
-    fields = request.DESCRIPTOR.fields_by_name
-    for name, limit in (("request_id", 128), ("etag", 64), ("reason", val.MAX_TEXT), ("page_token", 1000)):
-        if name in fields:
-            val.optional(v, name, getattr(request, name), limit)
-    if "page_size" in fields and request.page_size < 0:
-        v.add("page_size", "must not be negative")
+    val.standard_fields(v, request)
     v.raise_if_any()
 
 

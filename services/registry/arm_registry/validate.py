@@ -16,24 +16,13 @@ EVAL_STATUSES = set(agents_pb2.EvalStatus.values()) - {0}
 SCOPE_TYPES = set(access_pb2.RoleScopeType.values())
 
 
-def common(v: Violations, request: Message) -> None:
-    """request_id, etag, page_size and reason bounds shared by many requests."""
-    fields = request.DESCRIPTOR.fields_by_name
-    for name, limit in (("request_id", 128), ("etag", 64), ("page_token", 1000),
-                        ("reason", val.MAX_TEXT)):
-        if name in fields:
-            val.optional(v, name, getattr(request, name), limit)
-    if "page_size" in fields and getattr(request, "page_size") < 0:  # noqa: B009
-        v.add("page_size", "must not be negative")
-
-
 def check(request: Message, *rules: tuple[str, str], prefix: str = "") -> None:
     """Validates `request` with the shared checks plus the given (kind, field) rules.
     kinds: id (required id), id? (optional id), name, name?, text?, slug, email, enum, enum?,
     list, long? (up to 200,000 characters). `prefix` names a nested message, e.g.
     "agent_identity.", in the field violations."""
     v = Violations()
-    common(v, request)
+    val.standard_fields(v, request)
     for kind, name in rules:
         value = getattr(request, name)
         field = prefix + name
