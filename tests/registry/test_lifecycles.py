@@ -5,6 +5,7 @@ approval gates, and which versions may get instances in which environments."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -99,7 +100,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(registry: RegistryServer, system_admin: ArmClient) -> World:  # type: ignore[misc]
+async def world(registry: RegistryServer, system_admin: ArmClient) -> AsyncIterator[World]:
     ctx = await make_tenant(registry, system_admin)
     admin = ctx.admin
     suffix = secrets.token_hex(4)

@@ -44,6 +44,15 @@ def _is_retryable(exc: BaseException) -> bool:
     return False
 
 
+def is_unique_violation(exc: BaseException) -> bool:
+    """True for a unique-constraint violation (not a foreign-key or other integrity error)."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    if code:
+        return bool(code == "23505")
+    return "UNIQUE constraint failed" in str(exc)
+
+
 class Database:
     """One engine and session factory. `transaction()` yields a session inside a transaction that
     commits on success; `run()` retries a whole transaction function on transient conflicts."""
@@ -70,6 +79,10 @@ class Database:
         if self.dialect == "sqlite":
             self._configure_sqlite()
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time. Queueing writers here, instead of on SQLite's busy
+        # handler, keeps them fair and fast: with several connections waiting on BEGIN IMMEDIATE,
+        # failed transactions were seen to leave the others waiting out the full busy timeout.
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
 
     def _configure_sqlite(self) -> None:
         sync_engine = self.engine.sync_engine
@@ -108,6 +121,9 @@ class Database:
         """Runs fn in a transaction, retrying the whole transaction on transient conflicts."""
         for attempt in range(attempts):
             try:
+                if self._write_lock is not None:
+                    async with self._write_lock, self.transaction() as session:
+                        return await fn(session)
                 async with self.transaction() as session:
                     return await fn(session)
             except DBAPIError as exc:

@@ -93,15 +93,20 @@ class OutboxRelay:
             return
         self._task = asyncio.create_task(self._loop(), name=f"outbox-{self.topic}")
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Lets a delivery under way finish (and be marked) before stopping; a pass still
+        running after `grace_s` is cancelled, and its messages are delivered again later."""
         self._stopping = True
         if self._task:
             self._wake.set()
-            self._task.cancel()
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+                await asyncio.wait_for(asyncio.shield(self._task), grace_s)
+            except TimeoutError:
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    pass
 
     async def _loop(self) -> None:
         while not self._stopping:

@@ -19,6 +19,7 @@ from arm.governance.v1 import policy_pb2
 from arm.registry.v1 import agents_pb2, agents_pb2_grpc, tenancy_pb2, tenancy_pb2_grpc
 from arm_common import validation as val
 from arm_common.auth import Principal
+from arm_common.db import is_unique_violation
 from arm_common.errors import (
     Aborted,
     AlreadyExists,
@@ -178,9 +179,10 @@ class PolicyStore:
         row.active, row.revision, row.updated_at = env.active, env.revision, now
         row.body = env.SerializeToString()
         try:
-            async with s.begin_nested():
-                await s.flush()
-        except IntegrityError:
+            await s.flush()
+        except IntegrityError as exc:
+            if not is_unique_violation(exc):
+                raise
             raise AlreadyExists(f"a policy envelope named {env.name!r} already exists",
                                 reason="POLICY_ENVELOPE_EXISTS", metadata={"name": env.name}) from None
         s.add(models.PolicyEnvelopeRevision(

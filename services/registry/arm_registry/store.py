@@ -19,7 +19,7 @@ from arm.common.v1 import common_pb2
 from arm_common import pagination
 from arm_common.auth import Principal, new_api_key
 from arm_common.canonical import canonical_json
-from arm_common.db import Database
+from arm_common.db import Database, is_unique_violation
 from arm_common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
@@ -135,11 +135,13 @@ class RegistryStore:
 
     @staticmethod
     async def flush_unique(session: AsyncSession, what: str, detail: dict[str, str]) -> None:
-        """Flushes pending inserts, turning a unique-constraint violation into ALREADY_EXISTS."""
+        """Flushes pending inserts, turning a unique-constraint violation into ALREADY_EXISTS (the
+        transaction is rolled back either way)."""
         try:
-            async with session.begin_nested():
-                await session.flush()
-        except IntegrityError:
+            await session.flush()
+        except IntegrityError as exc:
+            if not is_unique_violation(exc):
+                raise
             raise AlreadyExists(f"{what} already exists: " + ", ".join(
                 f"{k}={v!r}" for k, v in detail.items()), reason=f"{what.upper().replace(' ', '_')}_EXISTS",
                 metadata=detail) from None
