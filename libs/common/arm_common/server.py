@@ -77,6 +77,10 @@ class Host:
         """Reports NOT_SERVING, lets in-flight calls finish for `grace` seconds, then stops
         background work."""
         await self.health.enter_graceful_shutdown()
+        for component in self.components:
+            draining = getattr(component, "draining", None)
+            if draining is not None:  # e.g. close long-lived streams it holds open to a peer
+                await draining()
         await self.server.stop(grace)
         for component in reversed(self.components):
             await component.stop()

@@ -84,6 +84,7 @@ class AgentDirectory:
         self._task = asyncio.create_task(self._watch(), name="watch-agent-changes")
 
     async def stop(self) -> None:
+        self.live = False
         if self._task:
             self._task.cancel()
             try:

@@ -100,6 +100,12 @@ class GovernanceComponent:
         assert self.agents is not None
         await self.agents.start()
 
+    async def draining(self) -> None:
+        # The agent-change stream is a call that never ends by itself; in the all-in-one server
+        # it is served by this very server, whose graceful stop would wait for it.
+        if self.agents:
+            await self.agents.stop()
+
     async def stop(self) -> None:
         if self.agents:
             await self.agents.stop()
