@@ -13,13 +13,14 @@ from arm.governance.v1 import decision_pb2_grpc, policy_pb2_grpc
 from arm_common import migrations, otel
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database
+from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
 from arm_common.remote_auth import RemoteAuthenticator
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_log import DecisionLog
 from arm_governance.decisions import Approvals, Decider, SpendBook
-from arm_governance.models import OUTBOX
+from arm_governance.models import IDEMPOTENCY, OUTBOX
 from arm_governance.policies import PolicyCache
 from arm_governance.policy_store import PolicyStore, RegistryLookup
 from arm_governance.servicers import DecisionServicer, PolicyServicer
@@ -57,6 +58,7 @@ class GovernanceComponent:
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, None, poll_interval_s=config.outbox_poll_s),
                        OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, None, poll_interval_s=config.outbox_poll_s)]
         self.log = DecisionLog(db, self.relays)
+        self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
         self.store = PolicyStore(self.changes)
         self.agents: AgentDirectory | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -97,6 +99,7 @@ class GovernanceComponent:
         await self.log.start()
         for relay in self.relays:
             await relay.start()
+        await self.housekeeping.start()
         assert self.agents is not None
         await self.agents.start()
 
@@ -109,6 +112,7 @@ class GovernanceComponent:
     async def stop(self) -> None:
         if self.agents:
             await self.agents.stop()
+        await self.housekeeping.stop()
         for relay in self.relays:
             await relay.stop()
         await self.log.stop()

@@ -15,11 +15,12 @@ from arm_common import migrations, otel
 from arm_common.auth import Principal
 from arm_common.config import ServiceConfig
 from arm_common.db import Database
+from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay
 from arm_registry import models
 from arm_registry.authn import LocalAuthenticator
-from arm_registry.models import OUTBOX
+from arm_registry.models import IDEMPOTENCY, OUTBOX
 from arm_registry.servicers import AccessServicer, AgentServicer, CompatServicer, TenancyServicer
 from arm_registry.store import RegistryStore
 
@@ -50,6 +51,7 @@ class RegistryComponent:
         self.changes = ChangeChannel(db, "registry_agents")
         self.store = RegistryStore(db, self.relay, self.changes)
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
+        self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
         agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator)
@@ -66,8 +68,10 @@ class RegistryComponent:
         await migrations.check_at_head(self.db, MIGRATIONS, "registry")
         await self.changes.start()
         await self.relay.start()
+        await self.housekeeping.start()
 
     async def stop(self) -> None:
+        await self.housekeeping.stop()
         await self.relay.stop()
         await self.changes.stop()
 
