@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -49,7 +50,9 @@ async def test_kill_9_during_mutations_loses_and_duplicates_nothing(backend: str
                 acked[rid] = resp.project.id
 
     writers = [asyncio.create_task(writer(n)) for n in range(4)]
+    deadline = time.monotonic() + 60
     while len(acked) < 40:
+        assert time.monotonic() < deadline and not all(w.done() for w in writers), log.read_text()[-3000:]
         await asyncio.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)

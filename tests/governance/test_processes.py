@@ -114,7 +114,10 @@ async def test_kill_9_under_load_loses_no_answered_decision(registry, tenant, tm
                 answered.append(resp.decision_id)
 
     workers = [asyncio.create_task(load(n)) for n in range(16)]
+    deadline = time.monotonic() + 60
     while len(answered) < 300:
+        assert time.monotonic() < deadline and not all(w.done() for w in workers), (
+            f"only {len(answered)} decisions answered:\n{log.read_text()[-3000:]}")
         await asyncio.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)

@@ -143,3 +143,12 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def open_database(url: str, schema: str | None) -> Database:
+    """A Database with OpenTelemetry spans per statement (when an OTLP endpoint is set)."""
+    from arm_common import otel
+
+    db = Database(url, schema=schema)
+    otel.instrument_engine(db.engine)
+    return db

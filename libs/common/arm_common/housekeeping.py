@@ -12,6 +12,7 @@ from sqlalchemy import Table, delete, select
 
 from arm_common.db import Database
 from arm_common.tables import utcnow
+from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,4 @@ class Housekeeping:
         self._task = asyncio.create_task(loop(), name="housekeeping")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)

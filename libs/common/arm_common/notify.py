@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm_common.db import Database
+from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 RESET: dict[str, Any] = {"reset": True}
@@ -93,12 +94,7 @@ class ChangeChannel:
                 log.warning("%s: LISTEN not established yet; retrying in the background", self.channel)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _listen(self) -> None:
         dsn = make_url(self.db.url).set(drivername="postgresql").render_as_string(hide_password=False)

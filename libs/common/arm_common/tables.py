@@ -20,6 +20,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
+# Constraint names every service's metadata uses, so migrations name them the same way everywhere.
+NAMING_CONVENTION = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+                     "ck": "ck_%(table_name)s_%(constraint_name)s",
+                     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+                     "pk": "pk_%(table_name)s"}
+
 # Integer on SQLite so the column is a rowid alias there; BIGINT on PostgreSQL.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 

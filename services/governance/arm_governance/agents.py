@@ -12,6 +12,7 @@ import grpc
 
 from arm.registry.v1 import compat_pb2, compat_pb2_grpc
 from arm_common.errors import PermissionDenied, Unavailable
+from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 Resolved = compat_pb2.ResolvedAgent
@@ -85,12 +86,7 @@ class AgentDirectory:
 
     async def stop(self) -> None:
         self.live = False
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def wait_live(self, timeout_s: float = 10) -> bool:
         """Waits until the change feed is connected (resolutions are cached from then on)."""

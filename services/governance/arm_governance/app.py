@@ -10,13 +10,14 @@ from pathlib import Path
 import grpc
 
 from arm.governance.v1 import decision_pb2_grpc, policy_pb2_grpc
-from arm_common import migrations, otel
+from arm_common import migrations
 from arm_common.config import ConfigError, ServiceConfig
-from arm_common.db import Database
+from arm_common.db import Database, open_database
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
 from arm_common.remote_auth import RemoteAuthenticator
+from arm_common.tasks import cancel_and_wait
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_log import DecisionLog
 from arm_governance.decisions import Approvals, Decider, SpendBook
@@ -31,9 +32,7 @@ SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionServic
 
 
 def database(config: ServiceConfig) -> Database:
-    db = Database(config.database_url, schema=config.database_schema)
-    otel.instrument_engine(db.engine)
-    return db
+    return open_database(config.database_url, config.database_schema)
 
 
 async def migrate(db: Database) -> None:
@@ -116,8 +115,7 @@ class GovernanceComponent:
         for relay in self.relays:
             await relay.stop()
         await self.log.stop()
-        if self._follower:
-            self._follower.cancel()
+        await cancel_and_wait(self._follower)
         await self.changes.stop()
         if self.channel is not None:
             await self.channel.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format
 
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, compat_pb2, tenancy_pb2
+from arm_common.messages import ts
 from arm_governance import engine
 
 _CONTROL_NAMES = {policy_pb2.OPERATOR_CONTROL_MODE_NORMAL: "NORMAL",
@@ -17,20 +18,6 @@ _CONTROL_NAMES = {policy_pb2.OPERATOR_CONTROL_MODE_NORMAL: "NORMAL",
                   policy_pb2.OPERATOR_CONTROL_MODE_QUARANTINED: "QUARANTINED"}
 
 
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
-    return out
-
-
-def struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
-    if value is None:
-        return None
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
 
 
 def control_mode_name(mode: int | None) -> str:

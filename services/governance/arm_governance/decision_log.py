@@ -18,6 +18,7 @@ from arm.governance.v1 import decision_pb2
 from arm_common.db import Database
 from arm_common.errors import Unavailable
 from arm_common.outbox import OutboxRelay, enqueue_many, outbox_row
+from arm_common.tasks import cancel_and_wait
 from arm_governance import models
 from arm_governance.models import OUTBOX
 
@@ -47,12 +48,7 @@ class DecisionLog:
         self._task = asyncio.create_task(self._writer(), name="decision-log")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def append(self, pending: PendingDecision) -> decision_pb2.CheckResponse:
         """Returns once the decision is committed: the response to send (for a retried

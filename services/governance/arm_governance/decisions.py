@@ -22,6 +22,7 @@ from arm_common.canonical import canonical_hash
 from arm_common.db import Database
 from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
 from arm_common.ids import new_id
+from arm_common.messages import struct, ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_governance import convert, engine, models
@@ -239,14 +240,14 @@ class Decider:
             approval_id=approval_id, tenant_id=principal.tenant_id, project_id=resolved.project_id,
             instance_id=resolved.instance_id, version_id=resolved.version_id,
             action_type=approvals_pb2.APPROVAL_ACTION_TYPE_TOOL_EXECUTION, tool_name=request.tool_name,
-            argument_digest=digest, arguments=convert.struct(args), risk=int(result.risk),
+            argument_digest=digest, arguments=struct(args), risk=int(result.risk),
             justification="; ".join(r.message for r in result.reasons),
             estimated_cost_usd=request.estimated_cost_usd, required_decisions=required,
-            status=approvals_pb2.APPROVAL_STATUS_PENDING, expire_time=convert.ts(expires),
+            status=approvals_pb2.APPROVAL_STATUS_PENDING, expire_time=ts(expires),
             requester=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
                                        id=principal.actor_id),
             run_id=request.run_id, tool_call_id=request.tool_call_id, decision_id=decision_id,
-            create_time=convert.ts(now), update_time=convert.ts(now), etag="1")
+            create_time=ts(now), update_time=ts(now), etag="1")
         return dict(
             id=approval_id, tenant_id=principal.tenant_id, project_id=resolved.project_id,
             instance_id=resolved.instance_id, version_id=resolved.version_id,
@@ -265,8 +266,8 @@ class Decider:
         event = events_pb2.OpEvent(
             event_id=f"evt-{decision_id}", tenant_id=principal.tenant_id,
             type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED if blocked else events_pb2.OP_EVENT_TYPE_DECISION_MADE,
-            occur_time=convert.ts(now), run_id=request.run_id, tool_call_id=request.tool_call_id,
-            payload=convert.struct({
+            occur_time=ts(now), run_id=request.run_id, tool_call_id=request.tool_call_id,
+            payload=struct({
                 "decision_id": decision_id, "tool_name": request.tool_name,
                 "decision": policy_pb2.Decision.Name(int(result.effect)),
                 "risk": common_pb2.RiskLevel.Name(int(result.risk)),
@@ -297,7 +298,7 @@ class Decider:
             version_id=resolved.version_id if resolved is not None else "",
             instance_id=resolved.instance_id if resolved is not None else "",
             summary=f"{request.tool_name} denied: {result.reasons[0].code if result.reasons else 'DENY'}",
-            payload=convert.struct({"decision_id": decision_id, "agent_ref": getattr(request, kind),
+            payload=struct({"decision_id": decision_id, "agent_ref": getattr(request, kind),
                                     "reasons": [r.code for r in result.reasons],
                                     "step": decision_pb2.DecisionStep.Name(int(result.step))}),
             occur_time=occurred, source="governance")

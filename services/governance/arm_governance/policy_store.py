@@ -30,10 +30,11 @@ from arm_common.errors import (
     Violations,
 )
 from arm_common.ids import new_id
+from arm_common.messages import struct, ts
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
-from arm_governance import convert, engine, models
+from arm_governance import engine, models
 from arm_governance.models import OUTBOX
 
 CR = common_pb2.ChangeRecordType
@@ -137,8 +138,8 @@ class PolicyStore:
             record_id=new_id("chg"), tenant_id=principal.tenant_id, type=type_,  # type: ignore[arg-type]
             actor=actor(principal), target_type=target_type, target_id=target_id,
             project_id=project_id, version_id=version_id, summary=summary, reason=reason,
-            before=convert.struct(before), after=convert.struct(after), payload=convert.struct(payload),
-            occur_time=convert.ts(utcnow()), source="governance")
+            before=struct(before), after=struct(after), payload=struct(payload),
+            occur_time=ts(utcnow()), source="governance")
         await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
                       message_id=rec.record_id, message=rec)
 
@@ -157,7 +158,7 @@ class PolicyStore:
                    row: models.PolicyEnvelope | None, reason: str, now: datetime) -> policy_pb2.PolicyEnvelope:
         """Writes a new revision (the first, when row is None) and its history entry."""
         env.tenant_id = principal.tenant_id
-        env.update_time.CopyFrom(convert.ts(now))
+        env.update_time.CopyFrom(ts(now))
         env.updated_by.CopyFrom(actor(principal))
         if not env.HasField("priority"):
             env.priority = 100
@@ -168,7 +169,7 @@ class PolicyStore:
         if row is None:
             env.envelope_id = new_id("pol")
             env.revision = 1
-            env.create_time.CopyFrom(convert.ts(now))
+            env.create_time.CopyFrom(ts(now))
             env.created_by.CopyFrom(actor(principal))
             row = models.PolicyEnvelope(id=env.envelope_id, tenant_id=principal.tenant_id, created_at=now)
             s.add(row)

@@ -21,6 +21,7 @@ from arm_common.db import Database
 from arm_common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Violations
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
+from arm_common.messages import ts
 from arm_common.tables import utcnow
 from arm_governance import convert, engine, models
 from arm_governance.agents import AgentDirectory
@@ -178,7 +179,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def _revision(self, row: models.PolicyEnvelopeRevision) -> policy_pb2.PolicyEnvelopeRevision:
         return policy_pb2.PolicyEnvelopeRevision(
             envelope_id=row.envelope_id, revision=row.revision,
-            envelope=policy_pb2.PolicyEnvelope.FromString(row.body), create_time=convert.ts(row.created_at),
+            envelope=policy_pb2.PolicyEnvelope.FromString(row.body), create_time=ts(row.created_at),
             created_by=policy_pb2.PolicyEnvelope.FromString(row.body).updated_by, reason=row.reason)
 
     async def GetPolicyEnvelopeRevision(self, request: policy_pb2.GetPolicyEnvelopeRevisionRequest, context: Ctx) -> Any:

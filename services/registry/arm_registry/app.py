@@ -11,10 +11,10 @@ import grpc
 from sqlalchemy import select
 
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
-from arm_common import migrations, otel
+from arm_common import migrations
 from arm_common.auth import Principal
 from arm_common.config import ServiceConfig
-from arm_common.db import Database
+from arm_common.db import Database, open_database
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay
@@ -30,9 +30,7 @@ SYSTEM = Principal(tenant_id="", actor_type="SYSTEM", actor_id="arm-bootstrap", 
 
 
 def database(config: ServiceConfig) -> Database:
-    db = Database(config.database_url, schema=config.database_schema)
-    otel.instrument_engine(db.engine)
-    return db
+    return open_database(config.database_url, config.database_schema)
 
 
 async def migrate(db: Database) -> None:

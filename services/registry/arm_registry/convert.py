@@ -3,28 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
-
-from google.protobuf import struct_pb2, timestamp_pb2
 
 from arm.registry.v1 import access_pb2, agents_pb2, compat_pb2, tenancy_pb2
+from arm_common.messages import struct, ts
 from arm_registry import domain, models
-
-
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value)
-    return out
-
-
-def struct(value: dict | None) -> struct_pb2.Struct | None:  # type: ignore[type-arg]
-    if value is None:
-        return None
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
 
 
 def tenant(row: models.Tenant) -> tenancy_pb2.Tenant:

@@ -23,10 +23,11 @@ from arm_common.db import Database, is_unique_violation
 from arm_common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
+from arm_common.messages import struct
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay, enqueue
 from arm_common.tables import utcnow
-from arm_registry import convert, domain, models
+from arm_registry import domain, models
 from arm_registry.models import IDEMPOTENCY, OUTBOX
 
 M = TypeVar("M", bound=models.Base)
@@ -107,8 +108,8 @@ class RegistryStore:
             record_id=new_id("chg"), tenant_id=tenant_id or principal.tenant_id, type=type_,  # type: ignore[arg-type]
             actor=actor_of(principal), target_type=target_type, target_id=target_id,
             project_id=project_id, template_id=template_id, version_id=version_id,
-            instance_id=instance_id, summary=summary, payload=convert.struct(payload),
-            before=convert.struct(before), after=convert.struct(after), reason=reason,
+            instance_id=instance_id, summary=summary, payload=struct(payload),
+            before=struct(before), after=struct(after), reason=reason,
             occur_time=now, source="registry")
         await enqueue(session, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
                       message_id=rec.record_id, message=rec)
