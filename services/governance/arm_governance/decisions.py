@@ -5,6 +5,7 @@ applies and the spend is not cached."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import datetime, timedelta
 from typing import Any
@@ -192,11 +193,9 @@ class Decider:
         if (grant is not None and grant.status == "VALID" and result.step == engine.Step.APPROVAL_GRANT
                 and result.effect == engine.Effect.ALLOW):
             if not await self.approvals.consume(principal.tenant_id, request.approval_id):
-                call = engine.Call(tool=call.tool, arguments=call.arguments, declared_risk=call.declared_risk,
-                                   estimated_cost_usd=call.estimated_cost_usd,
-                                   is_run_start=call.is_run_start, grant=engine.Grant("USED"))
-                result = engine.decide(policy, agent, call, controls=controls, spend=spend,
-                                       classifier=self.classifier)
+                # Another call used the grant between our read and our consume.
+                result = engine.decide(policy, agent, dataclasses.replace(call, grant=engine.Grant("USED")),
+                                       controls=controls, spend=spend, classifier=self.classifier)
         return await self._log(principal, request, resolved, result, tenant.epoch, digest, args, now)
 
     async def _log(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
