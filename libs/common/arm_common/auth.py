@@ -88,10 +88,6 @@ def current_api_key() -> str:
     return _api_key.get()
 
 
-def current_request_id() -> str:
-    return _request_id.get()
-
-
 class Authenticator(Protocol):
     """Turns the bearer key of a call into a principal, or raises Unauthenticated."""
 
