@@ -51,7 +51,8 @@ class RemoteAuthenticator:
             hit = (now + self.ttl_s, answer)
             self._cache[api_key] = hit
         if isinstance(hit[1], Unauthenticated):
-            raise hit[1]
+            # A fresh exception each time: re-raising one object would grow its traceback.
+            raise Unauthenticated(hit[1].message, reason=hit[1].reason)
         return hit[1]
 
     def invalidate(self) -> None:
