@@ -199,15 +199,9 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
                                       tenancy_pb2.CreateEnvironmentResponse, write)
 
     async def GetEnvironment(self, request: tenancy_pb2.GetEnvironmentRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"))
-        p = current_principal()
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Environment, request.id, p.tenant_id, "environment")
-            p.require("registry:read", environment_id=row.id)
-            return tenancy_pb2.GetEnvironmentResponse(environment=convert.environment(row))
-
-        return await self.store.read(read)
+        return await _get(self.store, request, models.Environment, "environment",
+                          lambda row: tenancy_pb2.GetEnvironmentResponse(environment=convert.environment(row)),
+                          scope=lambda row: {"environment_id": row.id})
 
     async def ListEnvironments(self, request: tenancy_pb2.ListEnvironmentsRequest, context: Ctx) -> Any:
         return await _list(self.store, request, "registry:read", models.Environment, {},
@@ -266,15 +260,9 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
                                       write)
 
     async def GetProject(self, request: tenancy_pb2.GetProjectRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"))
-        p = current_principal()
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Project, request.id, p.tenant_id, "project")
-            p.require("registry:read", project_id=row.id)
-            return tenancy_pb2.GetProjectResponse(project=convert.project(row))
-
-        return await self.store.read(read)
+        return await _get(self.store, request, models.Project, "project",
+                          lambda row: tenancy_pb2.GetProjectResponse(project=convert.project(row)),
+                          scope=lambda row: {"project_id": row.id})
 
     async def ListProjects(self, request: tenancy_pb2.ListProjectsRequest, context: Ctx) -> Any:
         return await _list(self.store, request, "registry:read", models.Project, {},
@@ -332,6 +320,24 @@ async def _list(store: RegistryStore, request: Any, permission: str, model: Any,
     return await store.read(read)
 
 
+async def _get(store: RegistryStore, request: Any, model: Any, kind: str, build: Any, *,
+               permission: str = "registry:read", scope: Any = None) -> Any:
+    """The standard tenant-scoped read by id. With `scope` (row → project/environment ids) the
+    permission is checked against the row, so project- and environment-scoped grants apply."""
+    check(request, ("id", "id"))
+    p = current_principal()
+    if scope is None:
+        p.require(permission)
+
+    async def read(s: AsyncSession) -> Any:
+        row = await store.get(s, model, request.id, p.tenant_id, kind)
+        if scope is not None:
+            p.require(permission, **scope(row))
+        return build(row)
+
+    return await store.read(read)
+
+
 class AccessServicer(access_pb2_grpc.AccessServiceServicer):
     def __init__(self, store: RegistryStore, authenticator: Any) -> None:
         self.store = store
@@ -362,15 +368,8 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
                                       write)
 
     async def GetOperator(self, request: access_pb2.GetOperatorRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"))
-        p = current_principal()
-        p.require("registry:read")
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Operator, request.id, p.tenant_id, "operator")
-            return access_pb2.GetOperatorResponse(operator=convert.operator(row))
-
-        return await self.store.read(read)
+        return await _get(self.store, request, models.Operator, "operator",
+                          lambda row: access_pb2.GetOperatorResponse(operator=convert.operator(row)))
 
     async def ListOperators(self, request: access_pb2.ListOperatorsRequest, context: Ctx) -> Any:
         return await _list(self.store, request, "registry:read", models.Operator, {},
@@ -444,15 +443,8 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
         return await self.store.write(p, "CreateRole", request, access_pb2.CreateRoleResponse, write)
 
     async def GetRole(self, request: access_pb2.GetRoleRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"))
-        p = current_principal()
-        p.require("registry:read")
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Role, request.id, p.tenant_id, "role")
-            return access_pb2.GetRoleResponse(role=convert.role(row))
-
-        return await self.store.read(read)
+        return await _get(self.store, request, models.Role, "role",
+                          lambda row: access_pb2.GetRoleResponse(role=convert.role(row)))
 
     async def ListRoles(self, request: access_pb2.ListRolesRequest, context: Ctx) -> Any:
         return await _list(self.store, request, "registry:read", models.Role, {},
@@ -606,15 +598,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                                       agents_pb2.CreateAgentTemplateResponse, write)
 
     async def GetAgentTemplate(self, request: agents_pb2.GetAgentTemplateRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"))
-        p = current_principal()
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.AgentTemplate, request.id, p.tenant_id, "agent_template")
-            p.require("registry:read", project_id=row.project_id)
-            return agents_pb2.GetAgentTemplateResponse(agent_template=convert.template(row))
-
-        return await self.store.read(read)
+        return await _get(self.store, request, models.AgentTemplate, "agent_template",
+                          lambda row: agents_pb2.GetAgentTemplateResponse(agent_template=convert.template(row)),
+                          scope=lambda row: {"project_id": row.project_id})
 
     async def ListAgentTemplates(self, request: agents_pb2.ListAgentTemplatesRequest, context: Ctx) -> Any:
         check(request, ("id?", "project_id"))
@@ -705,15 +691,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                                       agents_pb2.CreateAgentVersionResponse, write)
 
     async def GetAgentVersion(self, request: agents_pb2.GetAgentVersionRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"))
-        p = current_principal()
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.AgentVersion, request.id, p.tenant_id, "agent_version")
-            p.require("registry:read", project_id=row.project_id)
-            return agents_pb2.GetAgentVersionResponse(agent_version=convert.version(row))
-
-        return await self.store.read(read)
+        return await _get(self.store, request, models.AgentVersion, "agent_version",
+                          lambda row: agents_pb2.GetAgentVersionResponse(agent_version=convert.version(row)),
+                          scope=lambda row: {"project_id": row.project_id})
 
     async def ListAgentVersions(self, request: agents_pb2.ListAgentVersionsRequest, context: Ctx) -> Any:
         check(request, ("id?", "template_id"), ("enum?", "state"))
@@ -1004,15 +984,8 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                                       agents_pb2.UpsertAgentIdentityResponse, write)
 
     async def GetAgentIdentity(self, request: agents_pb2.GetAgentIdentityRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"))
-        p = current_principal()
-        p.require("registry:read")
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.AgentIdentity, request.id, p.tenant_id, "agent_identity")
-            return agents_pb2.GetAgentIdentityResponse(agent_identity=convert.identity(row))
-
-        return await self.store.read(read)
+        return await _get(self.store, request, models.AgentIdentity, "agent_identity",
+                          lambda row: agents_pb2.GetAgentIdentityResponse(agent_identity=convert.identity(row)))
 
     async def ListAgentIdentities(self, request: agents_pb2.ListAgentIdentitiesRequest, context: Ctx) -> Any:
         check(request, ("id?", "template_id"))
