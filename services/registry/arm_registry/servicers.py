@@ -30,7 +30,7 @@ from arm_common.ids import new_id
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
 from arm_registry.store import CR, RegistryStore
-from arm_registry.validate import check
+from arm_registry.validate import check, check_present
 
 Ctx = grpc.aio.ServicerContext
 
@@ -139,10 +139,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
 
     async def UpdateTenant(self, request: tenancy_pb2.UpdateTenantRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
-        if request.HasField("name"):
-            check(request, ("name", "name"))
-        if request.HasField("description"):
-            check(request, ("text?", "description"))
+        check_present(request, ("name", "name"), ("text?", "description"))
         p = current_principal()
         admin = p.has("tenants:admin")
         if not admin:
@@ -155,10 +152,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
             row = await self.store.get(s, models.Tenant, request.id, scope, "tenant", for_update=True)
             self.store.check_etag(row, request.etag)
             before = {"name": row.name, "active": row.active}
-            if request.HasField("name"):
-                row.name = request.name
-            if request.HasField("description"):
-                row.description = request.description
+            self.store.apply_present(row, request, "name", "description")
             if request.HasField("active"):
                 if row.system and not request.active:
                     raise FailedPrecondition("the system tenant cannot be deactivated",
@@ -210,8 +204,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
 
     async def UpdateEnvironment(self, request: tenancy_pb2.UpdateEnvironmentRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
-        if request.HasField("name"):
-            check(request, ("name", "name"))
+        check_present(request, ("name", "name"))
         p = current_principal()
         p.require("registry:write")
 
@@ -220,10 +213,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
                                        for_update=True)
             self.store.check_etag(row, request.etag)
             before = {"name": row.name, "require_active_deployment": row.require_active_deployment}
-            if request.HasField("name"):
-                row.name = request.name
-            if request.HasField("require_active_deployment"):
-                row.require_active_deployment = request.require_active_deployment
+            self.store.apply_present(row, request, "name", "require_active_deployment")
             self.store.touch(row)
             await self.store.flush_unique(s, "environment", {"name": row.name})
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
@@ -271,10 +261,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
 
     async def UpdateProject(self, request: tenancy_pb2.UpdateProjectRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
-        if request.HasField("name"):
-            check(request, ("name", "name"))
-        if request.HasField("description"):
-            check(request, ("text?", "description"))
+        check_present(request, ("name", "name"), ("text?", "description"))
         p = current_principal()
 
         async def write(s: AsyncSession) -> Any:
@@ -283,10 +270,7 @@ class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
             p.require("registry:write", project_id=row.id)
             self.store.check_etag(row, request.etag)
             before = {"name": row.name}
-            if request.HasField("name"):
-                row.name = request.name
-            if request.HasField("description"):
-                row.description = request.description
+            self.store.apply_present(row, request, "name", "description")
             self.store.touch(row)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="project",
                                     target_id=row.id, project_id=row.id, summary="project updated",
@@ -378,10 +362,7 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
 
     async def UpdateOperator(self, request: access_pb2.UpdateOperatorRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
-        if request.HasField("name"):
-            check(request, ("name", "name"))
-        if request.HasField("external_subject"):
-            check(request, ("name?", "external_subject"))
+        check_present(request, ("name", "name"), ("name?", "external_subject"))
         p = current_principal()
         p.require("operators:admin")
 
@@ -390,10 +371,7 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
                                        for_update=True)
             self.store.check_etag(row, request.etag)
             before = {"name": row.name, "active": row.active}
-            if request.HasField("name"):
-                row.name = request.name
-            if request.HasField("external_subject"):
-                row.external_subject = request.external_subject
+            self.store.apply_present(row, request, "name", "external_subject")
             if request.HasField("active"):
                 if not request.active and row.id == p.actor_id:
                     raise FailedPrecondition("operators cannot deactivate themselves",
@@ -612,10 +590,7 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
 
     async def UpdateAgentTemplate(self, request: agents_pb2.UpdateAgentTemplateRequest, context: Ctx) -> Any:
         check(request, ("id", "id"), ("list", "owners"), ("list", "tags"))
-        if request.HasField("name"):
-            check(request, ("name", "name"))
-        if request.HasField("description"):
-            check(request, ("text?", "description"))
+        check_present(request, ("name", "name"), ("text?", "description"))
         p = current_principal()
 
         async def write(s: AsyncSession) -> Any:
@@ -625,10 +600,7 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             self.store.check_etag(row, request.etag)
             before = {"name": row.name, "description": row.description, "owners": row.owners,
                       "tags": row.tags, "active": row.active}
-            if request.HasField("name"):
-                row.name = request.name
-            if request.HasField("description"):
-                row.description = request.description
+            self.store.apply_present(row, request, "name", "description")
             if request.update_owners:
                 row.owners = list(request.owners)
             if request.update_tags:

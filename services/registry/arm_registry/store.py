@@ -91,6 +91,13 @@ class RegistryStore:
                           reason="ETAG_MISMATCH", metadata={"current_etag": str(row.revision)})
 
     @staticmethod
+    def apply_present(row: Any, request: Message, *fields: str) -> None:
+        """Copies the optional fields an update request sets onto the row."""
+        for name in fields:
+            if request.HasField(name):
+                setattr(row, name, getattr(request, name))
+
+    @staticmethod
     def touch(row: Any) -> None:
         row.updated_at = utcnow()
         row.revision += 1

@@ -52,3 +52,8 @@ def check(request: Message, *rules: tuple[str, str], prefix: str = "") -> None:
         else:  # pragma: no cover - a programming error in a rule table
             raise ValueError(kind)
     v.raise_if_any()
+
+
+def check_present(request: Message, *rules: tuple[str, str]) -> None:
+    """check() for the optional fields an update request actually sets."""
+    check(request, *[rule for rule in rules if request.HasField(rule[1])])
