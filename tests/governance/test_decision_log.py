@@ -1,0 +1,48 @@
+"""The decision log's error path: one item that cannot be written must not take the others of
+its batch down with it — they are retried one by one, and only the bad one fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import func, select
+
+from arm.governance.v1 import decision_pb2
+from arm_common.errors import Unavailable
+from arm_common.ids import new_id
+from arm_common.tables import utcnow
+from arm_governance import models
+from arm_governance.decision_log import DecisionLog, PendingDecision
+
+
+def pending(decision_id: str, tenant_id: str) -> PendingDecision:
+    record = dict(id=decision_id, tenant_id=tenant_id, request_id=None, instance_id="", legacy_agent_id="",
+                  version_id="", project_id="", run_id="", tool_call_id="", tool_name="fs.read", decision=1,
+                  step=6, risk=1, policy_epoch=0, approval_id="", request=b"", agent=b"",
+                  decided_at=utcnow())
+    return PendingDecision(record=record, response=decision_pb2.CheckResponse(decision_id=decision_id))
+
+
+async def test_a_bad_item_fails_alone(governance) -> None:  # type: ignore[no-untyped-def]
+    tenant = new_id("tnt")
+    log = DecisionLog(governance.db, [])
+    await log.start()
+    try:
+        taken = new_id("dec")
+        assert (await log.append(pending(taken, tenant))).decision_id == taken
+        good = [new_id("dec") for _ in range(3)]
+        # Queued together, so they share a batch; the duplicate primary key breaks that batch.
+        results = await asyncio.gather(*(log.append(pending(d, tenant)) for d in [good[0], taken, *good[1:]]),
+                                       return_exceptions=True)
+    finally:
+        await log.stop()
+    assert [r.decision_id for r in results if not isinstance(r, BaseException)] == good
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert len(failures) == 1 and isinstance(failures[0], Unavailable)
+    assert failures[0].reason == "DECISION_LOG_UNAVAILABLE"
+
+    async def count(s):  # type: ignore[no-untyped-def]
+        return (await s.execute(select(func.count()).select_from(models.DecisionRecord)
+                                .where(models.DecisionRecord.tenant_id == tenant))).scalar_one()
+    assert await governance.db.read(count) == 4
+
