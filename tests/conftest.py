@@ -216,5 +216,7 @@ async def governance(registry: RegistryServer, tmp_path_factory: pytest.TempPath
     """One governance per backend for the run, on its own database, talking to `registry` over gRPC."""
     spec = new_database_spec(registry.backend, tmp_path_factory.mktemp(f"governance-{registry.backend}"), "governance")
     server = await start_governance(spec, registry)
+    # The shared registry's change records go to this governance's audit trail.
+    await registry.component.connect_governance(server.address, registry.admin_key)
     yield server
     await stop_governance(server)

@@ -88,6 +88,8 @@ class OutboxRelay:
         self._wake.set()
 
     async def start(self) -> None:
+        if self._task is not None:
+            return
         if self.deliver is None:
             log.info("outbox %s: no receiver configured; messages wait in the outbox", self.topic)
             return

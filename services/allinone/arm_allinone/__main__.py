@@ -37,12 +37,16 @@ async def main() -> int:
     try:
         await registry_app.migrate(registry_db)
         await governance_app.migrate(governance_db)
-        registry = registry_app.RegistryComponent(registry_db, registry_config)
         key_file = Path(config.data_dir) / "dev-admin-key"
-        boot = await registry_app.bootstrap(registry.store, new_key_if_exists=not key_file.exists())
+        boot = await registry_app.bootstrap(registry_app.RegistryStore(registry_db, None, None),
+                                            new_key_if_exists=not key_file.exists())
         if boot.api_key:
             write_key_file(key_file, boot.api_key)
         admin_key = key_file.read_text().strip()
+        # The registry delivers its change records to the governance in this same process.
+        registry = registry_app.RegistryComponent(
+            registry_db, dataclasses.replace(registry_config, service_api_key=admin_key),
+            in_process_governance=True)
         # In one process the system admin's key doubles as the service key governance uses to
         # follow the registry's agent changes.
         governance_config = dataclasses.replace(ServiceConfig.from_env("governance"),

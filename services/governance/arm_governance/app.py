@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from arm.governance.v1 import decision_pb2_grpc, policy_pb2_grpc
+from arm.governance.v1 import audit_pb2_grpc, decision_pb2_grpc, policy_pb2_grpc
 from arm_common import migrations
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
@@ -19,6 +19,8 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
 from arm_common.remote_auth import RemoteAuthenticator
 from arm_common.tasks import cancel_and_wait
 from arm_governance.agents import AgentDirectory
+from arm_governance.audit import AuditTrail
+from arm_governance.audit_service import AuditServicer
 from arm_governance.decision_log import DecisionLog
 from arm_governance.decisions import Approvals, Decider, SpendBook
 from arm_governance.models import IDEMPOTENCY, OUTBOX
@@ -28,7 +30,8 @@ from arm_governance.servicers import DecisionServicer, PolicyServicer
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
-SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService"]
+SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
+            "arm.governance.v1.AuditService"]
 
 
 def database(config: ServiceConfig) -> Database:
@@ -53,8 +56,10 @@ class GovernanceComponent:
         self.changes = ChangeChannel(db, "governance")
         self.cache = PolicyCache(db, self.changes)
         self.spend = SpendBook(db)
-        # Change records wait for governance's audit trail, opEvents for telemetry (their issues).
-        self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, None, poll_interval_s=config.outbox_poll_s),
+        self.audit = AuditTrail(db)
+        # Governance's own change records go to its audit trail; opEvents wait for telemetry.
+        self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
+                                   poll_interval_s=config.outbox_poll_s),
                        OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, None, poll_interval_s=config.outbox_poll_s)]
         self.log = DecisionLog(db, self.relays)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
@@ -76,6 +81,7 @@ class GovernanceComponent:
             PolicyServicer(self.db, self.store, self.cache, self.agents, RegistryLookup(self.channel)), server)
         decision_pb2_grpc.add_DecisionServiceServicer_to_server(
             DecisionServicer(self.db, self.decider, self.spend, self.changes), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit), server)
         return list(SERVICES)
 
     async def start(self) -> None:

@@ -166,3 +166,48 @@ class SpendEntry(Base):
     idempotency_key: Mapped[str] = mapped_column(String(128))
     occurred_at: Mapped[datetime]
     recorded_at: Mapped[datetime]
+
+
+class ChangeRecord(Base):
+    """The audit trail: append-only (a PostgreSQL trigger refuses UPDATE and DELETE), numbered
+    and hash-chained per tenant. Structs are stored as canonical JSON text."""
+
+    __tablename__ = "change_records"
+    __table_args__ = (UniqueConstraint("tenant_id", "record_id"),
+                      Index("ix_change_records_type", "tenant_id", "type", "sequence"),
+                      Index("ix_change_records_target", "tenant_id", "target_id"),
+                      Index("ix_change_records_actor", "tenant_id", "actor_id"),
+                      Index("ix_change_records_occur", "tenant_id", "occur_time"))
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    record_id: Mapped[str] = mapped_column(String(128))
+    type: Mapped[int] = mapped_column(Integer)
+    actor_type: Mapped[int] = mapped_column(Integer)
+    actor_id: Mapped[str] = mapped_column(String(128))
+    target_type: Mapped[str] = mapped_column(String(64))
+    target_id: Mapped[str] = mapped_column(String(128))
+    project_id: Mapped[str] = mapped_column(String(64))
+    template_id: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[str] = mapped_column(String(64))
+    instance_id: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str | None] = mapped_column(Text)
+    before: Mapped[str | None] = mapped_column(Text)
+    after: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    occur_time: Mapped[datetime | None]
+    record_time: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ChainHead(Base):
+    """Each tenant's last sequence number and hash: appends lock this row, so one tenant's
+    records are numbered and chained one after another across replicas, and a deleted last
+    record is still noticed."""
+
+    __tablename__ = "change_record_heads"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_sequence: Mapped[int] = mapped_column(BigInteger)
+    last_hash: Mapped[str] = mapped_column(String(64))

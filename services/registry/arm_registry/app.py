@@ -10,14 +10,17 @@ from pathlib import Path
 import grpc
 from sqlalchemy import select
 
+from arm.common.v1 import common_pb2
+from arm.governance.v1 import audit_pb2, audit_pb2_grpc
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 from arm_common import migrations
 from arm_common.auth import Principal
+from arm_common.chain import raise_on_rejected
 from arm_common.config import ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
-from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay
+from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxMessage, OutboxRelay
 from arm_registry import models
 from arm_registry.authn import LocalAuthenticator
 from arm_registry.models import IDEMPOTENCY, OUTBOX
@@ -40,12 +43,16 @@ async def migrate(db: Database) -> None:
 class RegistryComponent:
     """The registry's servicers, authenticator and change-record outbox relay."""
 
-    def __init__(self, db: Database, config: ServiceConfig) -> None:
+    def __init__(self, db: Database, config: ServiceConfig, *, in_process_governance: bool = False) -> None:
         self.db = db
+        self.in_process_governance = in_process_governance
         self.config = config
-        # Change records wait in the outbox until governance's audit API receives them.
+        # Change records go to governance's audit trail (ARM_GOVERNANCE_ADDRESS); without one
+        # they wait in the outbox, nothing is dropped.
         self.relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver=None,
                                  poll_interval_s=config.outbox_poll_s)
+        self.governance: grpc.aio.Channel | None = None
+        self._started = False
         self.changes = ChangeChannel(db, "registry_agents")
         self.store = RegistryStore(db, self.relay, self.changes)
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
@@ -62,16 +69,49 @@ class RegistryComponent:
         return ["arm.registry.v1.TenancyService", "arm.registry.v1.AccessService",
                 "arm.registry.v1.AgentService", "arm.registry.v1.CompatService"]
 
+    def bound(self, address: str) -> None:
+        """In one process with governance (the all-in-one server) its address is our own."""
+        if self.in_process_governance:
+            self._use_governance(address)
+
+    def _use_governance(self, address: str, api_key: str | None = None) -> None:
+        api_key = api_key or self.config.service_api_key
+        if not api_key:
+            log.warning("ARM_SERVICE_API_KEY is not set: change records wait in the outbox")
+            return
+        self.governance = grpc.aio.insecure_channel(address)
+        audit = audit_pb2_grpc.AuditServiceStub(self.governance)
+        auth = (("authorization", f"Bearer {api_key}"),)
+
+        async def deliver(messages: list[OutboxMessage]) -> None:
+            request = audit_pb2.AppendChangeRecordsRequest(
+                records=[common_pb2.ChangeRecord.FromString(m.payload) for m in messages])
+            response = await audit.AppendChangeRecords(request, timeout=30, metadata=auth)
+            raise_on_rejected(response.results)
+
+        self.relay.deliver = deliver
+
+    async def connect_governance(self, address: str, api_key: str) -> None:
+        """Starts delivering change records to governance at `address` (tests, late wiring)."""
+        self._use_governance(address, api_key)
+        if self._started:
+            await self.relay.start()
+
     async def start(self) -> None:
         await migrations.check_at_head(self.db, MIGRATIONS, "registry")
+        if self.config.governance_address and self.governance is None:
+            self._use_governance(self.config.governance_address)
         await self.changes.start()
         await self.relay.start()
         await self.housekeeping.start()
+        self._started = True
 
     async def stop(self) -> None:
         await self.housekeeping.stop()
         await self.relay.stop()
         await self.changes.stop()
+        if self.governance is not None:
+            await self.governance.close()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,158 @@
+"""The audit trail's hash chain: what a change record's hash covers, and how a tenant's chain is
+verified. Governance uses it to append and to answer VerifyChain; the client uses the very same
+code to re-verify an export offline, so the two can never disagree on the format.
+
+A record's hash is the lowercase hex SHA-256 of the canonical JSON (see `canonical`) of
+`chain_content(record)`: every field of the record except `hash` itself, with enum values by name,
+absent strings as "", absent structs as null and times as RFC 3339 in UTC with microseconds.
+`prev_hash` is part of the content, which is what chains the records; the first record of a tenant
+has `prev_hash` "".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format
+
+from arm.common.v1 import common_pb2
+from arm.governance.v1 import audit_pb2
+from arm_common.canonical import canonical_json, sha256_hex
+
+HASH_MISMATCH = "HASH_MISMATCH"
+PREV_HASH_MISMATCH = "PREV_HASH_MISMATCH"
+SEQUENCE_GAP = "SEQUENCE_GAP"
+
+
+def chain_time(value: datetime | None) -> str:
+    """The form of a time in the hashed content: UTC, microseconds, `Z` (\"\" when unset)."""
+    if value is None:
+        return ""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _time(record: common_pb2.ChangeRecord, name: str) -> str:
+    if not record.HasField(name):
+        return ""
+    return chain_time(getattr(record, name).ToDatetime(tzinfo=UTC))
+
+
+def _struct(record: common_pb2.ChangeRecord, name: str) -> Any:
+    if not record.HasField(name):
+        return None
+    return json_format.MessageToDict(getattr(record, name))
+
+
+def chain_content(record: common_pb2.ChangeRecord) -> dict[str, Any]:
+    """Everything a record's hash covers."""
+    return {
+        "record_id": record.record_id,
+        "tenant_id": record.tenant_id,
+        "sequence": record.sequence,
+        "type": common_pb2.ChangeRecordType.Name(record.type),
+        "actor_type": common_pb2.ActorType.Name(record.actor.type),
+        "actor_id": record.actor.id,
+        "target_type": record.target_type,
+        "target_id": record.target_id,
+        "project_id": record.project_id,
+        "template_id": record.template_id,
+        "version_id": record.version_id,
+        "instance_id": record.instance_id,
+        "summary": record.summary,
+        "payload": _struct(record, "payload"),
+        "before": _struct(record, "before"),
+        "after": _struct(record, "after"),
+        "reason": record.reason,
+        "occur_time": _time(record, "occur_time"),
+        "record_time": _time(record, "record_time"),
+        "source": record.source,
+        "prev_hash": record.prev_hash,
+    }
+
+
+def record_hash(record: common_pb2.ChangeRecord) -> str:
+    """The hash a record must carry, given all its other fields (prev_hash included)."""
+    return sha256_hex(canonical_json(chain_content(record)))
+
+
+@dataclass
+class ChainReport:
+    """The outcome of walking one tenant's chain from its first record."""
+
+    ok: bool = True
+    records_checked: int = 0
+    first_broken_sequence: int = 0
+    reason: str = ""
+    message: str = ""
+    last_sequence: int = 0
+    last_hash: str = ""
+
+
+class ChainVerifier:
+    """Walks one tenant's records in sequence order, one at a time (so an export of any size is
+    verified in constant memory), and remembers the first broken link."""
+
+    def __init__(self) -> None:
+        self.report = ChainReport()
+
+    def _break(self, sequence: int, reason: str, message: str) -> None:
+        if self.report.ok:
+            self.report.ok = False
+            self.report.first_broken_sequence = sequence
+            self.report.reason = reason
+            self.report.message = message
+
+    def add(self, record: common_pb2.ChangeRecord) -> None:
+        r = self.report
+        expected = r.last_sequence + 1
+        if record.sequence != expected:
+            # A deleted record shows as a gap at its own number; a repeated one where it repeats.
+            self._break(expected if record.sequence > expected else record.sequence, SEQUENCE_GAP,
+                        f"expected sequence {expected}, found {record.sequence}")
+        elif record.prev_hash != r.last_hash:
+            self._break(record.sequence, PREV_HASH_MISMATCH,
+                        f"record {record.sequence} does not link to the hash of record {r.last_sequence}")
+        elif record_hash(record) != record.hash:
+            self._break(record.sequence, HASH_MISMATCH,
+                        f"record {record.sequence}'s content does not match its hash")
+        r.records_checked += 1
+        r.last_sequence = max(r.last_sequence, record.sequence)
+        r.last_hash = record.hash
+
+    def finish(self, head_sequence: int | None = None) -> ChainReport:
+        """Ends the walk; `head_sequence` is the last sequence number the trail claims to hold
+        (so a deleted last record is found too)."""
+        r = self.report
+        if head_sequence is not None and head_sequence > r.last_sequence:
+            self._break(r.last_sequence + 1, SEQUENCE_GAP,
+                        f"the trail's head is at sequence {head_sequence} but the records end at "
+                        f"{r.last_sequence}")
+        return r
+
+
+def verify_records(records: Iterable[common_pb2.ChangeRecord]) -> ChainReport:
+    """Verifies one tenant's records given in sequence order (e.g. parsed from an export)."""
+    verifier = ChainVerifier()
+    for record in records:
+        verifier.add(record)
+    return verifier.finish()
+
+
+def parse_export_lines(lines: Iterable[str | bytes]) -> Iterable[common_pb2.ChangeRecord]:
+    """Parses ExportChangeRecords JSON lines back into records, for offline verification."""
+    for line in lines:
+        text = line.decode() if isinstance(line, bytes) else line
+        if text.strip():
+            yield json_format.Parse(text, common_pb2.ChangeRecord())
+
+
+def raise_on_rejected(results: Iterable[audit_pb2.AppendChangeRecordResult]) -> None:
+    """For producers' outbox relays: a rejected record stays in the producer's outbox (retried,
+    the error recorded there) rather than being dropped, so an audit record is never silently lost."""
+    bad = [r for r in results if r.status == audit_pb2.APPEND_STATUS_REJECTED]
+    if bad:
+        raise RuntimeError(f"{len(bad)} change record(s) rejected by the audit trail, first "
+                           f"{bad[0].record_id!r}: {bad[0].reason} {bad[0].message}")

@@ -1,0 +1,112 @@
+"""gRPC servicer of the audit trail: validate, check permissions, delegate to `AuditTrail`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm.governance.v1 import audit_pb2, audit_pb2_grpc
+from arm_common import pagination
+from arm_common import validation as val
+from arm_common.auth import current_principal
+from arm_common.errors import FieldViolation, InvalidArgument, Violations
+from arm_common.idempotency import run_idempotent
+from arm_governance.audit import MAX_APPEND, VALID_ACTORS, VALID_TYPES, AuditTrail, Filter, export_line
+from arm_governance.models import IDEMPOTENCY
+
+Ctx = grpc.aio.ServicerContext
+EXPORT_CHUNK = 500
+
+
+def _filter(v: Violations, f: audit_pb2.ChangeRecordFilter, path: str) -> Filter:
+    for i, t in enumerate(f.types):
+        val.enum_set(v, f"{path}.types[{i}]", t, VALID_TYPES)
+    if f.actor_type:
+        val.enum_set(v, f"{path}.actor_type", f.actor_type, VALID_ACTORS)
+    val.optional(v, f"{path}.target_type", f.target_type, 64)
+    val.optional(v, f"{path}.target_id", f.target_id, 128)
+    val.optional(v, f"{path}.actor_id", f.actor_id, 128)
+    if f.HasField("start_time") and f.HasField("end_time") and \
+            f.end_time.ToDatetime() <= f.start_time.ToDatetime():
+        v.add(f"{path}.end_time", "must be after start_time")
+    return Filter.of(f)
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    async def AppendChangeRecords(self, request: audit_pb2.AppendChangeRecordsRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.standard_fields(v, request)
+        if not request.records:
+            v.add("records", "at least one record is required")
+        elif len(request.records) > MAX_APPEND:
+            v.add("records", f"at most {MAX_APPEND} records per call")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:write")
+        records = list(request.records)
+
+        async def write(s: AsyncSession) -> Any:
+            results = await self.trail.append_in(s, records, caller_tenant=p.tenant_id,
+                                                 any_tenant=p.system_tenant)
+            return audit_pb2.AppendChangeRecordsResponse(results=results)
+
+        return await run_idempotent(self.trail.db, IDEMPOTENCY, tenant_id=p.tenant_id,
+                                    method="AppendChangeRecords", request=request,
+                                    response_type=audit_pb2.AppendChangeRecordsResponse, write=write)
+
+    async def GetChangeRecord(self, request: audit_pb2.GetChangeRecordRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.resource_id(v, "record_id", request.record_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        return audit_pb2.GetChangeRecordResponse(record=await self.trail.get(p.tenant_id, request.record_id))
+
+    async def ListChangeRecords(self, request: audit_pb2.ListChangeRecordsRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.standard_fields(v, request)
+        flt = _filter(v, request.filter, "filter")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        size = pagination.page_size(request.page_size)
+        fingerprint = {**flt.fingerprint(), "newest_first": int(request.newest_first)}
+        after = pagination.decode_token(request.page_token, fingerprint)
+        if after is not None and not isinstance(after, int):
+            raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
+                                  violations=[FieldViolation("page_token", "is malformed")])
+        rows = await self.trail.page(p.tenant_id, flt, after=after, size=size + 1,
+                                     newest_first=request.newest_first)
+        page, more = pagination.split_page(rows, size)
+        return audit_pb2.ListChangeRecordsResponse(
+            records=page,
+            next_page_token=pagination.encode_token(page[-1].sequence, fingerprint) if more and page else "")
+
+    async def VerifyChain(self, request: audit_pb2.VerifyChainRequest, context: Ctx) -> Any:
+        p = current_principal()
+        p.require("audit:read")
+        report = await self.trail.verify(p.tenant_id)
+        return audit_pb2.VerifyChainResponse(
+            ok=report.ok, records_checked=report.records_checked,
+            first_broken_sequence=report.first_broken_sequence,
+            reason=audit_pb2.ChainBreak.Value(f"CHAIN_BREAK_{report.reason}") if report.reason else 0,
+            message=report.message, last_sequence=report.last_sequence, last_hash=report.last_hash)
+
+    async def ExportChangeRecords(self, request: audit_pb2.ExportChangeRecordsRequest,
+                                  context: Ctx) -> AsyncIterator[audit_pb2.ExportChangeRecordsResponse]:
+        v = Violations()
+        flt = _filter(v, request.filter, "filter")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        async for batch in self.trail.scan(p.tenant_id, flt):
+            for start in range(0, len(batch), EXPORT_CHUNK):
+                chunk = batch[start:start + EXPORT_CHUNK]
+                yield audit_pb2.ExportChangeRecordsResponse(
+                    data="".join(export_line(r) for r in chunk).encode(), record_count=len(chunk))
