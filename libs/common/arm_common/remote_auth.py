@@ -37,9 +37,11 @@ class RemoteAuthenticator:
         hit = self._cache.get(api_key)
         if hit is None or hit[0] <= now:
             try:
+                # wait_for_ready: a registry that is (re)starting gets up to the timeout to come
+                # back, instead of the channel's reconnect backoff failing calls at once.
                 resp = await self.stub.Authenticate(
                     access_pb2.AuthenticateRequest(), metadata=(("authorization", f"Bearer {api_key}"),),
-                    timeout=5)
+                    timeout=5, wait_for_ready=True)
                 answer: Principal | Unauthenticated = principal_from_proto(resp.principal)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
