@@ -37,7 +37,7 @@ async def main() -> int:
     try:
         await registry_app.migrate(registry_db)
         await governance_app.migrate(governance_db)
-        registry = registry_app.RegistryComponent(registry_db, registry_config)
+        registry = registry_app.RegistryComponent(registry_db, registry_config, in_process_governance=True)
         key_file = Path(config.data_dir) / "dev-admin-key"
         boot = await registry_app.bootstrap(registry.store, new_key_if_exists=not key_file.exists())
         if boot.api_key:

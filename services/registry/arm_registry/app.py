@@ -20,6 +20,7 @@ from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay
 from arm_registry import models
 from arm_registry.authn import LocalAuthenticator
+from arm_registry.governance import Governance
 from arm_registry.models import IDEMPOTENCY, OUTBOX
 from arm_registry.servicers import AccessServicer, AgentServicer, CompatServicer, TenancyServicer
 from arm_registry.store import RegistryStore
@@ -38,11 +39,15 @@ async def migrate(db: Database) -> None:
 
 
 class RegistryComponent:
-    """The registry's servicers, authenticator and change-record outbox relay."""
+    """The registry's servicers, authenticator and change-record outbox relay. Governance is
+    asked over gRPC at ARM_GOVERNANCE_ADDRESS, or, with in_process_governance (the all-in-one
+    server), at this host's own address once bound."""
 
-    def __init__(self, db: Database, config: ServiceConfig) -> None:
+    def __init__(self, db: Database, config: ServiceConfig, *, in_process_governance: bool = False) -> None:
         self.db = db
         self.config = config
+        self.governance = Governance(config.governance_address)
+        self.in_process_governance = in_process_governance
         # Change records wait in the outbox until governance's audit API receives them.
         self.relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver=None,
                                  poll_interval_s=config.outbox_poll_s)
@@ -51,8 +56,12 @@ class RegistryComponent:
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
 
+    def bound(self, address: str) -> None:
+        if self.in_process_governance and self.governance.channel is None:
+            self.governance.connect(address)
+
     def attach(self, server: grpc.aio.Server) -> list[str]:
-        agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator)
+        agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator, self.governance)
         tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(self.store), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
             AccessServicer(self.store, self.authenticator), server)
@@ -72,6 +81,7 @@ class RegistryComponent:
         await self.housekeeping.stop()
         await self.relay.stop()
         await self.changes.stop()
+        await self.governance.close()
 
 
 @dataclass(frozen=True)
