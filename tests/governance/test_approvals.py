@@ -29,7 +29,7 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import approvals, models
 from arm_governance.models import OUTBOX
-from tests.conftest import TenantContext, make_tenant
+from tests.conftest import TenantContext, make_tenant, new_database_spec, start_governance, stop_governance
 from tests.helpers import AgentSet, approved_version, expect_failure
 
 S = apb.ApprovalStatus
@@ -453,3 +453,56 @@ async def test_check_needs_approval_then_operators_approve_and_the_grant_is_sing
     assert (await world.get(asked.approval_id)).HasField("consume_time")
     types = [r.type for r in await change_records(world.governance, asked.approval_id)]
     assert types == [common_pb2.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED] + [common_pb2.CHANGE_RECORD_TYPE_APPROVAL_DECIDED] * 2
+
+
+# --- watching across replicas and restarts ---------------------------------------------------------
+
+async def test_watch_follows_another_replica_and_resumes_after_a_restart(
+        registry: Any, tenant: TenantContext, tmp_path: Any) -> None:
+    spec = new_database_spec(registry.backend, tmp_path, "governance")
+    one = await start_governance(spec, registry)
+    two = await start_governance(spec, registry)  # a second replica on the same database
+    clients: list[ArmClient] = []
+    try:
+        agents = await approved_version(tenant.admin)
+        inst = await active_instance(tenant.admin, agents)
+        on_one, on_two = one.client(tenant.admin_key), two.client(tenant.admin_key)
+        clients += [on_one, on_two]
+        a = (await on_one.approvals.RequestApproval(apb.RequestApprovalRequest(
+            action_type=A.APPROVAL_ACTION_TYPE_INSTANCE_REACTIVATION, instance_id=inst.id, risk=HIGH))).approval
+        _, key_a = await operator_key(tenant.admin, "approver")
+        _, key_b = await operator_key(tenant.admin, "approver")
+        first_on_two = ArmClient(two.address, key_a)
+        clients.append(first_on_two)
+        seen: list[apb.Approval] = []
+        stream = on_one.approvals.WatchApproval(apb.WatchApprovalRequest(approval_id=a.approval_id))
+        it = stream.__aiter__()
+        seen.append((await it.__anext__()).approval)
+        assert seen[0].status == PENDING
+        await decide(first_on_two, a.approval_id)  # decided on the other replica
+        seen.append((await asyncio.wait_for(it.__anext__(), 30)).approval)
+        assert (seen[1].status, len(seen[1].decisions)) == (PENDING, 1)
+        # Replica one restarts; its watcher reconnects and gets the current state first, then
+        # the changes (made on replica two).
+        await stop_governance(one, drop=False)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await asyncio.wait_for(it.__anext__(), 30)
+        one = await start_governance(spec, registry)
+        resumed = one.client(tenant.admin_key)
+        clients.append(resumed)
+        again = resumed.approvals.WatchApproval(apb.WatchApprovalRequest(approval_id=a.approval_id))
+        it2 = again.__aiter__()
+        current = (await it2.__anext__()).approval
+        assert current == seen[1]
+        second = ArmClient(two.address, key_b)
+        clients.append(second)
+        await decide(second, a.approval_id)
+        final = (await asyncio.wait_for(it2.__anext__(), 30)).approval
+        assert final.status == APPROVED
+        with pytest.raises(StopAsyncIteration):  # the stream ends after a final status
+            await asyncio.wait_for(it2.__anext__(), 30)
+    finally:
+        for c in clients:
+            await c.close()
+        await stop_governance(one, drop=False)
+        await stop_governance(two)
