@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2 as apb
@@ -21,6 +21,8 @@ from arm.governance.v1 import deployments_pb2 as dpb
 from arm.registry.v1 import access_pb2, agents_pb2, tenancy_pb2
 from arm_client import ArmClient
 from arm_common.outbox import TOPIC_CHANGE_RECORD
+from arm_common.tables import utcnow
+from arm_governance import models
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
 from tests.helpers import AgentSet, approved_version, expect_failure, genome, walk_version
@@ -203,6 +205,19 @@ async def test_prod_activation_needs_an_approved_activation_approval(governance:
         other = await w.create()
         await expect_failure(w.activate(other.deployment_id, approval_id=approval.approval_id),
                              grpc.StatusCode.FAILED_PRECONDITION, "APPROVAL_MISMATCH")
+        # An approval approved in time but used after its expiry is refused.
+        late = (await w.gov.approvals.RequestApproval(apb.RequestApprovalRequest(
+            action_type=apb.APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION, target_id=other.deployment_id,
+            risk=common_pb2.RISK_LEVEL_LOW))).approval
+        await approver.approvals.DecideApproval(apb.DecideApprovalRequest(
+            approval_id=late.approval_id, verdict=apb.APPROVAL_VERDICT_APPROVE))
+
+        async def age(s: Any) -> None:
+            await s.execute(update(models.Approval).where(models.Approval.id == late.approval_id)
+                            .values(expires_at=utcnow() - timedelta(seconds=1)))
+        await governance.db.run(age)
+        await expect_failure(w.activate(other.deployment_id, approval_id=late.approval_id),
+                             grpc.StatusCode.FAILED_PRECONDITION, "APPROVAL_EXPIRED")
         done = (await w.activate(dep.deployment_id, approval_id=approval.approval_id)).deployment
         assert (done.status, done.approval_id, done.approved_by.id) == (ACTIVE, approval.approval_id, approver_id)
     finally:

@@ -473,6 +473,9 @@ class ApprovalStore:
             raise FailedPrecondition(f"approval {approval_id} is {status_name(row.status)}, not APPROVED",
                                      reason="APPROVAL_NOT_APPROVED",
                                      metadata={"approval_id": approval_id, "status": status_name(row.status)})
+        if row.expires_at <= utcnow():
+            raise FailedPrecondition(f"approval {approval_id} expired", reason="APPROVAL_EXPIRED",
+                                     metadata={"approval_id": approval_id})
         return row
 
     # --- background: expiry and escalation --------------------------------------------------------

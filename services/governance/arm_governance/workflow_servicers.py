@@ -205,7 +205,9 @@ class DeploymentServicer(_Writes, deployments_pb2_grpc.DeploymentServiceServicer
         rebound = await self.registry.rebind(
             current_api_key(), request_id=f"rollback-{new.deployment_id}", template_id=new.template_id,
             environment_id=new.environment_id, version_id=new.target_version_id,
-            reason=request.reason or f"deployment {request.deployment_id} rolled back")
+            # Fixed for the rollback (not the caller's reason): a resumed rollback repeats the
+            # registry call with the same request_id, which must carry the same fields.
+            reason=f"deployment {request.deployment_id} rolled back to version {new.target_version_id}")
         return await self._write("RollbackDeployment", request, dpb.RollbackDeploymentResponse,
                                  lambda s: self.store.finish_rollback(s, p, request, new.deployment_id,
                                                                       len(rebound)))
