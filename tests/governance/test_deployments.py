@@ -20,9 +20,11 @@ from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import deployments_pb2 as dpb
 from arm.registry.v1 import access_pb2, agents_pb2, tenancy_pb2
 from arm_client import ArmClient
+from arm_common.auth import Grant, Principal
 from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import models
+from arm_governance.deployments import DeploymentStore
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
 from tests.helpers import AgentSet, approved_version, expect_failure, genome, walk_version
@@ -304,3 +306,46 @@ async def test_other_tenant_sees_not_found_and_replays(world: World, registry: A
     finally:
         await other.admin.close()
     assert (await world.get(dep.deployment_id)).status == PENDING
+
+
+async def test_rollback_to_a_retired_version_is_refused_before_anything_changes(world: World) -> None:
+    first = await world.create()
+    await world.activate(first.deployment_id)
+    v2 = await world.version()
+    second = await world.create(v2.id)
+    await world.activate(second.deployment_id)
+    for state in (agents_pb2.VERSION_STATE_DEPRECATED, agents_pb2.VERSION_STATE_RETIRED):
+        await world.tenant.admin.agents.TransitionAgentVersion(agents_pb2.TransitionAgentVersionRequest(
+            id=world.agents.version.id, to_state=state))
+    failed = await expect_failure(world.rollback(second.deployment_id), grpc.StatusCode.FAILED_PRECONDITION,
+                                  "PREVIOUS_VERSION_NOT_DEPLOYABLE")
+    assert failed.metadata["version_state"] == "RETIRED"
+    assert (await world.get(second.deployment_id)).status == ACTIVE
+
+
+async def test_an_interrupted_rollback_resumes(world: World) -> None:
+    """Step 1 (ROLLING_BACK + successor) committed, then the process died before the registry
+    call: calling RollbackDeployment again finishes the same rollback."""
+    admin = world.tenant.admin
+    first = await world.create()
+    await world.activate(first.deployment_id)
+    v2 = await world.version()
+    second = await world.create(v2.id)
+    await world.activate(second.deployment_id)
+    inst = (await admin.agents.CreateAgentInstance(agents_pb2.CreateAgentInstanceRequest(
+        version_id=v2.id, environment_id=world.agents.environment.id, name="i"))).agent_instance
+    caller = Principal(tenant_id=world.tenant.tenant.id, actor_type="OPERATOR",
+                       actor_id=world.tenant.admin_operator_id, api_key_id="k",
+                       grants=(Grant("deployments:write"),))
+    store = DeploymentStore(world.governance.component.approvals)
+    begun = await world.governance.db.run(lambda s: store.begin_rollback(
+        s, caller, dpb.RollbackDeploymentRequest(deployment_id=second.deployment_id)))
+    assert (await world.get(second.deployment_id)).status == D.DEPLOYMENT_STATUS_ROLLING_BACK
+    resumed = await world.rollback(second.deployment_id)
+    assert resumed.deployment.deployment_id == begun.deployment.deployment_id
+    assert (resumed.rolled_back_deployment.status, resumed.rebound_instance_count) == (RETIRED, 1)
+    got = (await admin.agents.GetAgentInstance(agents_pb2.GetAgentInstanceRequest(id=inst.id))).agent_instance
+    assert got.version_id == world.agents.version.id
+    listed = (await world.gov.deployments.ListDeployments(dpb.ListDeploymentsRequest(
+        template_id=second.template_id, statuses=[ACTIVE]))).deployments
+    assert [d.deployment_id for d in listed] == [begun.deployment.deployment_id]

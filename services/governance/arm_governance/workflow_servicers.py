@@ -12,10 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import approvals_pb2_grpc, deployments_pb2_grpc
 from arm.governance.v1 import deployments_pb2 as dpb
+from arm.registry.v1 import agents_pb2
 from arm_common import validation as val
 from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import NotFound, PermissionDenied, Violations
+from arm_common.errors import FailedPrecondition, NotFound, PermissionDenied, Violations
 from arm_common.idempotency import run_idempotent
 from arm_common.outbox import OutboxRelay
 from arm_governance import approvals, deployments
@@ -199,6 +200,19 @@ class DeploymentServicer(_Writes, deployments_pb2_grpc.DeploymentServiceServicer
         deployments.validate_id_request(request, "deployment_id")
         p = current_principal()
         require_somewhere(p, "deployments:write")
+
+        async def previous(s: AsyncSession) -> str:
+            return (await self.store.row(s, p.tenant_id, request.deployment_id)).previous_version_id
+
+        # Refused before anything changes when the registry would refuse to rebind to it.
+        previous_id = await self.db.read(previous)
+        if previous_id:
+            version = await self.registry.version(current_api_key(), previous_id)
+            if version.state not in (agents_pb2.VERSION_STATE_APPROVED, agents_pb2.VERSION_STATE_DEPRECATED):
+                state = agents_pb2.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
+                raise FailedPrecondition(f"the previous version {version.number} is {state}; rollbacks go to "
+                                         "APPROVED or DEPRECATED versions", reason="PREVIOUS_VERSION_NOT_DEPLOYABLE",
+                                         metadata={"version_id": previous_id, "version_state": state})
         begun = await self._write("RollbackDeployment.begin", request, dpb.RollbackDeploymentResponse,
                                   lambda s: self.store.begin_rollback(s, p, request))
         new = begun.deployment
