@@ -506,3 +506,25 @@ async def test_watch_follows_another_replica_and_resumes_after_a_restart(
             await c.close()
         await stop_governance(one, drop=False)
         await stop_governance(two)
+
+
+async def test_background_sweep_expires_an_unanswered_approval(registry: Any, tenant: TenantContext,
+                                                               tmp_path: Any) -> None:
+    """The sweeper runs by itself (ARM_APPROVAL_SWEEP_S); a watcher sees the timeout as EXPIRED."""
+    gov_server = await start_governance(new_database_spec(registry.backend, tmp_path, "governance"), registry,
+                                        {"ARM_APPROVAL_SWEEP_S": "0.05"})
+    try:
+        agents = await approved_version(tenant.admin)
+        inst = await active_instance(tenant.admin, agents)
+        async with gov_server.client(tenant.admin_key) as gov:
+            a = (await gov.approvals.RequestApproval(apb.RequestApprovalRequest(
+                action_type=A.APPROVAL_ACTION_TYPE_INSTANCE_QUARANTINE, instance_id=inst.id, risk=LOW,
+                ttl=duration_pb2.Duration(nanos=200_000_000)))).approval
+            statuses = []
+            async for msg in gov.approvals.WatchApproval(apb.WatchApprovalRequest(approval_id=a.approval_id)):
+                statuses.append(msg.approval.status)
+            assert statuses[0] == PENDING and statuses[-1] == EXPIRED
+            final = (await gov.approvals.GetApproval(apb.GetApprovalRequest(approval_id=a.approval_id))).approval
+            assert not final.decisions and final.HasField("resolve_time")
+    finally:
+        await stop_governance(gov_server)
