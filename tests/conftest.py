@@ -217,6 +217,6 @@ async def governance(registry: RegistryServer, tmp_path_factory: pytest.TempPath
     spec = new_database_spec(registry.backend, tmp_path_factory.mktemp(f"governance-{registry.backend}"), "governance")
     server = await start_governance(spec, registry)
     # The shared registry's change records go to this governance's audit trail.
-    await registry.component.connect_governance(server.address, registry.admin_key)
+    await registry.component.deliver_change_records_to(server.address, registry.admin_key)
     yield server
     await stop_governance(server)

@@ -358,6 +358,9 @@ MUTATIONS: list[tuple[str, Call, str]] = [
      "instances:transition"),
     ("RecordHeartbeat", lambda c, w: c.agents.RecordHeartbeat(agents_pb2.RecordHeartbeatRequest(
         id=w.instance.id)), "registry:write"),
+    ("RebindAgentInstances", lambda c, w: c.agents.RebindAgentInstances(agents_pb2.RebindAgentInstancesRequest(
+        template_id=w.template.id, environment_id=w.environment.id, version_id=w.approved.id)),
+     "registry:write"),
     ("UpsertAgentIdentity", lambda c, w: c.agents.UpsertAgentIdentity(agents_pb2.UpsertAgentIdentityRequest(
         agent_identity=agents_pb2.AgentIdentity(name="ident", soul_content="changed"))), "registry:write"),
     ("EnsureInstanceForLegacyAgent", lambda c, w: c.compat.EnsureInstanceForLegacyAgent(

@@ -288,8 +288,8 @@ async def test_instance_transition(world: World, registry: RegistryServer, src: 
             agents_pb2.GetAgentInstanceRequest(id=inst.id))).agent_instance.state
 
     if (src, dst) == ("QUARANTINED", "ACTIVE"):
-        # Allowed by the SPEC only with an approved INSTANCE_REACTIVATION approval; approvals
-        # cannot be verified in this release, so the transition is refused, never waved through.
+        # Allowed by the SPEC only with an approved INSTANCE_REACTIVATION approval; without an
+        # approval_id it is refused (the flow with one is in tests/governance/test_registry_gates.py).
         await expect_failure(w.admin.agents.TransitionAgentInstance(request),
                              grpc.StatusCode.FAILED_PRECONDITION, "APPROVAL_REQUIRED")
         assert await state_now() == istate(src)
@@ -319,15 +319,17 @@ async def test_instance_transition(world: World, registry: RegistryServer, src: 
         assert await records_for(registry, w.tenant_id, inst.id) == before
 
 
-async def test_quarantine_release_is_refused_even_with_an_approval_id(world: World,
-                                                                      registry: RegistryServer) -> None:
+async def test_quarantine_release_fails_closed_without_governance(world: World,
+                                                                  registry: RegistryServer) -> None:
+    """This registry runs without ARM_GOVERNANCE_ADDRESS: an approval id cannot be checked, so the
+    transition is refused, never waved through."""
     w = world
     inst = await instance_in(w, "QUARANTINED")
     before = await records_for(registry, w.tenant_id, inst.id)
     await expect_failure(w.admin.agents.TransitionAgentInstance(agents_pb2.TransitionAgentInstanceRequest(
         id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE, reason="incident closed",
         approval_id=f"apr_{secrets.token_hex(8)}")),
-        grpc.StatusCode.FAILED_PRECONDITION, "APPROVAL_REQUIRED")
+        grpc.StatusCode.FAILED_PRECONDITION, "APPROVAL_CHECK_UNAVAILABLE")
     stored = (await w.admin.agents.GetAgentInstance(agents_pb2.GetAgentInstanceRequest(id=inst.id))).agent_instance
     assert stored.state == agents_pb2.INSTANCE_STATE_QUARANTINED
     assert await records_for(registry, w.tenant_id, inst.id) == before
@@ -372,7 +374,8 @@ async def test_instance_creation_needs_a_deployable_version(world: World, regist
 @pytest.mark.parametrize("state", ["APPROVED", "CANDIDATE"])
 async def test_environment_requiring_an_active_deployment_refuses_instances(
         world: World, registry: RegistryServer, state: str) -> None:
-    """Deployment checks need governance, which this release cannot ask: fail closed."""
+    """Deployment checks need governance, which this registry (no ARM_GOVERNANCE_ADDRESS) cannot
+    ask: fail closed. With governance: tests/governance/test_registry_gates.py."""
     w = world
     version = w.approved if state == "APPROVED" else await version_in(w, state)
     if state == "CANDIDATE":

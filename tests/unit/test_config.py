@@ -38,6 +38,7 @@ def test_defaults(service: str) -> None:
     assert config.auth_cache_ttl_s == 5.0
     assert config.shutdown_grace_s == 10.0
     assert config.outbox_poll_s == 1.0
+    assert config.approval_sweep_s == 30.0
 
 
 def test_services_default_to_different_ports() -> None:
@@ -124,7 +125,7 @@ def test_other_variables_are_read() -> None:
     env = {"ARM_DATABASE_SCHEMA": "test_123", "ARM_REGISTRY_ADDRESS": "reg:1",
            "ARM_GOVERNANCE_ADDRESS": "gov:2", "ARM_TELEMETRY_ADDRESS": "tel:3",
            "ARM_SERVICE_API_KEY": "arm_key_x_y", "ARM_AUTH_CACHE_TTL_S": "0",
-           "ARM_SHUTDOWN_GRACE_S": "2.5", "ARM_OUTBOX_POLL_S": "0.05"}
+           "ARM_SHUTDOWN_GRACE_S": "2.5", "ARM_OUTBOX_POLL_S": "0.05", "ARM_APPROVAL_SWEEP_S": "0.5"}
     config = ServiceConfig.from_env("governance", env=env)
     assert config.database_schema == "test_123"
     assert (config.registry_address, config.governance_address, config.telemetry_address) == (
@@ -133,6 +134,7 @@ def test_other_variables_are_read() -> None:
     assert config.auth_cache_ttl_s == 0.0
     assert config.shutdown_grace_s == 2.5
     assert config.outbox_poll_s == 0.05
+    assert config.approval_sweep_s == 0.5
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -169,6 +171,8 @@ BAD = [
     ({"ARM_SHUTDOWN_GRACE_S": "-0.5"}, "ARM_SHUTDOWN_GRACE_S"),
     ({"ARM_OUTBOX_POLL_S": "0"}, "ARM_OUTBOX_POLL_S"),
     ({"ARM_OUTBOX_POLL_S": "x"}, "ARM_OUTBOX_POLL_S"),
+    ({"ARM_APPROVAL_SWEEP_S": "0"}, "ARM_APPROVAL_SWEEP_S"),
+    ({"ARM_APPROVAL_SWEEP_S": "often"}, "ARM_APPROVAL_SWEEP_S"),
     ({"ARM_REGISTRY_ADDRESS": "registry"}, "ARM_REGISTRY_ADDRESS"),
     ({"ARM_GOVERNANCE_ADDRESS": "gov:port"}, "ARM_GOVERNANCE_ADDRESS"),
     ({"ARM_TELEMETRY_ADDRESS": ":1"}, "ARM_TELEMETRY_ADDRESS"),
@@ -186,7 +190,7 @@ def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> Non
 
 
 @pytest.mark.parametrize("variable", ["ARM_AUTH_CACHE_TTL_S", "ARM_SHUTDOWN_GRACE_S",
-                                      "ARM_OUTBOX_POLL_S"])
+                                      "ARM_OUTBOX_POLL_S", "ARM_APPROVAL_SWEEP_S"])
 def test_nan_seconds_are_refused(variable: str) -> None:
     with pytest.raises(ConfigError) as caught:
         ServiceConfig.from_env("registry", env={variable: "nan"})

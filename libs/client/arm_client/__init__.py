@@ -7,7 +7,13 @@ from typing import Any
 
 import grpc
 
-from arm.governance.v1 import audit_pb2_grpc, decision_pb2_grpc, policy_pb2_grpc
+from arm.governance.v1 import (
+    approvals_pb2_grpc,
+    audit_pb2_grpc,
+    decision_pb2_grpc,
+    deployments_pb2_grpc,
+    policy_pb2_grpc,
+)
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 
 
@@ -52,7 +58,7 @@ def auth_interceptors(api_key: str) -> list[Any]:
 
 class ArmClient:
     """`ArmClient("127.0.0.1:50051", key)`; registry: `.tenancy`, `.access`, `.agents`,
-    `.compat`; governance: `.policies`, `.decisions`, `.audit`.
+    `.compat`; governance: `.policies`, `.decisions`, `.approvals`, `.deployments`, `.audit`.
     Without a key, calls go out unauthenticated (useful for health checks and tests)."""
 
     def __init__(self, address: str, api_key: str | None = None) -> None:
@@ -64,6 +70,8 @@ class ArmClient:
         self.compat = compat_pb2_grpc.CompatServiceStub(self.channel)
         self.policies = policy_pb2_grpc.PolicyServiceStub(self.channel)
         self.decisions = decision_pb2_grpc.DecisionServiceStub(self.channel)
+        self.approvals = approvals_pb2_grpc.ApprovalServiceStub(self.channel)
+        self.deployments = deployments_pb2_grpc.DeploymentServiceStub(self.channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
 
     async def close(self) -> None:

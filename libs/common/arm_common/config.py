@@ -90,6 +90,9 @@ class ServiceConfig:
     """Seconds in-flight calls get to finish on SIGTERM (`ARM_SHUTDOWN_GRACE_S`, default 10)."""
     outbox_poll_s: float
     """How often the outbox relay looks for undelivered messages (`ARM_OUTBOX_POLL_S`, default 1)."""
+    approval_sweep_s: float = 30.0
+    """How often governance expires and escalates due approvals (`ARM_APPROVAL_SWEEP_S`,
+    default 30); every replica sweeps, each change is made once."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -115,4 +118,5 @@ class ServiceConfig:
             auth_cache_ttl_s=_float(env, "ARM_AUTH_CACHE_TTL_S", 5.0),
             shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
+            approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
         )

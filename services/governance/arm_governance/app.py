@@ -9,7 +9,13 @@ from pathlib import Path
 
 import grpc
 
-from arm.governance.v1 import audit_pb2_grpc, decision_pb2_grpc, policy_pb2_grpc
+from arm.governance.v1 import (
+    approvals_pb2_grpc,
+    audit_pb2_grpc,
+    decision_pb2_grpc,
+    deployments_pb2_grpc,
+    policy_pb2_grpc,
+)
 from arm_common import migrations
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
@@ -19,18 +25,23 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
 from arm_common.remote_auth import RemoteAuthenticator
 from arm_common.tasks import cancel_and_wait
 from arm_governance.agents import AgentDirectory
+from arm_governance.approvals import ApprovalStore, ApprovalSweeper
 from arm_governance.audit import AuditTrail
 from arm_governance.audit_service import AuditServicer
 from arm_governance.decision_log import DecisionLog
 from arm_governance.decisions import Approvals, Decider, SpendBook
+from arm_governance.deployments import DeploymentStore
 from arm_governance.models import IDEMPOTENCY, OUTBOX
 from arm_governance.policies import PolicyCache
 from arm_governance.policy_store import PolicyStore, RegistryLookup
+from arm_governance.registry_calls import RegistryAgents
 from arm_governance.servicers import DecisionServicer, PolicyServicer
+from arm_governance.workflow_servicers import ApprovalServicer, DeploymentServicer
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
+            "arm.governance.v1.ApprovalService", "arm.governance.v1.DeploymentService",
             "arm.governance.v1.AuditService"]
 
 
@@ -64,6 +75,8 @@ class GovernanceComponent:
         self.log = DecisionLog(db, self.relays)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
         self.store = PolicyStore(self.changes)
+        self.approvals = ApprovalStore(db, self.changes)
+        self.sweeper = ApprovalSweeper(self.approvals, config.approval_sweep_s)
         self.agents: AgentDirectory | None = None
         self._follower: asyncio.Task[None] | None = None
         self.authenticator = RemoteAuthenticator(self.channel, config.auth_cache_ttl_s) if self.channel else None
@@ -81,6 +94,11 @@ class GovernanceComponent:
             PolicyServicer(self.db, self.store, self.cache, self.agents, RegistryLookup(self.channel)), server)
         decision_pb2_grpc.add_DecisionServiceServicer_to_server(
             DecisionServicer(self.db, self.decider, self.spend, self.changes), server)
+        registry = RegistryAgents(self.channel)
+        approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(
+            ApprovalServicer(self.db, self.approvals, self.agents, registry, self.relays), server)
+        deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
+            DeploymentServicer(self.db, DeploymentStore(self.approvals), registry, self.relays), server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit), server)
         return list(SERVICES)
 
@@ -105,6 +123,7 @@ class GovernanceComponent:
         for relay in self.relays:
             await relay.start()
         await self.housekeeping.start()
+        await self.sweeper.start()
         assert self.agents is not None
         await self.agents.start()
 
@@ -117,6 +136,7 @@ class GovernanceComponent:
     async def stop(self) -> None:
         if self.agents:
             await self.agents.stop()
+        await self.sweeper.stop()
         await self.housekeeping.stop()
         for relay in self.relays:
             await relay.stop()

@@ -41,6 +41,7 @@ class PendingDecision:
     response: decision_pb2.CheckResponse
     approval: dict[str, Any] | None = None  # Approval columns, for NEEDS_APPROVAL
     messages: list[tuple[str, str, Message]] = field(default_factory=list)  # (topic, id, message)
+    approval_record: str = ""  # id of the APPROVAL_REQUESTED message, dropped when deduplicated
     future: asyncio.Future[decision_pb2.CheckResponse] | None = None
 
 
@@ -170,6 +171,7 @@ class DecisionLog:
             if approval["tool_call_id"] and key in existing:
                 item.response.approval_id = existing[key]
                 item.record["approval_id"] = existing[key]
+                item.messages = [m for m in item.messages if m[1] != item.approval_record]
                 continue
             if approval["tool_call_id"]:
                 existing[key] = approval["id"]

@@ -33,6 +33,7 @@ from arm_governance.policies import PolicyCache
 
 MAX_ARGUMENT_BYTES = 64 * 1024
 TOOL_APPROVAL_TTL = timedelta(hours=1)
+ESCALATE_EVERY = timedelta(minutes=30)  # see approvals.py
 _RISKS = set(range(0, 5))
 
 
@@ -223,6 +224,10 @@ class Decider:
             approval_id=approval_id, request=request.SerializeToString(),
             agent=resolved.SerializeToString() if resolved is not None else b"", decided_at=now)
         pending = PendingDecision(record=record, response=response, approval=approval_row)
+        if approval_row is not None:
+            requested = self._requested_record(principal, resolved, approval_row, now)
+            pending.approval_record = requested.record_id
+            pending.messages.append((TOPIC_CHANGE_RECORD, requested.record_id, requested))
         pending.messages.append((TOPIC_OP_EVENT, f"evt-{decision_id}",
                                  self._op_event(principal, request, resolved, result, decision_id, now)))
         if result.effect == engine.Effect.DENY:
@@ -256,7 +261,8 @@ class Decider:
             required_decisions=required, escalation_level=0,
             status=approvals_pb2.APPROVAL_STATUS_PENDING, decision_id=decision_id,
             requested_by=principal.actor_id, body=body.SerializeToString(), created_at=now,
-            expires_at=expires, consumed_at=None, revision=1)
+            expires_at=expires, consumed_at=None, revision=1, target_id="",
+            escalate_at=now + ESCALATE_EVERY, resolved_at=None)
 
     @staticmethod
     def _op_event(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
@@ -279,6 +285,22 @@ class Decider:
         else:
             event.legacy_agent_id = request.legacy_agent_id
         return event
+
+    @staticmethod
+    def _requested_record(principal: Principal, resolved: Any, row: dict[str, Any],
+                          now: datetime) -> common_pb2.ChangeRecord:
+        return common_pb2.ChangeRecord(
+            record_id=new_id("chg"), tenant_id=principal.tenant_id,
+            type=common_pb2.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED,
+            actor=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
+                                   id=principal.actor_id),
+            target_type="approval", target_id=row["id"], project_id=resolved.project_id,
+            template_id=resolved.template_id, version_id=resolved.version_id,
+            instance_id=resolved.instance_id, summary=f"TOOL_EXECUTION approval requested for {row['tool_name']}",
+            after=struct({"status": "PENDING", "decisions": 0, "escalation_level": 0}),
+            payload=struct({"action_type": "APPROVAL_ACTION_TYPE_TOOL_EXECUTION", "decision_id": row["decision_id"],
+                            "risk": common_pb2.RiskLevel.Name(row["risk"])}),
+            occur_time=ts(now), source="governance")
 
     @staticmethod
     def _denied_record(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,

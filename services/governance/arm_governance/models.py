@@ -1,5 +1,5 @@
 """Governance tables (SQLAlchemy ORM): policy envelopes and their revisions, operator controls,
-the decision log, approvals, the spend ledger, and per-tenant policy epochs."""
+the decision log, approvals, deployments, the spend ledger, and per-tenant policy epochs."""
 
 from __future__ import annotations
 
@@ -121,11 +121,14 @@ class DecisionRecord(Base):
 
 class Approval(Base):
     """Approval requests. Tool-execution approvals come from Check (one per instance and tool
-    call id) and are single-use grants bound to instance, tool and argument digest."""
+    call id) and are single-use grants bound to instance, tool and argument digest; the others
+    come from RequestApproval. `body` is the Approval message as of `revision` (the etag)."""
 
     __tablename__ = "approvals"
     __table_args__ = (UniqueConstraint("tenant_id", "instance_id", "tool_call_id"),
-                      Index("ix_approvals_tenant_status", "tenant_id", "status"))
+                      Index("ix_approvals_tenant_status", "tenant_id", "status"),
+                      Index("ix_approvals_status_expires", "status", "expires_at"),
+                      Index("ix_approvals_status_escalate", "status", "escalate_at"))
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
     project_id: Mapped[str] = mapped_column(String(64), default="")
@@ -149,6 +152,36 @@ class Approval(Base):
     expires_at: Mapped[datetime]
     consumed_at: Mapped[datetime | None]
     revision: Mapped[int] = mapped_column(Integer, default=1)
+    # Deployment or envelope id for non-tool actions.
+    target_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # When the next escalation is due while PENDING/ESCALATED; NULL once final.
+    escalate_at: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+
+
+class Deployment(Base):
+    """Deployments of a template's version to an environment. `active_key` is
+    "<tenant>/<template>/<environment>" while ACTIVE and NULL otherwise: its unique constraint
+    keeps at most one ACTIVE deployment per template and environment on every backend."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (UniqueConstraint("active_key"),
+                      Index("ix_deployments_tenant_template_env", "tenant_id", "template_id", "environment_id"))
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    template_id: Mapped[str] = mapped_column(String(64))
+    environment_id: Mapped[str] = mapped_column(String(64))
+    project_id: Mapped[str] = mapped_column(String(64), default="")
+    target_version_id: Mapped[str] = mapped_column(String(64))
+    previous_version_id: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[int] = mapped_column(Integer)
+    rollback_of: Mapped[str] = mapped_column(String(64), default="")
+    approval_id: Mapped[str] = mapped_column(String(64), default="")
+    active_key: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # the Deployment message as of `revision`
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    revision: Mapped[int] = mapped_column(Integer)
 
 
 class SpendEntry(Base):

@@ -23,6 +23,7 @@ from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxMessage, OutboxRelay
 from arm_registry import models
 from arm_registry.authn import LocalAuthenticator
+from arm_registry.governance import Governance
 from arm_registry.models import IDEMPOTENCY, OUTBOX
 from arm_registry.servicers import AccessServicer, AgentServicer, CompatServicer, TenancyServicer
 from arm_registry.store import RegistryStore
@@ -41,25 +42,35 @@ async def migrate(db: Database) -> None:
 
 
 class RegistryComponent:
-    """The registry's servicers, authenticator and change-record outbox relay."""
+    """The registry's servicers, authenticator and change-record outbox relay. Governance is
+    asked over gRPC at ARM_GOVERNANCE_ADDRESS, or, with in_process_governance (the all-in-one
+    server), at this host's own address once bound."""
 
     def __init__(self, db: Database, config: ServiceConfig, *, in_process_governance: bool = False) -> None:
         self.db = db
         self.in_process_governance = in_process_governance
         self.config = config
-        # Change records go to governance's audit trail (ARM_GOVERNANCE_ADDRESS); without one
-        # they wait in the outbox, nothing is dropped.
+        self.governance = Governance(config.governance_address)
+        # Change records go to governance's audit trail (ARM_GOVERNANCE_ADDRESS) on a channel of
+        # their own, with the service key; without one they wait in the outbox, nothing is dropped.
         self.relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver=None,
                                  poll_interval_s=config.outbox_poll_s)
-        self.governance: grpc.aio.Channel | None = None
+        self.audit_channel: grpc.aio.Channel | None = None
         self._started = False
         self.changes = ChangeChannel(db, "registry_agents")
         self.store = RegistryStore(db, self.relay, self.changes)
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
 
+    def bound(self, address: str) -> None:
+        """In one process with governance (the all-in-one server) its address is our own."""
+        if self.in_process_governance:
+            if self.governance.channel is None:
+                self.governance.connect(address)
+            self._deliver_to(address)
+
     def attach(self, server: grpc.aio.Server) -> list[str]:
-        agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator)
+        agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator, self.governance)
         tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(self.store), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
             AccessServicer(self.store, self.authenticator), server)
@@ -69,18 +80,14 @@ class RegistryComponent:
         return ["arm.registry.v1.TenancyService", "arm.registry.v1.AccessService",
                 "arm.registry.v1.AgentService", "arm.registry.v1.CompatService"]
 
-    def bound(self, address: str) -> None:
-        """In one process with governance (the all-in-one server) its address is our own."""
-        if self.in_process_governance:
-            self._use_governance(address)
-
-    def _use_governance(self, address: str, api_key: str | None = None) -> None:
+    def _deliver_to(self, address: str, api_key: str | None = None) -> None:
+        """Makes the outbox relay deliver change records to governance's audit trail."""
         api_key = api_key or self.config.service_api_key
         if not api_key:
             log.warning("ARM_SERVICE_API_KEY is not set: change records wait in the outbox")
             return
-        self.governance = grpc.aio.insecure_channel(address)
-        audit = audit_pb2_grpc.AuditServiceStub(self.governance)
+        self.audit_channel = grpc.aio.insecure_channel(address)
+        audit = audit_pb2_grpc.AuditServiceStub(self.audit_channel)
         auth = (("authorization", f"Bearer {api_key}"),)
 
         async def deliver(messages: list[OutboxMessage]) -> None:
@@ -91,16 +98,17 @@ class RegistryComponent:
 
         self.relay.deliver = deliver
 
-    async def connect_governance(self, address: str, api_key: str) -> None:
-        """Starts delivering change records to governance at `address` (tests, late wiring)."""
-        self._use_governance(address, api_key)
+    async def deliver_change_records_to(self, address: str, api_key: str) -> None:
+        """Starts delivering change records to governance at `address` (late wiring, tests);
+        the registry's own questions to governance are not affected."""
+        self._deliver_to(address, api_key)
         if self._started:
             await self.relay.start()
 
     async def start(self) -> None:
         await migrations.check_at_head(self.db, MIGRATIONS, "registry")
-        if self.config.governance_address and self.governance is None:
-            self._use_governance(self.config.governance_address)
+        if self.config.governance_address and self.audit_channel is None:
+            self._deliver_to(self.config.governance_address)
         await self.changes.start()
         await self.relay.start()
         await self.housekeeping.start()
@@ -110,8 +118,9 @@ class RegistryComponent:
         await self.housekeeping.stop()
         await self.relay.stop()
         await self.changes.stop()
-        if self.governance is not None:
-            await self.governance.close()
+        await self.governance.close()
+        if self.audit_channel is not None:
+            await self.audit_channel.close()
 
 
 @dataclass(frozen=True)

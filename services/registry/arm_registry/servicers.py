@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
+from arm.governance.v1 import approvals_pb2
 from arm.registry.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -24,11 +25,12 @@ from arm.registry.v1 import (
     tenancy_pb2_grpc,
 )
 from arm_common import pagination
-from arm_common.auth import SCOPE_TENANT, Principal, current_principal
+from arm_common.auth import SCOPE_TENANT, Principal, current_api_key, current_principal
 from arm_common.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from arm_common.ids import new_id
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
+from arm_registry.governance import Governance
 from arm_registry.store import CR, RegistryStore
 from arm_registry.validate import check, check_present
 
@@ -542,10 +544,12 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
 
 
 class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
-    def __init__(self, store: RegistryStore, compat_mode: bool, authenticator: Any = None) -> None:
+    def __init__(self, store: RegistryStore, compat_mode: bool, authenticator: Any = None,
+                 governance: Governance | None = None) -> None:
         self.store = store
         self.compat_mode = compat_mode
         self.authenticator = authenticator
+        self.governance = governance or Governance(None)
 
     # templates
 
@@ -676,25 +680,40 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                                agent_versions=[convert.version(r) for r in rows], next_page_token=tok))
 
     async def TransitionAgentVersion(self, request: agents_pb2.TransitionAgentVersionRequest, context: Ctx) -> Any:
-        check(request, ("id", "id"), ("enum", "to_state"))
+        check(request, ("id", "id"), ("enum", "to_state"), ("id?", "approval_id"))
         target = _version_state(request.to_state)
         p = current_principal()
+        approval = None
+        if request.approval_id:
+            if target != "APPROVED":
+                raise InvalidArgument("approval_id is only used for CANDIDATE → APPROVED",
+                                      reason="INVALID_FIELDS", violations=[FieldViolation(
+                                          "approval_id", "only for to_state APPROVED")])
+            # Checked before the transaction: the call goes to another service.
+            approval = await self.governance.approved(
+                current_api_key(), request.approval_id, approvals_pb2.APPROVAL_ACTION_TYPE_VERSION_PROMOTION,
+                version_id=request.id)
+        deciders = [d.operator_id for d in approval.decisions
+                    if d.verdict == approvals_pb2.APPROVAL_VERDICT_APPROVE] if approval else []
 
         async def write(s: AsyncSession) -> Any:
             row = await self.store.get(s, models.AgentVersion, request.id, p.tenant_id,
                                        "agent_version", for_update=True)
-            # Approving is the approver's permission; every other move is a registry write.
-            p.require("versions:approve" if target == "APPROVED" else "registry:write",
-                      project_id=row.project_id)
+            # Approving is the approver's permission, unless an approved VERSION_PROMOTION
+            # approval carries it (its deciders had approvals:decide); every other move is a
+            # registry write.
+            direct_approval = target == "APPROVED" and approval is None
+            p.require("versions:approve" if direct_approval else "registry:write", project_id=row.project_id)
             self.store.check_etag(row, request.etag)
             domain.check_transition("version", domain.VERSION_TRANSITIONS, row.state, target)
             if target == "CANDIDATE" and row.eval_status != "PASS":
                 raise FailedPrecondition(
                     f"TESTING → CANDIDATE needs eval_status PASS, the version has {row.eval_status}",
                     reason="EVALUATION_NOT_PASSED", metadata={"eval_status": row.eval_status})
-            if target == "APPROVED":
-                p.require("versions:approve", project_id=row.project_id)
+            if direct_approval:
                 row.approved_by = p.actor_id
+            elif target == "APPROVED":
+                row.approved_by = deciders[-1]  # the decision that completed the approval
             before = row.state
             row.state = target
             self.store.touch(row)
@@ -705,7 +724,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                                     project_id=row.project_id, template_id=row.template_id,
                                     version_id=row.id, summary=f"version {before} → {target}",
                                     before={"state": before}, after={"state": target},
-                                    reason=request.reason)
+                                    reason=request.reason,
+                                    payload={"approval_id": request.approval_id, "approved_by": deciders}
+                                    if approval else None)
             return agents_pb2.TransitionAgentVersionResponse(agent_version=convert.version(row))
 
         return await self.store.write(p, "TransitionAgentVersion", request,
@@ -746,6 +767,17 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
               ("id?", "legacy_agent_id"))
         p = current_principal()
 
+        async def lookup(s: AsyncSession) -> Any:
+            ver = await self.store.get(s, models.AgentVersion, request.version_id, p.tenant_id, "agent_version")
+            env = await self.store.get(s, models.Environment, request.environment_id, p.tenant_id, "environment")
+            return ver.template_id, env.require_active_deployment
+
+        template_id, gated = await self.store.read(lookup)
+        active_version = None
+        if gated:  # asked before the transaction: the call goes to another service
+            active_version = await self.governance.active_version(current_api_key(), template_id,
+                                                                  request.environment_id)
+
         async def write(s: AsyncSession) -> Any:
             ver = await self.store.get(s, models.AgentVersion, request.version_id, p.tenant_id,
                                        "agent_version")
@@ -758,11 +790,17 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                     f"version {ver.number} is {ver.state} and {env.name} is {env.type}",
                     reason="VERSION_NOT_DEPLOYABLE",
                     metadata={"version_state": ver.state, "environment_type": env.type})
-            if env.require_active_deployment:
-                # The deployment check needs governance's deployments API; fail closed until then.
+            if env.require_active_deployment and not gated:
+                raise FailedPrecondition(  # the flag was set between our two reads: ask again
+                    f"environment {env.name} now requires an active deployment; retry",
+                    reason="DEPLOYMENT_CHECK_STALE")
+            if env.require_active_deployment and active_version != ver.id:
                 raise FailedPrecondition(
-                    f"environment {env.name} requires an active deployment, and deployment checks "
-                    "are not available in this release", reason="DEPLOYMENT_CHECK_UNAVAILABLE")
+                    f"environment {env.name} requires an active deployment, and "
+                    + ("the template has none there" if active_version is None
+                       else f"its ACTIVE deployment targets version {active_version}, not {ver.id}"),
+                    reason="NOT_ACTIVE_DEPLOYMENT_VERSION",
+                    metadata={"active_version_id": active_version or "", "version_id": ver.id})
             row = await self.create_instance_row(s, p, ver, env, request.name,
                                                  request.legacy_agent_id or None, "PROVISIONING")
             return agents_pb2.CreateAgentInstanceResponse(agent_instance=convert.instance(row))
@@ -853,6 +891,19 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
         target = _instance_state(request.to_state)
         p = current_principal()
 
+        async def current_state(s: AsyncSession) -> str:
+            return (await self.store.get(s, models.AgentInstance, request.id, p.tenant_id, "agent_instance")).state
+
+        approval = None
+        if target == "ACTIVE" and await self.store.read(current_state) == "QUARANTINED":
+            if not request.approval_id:
+                raise FailedPrecondition(
+                    "QUARANTINED → ACTIVE needs an approved INSTANCE_REACTIVATION approval (approval_id)",
+                    reason="APPROVAL_REQUIRED", metadata={"action_type": "INSTANCE_REACTIVATION"})
+            approval = await self.governance.approved(
+                current_api_key(), request.approval_id, approvals_pb2.APPROVAL_ACTION_TYPE_INSTANCE_REACTIVATION,
+                instance_id=request.id)
+
         async def write(s: AsyncSession) -> Any:
             row = await self.store.get(s, models.AgentInstance, request.id, p.tenant_id,
                                        "agent_instance", for_update=True)
@@ -861,12 +912,13 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             self.store.check_etag(row, request.etag)
             domain.check_transition("instance", domain.INSTANCE_TRANSITIONS, row.state, target)
             if row.state == "QUARANTINED" and target == "ACTIVE":
-                # Needs an approved INSTANCE_REACTIVATION approval, which governance's approvals
-                # API verifies; until that API exists the transition is refused, never waved through.
-                raise FailedPrecondition(
-                    "QUARANTINED → ACTIVE needs an approved INSTANCE_REACTIVATION approval; "
-                    "approval verification is not available in this release",
-                    reason="APPROVAL_REQUIRED", metadata={"action_type": "INSTANCE_REACTIVATION"})
+                # The approval must belong to this quarantine: requested after the instance last
+                # changed (entered QUARANTINED), so one approval reactivates at most once.
+                if approval is None or approval.create_time.ToDatetime(tzinfo=UTC) < row.updated_at:
+                    raise FailedPrecondition(
+                        "QUARANTINED → ACTIVE needs an INSTANCE_REACTIVATION approval requested during "
+                        "this quarantine", reason="APPROVAL_STALE" if approval else "APPROVAL_REQUIRED",
+                        metadata={"action_type": "INSTANCE_REACTIVATION", "approval_id": request.approval_id})
             before = row.state
             row.state = target
             if target == "ACTIVE" and row.activated_at is None:
@@ -883,7 +935,8 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
                                     version_id=row.version_id, instance_id=row.id,
                                     summary=f"instance {before} → {target}",
                                     before={"state": before}, after={"state": target},
-                                    reason=request.reason)
+                                    reason=request.reason,
+                                    payload={"approval_id": request.approval_id} if approval else None)
             return agents_pb2.TransitionAgentInstanceResponse(agent_instance=convert.instance(row))
 
         result = await self.store.write(p, "TransitionAgentInstance", request,
@@ -905,6 +958,48 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             return agents_pb2.RecordHeartbeatResponse(agent_instance=convert.instance(row))
 
         return await self.store.db.run(write)
+
+    async def RebindAgentInstances(self, request: agents_pb2.RebindAgentInstancesRequest, context: Ctx) -> Any:
+        check(request, ("id", "template_id"), ("id", "environment_id"), ("id", "version_id"), ("text?", "reason"))
+        p = current_principal()
+
+        async def write(s: AsyncSession) -> Any:
+            ver = await self.store.get(s, models.AgentVersion, request.version_id, p.tenant_id, "agent_version")
+            env = await self.store.get(s, models.Environment, request.environment_id, p.tenant_id, "environment")
+            if not (p.has("registry:write", project_id=ver.project_id, environment_id=env.id)
+                    or p.has("deployments:activate", project_id=ver.project_id, environment_id=env.id)
+                    or p.has("deployments:write", project_id=ver.project_id, environment_id=env.id)):
+                p.require("registry:write", project_id=ver.project_id)
+            if ver.template_id != request.template_id:
+                raise InvalidArgument("the version belongs to another template", reason="INVALID_FIELDS",
+                                      violations=[FieldViolation("version_id", "must be a version of template_id")])
+            if ver.state not in ("APPROVED", "DEPRECATED"):
+                raise FailedPrecondition(f"instances are rebound to APPROVED (or DEPRECATED) versions; "
+                                         f"version {ver.number} is {ver.state}", reason="VERSION_NOT_DEPLOYABLE",
+                                         metadata={"version_state": ver.state})
+            m = models.AgentInstance
+            rows = (await s.execute(select(m).where(
+                m.tenant_id == p.tenant_id, m.template_id == request.template_id,
+                m.environment_id == env.id, m.state != "RETIRED", m.version_id != ver.id)
+                .order_by(m.id).with_for_update())).scalars().all()
+            for row in rows:
+                before = row.version_id
+                row.version_id = ver.id
+                self.store.touch(row)
+                await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_INSTANCE, row.tenant_id,
+                                               instance_id=row.id, version_id=ver.id,
+                                               legacy_agent_id=row.legacy_agent_id)
+                await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
+                                        target_type="agent_instance", target_id=row.id,
+                                        project_id=row.project_id, template_id=row.template_id,
+                                        version_id=ver.id, instance_id=row.id,
+                                        summary=f"instance rebound to version {ver.number}",
+                                        before={"version_id": before}, after={"version_id": ver.id},
+                                        reason=request.reason)
+            return agents_pb2.RebindAgentInstancesResponse(agent_instances=[convert.instance(r) for r in rows])
+
+        return await self.store.write(p, "RebindAgentInstances", request,
+                                      agents_pb2.RebindAgentInstancesResponse, write)
 
     # identities
 

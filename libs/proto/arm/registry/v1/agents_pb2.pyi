@@ -990,6 +990,7 @@ class TransitionAgentVersionRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Version id."""
     to_state: Global___VersionState.ValueType
@@ -1000,6 +1001,11 @@ class TransitionAgentVersionRequest(_message.Message):
     """Expected etag; a mismatch is ABORTED. Empty skips the check."""
     request_id: _builtins.str
     """Idempotency key."""
+    approval_id: _builtins.str
+    """An APPROVED VERSION_PROMOTION approval for this version (CANDIDATE → APPROVED): the
+    caller then needs `registry:write` instead of `versions:approve`, and the approval's
+    deciders are recorded as approved_by. Empty: the caller approves directly.
+    """
     def __init__(
         self,
         *,
@@ -1008,10 +1014,11 @@ class TransitionAgentVersionRequest(_message.Message):
         reason: _builtins.str = ...,
         etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "reason", b"reason", "request_id", b"request_id", "to_state", b"to_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "etag", b"etag", "id", b"id", "reason", b"reason", "request_id", b"request_id", "to_state", b"to_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1398,6 +1405,68 @@ class RecordHeartbeatResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordHeartbeatResponse: _TypeAlias = RecordHeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class RebindAgentInstancesRequest(_message.Message):
+    """Request of RebindAgentInstances."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key."""
+    template_id: _builtins.str
+    """The template whose instances move."""
+    environment_id: _builtins.str
+    """The environment whose instances move."""
+    version_id: _builtins.str
+    """The version (of the same template) they move to."""
+    reason: _builtins.str
+    """Why (e.g. the deployment rolled back)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        template_id: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "reason", b"reason", "request_id", b"request_id", "template_id", b"template_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebindAgentInstancesRequest: _TypeAlias = RebindAgentInstancesRequest  # noqa: Y015
+
+@_typing.final
+class RebindAgentInstancesResponse(_message.Message):
+    """Response of RebindAgentInstances."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_INSTANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent_instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInstance]:
+        """The instances that moved, after the move."""
+
+    def __init__(
+        self,
+        *,
+        agent_instances: _abc.Iterable[Global___AgentInstance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instances", b"agent_instances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebindAgentInstancesResponse: _TypeAlias = RebindAgentInstancesResponse  # noqa: Y015
 
 @_typing.final
 class UpsertAgentIdentityRequest(_message.Message):

@@ -105,6 +105,11 @@ class AgentServiceStub:
                 request_serializer=arm_dot_registry_dot_v1_dot_agents__pb2.RecordHeartbeatRequest.SerializeToString,
                 response_deserializer=arm_dot_registry_dot_v1_dot_agents__pb2.RecordHeartbeatResponse.FromString,
                 _registered_method=True)
+        self.RebindAgentInstances = channel.unary_unary(
+                '/arm.registry.v1.AgentService/RebindAgentInstances',
+                request_serializer=arm_dot_registry_dot_v1_dot_agents__pb2.RebindAgentInstancesRequest.SerializeToString,
+                response_deserializer=arm_dot_registry_dot_v1_dot_agents__pb2.RebindAgentInstancesResponse.FromString,
+                _registered_method=True)
         self.UpsertAgentIdentity = channel.unary_unary(
                 '/arm.registry.v1.AgentService/UpsertAgentIdentity',
                 request_serializer=arm_dot_registry_dot_v1_dot_agents__pb2.UpsertAgentIdentityRequest.SerializeToString,
@@ -224,6 +229,15 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebindAgentInstances(self, request, context):
+        """Moves every non-RETIRED instance of a template in an environment to another version of
+        that template (a deployment rollback); writes one REGISTRY_UPDATED change record per
+        instance. Needs `registry:write` or `deployments:activate`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpsertAgentIdentity(self, request, context):
         """Creates or updates an agent identity (keyed by name in the tenant).
         """
@@ -317,6 +331,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RecordHeartbeat,
                     request_deserializer=arm_dot_registry_dot_v1_dot_agents__pb2.RecordHeartbeatRequest.FromString,
                     response_serializer=arm_dot_registry_dot_v1_dot_agents__pb2.RecordHeartbeatResponse.SerializeToString,
+            ),
+            'RebindAgentInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebindAgentInstances,
+                    request_deserializer=arm_dot_registry_dot_v1_dot_agents__pb2.RebindAgentInstancesRequest.FromString,
+                    response_serializer=arm_dot_registry_dot_v1_dot_agents__pb2.RebindAgentInstancesResponse.SerializeToString,
             ),
             'UpsertAgentIdentity': grpc.unary_unary_rpc_method_handler(
                     servicer.UpsertAgentIdentity,
@@ -713,6 +732,33 @@ class AgentService:
             '/arm.registry.v1.AgentService/RecordHeartbeat',
             arm_dot_registry_dot_v1_dot_agents__pb2.RecordHeartbeatRequest.SerializeToString,
             arm_dot_registry_dot_v1_dot_agents__pb2.RecordHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebindAgentInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.registry.v1.AgentService/RebindAgentInstances',
+            arm_dot_registry_dot_v1_dot_agents__pb2.RebindAgentInstancesRequest.SerializeToString,
+            arm_dot_registry_dot_v1_dot_agents__pb2.RebindAgentInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,

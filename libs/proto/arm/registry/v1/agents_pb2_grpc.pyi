@@ -61,6 +61,11 @@ class AgentServiceStub:
     """Moves an instance along its lifecycle."""
     RecordHeartbeat: _grpc.UnaryUnaryMultiCallable[_agents_pb2.RecordHeartbeatRequest, _agents_pb2.RecordHeartbeatResponse]
     """Records a heartbeat of an instance (agent keys may beat for their own instance)."""
+    RebindAgentInstances: _grpc.UnaryUnaryMultiCallable[_agents_pb2.RebindAgentInstancesRequest, _agents_pb2.RebindAgentInstancesResponse]
+    """Moves every non-RETIRED instance of a template in an environment to another version of
+    that template (a deployment rollback); writes one REGISTRY_UPDATED change record per
+    instance. Needs `registry:write` or `deployments:activate`.
+    """
     UpsertAgentIdentity: _grpc.UnaryUnaryMultiCallable[_agents_pb2.UpsertAgentIdentityRequest, _agents_pb2.UpsertAgentIdentityResponse]
     """Creates or updates an agent identity (keyed by name in the tenant)."""
     GetAgentIdentity: _grpc.UnaryUnaryMultiCallable[_agents_pb2.GetAgentIdentityRequest, _agents_pb2.GetAgentIdentityResponse]
@@ -101,6 +106,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Moves an instance along its lifecycle."""
     RecordHeartbeat: _aio.UnaryUnaryMultiCallable[_agents_pb2.RecordHeartbeatRequest, _agents_pb2.RecordHeartbeatResponse]  # type: ignore[assignment]
     """Records a heartbeat of an instance (agent keys may beat for their own instance)."""
+    RebindAgentInstances: _aio.UnaryUnaryMultiCallable[_agents_pb2.RebindAgentInstancesRequest, _agents_pb2.RebindAgentInstancesResponse]  # type: ignore[assignment]
+    """Moves every non-RETIRED instance of a template in an environment to another version of
+    that template (a deployment rollback); writes one REGISTRY_UPDATED change record per
+    instance. Needs `registry:write` or `deployments:activate`.
+    """
     UpsertAgentIdentity: _aio.UnaryUnaryMultiCallable[_agents_pb2.UpsertAgentIdentityRequest, _agents_pb2.UpsertAgentIdentityResponse]  # type: ignore[assignment]
     """Creates or updates an agent identity (keyed by name in the tenant)."""
     GetAgentIdentity: _aio.UnaryUnaryMultiCallable[_agents_pb2.GetAgentIdentityRequest, _agents_pb2.GetAgentIdentityResponse]  # type: ignore[assignment]
@@ -222,6 +232,17 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.RecordHeartbeatResponse, _abc.Awaitable[_agents_pb2.RecordHeartbeatResponse]]:
         """Records a heartbeat of an instance (agent keys may beat for their own instance)."""
+
+    @_abc_1.abstractmethod
+    def RebindAgentInstances(
+        self,
+        request: _agents_pb2.RebindAgentInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.RebindAgentInstancesResponse, _abc.Awaitable[_agents_pb2.RebindAgentInstancesResponse]]:
+        """Moves every non-RETIRED instance of a template in an environment to another version of
+        that template (a deployment rollback); writes one REGISTRY_UPDATED change record per
+        instance. Needs `registry:write` or `deployments:activate`.
+        """
 
     @_abc_1.abstractmethod
     def UpsertAgentIdentity(

@@ -1,7 +1,7 @@
 """audit trail: change records, hash-chained per tenant, append-only on PostgreSQL
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-24 22:40:19.223990
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 import arm_common.tables
 
 revision = '0003'
-down_revision = '0001'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 
