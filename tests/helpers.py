@@ -115,6 +115,13 @@ async def walk_version(client: ArmClient, version_id: str, target: int) -> agent
 async def operator_with_roles(admin: ArmClient, address: str, *role_names: str,
                               scope_type: int = 0, scope_id: str = "") -> tuple[str, ArmClient]:
     """Creates an operator holding the given built-in roles; returns its id and a client."""
+    op_id, key = await operator_key(admin, *role_names, scope_type=scope_type, scope_id=scope_id)
+    return op_id, ArmClient(address, key)
+
+
+async def operator_key(admin: ArmClient, *role_names: str, scope_type: int = 0,
+                       scope_id: str = "") -> tuple[str, str]:
+    """Creates an operator holding the given built-in roles; returns its id and API key."""
     suffix = secrets.token_hex(4)
     op = (await admin.access.CreateOperator(access_pb2.CreateOperatorRequest(
         email=f"op-{suffix}@example.com", name=f"Operator {suffix}"))).operator
@@ -123,4 +130,4 @@ async def operator_with_roles(admin: ArmClient, address: str, *role_names: str,
         await admin.access.CreateRoleAssignment(access_pb2.CreateRoleAssignmentRequest(
             operator_id=op.id, role_id=roles[name], scope_type=scope_type, scope_id=scope_id))
     key = (await admin.access.CreateApiKey(access_pb2.CreateApiKeyRequest(operator_id=op.id))).secret
-    return op.id, ArmClient(address, key)
+    return op.id, key

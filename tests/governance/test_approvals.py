@@ -30,7 +30,7 @@ from arm_common.tables import utcnow
 from arm_governance import approvals, models
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant, new_database_spec, start_governance, stop_governance
-from tests.helpers import AgentSet, approved_version, expect_failure
+from tests.helpers import AgentSet, approved_version, expect_failure, operator_key
 
 S = apb.ApprovalStatus
 A = apb.ApprovalActionType
@@ -134,17 +134,6 @@ class World:
 
     async def get(self, approval_id: str) -> apb.Approval:
         return (await self.gov.approvals.GetApproval(apb.GetApprovalRequest(approval_id=approval_id))).approval
-
-
-async def operator_key(admin: ArmClient, *role_names: str) -> tuple[str, str]:
-    suffix = secrets.token_hex(4)
-    op = (await admin.access.CreateOperator(access_pb2.CreateOperatorRequest(
-        email=f"op-{suffix}@example.com", name=f"Operator {suffix}"))).operator
-    roles = {r.name: r.id for r in (await admin.access.ListRoles(access_pb2.ListRolesRequest())).roles}
-    for name in role_names:
-        await admin.access.CreateRoleAssignment(access_pb2.CreateRoleAssignmentRequest(
-            operator_id=op.id, role_id=roles[name]))
-    return op.id, (await admin.access.CreateApiKey(access_pb2.CreateApiKeyRequest(operator_id=op.id))).secret
 
 
 async def decide(client: ArmClient, approval_id: str, verdict: int = APPROVE, **kw: Any) -> apb.Approval:

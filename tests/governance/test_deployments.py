@@ -18,7 +18,7 @@ from sqlalchemy import select, text, update
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import deployments_pb2 as dpb
-from arm.registry.v1 import access_pb2, agents_pb2, tenancy_pb2
+from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm_client import ArmClient
 from arm_common.auth import Grant, Principal
 from arm_common.outbox import TOPIC_CHANGE_RECORD
@@ -27,22 +27,11 @@ from arm_governance import models
 from arm_governance.deployments import DeploymentStore
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
-from tests.helpers import AgentSet, approved_version, expect_failure, genome, walk_version
+from tests.helpers import AgentSet, approved_version, expect_failure, genome, operator_key, walk_version
 
 D = dpb.DeploymentStatus
 PENDING, ACTIVE, RETIRED = D.DEPLOYMENT_STATUS_PENDING, D.DEPLOYMENT_STATUS_ACTIVE, D.DEPLOYMENT_STATUS_RETIRED
 CR = common_pb2.ChangeRecordType
-
-
-async def operator_key(admin: ArmClient, *role_names: str) -> tuple[str, str]:
-    suffix = secrets.token_hex(4)
-    op = (await admin.access.CreateOperator(access_pb2.CreateOperatorRequest(
-        email=f"op-{suffix}@example.com", name=f"Operator {suffix}"))).operator
-    roles = {r.name: r.id for r in (await admin.access.ListRoles(access_pb2.ListRolesRequest())).roles}
-    for name in role_names:
-        await admin.access.CreateRoleAssignment(access_pb2.CreateRoleAssignmentRequest(
-            operator_id=op.id, role_id=roles[name]))
-    return op.id, (await admin.access.CreateApiKey(access_pb2.CreateApiKeyRequest(operator_id=op.id))).secret
 
 
 @dataclass

@@ -11,7 +11,10 @@ import base64
 import binascii
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, TypeVar
+
+from sqlalchemy import Select
 
 from arm_common.canonical import canonical_hash
 from arm_common.errors import FieldViolation, InvalidArgument
@@ -68,3 +71,35 @@ def decode_token(token: str, filters: dict[str, Any]) -> Any:
 def split_page(rows: Sequence[T], size: int) -> tuple[Sequence[T], bool]:
     """Callers fetch size + 1 rows; returns the page and whether there is a next one."""
     return rows[:size], len(rows) > size
+
+
+def decode_time_id_token(token: str, filters: dict[str, Any]) -> tuple[datetime, str] | None:
+    """For lists ordered newest first by (creation time, id): the previous page's last key."""
+    after = decode_token(token, filters)
+    if after is None:
+        return None
+    try:
+        if not (isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)):
+            raise ValueError("not a [time, id] pair")
+        return datetime.fromisoformat(after[0]), after[1]
+    except ValueError as exc:
+        raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
+                              violations=[FieldViolation("page_token", "is malformed")]) from exc
+
+
+def newest_first_page(query: Select[Any], time_column: Any, id_column: Any,
+                      after: tuple[datetime, str] | None, size: int) -> Select[Any]:
+    """Keyset page newest first: rows strictly after `after` in (time, id) descending order,
+    `size + 1` of them (see split_page). Stable under concurrent inserts."""
+    if after is not None:
+        when, last_id = after
+        query = query.where((time_column < when) | ((time_column == when) & (id_column < last_id)))
+    return query.order_by(time_column.desc(), id_column.desc()).limit(size + 1)
+
+
+def time_id_token(page: Sequence[Any], more: bool, filters: dict[str, Any], *,
+                  time_attr: str = "created_at") -> str:
+    """The next-page token of a newest_first_page, or "" at the end."""
+    if not (more and page):
+        return ""
+    return encode_token([getattr(page[-1], time_attr).isoformat(), page[-1].id], filters)

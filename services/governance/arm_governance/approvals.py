@@ -31,7 +31,6 @@ from arm_common.db import Database
 from arm_common.errors import (
     Aborted,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     Violations,
@@ -426,10 +425,7 @@ class ApprovalStore:
                    "risk": r.min_risk,
                    "after": r.created_after.ToJsonString() if r.HasField("created_after") else "",
                    "before": r.created_before.ToJsonString() if r.HasField("created_before") else ""}
-        after = pagination.decode_token(r.page_token, filters)
-        if after is not None and not (isinstance(after, list) and len(after) == 2
-                                      and all(isinstance(x, str) for x in after)):
-            raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN")
+        after = pagination.decode_time_id_token(r.page_token, filters)
         m = models.Approval
 
         async def read(s: AsyncSession) -> apb.ListApprovalsResponse:
@@ -446,14 +442,10 @@ class ApprovalStore:
                 q = q.where(m.created_at >= r.created_after.ToDatetime(tzinfo=UTC))
             if r.HasField("created_before"):
                 q = q.where(m.created_at < r.created_before.ToDatetime(tzinfo=UTC))
-            if after is not None:
-                when = datetime.fromisoformat(after[0])
-                q = q.where((m.created_at < when) | ((m.created_at == when) & (m.id < after[1])))
-            rows = (await s.execute(q.order_by(m.created_at.desc(), m.id.desc()).limit(size + 1))).scalars().all()
+            rows = (await s.execute(pagination.newest_first_page(q, m.created_at, m.id, after, size))).scalars().all()
             page, more = pagination.split_page(rows, size)
-            token = pagination.encode_token([page[-1].created_at.isoformat(), page[-1].id], filters) \
-                if more and page else ""
-            return apb.ListApprovalsResponse(approvals=[to_proto(row) for row in page], next_page_token=token)
+            return apb.ListApprovalsResponse(approvals=[to_proto(row) for row in page],
+                                             next_page_token=pagination.time_id_token(page, more, filters))
 
         return await self.db.read(read)
 

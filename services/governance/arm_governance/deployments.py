@@ -308,10 +308,7 @@ class DeploymentStore:
     async def list(self, s: AsyncSession, p: Principal, r: dpb.ListDeploymentsRequest) -> dpb.ListDeploymentsResponse:
         size = pagination.page_size(r.page_size)
         filters = {"template": r.template_id, "environment": r.environment_id, "statuses": sorted(r.statuses)}
-        after = pagination.decode_token(r.page_token, filters)
-        if after is not None and not (isinstance(after, list) and len(after) == 2
-                                      and all(isinstance(x, str) for x in after)):
-            raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN")
+        after = pagination.decode_time_id_token(r.page_token, filters)
         m = models.Deployment
         q = select(m).where(m.tenant_id == p.tenant_id)
         if r.template_id:
@@ -320,11 +317,7 @@ class DeploymentStore:
             q = q.where(m.environment_id == r.environment_id)
         if r.statuses:
             q = q.where(m.status.in_(list(r.statuses)))
-        if after is not None:
-            when = datetime.fromisoformat(after[0])
-            q = q.where((m.created_at < when) | ((m.created_at == when) & (m.id < after[1])))
-        rows = (await s.execute(q.order_by(m.created_at.desc(), m.id.desc()).limit(size + 1))).scalars().all()
+        rows = (await s.execute(pagination.newest_first_page(q, m.created_at, m.id, after, size))).scalars().all()
         page, more = pagination.split_page(rows, size)
-        token = pagination.encode_token([page[-1].created_at.isoformat(), page[-1].id], filters) \
-            if more and page else ""
-        return dpb.ListDeploymentsResponse(deployments=[to_proto(x) for x in page], next_page_token=token)
+        return dpb.ListDeploymentsResponse(deployments=[to_proto(x) for x in page],
+                                           next_page_token=pagination.time_id_token(page, more, filters))
