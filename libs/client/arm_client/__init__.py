@@ -9,6 +9,7 @@ import grpc
 
 from arm.governance.v1 import decision_pb2_grpc, policy_pb2_grpc
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
+from arm.telemetry.v1 import telemetry_pb2_grpc
 
 
 class _Auth:
@@ -52,7 +53,7 @@ def auth_interceptors(api_key: str) -> list[Any]:
 
 class ArmClient:
     """`ArmClient("127.0.0.1:50051", key)`; registry: `.tenancy`, `.access`, `.agents`,
-    `.compat`; governance: `.policies`, `.decisions`.
+    `.compat`; governance: `.policies`, `.decisions`; telemetry: `.telemetry`.
     Without a key, calls go out unauthenticated (useful for health checks and tests)."""
 
     def __init__(self, address: str, api_key: str | None = None) -> None:
@@ -64,6 +65,7 @@ class ArmClient:
         self.compat = compat_pb2_grpc.CompatServiceStub(self.channel)
         self.policies = policy_pb2_grpc.PolicyServiceStub(self.channel)
         self.decisions = decision_pb2_grpc.DecisionServiceStub(self.channel)
+        self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -1,0 +1,285 @@
+"""Ingest: per-event validation (a bad event is rejected alone, with its index and reason), and
+the event writer, which commits the batches of concurrent calls together (group commit) and
+answers each call only once its events are committed.
+
+Writers are serialized (one writer task per process; on PostgreSQL also a transaction-scoped
+advisory lock across replicas), which makes `events.seq` follow commit order: TailEvents can
+resume from a seq without missing an event committed late. Duplicates are found by looking up
+the batch's (tenant, event_id) keys under that lock, so the rows then go in with COPY on
+PostgreSQL (one multi-row INSERT on SQLite); the unique key stays the last line of defence.
+COST_TICK events enqueue their spend report to governance in the same transaction (outbox).
+
+Memory is bounded: events waiting for the writer are counted, and a call that would pass
+`max_pending` is refused with RESOURCE_EXHAUSTED and a retry delay; nothing of it is stored."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import struct_pb2
+from sqlalchemy import and_, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm.governance.v1 import decision_pb2
+from arm.telemetry.v1 import events_pb2, telemetry_pb2
+from arm_common.auth import Principal
+from arm_common.db import Database
+from arm_common.errors import ResourceExhausted, Unavailable
+from arm_common.outbox import outbox_row
+from arm_common.tables import utcnow
+from arm_common.tasks import cancel_and_wait
+from arm_telemetry.models import EVENTS, OUTBOX, REF_COLUMNS
+
+log = logging.getLogger(__name__)
+
+TOPIC_SPEND = "spend"
+MAX_BATCH = 1000
+MAX_ID = 128
+MAX_PAYLOAD_BYTES = 64 * 1024
+FUTURE_SKEW = timedelta(days=1)
+_VALID_TYPES = set(events_pb2.OpEventType.values()) - {0}
+_WRITER_LOCK = 0x41524D5445  # advisory lock key of event writers ("ARMTE")
+_COLUMNS = ["tenant_id", "event_id", "type", "occur_time", "receive_time", *REF_COLUMNS, "payload"]
+
+
+def _reject(index: int, event_id: str, reason: str, message: str) -> telemetry_pb2.RejectedEvent:
+    return telemetry_pb2.RejectedEvent(index=index, event_id=event_id[:MAX_ID], reason=reason,
+                                       message=message)
+
+
+def cost_amount(ev: events_pb2.OpEvent) -> float | None:
+    """The amount_usd of a COST_TICK payload, or None when missing or not a number."""
+    if not ev.HasField("payload"):
+        return None
+    value = ev.payload.fields.get("amount_usd")
+    if value is None or value.WhichOneof("kind") != "number_value":
+        return None
+    return value.number_value
+
+
+def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: datetime,
+             oldest: datetime) -> dict[str, Any] | telemetry_pb2.RejectedEvent:
+    """The row to store for one event, or why it is rejected. tenant_id and receive_time of the
+    event are ignored (the caller's tenant, the server's clock)."""
+    eid = ev.event_id
+    if not eid:
+        return _reject(index, eid, "MISSING_EVENT_ID", "event_id is required")
+    if len(eid) > MAX_ID or not eid.isprintable():
+        return _reject(index, eid, "INVALID_EVENT_ID", f"event_id must be printable, at most {MAX_ID} characters")
+    if ev.type not in _VALID_TYPES:
+        return _reject(index, eid, "UNKNOWN_TYPE", f"type {ev.type} is not a known OpEventType")
+    if not ev.HasField("occur_time"):
+        return _reject(index, eid, "MISSING_OCCURRED_AT", "occur_time is required")
+    seconds, nanos = ev.occur_time.seconds, ev.occur_time.nanos
+    if not 0 <= nanos < 1_000_000_000 or not -62135596800 <= seconds <= 253402300799:
+        return _reject(index, eid, "INVALID_OCCURRED_AT", "occur_time is not a valid timestamp")
+    occurred = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=nanos // 1000)
+    if occurred < oldest:
+        return _reject(index, eid, "OCCURRED_BEFORE_RETENTION",
+                       "occur_time is older than the retention period")
+    if occurred > now + FUTURE_SKEW:
+        return _reject(index, eid, "OCCURRED_IN_FUTURE", "occur_time is more than a day ahead")
+    row: dict[str, Any] = {"tenant_id": principal.tenant_id, "event_id": eid, "type": ev.type,
+                           "occur_time": occurred, "receive_time": now}
+    for name in REF_COLUMNS:
+        value = getattr(ev, name)
+        if len(value) > MAX_ID or "\x00" in value:
+            return _reject(index, eid, "INVALID_FIELD",
+                           f"{name} must be at most {MAX_ID} characters, without NUL")
+        row[name] = value
+    if principal.is_agent:
+        # An agent key reports for itself only.
+        if row["instance_id"] and row["instance_id"] != principal.actor_id:
+            return _reject(index, eid, "NOT_YOUR_AGENT", "an agent key may only report its own events")
+        if not row["instance_id"] and not row["legacy_agent_id"]:
+            row["instance_id"] = principal.actor_id
+    payload = ev.payload.SerializeToString() if ev.HasField("payload") else None
+    if payload is not None and len(payload) > MAX_PAYLOAD_BYTES:
+        return _reject(index, eid, "PAYLOAD_TOO_LARGE", f"payload must be at most {MAX_PAYLOAD_BYTES} bytes")
+    row["payload"] = payload
+    if ev.type == events_pb2.OP_EVENT_TYPE_COST_TICK:
+        amount = cost_amount(ev)
+        if amount is None or not math.isfinite(amount) or amount < 0:
+            return _reject(index, eid, "INVALID_COST", "a COST_TICK needs payload.amount_usd, a finite number >= 0")
+        if not row["instance_id"] and not row["legacy_agent_id"]:
+            return _reject(index, eid, "MISSING_AGENT", "a COST_TICK needs instance_id or legacy_agent_id")
+    return row
+
+
+def spend_message(row: dict[str, Any], amount: float) -> tuple[str, decision_pb2.ReportSpendRequest]:
+    """The outbox message id and ReportSpend request of a stored COST_TICK: idempotent on the
+    event (the ledger's idempotency key is the event_id)."""
+    message_id = "spd-" + hashlib.sha256(f"{row['tenant_id']}\x00{row['event_id']}".encode()).hexdigest()[:40]
+    entry = decision_pb2.SpendEntry(
+        instance_id=row["instance_id"], legacy_agent_id="" if row["instance_id"] else row["legacy_agent_id"],
+        run_id=row["run_id"], tool_call_id=row["tool_call_id"], amount_usd=amount,
+        idempotency_key=row["event_id"])
+    entry.occur_time.FromDatetime(row["occur_time"])
+    return message_id, decision_pb2.ReportSpendRequest(request_id=message_id, entry=entry)
+
+
+@dataclass
+class _Pending:
+    rows: list[dict[str, Any]]
+    future: asyncio.Future[tuple[int, int]]
+    accepted: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class EventWriter:
+    """Group commit of validated rows. `write` returns (accepted, duplicates) once committed."""
+
+    db: Database
+    max_pending: int = 50_000
+    max_group: int = 10_000
+    on_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._pending_events = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._writer(), name="event-writer")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    @property
+    def pending(self) -> int:
+        return self._pending_events
+
+    async def write(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
+        if not rows:
+            return 0, 0
+        if self._pending_events + len(rows) > self.max_pending:
+            raise ResourceExhausted(
+                f"telemetry is saturated ({self._pending_events} events waiting); retry later",
+                reason="INGEST_SATURATED", retry_delay_s=0.5,
+                metadata={"pending_events": str(self._pending_events)})
+        item = _Pending(rows, asyncio.get_running_loop().create_future())
+        self._pending_events += len(rows)
+        self._queue.put_nowait(item)
+        # Shielded: a caller that goes away does not undo a write already under way.
+        return await asyncio.shield(item.future)
+
+    async def _writer(self) -> None:
+        while True:
+            group = [await self._queue.get()]
+            size = len(group[0].rows)
+            while size < self.max_group and not self._queue.empty():
+                item = self._queue.get_nowait()
+                group.append(item)
+                size += len(item.rows)
+            try:
+                await self._commit(group)
+            except Exception:  # noqa: BLE001 - isolate the call that breaks the group
+                log.exception("event group of %d calls failed; writing them one by one", len(group))
+                for item in group:
+                    try:
+                        await self._commit([item])
+                    except Exception:  # noqa: BLE001
+                        log.exception("an ingest batch of %d events could not be stored", len(item.rows))
+                        self._finish(item, Unavailable("the events could not be stored; retry",
+                                                       reason="EVENT_STORE_UNAVAILABLE", retry_delay_s=1.0))
+            finally:
+                for item in group:
+                    if not item.future.done():  # cancelled mid-way: nothing was acknowledged
+                        self._finish(item, Unavailable("telemetry is stopping; retry",
+                                                       reason="EVENT_STORE_UNAVAILABLE"))
+
+    def _finish(self, item: _Pending, error: Exception | None) -> None:
+        self._pending_events -= len(item.rows)
+        if item.future.done():
+            return
+        if error is None:
+            item.future.set_result((item.accepted, item.duplicates))
+        else:
+            item.future.set_exception(error)
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        await self.db.run(lambda s: self._write(s, group))
+        for item in group:
+            self._finish(item, None)
+        for callback in self.on_commit:
+            callback()
+
+    async def _write(self, s: AsyncSession, group: list[_Pending]) -> None:
+        if self.db.is_postgres:
+            await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": _WRITER_LOCK})
+        existing = await self._existing(s, group)
+        new_rows: list[dict[str, Any]] = []
+        spend: list[dict[str, object]] = []
+        for item in group:
+            item.accepted = item.duplicates = 0
+            for row in item.rows:
+                key = (row["tenant_id"], row["event_id"])
+                if key in existing:
+                    item.duplicates += 1
+                    continue
+                existing.add(key)
+                item.accepted += 1
+                new_rows.append(row)
+                if row["type"] == events_pb2.OP_EVENT_TYPE_COST_TICK:
+                    amount = struct_pb2.Struct.FromString(row["payload"]).fields["amount_usd"].number_value
+                    message_id, request = spend_message(row, amount)
+                    spend.append(outbox_row(topic=TOPIC_SPEND, tenant_id=row["tenant_id"],
+                                            message_id=message_id, message=request))
+        if not new_rows:
+            return
+        if self.db.is_postgres:
+            raw = await (await s.connection()).get_raw_connection()
+            apg = raw.driver_connection
+            await apg.copy_records_to_table(
+                EVENTS.name, columns=_COLUMNS,
+                records=[tuple(_naive(row[c]) for c in _COLUMNS) for row in new_rows])
+            if spend:
+                columns = list(spend[0])
+                await apg.copy_records_to_table(OUTBOX.name, columns=columns,
+                                                records=[tuple(_naive(r[c]) for c in columns) for r in spend])
+            return
+        await s.execute(insert(EVENTS), new_rows)
+        if spend:
+            await s.execute(insert(OUTBOX), spend)
+
+    async def _existing(self, s: AsyncSession, group: Sequence[_Pending]) -> set[tuple[str, str]]:
+        by_tenant: dict[str, set[str]] = {}
+        for item in group:
+            for row in item.rows:
+                by_tenant.setdefault(row["tenant_id"], set()).add(row["event_id"])
+        found: set[tuple[str, str]] = set()
+        for tenant_id, ids in by_tenant.items():
+            if self.db.is_postgres:
+                raw = await (await s.connection()).get_raw_connection()
+                rows = await raw.driver_connection.fetch(
+                    "select event_id from events where tenant_id = $1 and event_id = any($2::text[])",
+                    tenant_id, list(ids))
+                found.update((tenant_id, r[0]) for r in rows)
+                continue
+            id_list = list(ids)
+            for start in range(0, len(id_list), 500):
+                chunk = id_list[start:start + 500]
+                result = await s.execute(select(EVENTS.c.event_id).where(
+                    and_(EVENTS.c.tenant_id == tenant_id, EVENTS.c.event_id.in_(chunk))))
+                found.update((tenant_id, e) for e in result.scalars())
+        return found
+
+
+def _naive(value: Any) -> Any:
+    """COPY bypasses the UtcDateTime column type: UTC without a zone, as it stores."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def now_and_oldest(retention: timedelta) -> tuple[datetime, datetime]:
+    now = utcnow()
+    return now, now - retention
