@@ -81,3 +81,4 @@ def event(type_: int = events_pb2.OP_EVENT_TYPE_RUN_STEP, *, when: datetime | No
 
 def ago(**delta: float) -> datetime:
     return datetime.now(UTC) - timedelta(**delta)
+
