@@ -60,6 +60,9 @@ class TelemetrySettings:
     RESOURCE_EXHAUSTED (`ARM_TELEMETRY_MAX_PENDING_EVENTS`, default 50000)."""
     backfill_batch: int
     """Events per backfill transaction (`ARM_TELEMETRY_BACKFILL_BATCH`, default 500)."""
+    backfill_pause_s: float
+    """Pause between backfill batches, to leave the database to ingest
+    (`ARM_TELEMETRY_BACKFILL_PAUSE_S`, default 0)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TelemetrySettings:
@@ -68,7 +71,8 @@ class TelemetrySettings:
             retention_days=_number(env, "ARM_TELEMETRY_RETENTION_DAYS", 30.0, 0.001),
             retention_interval_s=_number(env, "ARM_TELEMETRY_RETENTION_INTERVAL_S", 300.0, 0.1),
             max_pending_events=int(_number(env, "ARM_TELEMETRY_MAX_PENDING_EVENTS", 50_000, 1000)),
-            backfill_batch=int(_number(env, "ARM_TELEMETRY_BACKFILL_BATCH", 500, 1)))
+            backfill_batch=int(_number(env, "ARM_TELEMETRY_BACKFILL_BATCH", 500, 1)),
+            backfill_pause_s=_number(env, "ARM_TELEMETRY_BACKFILL_PAUSE_S", 0.0, 0.0))
 
 
 def database(config: ServiceConfig) -> Database:
@@ -112,7 +116,8 @@ class TelemetryComponent:
     def attach(self, server: grpc.aio.Server) -> list[str]:
         assert self.channel is not None, "bound() must run before attach() without ARM_REGISTRY_ADDRESS"
         self.resolver = ReferenceResolver(self.channel, self.config.service_api_key)
-        self.backfills = Backfills(self.db, self.resolver, batch_size=self.settings.backfill_batch)
+        self.backfills = Backfills(self.db, self.resolver, batch_size=self.settings.backfill_batch,
+                                   pause_s=self.settings.backfill_pause_s)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(self.db, self.writer, self.reader, self.resolver, self.backfills,
                               self.retention_period), server)

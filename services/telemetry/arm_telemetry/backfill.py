@@ -49,10 +49,12 @@ def to_proto(row: Any, remaining: int) -> telemetry_pb2.Backfill:
 
 
 class Backfills:
-    def __init__(self, db: Database, resolver: ReferenceResolver | None, *, batch_size: int = 500) -> None:
+    def __init__(self, db: Database, resolver: ReferenceResolver | None, *, batch_size: int = 500,
+                 pause_s: float = 0.0) -> None:
         self.db = db
         self.resolver = resolver
         self.batch_size = batch_size
+        self.pause_s = pause_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # --- API ----------------------------------------------------------------------------------
@@ -125,6 +127,8 @@ class Backfills:
             more = True
             while more:
                 more = await self.step(backfill_id)
+                if more and self.pause_s:
+                    await asyncio.sleep(self.pause_s)
         except asyncio.CancelledError:
             raise
         except CursorMoved:
