@@ -89,11 +89,12 @@ class TelemetryComponent:
     Spend reports go to ARM_GOVERNANCE_ADDRESS; unset, they wait in the outbox."""
 
     def __init__(self, db: Database, config: ServiceConfig, settings: TelemetrySettings | None = None, *,
-                 in_process_registry: bool = False) -> None:
+                 in_process_registry: bool = False, in_process_governance: bool = False) -> None:
         if not config.registry_address and not in_process_registry:
             raise ConfigError("ARM_REGISTRY_ADDRESS must be set: telemetry authenticates callers through the registry")
         self.db = db
         self.config = config
+        self.in_process_governance = in_process_governance
         self.settings = settings or TelemetrySettings.from_env()
         self.retention_period = timedelta(days=self.settings.retention_days)
         self.channel = grpc.aio.insecure_channel(config.registry_address) if config.registry_address else None
@@ -110,8 +111,12 @@ class TelemetryComponent:
         self.backfills: Backfills | None = None
 
     def bound(self, address: str) -> None:
+        """The host's own address: the registry (and governance) when hosted in this process."""
         if self.channel is None:
             self.channel = grpc.aio.insecure_channel(address)
+        if self.in_process_governance and self.spend is None and self.config.service_api_key:
+            self.spend = SpendReporter(address, self.config.service_api_key)
+            self.relay.deliver = self.spend
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
         assert self.channel is not None, "bound() must run before attach() without ARM_REGISTRY_ADDRESS"
