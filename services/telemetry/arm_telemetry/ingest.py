@@ -4,9 +4,9 @@ answers each call only once its events are committed.
 
 Writers are serialized (one writer task per process; on PostgreSQL also a transaction-scoped
 advisory lock across replicas), which makes `events.seq` follow commit order: TailEvents can
-resume from a seq without missing an event committed late. Duplicates are found by looking up
-the batch's (tenant, event_id) keys under that lock, so the rows then go in with COPY on
-PostgreSQL (one multi-row INSERT on SQLite); the unique key stays the last line of defence.
+resume from a seq without missing an event committed late. On PostgreSQL the rows go in with COPY into a temporary table and one INSERT … ON CONFLICT DO
+NOTHING RETURNING (the unique index finds the duplicates); on SQLite, whose one writer holds the
+file, by looking the keys up and inserting the rest in one multi-row INSERT.
 COST_TICK events enqueue their spend report to governance in the same transaction (outbox).
 
 Memory is bounded: events waiting for the writer are counted, and a call that would pass
@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -213,64 +213,76 @@ class EventWriter:
             callback()
 
     async def _write(self, s: AsyncSession, group: list[_Pending]) -> None:
+        # First occurrence of a key in the group is the candidate; later twins are duplicates.
+        candidates: dict[tuple[str, str], dict[str, Any]] = {}
+        for item in group:
+            for row in item.rows:
+                candidates.setdefault((row["tenant_id"], row["event_id"]), row)
         if self.db.is_postgres:
-            await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": _WRITER_LOCK})
-        existing = await self._existing(s, group)
-        new_rows: list[dict[str, Any]] = []
+            stored = await self._insert_postgres(s, candidates)
+        else:
+            stored = await self._insert_sqlite(s, candidates)
+        claimed: set[tuple[str, str]] = set()
         spend: list[dict[str, object]] = []
         for item in group:
             item.accepted = item.duplicates = 0
             for row in item.rows:
                 key = (row["tenant_id"], row["event_id"])
-                if key in existing:
+                if key not in stored or key in claimed:
                     item.duplicates += 1
                     continue
-                existing.add(key)
+                claimed.add(key)
                 item.accepted += 1
-                new_rows.append(row)
                 if row["type"] == events_pb2.OP_EVENT_TYPE_COST_TICK:
                     amount = struct_pb2.Struct.FromString(row["payload"]).fields["amount_usd"].number_value
                     message_id, request = spend_message(row, amount)
                     spend.append(outbox_row(topic=TOPIC_SPEND, tenant_id=row["tenant_id"],
                                             message_id=message_id, message=request))
-        if not new_rows:
+        if not spend:
             return
         if self.db.is_postgres:
             raw = await (await s.connection()).get_raw_connection()
-            apg = raw.driver_connection
-            await apg.copy_records_to_table(
-                EVENTS.name, columns=_COLUMNS,
-                records=[tuple(_naive(row[c]) for c in _COLUMNS) for row in new_rows])
-            if spend:
-                columns = list(spend[0])
-                await apg.copy_records_to_table(OUTBOX.name, columns=columns,
-                                                records=[tuple(_naive(r[c]) for c in columns) for r in spend])
-            return
-        await s.execute(insert(EVENTS), new_rows)
-        if spend:
+            columns = list(spend[0])
+            await raw.driver_connection.copy_records_to_table(
+                OUTBOX.name, columns=columns, records=[tuple(_naive(r[c]) for c in columns) for r in spend])
+        else:
             await s.execute(insert(OUTBOX), spend)
 
-    async def _existing(self, s: AsyncSession, group: Sequence[_Pending]) -> set[tuple[str, str]]:
-        by_tenant: dict[str, set[str]] = {}
-        for item in group:
-            for row in item.rows:
-                by_tenant.setdefault(row["tenant_id"], set()).add(row["event_id"])
-        found: set[tuple[str, str]] = set()
+    @staticmethod
+    async def _insert_postgres(s: AsyncSession, candidates: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
+        """COPY into a per-connection temporary table, then one INSERT … SELECT … ON CONFLICT DO
+        NOTHING: every row is checked against the unique index, and RETURNING names the rows
+        that went in. The writers' advisory lock keeps seq in commit order across replicas."""
+        # Through the session first: that opens the transaction the raw statements then join.
+        await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": _WRITER_LOCK})
+        raw = await (await s.connection()).get_raw_connection()
+        apg = raw.driver_connection
+        cols = ", ".join(_COLUMNS)
+        await apg.execute(f"create temporary table if not exists events_in on commit delete rows "
+                          f"as select {cols} from events with no data")
+        await apg.copy_records_to_table(
+            "events_in", columns=_COLUMNS,
+            records=[tuple(_naive(row[c]) for c in _COLUMNS) for row in candidates.values()])
+        inserted = await apg.fetch(f"insert into events ({cols}) select {cols} from events_in "
+                                   f"on conflict (tenant_id, event_id) do nothing returning tenant_id, event_id")
+        return {(r[0], r[1]) for r in inserted}
+
+    @staticmethod
+    async def _insert_sqlite(s: AsyncSession, candidates: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
+        """SQLite has one writer (this transaction holds it): look the keys up, insert the rest."""
+        by_tenant: dict[str, list[str]] = {}
+        for tenant_id, event_id in candidates:
+            by_tenant.setdefault(tenant_id, []).append(event_id)
+        existing: set[tuple[str, str]] = set()
         for tenant_id, ids in by_tenant.items():
-            if self.db.is_postgres:
-                raw = await (await s.connection()).get_raw_connection()
-                rows = await raw.driver_connection.fetch(
-                    "select event_id from events where tenant_id = $1 and event_id = any($2::text[])",
-                    tenant_id, list(ids))
-                found.update((tenant_id, r[0]) for r in rows)
-                continue
-            id_list = list(ids)
-            for start in range(0, len(id_list), 500):
-                chunk = id_list[start:start + 500]
+            for start in range(0, len(ids), 500):
                 result = await s.execute(select(EVENTS.c.event_id).where(
-                    and_(EVENTS.c.tenant_id == tenant_id, EVENTS.c.event_id.in_(chunk))))
-                found.update((tenant_id, e) for e in result.scalars())
-        return found
+                    and_(EVENTS.c.tenant_id == tenant_id, EVENTS.c.event_id.in_(ids[start:start + 500]))))
+                existing.update((tenant_id, e) for e in result.scalars())
+        new = [row for key, row in candidates.items() if key not in existing]
+        if new:
+            await s.execute(insert(EVENTS), new)
+        return {key for key in candidates if key not in existing}
 
 
 def _naive(value: Any) -> Any:
