@@ -88,8 +88,8 @@ async def raw_copy(dsn: str, schema: str, seconds: float) -> float:
     """Rows/s of asyncpg COPY of the same rows into the events table, 1000 rows per transaction."""
     import asyncpg
 
-    from arm_telemetry.ingest import _COLUMNS, validate
     from arm_common.auth import Principal
+    from arm_telemetry.ingest import _COLUMNS, validate
 
     p = Principal(tenant_id="bench", actor_type="OPERATOR", actor_id="op", api_key_id="k")
     now = datetime.now(UTC)
@@ -100,7 +100,7 @@ async def raw_copy(dsn: str, schema: str, seconds: float) -> float:
     try:
         # Rows prepared up front: this measures the database, not the Python that builds rows.
         batches = []
-        for b in range(50):
+        for _ in range(50):
             rows = []
             for i, ev in enumerate(template.events):
                 row = validate(i, ev, p, now, datetime(2000, 1, 1, tzinfo=UTC))

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -47,6 +48,9 @@ FUTURE_SKEW = timedelta(days=1)
 _VALID_TYPES = set(events_pb2.OpEventType.values()) - {0}
 _WRITER_LOCK = 0x41524D5445  # advisory lock key of event writers ("ARMTE")
 _COLUMNS = ["tenant_id", "event_id", "type", "occur_time", "receive_time", *REF_COLUMNS, "payload"]
+
+
+_refs = attrgetter(*REF_COLUMNS)
 
 
 def _reject(index: int, event_id: str, reason: str, message: str) -> telemetry_pb2.RejectedEvent:
@@ -86,14 +90,13 @@ def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: date
                        "occur_time is older than the retention period")
     if occurred > now + FUTURE_SKEW:
         return _reject(index, eid, "OCCURRED_IN_FUTURE", "occur_time is more than a day ahead")
-    row: dict[str, Any] = {"tenant_id": principal.tenant_id, "event_id": eid, "type": ev.type,
-                           "occur_time": occurred, "receive_time": now}
-    for name in REF_COLUMNS:
-        value = getattr(ev, name)
-        if len(value) > MAX_ID or "\x00" in value:
-            return _reject(index, eid, "INVALID_FIELD",
-                           f"{name} must be at most {MAX_ID} characters, without NUL")
-        row[name] = value
+    refs = _refs(ev)
+    if max(map(len, refs)) > MAX_ID or "\x00" in "".join(refs):
+        bad = next(n for n, v in zip(REF_COLUMNS, refs, strict=True) if len(v) > MAX_ID or "\x00" in v)
+        return _reject(index, eid, "INVALID_FIELD", f"{bad} must be at most {MAX_ID} characters, without NUL")
+    row: dict[str, Any] = dict(zip(REF_COLUMNS, refs, strict=True))
+    row.update(tenant_id=principal.tenant_id, event_id=eid, type=ev.type, occur_time=occurred,
+               receive_time=now)
     if principal.is_agent:
         # An agent key reports for itself only.
         if row["instance_id"] and row["instance_id"] != principal.actor_id:
@@ -260,9 +263,8 @@ class EventWriter:
         cols = ", ".join(_COLUMNS)
         await apg.execute(f"create temporary table if not exists events_in on commit delete rows "
                           f"as select {cols} from events with no data")
-        await apg.copy_records_to_table(
-            "events_in", columns=_COLUMNS,
-            records=[tuple(_naive(row[c]) for c in _COLUMNS) for row in candidates.values()])
+        await apg.copy_records_to_table("events_in", columns=_COLUMNS,
+                                        records=[_record(row) for row in candidates.values()])
         inserted = await apg.fetch(f"insert into events ({cols}) select {cols} from events_in "
                                    f"on conflict (tenant_id, event_id) do nothing returning tenant_id, event_id")
         return {(r[0], r[1]) for r in inserted}
@@ -283,6 +285,15 @@ class EventWriter:
         if new:
             await s.execute(insert(EVENTS), new)
         return {key for key in candidates if key not in existing}
+
+
+_ref_values = itemgetter(*REF_COLUMNS)
+
+
+def _record(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row as COPY takes it, in _COLUMNS order (times in UTC without a zone, see _naive)."""
+    return (row["tenant_id"], row["event_id"], row["type"], row["occur_time"].replace(tzinfo=None),
+            row["receive_time"].replace(tzinfo=None), *_ref_values(row), row["payload"])
 
 
 def _naive(value: Any) -> Any:
