@@ -152,3 +152,22 @@ async def test_bad_input_is_invalid_argument(telemetry, tenant) -> None:  # type
             event(run_id="r" * 500), event(), event(event_id="x" * 200)]))
         assert [(r.index, r.reason) for r in resp.rejected] == [(0, "INVALID_FIELD"), (2, "INVALID_EVENT_ID")]
         assert resp.accepted_count == 1
+
+
+async def test_only_system_admin_keys_act_for_another_tenant(telemetry, registry, system_admin, tenant) -> None:  # type: ignore[no-untyped-def]
+    other = await make_tenant(registry, system_admin)
+    header = (("x-arm-act-for-tenant", other.tenant.id),)
+    async with telemetry.client(tenant.admin_key) as c:
+        await expect_failure(c.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=[event()]),
+                                                      metadata=header),
+                             Code.PERMISSION_DENIED, "ACT_FOR_TENANT_NOT_ALLOWED")
+    # The service key (system admin) stores into the named tenant, which then sees the event.
+    ev = event(run_id="acted")
+    async with telemetry.client(registry.admin_key) as svc:
+        resp = await svc.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=[ev]), metadata=header)
+        assert resp.accepted_count == 1
+    async with telemetry.client(other.admin_key) as c:
+        assert await stored_ids(c, run_id="acted") == [ev.event_id]
+    async with telemetry.client(tenant.admin_key) as c:
+        assert await stored_ids(c, run_id="acted") == []
+    await other.admin.close()
