@@ -89,10 +89,10 @@ async def raw_copy(dsn: str, schema: str, seconds: float) -> float:
     import asyncpg
 
     from arm_common.auth import Principal
-    from arm_telemetry.ingest import _COLUMNS, validate
+    from arm_telemetry.ingest import COLUMNS, validate
 
     p = Principal(tenant_id="bench", actor_type="OPERATOR", actor_id="op", api_key_id="k")
-    now = datetime.now(UTC)
+    now = datetime.now(UTC).replace(tzinfo=None)
     conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
     done = 0
     n = 0
@@ -103,17 +103,16 @@ async def raw_copy(dsn: str, schema: str, seconds: float) -> float:
         for _ in range(50):
             rows = []
             for i, ev in enumerate(template.events):
-                row = validate(i, ev, p, now, datetime(2000, 1, 1, tzinfo=UTC))
-                assert isinstance(row, dict)
-                rows.append(tuple(v.replace(tzinfo=None) if isinstance(v, datetime) else v
-                                  for v in (row[c] for c in _COLUMNS)))
+                row = validate(i, ev, p, now, datetime(2000, 1, 1))
+                assert isinstance(row, list)
+                rows.append(tuple(row))
             batches.append(rows)
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
             rows = [(r[0], f"{n}-{r[1]}", *r[2:]) for r in batches[n % 50]]
             n += 1
             async with conn.transaction():
-                await conn.copy_records_to_table("events", records=rows, columns=_COLUMNS)
+                await conn.copy_records_to_table("events", records=rows, columns=COLUMNS)
             done += len(rows)
         return done / (time.perf_counter() - started)
     finally:

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -47,7 +47,16 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 FUTURE_SKEW = timedelta(days=1)
 _VALID_TYPES = set(events_pb2.OpEventType.values()) - {0}
 _WRITER_LOCK = 0x41524D5445  # advisory lock key of event writers ("ARMTE")
-_COLUMNS = ["tenant_id", "event_id", "type", "occur_time", "receive_time", *REF_COLUMNS, "payload"]
+COLUMNS = ["tenant_id", "event_id", "type", "occur_time", "receive_time", *REF_COLUMNS, "payload"]
+# A validated event is a list in COLUMNS order (times in UTC without a zone, as stored): COPY
+# takes it as it is, and no per-event dict is built on the hot path.
+Row = list[Any]
+COL = {name: i for i, name in enumerate(COLUMNS)}
+TENANT, EVENT_ID, TYPE, OCCUR, RECEIVE, PAYLOAD = (COL[n] for n in (
+    "tenant_id", "event_id", "type", "occur_time", "receive_time", "payload"))
+INSTANCE, VERSION, LEGACY = COL["instance_id"], COL["version_id"], COL["legacy_agent_id"]
+FILLED = tuple(COL[n] for n in ("project_id", "environment_id", "template_id", "version_id", "instance_id"))
+_EPOCH = datetime(1970, 1, 1)
 
 
 _refs = attrgetter(*REF_COLUMNS)
@@ -69,9 +78,10 @@ def cost_amount(ev: events_pb2.OpEvent) -> float | None:
 
 
 def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: datetime,
-             oldest: datetime) -> dict[str, Any] | telemetry_pb2.RejectedEvent:
+             oldest: datetime) -> Row | telemetry_pb2.RejectedEvent:
     """The row to store for one event, or why it is rejected. tenant_id and receive_time of the
-    event are ignored (the caller's tenant, the server's clock)."""
+    event are ignored (the caller's tenant, the server's clock). `now` and `oldest` are UTC
+    without a zone (see now_and_oldest)."""
     eid = ev.event_id
     if not eid:
         return _reject(index, eid, "MISSING_EVENT_ID", "event_id is required")
@@ -84,7 +94,7 @@ def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: date
     seconds, nanos = ev.occur_time.seconds, ev.occur_time.nanos
     if not 0 <= nanos < 1_000_000_000 or not -62135596800 <= seconds <= 253402300799:
         return _reject(index, eid, "INVALID_OCCURRED_AT", "occur_time is not a valid timestamp")
-    occurred = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=nanos // 1000)
+    occurred = _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
     if occurred < oldest:
         return _reject(index, eid, "OCCURRED_BEFORE_RETENTION",
                        "occur_time is older than the retention period")
@@ -94,43 +104,40 @@ def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: date
     if max(map(len, refs)) > MAX_ID or "\x00" in "".join(refs):
         bad = next(n for n, v in zip(REF_COLUMNS, refs, strict=True) if len(v) > MAX_ID or "\x00" in v)
         return _reject(index, eid, "INVALID_FIELD", f"{bad} must be at most {MAX_ID} characters, without NUL")
-    row: dict[str, Any] = dict(zip(REF_COLUMNS, refs, strict=True))
-    row.update(tenant_id=principal.tenant_id, event_id=eid, type=ev.type, occur_time=occurred,
-               receive_time=now)
-    if principal.is_agent:
-        # An agent key reports for itself only.
-        if row["instance_id"] and row["instance_id"] != principal.actor_id:
-            return _reject(index, eid, "NOT_YOUR_AGENT", "an agent key may only report its own events")
-        if not row["instance_id"] and not row["legacy_agent_id"]:
-            row["instance_id"] = principal.actor_id
     payload = ev.payload.SerializeToString() if ev.HasField("payload") else None
     if payload is not None and len(payload) > MAX_PAYLOAD_BYTES:
         return _reject(index, eid, "PAYLOAD_TOO_LARGE", f"payload must be at most {MAX_PAYLOAD_BYTES} bytes")
-    row["payload"] = payload
+    row: Row = [principal.tenant_id, eid, ev.type, occurred, now, *refs, payload]
+    if principal.is_agent:
+        # An agent key reports for itself only.
+        if row[INSTANCE] and row[INSTANCE] != principal.actor_id:
+            return _reject(index, eid, "NOT_YOUR_AGENT", "an agent key may only report its own events")
+        if not row[INSTANCE] and not row[LEGACY]:
+            row[INSTANCE] = principal.actor_id
     if ev.type == events_pb2.OP_EVENT_TYPE_COST_TICK:
         amount = cost_amount(ev)
         if amount is None or not math.isfinite(amount) or amount < 0:
             return _reject(index, eid, "INVALID_COST", "a COST_TICK needs payload.amount_usd, a finite number >= 0")
-        if not row["instance_id"] and not row["legacy_agent_id"]:
+        if not row[INSTANCE] and not row[LEGACY]:
             return _reject(index, eid, "MISSING_AGENT", "a COST_TICK needs instance_id or legacy_agent_id")
     return row
 
 
-def spend_message(row: dict[str, Any], amount: float) -> tuple[str, decision_pb2.ReportSpendRequest]:
+def spend_message(row: Row, amount: float) -> tuple[str, decision_pb2.ReportSpendRequest]:
     """The outbox message id and ReportSpend request of a stored COST_TICK: idempotent on the
     event (the ledger's idempotency key is the event_id)."""
-    message_id = "spd-" + hashlib.sha256(f"{row['tenant_id']}\x00{row['event_id']}".encode()).hexdigest()[:40]
+    message_id = "spd-" + hashlib.sha256(f"{row[TENANT]}\x00{row[EVENT_ID]}".encode()).hexdigest()[:40]
     entry = decision_pb2.SpendEntry(
-        instance_id=row["instance_id"], legacy_agent_id="" if row["instance_id"] else row["legacy_agent_id"],
-        run_id=row["run_id"], tool_call_id=row["tool_call_id"], amount_usd=amount,
-        idempotency_key=row["event_id"])
-    entry.occur_time.FromDatetime(row["occur_time"])
+        instance_id=row[INSTANCE], legacy_agent_id="" if row[INSTANCE] else row[LEGACY],
+        run_id=row[COL["run_id"]], tool_call_id=row[COL["tool_call_id"]], amount_usd=amount,
+        idempotency_key=row[EVENT_ID])
+    entry.occur_time.FromDatetime(row[OCCUR])  # naive = UTC
     return message_id, decision_pb2.ReportSpendRequest(request_id=message_id, entry=entry)
 
 
 @dataclass
 class _Pending:
-    rows: list[dict[str, Any]]
+    rows: list[Row]
     future: asyncio.Future[tuple[int, int]]
     accepted: int = 0
     duplicates: int = 0
@@ -160,7 +167,7 @@ class EventWriter:
     def pending(self) -> int:
         return self._pending_events
 
-    async def write(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
+    async def write(self, rows: list[Row]) -> tuple[int, int]:
         if not rows:
             return 0, 0
         if self._pending_events + len(rows) > self.max_pending:
@@ -217,10 +224,10 @@ class EventWriter:
 
     async def _write(self, s: AsyncSession, group: list[_Pending]) -> None:
         # First occurrence of a key in the group is the candidate; later twins are duplicates.
-        candidates: dict[tuple[str, str], dict[str, Any]] = {}
+        candidates: dict[tuple[str, str], Row] = {}
         for item in group:
             for row in item.rows:
-                candidates.setdefault((row["tenant_id"], row["event_id"]), row)
+                candidates.setdefault((row[TENANT], row[EVENT_ID]), row)
         if self.db.is_postgres:
             stored = await self._insert_postgres(s, candidates)
         else:
@@ -230,16 +237,16 @@ class EventWriter:
         for item in group:
             item.accepted = item.duplicates = 0
             for row in item.rows:
-                key = (row["tenant_id"], row["event_id"])
+                key = (row[TENANT], row[EVENT_ID])
                 if key not in stored or key in claimed:
                     item.duplicates += 1
                     continue
                 claimed.add(key)
                 item.accepted += 1
-                if row["type"] == events_pb2.OP_EVENT_TYPE_COST_TICK:
-                    amount = struct_pb2.Struct.FromString(row["payload"]).fields["amount_usd"].number_value
+                if row[TYPE] == events_pb2.OP_EVENT_TYPE_COST_TICK:
+                    amount = struct_pb2.Struct.FromString(row[PAYLOAD]).fields["amount_usd"].number_value
                     message_id, request = spend_message(row, amount)
-                    spend.append(outbox_row(topic=TOPIC_SPEND, tenant_id=row["tenant_id"],
+                    spend.append(outbox_row(topic=TOPIC_SPEND, tenant_id=row[TENANT],
                                             message_id=message_id, message=request))
         if not spend:
             return
@@ -252,7 +259,7 @@ class EventWriter:
             await s.execute(insert(OUTBOX), spend)
 
     @staticmethod
-    async def _insert_postgres(s: AsyncSession, candidates: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
+    async def _insert_postgres(s: AsyncSession, candidates: dict[tuple[str, str], Row]) -> set[tuple[str, str]]:
         """COPY into a per-connection temporary table, then one INSERT … SELECT … ON CONFLICT DO
         NOTHING: every row is checked against the unique index, and RETURNING names the rows
         that went in. The writers' advisory lock keeps seq in commit order across replicas."""
@@ -260,17 +267,17 @@ class EventWriter:
         await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": _WRITER_LOCK})
         raw = await (await s.connection()).get_raw_connection()
         apg = raw.driver_connection
-        cols = ", ".join(_COLUMNS)
+        cols = ", ".join(COLUMNS)
         await apg.execute(f"create temporary table if not exists events_in on commit delete rows "
                           f"as select {cols} from events with no data")
-        await apg.copy_records_to_table("events_in", columns=_COLUMNS,
-                                        records=[_record(row) for row in candidates.values()])
+        await apg.copy_records_to_table("events_in", columns=COLUMNS,
+                                        records=[tuple(row) for row in candidates.values()])
         inserted = await apg.fetch(f"insert into events ({cols}) select {cols} from events_in "
                                    f"on conflict (tenant_id, event_id) do nothing returning tenant_id, event_id")
         return {(r[0], r[1]) for r in inserted}
 
     @staticmethod
-    async def _insert_sqlite(s: AsyncSession, candidates: dict[tuple[str, str], dict[str, Any]]) -> set[tuple[str, str]]:
+    async def _insert_sqlite(s: AsyncSession, candidates: dict[tuple[str, str], Row]) -> set[tuple[str, str]]:
         """SQLite has one writer (this transaction holds it): look the keys up, insert the rest."""
         by_tenant: dict[str, list[str]] = {}
         for tenant_id, event_id in candidates:
@@ -281,19 +288,18 @@ class EventWriter:
                 result = await s.execute(select(EVENTS.c.event_id).where(
                     and_(EVENTS.c.tenant_id == tenant_id, EVENTS.c.event_id.in_(ids[start:start + 500]))))
                 existing.update((tenant_id, e) for e in result.scalars())
-        new = [row for key, row in candidates.items() if key not in existing]
+        new = [_as_dict(row) for key, row in candidates.items() if key not in existing]
         if new:
             await s.execute(insert(EVENTS), new)
         return {key for key in candidates if key not in existing}
 
 
-_ref_values = itemgetter(*REF_COLUMNS)
-
-
-def _record(row: dict[str, Any]) -> tuple[Any, ...]:
-    """A row as COPY takes it, in _COLUMNS order (times in UTC without a zone, see _naive)."""
-    return (row["tenant_id"], row["event_id"], row["type"], row["occur_time"].replace(tzinfo=None),
-            row["receive_time"].replace(tzinfo=None), *_ref_values(row), row["payload"])
+def _as_dict(row: Row) -> dict[str, Any]:
+    """A row for SQLAlchemy's insert (whose UtcDateTime columns take aware datetimes)."""
+    out = dict(zip(COLUMNS, row, strict=True))
+    out["occur_time"] = row[OCCUR].replace(tzinfo=UTC)
+    out["receive_time"] = row[RECEIVE].replace(tzinfo=UTC)
+    return out
 
 
 def _naive(value: Any) -> Any:
@@ -304,5 +310,6 @@ def _naive(value: Any) -> Any:
 
 
 def now_and_oldest(retention: timedelta) -> tuple[datetime, datetime]:
-    now = utcnow()
+    """Now and the oldest occur_time kept, in UTC without a zone (as validate takes them)."""
+    now = utcnow().replace(tzinfo=None)
     return now, now - retention

@@ -74,21 +74,21 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         rows, rejected = [], []
         for i, ev in enumerate(events):
             out = ingest.validate(i, ev, p, now, oldest)
-            if isinstance(out, dict):
+            if isinstance(out, list):
                 rows.append(out)
             else:
                 rejected.append(out)
         if self.resolver is not None:
-            legacy = {r["legacy_agent_id"] for r in rows
-                      if r["legacy_agent_id"] and not (r["instance_id"] and r["version_id"])}
+            legacy = {r[ingest.LEGACY] for r in rows
+                      if r[ingest.LEGACY] and not (r[ingest.INSTANCE] and r[ingest.VERSION])}
             if legacy:
                 found = await self.resolver.resolve_many(p.tenant_id, legacy, caller_key=current_api_key())
                 for r in rows:
-                    refs = found.get(r["legacy_agent_id"]) if r["legacy_agent_id"] else None
+                    refs = found.get(r[ingest.LEGACY]) if r[ingest.LEGACY] else None
                     if refs is not None:
-                        for name in ("project_id", "environment_id", "template_id", "version_id", "instance_id"):
-                            if not r[name]:
-                                r[name] = getattr(refs, name)
+                        for i in ingest.FILLED:
+                            if not r[i]:
+                                r[i] = getattr(refs, ingest.COLUMNS[i])
         accepted, duplicates = await self.writer.write(rows)
         return accepted, duplicates, rejected
 
