@@ -35,7 +35,7 @@ async def test_pages_are_stable_under_concurrent_ingest(telemetry, tenant) -> No
             n += 1
         return n
 
-    writer = asyncio.create_task(keep_ingesting())
+    writer: asyncio.Task[int] | None = None
     seen: list[str] = []
     token = ""
     pages = 0
@@ -46,11 +46,14 @@ async def test_pages_are_stable_under_concurrent_ingest(telemetry, tenant) -> No
         keys = [(e.occur_time.ToNanoseconds(), e.event_id) for e in resp.events]
         assert keys == sorted(keys, reverse=True), "newest first"
         pages += 1
+        if writer is None:  # from the second page on, events are ingested while paging
+            writer = asyncio.create_task(keep_ingesting())
         await asyncio.sleep(0.01)  # let ingest happen between pages
         token = resp.next_page_token
         if not token:
             break
     stop.set()
+    assert writer is not None
     extra = await writer
     assert extra > 0 and pages > 10
     assert len(seen) == len(set(seen)), "an event was repeated across pages"
