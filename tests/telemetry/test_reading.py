@@ -68,15 +68,27 @@ async def test_tail_delivers_new_matching_events_in_order_and_resumes(telemetry,
     stream = client.telemetry.TailEvents(telemetry_pb2.TailEventsRequest(filter=filt))
     got: list[telemetry_pb2.TailEventsResponse] = []
     want: list[str] = []
+    probes = 0
+    arrived = asyncio.Event()
 
     async def read(n: int) -> None:
         async for item in stream:
+            if item.event.event_id.startswith("probe-"):
+                arrived.set()
+                continue
             got.append(item)
             if len(got) == n:
                 return
 
     reader = asyncio.create_task(read(12))
-    await asyncio.sleep(0.3)  # the tail has started
+    # A probe the tail delivers proves it is live (no wall-clock guess at when it started).
+    while not arrived.is_set():
+        probes += 1
+        await ingest(client, [event(T.OP_EVENT_TYPE_RUN_STEP, run_id=run, event_id=f"probe-{run}-{probes}")])
+        try:
+            await asyncio.wait_for(arrived.wait(), 1)
+        except TimeoutError:
+            pass
     for i in range(6):
         batch = [event(T.OP_EVENT_TYPE_RUN_STEP, run_id=run, event_id=f"{run}-{i}-a"),
                  event(T.OP_EVENT_TYPE_HEARTBEAT, run_id=run),  # other type: filtered out
