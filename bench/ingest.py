@@ -97,6 +97,7 @@ async def raw_copy(dsn: str, schema: str, seconds: float) -> float:
     done = 0
     n = 0
     template = make_batch("copy", BATCH)
+    run = secrets.token_hex(4)  # unique ids on every call (the table keeps earlier rows)
     try:
         # Rows prepared up front: this measures the database, not the Python that builds rows.
         batches = []
@@ -109,7 +110,7 @@ async def raw_copy(dsn: str, schema: str, seconds: float) -> float:
             batches.append(rows)
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
-            rows = [(r[0], f"{n}-{r[1]}", *r[2:]) for r in batches[n % 50]]
+            rows = [(r[0], f"{run}-{n}-{r[1]}", *r[2:]) for r in batches[n % 50]]
             n += 1
             async with conn.transaction():
                 await conn.copy_records_to_table("events", records=rows, columns=COLUMNS)
