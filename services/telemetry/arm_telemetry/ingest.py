@@ -207,9 +207,9 @@ class EventWriter:
                                                        reason="EVENT_STORE_UNAVAILABLE"))
 
     def _finish(self, item: _Pending, error: Exception | None) -> None:
-        self._pending_events -= len(item.rows)
-        if item.future.done():
+        if item.future.done():  # answered already; its events left the count then
             return
+        self._pending_events -= len(item.rows)
         if error is None:
             item.future.set_result((item.accepted, item.duplicates))
         else:
