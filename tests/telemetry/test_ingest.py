@@ -75,3 +75,24 @@ async def test_batch_over_1000_is_invalid(telemetry, tenant) -> None:  # type: i
     got = await expect_failure(client.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(
         events=[event() for _ in range(1001)])), grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
     assert "events" in got.violations
+
+
+async def test_a_retried_request_id_gets_the_first_answer(telemetry, tenant) -> None:  # type: ignore[no-untyped-def]
+    client = telemetry.client(tenant.admin_key)
+    bad = event()
+    bad.event_id = ""
+    request = telemetry_pb2.IngestEventsRequest(request_id=f"req-{secrets.token_hex(4)}",
+                                                events=[event(), event(), bad])
+    first = await client.telemetry.IngestEvents(request)
+    again = await client.telemetry.IngestEvents(request)
+    assert (first.accepted_count, first.duplicate_count, len(first.rejected)) == (2, 0, 1)
+    assert again == first
+    # Without the request_id the same events are duplicates.
+    request.request_id = ""
+    plain = await client.telemetry.IngestEvents(request)
+    assert (plain.accepted_count, plain.duplicate_count) == (0, 2)
+    # The same request_id with other events is refused.
+    reused = f"reused-{secrets.token_hex(4)}"
+    await client.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(request_id=reused, events=[event()]))
+    await expect_failure(client.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(
+        request_id=reused, events=[event()])), grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")

@@ -26,6 +26,8 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 from sqlalchemy import and_, insert, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
@@ -36,7 +38,7 @@ from arm_common.errors import ResourceExhausted, Unavailable
 from arm_common.outbox import outbox_row
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
-from arm_telemetry.models import EVENTS, OUTBOX, REF_COLUMNS
+from arm_telemetry.models import EVENTS, IDEMPOTENCY, OUTBOX, REF_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +137,15 @@ def spend_message(row: Row, amount: float) -> tuple[str, decision_pb2.ReportSpen
     return message_id, decision_pb2.ReportSpendRequest(request_id=message_id, entry=entry)
 
 
+# Given (accepted, duplicates), the idempotency record to store with the batch's events.
+Remember = Callable[[int, int], dict[str, Any]]
+
+
 @dataclass
 class _Pending:
     rows: list[Row]
     future: asyncio.Future[tuple[int, int]]
+    remember: Remember | None = None
     accepted: int = 0
     duplicates: int = 0
 
@@ -167,7 +174,9 @@ class EventWriter:
     def pending(self) -> int:
         return self._pending_events
 
-    async def write(self, rows: list[Row]) -> tuple[int, int]:
+    async def write(self, rows: list[Row], remember: Remember | None = None) -> tuple[int, int]:
+        """Returns (accepted, duplicates) once committed. `remember` adds the call's
+        idempotency record (its response) to the same transaction."""
         if not rows:
             return 0, 0
         if self._pending_events + len(rows) > self.max_pending:
@@ -175,7 +184,7 @@ class EventWriter:
                 f"telemetry is saturated ({self._pending_events} events waiting); retry later",
                 reason="INGEST_SATURATED", retry_delay_s=0.5,
                 metadata={"pending_events": str(self._pending_events)})
-        item = _Pending(rows, asyncio.get_running_loop().create_future())
+        item = _Pending(rows, asyncio.get_running_loop().create_future(), remember)
         self._pending_events += len(rows)
         self._queue.put_nowait(item)
         # Shielded: a caller that goes away does not undo a write already under way.
@@ -248,6 +257,11 @@ class EventWriter:
                     message_id, request = spend_message(row, amount)
                     spend.append(outbox_row(topic=TOPIC_SPEND, tenant_id=row[TENANT],
                                             message_id=message_id, message=request))
+        remembered = [item.remember(item.accepted, item.duplicates) for item in group if item.remember]
+        if remembered:
+            # A concurrent twin of the same request may have stored its answer first: keep that one.
+            dialect_insert = pg_insert if self.db.is_postgres else sqlite_insert
+            await s.execute(dialect_insert(IDEMPOTENCY).on_conflict_do_nothing(), remembered)
         if not spend:
             return
         if self.db.is_postgres:

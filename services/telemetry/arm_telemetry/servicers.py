@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.telemetry.v1 import events_pb2, telemetry_pb2, telemetry_pb2_grpc
@@ -16,7 +17,8 @@ from arm_common import validation as val
 from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
 from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
-from arm_common.idempotency import run_idempotent
+from arm_common.idempotency import request_hash, run_idempotent
+from arm_common.tables import utcnow
 from arm_telemetry import ingest
 from arm_telemetry.backfill import Backfills
 from arm_telemetry.models import IDEMPOTENCY
@@ -64,7 +66,8 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
 
     # --- ingest -------------------------------------------------------------------------------
 
-    async def _ingest(self, events: Any) -> tuple[int, int, list[telemetry_pb2.RejectedEvent]]:
+    async def _ingest(self, events: Any, request: telemetry_pb2.IngestEventsRequest | None = None,
+                      ) -> tuple[int, int, list[telemetry_pb2.RejectedEvent]]:
         p = current_principal()
         p.require("telemetry:write")
         if len(events) > ingest.MAX_BATCH:
@@ -89,16 +92,47 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
                         for i in ingest.FILLED:
                             if not r[i]:
                                 r[i] = getattr(refs, ingest.COLUMNS[i])
-        accepted, duplicates = await self.writer.write(rows)
+        remember = None
+        if request is not None and request.request_id:
+            def remember(accepted: int, duplicates: int) -> dict[str, Any]:
+                response = telemetry_pb2.IngestEventsResponse(
+                    accepted_count=accepted, duplicate_count=duplicates, rejected=rejected)
+                return {"tenant_id": p.tenant_id, "method": "IngestEvents", "request_id": request.request_id,
+                        "request_hash": request_hash(request), "response": response.SerializeToString(),
+                        "created_at": utcnow()}
+        accepted, duplicates = await self.writer.write(rows, remember)
         return accepted, duplicates, rejected
 
     async def IngestEvents(self, request: telemetry_pb2.IngestEventsRequest, context: Ctx) -> Any:
         v = Violations()
         val.standard_fields(v, request)
         v.raise_if_any()
-        accepted, duplicates, rejected = await self._ingest(request.events)
+        if request.request_id:
+            # A retry with the same request_id gets the first answer (AIP-155); without one,
+            # a resent batch is answered with its events counted as duplicates.
+            earlier = await self._earlier_answer(request)
+            if earlier is not None:
+                return earlier
+        accepted, duplicates, rejected = await self._ingest(request.events, request)
         return telemetry_pb2.IngestEventsResponse(accepted_count=accepted, duplicate_count=duplicates,
                                                   rejected=rejected)
+
+    async def _earlier_answer(self, request: telemetry_pb2.IngestEventsRequest) -> telemetry_pb2.IngestEventsResponse | None:
+        p = current_principal()
+        t = IDEMPOTENCY.c
+
+        async def read(s: AsyncSession) -> Any:
+            return (await s.execute(select(t.request_hash, t.response).where(
+                t.tenant_id == p.tenant_id, t.method == "IngestEvents",
+                t.request_id == request.request_id))).first()
+
+        row = await self.db.read(read)
+        if row is None:
+            return None
+        if row.request_hash != request_hash(request):
+            raise InvalidArgument("request_id was already used for a different request", reason="REQUEST_ID_REUSED",
+                                  violations=[FieldViolation("request_id", "was used before with other fields")])
+        return telemetry_pb2.IngestEventsResponse.FromString(row.response)
 
     async def StreamIngestEvents(self, request_iterator: AsyncIterator[telemetry_pb2.StreamIngestEventsRequest],
                                  context: Ctx) -> AsyncIterator[telemetry_pb2.StreamIngestEventsResponse]:
