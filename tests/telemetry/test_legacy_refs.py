@@ -117,3 +117,34 @@ async def test_backfill_interrupted_and_restarted_fills_every_event_once(registr
             assert (rerun.processed_count, rerun.updated_count) == (130, 0)
     finally:
         await stop_telemetry(server)
+
+
+async def test_an_agent_registered_later_resolves_at_once(registry, tenant, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An unknown legacy id is cached as unknown (here for an hour); registering it in the registry
+    drops that entry through the registry's change feed, so the next event is filled."""
+    spec = new_database_spec(registry.backend, tmp_path, "telemetry")
+    server = await start_telemetry(spec, registry, extra_env={"ARM_TELEMETRY_UNKNOWN_REFERENCE_TTL_S": "3600"})
+    legacy = f"legacy-{secrets.token_hex(4)}"
+    try:
+        async with server.client(tenant.admin_key) as c:
+            first = event(legacy_agent_id=legacy)
+            await c.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=[first]))
+            created = await ensure(tenant.admin, legacy)
+            filled = None
+            for i in range(100):
+                ev = event(legacy_agent_id=legacy, event_id=f"{legacy}-{i}")
+                await c.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=[ev]))
+                got = (await c.telemetry.QueryEvents(telemetry_pb2.QueryEventsRequest(
+                    filter=telemetry_pb2.EventFilter(legacy_agent_id=legacy), page_size=1))).events[0]
+                if got.instance_id:
+                    filled = got
+                    break
+                await asyncio.sleep(0.05)
+            assert filled is not None, "the unknown entry was never dropped"
+            assert (filled.instance_id, filled.version_id) == (created.agent_instance.id,
+                                                               created.agent_instance.version_id)
+            stored_first = (await c.telemetry.QueryEvents(telemetry_pb2.QueryEventsRequest(
+                filter=telemetry_pb2.EventFilter(legacy_agent_id=legacy), page_size=500))).events
+            assert [e.instance_id for e in stored_first if e.event_id == first.event_id] == [""]
+    finally:
+        await stop_telemetry(server)

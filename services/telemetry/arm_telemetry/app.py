@@ -63,6 +63,11 @@ class TelemetrySettings:
     backfill_pause_s: float
     """Pause between backfill batches, to leave the database to ingest
     (`ARM_TELEMETRY_BACKFILL_PAUSE_S`, default 0)."""
+    reference_ttl_s: float
+    """How long a resolved legacy agent id is cached (`ARM_TELEMETRY_REFERENCE_TTL_S`, default 60)."""
+    unknown_reference_ttl_s: float
+    """How long an unknown legacy agent id is cached (`ARM_TELEMETRY_UNKNOWN_REFERENCE_TTL_S`,
+    default 5)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TelemetrySettings:
@@ -72,7 +77,9 @@ class TelemetrySettings:
             retention_interval_s=_number(env, "ARM_TELEMETRY_RETENTION_INTERVAL_S", 300.0, 0.1),
             max_pending_events=int(_number(env, "ARM_TELEMETRY_MAX_PENDING_EVENTS", 50_000, 1000)),
             backfill_batch=int(_number(env, "ARM_TELEMETRY_BACKFILL_BATCH", 500, 1)),
-            backfill_pause_s=_number(env, "ARM_TELEMETRY_BACKFILL_PAUSE_S", 0.0, 0.0))
+            backfill_pause_s=_number(env, "ARM_TELEMETRY_BACKFILL_PAUSE_S", 0.0, 0.0),
+            reference_ttl_s=_number(env, "ARM_TELEMETRY_REFERENCE_TTL_S", 60.0, 0.0),
+            unknown_reference_ttl_s=_number(env, "ARM_TELEMETRY_UNKNOWN_REFERENCE_TTL_S", 5.0, 0.0))
 
 
 def database(config: ServiceConfig) -> Database:
@@ -120,7 +127,9 @@ class TelemetryComponent:
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
         assert self.channel is not None, "bound() must run before attach() without ARM_REGISTRY_ADDRESS"
-        self.resolver = ReferenceResolver(self.channel, self.config.service_api_key)
+        self.resolver = ReferenceResolver(self.channel, self.config.service_api_key,
+                                          ttl_s=self.settings.reference_ttl_s,
+                                          negative_ttl_s=self.settings.unknown_reference_ttl_s)
         self.backfills = Backfills(self.db, self.resolver, batch_size=self.settings.backfill_batch,
                                    pause_s=self.settings.backfill_pause_s)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
@@ -137,10 +146,19 @@ class TelemetryComponent:
         await self.relay.start()
         await self.retention.start()
         await self.housekeeping.start()
-        assert self.backfills is not None
+        assert self.backfills is not None and self.resolver is not None
+        await self.resolver.start()
         await self.backfills.resume_all()
 
+    async def draining(self) -> None:
+        # The agent-change feed is a call that never ends by itself; in the all-in-one server it
+        # is served by this very server, whose graceful stop would wait for it.
+        if self.resolver is not None:
+            await self.resolver.stop()
+
     async def stop(self) -> None:
+        if self.resolver is not None:
+            await self.resolver.stop()
         if self.backfills is not None:
             await self.backfills.stop()
         await self.housekeeping.stop()
