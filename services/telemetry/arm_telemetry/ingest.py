@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -39,6 +39,7 @@ from arm_common.outbox import outbox_row
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_telemetry.models import EVENTS, IDEMPOTENCY, OUTBOX, REF_COLUMNS
+from arm_telemetry.references import ReferenceResolver
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,32 @@ def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: date
         if not row[INSTANCE] and not row[LEGACY]:
             return _reject(index, eid, "MISSING_AGENT", "a COST_TICK needs instance_id or legacy_agent_id")
     return row
+
+
+async def prepare(events: Sequence[events_pb2.OpEvent], principal: Principal, retention: timedelta,
+                  resolver: ReferenceResolver | None, caller_key: str,
+                  ) -> tuple[list[Row], list[telemetry_pb2.RejectedEvent]]:
+    """Validates a batch and fills the references of events that carry only a legacy agent id."""
+    now, oldest = now_and_oldest(retention)
+    rows: list[Row] = []
+    rejected: list[telemetry_pb2.RejectedEvent] = []
+    for i, ev in enumerate(events):
+        out = validate(i, ev, principal, now, oldest)
+        if isinstance(out, list):
+            rows.append(out)
+        else:
+            rejected.append(out)
+    if resolver is not None:
+        legacy = {r[LEGACY] for r in rows if r[LEGACY] and not (r[INSTANCE] and r[VERSION])}
+        if legacy:
+            found = await resolver.resolve_many(principal.tenant_id, legacy, caller_key=caller_key)
+            for r in rows:
+                refs = found.get(r[LEGACY]) if r[LEGACY] else None
+                if refs is not None:
+                    for i in FILLED:
+                        if not r[i]:
+                            r[i] = getattr(refs, COLUMNS[i])
+    return rows, rejected
 
 
 def spend_message(row: Row, amount: float) -> tuple[str, decision_pb2.ReportSpendRequest]:

@@ -9,7 +9,7 @@ make another event move between pages."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -214,5 +214,3 @@ class EventReader:
 
         return await self.db.read(read)
 
-
-Wake = Callable[[], None]

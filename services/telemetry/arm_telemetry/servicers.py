@@ -73,25 +73,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         if len(events) > ingest.MAX_BATCH:
             raise InvalidArgument(f"a batch holds at most {ingest.MAX_BATCH} events", reason="BATCH_TOO_LARGE",
                                   violations=[FieldViolation("events", f"must hold at most {ingest.MAX_BATCH} events")])
-        now, oldest = ingest.now_and_oldest(self.retention)
-        rows, rejected = [], []
-        for i, ev in enumerate(events):
-            out = ingest.validate(i, ev, p, now, oldest)
-            if isinstance(out, list):
-                rows.append(out)
-            else:
-                rejected.append(out)
-        if self.resolver is not None:
-            legacy = {r[ingest.LEGACY] for r in rows
-                      if r[ingest.LEGACY] and not (r[ingest.INSTANCE] and r[ingest.VERSION])}
-            if legacy:
-                found = await self.resolver.resolve_many(p.tenant_id, legacy, caller_key=current_api_key())
-                for r in rows:
-                    refs = found.get(r[ingest.LEGACY]) if r[ingest.LEGACY] else None
-                    if refs is not None:
-                        for i in ingest.FILLED:
-                            if not r[i]:
-                                r[i] = getattr(refs, ingest.COLUMNS[i])
+        rows, rejected = await ingest.prepare(events, p, self.retention, self.resolver, current_api_key())
         remember = None
         if request is not None and request.request_id:
             def remember(accepted: int, duplicates: int) -> dict[str, Any]:
