@@ -49,7 +49,6 @@ MAX_ID = 128
 MAX_PAYLOAD_BYTES = 64 * 1024
 FUTURE_SKEW = timedelta(days=1)
 _VALID_TYPES = set(events_pb2.OpEventType.values()) - {0}
-_WRITER_LOCK = 0x41524D5445  # advisory lock key of event writers ("ARMTE")
 COLUMNS = ["tenant_id", "event_id", "type", "occur_time", "receive_time", *REF_COLUMNS, "payload"]
 # A validated event is a list in COLUMNS order (times in UTC without a zone, as stored): COPY
 # takes it as it is, and no per-event dict is built on the hot path.
@@ -187,6 +186,10 @@ class EventWriter:
     on_commit: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # Advisory locks are per database: the key names the schema, so telemetry databases
+        # sharing a PostgreSQL database in different schemas do not serialize each other.
+        digest = hashlib.sha256(f"arm-telemetry-writer:{self.db.schema or ''}".encode()).digest()
+        self._lock_key = int.from_bytes(digest[:8], "big", signed=True)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._pending_events = 0
         self._task: asyncio.Task[None] | None = None
@@ -299,13 +302,12 @@ class EventWriter:
         else:
             await s.execute(insert(OUTBOX), spend)
 
-    @staticmethod
-    async def _insert_postgres(s: AsyncSession, candidates: dict[tuple[str, str], Row]) -> set[tuple[str, str]]:
+    async def _insert_postgres(self, s: AsyncSession, candidates: dict[tuple[str, str], Row]) -> set[tuple[str, str]]:
         """COPY into a per-connection temporary table, then one INSERT … SELECT … ON CONFLICT DO
         NOTHING: every row is checked against the unique index, and RETURNING names the rows
         that went in. The writers' advisory lock keeps seq in commit order across replicas."""
         # Through the session first: that opens the transaction the raw statements then join.
-        await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": _WRITER_LOCK})
+        await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
         raw = await (await s.connection()).get_raw_connection()
         apg = raw.driver_connection
         cols = ", ".join(COLUMNS)
