@@ -4,9 +4,10 @@ answers each call only once its events are committed.
 
 Writers are serialized (one writer task per process; on PostgreSQL also a transaction-scoped
 advisory lock across replicas), which makes `events.seq` follow commit order: TailEvents can
-resume from a seq without missing an event committed late. On PostgreSQL the rows go in with COPY into a temporary table and one INSERT … ON CONFLICT DO
-NOTHING RETURNING (the unique index finds the duplicates); on SQLite, whose one writer holds the
-file, by looking the keys up and inserting the rest in one multi-row INSERT.
+resume from a seq without missing an event committed late. On PostgreSQL the rows go in with
+COPY (and, when some were stored before, through a temporary table and one INSERT … ON CONFLICT
+DO NOTHING RETURNING); on SQLite, whose one writer holds the file, by looking the keys up and
+inserting the rest in one multi-row INSERT.
 COST_TICK events enqueue their spend report to governance in the same transaction (outbox).
 
 Memory is bounded: events waiting for the writer are counted, and a call that would pass
@@ -24,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
+import asyncpg
 from google.protobuf import struct_pb2
 from sqlalchemy import and_, insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -303,18 +305,26 @@ class EventWriter:
             await s.execute(insert(OUTBOX), spend)
 
     async def _insert_postgres(self, s: AsyncSession, candidates: dict[tuple[str, str], Row]) -> set[tuple[str, str]]:
-        """COPY into a per-connection temporary table, then one INSERT … SELECT … ON CONFLICT DO
-        NOTHING: every row is checked against the unique index, and RETURNING names the rows
-        that went in. The writers' advisory lock keeps seq in commit order across replicas."""
+        """The common case, no event stored before, is a plain COPY into events (in a savepoint).
+        When the unique key refuses it (a resent batch), the savepoint is rolled back and the
+        rows go through a per-connection temporary table and one INSERT … SELECT … ON CONFLICT DO
+        NOTHING RETURNING, which names the rows that went in. The writers' advisory lock keeps
+        seq in commit order across replicas."""
         # Through the session first: that opens the transaction the raw statements then join.
         await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
         raw = await (await s.connection()).get_raw_connection()
         apg = raw.driver_connection
+        records = [tuple(row) for row in candidates.values()]
+        try:
+            async with apg.transaction():  # a savepoint inside the session's transaction
+                await apg.copy_records_to_table(EVENTS.name, columns=COLUMNS, records=records)
+            return set(candidates)
+        except asyncpg.UniqueViolationError:
+            pass
         cols = ", ".join(COLUMNS)
         await apg.execute(f"create temporary table if not exists events_in on commit delete rows "
                           f"as select {cols} from events with no data")
-        await apg.copy_records_to_table("events_in", columns=COLUMNS,
-                                        records=[tuple(row) for row in candidates.values()])
+        await apg.copy_records_to_table("events_in", columns=COLUMNS, records=records)
         inserted = await apg.fetch(f"insert into events ({cols}) select {cols} from events_in "
                                    f"on conflict (tenant_id, event_id) do nothing returning tenant_id, event_id")
         return {(r[0], r[1]) for r in inserted}
