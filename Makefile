@@ -45,6 +45,7 @@ bench: setup
 	$(PY) bench/engine.py
 	$(PY) bench/check_grpc.py
 	$(PY) bench/resolve.py
+	$(PY) bench/ingest.py
 
 clean:
 	rm -rf $(VENV) node_modules .arm

@@ -50,8 +50,8 @@ def test_services_never_import_each_other() -> None:
     assert "broken" in result.stdout and "0 broken" in result.stdout
 
 
-@pytest.mark.parametrize("service", ["registry", "governance"])
-def test_migrations_match_models(tmp_path: Path, service: str) -> None:
+@pytest.mark.parametrize("service", ["registry", "governance", "telemetry"])
+def test_migrations_match_models(service: str, tmp_path: Path) -> None:
     """A migrated database has exactly the models' schema (no forgotten migration)."""
     import importlib
 

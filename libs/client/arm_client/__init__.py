@@ -15,6 +15,7 @@ from arm.governance.v1 import (
     policy_pb2_grpc,
 )
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
+from arm.telemetry.v1 import telemetry_pb2_grpc
 
 
 class _Auth:
@@ -58,7 +59,8 @@ def auth_interceptors(api_key: str) -> list[Any]:
 
 class ArmClient:
     """`ArmClient("127.0.0.1:50051", key)`; registry: `.tenancy`, `.access`, `.agents`,
-    `.compat`; governance: `.policies`, `.decisions`, `.approvals`, `.deployments`, `.audit`.
+    `.compat`; governance: `.policies`, `.decisions`, `.approvals`, `.deployments`, `.audit`;
+    telemetry: `.telemetry`.
     Without a key, calls go out unauthenticated (useful for health checks and tests)."""
 
     def __init__(self, address: str, api_key: str | None = None) -> None:
@@ -73,6 +75,7 @@ class ArmClient:
         self.approvals = approvals_pb2_grpc.ApprovalServiceStub(self.channel)
         self.deployments = deployments_pb2_grpc.DeploymentServiceStub(self.channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
+        self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()

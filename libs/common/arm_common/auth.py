@@ -39,6 +39,8 @@ class Principal:
     grants: tuple[Grant, ...] = ()
     tenant_active: bool = True
     system_tenant: bool = False
+    acting_for_tenant: bool = False
+    """A system-tenant service key acting in another tenant (see ACT_FOR_TENANT_HEADER)."""
     _index: dict[str, list[Grant]] = field(init=False, default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +83,37 @@ def current_principal() -> Principal:
     if principal is None:
         raise Unauthenticated("no authenticated caller", reason="UNAUTHENTICATED")
     return principal
+
+
+# A service calling another service on behalf of a tenant (governance delivering a tenant's
+# opEvents to telemetry, telemetry reporting a tenant's spend to governance) presents its
+# system-tenant key and names the tenant in this header. Only a system-tenant principal holding
+# tenants:admin may do so; the call then runs as that tenant, with the key's tenant-wide grants.
+ACT_FOR_TENANT_HEADER = "x-arm-act-for-tenant"
+
+
+def act_for_tenant(principal: Principal, tenant_id: str) -> Principal:
+    """The principal a service key becomes when it acts in `tenant_id`."""
+    if not (principal.system_tenant and principal.has("tenants:admin")):
+        raise PermissionDenied(f"only a system administrator key may use {ACT_FOR_TENANT_HEADER}",
+                               reason="ACT_FOR_TENANT_NOT_ALLOWED",
+                               metadata={"actor_id": principal.actor_id})
+    grants = tuple(g for g in principal.grants if g.permission != "tenants:admin")
+    return Principal(tenant_id=tenant_id, actor_type="SYSTEM", actor_id=principal.actor_id,
+                     api_key_id=principal.api_key_id, grants=grants, tenant_active=True,
+                     system_tenant=False, acting_for_tenant=True)
+
+
+def auth_metadata(api_key: str, tenant_id: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata for a call to another service with `api_key`: acting for `tenant_id` when given,
+    else for the tenant the current call acts for (if it does)."""
+    if tenant_id is None:
+        current = _current.get()
+        tenant_id = current.tenant_id if current is not None and current.acting_for_tenant else None
+    pairs: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),)
+    if tenant_id:
+        pairs += ((ACT_FOR_TENANT_HEADER, tenant_id),)
+    return pairs
 
 
 def current_api_key() -> str:

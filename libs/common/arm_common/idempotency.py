@@ -27,6 +27,12 @@ def _request_hash(request: Message) -> str:
     return sha256_hex(request.SerializeToString(deterministic=True))
 
 
+def request_hash(request: Message) -> str:
+    """The fingerprint kept with a request_id, for writers that store their own records: a
+    reuse of the id with other fields is REQUEST_ID_REUSED."""
+    return _request_hash(request)
+
+
 async def run_idempotent(
     db: Database,
     table: Table,

@@ -16,7 +16,15 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from arm_common import otel
-from arm_common.auth import Authenticator, Principal, _api_key, _current, _request_id
+from arm_common.auth import (
+    ACT_FOR_TENANT_HEADER,
+    Authenticator,
+    Principal,
+    _api_key,
+    _current,
+    _request_id,
+    act_for_tenant,
+)
 from arm_common.errors import ERROR_DOMAIN, ArmError, Unauthenticated, Unimplemented
 
 log = logging.getLogger(__name__)
@@ -95,6 +103,9 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                                       reason="MISSING_API_KEY")
             _request_id.set(request_id)
             principal = await authenticator.authenticate(key)
+            acting_for = _metadata_value(metadata, ACT_FOR_TENANT_HEADER)
+            if acting_for:
+                principal = act_for_tenant(principal, acting_for)
             _current.set(principal)
             _api_key.set(key)
             return principal

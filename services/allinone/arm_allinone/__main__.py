@@ -12,9 +12,11 @@ from pathlib import Path
 
 from arm_common import logs
 from arm_common.config import ConfigError, ServiceConfig
+from arm_common.event_feed import OpEventForwarder
 from arm_common.server import Host
 from arm_governance import app as governance_app
 from arm_registry import app as registry_app
+from arm_telemetry import app as telemetry_app
 
 log = logging.getLogger("arm_allinone")
 
@@ -34,9 +36,11 @@ async def main() -> int:
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)
     governance_db = governance_app.database(ServiceConfig.from_env("governance"))
+    telemetry_db = telemetry_app.database(ServiceConfig.from_env("telemetry"))
     try:
         await registry_app.migrate(registry_db)
         await governance_app.migrate(governance_db)
+        await telemetry_app.migrate(telemetry_db)
         key_file = Path(config.data_dir) / "dev-admin-key"
         boot = await registry_app.bootstrap(registry_app.RegistryStore(registry_db, None, None),
                                             new_key_if_exists=not key_file.exists())
@@ -51,20 +55,27 @@ async def main() -> int:
         # follow the registry's agent changes.
         governance_config = dataclasses.replace(ServiceConfig.from_env("governance"),
                                                 service_api_key=admin_key)
+        # Governance's opEvents go to the telemetry hosted here, once the address is known.
+        op_events = OpEventForwarder(None, admin_key)
         governance = governance_app.GovernanceComponent(governance_db, governance_config,
-                                                        in_process_registry=True)
-        host = Host([registry, governance], registry.authenticator, config.listen,
+                                                        in_process_registry=True, op_events=op_events)
+        telemetry = telemetry_app.TelemetryComponent(
+            telemetry_db, dataclasses.replace(ServiceConfig.from_env("telemetry"), service_api_key=admin_key),
+            in_process_registry=True, in_process_governance=True)
+        host = Host([registry, governance, telemetry], registry.authenticator, config.listen,
                     service_name="arm-allinone")
         port = await host.start()
         address = f"{config.listen.rpartition(':')[0]}:{port}"
+        op_events.address = address
         print(f"ARM dev server listening on {address}", flush=True)
         print(f"admin API key: {admin_key}  (also in {key_file})", flush=True)
-        print("services: registry, governance (telemetry joins in a later release)", flush=True)
+        print("services: registry, governance, telemetry", flush=True)
         await host.serve_until_signal(config.shutdown_grace_s)
         return 0
     finally:
         await registry_db.dispose()
         await governance_db.dispose()
+        await telemetry_db.dispose()
 
 
 def run() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import grpc
 
 from arm.registry.v1 import compat_pb2, compat_pb2_grpc
+from arm_common.auth import auth_metadata
 from arm_common.errors import PermissionDenied, Unavailable
 from arm_common.tasks import cancel_and_wait
 
@@ -40,7 +41,7 @@ class AgentDirectory:
         try:
             resp = await self.stub.ResolveAgentRef(
                 compat_pb2.ResolveAgentRefRequest(**{kind: ref}),
-                metadata=(("authorization", f"Bearer {api_key}"),), timeout=5)
+                metadata=auth_metadata(api_key), timeout=5)
             found: Resolved | None = resp.agent
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:

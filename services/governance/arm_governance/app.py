@@ -19,6 +19,7 @@ from arm.governance.v1 import (
 from arm_common import migrations
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
+from arm_common.event_feed import OpEventForwarder
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
@@ -57,7 +58,8 @@ class GovernanceComponent:
     """Governance for a gRPC host. `registry_address` defaults to ARM_REGISTRY_ADDRESS; the
     all-in-one server passes its own address once bound (see `bound`)."""
 
-    def __init__(self, db: Database, config: ServiceConfig, *, in_process_registry: bool = False) -> None:
+    def __init__(self, db: Database, config: ServiceConfig, *, in_process_registry: bool = False,
+                 op_events: OpEventForwarder | None = None) -> None:
         if not config.registry_address and not in_process_registry:
             raise ConfigError("ARM_REGISTRY_ADDRESS must be set: governance resolves agents through the registry")
         self.db = db
@@ -68,10 +70,15 @@ class GovernanceComponent:
         self.cache = PolicyCache(db, self.changes)
         self.spend = SpendBook(db)
         self.audit = AuditTrail(db)
-        # Governance's own change records go to its audit trail; opEvents wait for telemetry.
+        # Governance's own change records go to its audit trail. opEvents go to telemetry's
+        # IngestEvents when ARM_TELEMETRY_ADDRESS is set (or the all-in-one server passes
+        # `op_events`); otherwise they wait in the outbox until it is.
+        if op_events is None and config.telemetry_address:
+            op_events = OpEventForwarder(config.telemetry_address, config.service_api_key)
+        self.op_events = op_events
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
                                    poll_interval_s=config.outbox_poll_s),
-                       OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, None, poll_interval_s=config.outbox_poll_s)]
+                       OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, op_events, poll_interval_s=config.outbox_poll_s)]
         self.log = DecisionLog(db, self.relays)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
         self.store = PolicyStore(self.changes)
@@ -141,6 +148,8 @@ class GovernanceComponent:
         for relay in self.relays:
             await relay.stop()
         await self.log.stop()
+        if self.op_events is not None:
+            await self.op_events.close()
         await cancel_and_wait(self._follower)
         await self.changes.stop()
         if self.channel is not None:

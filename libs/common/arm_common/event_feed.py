@@ -1,0 +1,61 @@
+"""Delivery of opEvents from a service's outbox (topic `op_event`) to telemetry's IngestEvents.
+
+The outbox relay hands over batches in insertion order; they are sent per tenant with the
+service key acting for that tenant (ACT_FOR_TENANT_HEADER). Telemetry deduplicates on event_id,
+so a batch resent after a crash or a lost answer is stored once. An event telemetry rejects
+(permanently bad) is logged and not resent; overload and outages raise, so the relay retries."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from arm.telemetry.v1 import events_pb2, telemetry_pb2, telemetry_pb2_grpc
+from arm_common.auth import auth_metadata
+from arm_common.outbox import OutboxMessage
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 1000
+
+
+class OpEventForwarder:
+    """The `deliver` callback of an `op_event` outbox relay. `address` may be set after
+    construction (the all-in-one server learns its own address once bound); until then
+    deliveries fail and are retried."""
+
+    def __init__(self, address: str | None, api_key: str | None) -> None:
+        self.address = address
+        self.api_key = api_key
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: telemetry_pb2_grpc.TelemetryServiceStub | None = None
+
+    def _telemetry(self) -> telemetry_pb2_grpc.TelemetryServiceStub:
+        if not self.address:
+            raise RuntimeError("telemetry's address is not known yet")
+        if not self.api_key:
+            raise RuntimeError("ARM_SERVICE_API_KEY is not set: opEvents cannot be sent to telemetry")
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address)
+            self._stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)
+        return self._stub
+
+    async def __call__(self, messages: Sequence[OutboxMessage]) -> None:
+        stub = self._telemetry()
+        assert self.api_key is not None
+        by_tenant: dict[str, list[events_pb2.OpEvent]] = {}
+        for m in messages:
+            by_tenant.setdefault(m.tenant_id, []).append(events_pb2.OpEvent.FromString(m.payload))
+        for tenant_id, events in by_tenant.items():
+            for start in range(0, len(events), MAX_BATCH):
+                resp = await stub.IngestEvents(
+                    telemetry_pb2.IngestEventsRequest(events=events[start:start + MAX_BATCH]),
+                    metadata=auth_metadata(self.api_key, tenant_id), timeout=30)
+                for bad in resp.rejected:
+                    log.error("telemetry rejected opEvent %s of tenant %s: %s %s (not resent)",
+                              bad.event_id, tenant_id, bad.reason, bad.message)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()

@@ -1,0 +1,141 @@
+"""Agent references for events that carry only a legacy agent id: resolved through the
+registry's ResolveAgentRef over gRPC and cached. Known agents are cached for `ttl_s`; unknown
+ones (NOT_FOUND) for a shorter `negative_ttl_s`; the cache holds at most `limit` entries. With a
+service key, the registry's WatchAgentChanges feed drops an entry as soon as its instance
+changes (a legacy id linked, an instance moved to another version), so the TTLs only bound
+staleness while the feed is down. A registry outage resolves nothing (the event is stored as it
+came, and the backfill fills it later)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from arm.registry.v1 import compat_pb2, compat_pb2_grpc
+from arm_common.auth import auth_metadata
+from arm_common.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentRefs:
+    """What an event gets filled with."""
+
+    project_id: str
+    environment_id: str
+    template_id: str
+    version_id: str
+    instance_id: str
+
+
+class RegistryUnavailable(Exception):
+    """The registry could not answer (not: the agent is unknown)."""
+
+
+class ReferenceResolver:
+    def __init__(self, channel: grpc.aio.Channel, service_key: str | None, *, ttl_s: float = 60.0,
+                 negative_ttl_s: float = 5.0, limit: int = 50_000) -> None:
+        self.stub = compat_pb2_grpc.CompatServiceStub(channel)
+        self.service_key = service_key
+        self.ttl_s = ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self.limit = limit
+        self._cache: dict[tuple[str, str], tuple[float, AgentRefs | None]] = {}
+        self._generation = 0  # bumped by every invalidation: an answer racing one is not cached
+        self._task: asyncio.Task[None] | None = None
+
+    # --- invalidation from the registry's change feed ------------------------------------------
+
+    async def start(self) -> None:
+        if self.service_key:
+            self._task = asyncio.create_task(self._watch(), name="telemetry-agent-changes")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    def invalidate(self, change: compat_pb2.AgentChange) -> None:
+        self._generation += 1
+        if change.kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
+            self._cache.clear()
+        elif change.kind == compat_pb2.AGENT_CHANGE_KIND_INSTANCE:
+            for key, (_, refs) in list(self._cache.items()):
+                if key[0] == change.tenant_id and (
+                        (change.legacy_agent_id and key[1] == change.legacy_agent_id)
+                        or (refs is not None and refs.instance_id == change.instance_id)):
+                    del self._cache[key]
+
+    async def _watch(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                stream = self.stub.WatchAgentChanges(compat_pb2.WatchAgentChangesRequest(),
+                                                     metadata=auth_metadata(self.service_key or "", ""))
+                async for msg in stream:
+                    self.invalidate(msg.change)
+                    delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("agent change feed lost (%s); cached references expire by TTL", exc.code().name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def resolve(self, tenant_id: str, legacy_agent_id: str, *, caller_key: str = "",
+                      use_negative: bool = True) -> AgentRefs | None:
+        """None when the registry does not know the legacy id in this tenant. Raises
+        RegistryUnavailable when it cannot tell."""
+        key = (tenant_id, legacy_agent_id)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now and (hit[1] is not None or use_negative):
+            return hit[1]
+        generation = self._generation
+        # The service key acts for the event's tenant; without one, the caller's own key is
+        # used (an agent key resolves only itself).
+        if self.service_key:
+            metadata = auth_metadata(self.service_key, tenant_id)
+        elif caller_key:
+            metadata = auth_metadata(caller_key, "")
+        else:
+            raise RegistryUnavailable("no key to ask the registry with (set ARM_SERVICE_API_KEY)")
+        try:
+            resp = await self.stub.ResolveAgentRef(
+                compat_pb2.ResolveAgentRefRequest(legacy_agent_id=legacy_agent_id),
+                metadata=metadata, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                found = None
+            elif exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):
+                return None  # not ours to know; not cached
+            else:
+                raise RegistryUnavailable(f"ResolveAgentRef: {exc.code().name}") from None
+        else:
+            a = resp.agent
+            found = AgentRefs(a.project_id, a.environment_id, a.template_id, a.version_id, a.instance_id)
+        if generation == self._generation:
+            if len(self._cache) >= self.limit:
+                self._cache.clear()
+            self._cache[key] = (now + (self.ttl_s if found is not None else self.negative_ttl_s), found)
+        return found
+
+    async def resolve_many(self, tenant_id: str, legacy_ids: set[str], *,
+                           caller_key: str = "") -> dict[str, AgentRefs]:
+        """Resolves each id at most once, concurrently; ids that do not resolve (or cannot be
+        resolved now) are left out."""
+        ids = sorted(legacy_ids)
+
+        async def one(legacy: str) -> AgentRefs | None:
+            try:
+                return await self.resolve(tenant_id, legacy, caller_key=caller_key)
+            except RegistryUnavailable as exc:
+                log.warning("legacy agent %s left unresolved: %s", legacy, exc)
+                return None
+
+        found = await asyncio.gather(*(one(i) for i in ids))
+        return {i: f for i, f in zip(ids, found, strict=True) if f is not None}
