@@ -219,37 +219,51 @@ class AuditTrail:
         return await self.db.read(read)
 
     async def page(self, tenant: str, flt: Filter, *, after: int | None, size: int,
-                   newest_first: bool) -> list[common_pb2.ChangeRecord]:
-        """Up to `size` records after sequence `after` (keyset), in the order asked for."""
+                   newest_first: bool, upto: int | None = None) -> list[common_pb2.ChangeRecord]:
+        """Up to `size` records after sequence `after` (keyset), in the order asked for, none
+        beyond sequence `upto` when given."""
         async def read(s: AsyncSession) -> list[common_pb2.ChangeRecord]:
             q = flt.apply(select(M).where(M.tenant_id == tenant))
+            if upto is not None:
+                q = q.where(M.sequence <= upto)
             if after is not None:
                 q = q.where(M.sequence < after if newest_first else M.sequence > after)
             q = q.order_by(M.sequence.desc() if newest_first else M.sequence).limit(size)
             return [to_proto(r) for r in (await s.execute(q)).scalars()]
         return await self.db.read(read)
 
-    async def scan(self, tenant: str, flt: Filter = Filter()) -> AsyncIterator[list[common_pb2.ChangeRecord]]:
-        """The tenant's matching records in sequence order, in batches (bounded memory)."""
+    async def head(self, tenant: str) -> int:
+        """The tenant's last sequence number (0 before its first record)."""
+        async def read(s: AsyncSession) -> int:
+            value = (await s.execute(select(models.ChainHead.last_sequence)
+                                     .where(models.ChainHead.tenant_id == tenant))).scalar_one_or_none()
+            return int(value or 0)
+        return await self.db.read(read)
+
+    async def scan(self, tenant: str, flt: Filter = Filter(), *,
+                   upto: int | None = None) -> AsyncIterator[list[common_pb2.ChangeRecord]]:
+        """The tenant's matching records in sequence order, in batches (bounded memory), up to
+        the head as it was when the scan began: records appended meanwhile are left out, so a
+        scan is a consistent prefix of the trail."""
+        if upto is None:
+            upto = await self.head(tenant)
         after = 0
         while True:
-            batch = await self.page(tenant, flt, after=after, size=_READ_BATCH, newest_first=False)
+            batch = await self.page(tenant, flt, after=after, size=_READ_BATCH, newest_first=False, upto=upto)
             if not batch:
                 return
             yield batch
             after = batch[-1].sequence
 
     async def verify(self, tenant: str) -> ChainReport:
+        """Walks the trail up to the head as it was when the walk began (a head row and its
+        records commit together, so every record up to it is there unless removed)."""
         verifier = ChainVerifier()
-        async for batch in self.scan(tenant):
+        upto = await self.head(tenant)
+        async for batch in self.scan(tenant, upto=upto):
             for record in batch:
                 verifier.add(record)
-
-        async def head(s: AsyncSession) -> int:
-            value = (await s.execute(select(models.ChainHead.last_sequence)
-                                     .where(models.ChainHead.tenant_id == tenant))).scalar_one_or_none()
-            return int(value or 0)
-        return verifier.finish(await self.db.read(head))
+        return verifier.finish(upto)
 
     async def deliver(self, messages: Sequence[OutboxMessage]) -> None:
         """Receiver of governance's own change-record outbox: appends locally, exactly once."""
