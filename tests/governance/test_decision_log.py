@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sqlalchemy import func, select
 
 from arm.governance.v1 import decision_pb2
+from arm.telemetry.v1 import events_pb2
 from arm_common.errors import Unavailable
 from arm_common.ids import new_id
+from arm_common.outbox import TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.decision_log import DecisionLog, PendingDecision
@@ -46,3 +49,26 @@ async def test_a_bad_item_fails_alone(governance) -> None:  # type: ignore[no-un
                                 .where(models.DecisionRecord.tenant_id == tenant))).scalar_one()
     assert await governance.db.read(count) == 4
 
+
+
+async def test_a_decision_commits_with_its_messages_or_not_at_all(governance) -> None:  # type: ignore[no-untyped-def]
+    """The decision row and its outbox rows share one transaction: when the message cannot be
+    written (its id is already in the outbox), the decision is not logged either."""
+    tenant = new_id("tnt")
+    message_id = new_id("evt")
+    first, second = pending(new_id("dec"), tenant), pending(new_id("dec"), tenant)
+    for item in (first, second):
+        item.messages.append((TOPIC_OP_EVENT, message_id, events_pb2.OpEvent(event_id=message_id)))
+    log = DecisionLog(governance.db, [])
+    await log.start()
+    try:
+        assert (await log.append(first)).decision_id == first.record["id"]
+        with pytest.raises(Unavailable):
+            await log.append(second)
+    finally:
+        await log.stop()
+
+    async def logged(s):  # type: ignore[no-untyped-def]
+        return set((await s.execute(select(models.DecisionRecord.id)
+                                    .where(models.DecisionRecord.tenant_id == tenant))).scalars())
+    assert await governance.db.read(logged) == {first.record["id"]}

@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import insert, select
+from sqlalchemy import DateTime, String, insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
@@ -31,6 +32,30 @@ def _naive_utc(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC).replace(tzinfo=None)
     return value
+
+
+def _pg_insert() -> tuple[str, list[tuple[str, list[str], list[bool]]]]:
+    """The statement of _insert_pg, and per table its columns and which of them are timestamps."""
+    dialect = postgresql.dialect()
+    shape, selects, n = [], [], 0
+    outbox_columns = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
+    for table, names in ((models.DecisionRecord.__table__, None), (OUTBOX, outbox_columns)):
+        columns = [c for c in table.columns if names is None or c.name in names]
+        casts = []
+        for c in columns:
+            n += 1
+            # text, not varchar(n): an explicit cast to varchar(n) truncates silently, while the
+            # INSERT's own assignment to the column rejects an overlong value as COPY did.
+            kind = "TEXT" if isinstance(c.type, String) else c.type.compile(dialect=dialect)
+            casts.append(f"${n}::{kind}[]")
+        selects.append(f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
+                       f"SELECT * FROM unnest({', '.join(casts)})")
+        shape.append((table.name, [c.name for c in columns],
+                      [isinstance(getattr(c.type, "impl", c.type), DateTime) for c in columns]))
+    return f"WITH decision_rows AS ({selects[0]}) {selects[1]}", shape
+
+
+_PG_INSERT_SQL, _PG_INSERT_SHAPE = _pg_insert()
 
 
 @dataclass
@@ -72,12 +97,13 @@ class DecisionLog:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self.db.run(lambda s, batch=batch: self._write(s, batch))
+                topics = await self.db.run(lambda s, batch=batch: self._write(s, batch))
             except Exception:  # noqa: BLE001 - isolate the item that breaks the batch
                 log.exception("decision batch of %d failed; writing one by one", len(batch))
+                topics = set()
                 for item in batch:
                     try:
-                        await self.db.run(lambda s, item=item: self._write(s, [item]))
+                        topics |= await self.db.run(lambda s, item=item: self._write(s, [item]))
                     except Exception as exc:  # noqa: BLE001
                         log.exception("decision %s could not be logged", item.record["id"])
                         if item.future and not item.future.done():
@@ -86,10 +112,12 @@ class DecisionLog:
                         del exc
                         continue
                     self._resolve([item])
-                continue
-            self._resolve(batch)
+            else:
+                self._resolve(batch)
+            # Only the relays with something new: a pass of an idle one is a transaction for nothing.
             for relay in self.relays:
-                relay.notify()
+                if relay.topic in topics:
+                    relay.notify()
 
     @staticmethod
     def _resolve(batch: list[PendingDecision]) -> None:
@@ -97,8 +125,9 @@ class DecisionLog:
             if item.future and not item.future.done():
                 item.future.set_result(item.response)
 
-    async def _write(self, s: AsyncSession, batch: list[PendingDecision]) -> None:
-        """One transaction, a handful of statements whatever the batch size."""
+    async def _write(self, s: AsyncSession, batch: list[PendingDecision]) -> set[str]:
+        """One transaction, a handful of statements whatever the batch size; returns the outbox
+        topics it wrote to."""
         earlier = await self._earlier_responses(s, batch)
         by_request: dict[tuple[str, str], PendingDecision] = {}
         fresh: list[PendingDecision] = []
@@ -121,24 +150,31 @@ class DecisionLog:
             messages.extend(outbox_row(topic=topic, tenant_id=item.record["tenant_id"], message_id=mid,
                                        message=message) for topic, mid, message in item.messages)
         if self.db.is_postgres:
-            await self._copy(s, decisions, messages)
-            return
-        if decisions:
-            await s.execute(insert(models.DecisionRecord.__table__), decisions)
-        await enqueue_many(s, OUTBOX, messages)
+            await self._insert_pg(s, decisions, messages)
+        else:
+            if decisions:
+                await s.execute(insert(models.DecisionRecord.__table__), decisions)
+            await enqueue_many(s, OUTBOX, messages)
+        return {row["topic"] for row in messages}
 
     @staticmethod
-    async def _copy(s: AsyncSession, decisions: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
-        """PostgreSQL: the rows go in with COPY on the transaction's own connection, skipping the
-        ORM's per-row work (the decision log is the hot path's one database write)."""
+    async def _insert_pg(s: AsyncSession, decisions: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
+        """PostgreSQL: decisions and outbox rows in ONE statement (a data-modifying CTE over
+        unnest() of one array per column), sent on the transaction's own asyncpg connection and
+        prepared once. One statement is atomic by itself, so when nothing earlier in the batch
+        opened a transaction it commits on its own in one round trip; otherwise it joins that
+        transaction. (Two COPYs were four round trips, and without an earlier statement each
+        COPY committed on its own: a crash between them could keep a decision without its
+        opEvent.)"""
+        if not decisions and not messages:
+            return
         raw = await (await s.connection()).get_raw_connection()
         apg = raw.driver_connection
-        for table, rows in ((models.DecisionRecord.__table__, decisions), (OUTBOX, messages)):
-            if not rows:
-                continue
-            columns = [c.name for c in table.columns if c.name in rows[0]]
-            records = [tuple(_naive_utc(row[c]) for c in columns) for row in rows]
-            await apg.copy_records_to_table(table.name, records=records, columns=columns)
+        args: list[list[Any]] = []
+        for (_, columns, stamps), rows in zip(_PG_INSERT_SHAPE, (decisions, messages), strict=True):
+            for column, stamp in zip(columns, stamps, strict=True):
+                args.append([_naive_utc(row[column]) for row in rows] if stamp else [row[column] for row in rows])
+        await apg.execute(_PG_INSERT_SQL, *args)
 
     @staticmethod
     async def _earlier_responses(s: AsyncSession, batch: list[PendingDecision]) -> dict[tuple[str, str], bytes]:
