@@ -87,15 +87,15 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
     warm_up_calls = len(latencies)
     latencies.clear()
     deadline = time.perf_counter() + seconds
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(n) for n in range(in_flight)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     for ch in chans:
         await ch.close()
     latencies.sort()
     return {"calls_per_s": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000,
             "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000, "calls": len(latencies),
-            "all_calls": len(latencies) + warm_up_calls}
+            "all_calls": len(latencies) + warm_up_calls, "client_cpu_us": cpu / max(1, len(latencies)) * 1e6}
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -187,15 +187,15 @@ async def orchestrate(args: argparse.Namespace) -> None:
         procs.append(spawn([__file__, "--echo-server", str(echo_port)], base_env(), log))
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per point; "
               f"load generator in its own process")
-        print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7}"
-              "   (CPU: the server processes' CPU time per call)")
+        print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'client':>7}"
+              "   (CPU us: server processes' CPU time per call; client: the load generator's)")
         await asyncio.sleep(1)
         echo = {}
         for n in (1, 64):
             echo[n] = run_load(f"127.0.0.1:{echo_port}", "", "", n, args.seconds, 1, True, [procs[-1].pid])
             r = echo[n]
             print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
-                  f" {r['cpu_us']:>7.0f}")
+                  f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
         instance = None
         for workers in args.workers:
             gov_port = free_port()
@@ -216,7 +216,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                              [p.pid for p in gov_procs])
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
-                      f" {r['cpu_us']:>7.0f}"
+                      f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
                       f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50)")
             for p in gov_procs:
