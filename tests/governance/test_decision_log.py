@@ -4,6 +4,7 @@ its batch down with it — they are retried one by one, and only the bad one fai
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -72,3 +73,40 @@ async def test_a_decision_commits_with_its_messages_or_not_at_all(governance) ->
         return set((await s.execute(select(models.DecisionRecord.id)
                                     .where(models.DecisionRecord.tenant_id == tenant))).scalars())
     assert await governance.db.read(logged) == {first.record["id"]}
+
+
+def approval_row(approval_id: str, decision_id: str, tenant_id: str, **drop: bool) -> dict[str, object]:
+    now = utcnow()
+    row: dict[str, object] = dict(
+        id=approval_id, tenant_id=tenant_id, project_id="prj", instance_id="ins", version_id="ver",
+        action_type=1, tool_name="payments.send", tool_call_id=None, run_id="", argument_digest="d" * 64,
+        risk=3, estimated_cost_usd=1.5, required_decisions=1, escalation_level=0, status=1,
+        decision_id=decision_id, requested_by="usr", body=b"", created_at=now,
+        expires_at=now + timedelta(hours=1), consumed_at=None, revision=1)
+    return {k: v for k, v in row.items() if k not in drop}
+
+
+async def test_approvals_are_logged_with_their_decisions(governance) -> None:  # type: ignore[no-untyped-def]
+    """A NEEDS_APPROVAL decision's approval goes in with it; a row that leaves columns to their
+    defaults (here escalation_level and revision) is inserted too."""
+    tenant = new_id("tnt")
+    items = []
+    for drop in ({}, {"escalation_level": True, "revision": True}):
+        item = pending(new_id("dec"), tenant)
+        approval_id = new_id("apr")
+        item.record["approval_id"] = approval_id
+        item.approval = approval_row(approval_id, item.record["id"], tenant, **drop)
+        items.append(item)
+    log = DecisionLog(governance.db, [])
+    await log.start()
+    try:
+        await asyncio.gather(*(log.append(item) for item in items))
+    finally:
+        await log.stop()
+
+    async def approvals(s):  # type: ignore[no-untyped-def]
+        a = models.Approval
+        return {(r.id, r.decision_id, r.escalation_level, r.revision, r.estimated_cost_usd) for r in
+                (await s.execute(select(a).where(a.tenant_id == tenant))).scalars()}
+    assert await governance.db.read(approvals) == {
+        (i.approval["id"], i.record["id"], 0, 1, 1.5) for i in items}  # type: ignore[index]

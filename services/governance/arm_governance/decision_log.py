@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import DateTime, String, insert, select
+from sqlalchemy import DateTime, String, select
+from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,12 +35,21 @@ def _naive_utc(value: Any) -> Any:
     return value
 
 
-def _pg_insert() -> tuple[str, list[tuple[str, list[str], list[bool]]]]:
-    """The statement of _insert_pg, and per table its columns and which of them are timestamps."""
+_OUTBOX_COLUMNS = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
+_APPROVALS = models.Approval.__table__
+_APPROVAL_COLUMNS = frozenset(c.name for c in _APPROVALS.columns)
+
+
+def _pg_insert(*, approvals: bool) -> tuple[str, list[tuple[list[str], list[bool]]]]:
+    """The statement of _insert_pg, and per table its columns and which of them are timestamps:
+    [approvals,] decisions, outbox rows, each an INSERT ... SELECT FROM unnest() of one array
+    per column, chained as data-modifying CTEs."""
     dialect = postgresql.dialect()
-    shape, selects, n = [], [], 0
-    outbox_columns = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
-    for table, names in ((models.DecisionRecord.__table__, None), (OUTBOX, outbox_columns)):
+    tables: list[tuple[Any, Any]] = [(models.DecisionRecord.__table__, None), (OUTBOX, _OUTBOX_COLUMNS)]
+    if approvals:
+        tables.insert(0, (_APPROVALS, None))
+    shape, inserts, n = [], [], 0
+    for table, names in tables:
         columns = [c for c in table.columns if names is None or c.name in names]
         casts = []
         for c in columns:
@@ -48,14 +58,15 @@ def _pg_insert() -> tuple[str, list[tuple[str, list[str], list[bool]]]]:
             # INSERT's own assignment to the column rejects an overlong value as COPY did.
             kind = "TEXT" if isinstance(c.type, String) else c.type.compile(dialect=dialect)
             casts.append(f"${n}::{kind}[]")
-        selects.append(f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
+        inserts.append(f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
                        f"SELECT * FROM unnest({', '.join(casts)})")
-        shape.append((table.name, [c.name for c in columns],
+        shape.append(([c.name for c in columns],
                       [isinstance(getattr(c.type, "impl", c.type), DateTime) for c in columns]))
-    return f"WITH decision_rows AS ({selects[0]}) {selects[1]}", shape
+    ctes = ", ".join(f"{table.name}_rows AS ({sql})" for (table, _), sql in zip(tables[:-1], inserts, strict=False))
+    return f"WITH {ctes} {inserts[-1]}", shape
 
 
-_PG_INSERT_SQL, _PG_INSERT_SHAPE = _pg_insert()
+_PG_INSERT = {approvals: _pg_insert(approvals=approvals) for approvals in (False, True)}
 
 
 @dataclass
@@ -142,7 +153,8 @@ class DecisionLog:
                 if rid:
                     by_request[key] = item
                 fresh.append(item)
-        await self._approvals(s, [item for item in fresh if item.approval is not None])
+        approvals = await self._approvals(s, [item for item in fresh if item.approval is not None],
+                                          insert=not self.db.is_postgres)
         decisions, messages = [], []
         for item in fresh:
             item.record["response"] = item.response.SerializeToString()
@@ -150,31 +162,37 @@ class DecisionLog:
             messages.extend(outbox_row(topic=topic, tenant_id=item.record["tenant_id"], message_id=mid,
                                        message=message) for topic, mid, message in item.messages)
         if self.db.is_postgres:
-            await self._insert_pg(s, decisions, messages)
+            await self._insert_pg(s, approvals, decisions, messages)
         else:
             if decisions:
-                await s.execute(insert(models.DecisionRecord.__table__), decisions)
+                await s.execute(sa_insert(models.DecisionRecord.__table__), decisions)
             await enqueue_many(s, OUTBOX, messages)
         return {row["topic"] for row in messages}
 
     @staticmethod
-    async def _insert_pg(s: AsyncSession, decisions: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
-        """PostgreSQL: decisions and outbox rows in ONE statement (a data-modifying CTE over
-        unnest() of one array per column), sent on the transaction's own asyncpg connection and
-        prepared once. One statement is atomic by itself, so when nothing earlier in the batch
-        opened a transaction it commits on its own in one round trip; otherwise it joins that
-        transaction. (Two COPYs were four round trips, and without an earlier statement each
-        COPY committed on its own: a crash between them could keep a decision without its
-        opEvent.)"""
-        if not decisions and not messages:
+    async def _insert_pg(s: AsyncSession, approvals: list[dict[str, Any]], decisions: list[dict[str, Any]],
+                         messages: list[dict[str, Any]]) -> None:
+        """PostgreSQL: new approvals, decisions and outbox rows in ONE statement (data-modifying
+        CTEs over unnest() of one array per column), sent on the transaction's own asyncpg
+        connection and prepared once. One statement is atomic by itself, so when nothing earlier
+        in the batch opened a transaction it commits on its own in one round trip; otherwise it
+        joins that transaction. (BEGIN, the approvals INSERT, two COPYs and COMMIT were up to
+        seven round trips; and without an earlier statement each COPY committed on its own, so
+        a crash between them could keep a decision without its opEvent.)"""
+        if approvals and not all(_APPROVAL_COLUMNS <= row.keys() for row in approvals):
+            # A row leaving a column to its ORM default: let SQLAlchemy insert it.
+            await s.execute(sa_insert(_APPROVALS), approvals)
+            approvals = []
+        if not approvals and not decisions and not messages:
             return
-        raw = await (await s.connection()).get_raw_connection()
-        apg = raw.driver_connection
+        sql, shape = _PG_INSERT[bool(approvals)]
+        tables = (approvals, decisions, messages) if approvals else (decisions, messages)
         args: list[list[Any]] = []
-        for (_, columns, stamps), rows in zip(_PG_INSERT_SHAPE, (decisions, messages), strict=True):
+        for (columns, stamps), rows in zip(shape, tables, strict=True):
             for column, stamp in zip(columns, stamps, strict=True):
                 args.append([_naive_utc(row[column]) for row in rows] if stamp else [row[column] for row in rows])
-        await apg.execute(_PG_INSERT_SQL, *args)
+        raw = await (await s.connection()).get_raw_connection()
+        await raw.driver_connection.execute(sql, *args)
 
     @staticmethod
     async def _earlier_responses(s: AsyncSession, batch: list[PendingDecision]) -> dict[tuple[str, str], bytes]:
@@ -186,11 +204,12 @@ class DecisionLog:
         return {(r.tenant_id, r.request_id): r.response for r in rows}
 
     @staticmethod
-    async def _approvals(s: AsyncSession, items: list[PendingDecision]) -> None:
+    async def _approvals(s: AsyncSession, items: list[PendingDecision], *, insert: bool = True) -> list[dict[str, Any]]:
         """Creates the approvals of NEEDS_APPROVAL decisions; a tool call id that already has
-        one (logged earlier, or earlier in this batch) gets that one instead."""
+        one (logged earlier, or earlier in this batch) gets that one instead. Returns the new
+        rows; with insert=False the caller inserts them (PostgreSQL: with the decisions)."""
         if not items:
-            return
+            return []
         a = models.Approval
         call_ids = [i.approval["tool_call_id"] for i in items if i.approval and i.approval["tool_call_id"]]
         existing: dict[tuple[str, str, str], str] = {}
@@ -210,5 +229,6 @@ class DecisionLog:
             if approval["tool_call_id"]:
                 existing[key] = approval["id"]
             new_rows.append(approval)
-        if new_rows:
-            await s.execute(insert(a.__table__), new_rows)
+        if new_rows and insert:
+            await s.execute(sa_insert(a.__table__), new_rows)
+        return new_rows
