@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import asyncpg
 import pytest
 from sqlalchemy import func, select
 
 from arm.governance.v1 import decision_pb2
 from arm.telemetry.v1 import events_pb2
+from arm_common.db import Database
 from arm_common.errors import Unavailable
 from arm_common.ids import new_id
 from arm_common.outbox import TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.decision_log import DecisionLog, PendingDecision
+from tests.conftest import PG_URL
 
 
 def pending(decision_id: str, tenant_id: str) -> PendingDecision:
@@ -110,3 +113,29 @@ async def test_approvals_are_logged_with_their_decisions(governance) -> None:  #
                 (await s.execute(select(a).where(a.tenant_id == tenant))).scalars()}
     assert await governance.db.read(approvals) == {
         (i.approval["id"], i.record["id"], 0, 1, 1.5) for i in items}  # type: ignore[index]
+
+
+async def test_a_dead_pooled_connection_costs_no_decision(governance) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL: a pooled connection that died since its last use fails the batch, is dropped
+    from the pool, and the retry on a fresh connection logs the decision."""
+    if not governance.db.is_postgres:
+        pytest.skip("server-side connection termination is PostgreSQL's")
+    db = Database(governance.spec.url, schema=governance.spec.schema, pool_size=1)  # one pooled connection
+    tenant = new_id("tnt")
+    log = DecisionLog(db, [])
+    await log.start()
+    try:
+        await log.append(pending(new_id("dec"), tenant))
+        async with db.engine.connect() as conn:
+            pid = (await conn.get_raw_connection()).driver_connection.get_server_pid()
+        killer = await asyncpg.connect(PG_URL)
+        try:
+            assert await killer.fetchval("select pg_terminate_backend($1)", pid)
+        finally:
+            await killer.close()
+        for _ in range(2):
+            item = pending(new_id("dec"), tenant)
+            assert (await log.append(item)).decision_id == item.record["id"]
+    finally:
+        await log.stop()
+        await db.dispose()

@@ -69,6 +69,14 @@ def _pg_insert(*, approvals: bool) -> tuple[str, list[tuple[list[str], list[bool
 _PG_INSERT = {approvals: _pg_insert(approvals=approvals) for approvals in (False, True)}
 
 
+def _nothing_to_look_up(item: PendingDecision) -> bool:
+    """No request id (a retry would be answered from the log) and no approval that needs a
+    lookup (a tool call id may have one already) or ORM defaults (an incomplete row)."""
+    approval = item.approval
+    return not item.record["request_id"] and (
+        approval is None or (not approval["tool_call_id"] and _APPROVAL_COLUMNS <= approval.keys()))
+
+
 @dataclass
 class PendingDecision:
     """One decision waiting for its commit."""
@@ -108,13 +116,13 @@ class DecisionLog:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                topics = await self.db.run(lambda s, batch=batch: self._write(s, batch))
+                topics = await self._commit(batch)
             except Exception:  # noqa: BLE001 - isolate the item that breaks the batch
                 log.exception("decision batch of %d failed; writing one by one", len(batch))
                 topics = set()
                 for item in batch:
                     try:
-                        topics |= await self.db.run(lambda s, item=item: self._write(s, [item]))
+                        topics |= await self._commit([item])
                     except Exception as exc:  # noqa: BLE001
                         log.exception("decision %s could not be logged", item.record["id"])
                         if item.future and not item.future.done():
@@ -129,6 +137,35 @@ class DecisionLog:
             for relay in self.relays:
                 if relay.topic in topics:
                     relay.notify()
+
+    async def _commit(self, batch: list[PendingDecision]) -> set[str]:
+        """Writes a batch; returns the outbox topics it wrote to."""
+        if self.db.is_postgres and all(map(_nothing_to_look_up, batch)):
+            # The common case on PostgreSQL: the one statement on a pooled connection, without
+            # an ORM session around it (~0.13 ms of CPU per batch).
+            async with self.db.engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                decisions, messages = self._rows(batch)
+                approvals = [item.approval for item in batch if item.approval is not None]
+                try:
+                    await self._execute_pg(raw.driver_connection, approvals, decisions, messages)
+                except BaseException:
+                    if raw.driver_connection.is_closed():  # SQLAlchemy did not see it die: keep it out of the pool
+                        await conn.invalidate()
+                    raise
+                return {row["topic"] for row in messages}
+        return await self.db.run(lambda s: self._write(s, batch))
+
+    @staticmethod
+    def _rows(fresh: list[PendingDecision]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The decision rows (with their responses) and outbox rows of the items to log."""
+        decisions, messages = [], []
+        for item in fresh:
+            item.record["response"] = item.response.SerializeToString()
+            decisions.append(item.record)
+            messages.extend(outbox_row(topic=topic, tenant_id=item.record["tenant_id"], message_id=mid,
+                                       message=message) for topic, mid, message in item.messages)
+        return decisions, messages
 
     @staticmethod
     def _resolve(batch: list[PendingDecision]) -> None:
@@ -155,12 +192,7 @@ class DecisionLog:
                 fresh.append(item)
         approvals = await self._approvals(s, [item for item in fresh if item.approval is not None],
                                           insert=not self.db.is_postgres)
-        decisions, messages = [], []
-        for item in fresh:
-            item.record["response"] = item.response.SerializeToString()
-            decisions.append(item.record)
-            messages.extend(outbox_row(topic=topic, tenant_id=item.record["tenant_id"], message_id=mid,
-                                       message=message) for topic, mid, message in item.messages)
+        decisions, messages = self._rows(fresh)
         if self.db.is_postgres:
             await self._insert_pg(s, approvals, decisions, messages)
         else:
@@ -183,6 +215,12 @@ class DecisionLog:
             # A row leaving a column to its ORM default: let SQLAlchemy insert it.
             await s.execute(sa_insert(_APPROVALS), approvals)
             approvals = []
+        raw = await (await s.connection()).get_raw_connection()
+        await DecisionLog._execute_pg(raw.driver_connection, approvals, decisions, messages)
+
+    @staticmethod
+    async def _execute_pg(apg: Any, approvals: list[dict[str, Any]], decisions: list[dict[str, Any]],
+                          messages: list[dict[str, Any]]) -> None:
         if not approvals and not decisions and not messages:
             return
         sql, shape = _PG_INSERT[bool(approvals)]
@@ -191,8 +229,7 @@ class DecisionLog:
         for (columns, stamps), rows in zip(shape, tables, strict=True):
             for column, stamp in zip(columns, stamps, strict=True):
                 args.append([_naive_utc(row[column]) for row in rows] if stamp else [row[column] for row in rows])
-        raw = await (await s.connection()).get_raw_connection()
-        await raw.driver_connection.execute(sql, *args)
+        await apg.execute(sql, *args)
 
     @staticmethod
     async def _earlier_responses(s: AsyncSession, batch: list[PendingDecision]) -> dict[tuple[str, str], bytes]:
