@@ -84,16 +84,18 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
 
     deadline = time.perf_counter() + min(1.0, seconds / 5)  # warm-up
     await asyncio.gather(*(worker(n) for n in range(in_flight)))
+    warm_up_calls = len(latencies)
     latencies.clear()
     deadline = time.perf_counter() + seconds
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(n) for n in range(in_flight)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     for ch in chans:
         await ch.close()
     latencies.sort()
     return {"calls_per_s": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000,
-            "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000, "calls": len(latencies)}
+            "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000, "calls": len(latencies),
+            "all_calls": len(latencies) + warm_up_calls, "client_cpu_us": cpu / max(1, len(latencies)) * 1e6}
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -103,13 +105,29 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
                             stderr=subprocess.STDOUT)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes have used so far (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,
-             echo: bool) -> dict[str, float]:
+             echo: bool, server_pids: list[int]) -> dict[str, float]:
+    """Runs the load generator; adds the servers' CPU microseconds per call (warm-up included)."""
+    cpu0 = cpu_seconds(server_pids)
     out = subprocess.run([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
                           "--in-flight", str(in_flight), "--seconds", str(seconds),
                           "--channels", str(channels)] + (["--echo"] if echo else []),
                          check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["cpu_us"] = (cpu_seconds(server_pids) - cpu0) / max(1, result["all_calls"]) * 1e6
+    return result
 
 
 async def setup_world(address: str, key: str, gov_address: str) -> str:
@@ -169,13 +187,15 @@ async def orchestrate(args: argparse.Namespace) -> None:
         procs.append(spawn([__file__, "--echo-server", str(echo_port)], base_env(), log))
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per point; "
               f"load generator in its own process")
-        print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
+        print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'client':>7}"
+              "   (CPU us: server processes' CPU time per call; client: the load generator's)")
         await asyncio.sleep(1)
         echo = {}
         for n in (1, 64):
-            echo[n] = run_load(f"127.0.0.1:{echo_port}", "", "", n, args.seconds, 1, True)
+            echo[n] = run_load(f"127.0.0.1:{echo_port}", "", "", n, args.seconds, 1, True, [procs[-1].pid])
             r = echo[n]
-            print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}")
+            print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
+                  f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
         instance = None
         for workers in args.workers:
             gov_port = free_port()
@@ -192,9 +212,11 @@ async def orchestrate(args: argparse.Namespace) -> None:
             if instance is None:
                 instance = await setup_world(f"127.0.0.1:{reg_port}", key, f"127.0.0.1:{gov_port}")
             for n in (1, 64):
-                r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False)
+                r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False,
+                             [p.pid for p in gov_procs])
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
+                      f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
                       f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50)")
             for p in gov_procs:

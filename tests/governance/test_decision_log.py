@@ -4,15 +4,22 @@ its batch down with it — they are retried one by one, and only the bad one fai
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
+import asyncpg
+import pytest
 from sqlalchemy import func, select
 
 from arm.governance.v1 import decision_pb2
+from arm.telemetry.v1 import events_pb2
+from arm_common.db import Database
 from arm_common.errors import Unavailable
 from arm_common.ids import new_id
+from arm_common.outbox import TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.decision_log import DecisionLog, PendingDecision
+from tests.conftest import PG_URL
 
 
 def pending(decision_id: str, tenant_id: str) -> PendingDecision:
@@ -46,3 +53,89 @@ async def test_a_bad_item_fails_alone(governance) -> None:  # type: ignore[no-un
                                 .where(models.DecisionRecord.tenant_id == tenant))).scalar_one()
     assert await governance.db.read(count) == 4
 
+
+
+async def test_a_decision_commits_with_its_messages_or_not_at_all(governance) -> None:  # type: ignore[no-untyped-def]
+    """The decision row and its outbox rows share one transaction: when the message cannot be
+    written (its id is already in the outbox), the decision is not logged either."""
+    tenant = new_id("tnt")
+    message_id = new_id("evt")
+    first, second = pending(new_id("dec"), tenant), pending(new_id("dec"), tenant)
+    for item in (first, second):
+        item.messages.append((TOPIC_OP_EVENT, message_id, events_pb2.OpEvent(event_id=message_id)))
+    log = DecisionLog(governance.db, [])
+    await log.start()
+    try:
+        assert (await log.append(first)).decision_id == first.record["id"]
+        with pytest.raises(Unavailable):
+            await log.append(second)
+    finally:
+        await log.stop()
+
+    async def logged(s):  # type: ignore[no-untyped-def]
+        return set((await s.execute(select(models.DecisionRecord.id)
+                                    .where(models.DecisionRecord.tenant_id == tenant))).scalars())
+    assert await governance.db.read(logged) == {first.record["id"]}
+
+
+def approval_row(approval_id: str, decision_id: str, tenant_id: str, **drop: bool) -> dict[str, object]:
+    now = utcnow()
+    row: dict[str, object] = dict(
+        id=approval_id, tenant_id=tenant_id, project_id="prj", instance_id="ins", version_id="ver",
+        action_type=1, tool_name="payments.send", tool_call_id=None, run_id="", argument_digest="d" * 64,
+        risk=3, estimated_cost_usd=1.5, required_decisions=1, escalation_level=0, status=1,
+        decision_id=decision_id, requested_by="usr", body=b"", created_at=now,
+        expires_at=now + timedelta(hours=1), consumed_at=None, revision=1)
+    return {k: v for k, v in row.items() if k not in drop}
+
+
+async def test_approvals_are_logged_with_their_decisions(governance) -> None:  # type: ignore[no-untyped-def]
+    """A NEEDS_APPROVAL decision's approval goes in with it; a row that leaves columns to their
+    defaults (here escalation_level and revision) is inserted too."""
+    tenant = new_id("tnt")
+    items = []
+    for drop in ({}, {"escalation_level": True, "revision": True}):
+        item = pending(new_id("dec"), tenant)
+        approval_id = new_id("apr")
+        item.record["approval_id"] = approval_id
+        item.approval = approval_row(approval_id, item.record["id"], tenant, **drop)
+        items.append(item)
+    log = DecisionLog(governance.db, [])
+    await log.start()
+    try:
+        await asyncio.gather(*(log.append(item) for item in items))
+    finally:
+        await log.stop()
+
+    async def approvals(s):  # type: ignore[no-untyped-def]
+        a = models.Approval
+        return {(r.id, r.decision_id, r.escalation_level, r.revision, r.estimated_cost_usd) for r in
+                (await s.execute(select(a).where(a.tenant_id == tenant))).scalars()}
+    assert await governance.db.read(approvals) == {
+        (i.approval["id"], i.record["id"], 0, 1, 1.5) for i in items}  # type: ignore[index]
+
+
+async def test_a_dead_pooled_connection_costs_no_decision(governance) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL: a pooled connection that died since its last use fails the batch, is dropped
+    from the pool, and the retry on a fresh connection logs the decision."""
+    if not governance.db.is_postgres:
+        pytest.skip("server-side connection termination is PostgreSQL's")
+    db = Database(governance.spec.url, schema=governance.spec.schema, pool_size=1)  # one pooled connection
+    tenant = new_id("tnt")
+    log = DecisionLog(db, [])
+    await log.start()
+    try:
+        await log.append(pending(new_id("dec"), tenant))
+        async with db.engine.connect() as conn:
+            pid = (await conn.get_raw_connection()).driver_connection.get_server_pid()
+        killer = await asyncpg.connect(PG_URL)
+        try:
+            assert await killer.fetchval("select pg_terminate_backend($1)", pid)
+        finally:
+            await killer.close()
+        for _ in range(2):
+            item = pending(new_id("dec"), tenant)
+            assert (await log.append(item)).decision_id == item.record["id"]
+    finally:
+        await log.stop()
+        await db.dispose()

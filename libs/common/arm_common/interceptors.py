@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -68,6 +68,11 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
+def _new_request_id() -> str:
+    """32 random hex digits (uuid4().hex without its version bits, at a fifth of the cost)."""
+    return os.urandom(16).hex()
+
+
 def _metadata_value(metadata: Any, name: str) -> str:
     for key, value in metadata or ():
         if key == name:
@@ -82,6 +87,9 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+        # A method's wrapped handler is built once: servers hand out the same method handler
+        # for every call, so per call only the wrapper's own work remains.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -92,11 +100,15 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        metadata = handler_call_details.invocation_metadata
-        request_id = _metadata_value(metadata, "x-request-id") or uuid.uuid4().hex
+        entry = self._wrapped.get(method)
+        if entry is None or entry[0] is not handler:
+            entry = self._wrapped[method] = (handler, self._wrap(method, handler))
+        return entry[1]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         authenticator = self.authenticator
 
-        async def prepare(context: grpc.aio.ServicerContext) -> Principal:
+        async def prepare(metadata: Any, request_id: str) -> Principal:
             key = _bearer(metadata)
             if key is None:
                 raise Unauthenticated("this call needs 'authorization: Bearer <api key>'",
@@ -125,7 +137,7 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 code = "INTERNAL"
             otel.record_rpc(method, code, (time.perf_counter() - started) * 1000)
 
-        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str) -> None:
             if isinstance(exc, NotImplementedError):
                 # Generated servicer bases raise this for RPCs a later release implements.
                 exc = Unimplemented(f"{method} is not implemented yet", reason="NOT_IMPLEMENTED",
@@ -145,14 +157,16 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             """Wraps a handler returning one response (unary-unary and stream-unary alike)."""
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
+                metadata = context.invocation_metadata()
+                request_id = _metadata_value(metadata, "x-request-id") or _new_request_id()
                 try:
-                    await prepare(context)
+                    await prepare(metadata, request_id)
                     result = await inner(request, context)
                 except BaseException as exc:
                     done(started, exc)
                     if passthrough(exc):
                         raise
-                    await fail(context, exc)
+                    await fail(context, exc, request_id)
                 done(started, None)
                 return result
             return wrapper
@@ -161,15 +175,17 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
             """Wraps a handler yielding responses (unary-stream and stream-stream alike)."""
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started = time.perf_counter()
+                metadata = context.invocation_metadata()
+                request_id = _metadata_value(metadata, "x-request-id") or _new_request_id()
                 try:
-                    await prepare(context)
+                    await prepare(metadata, request_id)
                     async for item in inner(request, context):
                         yield item
                 except BaseException as exc:
                     done(started, exc)
                     if passthrough(exc):
                         raise
-                    await fail(context, exc)
+                    await fail(context, exc, request_id)
                 done(started, None)
             return wrapper
 

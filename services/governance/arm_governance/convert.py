@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -66,15 +67,14 @@ def arguments(request: decision_pb2.CheckRequest) -> dict[str, Any] | None:
     return json_format.MessageToDict(request.arguments) if request.HasField("arguments") else None
 
 
-def result_to_response(result: engine.Result, *, decision_id: str, approval_id: str, epoch: int,
-                       request_id: str, decided: datetime) -> decision_pb2.CheckResponse:
+def result_fields(result: engine.Result) -> decision_pb2.CheckResponse:
+    """The part of a CheckResponse that depends on the result alone."""
     resp = decision_pb2.CheckResponse(
         decision=int(result.effect), effective_risk=int(result.risk), step=int(result.step),
         scope=int(result.scope) if result.scope else 0, scope_id=result.scope_id,
         envelope_id=result.envelope_id, envelope_revision=result.envelope_revision,
         rule_kind=int(result.rule_kind) if result.rule_kind else 0,
-        rule_description=result.rule_description, approval_id=approval_id,
-        decision_id=decision_id, policy_epoch=epoch, request_id=request_id, decide_time=ts(decided),
+        rule_description=result.rule_description,
         reasons=[policy_pb2.Reason(code=r.code, message=r.message) for r in result.reasons],
         shadow_results=[decision_pb2.ShadowResult(
             envelope_id=sr.envelope_id, envelope_revision=sr.envelope_revision, scope=int(sr.scope),
@@ -85,6 +85,40 @@ def result_to_response(result: engine.Result, *, decision_id: str, approval_id: 
             for sr in result.shadow])
     if result.rule_index is not None:
         resp.rule_index = result.rule_index
+    return resp
+
+
+class ResultCache:
+    """Per-result values derived once: the engine memoises its results, so the decision path
+    sees the same few Result objects over and over. Keyed by identity; an entry holds its result,
+    so the id cannot be reused while the entry lives. Bounded (cleared when full)."""
+
+    def __init__(self, build: Callable[[engine.Result], Any], limit: int = 4096) -> None:
+        self.build = build
+        self.limit = limit
+        self._entries: dict[int, tuple[engine.Result, Any]] = {}
+
+    def get(self, result: engine.Result) -> Any:
+        entry = self._entries.get(id(result))
+        if entry is None or entry[0] is not result:
+            if len(self._entries) >= self.limit:
+                self._entries.clear()
+            entry = self._entries[id(result)] = (result, self.build(result))
+        return entry[1]
+
+
+_RESPONSE_FIELDS = ResultCache(lambda result: result_fields(result).SerializeToString())
+
+
+def result_to_response(result: engine.Result, *, decision_id: str, approval_id: str, epoch: int,
+                       request_id: str, decided: datetime) -> decision_pb2.CheckResponse:
+    # Parsing the cached bytes of the result's part is much cheaper than building its messages.
+    resp = decision_pb2.CheckResponse.FromString(_RESPONSE_FIELDS.get(result))
+    resp.approval_id = approval_id
+    resp.decision_id = decision_id
+    resp.policy_epoch = epoch
+    resp.request_id = request_id
+    resp.decide_time.CopyFrom(ts(decided))
     return resp
 
 

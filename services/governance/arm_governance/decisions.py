@@ -10,7 +10,7 @@ import math
 from datetime import datetime, timedelta
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -58,7 +58,44 @@ def validate_check(request: decision_pb2.CheckRequest, prefix: str = "") -> None
 
 
 def argument_digest(arguments: dict[str, Any] | None) -> str:
-    return canonical_hash(arguments or {})
+    return canonical_hash(arguments) if arguments else _EMPTY_DIGEST
+
+
+_EMPTY_DIGEST = canonical_hash({})
+
+
+def _payload_fields(result: engine.Result) -> bytes:
+    """The opEvent payload fields that depend on the result alone, serialized (a Struct's fields
+    are map entries, so the per-call ones are added after parsing these)."""
+    return struct_pb2.Struct(fields={
+        "decision": struct_pb2.Value(string_value=policy_pb2.Decision.Name(int(result.effect))),
+        "risk": struct_pb2.Value(string_value=common_pb2.RiskLevel.Name(int(result.risk))),
+        "step": struct_pb2.Value(string_value=decision_pb2.DecisionStep.Name(int(result.step))),
+        "reasons": struct_pb2.Value(list_value=struct_pb2.ListValue(
+            values=[struct_pb2.Value(string_value=r.code) for r in result.reasons])),
+    }).SerializeToString()
+
+
+_PAYLOAD_FIELDS = convert.ResultCache(_payload_fields)
+
+
+class _AgentForms:
+    """A resolved agent as the decision path needs it: the engine's dataclass and the serialized
+    message for the log, computed once per resolution object (the agent directory hands out the
+    same object until the agent changes). Keyed by identity; entries hold their object."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._entries: dict[int, tuple[Any, engine.Agent, bytes]] = {}
+
+    def get(self, resolved: Any) -> tuple[engine.Agent, bytes]:
+        entry = self._entries.get(id(resolved))
+        if entry is None or entry[0] is not resolved:
+            if len(self._entries) >= self.limit:
+                self._entries.clear()
+            entry = self._entries[id(resolved)] = (resolved, convert.agent_to_engine(resolved),
+                                                   resolved.SerializeToString())
+        return entry[1], entry[2]
 
 
 class SpendBook:
@@ -150,6 +187,7 @@ class Decider:
         self.spend = spend
         self.approvals = approvals
         self.classifier = classifier or engine.DEFAULT_CLASSIFIER
+        self._agent_forms = _AgentForms()
 
     async def check(self, principal: Principal, api_key: str,
                     request: decision_pb2.CheckRequest) -> decision_pb2.CheckResponse:
@@ -170,7 +208,7 @@ class Decider:
         now = utcnow()
         args = convert.arguments(request)
         digest = argument_digest(args)
-        agent = convert.agent_to_engine(resolved) if resolved is not None else None
+        agent, agent_bytes = self._agent_forms.get(resolved) if resolved is not None else (None, b"")
         if agent is not None:
             policy, has_budgets = tenant.compiled(agent.project_id, agent.version_id)
             controls = tenant.controls_for(agent.project_id)
@@ -197,11 +235,11 @@ class Decider:
                 # Another call used the grant between our read and our consume.
                 result = engine.decide(policy, agent, dataclasses.replace(call, grant=engine.Grant("USED")),
                                        controls=controls, spend=spend, classifier=self.classifier)
-        return await self._log(principal, request, resolved, result, tenant.epoch, digest, args, now)
+        return await self._log(principal, request, resolved, agent_bytes, result, tenant.epoch, digest, args, now)
 
     async def _log(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
-                   result: engine.Result, epoch: int, digest: str, args: dict[str, Any] | None,
-                   now: datetime) -> decision_pb2.CheckResponse:
+                   agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
+                   args: dict[str, Any] | None, now: datetime) -> decision_pb2.CheckResponse:
         decision_id = new_id("dec")
         approval_row = None
         # An ALLOW from a grant names the approval it used up.
@@ -221,8 +259,7 @@ class Decider:
             project_id=resolved.project_id if resolved is not None else "",
             run_id=request.run_id, tool_call_id=request.tool_call_id, tool_name=request.tool_name,
             decision=int(result.effect), step=int(result.step), risk=int(result.risk), policy_epoch=epoch,
-            approval_id=approval_id, request=request.SerializeToString(),
-            agent=resolved.SerializeToString() if resolved is not None else b"", decided_at=now)
+            approval_id=approval_id, request=request.SerializeToString(), agent=agent_bytes, decided_at=now)
         pending = PendingDecision(record=record, response=response, approval=approval_row)
         if approval_row is not None:
             requested = self._requested_record(principal, resolved, approval_row, now)
@@ -271,13 +308,13 @@ class Decider:
         event = events_pb2.OpEvent(
             event_id=f"evt-{decision_id}", tenant_id=principal.tenant_id,
             type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED if blocked else events_pb2.OP_EVENT_TYPE_DECISION_MADE,
-            occur_time=ts(now), run_id=request.run_id, tool_call_id=request.tool_call_id,
-            payload=struct({
-                "decision_id": decision_id, "tool_name": request.tool_name,
-                "decision": policy_pb2.Decision.Name(int(result.effect)),
-                "risk": common_pb2.RiskLevel.Name(int(result.risk)),
-                "step": decision_pb2.DecisionStep.Name(int(result.step)),
-                "reasons": [r.code for r in result.reasons]}))
+            occur_time=ts(now), run_id=request.run_id, tool_call_id=request.tool_call_id)
+        # Payload: decision_id, tool_name, decision, risk, step, reasons (the last four cached
+        # per result; Struct.update builds them in Python, a sizeable share of a decision).
+        payload = event.payload
+        payload.MergeFromString(_PAYLOAD_FIELDS.get(result))
+        payload.fields["decision_id"].string_value = decision_id
+        payload.fields["tool_name"].string_value = request.tool_name
         if resolved is not None:
             event.project_id, event.environment_id = resolved.project_id, resolved.environment_id
             event.template_id, event.version_id = resolved.template_id, resolved.version_id

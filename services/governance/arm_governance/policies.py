@@ -25,6 +25,7 @@ class TenantPolicies:
     envelopes: list[engine.Envelope]
     controls: dict[tuple[int, str], int]  # (control scope, scope id) -> OperatorControlMode
     _compiled: dict[tuple[str, str], tuple[engine.CompiledPolicy, bool]] = field(default_factory=dict)
+    _controls: dict[str, engine.Controls] = field(default_factory=dict)
 
     def compiled(self, project_id: str, version_id: str) -> tuple[engine.CompiledPolicy, bool]:
         """The agent's compiled policy, and whether any budget applies to it (then the decision
@@ -43,10 +44,14 @@ class TenantPolicies:
         return hit
 
     def controls_for(self, project_id: str) -> engine.Controls:
-        tenant_mode = self.controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT, self.tenant_id))
-        project_mode = self.controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT, project_id))
-        return engine.Controls(tenant_mode=convert.control_mode_name(tenant_mode),
-                               project_mode=convert.control_mode_name(project_mode))
+        hit = self._controls.get(project_id)  # memoised like `compiled`: both live until a change notice
+        if hit is None:
+            tenant_mode = self.controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT, self.tenant_id))
+            project_mode = self.controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT, project_id))
+            hit = self._controls[project_id] = engine.Controls(
+                tenant_mode=convert.control_mode_name(tenant_mode),
+                project_mode=convert.control_mode_name(project_mode))
+        return hit
 
 
 class PolicyCache:
