@@ -139,3 +139,45 @@ async def test_two_relays_never_deliver_a_message_twice(db: Database) -> None:
 
     await asyncio.gather(*(drain(r) for r in relays))
     assert delivered == ids  # each once, and in order: one relay holds the topic at a time
+
+
+async def test_relays_in_other_schemas_do_not_wait_on_each_other(backend: str, tmp_path: Path) -> None:
+    """Advisory locks are per database: a relay busy delivering in one schema must not stop
+    the same topic's relay of another schema (another service, another test run)."""
+    if backend != "postgres":
+        pytest.skip("schemas sharing one database are a PostgreSQL deployment")
+    dbs = []
+    for name in ("outbox_a", "outbox_b"):
+        spec = new_database_spec(backend, tmp_path, name)
+        database = Database(spec.url, schema=spec.schema)
+        async with database.engine.begin() as conn:
+            await conn.exec_driver_sql(f'CREATE SCHEMA "{spec.schema}"')
+            await conn.run_sync(METADATA.create_all)
+        dbs.append((database, spec.schema))
+    release = asyncio.Event()
+    try:
+        (a, _), (b, _) = dbs
+        await put(a, ["a1"])
+        await put(b, ["b1"])
+        entered = asyncio.Event()
+
+        async def held(batch: Sequence[OutboxMessage]) -> None:
+            entered.set()
+            await release.wait()
+
+        busy = asyncio.create_task(OutboxRelay(a, OUTBOX, TOPIC_CHANGE_RECORD, held).relay_once())
+        await asyncio.wait_for(entered.wait(), 30)  # schema a's relay holds its lock, mid-delivery
+        got: list[str] = []
+
+        async def collect(batch: Sequence[OutboxMessage]) -> None:
+            got.extend(m.message_id for m in batch)
+
+        assert await OutboxRelay(b, OUTBOX, TOPIC_CHANGE_RECORD, collect).relay_once() == 1
+        assert got == ["b1"]
+        release.set()
+        assert await busy == 1
+    finally:
+        release.set()  # never leave schema a's delivery (and its connection) hanging
+        for database, schema in dbs:
+            await database.dispose()
+            await drop_schema(schema)

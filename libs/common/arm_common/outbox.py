@@ -156,8 +156,11 @@ class OutboxRelay:
     async def _claim_and_deliver(self, session: AsyncSession) -> int:
         # One relay per topic at a time (a transaction-scoped advisory lock), so messages leave in
         # commit order even with many replicas; the others find the lock taken and wait a poll.
-        lock_key = int.from_bytes(hashlib.sha256(f"arm-outbox:{self.topic}".encode()).digest()[:8],
-                                  "big", signed=True)
+        # Keyed by schema, table and topic: advisory locks are per database, and services (or test
+        # runs) that share a database in separate schemas must not wait on each other's relays.
+        lock_key = int.from_bytes(hashlib.sha256(
+            f"arm-outbox:{self.db.schema or ''}:{self.table.name}:{self.topic}".encode()).digest()[:8],
+            "big", signed=True)
         if not (await session.execute(text("select pg_try_advisory_xact_lock(:k)"), {"k": lock_key})).scalar():
             return 0
         ready = await self._claim(session)
