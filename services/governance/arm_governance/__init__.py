@@ -1,2 +1,2 @@
-"""ARM governance service. Its contracts are in proto/arm/governance/v1; the service itself is built in its own
-issue, and until then its RPCs answer UNIMPLEMENTED."""
+"""ARM governance: policy envelopes, kill switches, the `Check` decision path and budgets,
+approvals, the hash-chained audit trail, and deployments with rollback."""

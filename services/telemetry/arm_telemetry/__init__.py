@@ -1,2 +1,2 @@
-"""ARM telemetry service. Its contracts are in proto/arm/telemetry/v1; the service itself is built in its own
-issue, and until then its RPCs answer UNIMPLEMENTED."""
+"""ARM telemetry: opEvents ingest (unary and streamed, deduplicated), query, live tail, stats, run
+traces, legacy reference resolution and back-fill, retention, and the COST_TICK budget feed."""
