@@ -4,50 +4,10 @@ resolutions."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import sys
-
-from arm_common import logs
-from arm_common.config import ConfigError, ServiceConfig
-from arm_common.migrations import SchemaNotReady
-from arm_common.server import Host
+from arm_common import cli
 from arm_governance import app
 
-log = logging.getLogger("arm_governance")
-
-
-async def main(command: str) -> int:
-    config = ServiceConfig.from_env("governance")
-    db = app.database(config)
-    try:
-        if command == "migrate":
-            await app.migrate(db)
-            print("governance database migrated to head")
-            return 0
-        component = app.GovernanceComponent(db, config)
-        assert component.authenticator is not None
-        host = Host([component], component.authenticator, config.listen, service_name="arm-governance")
-        port = await host.start()
-        log.info("governance serving on %s (port %d)", config.listen, port)
-        await host.serve_until_signal(config.shutdown_grace_s)
-        return 0
-    finally:
-        await db.dispose()
-
-
-def run() -> None:
-    logs.configure()
-    parser = argparse.ArgumentParser(prog="python -m arm_governance")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
-    args = parser.parse_args()
-    try:
-        sys.exit(asyncio.run(main(args.command)))
-    except (ConfigError, SchemaNotReady) as exc:
-        print(f"arm_governance: {exc}", file=sys.stderr)
-        sys.exit(2)
-
+COMMANDS = cli.ServiceCommands("governance", app.database, app.migrate, app.GovernanceComponent)
 
 if __name__ == "__main__":
-    run()
+    cli.run(COMMANDS)
