@@ -37,14 +37,23 @@ ECHO_METHOD = "/bench.Echo/Echo"
 
 # --- processes spawned by this script --------------------------------------------------------
 
-async def echo_server(port: int) -> None:
-    """A bare grpc.aio server that returns the request bytes: the floor for any unary RPC."""
+class PassThrough(grpc.aio.ServerInterceptor):
+    """A server interceptor that does nothing: what grpc.aio's interceptor machinery costs."""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        return await continuation(handler_call_details)
+
+
+async def echo_server(port: int, interceptor: bool = False) -> None:
+    """A bare grpc.aio server that returns the request bytes: the floor for any unary RPC.
+    With `interceptor`, a pass-through grpc.aio server interceptor runs on every call."""
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Echo": grpc.unary_unary_rpc_method_handler(echo)})
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(interceptors=[PassThrough()] if interceptor else None,
+                             options=[("grpc.so_reuseport", 1)])
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -185,6 +194,11 @@ async def orchestrate(args: argparse.Namespace) -> None:
         await wait_serving(f"127.0.0.1:{reg_port}", procs[-1], log)
         echo_port = free_port()
         procs.append(spawn([__file__, "--echo-server", str(echo_port)], base_env(), log))
+        echo_pid = procs[-1].pid
+        if args.echo_interceptor:
+            icpt_port = free_port()
+            procs.append(spawn([__file__, "--echo-server", str(icpt_port), "--with-interceptor"], base_env(), log))
+            icpt_pid = procs[-1].pid
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per point; "
               f"load generator in its own process")
         print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'client':>7}"
@@ -192,10 +206,14 @@ async def orchestrate(args: argparse.Namespace) -> None:
         await asyncio.sleep(1)
         echo = {}
         for n in (1, 64):
-            echo[n] = run_load(f"127.0.0.1:{echo_port}", "", "", n, args.seconds, 1, True, [procs[-1].pid])
+            echo[n] = run_load(f"127.0.0.1:{echo_port}", key, "", n, args.seconds, 1, True, [echo_pid])
             r = echo[n]
             print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                   f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
+            if args.echo_interceptor:
+                r = run_load(f"127.0.0.1:{icpt_port}", key, "", n, args.seconds, 1, True, [icpt_pid])
+                print(f"{'echo + pass-through interceptor':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
+                      f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
         instance = None
         for workers in args.workers:
             gov_port = free_port()
@@ -239,7 +257,10 @@ def main() -> None:
                                                              "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--echo-interceptor", action="store_true",
+                        help="also measure the echo with a pass-through grpc.aio server interceptor")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--with-interceptor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--key", default="", help=argparse.SUPPRESS)
     parser.add_argument("--instance", default="", help=argparse.SUPPRESS)
@@ -248,7 +269,7 @@ def main() -> None:
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        asyncio.run(echo_server(args.echo_server))
+        asyncio.run(echo_server(args.echo_server, args.with_interceptor))
     elif args.load:
         result = asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
                                   args.channels, args.echo))
