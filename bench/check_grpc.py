@@ -61,13 +61,17 @@ async def echo_server(port: int, interceptor: bool = False) -> None:
 
 
 async def load(address: str, key: str, instance: str, in_flight: int, seconds: float,
-               channels: int, echo: bool) -> dict[str, float]:
-    """Runs `in_flight` concurrent callers for `seconds`; returns calls/s, p50 and p99 in ms."""
+               channels: int, echo: bool, client_interceptors: bool = False) -> dict[str, float]:
+    """Runs `in_flight` concurrent callers for `seconds`; returns calls/s, p50 and p99 in ms.
+    Echo and Check clients are the same: no client interceptors, the key sent as call metadata.
+    `client_interceptors` instead adds the key through arm_client's grpc.aio client
+    interceptors (how the load generator worked until 2026-11-24), for comparison."""
     from arm_client import auth_interceptors
 
-    chans = [grpc.aio.insecure_channel(address, interceptors=None if echo else auth_interceptors(key),
+    chans = [grpc.aio.insecure_channel(address, interceptors=auth_interceptors(key) if client_interceptors else None,
                                        options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
+    metadata = None if client_interceptors else (("authorization", f"Bearer {key}"),)
     tools = ["fs.read", "web.search", "db.write", "payments.send", "git.push", "docs.get",
              "shell.exec", "email.send", "deploy.prod", "kb.query"]
     requests = [decision_pb2.CheckRequest(instance_id=instance, tool_name=t, run_id="bench-run",
@@ -87,7 +91,7 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
         i = n
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            await call(payloads[i % len(payloads)])
+            await call(payloads[i % len(payloads)], metadata=metadata)
             latencies.append(time.perf_counter() - t0)
             i += 1
 
@@ -127,12 +131,13 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,
-             echo: bool, server_pids: list[int]) -> dict[str, float]:
+             echo: bool, server_pids: list[int], client_interceptors: bool = False) -> dict[str, float]:
     """Runs the load generator; adds the servers' CPU microseconds per call (warm-up included)."""
     cpu0 = cpu_seconds(server_pids)
     out = subprocess.run([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
                           "--in-flight", str(in_flight), "--seconds", str(seconds),
-                          "--channels", str(channels)] + (["--echo"] if echo else []),
+                          "--channels", str(channels)] + (["--echo"] if echo else [])
+                         + (["--client-interceptors"] if client_interceptors else []),
                          check=True, capture_output=True, text=True, cwd=ROOT)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     result["cpu_us"] = (cpu_seconds(server_pids) - cpu0) / max(1, result["all_calls"]) * 1e6
@@ -229,10 +234,23 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 await wait_serving(f"127.0.0.1:{gov_port}", p, log)
             if instance is None:
                 instance = await setup_world(f"127.0.0.1:{reg_port}", key, f"127.0.0.1:{gov_port}")
-            for n in (1, 64):
+            for n, old_client in [(n, old) for n in (1, 64) for old in (False, True)
+                                  if not old or args.compare_client]:
+                spy = None
+                if args.profile and n == 64 and not old_client:
+                    # py-spy (not a dependency: pip install it into the venv) samples the first
+                    # governance process while the load runs.
+                    spy = subprocess.Popen(  # noqa: ASYNC220 - the load below blocks anyway
+                        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(gov_procs[0].pid),
+                         "--duration", str(int(args.seconds)), "--rate", "250",
+                         *(["--native"] if args.profile_native else ["--nonblocking"]), "--format", "raw",
+                         "-o", f"{args.profile}-w{workers}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False,
-                             [p.pid for p in gov_procs])
+                             [p.pid for p in gov_procs], old_client)
+                if spy is not None:
+                    spy.wait(60)
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
+                label += " (client icpt)" if old_client else ""
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                       f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
@@ -259,7 +277,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--echo-interceptor", action="store_true",
                         help="also measure the echo with a pass-through grpc.aio server interceptor")
+    parser.add_argument("--compare-client", action="store_true",
+                        help="also measure Check with the key added by client interceptors (the old load generator)")
+    parser.add_argument("--profile", help="py-spy raw samples of governance at 64 in flight to PREFIX-wN.txt")
+    parser.add_argument("--profile-native", action="store_true", help="with --profile, include native frames")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--client-interceptors", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--with-interceptor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--key", default="", help=argparse.SUPPRESS)
@@ -272,7 +295,7 @@ def main() -> None:
         asyncio.run(echo_server(args.echo_server, args.with_interceptor))
     elif args.load:
         result = asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
-                                  args.channels, args.echo))
+                                  args.channels, args.echo, args.client_interceptors))
         print(json.dumps(result))
     else:
         asyncio.run(orchestrate(args))
