@@ -37,14 +37,23 @@ ECHO_METHOD = "/bench.Echo/Echo"
 
 # --- processes spawned by this script --------------------------------------------------------
 
-async def echo_server(port: int) -> None:
-    """A bare grpc.aio server that returns the request bytes: the floor for any unary RPC."""
+class PassThrough(grpc.aio.ServerInterceptor):
+    """A server interceptor that does nothing: what grpc.aio's interceptor machinery costs."""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        return await continuation(handler_call_details)
+
+
+async def echo_server(port: int, interceptor: bool = False) -> None:
+    """A bare grpc.aio server that returns the request bytes: the floor for any unary RPC.
+    With `interceptor`, a pass-through grpc.aio server interceptor runs on every call."""
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Echo": grpc.unary_unary_rpc_method_handler(echo)})
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(interceptors=[PassThrough()] if interceptor else None,
+                             options=[("grpc.so_reuseport", 1)])
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -52,13 +61,17 @@ async def echo_server(port: int) -> None:
 
 
 async def load(address: str, key: str, instance: str, in_flight: int, seconds: float,
-               channels: int, echo: bool) -> dict[str, float]:
-    """Runs `in_flight` concurrent callers for `seconds`; returns calls/s, p50 and p99 in ms."""
+               channels: int, echo: bool, client_interceptors: bool = False) -> dict[str, float]:
+    """Runs `in_flight` concurrent callers for `seconds`; returns calls/s, p50 and p99 in ms.
+    Echo and Check clients are the same: no client interceptors, the key sent as call metadata.
+    `client_interceptors` instead adds the key through arm_client's grpc.aio client
+    interceptors (how the load generator worked until 2026-11-24), for comparison."""
     from arm_client import auth_interceptors
 
-    chans = [grpc.aio.insecure_channel(address, interceptors=None if echo else auth_interceptors(key),
+    chans = [grpc.aio.insecure_channel(address, interceptors=auth_interceptors(key) if client_interceptors else None,
                                        options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
+    metadata = None if client_interceptors else (("authorization", f"Bearer {key}"),)
     tools = ["fs.read", "web.search", "db.write", "payments.send", "git.push", "docs.get",
              "shell.exec", "email.send", "deploy.prod", "kb.query"]
     requests = [decision_pb2.CheckRequest(instance_id=instance, tool_name=t, run_id="bench-run",
@@ -78,7 +91,7 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
         i = n
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            await call(payloads[i % len(payloads)])
+            await call(payloads[i % len(payloads)], metadata=metadata)
             latencies.append(time.perf_counter() - t0)
             i += 1
 
@@ -118,12 +131,13 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,
-             echo: bool, server_pids: list[int]) -> dict[str, float]:
+             echo: bool, server_pids: list[int], client_interceptors: bool = False) -> dict[str, float]:
     """Runs the load generator; adds the servers' CPU microseconds per call (warm-up included)."""
     cpu0 = cpu_seconds(server_pids)
     out = subprocess.run([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
                           "--in-flight", str(in_flight), "--seconds", str(seconds),
-                          "--channels", str(channels)] + (["--echo"] if echo else []),
+                          "--channels", str(channels)] + (["--echo"] if echo else [])
+                         + (["--client-interceptors"] if client_interceptors else []),
                          check=True, capture_output=True, text=True, cwd=ROOT)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     result["cpu_us"] = (cpu_seconds(server_pids) - cpu0) / max(1, result["all_calls"]) * 1e6
@@ -185,6 +199,11 @@ async def orchestrate(args: argparse.Namespace) -> None:
         await wait_serving(f"127.0.0.1:{reg_port}", procs[-1], log)
         echo_port = free_port()
         procs.append(spawn([__file__, "--echo-server", str(echo_port)], base_env(), log))
+        echo_pid = procs[-1].pid
+        if args.echo_interceptor:
+            icpt_port = free_port()
+            procs.append(spawn([__file__, "--echo-server", str(icpt_port), "--with-interceptor"], base_env(), log))
+            icpt_pid = procs[-1].pid
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per point; "
               f"load generator in its own process")
         print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'client':>7}"
@@ -192,10 +211,14 @@ async def orchestrate(args: argparse.Namespace) -> None:
         await asyncio.sleep(1)
         echo = {}
         for n in (1, 64):
-            echo[n] = run_load(f"127.0.0.1:{echo_port}", "", "", n, args.seconds, 1, True, [procs[-1].pid])
+            echo[n] = run_load(f"127.0.0.1:{echo_port}", key, "", n, args.seconds, 1, True, [echo_pid])
             r = echo[n]
             print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                   f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
+            if args.echo_interceptor:
+                r = run_load(f"127.0.0.1:{icpt_port}", key, "", n, args.seconds, 1, True, [icpt_pid])
+                print(f"{'echo + pass-through interceptor':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
+                      f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
         instance = None
         for workers in args.workers:
             gov_port = free_port()
@@ -211,10 +234,23 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 await wait_serving(f"127.0.0.1:{gov_port}", p, log)
             if instance is None:
                 instance = await setup_world(f"127.0.0.1:{reg_port}", key, f"127.0.0.1:{gov_port}")
-            for n in (1, 64):
+            for n, old_client in [(n, old) for n in (1, 64) for old in (False, True)
+                                  if not old or args.compare_client]:
+                spy = None
+                if args.profile and n == 64 and not old_client:
+                    # py-spy (not a dependency: pip install it into the venv) samples the first
+                    # governance process while the load runs.
+                    spy = subprocess.Popen(  # noqa: ASYNC220 - the load below blocks anyway
+                        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(gov_procs[0].pid),
+                         "--duration", str(int(args.seconds)), "--rate", "250",
+                         *(["--native"] if args.profile_native else ["--nonblocking"]), "--format", "raw",
+                         "-o", f"{args.profile}-w{workers}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False,
-                             [p.pid for p in gov_procs])
+                             [p.pid for p in gov_procs], old_client)
+                if spy is not None:
+                    spy.wait(60)
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
+                label += " (client icpt)" if old_client else ""
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                       f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
@@ -239,7 +275,15 @@ def main() -> None:
                                                              "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--echo-interceptor", action="store_true",
+                        help="also measure the echo with a pass-through grpc.aio server interceptor")
+    parser.add_argument("--compare-client", action="store_true",
+                        help="also measure Check with the key added by client interceptors (the old load generator)")
+    parser.add_argument("--profile", help="py-spy raw samples of governance at 64 in flight to PREFIX-wN.txt")
+    parser.add_argument("--profile-native", action="store_true", help="with --profile, include native frames")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--client-interceptors", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--with-interceptor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--key", default="", help=argparse.SUPPRESS)
     parser.add_argument("--instance", default="", help=argparse.SUPPRESS)
@@ -248,10 +292,10 @@ def main() -> None:
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        asyncio.run(echo_server(args.echo_server))
+        asyncio.run(echo_server(args.echo_server, args.with_interceptor))
     elif args.load:
         result = asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
-                                  args.channels, args.echo))
+                                  args.channels, args.echo, args.client_interceptors))
         print(json.dumps(result))
     else:
         asyncio.run(orchestrate(args))

@@ -181,3 +181,34 @@ async def test_relays_in_other_schemas_do_not_wait_on_each_other(backend: str, t
         for database, schema in dbs:
             await database.dispose()
             await drop_schema(schema)
+
+
+async def test_notifies_under_load_are_coalesced_and_none_is_lost(db: Database) -> None:
+    """Messages enqueued (and notified) while a pass runs go out in a next pass without waiting
+    a poll; under a stream of notifies, passes come at most every min_interval_s."""
+    passes: list[list[str]] = []
+    delivering = asyncio.Event()
+    release = asyncio.Event()
+
+    async def deliver(batch: Sequence[OutboxMessage]) -> None:
+        passes.append([m.message_id for m in batch])
+        delivering.set()
+        await release.wait()
+
+    relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver, poll_interval_s=60, min_interval_s=0.2)
+    await relay.start()
+    try:
+        await put(db, ["a"])
+        relay.notify()
+        await asyncio.wait_for(delivering.wait(), 10)
+        for i in range(5):  # enqueued and notified while the first pass is still delivering
+            await put(db, [f"b{i}"])
+            relay.notify()
+        release.set()
+        for _ in range(200):
+            if sum(map(len, passes)) == 6:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await relay.stop()
+    assert passes == [["a"], ["b0", "b1", "b2", "b3", "b4"]]  # no poll needed, one pass for the five

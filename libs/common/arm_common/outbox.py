@@ -71,7 +71,7 @@ class OutboxRelay:
 
     def __init__(self, db: Database, outbox_table, topic: str, deliver: Deliver | None, *,  # type: ignore[no-untyped-def]
                  batch_size: int = 200, poll_interval_s: float = 1.0,
-                 max_backoff_s: float = 60.0) -> None:
+                 max_backoff_s: float = 60.0, min_interval_s: float = 0.05) -> None:
         self.db = db
         self.table = outbox_table
         self.topic = topic
@@ -79,6 +79,9 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
         self.max_backoff_s = max_backoff_s
+        # Under steady load every commit notifies; passes at most this often (unless the last
+        # one was full) let one pass carry what several commits enqueued.
+        self.min_interval_s = min_interval_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -111,7 +114,11 @@ class OutboxRelay:
                     pass
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            started = loop.time()
+            # A notify that arrives during the pass wakes the next one.
+            self._wake.clear()
             try:
                 moved = await self.relay_once()
             except asyncio.CancelledError:
@@ -121,7 +128,9 @@ class OutboxRelay:
                 moved = 0
             if moved == self.batch_size:
                 continue
-            self._wake.clear()
+            rest = started + self.min_interval_s - loop.time()
+            if rest > 0 and not self._stopping:
+                await asyncio.sleep(rest)
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             except TimeoutError:
