@@ -87,6 +87,35 @@ async def test_check_produces_exactly_one_decision_event(registry, telemetry, te
         await stop_governance(gov)
 
 
+
+async def test_run_trace_names_the_approval_a_decision_asked_for(registry, telemetry, tenant, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """NEEDS_APPROVAL decisions carry their approval id into telemetry, also when a repeated
+    tool call id is answered with the approval created the first time."""
+    spec = new_database_spec(registry.backend, tmp_path, "governance")
+    gov = await start_governance(spec, registry, {"ARM_TELEMETRY_ADDRESS": telemetry.address,
+                                                  "ARM_OUTBOX_POLL_S": "0.05"})
+    try:
+        inst = await active_instance(tenant.admin)
+        async with gov.client(tenant.admin_key) as g, telemetry.client(tenant.admin_key) as c:
+            await g.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(envelope=policy_pb2.PolicyEnvelope(
+                name="ask for mail", scope=policy_pb2.POLICY_SCOPE_TENANT, mode=policy_pb2.POLICY_MODE_ENFORCE,
+                tool_rules=[policy_pb2.ToolRule(tool="email.send", effect=policy_pb2.DECISION_NEEDS_APPROVAL)])))
+            run = f"run-{secrets.token_hex(4)}"
+            asks = [await g.decisions.Check(decision_pb2.CheckRequest(
+                instance_id=inst.id, tool_name="email.send", run_id=run, tool_call_id="tc-mail"))
+                for _ in range(2)]
+            plain = await g.decisions.Check(decision_pb2.CheckRequest(
+                instance_id=inst.id, tool_name="fs.read", run_id=run, tool_call_id="tc-read"))
+            assert {a.decision for a in asks} == {policy_pb2.DECISION_NEEDS_APPROVAL}
+            assert asks[0].approval_id and asks[1].approval_id == asks[0].approval_id
+            await decision_events(c, inst.id, 3)
+            trace = await c.telemetry.GetRunTrace(telemetry_pb2.GetRunTraceRequest(run_id=run))
+            assert {(d.decision_id, d.approval_id) for d in trace.decisions} == {
+                (asks[0].decision_id, asks[0].approval_id), (asks[1].decision_id, asks[0].approval_id),
+                (plain.decision_id, "")}
+    finally:
+        await stop_governance(gov)
+
 async def test_cost_ticks_feed_the_spend_ledger_once(telemetry, governance, tenant) -> None:  # type: ignore[no-untyped-def]
     inst = await active_instance(tenant.admin)
     ticks = [event(T.OP_EVENT_TYPE_COST_TICK, instance_id=inst.id, run_id="r1", payload={"amount_usd": 0.25})

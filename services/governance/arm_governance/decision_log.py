@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import decision_pb2
 from arm_common.db import Database
 from arm_common.errors import Unavailable
-from arm_common.outbox import OutboxRelay, enqueue_many, outbox_row
+from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_row
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
 from arm_governance.models import OUTBOX
@@ -264,6 +264,9 @@ class DecisionLog:
                 item.response.approval_id = existing[key]
                 item.record["approval_id"] = existing[key]
                 item.messages = [m for m in item.messages if m[1] != item.approval_record]
+                for topic, _, message in item.messages:
+                    if topic == TOPIC_OP_EVENT:
+                        message.payload.fields["approval_id"].string_value = existing[key]  # type: ignore[attr-defined]
                 continue
             if approval["tool_call_id"]:
                 existing[key] = approval["id"]

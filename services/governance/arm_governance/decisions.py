@@ -265,8 +265,10 @@ class Decider:
             requested = self._requested_record(principal, resolved, approval_row, now)
             pending.approval_record = requested.record_id
             pending.messages.append((TOPIC_CHANGE_RECORD, requested.record_id, requested))
-        pending.messages.append((TOPIC_OP_EVENT, f"evt-{decision_id}",
-                                 self._op_event(principal, request, resolved, result, decision_id, now)))
+        event = self._op_event(principal, request, resolved, result, decision_id, now)
+        if approval_id:  # the decision log swaps in an earlier approval of the same tool call
+            event.payload.fields["approval_id"].string_value = approval_id
+        pending.messages.append((TOPIC_OP_EVENT, f"evt-{decision_id}", event))
         if result.effect == engine.Effect.DENY:
             change = self._denied_record(principal, request, resolved, result, decision_id, now)
             pending.messages.append((TOPIC_CHANGE_RECORD, change.record_id, change))
