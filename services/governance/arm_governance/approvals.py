@@ -290,6 +290,13 @@ class ApprovalStore:
     async def _notify(self, s: AsyncSession, approval_id: str) -> None:
         await self.changes.send(s, {"approval": approval_id})
 
+    async def _changed(self, s: AsyncSession, approval_id: str, rec: common_pb2.ChangeRecord) -> None:
+        """In the change's transaction: its change record to the outbox, and a notice that wakes
+        watchers on every replica once it commits."""
+        await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
+                      message_id=rec.record_id, message=rec)
+        await self._notify(s, approval_id)
+
     async def row(self, s: AsyncSession, p: Principal, approval_id: str, *,
                   for_update: bool = False) -> models.Approval:
         """The approval of the caller's tenant; an agent sees only its own instance's."""
@@ -344,9 +351,7 @@ class ApprovalStore:
         rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED, _actor(p), msg,
                             f"{A.Name(msg.action_type).removeprefix('APPROVAL_ACTION_TYPE_')} approval requested",
                             reason=r.justification)
-        await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=p.tenant_id,
-                      message_id=rec.record_id, message=rec)
-        await self._notify(s, msg.approval_id)
+        await self._changed(s, msg.approval_id, rec)
         return msg
 
     def _save(self, row: models.Approval, a: apb.Approval, now: datetime) -> None:
@@ -375,9 +380,7 @@ class ApprovalStore:
         self._save(row, a, now)
         rec = change_record(row.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_DECIDED, SYSTEM_ACTOR, a,
                             "approval expired (timeout, not a denial)", before=status_name(before))
-        await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=row.tenant_id,
-                      message_id=rec.record_id, message=rec)
-        await self._notify(s, row.id)
+        await self._changed(s, row.id, rec)
         return True
 
     async def decide(self, s: AsyncSession, p: Principal, r: apb.DecideApprovalRequest) -> apb.Approval:
@@ -394,9 +397,7 @@ class ApprovalStore:
         rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_DECIDED, _actor(p), a,
                             f"{verdict} by {p.actor_id}: approval {status_name(a.status)}",
                             before=status_name(before), reason=r.reason, payload={"verdict": verdict})
-        await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=p.tenant_id,
-                      message_id=rec.record_id, message=rec)
-        await self._notify(s, row.id)
+        await self._changed(s, row.id, rec)
         return a
 
     async def cancel(self, s: AsyncSession, p: Principal, r: apb.CancelApprovalRequest) -> apb.Approval:
@@ -413,9 +414,7 @@ class ApprovalStore:
         self._save(row, a, now)
         rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_CANCELLED, _actor(p), a,
                             "approval cancelled", before=status_name(before), reason=r.reason)
-        await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=p.tenant_id,
-                      message_id=rec.record_id, message=rec)
-        await self._notify(s, row.id)
+        await self._changed(s, row.id, rec)
         return a
 
     async def list(self, p: Principal, r: apb.ListApprovalsRequest) -> apb.ListApprovalsResponse:
