@@ -21,6 +21,7 @@ from arm.governance.v1 import audit_pb2, policy_pb2
 from arm.registry.v1 import tenancy_pb2
 from arm_client import ArmClient
 from arm_common.chain import parse_export_lines, record_hash, verify_records
+from arm_common.outbox import OutboxMessage
 from tests.conftest import GovernanceServer, TenantContext, make_tenant
 from tests.helpers import expect_failure, operator_with_roles
 
@@ -362,3 +363,19 @@ async def test_verify_and_export_under_concurrent_appends_see_a_consistent_prefi
         finally:
             stop.set()
             assert await task > 0
+
+
+async def test_a_record_the_trail_rejects_is_not_marked_delivered(governance: GovernanceServer,
+                                                                  tenant: TenantContext) -> None:
+    """A producer's relay gets an error for a rejected record (so it stays in the outbox, with the
+    error, and is retried) instead of it being dropped; the good records of the batch are stored."""
+    good, bad = task_record(1, tenant_id=tenant.tenant.id), task_record(2, tenant_id=tenant.tenant.id, type=0)
+    batch = [OutboxMessage(i, r.record_id or "bad", "change_record", tenant.tenant.id, r.SerializeToString(), 0)
+             for i, r in enumerate([good, bad])]
+    with pytest.raises(RuntimeError, match="INVALID_TYPE"):
+        await governance.component.audit.deliver(batch)
+    async with governance.client(tenant.admin_key) as client:
+        got = await client.audit.GetChangeRecord(audit_pb2.GetChangeRecordRequest(record_id=good.record_id))
+        assert got.record.sequence > 0
+        await expect_failure(client.audit.GetChangeRecord(audit_pb2.GetChangeRecordRequest(
+            record_id=bad.record_id)), grpc.StatusCode.NOT_FOUND)
