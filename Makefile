@@ -35,6 +35,7 @@ proto-lint: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 lock:
 	$(PYTHON) -m venv /tmp/arm-lock-venv

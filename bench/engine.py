@@ -151,7 +151,7 @@ def variants(seconds: float) -> list[tuple[str, int, float]]:
         ("approval grant", {"grant": Grant("VALID")}, SPEND, CONTROLS),
         ("project PAUSED", {}, SPEND, Controls(project_mode="PAUSED")),
     ]:
-        calls = [Call(c.tool, c.arguments, c.declared_risk, c.estimated_cost_usd, **call_kw)
+        calls = [Call(c.tool, c.arguments, c.declared_risk, c.estimated_cost_usd, grant=call_kw.get("grant"))
                  for c in CALLS]
         n = 0
         start = time.perf_counter()
@@ -172,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
 
     compiled = policy()
-    outcomes = Counter()
+    outcomes: Counter[str] = Counter()
     for call in CALLS:
         r = decide(compiled, AGENT, call, controls=CONTROLS, spend=SPEND)
         outcomes[r.effect.name] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -57,7 +58,7 @@ async def expect_failure(call, code: grpc.StatusCode, reason: str | None = None)
 
 def genome(**overrides: object) -> struct_pb2.Struct:
     """A valid genome (snake_case input), unique unless overridden."""
-    value: dict[str, object] = {
+    value: dict[str, Any] = {
         "model_config": {"provider": "openai", "model_id": "gpt-4.1", "temperature": 0.2,
                          "max_tokens": 4096},
         "prompt_bundle_hash": f"prompt-{secrets.token_hex(4)}",

@@ -77,3 +77,10 @@ def test_lint_is_clean() -> None:
     ruff = Path(sys.executable).parent / "ruff"
     result = subprocess.run([str(ruff), "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_types_check() -> None:
+    """mypy over the hand-written code (the folders are listed in pyproject.toml)."""
+    mypy = Path(sys.executable).parent / "mypy"
+    result = subprocess.run([str(mypy), "--cache-dir", "/dev/null"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

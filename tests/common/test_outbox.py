@@ -180,6 +180,7 @@ async def test_relays_in_other_schemas_do_not_wait_on_each_other(backend: str, t
         release.set()  # never leave schema a's delivery (and its connection) hanging
         for database, schema in dbs:
             await database.dispose()
+            assert schema is not None
             await drop_schema(schema)
 
 

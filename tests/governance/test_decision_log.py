@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from arm.governance.v1 import decision_pb2
 from arm.telemetry.v1 import events_pb2
-from arm_common.db import Database
+from arm_common.db import Database, driver_connection
 from arm_common.errors import Unavailable
 from arm_common.ids import new_id
 from arm_common.outbox import TOPIC_OP_EVENT
@@ -127,7 +127,7 @@ async def test_a_dead_pooled_connection_costs_no_decision(governance) -> None:  
     try:
         await log.append(pending(new_id("dec"), tenant))
         async with db.engine.connect() as conn:
-            pid = (await conn.get_raw_connection()).driver_connection.get_server_pid()
+            pid = (await driver_connection(conn)).get_server_pid()
         killer = await asyncpg.connect(PG_URL)
         try:
             assert await killer.fetchval("select pg_terminate_backend($1)", pid)

@@ -11,6 +11,7 @@ are polled for (bounded) where a Check saw the old state first."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -681,6 +682,11 @@ async def test_updated_envelope_applies_on_next_check_at_its_new_revision(tenant
         NA, S_ENVELOPE, env.envelope_id, 2), resp
 
 
+def _decided(code: str | None, response: decision_pb2.CheckResponse) -> bool:
+    """With a code: the deciding reason has it; without: the call was allowed."""
+    return response.reasons[0].code == code if code else response.decision == ALLOW
+
+
 async def eventually(call: Callable[[], Awaitable[decision_pb2.CheckResponse]],
                      done: Callable[[decision_pb2.CheckResponse], bool],
                      timeout_s: float = 10.0) -> decision_pb2.CheckResponse:
@@ -704,8 +710,8 @@ async def test_instance_state_change_reaches_a_warm_cache(tenant: Any, gov: ArmC
         await world.admin.agents.TransitionAgentInstance(agents_pb2.TransitionAgentInstanceRequest(
             id=world.instance.id, to_state=target, reason="test"))
         for legacy in (False, True):
-            resp = await eventually(lambda legacy=legacy: world.check("fs.read", legacy=legacy),
-                                    lambda r, code=code: (r.reasons[0].code == code) if code else r.decision == ALLOW)
+            resp = await eventually(functools.partial(world.check, "fs.read", legacy=legacy),
+                                    functools.partial(_decided, code))
             if code:
                 assert_decision(resp, E(DENY, S_KILL, code), world)
             else:

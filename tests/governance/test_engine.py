@@ -506,7 +506,7 @@ def test_a_tool_rule_comes_before_the_risk_rules() -> None:
 
 # Expected answer of an envelope holding only `autonomy_tier`, per tier and risk (None: no
 # opinion, so the baseline decides).
-TIER_TABLE = {
+TIER_TABLE: dict[int, dict[Risk, Effect | None]] = {
     0: {LOW: NA, MEDIUM: NA, HIGH: NA, CRITICAL: NA},
     1: {LOW: None, MEDIUM: None, HIGH: NA, CRITICAL: NA},
     2: {LOW: None, MEDIUM: None, HIGH: None, CRITICAL: NA},

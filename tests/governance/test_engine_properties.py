@@ -171,7 +171,8 @@ def added_deny_rule(draw: st.DrawFn, envelopes: list[Envelope]) -> list[Envelope
     a new envelope of any scope."""
     new_rule = ToolRule(tool=draw(globs | tools), effect=Effect.DENY, locked=draw(st.booleans()),
                         min_risk=draw(opt(risks)))
-    if envelopes and draw(st.booleans()):
+    to_existing: bool = draw(st.booleans()) if envelopes else False
+    if to_existing:
         i = draw(st.integers(0, len(envelopes) - 1))
         target = envelopes[i]
         at = draw(st.integers(0, len(target.tool_rules)))
@@ -371,8 +372,8 @@ def reference(envelopes: list[Envelope], agent: Agent, call: Call, ctl: Controls
     for scope in (Scope.VERSION, Scope.PROJECT, Scope.TENANT):
         for priority in sorted({e.priority for e in order if e.scope is scope}, reverse=True):
             group = [e for e in order if e.scope is scope and e.priority == priority]
-            hits = [(e, ref_envelope(e, tool, risk, agent, args_text, spend, cost)) for e in group]
-            hits = [(e, h) for e, h in hits if h is not None]
+            found = [(e, ref_envelope(e, tool, risk, agent, args_text, spend, cost)) for e in group]
+            hits = [(e, h) for e, h in found if h is not None]
             if hits:
                 top = max(STRICTNESS[h[0]] for _, h in hits)
                 e, h = next((e, h) for e, h in hits if STRICTNESS[h[0]] == top)

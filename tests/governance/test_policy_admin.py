@@ -428,13 +428,17 @@ def _set(path: str, value: Any) -> Any:
     return apply
 
 
+def _project_without_id(env: policy_pb2.PolicyEnvelope) -> None:
+    env.scope, env.scope_id = PROJECT, ""
+
+
 INVALID_ENVELOPES = [
     ("name", _set("name", ""), "envelope.name"),
     ("blank-name", _set("name", "   "), "envelope.name"),
     ("mode-unknown", _set("mode", 9), "envelope.mode"),
     ("scope-unspecified", _set("scope", 0), "envelope.scope"),
     ("scope-unknown", _set("scope", 7), "envelope.scope"),
-    ("project-without-id", lambda e: (setattr(e, "scope", PROJECT), setattr(e, "scope_id", "")), "envelope.scope_id"),
+    ("project-without-id", _project_without_id, "envelope.scope_id"),
     ("effect-unspecified", _set("tool_rules[0].effect", 0), "envelope.tool_rules[0].effect"),
     ("effect-unknown", _set("tool_rules[1].effect", 42), "envelope.tool_rules[1].effect"),
     ("tool-empty", _set("tool_rules[1].tool", ""), "envelope.tool_rules[1].tool"),

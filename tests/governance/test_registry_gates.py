@@ -84,12 +84,12 @@ async def ctx(pair: tuple[RegistryServer, GovernanceServer]) -> AsyncIterator[Ct
         await client.close()
 
 
-async def new_instance(admin: ArmClient, version_id: str, env_id: str) -> I.AgentInstance:
+async def new_instance(admin: ArmClient, version_id: str, env_id: str) -> agents_pb2.AgentInstance:
     return (await admin.agents.CreateAgentInstance(I.CreateAgentInstanceRequest(
         version_id=version_id, environment_id=env_id, name=f"i-{secrets.token_hex(3)}"))).agent_instance
 
 
-async def transition(client: ArmClient, instance_id: str, state: int, **kw: Any) -> I.AgentInstance:
+async def transition(client: ArmClient, instance_id: str, state: int, **kw: Any) -> agents_pb2.AgentInstance:
     return (await client.agents.TransitionAgentInstance(I.TransitionAgentInstanceRequest(
         id=instance_id, to_state=state, **kw))).agent_instance
 

@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from arm.common.v1 import common_pb2
 from arm.registry.v1 import agents_pb2, tenancy_pb2
+from arm_common.db import rowcount
 from tests.conftest import RegistryServer, TenantContext
 from tests.helpers import expect_failure, genome, walk_version
 
@@ -202,7 +203,7 @@ async def set_column(registry: RegistryServer, version_id: str, column: str, val
     async with registry.db.transaction() as s:
         result = await s.execute(text(f"update agent_versions set {column} = :v where id = :id"),
                                  {"v": value, "id": version_id})
-        assert result.rowcount == 1
+        assert rowcount(result) == 1
 
 
 async def read_column(registry: RegistryServer, version_id: str, column: str) -> str:

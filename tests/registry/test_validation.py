@@ -406,7 +406,7 @@ async def test_transition_instance_retry_transitions_once(tenant: TenantContext)
         "INVALID_TRANSITION")
 
 
-async def _instance(client: ArmClient) -> G.AgentInstance:
+async def _instance(client: ArmClient) -> agents_pb2.AgentInstance:
     agents = await approved_version(client)
     return (await client.agents.CreateAgentInstance(G.CreateAgentInstanceRequest(
         version_id=agents.version.id, environment_id=agents.environment.id, name="w"))).agent_instance

@@ -6,6 +6,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
@@ -67,7 +68,7 @@ async def telemetry(registry: RegistryServer, governance: GovernanceServer,
 
 
 def event(type_: int = events_pb2.OP_EVENT_TYPE_RUN_STEP, *, when: datetime | None = None,
-          payload: dict[str, object] | None = None, **fields: str) -> events_pb2.OpEvent:
+          payload: dict[str, Any] | None = None, **fields: str) -> events_pb2.OpEvent:
     """A valid event with a fresh id (override with event_id=...)."""
     fields.setdefault("event_id", f"e-{secrets.token_hex(8)}")
     ev = events_pb2.OpEvent(type=type_, **fields)

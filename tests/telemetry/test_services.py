@@ -12,6 +12,7 @@ from sqlalchemy import text
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
+from arm_common.db import rowcount
 from tests.conftest import new_database_spec, start_governance, stop_governance
 from tests.helpers import approved_version
 from tests.telemetry.conftest import event
@@ -69,8 +70,8 @@ async def test_check_produces_exactly_one_decision_event(registry, telemetry, te
 
             # The outbox delivers again (as after a crash between delivery and marking): still one each.
             async with gov.db.transaction() as s:
-                n = (await s.execute(text("update outbox_messages set delivered_at = null "
-                                          "where topic = 'op_event'"))).rowcount
+                n = rowcount(await s.execute(text("update outbox_messages set delivered_at = null "
+                                                  "where topic = 'op_event'")))
             assert n >= 2
             gov.component.relays[1].notify()
             for _ in range(400):

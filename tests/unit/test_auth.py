@@ -173,7 +173,7 @@ def test_several_grants_for_one_permission() -> None:
 
 def test_require_passes_when_granted() -> None:
     p = principal(Grant("approvals:decide", SCOPE_PROJECT, "prj_1"))
-    assert p.require("approvals:decide", project_id="prj_1") is None
+    p.require("approvals:decide", project_id="prj_1")  # raises PermissionDenied when refused
 
 
 @pytest.mark.parametrize(("grants", "permission", "scope"), [

@@ -376,7 +376,7 @@ def test_changing_any_leaf_changes_the_hash(value: dict[str, Any], data: st.Data
     old = value
     for step in path:
         old = old[step]
-    new = data.draw(json_scalars | st.just([]) | st.just({}), label="new leaf")
+    new: Any = data.draw(json_scalars | st.just([]) | st.just({}), label="new leaf")
     # 1 and 1.0 (or 0 and -0.0) are the same JSON number, and so the same genome: skip those.
     assume(canonical_json(new) != canonical_json(old))
     changed = _replaced(value, path, new)

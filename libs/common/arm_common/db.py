@@ -8,12 +8,18 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import CursorResult, Result, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +48,22 @@ def _is_retryable(exc: BaseException) -> bool:
         code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
         return code in _RETRYABLE_SQLSTATES
     return False
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (execute() is typed as returning a plain Result)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+async def driver_connection(conn: AsyncConnection | AsyncSession) -> Any:
+    """The asyncpg (or aiosqlite) connection under a SQLAlchemy connection or session, inside
+    its transaction: for COPY and other driver-level calls."""
+    if isinstance(conn, AsyncSession):
+        conn = await conn.connection()
+    driver = (await conn.get_raw_connection()).driver_connection
+    if driver is None:
+        raise RuntimeError("the database connection is closed")
+    return driver
 
 
 def is_unique_violation(exc: BaseException) -> bool:

@@ -4,6 +4,7 @@ violations, `RetryInfo`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -30,7 +31,7 @@ class ArmError(Exception):
         message: str,
         *,
         reason: str | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, object] | None = None,
         violations: list[FieldViolation] | None = None,
         retry_delay_s: float | None = None,
     ) -> None:

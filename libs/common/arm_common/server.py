@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +20,9 @@ from arm_common.interceptors import ArmServerInterceptor
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# The context every servicer method receives.
+Ctx: TypeAlias = grpc.aio.ServicerContext
 
 
 class Component(Protocol):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import TypeAlias
 
 import grpc
 
@@ -16,7 +17,7 @@ from arm_common.errors import PermissionDenied, Unavailable
 from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-Resolved = compat_pb2.ResolvedAgent
+Resolved: TypeAlias = compat_pb2.ResolvedAgent
 _LIMIT = 100_000
 
 

@@ -11,6 +11,7 @@ fails FAILED_PRECONDITION / APPROVAL_EXPIRED."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from arm.governance.v1 import approvals_pb2 as apb
 from arm_common import pagination
 from arm_common import validation as val
 from arm_common.auth import Principal
-from arm_common.db import Database
+from arm_common.db import Database, rowcount
 from arm_common.errors import (
     Aborted,
     FailedPrecondition,
@@ -485,7 +486,8 @@ class ApprovalStore:
 
         expired = escalated = 0
         for approval_id, revision in await self.db.read(due):
-            outcome = await self.db.run(lambda s, i=approval_id, rev=revision: self._sweep_one(s, i, rev, now))
+            outcome = await self.db.run(functools.partial(self._sweep_one, approval_id=approval_id,
+                                                          revision=revision, now=now))
             expired += outcome == "expired"
             escalated += outcome == "escalated"
         return expired, escalated
@@ -515,7 +517,7 @@ class ApprovalStore:
         result = await s.execute(update(m).where(m.id == approval_id, m.revision == revision,
                                                  m.status.in_(OPEN)).values(**values)
                                  .execution_options(synchronize_session=False))
-        if not result.rowcount:
+        if not rowcount(result):
             return ""
         if kind == "expired":  # escalations are not in the audit trail's record types
             rec = change_record(row.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_DECIDED, actor, a, summary,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import audit_pb2, audit_pb2_grpc
@@ -14,10 +13,10 @@ from arm_common import validation as val
 from arm_common.auth import current_principal
 from arm_common.errors import FieldViolation, InvalidArgument, Violations
 from arm_common.idempotency import run_idempotent
+from arm_common.server import Ctx
 from arm_governance.audit import MAX_APPEND, VALID_ACTORS, VALID_TYPES, AuditTrail, Filter, export_line
 from arm_governance.models import IDEMPOTENCY
 
-Ctx = grpc.aio.ServicerContext
 EXPORT_CHUNK = 500
 
 

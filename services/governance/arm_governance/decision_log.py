@@ -9,16 +9,16 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import Message
-from sqlalchemy import DateTime, String, select
+from sqlalchemy import DateTime, String, Table, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
-from arm_common.db import Database
+from arm_common.db import Database, driver_connection
 from arm_common.errors import Unavailable
 from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_row
 from arm_common.tasks import cancel_and_wait
@@ -36,7 +36,8 @@ def _naive_utc(value: Any) -> Any:
 
 
 _OUTBOX_COLUMNS = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
-_APPROVALS = models.Approval.__table__
+_APPROVALS = cast(Table, models.Approval.__table__)
+_DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _APPROVAL_COLUMNS = frozenset(c.name for c in _APPROVALS.columns)
 
 
@@ -145,13 +146,13 @@ class DecisionLog:
             # The common case on PostgreSQL: the one statement on a pooled connection, without
             # an ORM session around it (~0.13 ms of CPU per batch).
             async with self.db.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
+                apg = await driver_connection(conn)
                 decisions, messages = self._rows(batch)
                 approvals = [item.approval for item in batch if item.approval is not None]
                 try:
-                    await self._execute_pg(raw.driver_connection, approvals, decisions, messages)
+                    await self._execute_pg(apg, approvals, decisions, messages)
                 except BaseException:
-                    if raw.driver_connection.is_closed():  # SQLAlchemy did not see it die: keep it out of the pool
+                    if apg.is_closed():  # SQLAlchemy did not see it die: keep it out of the pool
                         await conn.invalidate()
                     raise
                 return {row["topic"] for row in messages}
@@ -160,7 +161,8 @@ class DecisionLog:
     @staticmethod
     def _rows(fresh: list[PendingDecision]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The decision rows (with their responses) and outbox rows of the items to log."""
-        decisions, messages = [], []
+        decisions: list[dict[str, Any]] = []
+        messages: list[dict[str, Any]] = []
         for item in fresh:
             item.record["response"] = item.response.SerializeToString()
             decisions.append(item.record)
@@ -198,7 +200,7 @@ class DecisionLog:
             await self._insert_pg(s, approvals, decisions, messages)
         else:
             if decisions:
-                await s.execute(sa_insert(models.DecisionRecord.__table__), decisions)
+                await s.execute(sa_insert(_DECISIONS), decisions)
             await enqueue_many(s, OUTBOX, messages)
         return {row["topic"] for row in messages}
 
@@ -216,8 +218,7 @@ class DecisionLog:
             # A row leaving a column to its ORM default: let SQLAlchemy insert it.
             await s.execute(sa_insert(_APPROVALS), approvals)
             approvals = []
-        raw = await (await s.connection()).get_raw_connection()
-        await DecisionLog._execute_pg(raw.driver_connection, approvals, decisions, messages)
+        await DecisionLog._execute_pg(await driver_connection(s), approvals, decisions, messages)
 
     @staticmethod
     async def _execute_pg(apg: Any, approvals: list[dict[str, Any]], decisions: list[dict[str, Any]],
@@ -272,5 +273,5 @@ class DecisionLog:
                 existing[key] = approval["id"]
             new_rows.append(approval)
         if new_rows and insert:
-            await s.execute(sa_insert(a.__table__), new_rows)
+            await s.execute(sa_insert(_APPROVALS), new_rows)
         return new_rows

@@ -20,7 +20,7 @@ from arm.telemetry.v1 import events_pb2
 from arm_common import validation as val
 from arm_common.auth import Principal
 from arm_common.canonical import canonical_hash
-from arm_common.db import Database
+from arm_common.db import Database, rowcount
 from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
 from arm_common.ids import new_id
 from arm_common.messages import struct, ts
@@ -173,7 +173,7 @@ class Approvals:
                 models.Approval.consumed_at.is_(None),
                 models.Approval.status == approvals_pb2.APPROVAL_STATUS_APPROVED,
             ).values(consumed_at=utcnow(), revision=models.Approval.revision + 1))
-            return bool(result.rowcount)
+            return bool(rowcount(result))
         return await self.db.run(write)
 
 

@@ -445,7 +445,7 @@ _MAX_SAFE_INT = 2**53
 # The C encoder writes exactly the canonical form when the value holds no floats and no integers
 # beyond 2**53 (JSON-safe integers, strings, booleans, null), at a fraction of the cost.
 try:
-    _fast_encoder: Any = json.encoder.c_make_encoder(  # type: ignore[misc]
+    _fast_encoder: Any = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
         None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False)
 except TypeError:  # no C accelerator, or another signature: canonical_json does it all
     _fast_encoder = None
@@ -732,7 +732,7 @@ class _Hit(NamedTuple):
     step: Step
     env: _Env | None
     kind: RuleKind | None
-    index: int | None
+    rule_index: int | None
     description: str
 
 
@@ -871,7 +871,7 @@ def _shadows(policy: CompiledPolicy, plan: _ToolPlan, risk: Risk, envn: str, env
                 None, None, ""))
         else:
             out.append(ShadowResult(e.id, e.revision, e.scope, e.scope_id, h.effect, h.reasons,
-                                    h.kind, h.index, h.description))
+                                    h.kind, h.rule_index, h.description))
     return tuple(out)
 
 
@@ -879,9 +879,9 @@ def _result(hit: _Hit, risk: Risk, shadow: tuple[ShadowResult, ...]) -> Result:
     e = hit.env
     if e is None:
         return Result(hit.effect, hit.reasons, risk, hit.step, None, "", "", 0, hit.kind,
-                      hit.index, hit.description, shadow)
+                      hit.rule_index, hit.description, shadow)
     return Result(hit.effect, hit.reasons, risk, hit.step, e.scope, e.scope_id, e.id, e.revision,
-                  hit.kind, hit.index, hit.description, shadow)
+                  hit.kind, hit.rule_index, hit.description, shadow)
 
 
 def _evaluate(policy: CompiledPolicy, plan: _ToolPlan, risk: Risk, envn: str, envt: str,

@@ -8,7 +8,6 @@ import math
 from datetime import timedelta
 from typing import Any
 
-import grpc
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +21,7 @@ from arm_common.errors import FieldViolation, InvalidArgument, NotFound, Permiss
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
 from arm_common.messages import ts
+from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_governance import convert, engine, models
 from arm_governance.agents import AgentDirectory
@@ -30,7 +30,6 @@ from arm_governance.models import IDEMPOTENCY
 from arm_governance.policies import PolicyCache
 from arm_governance.policy_store import CR, PolicyStore, RegistryLookup, actor, validate_envelope
 
-Ctx = grpc.aio.ServicerContext
 MAX_LOOKBACK = timedelta(days=30)
 
 

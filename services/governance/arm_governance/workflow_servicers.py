@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import approvals_pb2 as apb
@@ -19,6 +18,7 @@ from arm_common.db import Database
 from arm_common.errors import FailedPrecondition, NotFound, PermissionDenied, Violations
 from arm_common.idempotency import run_idempotent
 from arm_common.outbox import OutboxRelay
+from arm_common.server import Ctx
 from arm_governance import approvals, deployments
 from arm_governance.agents import AgentDirectory
 from arm_governance.approvals import ApprovalStore, Subject
@@ -26,7 +26,6 @@ from arm_governance.deployments import DeploymentStore
 from arm_governance.models import IDEMPOTENCY
 from arm_governance.registry_calls import RegistryAgents
 
-Ctx = grpc.aio.ServicerContext
 A = apb.ApprovalActionType
 
 

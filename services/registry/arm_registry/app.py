@@ -4,6 +4,7 @@ creates the system tenant with its first admin and key."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class RegistryComponent:
         audit = audit_pb2_grpc.AuditServiceStub(self.audit_channel)
         auth = (("authorization", f"Bearer {api_key}"),)
 
-        async def deliver(messages: list[OutboxMessage]) -> None:
+        async def deliver(messages: Sequence[OutboxMessage]) -> None:
             request = audit_pb2.AppendChangeRecordsRequest(
                 records=[common_pb2.ChangeRecord.FromString(m.payload) for m in messages])
             response = await audit.AppendChangeRecords(request, timeout=30, metadata=auth)

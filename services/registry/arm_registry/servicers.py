@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -28,13 +27,12 @@ from arm_common import pagination
 from arm_common.auth import SCOPE_TENANT, Principal, current_api_key, current_principal
 from arm_common.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from arm_common.ids import new_id
+from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
 from arm_registry.governance import Governance
 from arm_registry.store import CR, RegistryStore
 from arm_registry.validate import check, check_present
-
-Ctx = grpc.aio.ServicerContext
 
 
 def _env_type(value: int) -> str:
@@ -1087,8 +1085,9 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
         value = getattr(request, which)
         p = current_principal()
         by_id, by_legacy = models.AgentInstance.id, models.AgentInstance.legacy_agent_id
-        columns = {"instance_id": [by_id], "legacy_agent_id": [by_legacy],
-                   "agent_ref": [by_legacy, by_id] if self.compat_mode else [by_id, by_legacy]}[which]
+        by_ref: dict[str, list[Any]] = {"instance_id": [by_id], "legacy_agent_id": [by_legacy],
+                                         "agent_ref": [by_legacy, by_id] if self.compat_mode else [by_id, by_legacy]}
+        columns = by_ref[which]
 
         async def read(s: AsyncSession) -> Any:
             for column in columns:

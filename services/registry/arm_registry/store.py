@@ -32,6 +32,7 @@ from arm_registry.models import IDEMPOTENCY, OUTBOX
 
 M = TypeVar("M", bound=models.Base)
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
 
 CR = common_pb2.ChangeRecordType
 
@@ -65,7 +66,7 @@ class RegistryStore:
             self.relay.notify()
         return result
 
-    async def read(self, fn: Callable[[AsyncSession], Awaitable[R]]) -> R:
+    async def read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
         return await self.db.read(fn)
 
     # --- helpers -----------------------------------------------------------------------------

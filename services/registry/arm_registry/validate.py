@@ -43,7 +43,9 @@ def check(request: Message, *rules: tuple[str, str], prefix: str = "") -> None:
         elif kind == "long?":
             val.optional(v, field, value, 200_000)
         elif kind.startswith("enum"):
-            enum_values = {f.name: f for f in request.DESCRIPTOR.fields}[name].enum_type.values_by_number
+            enum_type = {f.name: f for f in request.DESCRIPTOR.fields}[name].enum_type
+            assert enum_type is not None, f"{name} is not an enum field"
+            enum_values = enum_type.values_by_number
             if kind == "enum?" and value == 0:
                 continue
             val.enum_set(v, field, value, set(enum_values) - {0})

@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.telemetry.v1 import telemetry_pb2
-from arm_common.db import Database
+from arm_common.db import Database, rowcount
 from arm_common.errors import FailedPrecondition, NotFound
 from arm_common.ids import new_id
 from arm_common.tables import utcnow
@@ -185,7 +185,7 @@ class Backfills:
                 updated_count=B.updated_count + len(updates),
                 unresolved_count=B.unresolved_count + unresolved, update_time=now,
                 **({"state": COMPLETED, "complete_time": now} if done else {})))
-            if moved.rowcount != 1:
+            if rowcount(moved) != 1:
                 raise CursorMoved(backfill_id)
             for seq, values in updates:
                 # Fill only what is still empty: a concurrent fill (ingest does not touch stored

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import decision_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 from arm_common.auth import Principal
-from arm_common.db import Database
+from arm_common.db import Database, driver_connection
 from arm_common.errors import ResourceExhausted, Unavailable
 from arm_common.outbox import outbox_row
 from arm_common.tables import utcnow
@@ -297,9 +297,8 @@ class EventWriter:
         if not spend:
             return
         if self.db.is_postgres:
-            raw = await (await s.connection()).get_raw_connection()
             columns = list(spend[0])
-            await raw.driver_connection.copy_records_to_table(
+            await (await driver_connection(s)).copy_records_to_table(
                 OUTBOX.name, columns=columns, records=[tuple(_naive(r[c]) for c in columns) for r in spend])
         else:
             await s.execute(insert(OUTBOX), spend)
@@ -312,8 +311,7 @@ class EventWriter:
         seq in commit order across replicas."""
         # Through the session first: that opens the transaction the raw statements then join.
         await s.execute(text("select pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
-        raw = await (await s.connection()).get_raw_connection()
-        apg = raw.driver_connection
+        apg = await driver_connection(s)
         records = [tuple(row) for row in candidates.values()]
         try:
             async with apg.transaction():  # a savepoint inside the session's transaction

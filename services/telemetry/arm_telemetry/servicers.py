@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-import grpc
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,6 +17,7 @@ from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
 from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
 from arm_common.idempotency import request_hash, run_idempotent
+from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_telemetry import ingest
 from arm_telemetry.backfill import Backfills
@@ -25,7 +25,6 @@ from arm_telemetry.models import IDEMPOTENCY
 from arm_telemetry.queries import EventReader
 from arm_telemetry.references import ReferenceResolver
 
-Ctx = grpc.aio.ServicerContext
 _TYPES = set(events_pb2.OpEventType.values()) - {0}
 
 
