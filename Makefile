@@ -45,6 +45,7 @@ lock:
 bench: setup
 	$(PY) bench/engine.py
 	$(PY) bench/check_grpc.py
+	$(PY) bench/floor.py
 	$(PY) bench/resolve.py
 	$(PY) bench/ingest.py
 

@@ -1,12 +1,13 @@
 """Check benchmark: throughput and p50/p99 latency of governance's `Check` over gRPC, next to a
-bare grpc.aio echo server measured in the same run as the reference.
+bare grpc.aio echo server measured in the same run as the reference, and to the floor of
+floor.py (grpc.aio plus one durable group-committed INSERT per batch, no ARM code).
 
 Registry and governance run as their own processes on PostgreSQL; the load generator runs in
 its own process. Each configuration is measured at 1 and at 64 calls in flight; with --workers N,
 N governance processes serve one port (SO_REUSEPORT) and the load generator opens one channel
 per worker so the kernel spreads connections over them.
 
-  .venv/bin/python bench/check_grpc.py [--postgres URL] [--seconds 5] [--workers 1 2]
+  .venv/bin/python bench/check_grpc.py [--postgres URL] [--seconds 5] [--workers 1 2] [--tools a,b]
 
 Prints figures; asserts nothing."""
 
@@ -60,8 +61,13 @@ async def echo_server(port: int, interceptor: bool = False) -> None:
     await server.wait_for_termination()
 
 
+TOOLS = ("fs.read", "web.search", "db.write", "payments.send", "git.push", "docs.get",
+         "shell.exec", "email.send", "deploy.prod", "kb.query")
+
+
 async def load(address: str, key: str, instance: str, in_flight: int, seconds: float,
-               channels: int, echo: bool, client_interceptors: bool = False) -> dict[str, float]:
+               channels: int, echo: bool, client_interceptors: bool = False,
+               tools: tuple[str, ...] = TOOLS) -> dict[str, float]:
     """Runs `in_flight` concurrent callers for `seconds`; returns calls/s, p50 and p99 in ms.
     Echo and Check clients are the same: no client interceptors, the key sent as call metadata.
     `client_interceptors` instead adds the key through arm_client's grpc.aio client
@@ -72,8 +78,6 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
                                        options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
     metadata = None if client_interceptors else (("authorization", f"Bearer {key}"),)
-    tools = ["fs.read", "web.search", "db.write", "payments.send", "git.push", "docs.get",
-             "shell.exec", "email.send", "deploy.prod", "kb.query"]
     requests = [decision_pb2.CheckRequest(instance_id=instance, tool_name=t, run_id="bench-run",
                                           arguments=None) for t in tools]
     calls = []
@@ -131,12 +135,13 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,
-             echo: bool, server_pids: list[int], client_interceptors: bool = False) -> dict[str, float]:
+             echo: bool, server_pids: list[int], client_interceptors: bool = False,
+             tools: tuple[str, ...] = TOOLS) -> dict[str, float]:
     """Runs the load generator; adds the servers' CPU microseconds per call (warm-up included)."""
     cpu0 = cpu_seconds(server_pids)
     out = subprocess.run([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
                           "--in-flight", str(in_flight), "--seconds", str(seconds),
-                          "--channels", str(channels)] + (["--echo"] if echo else [])
+                          "--channels", str(channels), "--tools", ",".join(tools)] + (["--echo"] if echo else [])
                          + (["--client-interceptors"] if client_interceptors else []),
                          check=True, capture_output=True, text=True, cwd=ROOT)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -200,21 +205,31 @@ async def orchestrate(args: argparse.Namespace) -> None:
         echo_port = free_port()
         procs.append(spawn([__file__, "--echo-server", str(echo_port)], base_env(), log))
         echo_pid = procs[-1].pid
+        floor_port = free_port()
+        procs.append(spawn([str(ROOT / "bench" / "floor.py"), "--serve", "commit", "--port", str(floor_port),
+                            "--postgres", args.postgres, "--table", f"{schemas['governance']}_floor"],
+                           base_env(), log))
+        floor_pid = procs[-1].pid
         if args.echo_interceptor:
             icpt_port = free_port()
             procs.append(spawn([__file__, "--echo-server", str(icpt_port), "--with-interceptor"], base_env(), log))
             icpt_pid = procs[-1].pid
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per point; "
-              f"load generator in its own process")
+              f"load generator in its own process; tools {args.tools}")
         print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'client':>7}"
               "   (CPU us: server processes' CPU time per call; client: the load generator's)")
         await asyncio.sleep(1)
-        echo = {}
+        echo, floor = {}, {}
         for n in (1, 64):
             echo[n] = run_load(f"127.0.0.1:{echo_port}", key, "", n, args.seconds, 1, True, [echo_pid])
             r = echo[n]
             print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                   f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
+            floor[n] = r = run_load(f"127.0.0.1:{floor_port}", key, "", n, args.seconds, 1, False, [floor_pid])
+            print(f"{'floor (floor.py commit)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
+                  f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
+                  f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
+                  f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50)")
             if args.echo_interceptor:
                 r = run_load(f"127.0.0.1:{icpt_port}", key, "", n, args.seconds, 1, True, [icpt_pid])
                 print(f"{'echo + pass-through interceptor':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
@@ -237,7 +252,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
             for n, old_client in [(n, old) for n in (1, 64) for old in (False, True)
                                   if not old or args.compare_client]:
                 spy = None
-                if args.profile and n == 64 and not old_client:
+                if args.profile and n == args.profile_at and not old_client:
                     # py-spy (not a dependency: pip install it into the venv) samples the first
                     # governance process while the load runs.
                     spy = subprocess.Popen(  # noqa: ASYNC220 - the load below blocks anyway
@@ -246,7 +261,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                          *(["--native"] if args.profile_native else ["--nonblocking"]), "--format", "raw",
                          "-o", f"{args.profile}-w{workers}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False,
-                             [p.pid for p in gov_procs], old_client)
+                             [p.pid for p in gov_procs], old_client, tuple(args.tools.split(",")))
                 if spy is not None:
                     spy.wait(60)
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
@@ -254,16 +269,25 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                       f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
-                      f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50)")
+                      f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50;"
+                      f" {r['calls_per_s'] / floor[n]['calls_per_s']:.2f}x / {r['p50_ms'] / floor[n]['p50_ms']:.2f}x floor)")
             for p in gov_procs:
                 p.terminate()
                 p.wait(30)
+        conn = await asyncpg.connect(args.postgres)
+        mix = await conn.fetch(f'SELECT decision, count(*) AS n FROM "{schemas["governance"]}".decisions GROUP BY 1')
+        await conn.close()
+        names = {1: "ALLOW", 2: "DENY", 3: "NEEDS_APPROVAL"}
+        total = sum(row["n"] for row in mix) or 1
+        print("# decisions logged: " + ", ".join(f"{names.get(row['decision'], row['decision'])} "
+                                                 f"{row['n'] * 100 / total:.0f}%" for row in sorted(mix)))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
                 p.wait(30)
         conn = await asyncpg.connect(args.postgres)
+        await conn.execute(f'DROP TABLE IF EXISTS {schemas["governance"]}_floor')
         for schema in schemas.values():
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
@@ -279,7 +303,11 @@ def main() -> None:
                         help="also measure the echo with a pass-through grpc.aio server interceptor")
     parser.add_argument("--compare-client", action="store_true",
                         help="also measure Check with the key added by client interceptors (the old load generator)")
-    parser.add_argument("--profile", help="py-spy raw samples of governance at 64 in flight to PREFIX-wN.txt")
+    parser.add_argument("--tools", default=",".join(TOOLS),
+                        help="comma-separated tool names the load generator rotates (default: the ten of the mix)")
+    parser.add_argument("--profile", help="py-spy raw samples of governance to PREFIX-wN.txt (see --profile-at)")
+    parser.add_argument("--profile-at", type=int, choices=(1, 64), default=64,
+                        help="with --profile, the number of calls in flight to sample at (default 64)")
     parser.add_argument("--profile-native", action="store_true", help="with --profile, include native frames")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--client-interceptors", action="store_true", help=argparse.SUPPRESS)
@@ -295,7 +323,7 @@ def main() -> None:
         asyncio.run(echo_server(args.echo_server, args.with_interceptor))
     elif args.load:
         result = asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
-                                  args.channels, args.echo, args.client_interceptors))
+                                  args.channels, args.echo, args.client_interceptors, tuple(args.tools.split(","))))
         print(json.dumps(result))
     else:
         asyncio.run(orchestrate(args))
