@@ -134,11 +134,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU time of the local PostgreSQL server's processes, exited backends included (the
+    postmaster's children's times); 0 when PostgreSQL is not on this machine (Linux /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, fields = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, IndexError, ValueError):
+            continue
+        if name == "postgres":
+            values = fields.split()
+            total += sum(int(v) for v in values[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,
              echo: bool, server_pids: list[int], client_interceptors: bool = False,
              tools: tuple[str, ...] = TOOLS) -> dict[str, float]:
     """Runs the load generator; adds the servers' CPU microseconds per call (warm-up included)."""
-    cpu0 = cpu_seconds(server_pids)
+    cpu0, pg0 = cpu_seconds(server_pids), postgres_cpu_seconds()
     out = subprocess.run([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
                           "--in-flight", str(in_flight), "--seconds", str(seconds),
                           "--channels", str(channels), "--tools", ",".join(tools)] + (["--echo"] if echo else [])
@@ -146,6 +161,7 @@ def run_load(address: str, key: str, instance: str, in_flight: int, seconds: flo
                          check=True, capture_output=True, text=True, cwd=ROOT)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     result["cpu_us"] = (cpu_seconds(server_pids) - cpu0) / max(1, result["all_calls"]) * 1e6
+    result["pg_cpu_us"] = (postgres_cpu_seconds() - pg0) / max(1, result["all_calls"]) * 1e6
     return result
 
 
@@ -216,24 +232,24 @@ async def orchestrate(args: argparse.Namespace) -> None:
             icpt_pid = procs[-1].pid
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per point; "
               f"load generator in its own process; tools {args.tools}")
-        print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'client':>7}"
-              "   (CPU us: server processes' CPU time per call; client: the load generator's)")
+        print(f"{'target':34} {'in flight':>9} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us':>7} {'client':>7} {'pg':>5}"
+              "   (CPU us per call: the server processes'; client: the load generator's; pg: PostgreSQL's)")
         await asyncio.sleep(1)
         echo, floor = {}, {}
         for n in (1, 64):
             echo[n] = run_load(f"127.0.0.1:{echo_port}", key, "", n, args.seconds, 1, True, [echo_pid])
             r = echo[n]
             print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
-                  f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
+                  f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}")
             floor[n] = r = run_load(f"127.0.0.1:{floor_port}", key, "", n, args.seconds, 1, False, [floor_pid])
             print(f"{'floor (floor.py commit)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
-                  f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
+                  f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}"
                   f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
                   f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50)")
             if args.echo_interceptor:
                 r = run_load(f"127.0.0.1:{icpt_port}", key, "", n, args.seconds, 1, True, [icpt_pid])
                 print(f"{'echo + pass-through interceptor':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
-                      f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}")
+                      f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}")
         instance = None
         for workers in args.workers:
             gov_port = free_port()
@@ -267,7 +283,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
                 label += " (client icpt)" if old_client else ""
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
-                      f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f}"
+                      f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
                       f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50;"
                       f" {r['calls_per_s'] / floor[n]['calls_per_s']:.2f}x / {r['p50_ms'] / floor[n]['p50_ms']:.2f}x floor)")
