@@ -28,6 +28,7 @@ from arm_registry.governance import Governance
 from arm_registry.models import IDEMPOTENCY, OUTBOX
 from arm_registry.servicers import AccessServicer, AgentServicer, CompatServicer, TenancyServicer
 from arm_registry.store import RegistryStore
+from arm_registry.tenancy import Tenancy
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -72,7 +73,7 @@ class RegistryComponent:
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
         agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator, self.governance)
-        tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(self.store), server)
+        tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(Tenancy(self.store)), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
             AccessServicer(self.store, self.authenticator), server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(agents, server)

@@ -1,4 +1,4 @@
-"""ORM rows → protobuf messages, in one place."""
+"""ORM rows → protobuf messages, and protobuf enum values → the names rows store, in one place."""
 
 from __future__ import annotations
 
@@ -7,6 +7,27 @@ import json
 from arm.registry.v1 import access_pb2, agents_pb2, compat_pb2, tenancy_pb2
 from arm_common.messages import struct, ts
 from arm_registry import domain, models
+
+
+def env_type_name(value: int) -> str:
+    return tenancy_pb2.EnvironmentType.Name(value).removeprefix("ENVIRONMENT_TYPE_")
+
+
+def version_state_name(value: int) -> str:
+    return agents_pb2.VersionState.Name(value).removeprefix("VERSION_STATE_")
+
+
+def instance_state_name(value: int) -> str:
+    return agents_pb2.InstanceState.Name(value).removeprefix("INSTANCE_STATE_")
+
+
+def eval_status_name(value: int) -> str:
+    return agents_pb2.EvalStatus.Name(value).removeprefix("EVAL_STATUS_")
+
+
+def scope_type_name(value: int) -> str:
+    """Unset (0) means the whole tenant."""
+    return "TENANT" if value == 0 else access_pb2.RoleScopeType.Name(value).removeprefix("ROLE_SCOPE_TYPE_")
 
 
 def tenant(row: models.Tenant) -> tenancy_pb2.Tenant:

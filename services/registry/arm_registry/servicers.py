@@ -32,11 +32,8 @@ from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
 from arm_registry.governance import Governance
 from arm_registry.store import CR, RegistryStore
+from arm_registry.tenancy import Tenancy
 from arm_registry.validate import check, check_present
-
-
-def _env_type(value: int) -> str:
-    return tenancy_pb2.EnvironmentType.Name(value).removeprefix("ENVIRONMENT_TYPE_")
 
 
 def _version_state(value: int) -> str:
@@ -62,223 +59,66 @@ def _future_time(field: str, value: Any) -> Any:
 
 
 class TenancyServicer(tenancy_pb2_grpc.TenancyServiceServicer):
-    def __init__(self, store: RegistryStore) -> None:
-        self.store = store
+    def __init__(self, tenancy: Tenancy) -> None:
+        self.tenancy = tenancy
 
     async def CreateTenant(self, request: tenancy_pb2.CreateTenantRequest, context: Ctx) -> Any:
         rules = [("slug", "slug"), ("name", "name"), ("text?", "description")]
         if request.admin_email or request.admin_name:
             rules += [("email", "admin_email"), ("name", "admin_name")]
         check(request, *rules)
-        p = current_principal()
-        p.require("tenants:admin")
-        store = self.store
-
-        async def write(s: AsyncSession) -> tenancy_pb2.CreateTenantResponse:
-            tenant = await store.create_tenant_rows(s, p, slug=request.slug, name=request.name,
-                                                    description=request.description)
-            resp = tenancy_pb2.CreateTenantResponse(tenant=convert.tenant(tenant))
-            if request.admin_email:
-                op = await store.create_operator_row(s, p, tenant.id, email=request.admin_email,
-                                                     name=request.admin_name)
-                admin = await store.role_by_name(s, tenant.id, "admin")
-                await store.assign_role_row(s, p, tenant.id, op.id, admin)
-                _, secret = await store.create_key_row(s, p, tenant.id, operator_id=op.id,
-                                                       display_name="first admin key")
-                resp.admin_operator_id = op.id
-                resp.admin_api_key = secret
-            return resp
-
-        def without_secret(resp: tenancy_pb2.CreateTenantResponse) -> tenancy_pb2.CreateTenantResponse:
-            kept = tenancy_pb2.CreateTenantResponse()
-            kept.CopyFrom(resp)
-            kept.admin_api_key = ""
-            return kept
-
-        return await store.write(p, "CreateTenant", request, tenancy_pb2.CreateTenantResponse,
-                                 write, without_secret)
-
-    @staticmethod
-    def _tenant_scope(p: Principal) -> str:
-        """Tenant id to filter on: the caller's own, or "" (all) for tenant administrators."""
-        if p.has("tenants:admin"):
-            return ""
-        p.require("registry:read")
-        return p.tenant_id
+        return await self.tenancy.create_tenant(current_principal(), request)
 
     async def GetTenant(self, request: tenancy_pb2.GetTenantRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
-        p = current_principal()
-        scope = self._tenant_scope(p)
-        if scope and request.id != scope:
-            raise NotFound.of("tenant", request.id)
-
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Tenant, request.id, scope, "tenant")
-            return tenancy_pb2.GetTenantResponse(tenant=convert.tenant(row))
-
-        return await self.store.read(read)
+        return await self.tenancy.get_tenant(current_principal(), request)
 
     async def ListTenants(self, request: tenancy_pb2.ListTenantsRequest, context: Ctx) -> Any:
         check(request)
-        p = current_principal()
-        scope = self._tenant_scope(p)
-        size = pagination.page_size(request.page_size)
-        after = pagination.decode_token(request.page_token, {"m": "tenants"})
-
-        async def read(s: AsyncSession) -> Any:
-            q = select(models.Tenant)
-            if scope:
-                q = q.where(models.Tenant.id == scope)
-            rows, last = await self.store.page(s, q, models.Tenant.id, size, after)
-            return tenancy_pb2.ListTenantsResponse(
-                tenants=[convert.tenant(r) for r in rows],
-                next_page_token=pagination.encode_token(last, {"m": "tenants"}) if last else "")
-
-        return await self.store.read(read)
+        return await self.tenancy.list_tenants(current_principal(), request)
 
     async def UpdateTenant(self, request: tenancy_pb2.UpdateTenantRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
         check_present(request, ("name", "name"), ("text?", "description"))
-        p = current_principal()
-        admin = p.has("tenants:admin")
-        if not admin:
-            p.require("operators:admin")
-            if request.HasField("active"):
-                p.require("tenants:admin")
-        scope = "" if admin else p.tenant_id
-
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Tenant, request.id, scope, "tenant", for_update=True)
-            self.store.check_etag(row, request.etag)
-            before = {"name": row.name, "active": row.active}
-            self.store.apply_present(row, request, "name", "description")
-            if request.HasField("active"):
-                if row.system and not request.active:
-                    raise FailedPrecondition("the system tenant cannot be deactivated",
-                                             reason="SYSTEM_TENANT")
-                row.active = request.active
-            self.store.touch(row)
-            await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_TENANT, row.id)
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="tenant",
-                                    target_id=row.id, tenant_id=row.id, summary="tenant updated",
-                                    before=before, after={"name": row.name, "active": row.active})
-            return tenancy_pb2.UpdateTenantResponse(tenant=convert.tenant(row))
-
-        return await self.store.write(p, "UpdateTenant", request, tenancy_pb2.UpdateTenantResponse, write)
+        return await self.tenancy.update_tenant(current_principal(), request)
 
     # environments
 
     async def CreateEnvironment(self, request: tenancy_pb2.CreateEnvironmentRequest, context: Ctx) -> Any:
         check(request, ("name", "name"), ("enum", "type"))
-        p = current_principal()
-        p.require("registry:write")
-
-        async def write(s: AsyncSession) -> Any:
-            now = utcnow()
-            row = models.Environment(id=new_id("env"), tenant_id=p.tenant_id, name=request.name,
-                                     type=_env_type(request.type),
-                                     require_active_deployment=request.require_active_deployment,
-                                     created_at=now, updated_at=now, revision=1)
-            s.add(row)
-            await self.store.flush_unique(s, "environment", {"name": request.name})
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_ENVIRONMENT_CREATED,
-                                    target_type="environment", target_id=row.id,
-                                    summary=f"environment {row.name} ({row.type}) created",
-                                    after={"name": row.name, "type": row.type,
-                                           "require_active_deployment": row.require_active_deployment})
-            return tenancy_pb2.CreateEnvironmentResponse(environment=convert.environment(row))
-
-        return await self.store.write(p, "CreateEnvironment", request,
-                                      tenancy_pb2.CreateEnvironmentResponse, write)
+        return await self.tenancy.create_environment(current_principal(), request)
 
     async def GetEnvironment(self, request: tenancy_pb2.GetEnvironmentRequest, context: Ctx) -> Any:
-        return await _get(self.store, request, models.Environment, "environment",
-                          lambda row: tenancy_pb2.GetEnvironmentResponse(environment=convert.environment(row)),
-                          scope=lambda row: {"environment_id": row.id})
+        check(request, ("id", "id"))
+        return await self.tenancy.get_environment(current_principal(), request)
 
     async def ListEnvironments(self, request: tenancy_pb2.ListEnvironmentsRequest, context: Ctx) -> Any:
-        return await _list(self.store, request, "registry:read", models.Environment, {},
-                           lambda rows, tok: tenancy_pb2.ListEnvironmentsResponse(
-                               environments=[convert.environment(r) for r in rows], next_page_token=tok))
+        check(request)
+        return await self.tenancy.list_environments(current_principal(), request)
 
     async def UpdateEnvironment(self, request: tenancy_pb2.UpdateEnvironmentRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
         check_present(request, ("name", "name"))
-        p = current_principal()
-        p.require("registry:write")
-
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Environment, request.id, p.tenant_id, "environment",
-                                       for_update=True)
-            self.store.check_etag(row, request.etag)
-            before = {"name": row.name, "require_active_deployment": row.require_active_deployment}
-            self.store.apply_present(row, request, "name", "require_active_deployment")
-            self.store.touch(row)
-            await self.store.flush_unique(s, "environment", {"name": row.name})
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
-                                    target_type="environment", target_id=row.id,
-                                    summary="environment updated", before=before,
-                                    after={"name": row.name,
-                                           "require_active_deployment": row.require_active_deployment})
-            return tenancy_pb2.UpdateEnvironmentResponse(environment=convert.environment(row))
-
-        return await self.store.write(p, "UpdateEnvironment", request,
-                                      tenancy_pb2.UpdateEnvironmentResponse, write)
+        return await self.tenancy.update_environment(current_principal(), request)
 
     # projects
 
     async def CreateProject(self, request: tenancy_pb2.CreateProjectRequest, context: Ctx) -> Any:
         check(request, ("slug", "slug"), ("name", "name"), ("text?", "description"))
-        p = current_principal()
-        p.require("registry:write")
-
-        async def write(s: AsyncSession) -> Any:
-            now = utcnow()
-            row = models.Project(id=new_id("prj"), tenant_id=p.tenant_id, slug=request.slug,
-                                 name=request.name, description=request.description,
-                                 created_at=now, updated_at=now, revision=1)
-            s.add(row)
-            await self.store.flush_unique(s, "project", {"slug": request.slug})
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_PROJECT_CREATED, target_type="project",
-                                    target_id=row.id, project_id=row.id,
-                                    summary=f"project {row.slug} created",
-                                    after={"slug": row.slug, "name": row.name})
-            return tenancy_pb2.CreateProjectResponse(project=convert.project(row))
-
-        return await self.store.write(p, "CreateProject", request, tenancy_pb2.CreateProjectResponse,
-                                      write)
+        return await self.tenancy.create_project(current_principal(), request)
 
     async def GetProject(self, request: tenancy_pb2.GetProjectRequest, context: Ctx) -> Any:
-        return await _get(self.store, request, models.Project, "project",
-                          lambda row: tenancy_pb2.GetProjectResponse(project=convert.project(row)),
-                          scope=lambda row: {"project_id": row.id})
+        check(request, ("id", "id"))
+        return await self.tenancy.get_project(current_principal(), request)
 
     async def ListProjects(self, request: tenancy_pb2.ListProjectsRequest, context: Ctx) -> Any:
-        return await _list(self.store, request, "registry:read", models.Project, {},
-                           lambda rows, tok: tenancy_pb2.ListProjectsResponse(
-                               projects=[convert.project(r) for r in rows], next_page_token=tok))
+        check(request)
+        return await self.tenancy.list_projects(current_principal(), request)
 
     async def UpdateProject(self, request: tenancy_pb2.UpdateProjectRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
         check_present(request, ("name", "name"), ("text?", "description"))
-        p = current_principal()
-
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Project, request.id, p.tenant_id, "project",
-                                       for_update=True)
-            p.require("registry:write", project_id=row.id)
-            self.store.check_etag(row, request.etag)
-            before = {"name": row.name}
-            self.store.apply_present(row, request, "name", "description")
-            self.store.touch(row)
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="project",
-                                    target_id=row.id, project_id=row.id, summary="project updated",
-                                    before=before, after={"name": row.name})
-            return tenancy_pb2.UpdateProjectResponse(project=convert.project(row))
-
-        return await self.store.write(p, "UpdateProject", request, tenancy_pb2.UpdateProjectResponse,
-                                      write)
+        return await self.tenancy.update_project(current_principal(), request)
 
 
 async def _list(store: RegistryStore, request: Any, permission: str, model: Any,
