@@ -23,6 +23,7 @@ from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxMessage, OutboxRelay
 from arm_registry import models
+from arm_registry.access import Access
 from arm_registry.authn import LocalAuthenticator
 from arm_registry.governance import Governance
 from arm_registry.models import IDEMPOTENCY, OUTBOX
@@ -75,7 +76,7 @@ class RegistryComponent:
         agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator, self.governance)
         tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(Tenancy(self.store)), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
-            AccessServicer(self.store, self.authenticator), server)
+            AccessServicer(Access(self.store, self.authenticator)), server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(agents, server)
         compat_pb2_grpc.add_CompatServiceServicer_to_server(
             CompatServicer(self.store, agents, self.config.compat_mode), server)

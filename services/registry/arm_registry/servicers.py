@@ -11,7 +11,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2
 from arm.registry.v1 import (
     access_pb2,
@@ -30,6 +29,7 @@ from arm_common.ids import new_id
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
+from arm_registry.access import Access
 from arm_registry.governance import Governance
 from arm_registry.store import CR, RegistryStore
 from arm_registry.tenancy import Tenancy
@@ -42,10 +42,6 @@ def _version_state(value: int) -> str:
 
 def _instance_state(value: int) -> str:
     return agents_pb2.InstanceState.Name(value).removeprefix("INSTANCE_STATE_")
-
-
-def _scope(value: int) -> str:
-    return "TENANT" if value == 0 else access_pb2.RoleScopeType.Name(value).removeprefix("ROLE_SCOPE_TYPE_")
 
 
 def _future_time(field: str, value: Any) -> Any:
@@ -163,76 +159,31 @@ async def _get(store: RegistryStore, request: Any, model: Any, kind: str, build:
 
 
 class AccessServicer(access_pb2_grpc.AccessServiceServicer):
-    def __init__(self, store: RegistryStore, authenticator: Any) -> None:
-        self.store = store
-        self.authenticator = authenticator
+    def __init__(self, access: Access) -> None:
+        self.access = access
 
     async def Authenticate(self, request: access_pb2.AuthenticateRequest, context: Ctx) -> Any:
-        p = current_principal()
-        return access_pb2.AuthenticateResponse(principal=access_pb2.Principal(
-            tenant_id=p.tenant_id, actor=common_pb2.Actor(
-                type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{p.actor_type}"), id=p.actor_id),
-            grants=[access_pb2.Grant(permission=g.permission,
-                                     scope_type=access_pb2.RoleScopeType.Value(f"ROLE_SCOPE_TYPE_{g.scope_type}"),
-                                     scope_id=g.scope_id) for g in p.grants],
-            api_key_id=p.api_key_id, tenant_active=p.tenant_active, system_tenant=p.system_tenant))
+        return self.access.authenticate(current_principal())
 
     async def CreateOperator(self, request: access_pb2.CreateOperatorRequest, context: Ctx) -> Any:
         check(request, ("email", "email"), ("name", "name"), ("name?", "external_subject"))
-        p = current_principal()
-        p.require("operators:admin")
-
-        async def write(s: AsyncSession) -> Any:
-            op = await self.store.create_operator_row(s, p, p.tenant_id, email=request.email,
-                                                      name=request.name,
-                                                      external_subject=request.external_subject)
-            return access_pb2.CreateOperatorResponse(operator=convert.operator(op))
-
-        return await self.store.write(p, "CreateOperator", request, access_pb2.CreateOperatorResponse,
-                                      write)
+        return await self.access.create_operator(current_principal(), request)
 
     async def GetOperator(self, request: access_pb2.GetOperatorRequest, context: Ctx) -> Any:
-        return await _get(self.store, request, models.Operator, "operator",
-                          lambda row: access_pb2.GetOperatorResponse(operator=convert.operator(row)))
+        check(request, ("id", "id"))
+        return await self.access.get_operator(current_principal(), request)
 
     async def ListOperators(self, request: access_pb2.ListOperatorsRequest, context: Ctx) -> Any:
-        return await _list(self.store, request, "registry:read", models.Operator, {},
-                           lambda rows, tok: access_pb2.ListOperatorsResponse(
-                               operators=[convert.operator(r) for r in rows], next_page_token=tok))
+        check(request)
+        return await self.access.list_operators(current_principal(), request)
 
     async def UpdateOperator(self, request: access_pb2.UpdateOperatorRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
         check_present(request, ("name", "name"), ("name?", "external_subject"))
-        p = current_principal()
-        p.require("operators:admin")
-
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.Operator, request.id, p.tenant_id, "operator",
-                                       for_update=True)
-            self.store.check_etag(row, request.etag)
-            before = {"name": row.name, "active": row.active}
-            self.store.apply_present(row, request, "name", "external_subject")
-            if request.HasField("active"):
-                if not request.active and row.id == p.actor_id:
-                    raise FailedPrecondition("operators cannot deactivate themselves",
-                                             reason="SELF_DEACTIVATION")
-                row.active = request.active
-            self.store.touch(row)
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="operator",
-                                    target_id=row.id, summary="operator updated", before=before,
-                                    after={"name": row.name, "active": row.active})
-            return access_pb2.UpdateOperatorResponse(operator=convert.operator(row))
-
-        result = await self.store.write(p, "UpdateOperator", request,
-                                        access_pb2.UpdateOperatorResponse, write)
-        self.authenticator.invalidate()
-        return result
+        return await self.access.update_operator(current_principal(), request)
 
     async def ListPermissions(self, request: access_pb2.ListPermissionsRequest, context: Ctx) -> Any:
-        current_principal().require("registry:read")
-        return access_pb2.ListPermissionsResponse(permissions=[
-            access_pb2.Permission(name=name, resource=name.split(":")[0], action=name.split(":")[1],
-                                  description=desc) for name, desc in sorted(domain.PERMISSIONS.items())])
+        return self.access.list_permissions(current_principal())
 
     async def CreateRole(self, request: access_pb2.CreateRoleRequest, context: Ctx) -> Any:
         check(request, ("name", "name"), ("text?", "description"), ("list", "permissions"))
@@ -243,87 +194,31 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
                                   reason="UNKNOWN_PERMISSION", violations=[
                                       FieldViolation(f"permissions[{i}]", f"{n!r} is not in the catalogue")
                                       for i, n in unknown])
-        p = current_principal()
-        p.require("operators:admin")
-
-        async def write(s: AsyncSession) -> Any:
-            row = models.Role(id=new_id("rol"), tenant_id=p.tenant_id, name=request.name,
-                              description=request.description,
-                              permissions=sorted(set(request.permissions)), built_in=False,
-                              created_at=utcnow())
-            s.add(row)
-            await self.store.flush_unique(s, "role", {"name": request.name})
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="role",
-                                    target_id=row.id, summary=f"role {row.name} created",
-                                    after={"permissions": row.permissions})
-            return access_pb2.CreateRoleResponse(role=convert.role(row))
-
-        return await self.store.write(p, "CreateRole", request, access_pb2.CreateRoleResponse, write)
+        return await self.access.create_role(current_principal(), request)
 
     async def GetRole(self, request: access_pb2.GetRoleRequest, context: Ctx) -> Any:
-        return await _get(self.store, request, models.Role, "role",
-                          lambda row: access_pb2.GetRoleResponse(role=convert.role(row)))
+        check(request, ("id", "id"))
+        return await self.access.get_role(current_principal(), request)
 
     async def ListRoles(self, request: access_pb2.ListRolesRequest, context: Ctx) -> Any:
-        return await _list(self.store, request, "registry:read", models.Role, {},
-                           lambda rows, tok: access_pb2.ListRolesResponse(
-                               roles=[convert.role(r) for r in rows], next_page_token=tok))
+        check(request)
+        return await self.access.list_roles(current_principal(), request)
 
     async def CreateRoleAssignment(self, request: access_pb2.CreateRoleAssignmentRequest, context: Ctx) -> Any:
         check(request, ("id", "operator_id"), ("id", "role_id"), ("enum?", "scope_type"))
-        scope = _scope(request.scope_type)
+        scope = convert.scope_type_name(request.scope_type)
         if scope != SCOPE_TENANT:
             check(request, ("id", "scope_id"))
         expires = _future_time("expire_time", request.expire_time if request.HasField("expire_time") else None)
-        p = current_principal()
-        p.require("operators:admin")
-
-        async def write(s: AsyncSession) -> Any:
-            await self.store.get(s, models.Operator, request.operator_id, p.tenant_id, "operator")
-            role = await self.store.get(s, models.Role, request.role_id, p.tenant_id, "role")
-            if scope == "PROJECT":
-                await self.store.get(s, models.Project, request.scope_id, p.tenant_id, "project")
-            elif scope == "ENVIRONMENT":
-                await self.store.get(s, models.Environment, request.scope_id, p.tenant_id, "environment")
-            row = await self.store.assign_role_row(s, p, p.tenant_id, request.operator_id, role,
-                                                   scope_type=scope,
-                                                   scope_id=request.scope_id if scope != SCOPE_TENANT else "",
-                                                   expires_at=expires)
-            return access_pb2.CreateRoleAssignmentResponse(role_assignment=convert.role_assignment(row))
-
-        result = await self.store.write(p, "CreateRoleAssignment", request,
-                                        access_pb2.CreateRoleAssignmentResponse, write)
-        self.authenticator.invalidate()
-        return result
+        return await self.access.create_role_assignment(current_principal(), request, scope, expires)
 
     async def ListRoleAssignments(self, request: access_pb2.ListRoleAssignmentsRequest, context: Ctx) -> Any:
         check(request, ("id?", "operator_id"))
-        return await _list(self.store, request, "registry:read", models.RoleAssignment,
-                           {"operator_id": request.operator_id},
-                           lambda rows, tok: access_pb2.ListRoleAssignmentsResponse(
-                               role_assignments=[convert.role_assignment(r) for r in rows],
-                               next_page_token=tok))
+        return await self.access.list_role_assignments(current_principal(), request)
 
     async def DeleteRoleAssignment(self, request: access_pb2.DeleteRoleAssignmentRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
-        p = current_principal()
-        p.require("operators:admin")
-
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.RoleAssignment, request.id, p.tenant_id,
-                                       "role_assignment", for_update=True)
-            await s.delete(row)
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
-                                    target_type="operator", target_id=row.operator_id,
-                                    summary="role assignment removed",
-                                    before={"role_id": row.role_id, "scope_type": row.scope_type,
-                                            "scope_id": row.scope_id})
-            return access_pb2.DeleteRoleAssignmentResponse()
-
-        result = await self.store.write(p, "DeleteRoleAssignment", request,
-                                        access_pb2.DeleteRoleAssignmentResponse, write)
-        self.authenticator.invalidate()
-        return result
+        return await self.access.delete_role_assignment(current_principal(), request)
 
     async def CreateApiKey(self, request: access_pb2.CreateApiKeyRequest, context: Ctx) -> Any:
         check(request, ("id?", "operator_id"), ("id?", "instance_id"), ("name?", "display_name"))
@@ -332,53 +227,15 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
                                   reason="INVALID_FIELDS", violations=[
                                       FieldViolation("operator_id", "set exactly one of operator_id, instance_id")])
         expires = _future_time("expire_time", request.expire_time if request.HasField("expire_time") else None)
-        p = current_principal()
-        p.require("operators:admin")
-
-        async def write(s: AsyncSession) -> Any:
-            if request.operator_id:
-                await self.store.get(s, models.Operator, request.operator_id, p.tenant_id, "operator")
-            else:
-                await self.store.get(s, models.AgentInstance, request.instance_id, p.tenant_id,
-                                     "agent_instance")
-            row, secret = await self.store.create_key_row(
-                s, p, p.tenant_id, operator_id=request.operator_id or None,
-                instance_id=request.instance_id or None, display_name=request.display_name,
-                expires_at=expires)
-            return access_pb2.CreateApiKeyResponse(api_key=convert.api_key(row), secret=secret)
-
-        def without_secret(resp: access_pb2.CreateApiKeyResponse) -> access_pb2.CreateApiKeyResponse:
-            return access_pb2.CreateApiKeyResponse(api_key=resp.api_key)
-
-        return await self.store.write(p, "CreateApiKey", request, access_pb2.CreateApiKeyResponse,
-                                      write, without_secret)
+        return await self.access.create_api_key(current_principal(), request, expires)
 
     async def ListApiKeys(self, request: access_pb2.ListApiKeysRequest, context: Ctx) -> Any:
         check(request, ("id?", "operator_id"), ("id?", "instance_id"))
-        return await _list(self.store, request, "operators:admin", models.ApiKey,
-                           {"operator_id": request.operator_id, "instance_id": request.instance_id},
-                           lambda rows, tok: access_pb2.ListApiKeysResponse(
-                               api_keys=[convert.api_key(r) for r in rows], next_page_token=tok))
+        return await self.access.list_api_keys(current_principal(), request)
 
     async def RevokeApiKey(self, request: access_pb2.RevokeApiKeyRequest, context: Ctx) -> Any:
         check(request, ("id", "id"))
-        p = current_principal()
-        p.require("operators:admin")
-
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get(s, models.ApiKey, request.id, p.tenant_id, "api_key",
-                                       for_update=True)
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-                await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
-                                        target_type="api_key", target_id=row.id,
-                                        summary="API key revoked")
-            return access_pb2.RevokeApiKeyResponse(api_key=convert.api_key(row))
-
-        result = await self.store.write(p, "RevokeApiKey", request, access_pb2.RevokeApiKeyResponse,
-                                        write)
-        self.authenticator.invalidate()
-        return result
+        return await self.access.revoke_api_key(current_principal(), request)
 
 
 class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
