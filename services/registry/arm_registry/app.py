@@ -24,6 +24,7 @@ from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxMessage, OutboxRelay
 from arm_registry import models
 from arm_registry.access import Access
+from arm_registry.agents import Agents
 from arm_registry.authn import LocalAuthenticator
 from arm_registry.governance import Governance
 from arm_registry.models import IDEMPOTENCY, OUTBOX
@@ -73,11 +74,11 @@ class RegistryComponent:
             self._deliver_to(address)
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
-        agents = AgentServicer(self.store, self.config.compat_mode, self.authenticator, self.governance)
+        agents = Agents(self.store, self.config.compat_mode, self.authenticator, self.governance)
         tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(Tenancy(self.store)), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
             AccessServicer(Access(self.store, self.authenticator)), server)
-        agents_pb2_grpc.add_AgentServiceServicer_to_server(agents, server)
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agents), server)
         compat_pb2_grpc.add_CompatServiceServicer_to_server(
             CompatServicer(self.store, agents, self.config.compat_mode), server)
         return ["arm.registry.v1.TenancyService", "arm.registry.v1.AccessService",
