@@ -26,6 +26,7 @@ from arm_registry import models
 from arm_registry.access import Access
 from arm_registry.agents import Agents
 from arm_registry.authn import LocalAuthenticator
+from arm_registry.compat import Compat
 from arm_registry.governance import Governance
 from arm_registry.models import IDEMPOTENCY, OUTBOX
 from arm_registry.servicers import AccessServicer, AgentServicer, CompatServicer, TenancyServicer
@@ -80,7 +81,7 @@ class RegistryComponent:
             AccessServicer(Access(self.store, self.authenticator)), server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agents), server)
         compat_pb2_grpc.add_CompatServiceServicer_to_server(
-            CompatServicer(self.store, agents, self.config.compat_mode), server)
+            CompatServicer(Compat(self.store, agents, self.config.compat_mode), self.store), server)
         return ["arm.registry.v1.TenancyService", "arm.registry.v1.AccessService",
                 "arm.registry.v1.AgentService", "arm.registry.v1.CompatService"]
 

@@ -1,15 +1,12 @@
-"""gRPC servicers of the registry: validate at the edge, check the caller's permission, run the
-operation in one transaction through the store (with its change record), convert to protobuf."""
+"""gRPC servicers of the registry: validate each request at the edge, then hand it with the caller
+to one method of the service layer (tenancy, access, agents, compat), which returns the response."""
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from google.protobuf import json_format, timestamp_pb2
 
 from arm.registry.v1 import (
     access_pb2,
@@ -22,19 +19,19 @@ from arm.registry.v1 import (
     tenancy_pb2_grpc,
 )
 from arm_common.auth import SCOPE_TENANT, current_api_key, current_principal
-from arm_common.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from arm_common.ids import new_id
+from arm_common.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
-from arm_registry import convert, domain, models
+from arm_registry import convert, domain
 from arm_registry.access import Access
 from arm_registry.agents import Agents
-from arm_registry.store import CR, RegistryStore
+from arm_registry.compat import Compat
+from arm_registry.store import RegistryStore
 from arm_registry.tenancy import Tenancy
 from arm_registry.validate import check, check_present
 
 
-def _future_time(field: str, value: Any) -> Any:
+def _future_time(field: str, value: timestamp_pb2.Timestamp | None) -> datetime | None:
     if value is None:
         return None
     when = value.ToDatetime(tzinfo=UTC)
@@ -290,19 +287,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
 
 
 class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
-    def __init__(self, store: RegistryStore, agents: Agents, compat_mode: bool) -> None:
-        self.store = store
-        self.agents = agents
-        self.compat_mode = compat_mode
-
-    async def _resolve(self, s: AsyncSession, tenant_id: str, column: Any, value: str) -> Any:
-        row = (await s.execute(
-            select(models.AgentInstance, models.AgentVersion, models.Environment, models.Tenant)
-            .join(models.AgentVersion, models.AgentVersion.id == models.AgentInstance.version_id)
-            .join(models.Environment, models.Environment.id == models.AgentInstance.environment_id)
-            .join(models.Tenant, models.Tenant.id == models.AgentInstance.tenant_id)
-            .where(models.AgentInstance.tenant_id == tenant_id, column == value))).first()
-        return None if row is None else convert.resolved(*row)
+    def __init__(self, compat: Compat, store: RegistryStore) -> None:
+        self.compat = compat
+        self.store = store  # for its change notices, which WatchAgentChanges streams
 
     async def ResolveAgentRef(self, request: compat_pb2.ResolveAgentRefRequest, context: Ctx) -> Any:
         which = request.WhichOneof("ref")
@@ -311,126 +298,12 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
                                   reason="INVALID_FIELDS",
                                   violations=[FieldViolation("ref", "set one of instance_id, legacy_agent_id, agent_ref")])
         check(request, ("id", which))
-        value = getattr(request, which)
-        p = current_principal()
-        by_id, by_legacy = models.AgentInstance.id, models.AgentInstance.legacy_agent_id
-        by_ref: dict[str, list[Any]] = {"instance_id": [by_id], "legacy_agent_id": [by_legacy],
-                                         "agent_ref": [by_legacy, by_id] if self.compat_mode else [by_id, by_legacy]}
-        columns = by_ref[which]
-
-        async def read(s: AsyncSession) -> Any:
-            for column in columns:
-                found = await self._resolve(s, p.tenant_id, column, value)
-                if found is not None:
-                    # Agents may resolve only themselves; operators need registry:read.
-                    if not (p.is_agent and p.actor_id == found.instance_id):
-                        p.require("registry:read", project_id=found.project_id,
-                                  environment_id=found.environment_id)
-                    return compat_pb2.ResolveAgentRefResponse(agent=found)
-            raise NotFound(f"no agent {value!r}", reason="AGENT_NOT_FOUND", metadata={which: value})
-
-        return await self.store.read(read)
+        return await self.compat.resolve_agent_ref(current_principal(), request, which)
 
     async def EnsureInstanceForLegacyAgent(self, request: compat_pb2.EnsureInstanceForLegacyAgentRequest, context: Ctx) -> Any:
         check(request, ("id", "legacy_agent_id"), ("name?", "name"), ("id?", "project_id"),
               ("id?", "environment_id"), ("name?", "legacy_status"))
-        p = current_principal()
-        p.require("registry:write")
-        name = request.name or request.legacy_agent_id
-        store = self.store
-
-        async def existing(s: AsyncSession) -> Any:
-            inst = (await s.execute(select(models.AgentInstance).where(
-                models.AgentInstance.tenant_id == p.tenant_id,
-                models.AgentInstance.legacy_agent_id == request.legacy_agent_id))).scalar_one_or_none()
-            if inst is None:
-                return None
-            tpl = await store.get(s, models.AgentTemplate, inst.template_id, p.tenant_id, "agent_template")
-            ver = await store.get(s, models.AgentVersion, inst.version_id, p.tenant_id, "agent_version")
-            return compat_pb2.EnsureInstanceForLegacyAgentResponse(
-                agent_template=convert.template(tpl), agent_version=convert.version(ver),
-                agent_instance=convert.instance(inst), created=False)
-
-        async def get_or_create(s: AsyncSession, model: Any, where: list[Any], make: Any) -> Any:
-            row = (await s.execute(select(model).where(*where))).scalar_one_or_none()
-            if row is None:
-                row = make()
-                s.add(row)
-                await s.flush()
-                return row, True
-            return row, False
-
-        async def write(s: AsyncSession) -> Any:
-            found = await existing(s)
-            if found is not None:
-                return found
-            now = utcnow()
-            if request.project_id:
-                project = await store.get(s, models.Project, request.project_id, p.tenant_id, "project")
-            else:
-                project, made = await get_or_create(
-                    s, models.Project, [models.Project.tenant_id == p.tenant_id, models.Project.slug == "legacy"],
-                    lambda: models.Project(id=new_id("prj"), tenant_id=p.tenant_id, slug="legacy",
-                                           name="Legacy agents", description="Agents of the older platform",
-                                           created_at=now, updated_at=now, revision=1))
-                if made:
-                    await store.record(s, p, CR.CHANGE_RECORD_TYPE_PROJECT_CREATED, target_type="project",
-                                       target_id=project.id, project_id=project.id,
-                                       summary="project legacy created for legacy agents")
-            if request.environment_id:
-                env = await store.get(s, models.Environment, request.environment_id, p.tenant_id, "environment")
-            else:
-                env, made = await get_or_create(
-                    s, models.Environment, [models.Environment.tenant_id == p.tenant_id,
-                                            models.Environment.name == "legacy"],
-                    lambda: models.Environment(id=new_id("env"), tenant_id=p.tenant_id, name="legacy",
-                                               type="PROD", require_active_deployment=False,
-                                               created_at=now, updated_at=now, revision=1))
-                if made:
-                    await store.record(s, p, CR.CHANGE_RECORD_TYPE_ENVIRONMENT_CREATED,
-                                       target_type="environment", target_id=env.id,
-                                       summary="environment legacy created for legacy agents")
-            slug = store.legacy_slug(request.legacy_agent_id)
-            tpl = models.AgentTemplate(
-                id=new_id("tpl"), tenant_id=p.tenant_id, project_id=project.id, slug=slug, name=name,
-                description=f"Legacy agent {request.legacy_agent_id}", owners=[], tags=["legacy"],
-                active=True, version_count=1, created_at=now, updated_at=now, revision=1)
-            s.add(tpl)
-            await s.flush()  # rows are inserted in this order: no relationship() tells SQLAlchemy
-            await store.record(s, p, CR.CHANGE_RECORD_TYPE_TEMPLATE_CREATED, target_type="agent_template",
-                               target_id=tpl.id, project_id=project.id, template_id=tpl.id,
-                               summary=f"template {slug} created for legacy agent")
-            genome_text, genome_hash = store.genome_text(store.legacy_genome(request.legacy_agent_id, name))
-            ver = models.AgentVersion(
-                id=new_id("ver"), tenant_id=p.tenant_id, template_id=tpl.id, project_id=project.id,
-                number=1, genome_json=genome_text, genome_hash=genome_hash, state="APPROVED",
-                eval_status="NOT_RUN", eval_summary="", parent_version_id="",
-                notes="created by EnsureInstanceForLegacyAgent", created_by=p.actor_id,
-                approved_by=p.actor_id, created_at=now, updated_at=now, revision=1)
-            s.add(ver)
-            await s.flush()
-            await store.record(s, p, CR.CHANGE_RECORD_TYPE_VERSION_CREATED, target_type="agent_version",
-                               target_id=ver.id, project_id=project.id, template_id=tpl.id,
-                               version_id=ver.id, summary="version 1 created for legacy agent",
-                               after={"state": "APPROVED", "genome_hash": genome_hash})
-            state = domain.legacy_status_to_state(request.legacy_status) if request.legacy_status else "ACTIVE"
-            inst = await self.agents.create_instance_row(s, p, ver, env, name, request.legacy_agent_id, state)
-            return compat_pb2.EnsureInstanceForLegacyAgentResponse(
-                agent_template=convert.template(tpl), agent_version=convert.version(ver),
-                agent_instance=convert.instance(inst), created=True)
-
-        # Concurrent first calls race on the unique legacy id / template slug: the losers roll
-        # back and find the winner's set.
-        for _ in range(5):
-            try:
-                return await store.write(p, "EnsureInstanceForLegacyAgent", request,
-                                         compat_pb2.EnsureInstanceForLegacyAgentResponse, write)
-            except (IntegrityError, AlreadyExists):
-                found = await store.read(existing)
-                if found is not None:
-                    return found
-        raise FailedPrecondition("could not create or find the legacy agent's instance",
-                                 reason="LEGACY_ENSURE_CONFLICT")
+        return await self.compat.ensure_instance_for_legacy_agent(current_principal(), request)
 
     async def WatchAgentChanges(self, request: compat_pb2.WatchAgentChangesRequest, context: Ctx) -> Any:
         p = current_principal()
@@ -459,21 +332,4 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
 
     async def GetAgentByLegacyId(self, request: compat_pb2.GetAgentByLegacyIdRequest, context: Ctx) -> Any:
         check(request, ("id", "legacy_agent_id"))
-        p = current_principal()
-
-        async def read(s: AsyncSession) -> Any:
-            row = (await s.execute(select(models.AgentInstance, models.AgentTemplate.name)
-                                   .join(models.AgentTemplate, models.AgentTemplate.id == models.AgentInstance.template_id)
-                                   .where(models.AgentInstance.tenant_id == p.tenant_id,
-                                          models.AgentInstance.legacy_agent_id == request.legacy_agent_id))).first()
-            if row is None:
-                raise NotFound(f"no agent with legacy id {request.legacy_agent_id!r}",
-                               reason="AGENT_NOT_FOUND", metadata={"legacy_agent_id": request.legacy_agent_id})
-            inst, tpl_name = row
-            if not (p.is_agent and p.actor_id == inst.id):
-                p.require("registry:read", project_id=inst.project_id)
-            return compat_pb2.GetAgentByLegacyIdResponse(
-                agent_instance=convert.instance(inst), legacy_status=domain.INSTANCE_TO_LEGACY[inst.state],
-                name=tpl_name)
-
-        return await self.store.read(read)
+        return await self.compat.get_agent_by_legacy_id(current_principal(), request)
