@@ -14,6 +14,7 @@ import grpc
 from arm.registry.v1 import compat_pb2, compat_pb2_grpc
 from arm_common.auth import auth_metadata
 from arm_common.errors import PermissionDenied, Unavailable
+from arm_common.tagged_cache import TaggedCache
 from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,51 @@ Resolved: TypeAlias = compat_pb2.ResolvedAgent
 _LIMIT = 100_000
 
 
+class ResolutionCache:
+    """Resolutions by (tenant, ref kind, ref), None for an agent the registry does not know, and
+    which of them a registry change notice makes stale. Entries are tagged by tenant, instance
+    and version, so a notice costs what it drops, not a scan of every cached agent."""
+
+    def __init__(self, limit: int = _LIMIT) -> None:
+        self._cache: TaggedCache[tuple[str, str, str], Resolved | None] = TaggedCache(limit)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, key: tuple[str, str, str]) -> tuple[bool, Resolved | None]:
+        return self._cache.get(key)
+
+    def put(self, key: tuple[str, str, str], found: Resolved | None) -> None:
+        tenant = key[0]
+        tags: list[tuple[str, ...]] = [("tenant", tenant)]
+        if found is not None:
+            tags += [("instance", tenant, found.instance_id), ("version", tenant, found.version_id)]
+        self._cache.put(key, found, tags)
+
+    def invalidate(self, change: compat_pb2.AgentChange) -> None:
+        """Drops what `change` may have made stale: the whole tenant for a tenant change; else
+        the refs it names, every ref resolving to its instance, and for a version change every
+        ref resolving to that version."""
+        kind, tenant = change.kind, change.tenant_id
+        if kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
+            self._cache.clear()
+        elif kind == compat_pb2.AGENT_CHANGE_KIND_TENANT:
+            self._cache.drop_tagged(("tenant", tenant))
+        else:
+            self._cache.drop((tenant, "instance_id", change.instance_id))
+            if change.legacy_agent_id:
+                self._cache.drop((tenant, "legacy_agent_id", change.legacy_agent_id))
+            tags = [("instance", tenant, change.instance_id)]
+            if kind == compat_pb2.AGENT_CHANGE_KIND_VERSION:
+                tags.append(("version", tenant, change.version_id))
+            self._cache.drop_tagged(*tags)
+
+
 class AgentDirectory:
     def __init__(self, channel: grpc.aio.Channel, service_key: str | None) -> None:
         self.stub = compat_pb2_grpc.CompatServiceStub(channel)
         self.service_key = service_key
-        self._cache: dict[tuple[str, str, str], Resolved | None] = {}
+        self._cache = ResolutionCache()
         self._generation = 0  # bumped by every invalidation; guards against caching stale answers
         self.live = False
         self._live_event = asyncio.Event()
@@ -36,8 +77,10 @@ class AgentDirectory:
         """kind: instance_id or legacy_agent_id. None means the registry does not know the agent
         (in the caller's tenant)."""
         key = (tenant_id, kind, ref)
-        if self.live and key in self._cache:
-            return self._cache[key]
+        if self.live:
+            hit, cached = self._cache.get(key)
+            if hit:
+                return cached
         generation = self._generation
         try:
             resp = await self.stub.ResolveAgentRef(
@@ -54,28 +97,12 @@ class AgentDirectory:
                 raise Unavailable(f"the registry could not resolve the agent: {exc.code().name}",
                                   reason="REGISTRY_UNAVAILABLE") from None
         if self.live and generation == self._generation:
-            if len(self._cache) >= _LIMIT:
-                self._cache.clear()
-            self._cache[key] = found
+            self._cache.put(key, found)
         return found
 
     def _invalidate(self, change: compat_pb2.AgentChange) -> None:
         self._generation += 1
-        kind = change.kind
-        if kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
-            self._cache.clear()
-        else:
-            for key, value in list(self._cache.items()):
-                tenant, ref_kind, ref = key
-                if tenant != change.tenant_id:
-                    continue
-                if (kind == compat_pb2.AGENT_CHANGE_KIND_TENANT
-                        or (ref_kind == "instance_id" and ref == change.instance_id)
-                        or (ref_kind == "legacy_agent_id" and change.legacy_agent_id and ref == change.legacy_agent_id)
-                        or (value is not None and (value.instance_id == change.instance_id
-                                                   or (kind == compat_pb2.AGENT_CHANGE_KIND_VERSION
-                                                       and value.version_id == change.version_id)))):
-                    del self._cache[key]
+        self._cache.invalidate(change)
         for callback in self.on_change:
             callback(change)
 

@@ -26,6 +26,7 @@ from arm_common.ids import new_id
 from arm_common.messages import struct, ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
+from arm_common.tagged_cache import TaggedCache
 from arm_governance import convert, engine, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_log import DecisionLog, PendingDecision
@@ -101,22 +102,22 @@ class _AgentForms:
 class SpendBook:
     """Spend totals per instance for budget checks, cached until a spend notice."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, limit: int = 100_000) -> None:
         self.db = db
-        self._cache: dict[tuple[str, str, str, str, str], engine.Spend] = {}
+        # (tenant, instance, run, day, month) → totals; tagged by instance.
+        self._cache: TaggedCache[tuple[str, str, str, str, str], engine.Spend] = TaggedCache(limit)
 
     def invalidate(self, instance_id: str | None) -> None:
         if instance_id is None:
             self._cache.clear()
         else:
-            for key in [k for k in self._cache if k[1] == instance_id]:
-                del self._cache[key]
+            self._cache.drop_tagged(("instance", instance_id))
 
     async def totals(self, tenant_id: str, instance_id: str, run_id: str, now: datetime) -> engine.Spend:
         day = now.strftime("%Y-%m-%d")
         month = now.strftime("%Y-%m")
         key = (tenant_id, instance_id, run_id, day, month)
-        hit = self._cache.get(key)
+        _, hit = self._cache.get(key)
         if hit is not None:
             return hit
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -136,7 +137,7 @@ class SpendBook:
             return engine.Spend(run_usd=float(run_total), day_usd=float(day_total), month_usd=float(month_total))
 
         spend = await self.db.read(read)
-        self._cache[key] = spend
+        self._cache.put(key, spend, [("instance", instance_id)])
         return spend
 
 

@@ -17,6 +17,7 @@ import grpc
 
 from arm.registry.v1 import compat_pb2, compat_pb2_grpc
 from arm_common.auth import auth_metadata
+from arm_common.tagged_cache import TaggedCache
 from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class ReferenceResolver:
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
         self.limit = limit
-        self._cache: dict[tuple[str, str], tuple[float, AgentRefs | None]] = {}
+        # (tenant, legacy id) → (expiry, refs); tagged by the instance the refs name.
+        self._cache: TaggedCache[tuple[str, str], tuple[float, AgentRefs | None]] = TaggedCache(limit)
         self._generation = 0  # bumped by every invalidation: an answer racing one is not cached
         self._task: asyncio.Task[None] | None = None
 
@@ -64,11 +66,9 @@ class ReferenceResolver:
         if change.kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
             self._cache.clear()
         elif change.kind == compat_pb2.AGENT_CHANGE_KIND_INSTANCE:
-            for key, (_, refs) in list(self._cache.items()):
-                if key[0] == change.tenant_id and (
-                        (change.legacy_agent_id and key[1] == change.legacy_agent_id)
-                        or (refs is not None and refs.instance_id == change.instance_id)):
-                    del self._cache[key]
+            if change.legacy_agent_id:
+                self._cache.drop((change.tenant_id, change.legacy_agent_id))
+            self._cache.drop_tagged(("instance", change.tenant_id, change.instance_id))
 
     async def _watch(self) -> None:
         delay = 0.2
@@ -92,7 +92,7 @@ class ReferenceResolver:
         RegistryUnavailable when it cannot tell."""
         key = (tenant_id, legacy_agent_id)
         now = time.monotonic()
-        hit = self._cache.get(key)
+        _, hit = self._cache.get(key)
         if hit is not None and hit[0] > now and (hit[1] is not None or use_negative):
             return hit[1]
         generation = self._generation
@@ -119,9 +119,8 @@ class ReferenceResolver:
             a = resp.agent
             found = AgentRefs(a.project_id, a.environment_id, a.template_id, a.version_id, a.instance_id)
         if generation == self._generation:
-            if len(self._cache) >= self.limit:
-                self._cache.clear()
-            self._cache[key] = (now + (self.ttl_s if found is not None else self.negative_ttl_s), found)
+            self._cache.put(key, (now + (self.ttl_s if found is not None else self.negative_ttl_s), found),
+                            [("instance", tenant_id, found.instance_id)] if found is not None else [])
         return found
 
     async def resolve_many(self, tenant_id: str, legacy_ids: set[str], *,
