@@ -19,6 +19,8 @@ from arm_common.outbox import TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.decision_log import DecisionLog, PendingDecision
+from arm_governance.decisions import SpendBook
+from arm_governance.engine import Spend
 from tests.conftest import PG_URL
 
 
@@ -139,3 +141,18 @@ async def test_a_dead_pooled_connection_costs_no_decision(governance) -> None:  
     finally:
         await log.stop()
         await db.dispose()
+
+
+async def test_spend_totals_read_across_a_spend_notice_are_not_cached(governance) -> None:  # type: ignore[no-untyped-def]
+    """A spend notice that arrives while totals are being read means they may miss that spend:
+    they answer this decision but are not cached, so the next decision reads again (else a
+    budget could be overrun from the cache until the instance's next spend)."""
+    book = SpendBook(governance.db)
+    tenant, instance, now = new_id("tnt"), new_id("ins"), utcnow()
+    reading = asyncio.create_task(book.totals(tenant, instance, "run-1", now))
+    await asyncio.sleep(0)  # the task is now inside its database read
+    book.invalidate(instance)
+    assert await reading == Spend()
+    assert book._cache.get((tenant, instance, "run-1", now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")))[0] is False
+    await book.totals(tenant, instance, "run-1", now)  # undisturbed: cached
+    assert len(book._cache) == 1

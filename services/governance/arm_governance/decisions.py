@@ -106,8 +106,10 @@ class SpendBook:
         self.db = db
         # (tenant, instance, run, day, month) → totals; tagged by instance.
         self._cache: TaggedCache[tuple[str, str, str, str, str], engine.Spend] = TaggedCache(limit)
+        self._generation = 0  # bumped by every spend notice: totals read across one are not cached
 
     def invalidate(self, instance_id: str | None) -> None:
+        self._generation += 1
         if instance_id is None:
             self._cache.clear()
         else:
@@ -120,6 +122,7 @@ class SpendBook:
         _, hit = self._cache.get(key)
         if hit is not None:
             return hit
+        generation = self._generation
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         month_start = day_start.replace(day=1)
         e = models.SpendEntry
@@ -137,7 +140,10 @@ class SpendBook:
             return engine.Spend(run_usd=float(run_total), day_usd=float(day_total), month_usd=float(month_total))
 
         spend = await self.db.read(read)
-        self._cache.put(key, spend, [("instance", instance_id)])
+        if generation == self._generation:
+            # Else spend was reported while we read: these totals may miss it, so the next
+            # decision reads again rather than letting a budget be overrun from the cache.
+            self._cache.put(key, spend, [("instance", instance_id)])
         return spend
 
 
