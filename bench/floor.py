@@ -74,6 +74,7 @@ async def serve(mode: str, port: int, postgres: str, table: str) -> None:
         reasons=[policy_pb2.Reason(code="TOOL_RULE", message="fs.read is allowed by the version's envelope")])
     response.decide_time.GetCurrentTime()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    writer: asyncio.Task[None] | None = None
     if mode == "echo":
         async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return request
@@ -87,8 +88,8 @@ async def serve(mode: str, port: int, postgres: str, table: str) -> None:
             pool = await asyncpg.create_pool(postgres, min_size=1, max_size=1, server_settings=settings)
             await pool.execute(f"CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, request bytea NOT NULL)")
         batcher = Batcher(pool, table)
-        if mode != "typed":
-            asyncio.get_running_loop().create_task(batcher.run())
+        # Held here: the loop keeps only a weak reference to a task.
+        writer = asyncio.create_task(batcher.run()) if mode != "typed" else None
 
         class Servicer(decision_pb2_grpc.DecisionServiceServicer):
             async def Check(self, request: decision_pb2.CheckRequest,  # noqa: N802 - gRPC method name
@@ -101,6 +102,8 @@ async def serve(mode: str, port: int, postgres: str, table: str) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
+    if writer is not None:
+        writer.cancel()
 
 
 async def orchestrate(args: argparse.Namespace) -> None:
