@@ -122,31 +122,29 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
                             stderr=subprocess.STDOUT)
 
 
+def _proc_stat(stat: Path) -> tuple[str, list[int]] | None:
+    """A process's name and its CPU clock ticks (utime, stime, cutime, cstime) from /proc; None
+    when it is gone or there is no /proc."""
+    try:
+        name, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
+    except (OSError, IndexError, ValueError):
+        return None
+    return name, [int(v) for v in rest.split()[11:15]]
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User plus system CPU time the processes have used so far (Linux /proc; 0 elsewhere)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    stats = [_proc_stat(Path(f"/proc/{pid}/stat")) for pid in pids]
+    if any(s is None for s in stats):
+        return 0.0
+    return sum(ticks[0] + ticks[1] for _, ticks in filter(None, stats)) / os.sysconf("SC_CLK_TCK")
 
 
 def postgres_cpu_seconds() -> float:
     """CPU time of the local PostgreSQL server's processes, exited backends included (the
     postmaster's children's times); 0 when PostgreSQL is not on this machine (Linux /proc)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            name, fields = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
-        except (OSError, IndexError, ValueError):
-            continue
-        if name == "postgres":
-            values = fields.split()
-            total += sum(int(v) for v in values[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
+    stats = filter(None, map(_proc_stat, Path("/proc").glob("[0-9]*/stat")))
+    return sum(sum(ticks) for name, ticks in stats if name == "postgres") / os.sysconf("SC_CLK_TCK")
 
 
 def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,

@@ -26,6 +26,7 @@ from arm.registry.v1 import agents_pb2
 from arm.telemetry.v1 import events_pb2
 from arm_client import ArmClient
 from arm_common.canonical import canonical_hash
+from arm_common.db import rowcount
 from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.models import OUTBOX
@@ -71,7 +72,7 @@ class World:
         """The stand-in for the operator flow: a direct update of governance's approvals table."""
         async def write(s: Any) -> None:
             result = await s.execute(update(models.Approval).where(models.Approval.id == approval_id).values(**values))
-            assert result.rowcount == 1
+            assert rowcount(result) == 1
         await self.db.run(write)
 
     async def approval(self, approval_id: str) -> models.Approval:

@@ -23,6 +23,7 @@ from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import access_pb2, agents_pb2
 from arm_client import ArmClient
+from arm_common.db import rowcount
 from arm_common.errors import FailedPrecondition, PermissionDenied
 from arm_common.messages import ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD
@@ -129,7 +130,7 @@ class World:
     async def set_row(self, approval_id: str, **values: Any) -> None:
         async def write(s: Any) -> None:
             result = await s.execute(update(models.Approval).where(models.Approval.id == approval_id).values(**values))
-            assert result.rowcount == 1
+            assert rowcount(result) == 1
         await self.governance.db.run(write)
 
     async def get(self, approval_id: str) -> apb.Approval:

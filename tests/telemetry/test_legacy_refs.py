@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import grpc
+import pytest
 from sqlalchemy import text
 
 from arm.registry.v1 import compat_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 from arm_common.db import Database
+from arm_telemetry.references import AgentRefs, ReferenceResolver, RegistryUnavailable
 from tests.conftest import new_database_spec
 from tests.helpers import expect_failure
 from tests.telemetry.conftest import event, start_telemetry, stop_telemetry
@@ -148,3 +151,28 @@ async def test_an_agent_registered_later_resolves_at_once(registry, tenant, tmp_
             assert [e.instance_id for e in stored_first if e.event_id == first.event_id] == [""]
     finally:
         await stop_telemetry(server)
+
+
+async def test_an_instance_change_drops_its_references_even_without_the_legacy_id() -> None:
+    """Cached references are filed under the instance they name: a change notice for that
+    instance drops them (its version may have moved) even when the notice carries no legacy id,
+    and leaves other instances' and other tenants' references alone."""
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")  # never called: only the cache is used
+    resolver = ReferenceResolver(channel, None)
+    try:
+        mine = AgentRefs("prj_1", "env_1", "tpl_1", "ver_1", "ins_1")
+        other = AgentRefs("prj_1", "env_1", "tpl_1", "ver_1", "ins_2")
+        now = time.monotonic()
+        resolver._remember(("t1", "legacy-a"), mine, now)
+        resolver._remember(("t1", "legacy-b"), other, now)
+        resolver._remember(("t2", "legacy-a"), mine, now)
+        resolver._remember(("t1", "legacy-unknown"), None, now)
+        resolver.invalidate(compat_pb2.AgentChange(kind=compat_pb2.AGENT_CHANGE_KIND_INSTANCE, tenant_id="t1",
+                                                   instance_id="ins_1", version_id="ver_2"))
+        assert await resolver.resolve("t1", "legacy-b") == other  # still cached: no registry call
+        assert await resolver.resolve("t2", "legacy-a") == mine
+        assert await resolver.resolve("t1", "legacy-unknown") is None
+        with pytest.raises(RegistryUnavailable):  # dropped: resolving it needs the registry
+            await resolver.resolve("t1", "legacy-a")
+    finally:
+        await channel.close()

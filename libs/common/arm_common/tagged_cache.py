@@ -29,9 +29,6 @@ class TaggedCache(Generic[K, V]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def __getitem__(self, key: K) -> V:
-        return self._entries[key][0]
-
     def get(self, key: K) -> tuple[bool, V | None]:
         """(True, value) for a cached key (the value may itself be None), else (False, None)."""
         entry = self._entries.get(key)

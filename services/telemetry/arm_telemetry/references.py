@@ -119,9 +119,14 @@ class ReferenceResolver:
             a = resp.agent
             found = AgentRefs(a.project_id, a.environment_id, a.template_id, a.version_id, a.instance_id)
         if generation == self._generation:
-            self._cache.put(key, (now + (self.ttl_s if found is not None else self.negative_ttl_s), found),
-                            [("instance", tenant_id, found.instance_id)] if found is not None else [])
+            self._remember(key, found, now)
         return found
+
+    def _remember(self, key: tuple[str, str], found: AgentRefs | None, now: float) -> None:
+        """Caches an answer until its TTL, filed under the instance it names so a change notice
+        for that instance drops it even when the notice does not carry the legacy id."""
+        self._cache.put(key, (now + (self.ttl_s if found is not None else self.negative_ttl_s), found),
+                        [("instance", key[0], found.instance_id)] if found is not None else [])
 
     async def resolve_many(self, tenant_id: str, legacy_ids: set[str], *,
                            caller_key: str = "") -> dict[str, AgentRefs]:
