@@ -93,6 +93,10 @@ class ServiceConfig:
     approval_sweep_s: float = 30.0
     """How often governance expires and escalates due approvals (`ARM_APPROVAL_SWEEP_S`,
     default 30); every replica sweeps, each change is made once."""
+    share_port: bool = False
+    """`ARM_SHARE_PORT` (default false): let several processes serve the same port (SO_REUSEPORT,
+    the kernel spreads new connections among them), for identical workers of one deployment only.
+    Off, starting on a port already in use fails with a message naming the address."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -119,4 +123,5 @@ class ServiceConfig:
             shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
+            share_port=_bool(env, "ARM_SHARE_PORT", False),
         )
