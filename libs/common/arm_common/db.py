@@ -4,13 +4,19 @@ PostgreSQL (asyncpg), with the same code on both."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import random
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import asyncpg
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Result, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -21,7 +27,15 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from arm_common.errors import ArmError, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Seconds to open a PostgreSQL connection, and to wait for a free pooled one, before the call
+# answers UNAVAILABLE.
+CONNECT_TIMEOUT_S = 5.0
+POOL_TIMEOUT_S = 10.0
 
 # Retried whole-transaction failures: PostgreSQL serialization failure / deadlock, SQLite busy.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -48,6 +62,77 @@ def _is_retryable(exc: BaseException) -> bool:
         code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
         return code in _RETRYABLE_SQLSTATES
     return False
+
+
+# SQLSTATEs of a database that cannot be used right now: connection exceptions (class 08),
+# shutting down / crashed / starting up (57P01-57P03), too many connections (53300).
+_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300"}
+_UNAVAILABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
+                       errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN}
+# SQLite's own words for a file that cannot be used now (a writer holding the lock past the busy
+# timeout, a file that cannot be opened); a constraint or syntax error is never among them.
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file", "disk i/o error")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when `exc` (or what it wraps) says the database cannot be reached or used right now:
+    a refused, reset or timed-out connection, a connection the server closed, a pool timeout, a
+    server shutting down or starting up, SQLite locked or unopenable. Never for an error a retry
+    would repeat (bad SQL, a constraint)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen or isinstance(e, ArmError):
+            continue
+        seen.add(id(e))
+        if isinstance(e, DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, (sa_exc.TimeoutError, sa_exc.DisconnectionError)) or (
+                isinstance(e, sa_exc.InterfaceError) and "closed" in str(e).lower()):
+            return True
+        if isinstance(e, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                          asyncpg.TooManyConnectionsError)):
+            return True
+        code = getattr(e, "sqlstate", None)
+        if isinstance(code, str) and (code.startswith("08") or code in _UNAVAILABLE_SQLSTATES):
+            return True
+        if isinstance(e, (sqlite3.OperationalError, OperationalError)) and \
+                any(words in str(e).lower() for words in _SQLITE_UNAVAILABLE):
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)) or (
+                isinstance(e, OSError) and e.errno in _UNAVAILABLE_ERRNOS):
+            return True
+        todo.extend((getattr(e, "orig", None), e.__cause__))
+    return False
+
+
+class OutageLog:
+    """Says an outage once: a warning when the first call fails, an info line when a call
+    succeeds again. Not a line (nor a traceback) per failed call."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since: float | None = None
+        self.failures = 0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            self.failures = 1
+            log.warning("%s is unavailable (%s: %s); calls that need it answer UNAVAILABLE until "
+                        "it is back", self.what, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("%s is available again after %.1f s (%d calls failed meanwhile)", self.what,
+                     time.monotonic() - self.since, self.failures)
+            self.since = None
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -84,19 +169,24 @@ class Database:
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
         self.schema = schema
+        where = parsed.render_as_string(hide_password=True)
+        self.outage = OutageLog(f"database {where}" + (f" (schema {schema})" if schema else ""))
         kwargs: dict[str, Any] = {}
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            connect_args: dict[str, Any] = {}
+            # A server that does not answer fails the call in seconds, not after asyncpg's 60.
+            connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_S}
             if schema:
                 connect_args["server_settings"] = {"search_path": schema}
             # No pre-ping (a round trip per transaction on the hot path): a connection found dead
             # is invalidated by SQLAlchemy and run() retries the transaction on a fresh one.
+            # After an outage SQLAlchemy invalidates the whole pool on the first dead connection
+            # it meets (run() and read() retry that once), so recovery needs no restart.
             kwargs.update(connect_args=connect_args, pool_size=pool_size, max_overflow=pool_size,
-                          pool_recycle=1800)
+                          pool_recycle=1800, pool_timeout=POOL_TIMEOUT_S)
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             self._configure_sqlite()
@@ -139,29 +229,64 @@ class Database:
         async with self.sessions() as session, session.begin():
             yield session
 
+    def unavailable(self, exc: BaseException) -> DatabaseUnavailable | None:
+        """For a connection or timeout error: notes the outage (logged once) and returns the
+        DatabaseUnavailable to raise instead. None for any other error."""
+        if isinstance(exc, DatabaseUnavailable):
+            return exc
+        if not is_connection_error(exc):
+            return None
+        self.outage.failed(exc)
+        return DatabaseUnavailable()
+
+    @asynccontextmanager
+    async def watched(self) -> AsyncIterator[None]:
+        """Around any use of the database outside run() and read(): a connection or timeout
+        error leaves as DatabaseUnavailable, a success ends an outage."""
+        try:
+            yield
+        except Exception as exc:
+            err = self.unavailable(exc)
+            if err is None or err is exc:
+                raise
+            raise err from exc
+        self.outage.ok()
+
     async def run(self, fn: Callable[[AsyncSession], Awaitable[T]], *, attempts: int = 8) -> T:
-        """Runs fn in a transaction, retrying the whole transaction on transient conflicts."""
-        for attempt in range(attempts):
-            try:
-                if self._write_lock is not None:
-                    async with self._write_lock, self.transaction() as session:
+        """Runs fn in a transaction, retrying the whole transaction on transient conflicts (and
+        once on a connection found dead). A database that cannot be reached raises
+        DatabaseUnavailable."""
+        async with self.watched():
+            for attempt in range(attempts):
+                try:
+                    if self._write_lock is not None:
+                        async with self._write_lock, self.transaction() as session:
+                            return await fn(session)
+                    async with self.transaction() as session:
                         return await fn(session)
-                async with self.transaction() as session:
-                    return await fn(session)
-            except DBAPIError as exc:
-                if attempt == attempts - 1 or not _is_retryable(exc):
-                    raise
-                await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
+                except DBAPIError as exc:
+                    if attempt == attempts - 1 or not _is_retryable(exc):
+                        raise
+                    await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
         raise AssertionError("unreachable")
 
     async def read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """Runs a read-only function in its own session."""
-        async with self.sessions() as session:
-            await session.connection(execution_options={"arm_readonly": True})
-            try:
-                return await fn(session)
-            finally:
-                await session.rollback()
+        """Runs a read-only function in its own session (again once on a connection found dead,
+        e.g. the first after a database restart). A database that cannot be reached raises
+        DatabaseUnavailable."""
+        async with self.watched():
+            for attempt in range(2):
+                try:
+                    async with self.sessions() as session:
+                        await session.connection(execution_options={"arm_readonly": True})
+                        try:
+                            return await fn(session)
+                        finally:
+                            await session.rollback()
+                except DBAPIError as exc:
+                    if attempt or not exc.connection_invalidated:
+                        raise
+        raise AssertionError("unreachable")
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -90,8 +91,24 @@ class ResourceExhausted(ArmError):
 
 
 class Unavailable(ArmError):
+    """Try again later: always carries a RetryInfo delay (1 s unless given)."""
+
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_delay_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, retry_delay_s=1.0 if retry_delay_s is None else retry_delay_s, **kwargs)
+
+
+class DatabaseUnavailable(Unavailable):
+    """The service's database cannot be reached (down, restarting, unreachable, out of
+    connections): the caller retries after the RetryInfo delay; nothing was changed."""
+
+    default_reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(self, message: str = "the database is unavailable; retry later", *,
+                 retry_delay_s: float = 2.0) -> None:
+        super().__init__(message, retry_delay_s=retry_delay_s)
 
 
 class Unimplemented(ArmError):

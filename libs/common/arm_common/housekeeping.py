@@ -14,6 +14,7 @@ from sqlalchemy import Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm_common.db import Database
+from arm_common.errors import DatabaseUnavailable
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 
@@ -61,6 +62,8 @@ class Periodic:
                         log.info("%s removed %d rows", self.name, removed)
                 except asyncio.CancelledError:
                     raise
+                except DatabaseUnavailable:
+                    pass  # said once by the database's outage log; try again next round
                 except Exception:  # noqa: BLE001 - try again next round
                     log.exception("%s failed", self.name)
                 await asyncio.sleep(self.interval_s)

@@ -25,7 +25,14 @@ from arm_common.auth import (
     _request_id,
     act_for_tenant,
 )
-from arm_common.errors import ERROR_DOMAIN, ArmError, Unauthenticated, Unimplemented
+from arm_common.db import is_connection_error
+from arm_common.errors import (
+    ERROR_DOMAIN,
+    ArmError,
+    DatabaseUnavailable,
+    Unauthenticated,
+    Unimplemented,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,24 @@ def to_status(err: ArmError, request_id: str) -> grpc.Status:
         packed.append(a)
     return rpc_status.to_status(status_pb2.Status(
         code=getattr(code_pb2, err.code.name), message=err.message, details=packed))
+
+
+_last_unavailable_warning = 0.0
+
+
+def database_unavailable(exc: BaseException) -> DatabaseUnavailable | None:
+    """A database connection or timeout error that reached the interceptor without passing a
+    Database (whose own outage log says it once, see Database.unavailable): UNAVAILABLE with
+    RetryInfo, not INTERNAL with a traceback; warned about at most once a minute."""
+    global _last_unavailable_warning
+    if not is_connection_error(exc):
+        return None
+    now = time.monotonic()
+    if now - _last_unavailable_warning >= 60:
+        _last_unavailable_warning = now
+        log.warning("a database is unavailable (%s: %s); answering UNAVAILABLE",
+                    type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+    return DatabaseUnavailable()
 
 
 def _bearer(metadata: Any) -> str | None:
@@ -142,6 +167,7 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 # Generated servicer bases raise this for RPCs a later release implements.
                 exc = Unimplemented(f"{method} is not implemented yet", reason="NOT_IMPLEMENTED",
                                     metadata={"method": method})
+            exc = database_unavailable(exc) or exc
             if isinstance(exc, ArmError):
                 status = to_status(exc, request_id)
                 await context.abort(status.code, status.details, status.trailing_metadata)

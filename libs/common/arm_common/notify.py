@@ -16,7 +16,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from arm_common.db import Database
+from arm_common.db import Database, is_connection_error
 from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,10 @@ class ChangeChannel:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep listening through outages
-                log.warning("%s: listener failed (%s); reconnecting", self.channel, exc)
+                if is_connection_error(exc):
+                    self.db.outage.failed(exc)  # said once per outage, not per reconnection
+                else:
+                    log.warning("%s: listener failed (%s); reconnecting", self.channel, exc)
             finally:
                 self._listening.clear()
                 if conn is not None and not conn.is_closed():

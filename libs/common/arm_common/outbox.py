@@ -18,6 +18,7 @@ from sqlalchemy import and_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm_common.db import Database
+from arm_common.errors import DatabaseUnavailable
 from arm_common.tables import utcnow
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._failing = 0  # deliveries failed in a row: the first is warned about, not each
 
     def notify(self) -> None:
         """Called after a commit that enqueued messages, so they go out without waiting a poll."""
@@ -123,6 +125,8 @@ class OutboxRelay:
                 moved = await self.relay_once()
             except asyncio.CancelledError:
                 raise
+            except DatabaseUnavailable:  # said once by the database's outage log; try again later
+                moved = 0
             except Exception:  # a broken database must not kill the relay; try again later
                 log.exception("outbox %s: relay pass failed", self.topic)
                 moved = 0
@@ -187,13 +191,21 @@ class OutboxRelay:
         except Exception as exc:  # noqa: BLE001 - any failure means "retry later"
             attempts = ready[0].attempts + 1
             delay = min(self.max_backoff_s, 0.1 * 2**attempts) * random.uniform(0.5, 1.0)
-            log.warning("outbox %s: delivery of %d failed (attempt %d): %s", self.topic,
-                        len(ready), attempts, exc)
+            self._failing += 1
+            if self._failing == 1:
+                log.warning("outbox %s: delivery of %d failed (attempt %d): %s; retrying with "
+                            "backoff", self.topic, len(ready), attempts, exc)
+            else:
+                log.debug("outbox %s: delivery of %d failed (attempt %d): %s", self.topic,
+                          len(ready), attempts, exc)
             stmt = update(t).where(t.c.position.in_(positions)).values(
                 attempts=t.c.attempts + 1, last_error=str(exc)[:2000],
                 next_attempt_at=utcnow() + timedelta(seconds=delay))
             delivered = 0
         else:
+            if self._failing:
+                log.info("outbox %s: delivering again after %d failed attempts", self.topic, self._failing)
+                self._failing = 0
             stmt = update(t).where(t.c.position.in_(positions)).values(
                 delivered_at=utcnow(), attempts=t.c.attempts + 1, last_error=None)
             delivered = len(ready)

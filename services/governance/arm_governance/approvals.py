@@ -31,6 +31,7 @@ from arm_common.auth import Principal
 from arm_common.db import Database, rowcount
 from arm_common.errors import (
     Aborted,
+    DatabaseUnavailable,
     FailedPrecondition,
     NotFound,
     PermissionDenied,
@@ -571,6 +572,8 @@ class ApprovalSweeper:
                 await self.store.sweep()
             except asyncio.CancelledError:
                 raise
+            except DatabaseUnavailable:
+                pass  # said once by the database's outage log; sweep again next round
             except Exception:  # noqa: BLE001 - keep sweeping through outages
                 log.exception("approval sweep failed; retrying")
             await asyncio.sleep(self.interval_s)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
 from arm_common.db import Database, driver_connection
-from arm_common.errors import Unavailable
+from arm_common.errors import DatabaseUnavailable, Unavailable
 from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_row
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
@@ -119,6 +119,15 @@ class DecisionLog:
                 batch.append(self._queue.get_nowait())
             try:
                 topics = await self._commit(batch)
+            except DatabaseUnavailable as exc:
+                # Nothing was logged, so nothing may be answered but UNAVAILABLE (fail closed);
+                # said once by the database's outage log, and no use trying one by one.
+                topics = set()
+                for item in batch:
+                    if item.future and not item.future.done():
+                        item.future.set_exception(DatabaseUnavailable(
+                            "the decision could not be logged (the database is unavailable); retry",
+                            retry_delay_s=exc.retry_delay_s or 1.0))
             except Exception:  # noqa: BLE001 - isolate the item that breaks the batch
                 log.exception("decision batch of %d failed; writing one by one", len(batch))
                 topics = set()
@@ -145,7 +154,7 @@ class DecisionLog:
         if self.db.is_postgres and all(map(_nothing_to_look_up, batch)):
             # The common case on PostgreSQL: the one statement on a pooled connection, without
             # an ORM session around it (~0.13 ms of CPU per batch).
-            async with self.db.engine.connect() as conn:
+            async with self.db.watched(), self.db.engine.connect() as conn:
                 apg = await driver_connection(conn)
                 decisions, messages = self._rows(batch)
                 approvals = [item.approval for item in batch if item.approval is not None]

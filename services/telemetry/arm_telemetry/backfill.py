@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.telemetry.v1 import telemetry_pb2
 from arm_common.db import Database, rowcount
-from arm_common.errors import FailedPrecondition, NotFound
+from arm_common.errors import DatabaseUnavailable, FailedPrecondition, NotFound
 from arm_common.ids import new_id
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
@@ -126,7 +126,12 @@ class Backfills:
         try:
             more = True
             while more:
-                more = await self.step(backfill_id)
+                try:
+                    more = await self.step(backfill_id)
+                except DatabaseUnavailable as exc:
+                    # Said once by the database's outage log; resume from the cursor when it is back.
+                    await asyncio.sleep(exc.retry_delay_s or 1.0)
+                    continue
                 if more and self.pause_s:
                     await asyncio.sleep(self.pause_s)
         except asyncio.CancelledError:

@@ -36,7 +36,7 @@ from arm.governance.v1 import decision_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 from arm_common.auth import Principal
 from arm_common.db import Database, driver_connection
-from arm_common.errors import ResourceExhausted, Unavailable
+from arm_common.errors import DatabaseUnavailable, ResourceExhausted, Unavailable
 from arm_common.outbox import outbox_row
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
@@ -232,6 +232,13 @@ class EventWriter:
                 size += len(item.rows)
             try:
                 await self._commit(group)
+            except DatabaseUnavailable as exc:
+                # Nothing stored: every call answers UNAVAILABLE (said once by the database's
+                # outage log; no use trying one by one).
+                for item in group:
+                    self._finish(item, DatabaseUnavailable(
+                        "the events could not be stored (the database is unavailable); retry",
+                        retry_delay_s=exc.retry_delay_s or 1.0))
             except Exception:  # noqa: BLE001 - isolate the call that breaks the group
                 log.exception("event group of %d calls failed; writing them one by one", len(group))
                 for item in group:
