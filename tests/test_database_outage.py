@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from tests import private_postgres
 from tests.conftest import (
     DatabaseSpec,
     make_tenant,
+    new_database_spec,
     start_governance,
     start_registry,
     stop_governance,
@@ -176,4 +178,54 @@ async def test_outage_answers_unavailable_logs_once_and_recovers(caplog: pytest.
             await stop_governance(governance, drop=False)
         if registry is not None:
             await stop_registry(registry, drop=False)
+        pg.destroy()
+
+
+@pytest.fixture
+def shared_registry_spec(tmp_path: Path) -> DatabaseSpec:
+    """A registry schema on the shared PostgreSQL (skipped when it is unreachable)."""
+    return new_database_spec("postgres", tmp_path, "registry")
+
+
+async def test_check_fails_closed_when_its_decision_cannot_be_logged(shared_registry_spec: DatabaseSpec) -> None:
+    """Only governance's database goes down; the registry (on the shared PostgreSQL) stays up and
+    the caller's key and the agent's resolution are cached. Check still never answers without a
+    durable decision record: UNAVAILABLE with RetryInfo, never ALLOW; and ALLOW again once the
+    database is back."""
+    pg = private_postgres.PrivatePostgres()
+    pg.init()
+    registry = governance = None
+    try:
+        registry = await start_registry(shared_registry_spec)
+        governance = await start_governance(DatabaseSpec("postgres", pg.url, "arm_governance"), registry,
+                                            {"ARM_AUTH_CACHE_TTL_S": "600"})
+        admin = registry.client(registry.admin_key)
+        tenant = await make_tenant(registry, admin)
+        agents = await approved_version(tenant.admin)
+        inst = (await tenant.admin.agents.CreateAgentInstance(agents_pb2.CreateAgentInstanceRequest(
+            version_id=agents.version.id, environment_id=agents.environment.id, name="w"))).agent_instance
+        await tenant.admin.agents.TransitionAgentInstance(agents_pb2.TransitionAgentInstanceRequest(
+            id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE))
+        gov = governance.client(tenant.admin_key)
+        check = decision_pb2.CheckRequest(instance_id=inst.id, tool_name="fs.read")
+        for _ in range(2):  # the second decision is made from the caches
+            assert (await gov.decisions.Check(check)).decision == policy_pb2.DECISION_ALLOW
+
+        pg.stop()
+        for _ in range(3):
+            assert await expect_unavailable(gov.decisions.Check(check)) == "DATABASE_UNAVAILABLE"
+        assert await expect_unavailable(gov.policies.ListPolicyEnvelopes(
+            policy_pb2.ListPolicyEnvelopesRequest())) == "DATABASE_UNAVAILABLE"
+        # The registry, on its own database, is not affected.
+        await tenant.admin.tenancy.GetProject(tenancy_pb2.GetProjectRequest(id=agents.project.id))
+
+        pg.start()
+        assert (await gov.decisions.Check(check)).decision == policy_pb2.DECISION_ALLOW
+        for client in (admin, tenant.admin, gov):
+            await client.close()
+    finally:
+        if governance is not None:
+            await stop_governance(governance, drop=False)
+        if registry is not None:
+            await stop_registry(registry)
         pg.destroy()
