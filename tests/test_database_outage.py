@@ -169,6 +169,16 @@ async def test_outage_answers_unavailable_logs_once_and_recovers(caplog: pytest.
                 break
             await asyncio.sleep(0.05)
         assert governance.component.changes.live
+
+        # A restart no call noticed: the pooled connections are all dead, and the first calls
+        # after it are answered anyway (the dead connections are dropped and the call retried).
+        pg.stop()
+        pg.start()
+        for name, call in sorted(calls.items(), key=lambda item: item[0] != "governance Check"):
+            try:
+                await call()
+            except grpc.aio.AioRpcError as exc:
+                raise AssertionError(f"{name} after a quick restart: {exc.code()} {exc.details()}") from None
         for client in (admin, tenant.admin, gov, tel, audit):
             await client.close()
     finally:
@@ -198,7 +208,8 @@ async def test_check_fails_closed_when_its_decision_cannot_be_logged(shared_regi
     try:
         registry = await start_registry(shared_registry_spec)
         governance = await start_governance(DatabaseSpec("postgres", pg.url, "arm_governance"), registry,
-                                            {"ARM_AUTH_CACHE_TTL_S": "600"})
+                                            {"ARM_AUTH_CACHE_TTL_S": "600", "ARM_OUTBOX_POLL_S": "600",
+                                             "ARM_APPROVAL_SWEEP_S": "600"})
         admin = registry.client(registry.admin_key)
         tenant = await make_tenant(registry, admin)
         agents = await approved_version(tenant.admin)
@@ -221,6 +232,12 @@ async def test_check_fails_closed_when_its_decision_cannot_be_logged(shared_regi
 
         pg.start()
         assert (await gov.decisions.Check(check)).decision == policy_pb2.DECISION_ALLOW
+        # A restart between two Checks, with nothing else using the database meanwhile: the
+        # decision log meets only dead pooled connections, takes fresh ones, and answers.
+        pg.stop()
+        pg.start()
+        answers = await asyncio.gather(*(gov.decisions.Check(check) for _ in range(5)))
+        assert {a.decision for a in answers} == {policy_pb2.DECISION_ALLOW}
         for client in (admin, tenant.admin, gov):
             await client.close()
     finally:

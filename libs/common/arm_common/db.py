@@ -89,7 +89,7 @@ def is_connection_error(exc: BaseException) -> bool:
         if isinstance(e, DBAPIError) and e.connection_invalidated:
             return True
         if isinstance(e, (sa_exc.TimeoutError, sa_exc.DisconnectionError)) or (
-                isinstance(e, sa_exc.InterfaceError) and "closed" in str(e).lower()):
+                isinstance(e, (sa_exc.InterfaceError, asyncpg.InterfaceError)) and "closed" in str(e).lower()):
             return True
         if isinstance(e, (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
                           asyncpg.TooManyConnectionsError)):
