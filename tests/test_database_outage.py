@@ -34,9 +34,10 @@ from tests.conftest import (
     stop_registry,
 )
 from tests.helpers import approved_version
+from tests.processes import base_env, free_port, spawn
 from tests.telemetry.conftest import event, start_telemetry, stop_telemetry
 
-pytestmark = pytest.mark.skipif(not private_postgres.available(),
+needs_private_postgres = pytest.mark.skipif(not private_postgres.available(),
                                 reason="needs PostgreSQL 15 binaries (initdb, pg_ctl) for a private instance")
 
 OUTAGE_WARNING = "is unavailable ("
@@ -71,6 +72,7 @@ async def expect_unavailable(call: Awaitable[Any]) -> str:
     raise AssertionError(f"the call succeeded during the outage: {result}")
 
 
+@needs_private_postgres
 async def test_outage_answers_unavailable_logs_once_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
     pg = private_postgres.PrivatePostgres()
     pg.init()
@@ -197,6 +199,7 @@ def shared_registry_spec(tmp_path: Path) -> DatabaseSpec:
     return new_database_spec("postgres", tmp_path, "registry")
 
 
+@needs_private_postgres
 async def test_check_fails_closed_when_its_decision_cannot_be_logged(shared_registry_spec: DatabaseSpec) -> None:
     """Only governance's database goes down; the registry (on the shared PostgreSQL) stays up and
     the caller's key and the agent's resolution are cached. Check still never answers without a
@@ -246,3 +249,15 @@ async def test_check_fails_closed_when_its_decision_cannot_be_logged(shared_regi
         if registry is not None:
             await stop_registry(registry)
         pg.destroy()
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_service_started_without_its_database_exits_with_a_message(tmp_path: Path, command: str) -> None:
+    log = tmp_path / "registry.log"
+    proc = spawn("arm_registry", command, env=base_env(
+        ARM_REGISTRY_LISTEN=f"127.0.0.1:{free_port()}",
+        ARM_REGISTRY_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/arm"), log=log)
+    assert proc.wait(60) == 2, log.read_text()
+    text = log.read_text()
+    assert "arm_registry: cannot reach the database (ConnectionRefusedError" in text, text
+    assert "ARM_REGISTRY_DATABASE_URL" in text and "Traceback" not in text, text

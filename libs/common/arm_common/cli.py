@@ -14,7 +14,7 @@ from typing import Any
 
 from arm_common import logs
 from arm_common.config import ConfigError, ServiceConfig
-from arm_common.db import Database
+from arm_common.db import Database, unreachable_at_start
 from arm_common.migrations import SchemaNotReady
 from arm_common.server import Host
 
@@ -67,4 +67,10 @@ def run(cmds: ServiceCommands) -> None:
         sys.exit(asyncio.run(_main(cmds, args.command)))
     except (ConfigError, SchemaNotReady) as exc:
         print(f"arm_{cmds.service}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        message = unreachable_at_start(exc, cmds.service)
+        if message is None:
+            raise
+        print(f"arm_{cmds.service}: {message}", file=sys.stderr)
         sys.exit(2)

@@ -107,6 +107,17 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def unreachable_at_start(exc: BaseException, service: str) -> str | None:
+    """The message a process prints instead of a traceback when its database cannot be reached
+    as it starts (None for any other error)."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
+    if cause is None or not (isinstance(exc, DatabaseUnavailable) or is_connection_error(exc)):
+        return None
+    detail = str(cause).splitlines()[0][:300] if str(cause) else ""
+    return (f"cannot reach the database ({type(cause).__name__}: {detail}); is it running, and is "
+            f"ARM_{service.upper()}_DATABASE_URL (or ARM_DATABASE_URL) right?")
+
+
 class OutageLog:
     """Says an outage once: a warning when the first call fails, an info line when a call
     succeeds again. Not a line (nor a traceback) per failed call."""
