@@ -157,7 +157,7 @@ async def test_outage_answers_unavailable_logs_once_and_recovers(caplog: pytest.
             slug=f"p-{secrets.token_hex(4)}", name="after"))).project
         audit = governance.client(registry.admin_key)
         found: list[common_pb2.ChangeRecord] = []
-        for _ in range(200):
+        for _ in range(600):
             found = list((await audit.audit.ListChangeRecords(audit_pb2.ListChangeRecordsRequest(
                 filter=audit_pb2.ChangeRecordFilter(target_id=project.id)),
                 metadata=(("x-arm-act-for-tenant", tenant.tenant.id),))).records)
@@ -166,7 +166,7 @@ async def test_outage_answers_unavailable_logs_once_and_recovers(caplog: pytest.
             await asyncio.sleep(0.05)
         assert found, "the registry's change record never reached governance after the outage"
         # Governance follows change notices again (its LISTEN connection came back).
-        for _ in range(200):
+        for _ in range(600):
             if governance.component.changes.live:
                 break
             await asyncio.sleep(0.05)

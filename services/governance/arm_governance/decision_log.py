@@ -1,7 +1,9 @@
 """The decision log with group commit: every decision is committed before its answer is sent,
 and the decisions of many concurrent Checks share one transaction. The same transaction writes
 the approval a NEEDS_APPROVAL creates (one per instance and tool call id), the POLICY_DENIED
-change record of a DENY, and each decision's opEvent, the latter two through the outbox."""
+change record of a DENY, and each decision's opEvent, the latter two through the outbox.
+No decision is answered that is not logged: with the database unavailable, Check fails closed
+(UNAVAILABLE with RetryInfo, never ALLOW), whatever its caches could have decided."""
 
 from __future__ import annotations
 
