@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
-from arm_common.db import Database, driver_connection
+from arm_common.db import Database, driver_connection, is_connection_error
 from arm_common.errors import DatabaseUnavailable, Unavailable
 from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_row
 from arm_common.tasks import cancel_and_wait
@@ -156,18 +156,29 @@ class DecisionLog:
         if self.db.is_postgres and all(map(_nothing_to_look_up, batch)):
             # The common case on PostgreSQL: the one statement on a pooled connection, without
             # an ORM session around it (~0.13 ms of CPU per batch).
-            async with self.db.watched(), self.db.engine.connect() as conn:
-                apg = await driver_connection(conn)
-                decisions, messages = self._rows(batch)
-                approvals = [item.approval for item in batch if item.approval is not None]
-                try:
-                    await self._execute_pg(apg, approvals, decisions, messages)
-                except BaseException:
-                    if apg.is_closed():  # SQLAlchemy did not see it die: keep it out of the pool
-                        await conn.invalidate()
+            try:
+                return await self._commit_pg(batch)
+            except Exception as exc:
+                if not is_connection_error(exc):
                     raise
-                return {row["topic"] for row in messages}
+                # A pooled connection found dead (a database restart, a killed backend): the
+                # other idle ones likely are too. Drop them and write through the general path
+                # on a fresh connection; if the database is down, that answers UNAVAILABLE.
+                await self.db.engine.dispose()
         return await self.db.run(lambda s: self._write(s, batch))
+
+    async def _commit_pg(self, batch: list[PendingDecision]) -> set[str]:
+        async with self.db.engine.connect() as conn:
+            apg = await driver_connection(conn)
+            decisions, messages = self._rows(batch)
+            approvals = [item.approval for item in batch if item.approval is not None]
+            try:
+                await self._execute_pg(apg, approvals, decisions, messages)
+            except BaseException:
+                if apg.is_closed():  # SQLAlchemy did not see it die: keep it out of the pool
+                    await conn.invalidate()
+                raise
+            return {row["topic"] for row in messages}
 
     @staticmethod
     def _rows(fresh: list[PendingDecision]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
