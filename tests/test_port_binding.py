@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from arm_common.auth import Principal
+from arm_common.config import ConfigError, ServiceConfig
 from arm_common.errors import Unauthenticated
 from arm_common.server import AddressInUse, Host
 from tests.processes import base_env, free_port, health_status, spawn, stop, wait_serving
@@ -119,3 +120,10 @@ async def test_dev_servers_share_a_port_with_ARM_SHARE_PORT(tmp_path: Path) -> N
     finally:
         for proc, _ in procs:
             stop(proc, signal.SIGKILL)
+
+
+def test_share_port_setting() -> None:
+    assert ServiceConfig.from_env("registry", {}).share_port is False
+    assert ServiceConfig.from_env("registry", {"ARM_SHARE_PORT": "true"}).share_port is True
+    with pytest.raises(ConfigError, match="ARM_SHARE_PORT"):
+        ServiceConfig.from_env("registry", {"ARM_SHARE_PORT": "sometimes"})
