@@ -134,13 +134,13 @@ def test_a_set_out_of_automaton_memory_falls_back_to_single_globs() -> None:
 async def test_over_limit_writes_are_invalid_argument_with_the_field(gov: ArmClient,
                                                                       tenant: TenantContext) -> None:
     five = "a*b*c*d*e*f"
-    tail = "x*" + "a" * (limits.MAX_GLOB_TAIL + 1)
+    periodic = "x*" + "a" * limits.MAX_GLOB_COST  # every `a` can be alive at once
     long_tool = "a" * (limits.MAX_TOOL_NAME + 1)
     many = [rule(f"t{i}", ALLOW) for i in range(limits.MAX_RULES_PER_ENVELOPE + 1)]
     big_pattern = "a{150}b{150}"
     cases = [
         (envelope(tool_rules=[rule(five, DENY)]), "envelope.tool_rules[0].tool"),
-        (envelope(tool_rules=[rule("ok", DENY), rule(tail, DENY)]), "envelope.tool_rules[1].tool"),
+        (envelope(tool_rules=[rule("ok", DENY), rule(periodic, DENY)]), "envelope.tool_rules[1].tool"),
         (envelope(tool_rules=[rule(long_tool, DENY)]), "envelope.tool_rules[0].tool"),
         (envelope(tool_rules=many), "envelope.tool_rules"),
         (envelope(tool_rules=[rule("x", DENY, when=policy_pb2.ToolRuleCondition(
@@ -159,9 +159,12 @@ async def test_over_limit_writes_are_invalid_argument_with_the_field(gov: ArmCli
             policy_pb2.SimulatePolicyRequest(candidate=env)), INVALID)
         assert path.replace("envelope.", "candidate.") in failed.violations
     # Exactly at the limits is fine.
-    at_limit = "x" * (limits.MAX_TOOL_NAME - limits.MAX_GLOB_TAIL - 7) + "*" + "**".join(
-        ["a" * (limits.MAX_GLOB_TAIL // 4)] * 4)
+    assert limits.glob_cost(periodic) > limits.MAX_GLOB_COST
+    # A long glob of literals that do not repeat themselves is cheap, however long.
+    at_limit = "x" * (limits.MAX_TOOL_NAME - 7 - 40) + "*" + "**".join(
+        ["create_pul", "request_re", "view_comme", "nts_in_bul"])
     assert len(at_limit) == limits.MAX_TOOL_NAME
+    assert limits.glob_cost(at_limit) <= limits.MAX_GLOB_COST
     await create(gov, envelope(tool_rules=[rule(at_limit, DENY)]))
     agent = await active_agent(tenant.admin)
     failed = await expect_failure(check(gov, agent.instance.id, long_tool), INVALID, "INVALID_FIELDS")
@@ -197,6 +200,15 @@ async def test_scope_totals_are_bounded_over_active_envelopes(gov: ArmClient,
     failed = await expect_failure(gov.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(
         envelope=envelope(TENANT))), INVALID, "INVALID_FIELDS")
     assert "envelope" in failed.violations
+    # Glob cost per scope: cheap globs may be many, costly ones few.
+    costly = "*" + "**".join(["aaaaa"] * 3) + "*aaaa"
+    assert limits.glob_cost(costly) == limits.MAX_GLOB_COST
+    fits = limits.MAX_GLOB_COST_PER_SCOPE // limits.MAX_GLOB_COST
+    failed = await expect_failure(gov.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(
+        envelope=envelope(PROJECT, agent.agents.project.id, tool_rules=[
+            rule(f"p{i}{costly}", DENY) for i in range(fits + 1)]))), INVALID,
+        "INVALID_FIELDS")
+    assert "envelope.tool_rules" in failed.violations
     # Argument patterns per scope (distinct).
     pats = [f"p{i}" for i in range(limits.MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE + 1)]
     per = limits.MAX_ARG_PATTERNS_PER_RULE

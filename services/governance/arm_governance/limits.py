@@ -20,6 +20,7 @@ comments and README.md ("Policy limits").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import re2
@@ -35,12 +36,14 @@ __all__ = [
     "MAX_ARG_PATTERN_CHARS",
     "MAX_ARG_PATTERN_PROGRAM",
     "MAX_ENVIRONMENTS_PER_RULE",
-    "MAX_GLOB_TAIL",
+    "MAX_GLOB_COST",
+    "MAX_GLOB_COST_PER_SCOPE",
     "MAX_GLOB_WILDCARDS",
     "MAX_RULES_PER_ENVELOPE",
     "MAX_TOOL_NAME",
     "TOOL_CHARS",
     "arg_pattern",
+    "glob_cost",
     "scope_totals",
     "tool_glob",
     "tool_name",
@@ -50,8 +53,11 @@ MAX_TOOL_NAME = 200
 """Characters of a tool name (`CheckRequest.tool_name`) and of a tool-rule glob."""
 MAX_GLOB_WILDCARDS = 4
 """Wildcard runs (`*`, `**`) per glob."""
-MAX_GLOB_TAIL = 32
-"""Literal characters after a glob's first wildcard."""
+MAX_GLOB_COST = 24
+"""`glob_cost` of one glob: the glob positions that can be alive at once while a name is read."""
+MAX_GLOB_COST_PER_SCOPE = 600
+"""Sum of `glob_cost` over the tool rules of the active envelopes attached to one scope (a rule
+like `github.*` costs 2, `**.read` 3, an exact name 1)."""
 MAX_RULES_PER_ENVELOPE = 200
 """Tool rules per envelope."""
 MAX_ACTIVE_ENVELOPES_PER_SCOPE = 20
@@ -96,11 +102,39 @@ def tool_glob(v: Violations, path: str, glob: str) -> None:
     if len(runs) > MAX_GLOB_WILDCARDS:
         v.add(path, f"must have at most {MAX_GLOB_WILDCARDS} wildcard runs (`*` or `**`), "
                     f"not {len(runs)}")
-    elif runs:
-        tail = sum(1 for c in glob[runs[0]:] if c != "*")
-        if tail > MAX_GLOB_TAIL:
-            v.add(path, f"must have at most {MAX_GLOB_TAIL} literal characters after its first "
-                        f"wildcard, not {tail}")
+    elif (cost := glob_cost(glob)) > MAX_GLOB_COST:
+        v.add(path, f"costs {cost} to match, more than {MAX_GLOB_COST}: literals after a wildcard "
+                    "that repeat themselves (like `*aaaaaaaa`) keep many match positions alive; "
+                    "shorten them or use fewer wildcards")
+
+
+def _alive(piece: str) -> int:
+    """The most prefixes of `piece` that can end at one character of a name: 1 + the borders of
+    its most bordered prefix (KMP failure function). `create_pull_request` → 1, `aaaa` → 4."""
+    border = [0] * len(piece)
+    depth = [1] * len(piece)
+    k = 0
+    for i in range(1, len(piece)):
+        while k and piece[i] != piece[k]:
+            k = border[k - 1]
+        if piece[i] == piece[k]:
+            k += 1
+        border[i] = k
+        depth[i] = 1 + depth[k - 1] if k else 1
+    return max(depth, default=0)
+
+
+def glob_cost(glob: str) -> int:
+    """An upper bound on the glob's positions alive at once while RE2 reads a name, which is what
+    each name character costs: 1 for the anchored start, and for each wildcard run 1 plus `_alive`
+    of the literal piece after it."""
+    cost = 1
+    for part in re.split(r"(\*+)", glob.lower()):
+        if part.startswith("*"):
+            cost += 1
+        elif part and cost > 1:
+            cost += _alive(part)
+    return cost
 
 
 def arg_pattern(v: Violations, path: str, pattern: str) -> None:
@@ -151,6 +185,10 @@ def scope_totals(v: Violations, path: str, envelopes: Iterable[policy_pb2.Policy
     if total > MAX_ACTIVE_RULES_PER_SCOPE:
         v.add(f"{path}.tool_rules", f"its scope would have {total} tool rules over its active "
                                     f"envelopes, more than {MAX_ACTIVE_RULES_PER_SCOPE}")
+    cost = sum(glob_cost(r.tool) for e in active for r in e.tool_rules)
+    if cost > MAX_GLOB_COST_PER_SCOPE:
+        v.add(f"{path}.tool_rules", f"the globs of its scope's active envelopes would cost {cost} to "
+                                    f"match, more than {MAX_GLOB_COST_PER_SCOPE} (see glob_cost)")
     patterns = {p for e in active for r in e.tool_rules for p in r.when.arg_patterns}
     if len(patterns) > MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE:
         v.add(f"{path}.tool_rules", f"its scope would have {len(patterns)} distinct argument "
@@ -159,36 +197,30 @@ def scope_totals(v: Violations, path: str, envelopes: Iterable[policy_pb2.Policy
 
 def worst_legal_rules(salt: int = 0) -> list[policy_pb2.ToolRule]:
     """The most expensive tool rules one scope may legally hold (for the adversarial test and
-    bench/noisy_neighbour.py): MAX_ACTIVE_RULES_PER_SCOPE distinct globs of MAX_GLOB_WILDCARDS
-    wildcards and MAX_GLOB_TAIL periodic literals after the first (every position of which stays
-    alive on a name of `a`s), and MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE distinct argument patterns
-    near the program bound, on rules that match every tool. `salt` makes another scope's set
-    distinct."""
-    pattern_rules = -(-MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE // MAX_ARG_PATTERNS_PER_RULE)
+    bench/noisy_neighbour.py): MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE distinct argument patterns near
+    the program bound on rules that match every tool, then distinct globs of MAX_GLOB_WILDCARDS
+    wildcards and MAX_GLOB_COST each (runs of `a`, every position of which stays alive on a name
+    of `a`s) up to MAX_GLOB_COST_PER_SCOPE, then exact names up to MAX_ACTIVE_RULES_PER_SCOPE
+    while the cost allows. `salt` makes another scope's rules distinct."""
+    per_rule = MAX_ARG_PATTERNS_PER_RULE
     patterns = [f"(?:[a-z]|[0-9]){{0,28}}x{salt}_{i}(?:[a-z]|[0-9]){{0,28}}y"
                 for i in range(MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE)]
-    out = []
-    for k in range(pattern_rules):
-        chunk = patterns[k * MAX_ARG_PATTERNS_PER_RULE:(k + 1) * MAX_ARG_PATTERNS_PER_RULE]
-        out.append(policy_pb2.ToolRule(
-            tool="**", effect=policy_pb2.DECISION_DENY,
-            when=policy_pb2.ToolRuleCondition(arg_patterns=chunk)))
-    tail = MAX_GLOB_TAIL
-    i = salt * 7919
-    seen: set[str] = set()
-    while len(out) < MAX_ACTIVE_RULES_PER_SCOPE:
-        i += 1
-        # Cut the tail into MAX_GLOB_WILDCARDS runs of `a` at points chosen from i; alternate
-        # `*` and `**` by i's bits.
-        cuts = sorted({1 + (i * p) % (tail - 1) for p in (31, 577, 1237)})
-        if len(cuts) != MAX_GLOB_WILDCARDS - 1:
-            continue
-        pieces = ["a" * (b - a) for a, b in zip([0, *cuts], [*cuts, tail], strict=True)]
-        glob = ""
-        for n, piece in enumerate(pieces):
-            glob += ("**" if (i >> n) & 1 else "*") + piece
-        if glob in seen:
-            continue
-        seen.add(glob)
+    out = [policy_pb2.ToolRule(tool="**", effect=policy_pb2.DECISION_DENY,
+                               when=policy_pb2.ToolRuleCondition(arg_patterns=patterns[k:k + per_rule]))
+           for k in range(0, len(patterns), per_rule)]
+    budget = MAX_GLOB_COST_PER_SCOPE - sum(glob_cost(r.tool) for r in out)
+    # Pieces of `a` whose alive positions add up to the cost bound.
+    alive = MAX_GLOB_COST - 1 - MAX_GLOB_WILDCARDS
+    shapes = [(a, b, c, alive - a - b - c) for a in range(1, alive) for b in range(1, alive)
+              for c in range(1, alive) if alive - a - b - c >= 1]
+    n = salt * 1000
+    while budget >= MAX_GLOB_COST and len(out) < MAX_ACTIVE_RULES_PER_SCOPE:
+        pieces = shapes[(n // 16) % len(shapes)]
+        glob = "".join(("**" if (n >> bit) & 1 else "*") + "a" * k for bit, k in enumerate(pieces))
+        n += 1
         out.append(policy_pb2.ToolRule(tool=glob, effect=policy_pb2.DECISION_NEEDS_APPROVAL))
+        budget -= glob_cost(glob)
+    while budget >= 1 and len(out) < MAX_ACTIVE_RULES_PER_SCOPE:
+        out.append(policy_pb2.ToolRule(tool=f"exact.s{salt}.n{len(out)}", effect=policy_pb2.DECISION_ALLOW))
+        budget -= 1
     return out
