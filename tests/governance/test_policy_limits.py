@@ -128,6 +128,24 @@ def test_a_set_out_of_automaton_memory_falls_back_to_single_globs() -> None:
     assert matcher.match("y") == frozenset()
 
 
+pattern_atoms = st.sampled_from(["a", "b", "x", ".", "\\d", "[ab]", "(?i)A", "^", "$", "\\{", "(", ")",
+                                 "*", "+", "?", "{2}", "|", "\"cmd\""])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(pattern_atoms, max_size=6).map("".join), min_size=1, max_size=12),
+       st.text(alphabet='ab x1"{}:A.', max_size=200))
+def test_argument_pattern_set_agrees_with_one_search_per_pattern(patterns: list[str], text: str) -> None:
+    """All of a policy's argument patterns are searched in one pass (an RE2 set); the answer is
+    the one-search-per-pattern answer, invalid patterns (matched literally) included."""
+    data = text.encode()
+    want = 0
+    for i, p in enumerate(patterns):
+        if engine._compile_arg_pattern(p).search(data) is not None:
+            want |= 1 << i
+    assert engine._PatternSet(patterns).match(data) == want
+
+
 # --- Bounds at the edge -------------------------------------------------------------------------
 
 
