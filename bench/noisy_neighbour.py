@@ -1,7 +1,8 @@
 """Noisy neighbour: tenant B's `Check` latency while tenant A hammers `Check` under the worst
 policy the policy limits allow (arm_governance/limits.py, issue 10 item 1), next to the
-references measured in the same run: B alone, and B while tenant C hammers with an ordinary
-policy at the same concurrency.
+references measured in the same run: B alone, and B while tenant C hammers at the same
+concurrency with an ordinary policy, first with the ordinary tool mix, then with exactly A's kind
+of calls (so the difference between the last two rows is what A's policy costs).
 
 Registry and one governance process run on PostgreSQL; B's probe and the hammering tenant each
 run in their own load-generator process. B calls `Check` one at a time (in flight 1) over a mix
@@ -185,11 +186,12 @@ async def orchestrate(args: argparse.Namespace) -> None:
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per row; one governance "
               f"process; B probes at 1 in flight; hammering tenants at {args.in_flight} in flight; "
               f"A's arguments {args.arg_bytes} bytes")
-        print(f"{'tenant B Check while':44} {'B p50 ms':>9} {'B p99 ms':>9} {'B calls/s':>10}"
+        print(f"{'tenant B Check while':46} {'B p50 ms':>9} {'B p99 ms':>9} {'B calls/s':>10}"
               f" {'hammer calls/s':>15} {'hammer p50 ms':>14}")
         rows = [("nobody else calls (reference)", None, False),
-                ("C hammers, ordinary policy (reference)", "C", False),
-                ("A hammers, worst legal policy", "A", True)]
+                ("C hammers, ordinary policy, mix (reference)", "C", False),
+                ("C hammers, ordinary policy, A's calls (ref.)", "C", True),
+                ("A hammers, worst legal policy, A's calls", "A", True)]
         for label, who, hostile in rows:
             hammer = None
             if who is not None:
@@ -199,7 +201,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
             probe = load_process(gov, keys["B"], instance["B"], 1, args.seconds, False, 0)
             b = result(probe)
             h = result(hammer) if hammer is not None else None
-            print(f"{label:44} {b['p50_ms']:>9.2f} {b['p99_ms']:>9.2f} {b['calls_per_s']:>10.0f}"
+            print(f"{label:46} {b['p50_ms']:>9.2f} {b['p99_ms']:>9.2f} {b['calls_per_s']:>10.0f}"
                   + (f" {h['calls_per_s']:>15.0f} {h['p50_ms']:>14.2f}" if h else f" {'-':>15} {'-':>14}"))
     finally:
         for p in procs:

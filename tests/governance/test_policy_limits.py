@@ -272,7 +272,7 @@ async def test_the_worst_legal_policy_does_not_change_another_tenants_decisions(
             a = await check(gov, a_agent.instance.id, name, request_id=secrets.token_hex(6))
             # A's own decisions follow A's policy: the all-`a` name matches a periodic glob.
             if set(name) == {"a"}:
-                assert a.decision == NA and a.reasons[0].code == "TOOL_RULE_MATCHED", a
+                assert a.decision == ALLOW and a.reasons[0].code == "TOOL_RULE_MATCHED", a
             for tool, effect in want_b:
                 b = await check(b_gov, b_agent.instance.id, tool)
                 assert b.decision == effect, (tool, b)

@@ -218,7 +218,9 @@ def worst_legal_rules(salt: int = 0) -> list[policy_pb2.ToolRule]:
         pieces = shapes[(n // 16) % len(shapes)]
         glob = "".join(("**" if (n >> bit) & 1 else "*") + "a" * k for bit, k in enumerate(pieces))
         n += 1
-        out.append(policy_pb2.ToolRule(tool=glob, effect=policy_pb2.DECISION_NEEDS_APPROVAL))
+        # ALLOW: the matching work is the same whatever the effect, and a NEEDS_APPROVAL would
+        # add an approval write per call that one `**` rule could cause as well.
+        out.append(policy_pb2.ToolRule(tool=glob, effect=policy_pb2.DECISION_ALLOW))
         budget -= glob_cost(glob)
     while budget >= 1 and len(out) < MAX_ACTIVE_RULES_PER_SCOPE:
         out.append(policy_pb2.ToolRule(tool=f"exact.s{salt}.n{len(out)}", effect=policy_pb2.DECISION_ALLOW))
