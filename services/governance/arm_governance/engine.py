@@ -336,6 +336,7 @@ class EffectiveRule:
 # --- Globs and patterns -------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _glob_parts(glob: str) -> tuple[str, int, int]:
     """(RE2 regex, literal character count, `**` count) of a tool glob. Every literal character
     is written as an escape RE2 reads literally, so nothing but `*` is ever special."""
@@ -351,7 +352,7 @@ def _glob_parts(glob: str) -> tuple[str, int, int]:
             else:
                 out.append("[^.]*")
         else:
-            out.append("".join(_re2_literal(c) for c in part))
+            out.append(part.translate(_RE2_ESCAPES))
             literal += len(part)
     return "".join(out), literal, dstar
 
@@ -359,10 +360,9 @@ def _glob_parts(glob: str) -> tuple[str, int, int]:
 _WILDCARD_RUN = re.compile(r"(\*+)")
 
 
-def _re2_literal(c: str) -> str:
-    if c.isascii():
-        return c if c.isalnum() or c == "_" else f"\\x{ord(c):02x}"
-    return f"\\x{{{ord(c):x}}}"  # a lone surrogate fails to compile: the automaton takes it
+# ASCII other than letters, digits and `_` is written as a hex escape; other characters stand for
+# themselves in RE2's UTF-8 syntax (a lone surrogate cannot be encoded: the automaton takes it).
+_RE2_ESCAPES = {c: f"\\x{c:02x}" for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")}
 
 
 def glob_wildcard_runs(glob: str) -> int:
