@@ -43,16 +43,20 @@ ORDINARY = ("fs.read", "web.search", "db.write", "payments.send", "git.push", "d
             "shell.exec", "email.send", "deploy.prod", "kb.query")
 
 
-def hostile_name(rng: random.Random, n: int) -> str:
+MAX_TOOL_NAME = 200  # limits.MAX_TOOL_NAME; not imported, so --policy issue runs on older code
+
+
+def hostile_name(rng: random.Random, n: int, issue: bool) -> str:
+    if issue:  # the names of issue 10: `a`s, new on every call
+        return "a" * (n - 6) + "".join(rng.choice("ab") for _ in range(6))
     return "".join(rng.choice("aaaab.") for _ in range(n - 6)) + f"{rng.randrange(16**6):06x}"
 
 
 async def load(address: str, key: str, instance: str, in_flight: int, seconds: float,
-               hostile: bool, arg_bytes: int) -> dict[str, float]:
+               hostile: bool, arg_bytes: int, issue: bool = False) -> dict[str, float]:
     """`in_flight` concurrent callers for `seconds`; calls/s, p50 and p99 in ms."""
     from google.protobuf import struct_pb2
 
-    from arm_governance import limits
     channel = grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
     check = decision_pb2_grpc.DecisionServiceStub(channel).Check
     metadata = (("authorization", f"Bearer {key}"),)
@@ -66,7 +70,7 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
     async def worker(n: int) -> None:
         i = n
         while time.perf_counter() < deadline:
-            tool = hostile_name(rng, limits.MAX_TOOL_NAME) if hostile else ORDINARY[i % len(ORDINARY)]
+            tool = hostile_name(rng, MAX_TOOL_NAME, issue) if hostile else ORDINARY[i % len(ORDINARY)]
             t0 = time.perf_counter()
             await check(decision_pb2.CheckRequest(instance_id=instance, tool_name=tool, arguments=arguments,
                                                   run_id="bench-run"), metadata=metadata)
@@ -87,10 +91,11 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
 
 
 def load_process(address: str, key: str, instance: str, in_flight: int, seconds: float,
-                 hostile: bool, arg_bytes: int) -> subprocess.Popen[str]:
+                 hostile: bool, arg_bytes: int, issue: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
                              "--in-flight", str(in_flight), "--seconds", str(seconds), "--arg-bytes", str(arg_bytes)]
-                            + (["--hostile"] if hostile else []), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                            + (["--hostile"] if hostile else []) + (["--policy", "issue"] if issue else []),
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def result(proc: subprocess.Popen[str]) -> dict[str, float]:
@@ -109,9 +114,8 @@ async def new_tenant(reg_address: str, system_key: str) -> str:
         return str(resp.admin_api_key)
 
 
-async def agent_with_policy(reg_address: str, gov_address: str, key: str, worst: bool) -> str:
+async def agent_with_policy(reg_address: str, gov_address: str, key: str, worst: bool, issue: bool = False) -> str:
     from arm_client import ArmClient
-    from arm_governance import limits
     from tests.helpers import approved_version
 
     P = policy_pb2
@@ -123,7 +127,27 @@ async def agent_with_policy(reg_address: str, gov_address: str, key: str, worst:
             id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE))
         scopes = ((P.POLICY_SCOPE_TENANT, ""), (P.POLICY_SCOPE_PROJECT, agents.project.id),
                   (P.POLICY_SCOPE_VERSION, agents.version.id))
-        if worst:
+        if worst and issue:
+            # Issue 10's policy: 100 rules `a*a*a*` + `a`×i + `c`, spread over the three scopes so
+            # that it is legal under today's limits too.
+            rules = [P.ToolRule(tool="a*a*a*" + "a" * i + "c", effect=P.DECISION_DENY) for i in range(100)]
+            per_scope = [rules[k::3] for k in range(3)]
+            try:  # today's limits refuse most of them: keep what a tenant may still write
+                from arm_governance import limits
+            except ImportError:  # the code before the fix: everything is accepted
+                pass
+            else:
+                for k, kept in enumerate(per_scope):
+                    ok = [r for r in kept if limits.glob_cost(r.tool) <= limits.MAX_GLOB_COST]
+                    while sum(limits.glob_cost(r.tool) for r in ok) > limits.MAX_GLOB_COST_PER_SCOPE:
+                        ok.pop()
+                    per_scope[k] = ok
+            print(f"# A's policy: {sum(map(len, per_scope))} of issue 10's 100 rules accepted")
+            envelopes = [P.PolicyEnvelope(name=f"issue-{k}", scope=scope, scope_id=scope_id,
+                                          mode=P.POLICY_MODE_ENFORCE, tool_rules=per_scope[k])
+                         for k, (scope, scope_id) in enumerate(scopes)]
+        elif worst:
+            from arm_governance import limits
             envelopes = [P.PolicyEnvelope(name=f"worst-{salt}", scope=scope, scope_id=scope_id,
                                           mode=P.POLICY_MODE_ENFORCE, tool_rules=limits.worst_legal_rules(salt))
                          for salt, (scope, scope_id) in enumerate(scopes)]
@@ -180,7 +204,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
         await wait_serving(gov, procs[-1], log)
 
         keys = {t: await new_tenant(reg, system_key) for t in "ABC"}
-        instance = {"A": await agent_with_policy(reg, gov, keys["A"], worst=True),
+        issue = args.policy == "issue"
+        instance = {"A": await agent_with_policy(reg, gov, keys["A"], worst=True, issue=issue),
                     "B": await agent_with_policy(reg, gov, keys["B"], worst=False),
                     "C": await agent_with_policy(reg, gov, keys["C"], worst=False)}
         print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; {args.seconds:.0f}s per row; one governance "
@@ -191,12 +216,13 @@ async def orchestrate(args: argparse.Namespace) -> None:
         rows = [("nobody else calls (reference)", None, False),
                 ("C hammers, ordinary policy, mix (reference)", "C", False),
                 ("C hammers, ordinary policy, A's calls (ref.)", "C", True),
-                ("A hammers, worst legal policy, A's calls", "A", True)]
+                ("A hammers, issue 10's policy, A's calls" if issue
+                 else "A hammers, worst legal policy, A's calls", "A", True)]
         for label, who, hostile in rows:
             hammer = None
             if who is not None:
                 hammer = load_process(gov, keys[who], instance[who], args.in_flight, args.seconds + 2,
-                                      hostile, args.arg_bytes if hostile else 0)
+                                      hostile, args.arg_bytes if hostile and not issue else 0, issue)
                 await asyncio.sleep(1.5)  # past the hammer's warm-up
             probe = load_process(gov, keys["B"], instance["B"], 1, args.seconds, False, 0)
             b = result(probe)
@@ -221,6 +247,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--in-flight", type=int, default=16)
     parser.add_argument("--arg-bytes", type=int, default=4096)
+    parser.add_argument("--policy", choices=("worst", "issue"), default="worst",
+                        help="A's policy: the worst the limits allow, or issue 10's `a*a*a*c` rules "
+                             "(which also runs on the code before the fix, for a before/after)")
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--key", default="", help=argparse.SUPPRESS)
     parser.add_argument("--instance", default="", help=argparse.SUPPRESS)
@@ -228,7 +257,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.load:
         print(json.dumps(asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
-                                          args.hostile, args.arg_bytes))))
+                                          args.hostile, args.arg_bytes, args.policy == "issue"))))
     else:
         asyncio.run(orchestrate(args))
 
