@@ -418,7 +418,7 @@ _GLOB_OPTIONS = re2.Options()
 _GLOB_OPTIONS.case_sensitive = False
 _GLOB_OPTIONS.dot_nl = True  # `**` crosses every character, newlines included
 _GLOB_OPTIONS.log_errors = False
-_GLOB_OPTIONS.max_mem = 32 << 20
+_GLOB_OPTIONS.max_mem = 8 << 20  # RE2's default: per set, program and automaton cache together
 # Globs per RE2 set: one pass over the name per set. Smaller sets keep each set's automaton (and
 # so the work per name character) small; the service bounds the rules of a policy, so the number
 # of sets is bounded too.
