@@ -227,6 +227,11 @@ async def test_scope_totals_are_bounded_over_active_envelopes(gov: ArmClient,
             rule(f"p{i}{costly}", DENY) for i in range(fits + 1)]))), INVALID,
         "INVALID_FIELDS")
     assert "envelope.tool_rules" in failed.violations
+    # SimulatePolicy holds a candidate to what one scope may hold.
+    failed = await expect_failure(gov.policies.SimulatePolicy(policy_pb2.SimulatePolicyRequest(
+        candidate=envelope(PROJECT, agent.agents.project.id, tool_rules=[
+            rule(f"p{i}{costly}", DENY) for i in range(fits + 1)]))), INVALID)
+    assert "candidate.tool_rules" in failed.violations
     # Argument patterns per scope (distinct).
     pats = [f"p{i}" for i in range(limits.MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE + 1)]
     per = limits.MAX_ARG_PATTERNS_PER_RULE

@@ -23,7 +23,7 @@ from arm_common.ids import new_id
 from arm_common.messages import ts
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
-from arm_governance import convert, engine, models
+from arm_governance import convert, engine, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
 from arm_governance.models import IDEMPOTENCY
@@ -264,6 +264,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def SimulatePolicy(self, request: policy_pb2.SimulatePolicyRequest, context: Ctx) -> Any:
         validate_envelope(request.candidate, "candidate.")
+        alone = policy_pb2.PolicyEnvelope(active=True, tool_rules=request.candidate.tool_rules)
+        v = Violations()
+        limits.scope_totals(v, "candidate", [alone])  # what one scope may hold, the candidate alone
+        v.raise_if_any("the candidate is over the policy limits")
         if request.limit < 0:
             raise InvalidArgument("limit must not be negative", reason="INVALID_FIELDS",
                                   violations=[FieldViolation("limit", "must not be negative")])
