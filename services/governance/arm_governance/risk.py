@@ -266,7 +266,7 @@ class Classifier:
     arguments (raised to HIGH when they match an argument trigger: secrets, production,
     destructive commands; configurable too)."""
 
-    __slots__ = ("_entries", "_words", "_cache", "_triggers", "unknown")
+    __slots__ = ("_entries", "_words", "_word_hits", "_cache", "_triggers", "unknown")
 
     def __init__(self, table: Sequence[tuple[str, Risk]] | None = None,
                  unknown: Risk = UNKNOWN_TOOL_RISK,
@@ -292,6 +292,7 @@ class Classifier:
             word_set.Compile()
             self._words = word_set
         self._cache: dict[str, Risk] = {}
+        self._word_hits: dict[str, tuple[int, ...]] = {}  # word → ids of the patterns it matches
         self._triggers = (_DEFAULT_TRIGGERS if triggers is None
                           else _trigger_regex(tuple(triggers)))
         self.unknown = Risk(unknown)
@@ -314,10 +315,15 @@ class Classifier:
         joined.update(a + b for a, b in zip(words, words[1:], strict=False))
         matched: set[int] = set()
         if self._words is not None:
+            word_hits = self._word_hits
             for w in joined:
-                hits = self._words.Match(w)
-                if hits:
-                    matched.update(hits)
+                hits = word_hits.get(w)
+                if hits is None:
+                    hits = tuple(self._words.Match(w) or ())
+                    if len(word_hits) >= _CACHE_LIMIT:
+                        word_hits.clear()
+                    word_hits[w] = hits
+                matched.update(hits)
         best: Risk | None = None
         for ids, risk in self._entries:
             if (best is None or risk > best) and ids <= matched:
