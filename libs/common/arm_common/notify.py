@@ -51,7 +51,7 @@ class ChangeChannel:
                 for item in session.info.pop(self.channel, []):
                     self.publish(item)
 
-            def after_rollback(_session: Any) -> None:
+            def after_rollback(_session: Any, _previous: Any = None) -> None:  # (session, transaction)
                 session.info.pop(self.channel, None)
 
             event.listen(sync_session, "after_commit", after_commit, once=True)

@@ -27,7 +27,7 @@ from arm_common.messages import struct, ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
-from arm_governance import convert, engine, models
+from arm_governance import convert, engine, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_log import DecisionLog, PendingDecision
 from arm_governance.policies import PolicyCache
@@ -45,7 +45,7 @@ def validate_check(request: decision_pb2.CheckRequest, prefix: str = "") -> None
         v.add(f"{prefix}agent", "set instance_id or legacy_agent_id")
     else:
         val.resource_id(v, f"{prefix}{kind}", getattr(request, kind))
-    val.required(v, f"{prefix}tool_name", request.tool_name, 200)
+    limits.tool_name(v, f"{prefix}tool_name", request.tool_name)
     if request.declared_risk not in _RISKS:
         v.add(f"{prefix}declared_risk", f"unknown enum value {request.declared_risk}")
     if not math.isfinite(request.estimated_cost_usd) or request.estimated_cost_usd < 0:

@@ -17,7 +17,9 @@ Evaluation order, the first step that decides ends it:
 Choices where SPEC is silent (also listed in bench/README.md's engine section):
 - Tool globs match case-insensitively; `*` is `[^.]*` (may be empty), `**` is `.*` (may be empty,
   crosses dots), nothing else is special. Specificity: exact name > glob; then more literal
-  characters; then fewer `**`; then the strictest effect; then the lower rule index.
+  characters; then fewer `**`; then the strictest effect; then the lower rule index. The globs of
+  a compiled policy are matched together by RE2 sets (no backtracking): one pass over the name
+  per set of up to 128 globs, so the cost of a name is linear in its length whatever the globs.
 - `when.arg_patterns` follow the proto contract: RE2 regular expressions (linear time, so an
   operator's pattern cannot stall decisions on crafted arguments), searched in the canonical
   JSON of the arguments (`{}` when absent), case-sensitive unless the pattern says `(?i)`. The
@@ -39,6 +41,7 @@ Choices where SPEC is silent (also listed in bench/README.md's engine section):
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import json.encoder
 import math
@@ -333,41 +336,50 @@ class EffectiveRule:
 # --- Globs and patterns -------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _glob_parts(glob: str) -> tuple[str, int, int]:
-    """(regex, literal character count, `**` count) of a tool glob."""
+    """(RE2 regex, literal character count, `**` count) of a tool glob. Every literal character
+    is written as an escape RE2 reads literally, so nothing but `*` is ever special."""
     out: list[str] = []
     literal = dstar = 0
-    i, n = 0, len(glob)
-    while i < n:
-        if glob[i] == "*":
-            j = i
-            while j < n and glob[j] == "*":
-                j += 1
-            if j - i >= 2:
+    for part in _WILDCARD_RUN.split(glob):
+        if not part:
+            continue
+        if part[0] == "*":
+            if len(part) >= 2:
                 out.append(".*")
                 dstar += 1
             else:
                 out.append("[^.]*")
-            i = j
         else:
-            j = glob.find("*", i)
-            j = n if j < 0 else j
-            out.append(re.escape(glob[i:j]))
-            literal += j - i
-            i = j
+            out.append(part.translate(_RE2_ESCAPES))
+            literal += len(part)
     return "".join(out), literal, dstar
 
 
+_WILDCARD_RUN = re.compile(r"(\*+)")
+
+
+# ASCII other than letters, digits and `_` is written as a hex escape; other characters stand for
+# themselves in RE2's UTF-8 syntax (a lone surrogate cannot be encoded: the automaton takes it).
+_RE2_ESCAPES = {c: f"\\x{c:02x}" for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")}
+
+
+def glob_wildcard_runs(glob: str) -> int:
+    """How many wildcard runs (`*`, `**`, `***`…) a glob has; the service bounds it."""
+    return sum(1 for part in _WILDCARD_RUN.split(glob) if part.startswith("*"))
+
+
 class _GlobAutomaton:
-    """Matches a glob by simulating its automaton: time linear in the name's length whatever
-    the glob, where a backtracking regex of many `*` can take exponential time on a hostile tool
-    name. Used for globs with more than `_MAX_REGEX_WILDCARDS` wildcard runs."""
+    """Matches a glob by simulating its automaton in Python: time linear in the name's length.
+    Only a fallback, for the globs and names RE2 cannot take (lone surrogates, which no protobuf
+    string carries)."""
 
     __slots__ = ("tokens",)
 
     def __init__(self, glob: str) -> None:
         tokens: list[str] = []  # a lower-case character, "*" or "**"
-        for part in re.split(r"(\*+)", glob.lower()):
+        for part in _WILDCARD_RUN.split(glob.lower()):
             if part.startswith("*"):
                 tokens.append("**" if len(part) >= 2 else "*")
             else:
@@ -402,20 +414,114 @@ class _GlobAutomaton:
         return end in states
 
 
-_MAX_REGEX_WILDCARDS = 3
+_GLOB_OPTIONS = re2.Options()
+_GLOB_OPTIONS.case_sensitive = False
+_GLOB_OPTIONS.dot_nl = True  # `**` crosses every character, newlines included
+_GLOB_OPTIONS.log_errors = False
+_GLOB_OPTIONS.max_mem = 8 << 20  # RE2's default: per set, program and automaton cache together
+# Globs per RE2 set: one pass over the name per set. Smaller sets keep each set's automaton (and
+# so the work per name character) small; the service bounds the rules of a policy, so the number
+# of sets is bounded too.
+_GLOBS_PER_SET = 128
+# Every set also holds this pattern, which matches every name: a set whose answer lacks it ran out
+# of automaton memory (RE2 reports that as "no match"), and its globs are then matched one by one.
+_EVERYTHING = ".*"
 
 
-def _glob_matcher(glob: str) -> Any:
-    """An object whose `fullmatch(tool)` is truthy when the glob matches (case-insensitive)."""
-    regex, _literal, _dstar = _glob_parts(glob)
-    if len(re.findall(r"\*+", glob)) <= _MAX_REGEX_WILDCARDS:
-        return re.compile(regex, re.IGNORECASE | re.DOTALL)
-    return _GlobAutomaton(glob)
+class _GlobMatcher:
+    """One glob alone: RE2 (linear in the name), or the automaton when RE2 cannot compile it."""
+
+    __slots__ = ("glob", "_re2", "_automaton")
+
+    def __init__(self, glob: str) -> None:
+        self.glob = glob
+        self._automaton: _GlobAutomaton | None = None
+        try:
+            self._re2: Any = re2.compile(_glob_parts(glob)[0].encode(), _GLOB_OPTIONS)
+        except (re2.error, UnicodeEncodeError):
+            self._re2 = None
+            self._automaton = _GlobAutomaton(glob)
+
+    def fullmatch(self, tool: str, data: bytes | None = None) -> bool:
+        """`data`: the name in UTF-8, or None when it has none (lone surrogates)."""
+        if self._re2 is not None and data is not None:
+            return self._re2.fullmatch(data) is not None
+        automaton = self._automaton or _GlobAutomaton(self.glob)
+        return automaton.fullmatch(tool)
+
+
+class _GlobSet:
+    """The distinct tool globs of a compiled policy, compiled into RE2 sets (anchored at both
+    ends): `match` finds every glob that matches a name in one pass over the name per set, in time
+    linear in the name whatever the globs (no backtracking)."""
+
+    __slots__ = ("ids", "_globs", "_sets", "_alone", "_matchers")
+
+    def __init__(self, globs: Iterable[str]) -> None:
+        self.ids: dict[str, int] = {}
+        for glob in globs:
+            self.ids.setdefault(glob, len(self.ids))
+        self._globs = list(self.ids)
+        self._matchers: dict[int, _GlobMatcher] = {}
+        self._alone: list[int] = []  # globs no set could take
+        self._sets: list[tuple[Any, tuple[int, ...]]] = []  # (set, set index → glob id)
+        pending = list(self.ids.items())
+        for start in range(0, len(pending), _GLOBS_PER_SET):
+            self._add_set(pending[start:start + _GLOBS_PER_SET])
+
+    def _add_set(self, chunk: list[tuple[str, int]]) -> None:
+        rx_set = re2.Set.FullMatchSet(_GLOB_OPTIONS)
+        local = [-1]
+        rx_set.Add(_EVERYTHING)
+        for glob, gid in chunk:
+            try:
+                rx_set.Add(_glob_parts(glob)[0].encode())
+            except (re2.error, UnicodeEncodeError):
+                self._alone.append(gid)
+                continue
+            local.append(gid)
+        try:
+            rx_set.Compile()
+        except re2.error:  # too large for its memory budget: each glob on its own
+            self._alone.extend(local[1:])
+            return
+        self._sets.append((rx_set, tuple(local)))
+
+    def _matcher(self, gid: int) -> _GlobMatcher:
+        m = self._matchers.get(gid)
+        if m is None:
+            m = self._matchers[gid] = _GlobMatcher(self._globs[gid])
+        return m
+
+    def match(self, tool: str) -> frozenset[int]:
+        """Ids of the globs that match the name (case-insensitive)."""
+        try:
+            data: bytes | None = tool.encode()
+        except UnicodeEncodeError:
+            data = None
+        out: set[int] = set()
+        for rx_set, local in self._sets:
+            hits = rx_set.Match(data) if data is not None else None
+            if hits and 0 in hits:
+                out.update(local[i] for i in hits if i)
+            else:  # out of automaton memory, or a name RE2 cannot read: one by one
+                out.update(gid for gid in local[1:] if self._matcher(gid).fullmatch(tool, data))
+        out.update(gid for gid in self._alone if self._matcher(gid).fullmatch(tool, data))
+        return frozenset(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _single(glob: str) -> _GlobMatcher:
+    return _GlobMatcher(glob)
 
 
 def glob_matches(glob: str, tool: str) -> bool:
     """Whether a tool-rule glob matches a tool name (case-insensitive)."""
-    return bool(_glob_matcher(glob).fullmatch(tool))
+    try:
+        data: bytes | None = tool.encode()
+    except UnicodeEncodeError:
+        data = None
+    return _single(glob).fullmatch(tool, data)
 
 
 _RE2_OPTIONS = re2.Options()
@@ -439,6 +545,38 @@ def _compile_arg_pattern(pattern: str) -> Any:
         return re2.compile(pattern.encode(), _RE2_OPTIONS)
     except re2.error:
         return re2.compile(re2.escape(pattern.encode()), _RE2_OPTIONS)
+
+
+class _PatternSet:
+    """Every argument pattern of a compiled policy in one RE2 set: `match` searches the argument
+    text once for all of them (linear in the text), where one search per pattern reads it once
+    per pattern. A sentinel that matches only at the end of the text tells an automaton that ran
+    out of memory (RE2 reports "no match") from a real answer; then `match` returns None and the
+    caller searches pattern by pattern."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        rx_set = re2.Set.SearchSet(_RE2_OPTIONS)
+        rx_set.Add(rb"\z")
+        for p in patterns:
+            try:
+                rx_set.Add(p.encode())
+            except re2.error:  # as _compile_arg_pattern: an invalid pattern matches literally
+                rx_set.Add(re2.escape(p.encode()))
+        rx_set.Compile()
+        self._set = rx_set
+
+    def match(self, text: bytes) -> int | None:
+        """Bit i set when pattern i is found; None when the set could not answer."""
+        hits = self._set.Match(text)
+        if not hits or 0 not in hits:
+            return None
+        mask = 0
+        for i in hits:
+            if i:
+                mask |= 1 << (i - 1)
+        return mask
 
 
 _MAX_SAFE_INT = 2**53
@@ -499,8 +637,8 @@ class _Env:
     """An envelope, compiled."""
 
     __slots__ = ("envelope", "id", "name", "revision", "scope", "scope_id", "priority", "shadow",
-                 "rules", "deny_at_risk", "approval_at_risk", "tier", "limits", "default_effect",
-                 "label")
+                 "rules", "gids", "deny_at_risk", "approval_at_risk", "tier", "limits",
+                 "default_effect", "label")
 
     def __init__(self, e: Envelope, patterns: dict[str, int]) -> None:
         self.envelope = e
@@ -513,6 +651,7 @@ class _Env:
         # Most specific first; the first rule whose `when` holds is the one that applies.
         rules.sort(key=lambda r: (not r.exact, -r.literal, r.dstar, -r.strict, r.index))
         self.rules: tuple[_Rule, ...] = tuple(rules)
+        self.gids: frozenset[int] = frozenset()  # set by CompiledPolicy
         self.deny_at_risk = None if e.deny_at_risk is None else Risk(e.deny_at_risk)
         self.approval_at_risk = (None if e.require_approval_at_risk is None
                                  else Risk(e.require_approval_at_risk))
@@ -532,7 +671,7 @@ class _Env:
 class _Rule:
     """A tool rule, compiled."""
 
-    __slots__ = ("env", "index", "rule", "glob", "regex", "exact", "literal", "dstar", "effect",
+    __slots__ = ("env", "index", "rule", "glob", "gid", "exact", "literal", "dstar", "effect",
                  "strict", "locked", "min_risk", "envs", "arg_bits", "description")
 
     def __init__(self, env: _Env, index: int, rule: ToolRule, patterns: dict[str, int]) -> None:
@@ -542,7 +681,7 @@ class _Rule:
         except ValueError:
             raise PolicyError(f"{env.label}: tool_rules[{index}] has no valid effect") from None
         _regex, self.literal, self.dstar = _glob_parts(rule.tool)
-        self.regex = _glob_matcher(rule.tool)
+        self.gid = -1  # the glob's id in the policy's _GlobSet, set by CompiledPolicy
         self.exact = "*" not in rule.tool
         self.strict = _STRICTNESS[self.effect]
         self.locked = bool(rule.locked)
@@ -583,23 +722,33 @@ class _ToolPlan:
     envelope, matching locked rules, and the memoised results keyed by risk (plus environment
     and argument-pattern matches when some candidate rule looks at them)."""
 
-    __slots__ = ("tool", "cands", "shadow_cands", "locked", "patterns", "keyed", "results")
+    __slots__ = ("tool", "cands", "shadow_cands", "locked", "patterns", "pattern_bits",
+                 "pattern_set", "keyed", "results")
 
     def __init__(self, policy: CompiledPolicy, tool: str) -> None:
         self.tool = tool
-        self.cands = tuple(tuple(r for r in e.rules if r.regex.fullmatch(tool))
-                           for e in policy._enforce)
-        self.shadow_cands = tuple(tuple(r for r in e.rules if r.regex.fullmatch(tool))
-                                  for e in policy._shadow)
-        self.locked = tuple(r for r in policy._locked if r.regex.fullmatch(tool))
+        hits = policy._globs.match(tool)  # one linear pass per RE2 set, whatever the globs
+        self.cands = tuple(_matching(e, hits) for e in policy._enforce)
+        self.shadow_cands = tuple(_matching(e, hits) for e in policy._shadow)
+        self.locked = tuple(r for r in policy._locked if r.gid in hits)
         every = [r for c in self.cands + self.shadow_cands for r in c] + list(self.locked)
         bits = 0
         for r in every:
             bits |= r.arg_bits
         self.patterns = tuple((1 << i, rx) for i, rx in enumerate(policy._patterns)
                               if bits & (1 << i))
+        self.pattern_bits = bits
+        # Several patterns: one pass over the arguments for all of them.
+        self.pattern_set = policy._pattern_set() if len(self.patterns) > 2 else None
         self.keyed = bool(self.patterns) or any(r.envs for r in every)
         self.results: dict[Any, Result] = {}
+
+
+def _matching(e: _Env, hits: frozenset[int]) -> tuple[_Rule, ...]:
+    """The envelope's rules whose glob matched, most specific first."""
+    if hits.isdisjoint(e.gids):
+        return ()
+    return tuple(r for r in e.rules if r.gid in hits)
 
 
 class CompiledPolicy:
@@ -607,7 +756,7 @@ class CompiledPolicy:
     Immutable once built, apart from internal memo tables; share one per agent version."""
 
     __slots__ = ("tenant_id", "project_id", "version_id", "_enforce", "_groups", "_shadow",
-                 "_locked", "_patterns", "_plans", "_memo_size", "_has_budget", "_min_run",
+                 "_locked", "_globs", "_patterns", "_pattern_texts", "_all_patterns", "_plans", "_memo_size", "_has_budget", "_min_run",
                  "_min_day", "_min_month")
 
     def __init__(self, tenant_id: str, project_id: str, version_id: str,
@@ -633,7 +782,14 @@ class CompiledPolicy:
                   for r in sorted(e.rules, key=lambda r: r.index)
                   if r.locked and r.effect is not ALLOW]
         self._locked: tuple[_Rule, ...] = tuple(locked)
+        self._globs = _GlobSet(r.glob for e in envs for r in e.rules)
+        for e in envs:
+            for r in e.rules:
+                r.gid = self._globs.ids[r.glob]
+            e.gids = frozenset(r.gid for r in e.rules)
         self._patterns = tuple(_compile_arg_pattern(p) for p in patterns)
+        self._pattern_texts = tuple(patterns)
+        self._all_patterns: _PatternSet | None = None
         self._plans: dict[str, _ToolPlan] = {}
         self._memo_size = 0  # results memoised over all plans
         # The fast budget check: the tightest limit per dimension over every envelope (enforced
@@ -657,6 +813,14 @@ class CompiledPolicy:
     def shadow_envelopes(self) -> tuple[Envelope, ...]:
         """The shadow envelopes, in the same order."""
         return tuple(e.envelope for e in self._shadow)
+
+    def _pattern_set(self) -> _PatternSet | None:
+        if self._all_patterns is None:
+            try:
+                self._all_patterns = _PatternSet(self._pattern_texts)
+            except (re2.error, UnicodeEncodeError):
+                return None
+        return self._all_patterns
 
     def _forget(self) -> None:
         self._plans.clear()
@@ -894,6 +1058,10 @@ def _mask(plan: _ToolPlan, arguments: Any) -> int:
     if not plan.patterns:
         return 0
     text = _arguments_text(arguments).encode()
+    if plan.pattern_set is not None:
+        found = plan.pattern_set.match(text)
+        if found is not None:
+            return found & plan.pattern_bits
     mask = 0
     for bit, rx in plan.patterns:
         if rx.search(text) is not None:

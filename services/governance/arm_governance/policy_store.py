@@ -34,13 +34,12 @@ from arm_common.messages import struct, ts
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
-from arm_governance import engine, models
+from arm_governance import limits, models
 from arm_governance.models import OUTBOX
 
 CR = common_pb2.ChangeRecordType
 MUTABLE = ("name", "description", "scope", "scope_id", "priority", "active", "mode", "tool_rules",
            "require_approval_at_risk", "deny_at_risk", "autonomy_tier", "budgets", "default_effect")
-_TOOL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.*:/@")
 _DECISIONS = {1, 2, 3}
 _RISKS = {1, 2, 3, 4}
 
@@ -61,22 +60,13 @@ def validate_envelope(env: policy_pb2.PolicyEnvelope, prefix: str = "envelope.")
         v.add(f"{prefix}mode", f"unknown enum value {env.mode}")
     if env.HasField("priority") and not 0 <= env.priority <= 1_000_000:
         v.add(f"{prefix}priority", "must be from 0 to 1000000")
-    if len(env.tool_rules) > 500:
-        v.add(f"{prefix}tool_rules", "must have at most 500 rules")
+    limits.rules(v, prefix, env)
     for i, rule in enumerate(env.tool_rules):
         path = f"{prefix}tool_rules[{i}]"
-        if not rule.tool or len(rule.tool) > 200 or not set(rule.tool) <= _TOOL_CHARS:
-            v.add(f"{path}.tool", "must be 1-200 characters of letters, digits and _-.*:/@")
         if rule.effect not in _DECISIONS:
             v.add(f"{path}.effect", "must be ALLOW, DENY or NEEDS_APPROVAL")
         if rule.when.min_risk and rule.when.min_risk not in _RISKS:
             v.add(f"{path}.when.min_risk", f"unknown enum value {rule.when.min_risk}")
-        val.string_list(v, f"{path}.when.environments", list(rule.when.environments), max_items=20)
-        val.string_list(v, f"{path}.when.arg_patterns", list(rule.when.arg_patterns), max_items=20)
-        for j, pattern in enumerate(rule.when.arg_patterns):
-            problem = engine.arg_pattern_error(pattern)
-            if problem:
-                v.add(f"{path}.when.arg_patterns[{j}]", f"is not a valid regular expression: {problem}")
         val.optional(v, f"{path}.description", rule.description, 1000)
     for name in ("require_approval_at_risk", "deny_at_risk"):
         value = getattr(env, name)
@@ -91,6 +81,21 @@ def validate_envelope(env: policy_pb2.PolicyEnvelope, prefix: str = "envelope.")
                 if not math.isfinite(amount) or amount < 0:
                     v.add(f"{prefix}budgets.{name}", "must be a finite amount >= 0")
     v.raise_if_any("the policy envelope is invalid")
+
+
+async def check_scope_totals(s: AsyncSession, tenant_id: str, env: policy_pb2.PolicyEnvelope,
+                             path: str = "envelope") -> None:
+    """After `env` is saved (its epoch row locked, so writers of one tenant take turns): the
+    totals of the active envelopes attached to its scope stay within `limits`."""
+    if not env.active:
+        return
+    m = models.PolicyEnvelope
+    rows = (await s.execute(select(m.body).where(
+        m.tenant_id == tenant_id, m.scope == env.scope, m.scope_id == env.scope_id,
+        m.active.is_(True)))).scalars().all()
+    v = Violations()
+    limits.scope_totals(v, path, (policy_pb2.PolicyEnvelope.FromString(b) for b in rows))
+    v.raise_if_any("the policy envelope would take its scope over the policy limits")
 
 
 class RegistryLookup:

@@ -8,12 +8,14 @@ strings of the arguments, with bounded depth and size.
 from __future__ import annotations
 
 import enum
-import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import re2
+
 __all__ = [
+    "DEFAULT_ARGUMENT_TRIGGERS",
     "DEFAULT_RISK_TABLE",
     "MAX_ARGUMENT_DEPTH",
     "MAX_ARGUMENT_NODES",
@@ -72,38 +74,85 @@ DEFAULT_RISK_TABLE: tuple[tuple[str, Risk], ...] = (
     )),
 )
 
-# Argument text that raises risk to HIGH: secrets and production (SPEC §3 "Risk"), matched in
-# case-folded text. `(?<![a-z0-9])` and `(?![a-z0-9])` stand for word edges where `_`, `-` and `.`
-# separate words, so `access_token` matches but `max_tokens` (an LLM parameter in half of all tool
-# calls) does not.
-_SENSITIVE = re.compile(
-    r"api[\s_\-]?keys?"
-    r"|pass(?:w(?:or)?ds?|phrase)"
-    r"|(?<![a-z0-9])token(?![a-z0-9])|(?<![a-z0-9])bearer\s"
-    r"|private[\s_\-]?keys?|(?<![a-z0-9])id_(?:rsa|ed25519|ecdsa)"
-    r"|secret|credential"
-    r"|\.env(?![a-z0-9])"
-    r"|production|(?<![a-z0-9])prod(?![a-z0-9])"
-    r"|--force|--hard"
-    r"|deploy"
+# Argument text that raises risk to HIGH (SPEC §3 "Risk"): secrets, production, force flags and
+# destructive commands. Entries are (label, RE2 pattern), searched in the case-folded strings of
+# the arguments (joined by NUL, so no match spans two strings); like the tool-name table, the
+# whole list can be replaced (`Classifier(triggers=...)`). RE2 has no look-around: `_L` and `_R`
+# stand for word edges where `_`, `-` and `.` separate words, so `access_token` matches but
+# `max_tokens` (an LLM parameter in half of all tool calls) does not. Matching is linear in the
+# text (RE2), whatever the entries.
+_L = r"(?:\A|[^a-z0-9])"
+_R = r"(?:[^a-z0-9]|\z)"
+_CMD = r"(?:\A|[^a-z0-9_.\-])"  # a command word starts here: `/bin/rm` yes, `firm` no
+_ARGS = r"[^\x00\n;|&]*"  # the rest of one shell command
+DEFAULT_ARGUMENT_TRIGGERS: tuple[tuple[str, str], ...] = (
+    # Secrets.
+    ("api key", r"api[\s_\-]?keys?"),
+    ("password", r"pass(?:w(?:or)?ds?|phrase)"),
+    ("token", _L + r"token" + _R),
+    ("bearer", _L + r"bearer\s"),
+    ("private key", r"private[\s_\-]?keys?|" + _L + r"id_(?:rsa|ed25519|ecdsa)"),
+    ("secret", r"secret"),
+    ("credential", r"credential"),
+    ("dotenv", r"\.env" + _R),
     # Well-known credential shapes: AWS access key ids, GitHub and Slack tokens, OpenAI-style keys.
-    r"|(?<![a-z0-9])(?:akia[0-9a-z]{16}|gh[pousr]_[a-z0-9]{20,}|xox[abpr]-[a-z0-9\-]{10,}"
-    r"|sk-[a-z0-9_\-]{20,})"
+    ("credential shape", _L + r"(?:akia[0-9a-z]{16}|gh[pousr]_[a-z0-9]{20,}"
+                              r"|xox[abpr]-[a-z0-9\-]{10,}|sk-[a-z0-9_\-]{20,})"),
+    # Production.
+    ("production", r"production|" + _L + r"prod" + _R),
+    ("deploy", r"deploy"),
+    ("force flag", r"--force|--hard"),
+    # Destructive commands (issue 10, item 9).
+    ("recursive delete", _CMD + r"rm\s+(?:-[a-z]*\s+)*(?:-[a-z]*r[a-z]*|--recursive)" + _R),
+    ("find -delete", _CMD + r"find\s" + _ARGS + r"\s-delete" + _R),
+    ("mkfs", _CMD + r"mkfs(?:\.[a-z0-9]+)?" + _R),
+    ("dd of=", _CMD + r"dd\s" + _ARGS + r"\sof="),
+    ("drop table", _L + r"drop\s+(?:table|database|schema)" + _R),
+    ("truncate", _L + r"truncate\s+(?:table\s|[a-z0-9_.\"`]+\s*(?:;|\z|\x00))"),
+    ("git force push", _CMD + r"git\s+push\s(?:" + _ARGS + r"\s)?(?:-[a-z]*f[a-z]*|\+\S+)" + _R),
+    ("chmod -R 777", _CMD + r"chmod\s+(?:-[a-z]*\s+)*-[a-z]*r[a-z]*\s+(?:-[a-z]*\s+)*"
+                            r"(?:0?777|a\+rwx|ugo\+rwx)" + _R),
+    ("pipe to shell", _CMD + r"(?:curl|wget)\s[^\x00\n;&]*\|\s*(?:sudo\s+)?(?:ba|z|da|k)?sh" + _R),
 )
-# A cheap first pass: _SENSITIVE without its lookbehinds, so that every alternative starts with a
-# literal and the regex engine can skip ahead by first character (lookbehinds or IGNORECASE would
-# defeat that and cost about 5x). Most arguments match nothing here and are done.
-_PREFILTER = re.compile(
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+_RE2_OPTIONS.dot_nl = True
+
+
+def _trigger_regex(triggers: Sequence[tuple[str, str]]) -> Any:
+    """One RE2 over every trigger; None when there are none. Raises ValueError for a pattern RE2
+    cannot compile, naming its label."""
+    for label, pattern in triggers:
+        try:
+            re2.compile(pattern, _RE2_OPTIONS)
+        except re2.error as exc:
+            raise ValueError(f"argument trigger {label!r} is not RE2: {exc}") from None
+    if not triggers:
+        return None
+    return re2.compile("|".join(f"(?:{p})" for _label, p in triggers), _RE2_OPTIONS)
+
+
+_DEFAULT_TRIGGERS = _trigger_regex(DEFAULT_ARGUMENT_TRIGGERS)
+# A cheap first pass for the default triggers: every default trigger needs one of these literals,
+# and every alternative starts with a literal, so Python's `re` skips ahead by first character
+# and stays linear (no nested repetition). Most arguments match nothing here and are done without
+# the RE2 call (whose wrapper costs about a microsecond).
+_DEFAULT_PREFILTER = re.compile(
     r"api[\s_\-]?key|pass(?:w(?:or)?d|phrase)|token(?![a-z0-9])|bearer\s|private[\s_\-]?key"
     r"|id_(?:rsa|ed25519|ecdsa)|secret|credential|\.env(?![a-z0-9])|prod(?:uction|(?![a-z0-9]))"
     r"|--force|--hard|deploy|akia[0-9a-z]{16}|gh[pousr]_[a-z0-9]{20}|xox[abpr]-[a-z0-9\-]{10}"
     r"|sk-[a-z0-9_\-]{20}"
+    r"|rm\s|find\s|mkfs|dd\s|drop\s|truncate\s|git\s|chmod\s|curl\s|wget\s"
 )
 
 
-def _sensitive_text(text: str) -> bool:
+def _sensitive_text(text: str, regex: Any = None) -> bool:
+    regex = _DEFAULT_TRIGGERS if regex is None else regex
     folded = text.casefold()  # also maps look-alikes such as "ſ" and "K" (Kelvin) to s and k
-    return _PREFILTER.search(folded) is not None and _SENSITIVE.search(folded) is not None
+    if regex is _DEFAULT_TRIGGERS and _DEFAULT_PREFILTER.search(folded) is None:
+        return False
+    return regex.search(folded) is not None
 
 
 # Arguments deeper, larger or longer than this are not scanned but classified HIGH (fail safe).
@@ -154,9 +203,11 @@ def _collect(value: Any, out: list[str], depth: int, budget: list[int]) -> None:
     # Numbers, booleans, None and other objects mention nothing.
 
 
-def arguments_are_sensitive(arguments: Any) -> bool:
-    """Whether any string key or value of the arguments, at any depth, mentions secrets or
-    production. Arguments too deep or too large to scan count as sensitive (fail safe)."""
+def arguments_are_sensitive(arguments: Any, triggers: Any = None) -> bool:
+    """Whether any string key or value of the arguments, at any depth, matches an argument
+    trigger (secrets, production, destructive commands; `triggers`: a compiled trigger regex,
+    default `DEFAULT_ARGUMENT_TRIGGERS`). Arguments too deep or too large to scan count as
+    sensitive (fail safe)."""
     if not arguments:
         return False
     if type(arguments) is dict and len(arguments) <= MAX_ARGUMENT_NODES:
@@ -173,36 +224,77 @@ def arguments_are_sensitive(arguments: Any) -> bool:
                 break
         if flat:
             text = "\x00".join(parts)
-            return len(text) > MAX_ARGUMENT_CHARS or _sensitive_text(text)
+            return len(text) > MAX_ARGUMENT_CHARS or _sensitive_text(text, triggers)
     parts = []
     try:
         _collect(arguments, parts, 0, [MAX_ARGUMENT_NODES, MAX_ARGUMENT_CHARS])
     except (_TooBig, RecursionError):
         return True
     # \x00 cannot be part of a match, so no match spans two strings.
-    return _sensitive_text("\x00".join(parts))
+    return _sensitive_text("\x00".join(parts), triggers)
+
+
+def _fnmatch_re2(word: str) -> str:
+    """An fnmatch pattern (`*`, `?`, `[seq]`, `[!seq]`) as RE2 syntax."""
+    out, i, n = [], 0, len(word)
+    while i < n:
+        c = word[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            k = i + 1 if word[i:i + 1] == "!" else i
+            k = k + 1 if word[k:k + 1] == "]" else k
+            j = word.find("]", k)
+            if j < 0:
+                out.append("\\x5b")
+                continue
+            body, i = word[i:j], j + 1
+            neg = body.startswith("!")
+            body = body[1:] if neg else body
+            chars = "".join(ch if ch.isalnum() or ch == "-" else f"\\x{{{ord(ch):x}}}" for ch in body)
+            out.append(("[^" if neg else "[") + chars + "]")
+        else:
+            out.append(c if c.isalnum() or c == "_" else f"\\x{{{ord(c):x}}}")
+    return "".join(out)
 
 
 class Classifier:
     """Classifies a tool call's risk from the tool name (configurable word table, cached) and its
-    arguments (raised to HIGH when they mention secrets or production)."""
+    arguments (raised to HIGH when they match an argument trigger: secrets, production,
+    destructive commands; configurable too)."""
 
-    __slots__ = ("_entries", "_cache", "unknown")
+    __slots__ = ("_entries", "_words", "_word_hits", "_cache", "_triggers", "unknown")
 
     def __init__(self, table: Sequence[tuple[str, Risk]] | None = None,
-                 unknown: Risk = UNKNOWN_TOOL_RISK) -> None:
+                 unknown: Risk = UNKNOWN_TOOL_RISK,
+                 triggers: Sequence[tuple[str, str]] | None = None) -> None:
         """`table` replaces `DEFAULT_RISK_TABLE` (see there for the entry syntax); `unknown` is the
-        risk of a tool no entry matches."""
+        risk of a tool no entry matches; `triggers` replaces `DEFAULT_ARGUMENT_TRIGGERS`
+        ((label, RE2 pattern) entries)."""
+        # Every distinct word pattern of the table goes into one RE2 set: a name's words are
+        # matched against all of them in one pass each, in time linear in the name.
+        patterns: dict[str, int] = {}
         entries = []
         for pattern, risk in (DEFAULT_RISK_TABLE if table is None else table):
-            words = tuple(
-                re.compile(fnmatch.translate(w.lower()))
-                for w in re.split(r"[\s_.\-]+", pattern.strip()) if w
-            )
+            words = tuple(patterns.setdefault(w.lower(), len(patterns))
+                          for w in re.split(r"[\s_.\-]+", pattern.strip()) if w)
             if words:
-                entries.append((words, Risk(risk)))
-        self._entries: tuple[tuple[tuple[re.Pattern[str], ...], Risk], ...] = tuple(entries)
+                entries.append((frozenset(words), Risk(risk)))
+        self._entries: tuple[tuple[frozenset[int], Risk], ...] = tuple(entries)
+        self._words: Any = None
+        if patterns:
+            word_set = re2.Set.FullMatchSet(_RE2_OPTIONS)
+            for w in patterns:
+                word_set.Add(_fnmatch_re2(w))
+            word_set.Compile()
+            self._words = word_set
         self._cache: dict[str, Risk] = {}
+        self._word_hits: dict[str, tuple[int, ...]] = {}  # word → ids of the patterns it matches
+        self._triggers = (_DEFAULT_TRIGGERS if triggers is None
+                          else _trigger_regex(tuple(triggers)))
         self.unknown = Risk(unknown)
 
     def classify_tool(self, tool: str) -> Risk:
@@ -221,18 +313,29 @@ class Classifier:
         # Also try adjacent pairs glued together, so "force-push" entries match "forcepush" names
         # and vice versa without listing both spellings.
         joined.update(a + b for a, b in zip(words, words[1:], strict=False))
+        matched: set[int] = set()
+        if self._words is not None:
+            word_hits = self._word_hits
+            for w in joined:
+                hits = word_hits.get(w)
+                if hits is None:
+                    hits = tuple(self._words.Match(w) or ())
+                    if len(word_hits) >= _CACHE_LIMIT:
+                        word_hits.clear()
+                    word_hits[w] = hits
+                matched.update(hits)
         best: Risk | None = None
-        for patterns, risk in self._entries:
-            if (best is None or risk > best) and all(
-                    any(p.match(w) for w in joined) for p in patterns):
+        for ids, risk in self._entries:
+            if (best is None or risk > best) and ids <= matched:
                 best = risk
         return self.unknown if best is None else best
 
     def classify(self, tool: str, arguments: Any = None) -> Risk:
-        """Risk of a call: the tool name's risk, raised to HIGH when the arguments are sensitive."""
+        """Risk of a call: the tool name's risk, raised to HIGH when an argument trigger matches."""
         risk = self._cache.get(tool)
         if risk is None:
             risk = self.classify_tool(tool)
-        if arguments and risk < HIGH and arguments_are_sensitive(arguments):
+        if arguments and risk < HIGH and self._triggers is not None and arguments_are_sensitive(
+                arguments, self._triggers):
             return HIGH
         return risk

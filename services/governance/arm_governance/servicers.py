@@ -23,12 +23,19 @@ from arm_common.ids import new_id
 from arm_common.messages import ts
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
-from arm_governance import convert, engine, models
+from arm_governance import convert, engine, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
 from arm_governance.models import IDEMPOTENCY
 from arm_governance.policies import PolicyCache
-from arm_governance.policy_store import CR, PolicyStore, RegistryLookup, actor, validate_envelope
+from arm_governance.policy_store import (
+    CR,
+    PolicyStore,
+    RegistryLookup,
+    actor,
+    check_scope_totals,
+    validate_envelope,
+)
 
 MAX_LOOKBACK = timedelta(days=30)
 
@@ -68,6 +75,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         async def write(s: AsyncSession) -> Any:
             now = utcnow()
             saved = await self.store.save(s, p, env, None, request.reason, now)
+            await check_scope_totals(s, p.tenant_id, saved)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_POLICY_CREATED, target_type="policy_envelope",
                                     target_id=saved.envelope_id, reason=request.reason,
                                     summary=f"policy {saved.name} created at {policy_pb2.PolicyScope.Name(saved.scope)}",
@@ -140,6 +148,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if moved:
                 await self.lookup.check_scope(api_key, merged.scope, merged.scope_id)
             saved = await self.store.save(s, p, merged, row, request.reason, utcnow())
+            await check_scope_totals(s, p.tenant_id, saved)
             kind = CR.CHANGE_RECORD_TYPE_POLICY_ATTACHED if moved else CR.CHANGE_RECORD_TYPE_POLICY_UPDATED
             await self.store.record(s, p, kind, target_type="policy_envelope", target_id=saved.envelope_id,
                                     reason=request.reason, summary=f"policy {saved.name} revision {saved.revision}",
@@ -255,6 +264,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def SimulatePolicy(self, request: policy_pb2.SimulatePolicyRequest, context: Ctx) -> Any:
         validate_envelope(request.candidate, "candidate.")
+        alone = policy_pb2.PolicyEnvelope(active=True, tool_rules=request.candidate.tool_rules)
+        v = Violations()
+        limits.scope_totals(v, "candidate", [alone])  # what one scope may hold, the candidate alone
+        v.raise_if_any("the candidate is over the policy limits")
         if request.limit < 0:
             raise InvalidArgument("limit must not be negative", reason="INVALID_FIELDS",
                                   violations=[FieldViolation("limit", "must not be negative")])

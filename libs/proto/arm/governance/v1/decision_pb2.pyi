@@ -92,7 +92,9 @@ class CheckRequest(_message.Message):
     legacy_agent_id: _builtins.str
     """A legacy agent id (older platform)."""
     tool_name: _builtins.str
-    """Tool the agent wants to call, e.g. "github.pr.merge"."""
+    """Tool the agent wants to call, e.g. "github.pr.merge". Required; at most 200 characters, no
+    NUL (more is INVALID_ARGUMENT).
+    """
     declared_risk: _common_pb2.RiskLevel.ValueType
     """Risk declared by the caller; UNSPECIFIED = not declared. Effective risk is the max of this
     and governance's own classification.

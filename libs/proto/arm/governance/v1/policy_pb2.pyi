@@ -242,12 +242,17 @@ class ToolRuleCondition(_message.Message):
     """Applies only when the call's effective risk is at least this; UNSPECIFIED = any risk."""
     @_builtins.property
     def environments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Environments the rule applies to, by name or type (DEV, STAGING, PROD); empty = all."""
+        """Environments the rule applies to, by name or type (DEV, STAGING, PROD); empty = all. At most
+        20 names of 1-200 characters.
+        """
 
     @_builtins.property
     def arg_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """RE2 regular expressions matched against the canonical JSON of the call's arguments; the
-        condition holds when any matches. Empty = no argument condition.
+        condition holds when any matches. Empty = no argument condition. At most 20 per rule, each
+        1-200 characters compiling to at most 200 RE2 instructions (`a{1000}` is short but too
+        large), and at most 32 distinct patterns over the active envelopes of one scope; more is
+        INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -277,8 +282,12 @@ class ToolRule(_message.Message):
     WHEN_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     tool: _builtins.str
-    """Tool name glob: `*` matches within one dotted segment, `**` across segments, otherwise exact.
-    The most specific matching rule of an envelope applies.
+    """Tool name glob: `*` matches within one dotted segment, `**` across segments, otherwise exact
+    (case-insensitive). The most specific matching rule of an envelope applies. 1-200 characters
+    of letters, digits and _-.*:/@, at most 4 wildcard runs, and a match cost of at most 24: the
+    cost counts 1, plus 1 per wildcard run, plus for the literal after each wildcard the most of
+    its prefixes that can end at one name character (1 for `read_file`, 5 for `aaaaa`), so `**.read`
+    costs 3 and `github.*` 2. More is INVALID_ARGUMENT.
     """
     effect: Global___Decision.ValueType
     """Effect when the rule matches; UNSPECIFIED is rejected."""
@@ -417,7 +426,11 @@ class PolicyEnvelope(_message.Message):
     """
     @_builtins.property
     def tool_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolRule]:
-        """Ordered tool rules."""
+        """Ordered tool rules: at most 200. Over the active envelopes attached to one tenant, project or
+        agent version (ENFORCE and SHADOW alike): at most 20 envelopes, 200 tool rules and a total
+        glob match cost (see ToolRule.tool) of 600; a write that would pass a limit is
+        INVALID_ARGUMENT naming the field, and nothing is stored.
+        """
 
     @_builtins.property
     def budgets(self) -> Global___Budgets:

@@ -1,0 +1,228 @@
+"""Bounds on everything a tenant writes or sends that costs decision time, checked at the edge in
+one place (INVALID_ARGUMENT with field violations), so that no tenant's policy can make `Check`
+slow on governance's event loop, for itself or for anyone else (issue 10, item 1).
+
+Where the cost goes, and what bounds it:
+- Tool globs are matched by RE2 sets (engine.py): one pass over the name per set, with work per
+  name character proportional to the glob positions alive at once. So the tool name's length, the
+  number of rules a compiled policy holds (three scopes: tenant, project, version) and the
+  literal characters after a glob's first wildcard (those are the positions that stay alive) are
+  bounded, as are the wildcards per glob.
+- Argument patterns are RE2 (linear in the argument text, itself bounded by the request size):
+  each pattern's compiled program and the number of distinct patterns per scope are bounded.
+- Envelopes per scope are bounded (each is one step of the evaluation); budgets and risk
+  thresholds cost a comparison each. The risk classifier's table is the operator's configuration,
+  not a tenant's.
+
+The numbers are generous for real policies (hundreds of rules) and documented in the proto
+comments and README.md ("Policy limits").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import re2
+
+from arm.governance.v1 import policy_pb2
+from arm_common.errors import Violations
+
+__all__ = [
+    "MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE",
+    "MAX_ACTIVE_ENVELOPES_PER_SCOPE",
+    "MAX_ACTIVE_RULES_PER_SCOPE",
+    "MAX_ARG_PATTERNS_PER_RULE",
+    "MAX_ARG_PATTERN_CHARS",
+    "MAX_ARG_PATTERN_PROGRAM",
+    "MAX_ENVIRONMENTS_PER_RULE",
+    "MAX_GLOB_COST",
+    "MAX_GLOB_COST_PER_SCOPE",
+    "MAX_GLOB_WILDCARDS",
+    "MAX_RULES_PER_ENVELOPE",
+    "MAX_TOOL_NAME",
+    "TOOL_CHARS",
+    "arg_pattern",
+    "glob_cost",
+    "scope_totals",
+    "tool_glob",
+    "tool_name",
+]
+
+MAX_TOOL_NAME = 200
+"""Characters of a tool name (`CheckRequest.tool_name`) and of a tool-rule glob."""
+MAX_GLOB_WILDCARDS = 4
+"""Wildcard runs (`*`, `**`) per glob."""
+MAX_GLOB_COST = 24
+"""`glob_cost` of one glob: the glob positions that can be alive at once while a name is read."""
+MAX_GLOB_COST_PER_SCOPE = 600
+"""Sum of `glob_cost` over the tool rules of the active envelopes attached to one scope (a rule
+like `github.*` costs 2, `**.read` 3, an exact name 1)."""
+MAX_RULES_PER_ENVELOPE = 200
+"""Tool rules per envelope."""
+MAX_ACTIVE_ENVELOPES_PER_SCOPE = 20
+"""Active envelopes (ENFORCE and SHADOW) attached to one tenant, project or agent version."""
+MAX_ACTIVE_RULES_PER_SCOPE = 200
+"""Tool rules over the active envelopes attached to one scope; an agent's policy spans three."""
+MAX_ARG_PATTERNS_PER_RULE = 20
+MAX_ARG_PATTERN_CHARS = 200
+MAX_ARG_PATTERN_PROGRAM = 200
+"""RE2 program size (instructions) of one argument pattern: `a{1000}` is short but large."""
+MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE = 32
+"""Distinct argument patterns over the active envelopes attached to one scope."""
+MAX_ENVIRONMENTS_PER_RULE = 20
+
+TOOL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.*:/@")
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+def tool_name(v: Violations, path: str, name: str) -> None:
+    """A tool name an agent asks about."""
+    if not name or not name.strip():
+        v.add(path, "is required")
+    elif len(name) > MAX_TOOL_NAME:
+        v.add(path, f"must be at most {MAX_TOOL_NAME} characters")
+    elif "\x00" in name:
+        v.add(path, "must not contain NUL characters")
+
+
+def _wildcard_runs(glob: str) -> list[int]:
+    """Start positions of the wildcard runs of a glob."""
+    return [i for i, c in enumerate(glob) if c == "*" and (i == 0 or glob[i - 1] != "*")]
+
+
+def tool_glob(v: Violations, path: str, glob: str) -> None:
+    """A tool-rule glob."""
+    if not glob or len(glob) > MAX_TOOL_NAME or not set(glob) <= TOOL_CHARS:
+        v.add(path, f"must be 1-{MAX_TOOL_NAME} characters of letters, digits and _-.*:/@")
+        return
+    runs = _wildcard_runs(glob)
+    if len(runs) > MAX_GLOB_WILDCARDS:
+        v.add(path, f"must have at most {MAX_GLOB_WILDCARDS} wildcard runs (`*` or `**`), "
+                    f"not {len(runs)}")
+    elif (cost := glob_cost(glob)) > MAX_GLOB_COST:
+        v.add(path, f"costs {cost} to match, more than {MAX_GLOB_COST}: literals after a wildcard "
+                    "that repeat themselves (like `*aaaaaaaa`) keep many match positions alive; "
+                    "shorten them or use fewer wildcards")
+
+
+def _alive(piece: str) -> int:
+    """The most prefixes of `piece` that can end at one character of a name: 1 + the borders of
+    its most bordered prefix (KMP failure function). `create_pull_request` → 1, `aaaa` → 4."""
+    border = [0] * len(piece)
+    depth = [1] * len(piece)
+    k = 0
+    for i in range(1, len(piece)):
+        while k and piece[i] != piece[k]:
+            k = border[k - 1]
+        if piece[i] == piece[k]:
+            k += 1
+        border[i] = k
+        depth[i] = 1 + depth[k - 1] if k else 1
+    return max(depth, default=0)
+
+
+def glob_cost(glob: str) -> int:
+    """An upper bound on the glob's positions alive at once while RE2 reads a name, which is what
+    each name character costs: 1 for the anchored start, and for each wildcard run 1 plus `_alive`
+    of the literal piece after it."""
+    cost = 1
+    for part in re.split(r"(\*+)", glob.lower()):
+        if part.startswith("*"):
+            cost += 1
+        elif part and cost > 1:
+            cost += _alive(part)
+    return cost
+
+
+def arg_pattern(v: Violations, path: str, pattern: str) -> None:
+    """An argument pattern: RE2 syntax, bounded text and compiled program."""
+    if not pattern or len(pattern) > MAX_ARG_PATTERN_CHARS or "\x00" in pattern:
+        v.add(path, f"must be 1 to {MAX_ARG_PATTERN_CHARS} characters, without NUL")
+        return
+    try:
+        compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        problem = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        v.add(path, f"is not a valid regular expression: {problem}")
+        return
+    if compiled.programsize > MAX_ARG_PATTERN_PROGRAM:
+        v.add(path, f"compiles to {compiled.programsize} RE2 instructions, more than "
+                    f"{MAX_ARG_PATTERN_PROGRAM}; simplify it (e.g. fewer or smaller counted "
+                    "repetitions)")
+
+
+def rules(v: Violations, prefix: str, env: policy_pb2.PolicyEnvelope) -> None:
+    """The tool rules of one envelope (`prefix` ends with a dot)."""
+    if len(env.tool_rules) > MAX_RULES_PER_ENVELOPE:
+        v.add(f"{prefix}tool_rules", f"must have at most {MAX_RULES_PER_ENVELOPE} rules")
+    for i, rule in enumerate(env.tool_rules):
+        path = f"{prefix}tool_rules[{i}]"
+        tool_glob(v, f"{path}.tool", rule.tool)
+        environments = list(rule.when.environments)
+        if len(environments) > MAX_ENVIRONMENTS_PER_RULE:
+            v.add(f"{path}.when.environments", f"must have at most {MAX_ENVIRONMENTS_PER_RULE} items")
+        for j, name in enumerate(environments):
+            if not name or len(name) > MAX_TOOL_NAME or "\x00" in name:
+                v.add(f"{path}.when.environments[{j}]",
+                      f"must be 1 to {MAX_TOOL_NAME} characters, without NUL")
+        patterns = list(rule.when.arg_patterns)
+        if len(patterns) > MAX_ARG_PATTERNS_PER_RULE:
+            v.add(f"{path}.when.arg_patterns", f"must have at most {MAX_ARG_PATTERNS_PER_RULE} items")
+        for j, pattern in enumerate(patterns):
+            arg_pattern(v, f"{path}.when.arg_patterns[{j}]", pattern)
+
+
+def scope_totals(v: Violations, path: str, envelopes: Iterable[policy_pb2.PolicyEnvelope]) -> None:
+    """Totals over the active envelopes attached to one scope (the one being written included)."""
+    active = [e for e in envelopes if e.active]
+    if len(active) > MAX_ACTIVE_ENVELOPES_PER_SCOPE:
+        v.add(path, f"its scope would have {len(active)} active envelopes, more than "
+                    f"{MAX_ACTIVE_ENVELOPES_PER_SCOPE}; deactivate or merge some")
+    total = sum(len(e.tool_rules) for e in active)
+    if total > MAX_ACTIVE_RULES_PER_SCOPE:
+        v.add(f"{path}.tool_rules", f"its scope would have {total} tool rules over its active "
+                                    f"envelopes, more than {MAX_ACTIVE_RULES_PER_SCOPE}")
+    cost = sum(glob_cost(r.tool) for e in active for r in e.tool_rules)
+    if cost > MAX_GLOB_COST_PER_SCOPE:
+        v.add(f"{path}.tool_rules", f"the globs of its scope's active envelopes would cost {cost} to "
+                                    f"match, more than {MAX_GLOB_COST_PER_SCOPE} (see glob_cost)")
+    patterns = {p for e in active for r in e.tool_rules for p in r.when.arg_patterns}
+    if len(patterns) > MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE:
+        v.add(f"{path}.tool_rules", f"its scope would have {len(patterns)} distinct argument "
+                                    f"patterns, more than {MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE}")
+
+
+def worst_legal_rules(salt: int = 0) -> list[policy_pb2.ToolRule]:
+    """The most expensive tool rules one scope may legally hold (for the adversarial test and
+    bench/noisy_neighbour.py): MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE distinct argument patterns near
+    the program bound on rules that match every tool, then distinct globs of MAX_GLOB_WILDCARDS
+    wildcards and MAX_GLOB_COST each (runs of `a`, every position of which stays alive on a name
+    of `a`s) up to MAX_GLOB_COST_PER_SCOPE, then exact names up to MAX_ACTIVE_RULES_PER_SCOPE
+    while the cost allows. `salt` makes another scope's rules distinct."""
+    per_rule = MAX_ARG_PATTERNS_PER_RULE
+    patterns = [f"(?:[a-z]|[0-9]){{0,28}}x{salt}_{i}(?:[a-z]|[0-9]){{0,28}}y"
+                for i in range(MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE)]
+    out = [policy_pb2.ToolRule(tool="**", effect=policy_pb2.DECISION_DENY,
+                               when=policy_pb2.ToolRuleCondition(arg_patterns=patterns[k:k + per_rule]))
+           for k in range(0, len(patterns), per_rule)]
+    budget = MAX_GLOB_COST_PER_SCOPE - sum(glob_cost(r.tool) for r in out)
+    # Pieces of `a` whose alive positions add up to the cost bound.
+    alive = MAX_GLOB_COST - 1 - MAX_GLOB_WILDCARDS
+    shapes = [(a, b, c, alive - a - b - c) for a in range(1, alive) for b in range(1, alive)
+              for c in range(1, alive) if alive - a - b - c >= 1]
+    n = salt * 1000
+    while budget >= MAX_GLOB_COST and len(out) < MAX_ACTIVE_RULES_PER_SCOPE:
+        pieces = shapes[(n // 16) % len(shapes)]
+        glob = "".join(("**" if (n >> bit) & 1 else "*") + "a" * k for bit, k in enumerate(pieces))
+        n += 1
+        # ALLOW: the matching work is the same whatever the effect, and a NEEDS_APPROVAL would
+        # add an approval write per call that one `**` rule could cause as well.
+        out.append(policy_pb2.ToolRule(tool=glob, effect=policy_pb2.DECISION_ALLOW))
+        budget -= glob_cost(glob)
+    while budget >= 1 and len(out) < MAX_ACTIVE_RULES_PER_SCOPE:
+        out.append(policy_pb2.ToolRule(tool=f"exact.s{salt}.n{len(out)}", effect=policy_pb2.DECISION_ALLOW))
+        budget -= 1
+    return out
