@@ -15,7 +15,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from arm_common import otel
+from arm_common import edge, otel
 from arm_common.auth import (
     ACT_FOR_TENANT_HEADER,
     Authenticator,
@@ -161,7 +161,7 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 request_id = _metadata_value(metadata, "x-request-id") or _new_request_id()
                 try:
                     await prepare(metadata, request_id)
-                    result = await inner(request, context)
+                    result = await inner(edge.screen(request, streaming), context)
                 except BaseException as exc:
                     done(started, exc)
                     if passthrough(exc):
@@ -179,7 +179,7 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 request_id = _metadata_value(metadata, "x-request-id") or _new_request_id()
                 try:
                     await prepare(metadata, request_id)
-                    async for item in inner(request, context):
+                    async for item in inner(edge.screen(request, streaming), context):
                         yield item
                 except BaseException as exc:
                     done(started, exc)
@@ -189,7 +189,9 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 done(started, None)
             return wrapper
 
-        ser = (handler.request_deserializer, handler.response_serializer)
+        # Bad bytes and out-of-range values are the caller's mistake: INVALID_ARGUMENT (arm_common.edge).
+        streaming = handler.request_streaming
+        ser = (edge.tolerant(handler.request_deserializer), handler.response_serializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), *ser)
         if handler.stream_unary:
