@@ -127,8 +127,9 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 code = "OK"
             elif isinstance(exc, ArmError):
                 code = exc.code.name
-            elif isinstance(exc, asyncio.CancelledError):
+            elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 code = "CANCELLED"
+                log.debug("%s cancelled by the client", method)
             elif isinstance(exc, grpc.aio.AbortError):
                 code = "ABORTED_BY_HANDLER"
             elif isinstance(exc, NotImplementedError):
@@ -150,8 +151,10 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                                 f"internal error; request id {request_id}")
 
         def passthrough(exc: BaseException) -> bool:
-            # Aborts raised by handlers themselves, and cancellation, propagate unchanged.
-            return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError))
+            # Aborts raised by handlers themselves, and cancellation, propagate unchanged. A client
+            # cancelling a stream while grpc sends a response closes the handler's generator at its
+            # `yield` (GeneratorExit) rather than cancelling a task: that too is quiet.
+            return isinstance(exc, (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError))
 
         def unary_response(inner: Any) -> Any:
             """Wraps a handler returning one response (unary-unary and stream-unary alike)."""

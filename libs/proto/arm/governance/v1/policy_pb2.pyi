@@ -498,7 +498,7 @@ class PolicyEnvelopeRevision(_message.Message):
     envelope_id: _builtins.str
     """The envelope."""
     revision: _builtins.int
-    """The revision number."""
+    """The revision number, from 1 to 2147483647; anything else is INVALID_ARGUMENT."""
     reason: _builtins.str
     """Reason given for the change, if any."""
     @_builtins.property
@@ -840,7 +840,7 @@ class GetPolicyEnvelopeRevisionRequest(_message.Message):
     envelope_id: _builtins.str
     """The envelope."""
     revision: _builtins.int
-    """The revision number."""
+    """The revision number, from 1 to 2147483647; anything else is INVALID_ARGUMENT."""
     def __init__(
         self,
         *,
