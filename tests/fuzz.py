@@ -113,6 +113,10 @@ class Generator:
     """Builds request strategies from message descriptors; `pool` holds ids of real resources."""
 
     pool: list[str] = field(default_factory=list)
+    # Tame: plausible values only (slugs, e-mails, ids of real resources, defined non-zero enums,
+    # times near now, small finite numbers, valid genomes), so that requests get past validation
+    # into the stores; the wild generator mixes in the hostile values.
+    tame: bool = False
     cache: dict[tuple[str, int], st.SearchStrategy[Message]] = field(default_factory=dict)
 
     def message(self, descriptor: Descriptor, depth: int = MAX_DEPTH) -> st.SearchStrategy[Message]:
@@ -124,6 +128,10 @@ class Generator:
     def _build(self, descriptor: Descriptor, depth: int) -> st.SearchStrategy[Message]:
         cls = GetMessageClass(descriptor)
         name = descriptor.full_name
+        if self.tame:
+            tame = self._tame_well_known(cls, name)
+            if tame is not None:
+                return tame
         if name == "google.protobuf.Timestamp":
             return st.builds(lambda s, n: cls(seconds=s, nanos=n), _timestamp_seconds(), _nanos())
         if name == "google.protobuf.Duration":
@@ -181,10 +189,57 @@ class Generator:
             return st.lists(single, max_size=3)
         return single
 
+    def _tame_well_known(self, cls: Any, name: str) -> st.SearchStrategy[Message] | None:
+        now = 1_780_000_000
+        if name == "google.protobuf.Timestamp":
+            return st.builds(lambda s, n: cls(seconds=s, nanos=n), st.integers(now - 86_400 * 400, now + 86_400 * 400),
+                             st.integers(0, 999_999_999))
+        if name == "google.protobuf.Duration":
+            return st.builds(lambda s: cls(seconds=s), st.integers(1, 86_400 * 40))
+        if name == "google.protobuf.Struct":
+            def struct(values: dict[str, Any]) -> Message:
+                out: Any = cls()
+                out.update(values)
+                return out
+            from tests.helpers import genome
+            tame_json = st.recursive(st.none() | st.booleans() | st.floats(-1e6, 1e6) | _text(max_size=12).filter(
+                lambda t: "\x00" not in t), lambda c: st.lists(c, max_size=3) | st.dictionaries(
+                    _text(max_size=8).filter(lambda t: "\x00" not in t), c, max_size=3), max_leaves=8)
+            return (st.builds(genome) | st.dictionaries(_text(max_size=8).filter(lambda t: "\x00" not in t),
+                                                         tame_json, max_size=4).map(struct))
+        return None
+
+    def _tame_single(self, fd: FieldDescriptor) -> st.SearchStrategy[Any] | None:
+        t, name = fd.type, fd.name
+        if t == FieldDescriptor.TYPE_STRING:
+            if name == "id" or name.endswith(("_id", "_ids")):
+                return st.sampled_from(self.pool) if self.pool else st.just("")
+            if "slug" in name:
+                return st.from_regex(r"[a-z0-9][a-z0-9-]{1,20}", fullmatch=True)
+            if "email" in name:
+                return st.from_regex(r"[a-z]{1,10}@[a-z]{1,10}\.example", fullmatch=True)
+            if name in ("etag", "page_token"):
+                return st.sampled_from(["", "1", "2"])
+            if "tool" in name or name == "name" or name.endswith("_name"):
+                return st.from_regex(r"[a-z][a-z0-9_.]{0,20}", fullmatch=True)
+            return _text(max_size=40).filter(lambda t: "\x00" not in t)
+        if t == FieldDescriptor.TYPE_ENUM:
+            assert fd.enum_type is not None
+            return st.sampled_from([v.number for v in fd.enum_type.values if v.number] or [0])
+        if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+            return st.floats(0, 1000)
+        if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64):
+            return st.integers(0, 100)
+        return None
+
     def _single(self, fd: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
         t = fd.type
         if t == FieldDescriptor.TYPE_MESSAGE:
             return self.message(_entry(fd), depth - 1)
+        if self.tame:
+            tame = self._tame_single(fd)
+            if tame is not None:
+                return tame
         if t == FieldDescriptor.TYPE_STRING:
             idish = fd.name == "id" or fd.name.endswith(("_id", "_ids", "etag", "page_token"))
             return strings(self.pool) if idish else strings([])
@@ -425,9 +480,9 @@ def fuzz_method(stack: Stack, service: str, method: MethodDescriptor) -> None:
     """Random well-typed requests to `method` with an admin key: never INTERNAL or UNKNOWN."""
     from hypothesis import given
 
-    generator = Generator(pool=stack.pool)
-    requests = st.lists(generator.message(method.input_type), min_size=1,
-                        max_size=3 if method.client_streaming else 1)
+    wild = Generator(pool=stack.pool).message(method.input_type)
+    tame = Generator(pool=stack.pool, tame=True).message(method.input_type)
+    requests = st.lists(wild | tame, min_size=1, max_size=3 if method.client_streaming else 1)
     channel = grpc.insecure_channel(stack.addresses[service])
     try:
         @fuzz_settings(stack.backend)

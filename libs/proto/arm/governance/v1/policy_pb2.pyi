@@ -390,7 +390,9 @@ class PolicyEnvelope(_message.Message):
     scope: Global___PolicyScope.ValueType
     """Kind of entity the envelope is attached to."""
     scope_id: _builtins.str
-    """Id of the tenant, project or agent version the envelope is attached to."""
+    """Id of the tenant, project or agent version the envelope is attached to: required for the
+    PROJECT and AGENT_VERSION scopes; for TENANT scope empty or the caller's tenant id.
+    """
     priority: _builtins.int
     """Higher is tried first within a scope; equal priority → the strictest result. Absent on create
     means 100.
@@ -1120,7 +1122,9 @@ class SimulatePolicyRequest(_message.Message):
 
     @_builtins.property
     def lookback(self) -> _duration_pb2.Duration:
-        """How far back to replay logged decisions; absent = 24 h; capped at the retention period."""
+        """How far back to replay logged decisions; absent = 24 h; when set, more than 0 and at most
+        30 days (also capped at the retention period).
+        """
 
     def __init__(
         self,
