@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from google.protobuf import struct_pb2
 
-from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
+from arm.common.v1 import common_pb2
+from arm.governance.v1 import approvals_pb2, audit_pb2, decision_pb2, policy_pb2
 from arm.registry.v1 import access_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 from arm_common import edge
@@ -64,9 +65,16 @@ def test_non_finite_numbers_in_structs_and_doubles(bad: float) -> None:
 
 
 def test_nul_characters_anywhere() -> None:
-    request = telemetry_pb2.IngestEventsRequest(events=[
-        events_pb2.OpEvent(event_id="e\x00", payload=struct({"k\x00": 1, "s": "a\x00b"}))])
-    assert set(violations(request)) == {"events[0].event_id", "events[0].payload", "events[0].payload.s"}
+    request = audit_pb2.AppendChangeRecordsRequest(records=[
+        common_pb2.ChangeRecord(record_id="r\x00", payload=struct({"k\x00": 1, "s": "a\x00b"}))])
+    assert set(violations(request)) == {"records[0].record_id", "records[0].payload", "records[0].payload.s"}
+
+
+def test_messages_validated_per_item_are_left_to_their_service() -> None:
+    import arm_telemetry.ingest  # noqa: F401 - registers OpEvent as validated per event
+
+    request = telemetry_pb2.IngestEventsRequest(events=[events_pb2.OpEvent(event_id="e\x00")])
+    edge.check(request)
 
 
 def test_nul_in_map_keys_and_repeated_strings() -> None:
@@ -81,8 +89,9 @@ def test_undecodable_bytes_become_a_marker_then_invalid_argument() -> None:
     deserialize = edge.tolerant(decision_pb2.CheckRequest.FromString)
     assert deserialize is not None
     assert deserialize(decision_pb2.CheckRequest(tool_name="x").SerializeToString()).tool_name == "x"
-    marker = deserialize(b"\x0a\x05ab")
+    marker = deserialize(b"\x0a\x05ab")  # a length past the end
     assert isinstance(marker, edge.Undecodable)
+    assert isinstance(deserialize(b"\x12\x01\xff"), edge.Undecodable)  # a string that is not UTF-8
     with pytest.raises(InvalidArgument) as caught:
         edge.check(marker)
     assert caught.value.reason == "MALFORMED_REQUEST"

@@ -15,6 +15,9 @@ field of every RPC, nested messages, maps and `Struct` values included:
   stream): the deserializer returns an `Undecodable` marker instead of raising, which grpc would
   answer with UNKNOWN.
 
+Messages a service validates item by item (telemetry's events: a bad event is rejected alone,
+the rest stored) are left to it: see `validated_per_item`.
+
 Every problem is an `INVALID_ARGUMENT` violation named by its dotted path (`expire_time`,
 `arguments.tool.args[2]`, `labels.team`), the same paths the services' own validators use."""
 
@@ -40,6 +43,15 @@ _UNSIGNED = {FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64}
 _FLOATING = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+_PER_ITEM: set[str] = set()
+
+
+def validated_per_item(*full_names: str) -> None:
+    """Leaves messages of these types to the service, which checks each one itself and rejects a
+    bad one alone (instead of the whole request failing here)."""
+    _PER_ITEM.update(full_names)
 
 
 class Undecodable:
@@ -104,6 +116,8 @@ def _join(prefix: str, name: str) -> str:
 
 def _message(v: Violations, msg: Message, path: str) -> None:
     full_name = msg.DESCRIPTOR.full_name
+    if full_name in _PER_ITEM:
+        return
     special = _WELL_KNOWN.get(full_name)
     if special is not None:
         special(v, msg, path)

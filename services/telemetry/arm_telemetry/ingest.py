@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
+from arm_common import edge
 from arm_common.auth import Principal
 from arm_common.db import Database, driver_connection
 from arm_common.errors import ResourceExhausted, Unavailable
@@ -79,6 +80,11 @@ def cost_amount(ev: events_pb2.OpEvent) -> float | None:
     if value is None or value.WhichOneof("kind") != "number_value":
         return None
     return value.number_value
+
+
+# `validate` checks every field of an event, so a bad one is rejected alone (SPEC: the rest are
+# stored) rather than failing the whole batch at the edge.
+edge.validated_per_item(events_pb2.OpEvent.DESCRIPTOR.full_name)
 
 
 def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: datetime,
