@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2
 
 from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
 from arm.registry.v1 import access_pb2, tenancy_pb2
-from arm.telemetry.v1 import events_pb2, telemetry_pb2
+from arm.telemetry.v1 import telemetry_pb2
 from arm_client import ArmClient
 from tests.helpers import expect_failure
 from tests.telemetry.conftest import event
@@ -138,15 +138,17 @@ async def test_bad_events_are_rejected_alone(telemetry, tenant) -> None:  # type
     too_late = event()
     too_late.occur_time.seconds = TOO_LATE
     nul_ref = event(run_id="r\x00")
-    bad_cost = event(events_pb2.OP_EVENT_TYPE_COST_TICK, instance_id="ins_x", payload={"amount_usd": math.nan})
+    nan_payload = event(payload={"deep": [1, math.nan]})
+    nul_payload = event(payload={"k\x00": 1})
     try:
         resp = await client.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(
-            events=[good, too_late, nul_ref, bad_cost]))
+            events=[good, too_late, nul_ref, nan_payload, nul_payload]))
     finally:
         await client.close()
     assert resp.accepted_count == 1
     assert [(r.index, r.reason) for r in resp.rejected] == [
-        (1, "INVALID_OCCURRED_AT"), (2, "INVALID_FIELD"), (3, "INVALID_COST")]
+        (1, "INVALID_OCCURRED_AT"), (2, "INVALID_FIELD"), (3, "INVALID_PAYLOAD"), (4, "INVALID_PAYLOAD")]
+    assert resp.rejected[2].message.startswith("payload.deep[1] must be a finite number")
 
 
 async def test_an_undecodable_message_in_a_client_stream_is_invalid_argument(telemetry, tenant) -> None:  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from arm_common.errors import InvalidArgument, Violations
+from arm_common.errors import FieldViolation, InvalidArgument, Violations
 
 TIMESTAMP_MIN_S = -62_135_596_800  # 0001-01-01T00:00:00Z
 TIMESTAMP_MAX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
@@ -92,6 +92,13 @@ async def _screened_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         check(request, f"message {index} of the stream")
         index += 1
         yield request
+
+
+def violations(msg: Message, path: str = "") -> list[FieldViolation]:
+    """What `check` would name in `msg` (a part of a request a service checks itself)."""
+    v = Violations()
+    _message(v, msg, path)
+    return v.items
 
 
 def check(request: Any, where: str = "the request") -> None:

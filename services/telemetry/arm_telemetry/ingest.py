@@ -114,6 +114,10 @@ def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: date
     if max(map(len, refs)) > MAX_ID or "\x00" in "".join(refs):
         bad = next(n for n, v in zip(REF_COLUMNS, refs, strict=True) if len(v) > MAX_ID or "\x00" in v)
         return _reject(index, eid, "INVALID_FIELD", f"{bad} must be at most {MAX_ID} characters, without NUL")
+    if ev.HasField("payload"):
+        problems = edge.violations(ev.payload, "payload")
+        if problems:  # NaN, ±Infinity or NUL: JSON and PostgreSQL readers of the payload choke
+            return _reject(index, eid, "INVALID_PAYLOAD", f"{problems[0].field} {problems[0].description}")
     payload = ev.payload.SerializeToString() if ev.HasField("payload") else None
     if payload is not None and len(payload) > MAX_PAYLOAD_BYTES:
         return _reject(index, eid, "PAYLOAD_TOO_LARGE", f"payload must be at most {MAX_PAYLOAD_BYTES} bytes")

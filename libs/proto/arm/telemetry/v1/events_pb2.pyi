@@ -135,7 +135,10 @@ class OpEvent(_message.Message):
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
-        """Type-specific details, e.g. {"decision": "DENY", "decision_id": "…"} or {"amount_usd": 0.02}."""
+        """Type-specific details, e.g. {"decision": "DENY", "decision_id": "…"} or {"amount_usd": 0.02}.
+        Numbers must be finite and strings and keys free of NUL; otherwise the event is rejected
+        alone with reason INVALID_PAYLOAD.
+        """
 
     @_builtins.property
     def receive_time(self) -> _timestamp_pb2.Timestamp:
