@@ -43,6 +43,8 @@ _UNSIGNED = {FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64}
 _FLOATING = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
+_NUL = "must not contain NUL characters"
+_FINITE = "must be a finite number (not NaN or infinity)"
 
 
 _PER_ITEM: set[str] = set()
@@ -130,9 +132,17 @@ def _message(v: Violations, msg: Message, path: str) -> None:
         special(v, msg, path)
         return
     for fd, value in msg.ListFields():
-        field_path = _join(path, fd.name)
-        entry = fd.message_type
-        if fd.type == _MESSAGE:
+        kind = fd.type
+        if kind == _STRING:  # the most common case, kept inline
+            if fd.is_repeated:
+                for i, item in enumerate(value):
+                    if "\x00" in item:
+                        v.add(f"{_join(path, fd.name)}[{i}]", _NUL)
+            elif "\x00" in value:
+                v.add(_join(path, fd.name), _NUL)
+        elif kind == _MESSAGE:
+            field_path = _join(path, fd.name)
+            entry = fd.message_type
             if entry is not None and _is_map(entry):
                 _map(v, entry, value, field_path)
             elif fd.is_repeated:
@@ -142,13 +152,19 @@ def _message(v: Violations, msg: Message, path: str) -> None:
                 _message(v, value, field_path)
         elif fd.is_repeated:
             for i, item in enumerate(value):
-                _scalar(v, fd, item, f"{field_path}[{i}]")
+                _scalar(v, fd, item, f"{_join(path, fd.name)}[{i}]")
         else:
-            _scalar(v, fd, value, field_path)
+            _scalar(v, fd, value, _join(path, fd.name))
+
+
+_MAP_ENTRY: dict[str, bool] = {}
 
 
 def _is_map(descriptor: Descriptor) -> bool:
-    return descriptor.GetOptions().map_entry
+    known = _MAP_ENTRY.get(descriptor.full_name)
+    if known is None:
+        known = _MAP_ENTRY[descriptor.full_name] = descriptor.GetOptions().map_entry
+    return known
 
 
 def _map(v: Violations, entry: Descriptor, value: Any, path: str) -> None:
@@ -169,10 +185,10 @@ def _scalar(v: Violations, fd: FieldDescriptor, value: Any, path: str) -> None:
     kind = fd.type
     if kind == _STRING:
         if "\x00" in value:
-            v.add(path, "must not contain NUL characters")
+            v.add(path, _NUL)
     elif kind in _FLOATING:
         if not math.isfinite(value):
-            v.add(path, "must be a finite number (not NaN or infinity)")
+            v.add(path, _FINITE)
     elif kind in _UNSIGNED:
         if value > BIGINT_MAX:
             v.add(path, f"must be at most {BIGINT_MAX}")
@@ -193,30 +209,38 @@ def _duration(v: Violations, msg: Any, path: str) -> None:
 
 
 def _struct(v: Violations, msg: Any, path: str) -> None:
-    for key, value in msg.fields.items():
+    fields = msg.fields
+    for key in fields:  # iterating keys and indexing stays in C; .items() does not
         if "\x00" in key:
             v.add(path or "struct", "keys must not contain NUL characters")
             continue
-        _value(v, value, _join(path, key))
+        _value(v, fields[key], path, key)
 
 
 def _list_value(v: Violations, msg: Any, path: str) -> None:
     for i, value in enumerate(msg.values):
-        _value(v, value, f"{path}[{i}]")
+        _value(v, value, path, i)
 
 
-def _value(v: Violations, msg: Any, path: str) -> None:
+def _value(v: Violations, msg: Any, path: str, at: str | int | None = None) -> None:
+    """A Value at `path` (plus `.key` or `[index]` when `at` is given, joined only if needed)."""
     kind = msg.WhichOneof("kind")
     if kind == "number_value":
         if not math.isfinite(msg.number_value):
-            v.add(path, "must be a finite number (not NaN or infinity)")
+            v.add(_at(path, at), _FINITE)
     elif kind == "string_value":
         if "\x00" in msg.string_value:
-            v.add(path, "must not contain NUL characters")
+            v.add(_at(path, at), _NUL)
     elif kind == "struct_value":
-        _struct(v, msg.struct_value, path)
+        _struct(v, msg.struct_value, _at(path, at))
     elif kind == "list_value":
-        _list_value(v, msg.list_value, path)
+        _list_value(v, msg.list_value, _at(path, at))
+
+
+def _at(path: str, at: str | int | None) -> str:
+    if at is None:
+        return path
+    return f"{path}[{at}]" if isinstance(at, int) else _join(path, at)
 
 
 def _wrapper(v: Violations, msg: Any, path: str) -> None:
