@@ -3,9 +3,10 @@
 Requests are random but well-typed: every field of the request message, nested messages, maps,
 repeated fields, `Struct` values, `Timestamp` / `Duration`, enums (defined numbers and others),
 with hostile values mixed in (NUL characters, 10 000-character strings, integers at and past the
-column ranges, NaN and ±Infinity, timestamps and durations past their ranges). Id-like fields
-draw from the ids of real resources half of the time, so the fuzz gets past NOT_FOUND into the
-stores. The servers are the real ones, on port 0, in a background thread with their own event
+column ranges, NaN and ±Infinity, timestamps and durations past their ranges). About half the
+requests are drawn tame instead: plausible values only (slugs, e-mails, ids of real resources,
+defined enums, times near now, valid genomes), so the fuzz gets past validation and NOT_FOUND
+into the stores. The servers are the real ones, on port 0, in a background thread with their own event
 loop (hypothesis drives synchronous tests); calls go through real channels with an admin key.
 
 The property: no call answers INTERNAL or UNKNOWN, and the server still serves afterwards.
