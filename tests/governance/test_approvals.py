@@ -370,9 +370,13 @@ async def test_other_tenant_sees_not_found(world: World, registry: Any, system_a
 
 async def test_bad_input_lists_field_violations(world: World) -> None:
     failed = await expect_failure(world.gov.approvals.RequestApproval(apb.RequestApprovalRequest(
-        ttl=duration_pb2.Duration(seconds=-5), estimated_cost_usd=float("nan"))),
+        ttl=duration_pb2.Duration(seconds=-5), estimated_cost_usd=-1.0)),
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELDS")
     assert {"action_type", "risk", "ttl", "estimated_cost_usd"} <= set(failed.violations)
+    # NaN is refused by the edge check before the RPC's own validation (arm_common.edge).
+    failed = await expect_failure(world.gov.approvals.RequestApproval(apb.RequestApprovalRequest(
+        estimated_cost_usd=float("nan"))), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELDS")
+    assert set(failed.violations) == {"estimated_cost_usd"}
     failed = await expect_failure(world.request(action_type=A.APPROVAL_ACTION_TYPE_VERSION_PROMOTION, instance_id=""),
                                   grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELDS")
     assert "version_id" in failed.violations

@@ -15,7 +15,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from arm_common import otel
+from arm_common import edge, otel
 from arm_common.auth import (
     ACT_FOR_TENANT_HEADER,
     Authenticator,
@@ -152,8 +152,9 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 code = "OK"
             elif isinstance(exc, ArmError):
                 code = exc.code.name
-            elif isinstance(exc, asyncio.CancelledError):
+            elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 code = "CANCELLED"
+                log.debug("%s cancelled by the client", method)
             elif isinstance(exc, grpc.aio.AbortError):
                 code = "ABORTED_BY_HANDLER"
             elif isinstance(exc, NotImplementedError):
@@ -176,8 +177,10 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                                 f"internal error; request id {request_id}")
 
         def passthrough(exc: BaseException) -> bool:
-            # Aborts raised by handlers themselves, and cancellation, propagate unchanged.
-            return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError))
+            # Aborts raised by handlers themselves, and cancellation, propagate unchanged. A client
+            # cancelling a stream while grpc sends a response closes the handler's generator at its
+            # `yield` (GeneratorExit) rather than cancelling a task: that too is quiet.
+            return isinstance(exc, (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError))
 
         def unary_response(inner: Any) -> Any:
             """Wraps a handler returning one response (unary-unary and stream-unary alike)."""
@@ -187,7 +190,7 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 request_id = _metadata_value(metadata, "x-request-id") or _new_request_id()
                 try:
                     await prepare(metadata, request_id)
-                    result = await inner(request, context)
+                    result = await inner(edge.screen(request, streaming), context)
                 except BaseException as exc:
                     done(started, exc)
                     if passthrough(exc):
@@ -205,7 +208,7 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 request_id = _metadata_value(metadata, "x-request-id") or _new_request_id()
                 try:
                     await prepare(metadata, request_id)
-                    async for item in inner(request, context):
+                    async for item in inner(edge.screen(request, streaming), context):
                         yield item
                 except BaseException as exc:
                     done(started, exc)
@@ -215,7 +218,9 @@ class ArmServerInterceptor(grpc.aio.ServerInterceptor):
                 done(started, None)
             return wrapper
 
-        ser = (handler.request_deserializer, handler.response_serializer)
+        # Bad bytes and out-of-range values are the caller's mistake: INVALID_ARGUMENT (arm_common.edge).
+        streaming = handler.request_streaming
+        ser = (edge.tolerant(handler.request_deserializer), handler.response_serializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), *ser)
         if handler.stream_unary:

@@ -14,6 +14,7 @@ EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_NAME = 200
 MAX_TEXT = 10_000
 MAX_ID = 100
+INTEGER_MAX = 2**31 - 1  # the largest number an INTEGER column (revisions, counters) holds
 
 
 def required(v: Violations, path: str, value: str, max_len: int = MAX_NAME) -> None:

@@ -193,8 +193,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def GetPolicyEnvelopeRevision(self, request: policy_pb2.GetPolicyEnvelopeRevisionRequest, context: Ctx) -> Any:
         v = Violations()
         val.resource_id(v, "envelope_id", request.envelope_id)
-        if request.revision <= 0:
-            v.add("revision", "must be 1 or more")
+        if not 0 < request.revision <= val.INTEGER_MAX:
+            v.add("revision", f"must be from 1 to {val.INTEGER_MAX}")
         v.raise_if_any()
         p = current_principal()
         p.require("policies:read")

@@ -3,6 +3,13 @@
 isort:skip_file
 Types shared by every ARM service: actors, risk levels and the audit change record that
 registry and governance emit and governance stores.
+
+Rules every request of every ARM service follows, whatever its own comments say (a request
+breaking one is INVALID_ARGUMENT, with the field named by its dotted path, e.g.
+`arguments.cmd` or `filter.start_time`): strings, map keys and Struct keys and strings
+contain no NUL character; Timestamps lie within 0001-01-01..9999-12-31 with nanos 0..999999999;
+Durations lie within ±315576000000 s with nanos of the same sign; doubles and Struct numbers
+are finite (no NaN, no ±Infinity); the request bytes decode as the request message.
 """
 
 from google.protobuf import descriptor as _descriptor

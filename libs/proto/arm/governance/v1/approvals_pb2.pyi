@@ -337,13 +337,17 @@ class RequestApprovalRequest(_message.Message):
     project_id: _builtins.str
     """Project the action concerns; defaults to the instance's project."""
     instance_id: _builtins.str
-    """Agent instance the action concerns, if any."""
+    """Agent instance the action concerns; required for TOOL_EXECUTION, INSTANCE_REACTIVATION and
+    INSTANCE_QUARANTINE.
+    """
     version_id: _builtins.str
-    """Agent version the action concerns, if any."""
+    """Agent version the action concerns; required for VERSION_PROMOTION."""
     target_id: _builtins.str
-    """Entity the action concerns when it is not a tool call (deployment id, envelope id, …)."""
+    """Entity the action concerns when it is not a tool call (deployment id, envelope id, …);
+    required for DEPLOYMENT_ACTIVATION and POLICY_AUTONOMY_INCREASE.
+    """
     tool_name: _builtins.str
-    """Tool to be called, for TOOL_EXECUTION."""
+    """Tool to be called; required for TOOL_EXECUTION."""
     risk: _common_pb2.RiskLevel.ValueType
     """Risk of the action; required."""
     justification: _builtins.str
@@ -362,7 +366,9 @@ class RequestApprovalRequest(_message.Message):
 
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
-        """Time to live; absent = the default for the action type."""
+        """Time to live; absent = the default for the action type; when set, more than 0 and at most
+        30 days.
+        """
 
     def __init__(
         self,

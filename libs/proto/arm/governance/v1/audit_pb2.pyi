@@ -110,7 +110,7 @@ class ChangeRecordFilter(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only records that occurred before this time."""
+        """Only records that occurred before this time; with `start_time` set, after it."""
 
     def __init__(
         self,

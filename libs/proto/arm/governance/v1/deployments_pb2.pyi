@@ -125,9 +125,13 @@ class Deployment(_message.Message):
     rollout_policy: Global___RolloutPolicy.ValueType
     """How it is rolled out."""
     canary_percent: _builtins.int
-    """Share of instances in the canary, 1–100, for CANARY."""
+    """Share of instances in the canary: required, 1–100, when `rollout_policy` is CANARY; otherwise
+    ignored, but still 0–100.
+    """
     batch_size: _builtins.int
-    """Instances per batch, ≥ 1, for ROLLING."""
+    """Instances per batch: required, ≥ 1, when `rollout_policy` is ROLLING; otherwise ignored, but
+    never negative.
+    """
     status: Global___DeploymentStatus.ValueType
     """Current status (output only)."""
     rollback_of: _builtins.str

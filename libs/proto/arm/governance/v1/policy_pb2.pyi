@@ -399,7 +399,9 @@ class PolicyEnvelope(_message.Message):
     scope: Global___PolicyScope.ValueType
     """Kind of entity the envelope is attached to."""
     scope_id: _builtins.str
-    """Id of the tenant, project or agent version the envelope is attached to."""
+    """Id of the tenant, project or agent version the envelope is attached to: required for the
+    PROJECT and AGENT_VERSION scopes; for TENANT scope empty or the caller's tenant id.
+    """
     priority: _builtins.int
     """Higher is tried first within a scope; equal priority → the strictest result. Absent on create
     means 100.
@@ -511,7 +513,7 @@ class PolicyEnvelopeRevision(_message.Message):
     envelope_id: _builtins.str
     """The envelope."""
     revision: _builtins.int
-    """The revision number."""
+    """The revision number, from 1 to 2147483647; anything else is INVALID_ARGUMENT."""
     reason: _builtins.str
     """Reason given for the change, if any."""
     @_builtins.property
@@ -853,7 +855,7 @@ class GetPolicyEnvelopeRevisionRequest(_message.Message):
     envelope_id: _builtins.str
     """The envelope."""
     revision: _builtins.int
-    """The revision number."""
+    """The revision number, from 1 to 2147483647; anything else is INVALID_ARGUMENT."""
     def __init__(
         self,
         *,
@@ -1133,7 +1135,9 @@ class SimulatePolicyRequest(_message.Message):
 
     @_builtins.property
     def lookback(self) -> _duration_pb2.Duration:
-        """How far back to replay logged decisions; absent = 24 h; capped at the retention period."""
+        """How far back to replay logged decisions; absent = 24 h; when set, more than 0 and at most
+        30 days (also capped at the retention period).
+        """
 
     def __init__(
         self,

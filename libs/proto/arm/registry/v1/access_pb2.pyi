@@ -877,10 +877,10 @@ class CreateRoleAssignmentRequest(_message.Message):
     scope_type: Global___RoleScopeType.ValueType
     """Scope kind; UNSPECIFIED means TENANT."""
     scope_id: _builtins.str
-    """Project or environment id for those scopes."""
+    """Project or environment id; required for the PROJECT and ENVIRONMENT scopes, ignored for TENANT."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """Optional expiry, in the future."""
+        """Optional expiry; when set it must be in the future (a past time is INVALID_ARGUMENT)."""
 
     def __init__(
         self,
@@ -1039,14 +1039,14 @@ class CreateApiKeyRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key: a retry returns the key's metadata without the secret."""
     operator_id: _builtins.str
-    """Operator the key will act as."""
+    """Operator the key will act as. Exactly one of `operator_id` and `instance_id` is required."""
     instance_id: _builtins.str
-    """Agent instance the key will act as."""
+    """Agent instance the key will act as. Exactly one of `operator_id` and `instance_id` is required."""
     display_name: _builtins.str
     """Label."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """Optional expiry, in the future."""
+        """Optional expiry; when set it must be in the future (a past time is INVALID_ARGUMENT)."""
 
     def __init__(
         self,

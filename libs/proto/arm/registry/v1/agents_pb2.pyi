@@ -828,7 +828,7 @@ class CreateAgentVersionRequest(_message.Message):
     """Free text."""
     @_builtins.property
     def genome(self) -> _struct_pb2.Struct:
-        """The genome (see AgentVersion.genome)."""
+        """The genome; required (see AgentVersion.genome for its fields)."""
 
     def __init__(
         self,
@@ -1004,7 +1004,8 @@ class TransitionAgentVersionRequest(_message.Message):
     approval_id: _builtins.str
     """An APPROVED VERSION_PROMOTION approval for this version (CANDIDATE → APPROVED): the
     caller then needs `registry:write` instead of `versions:approve`, and the approval's
-    deciders are recorded as approved_by. Empty: the caller approves directly.
+    deciders are recorded as approved_by. Empty: the caller approves directly. Only allowed with
+    `to_state` APPROVED (INVALID_ARGUMENT otherwise).
     """
     def __init__(
         self,

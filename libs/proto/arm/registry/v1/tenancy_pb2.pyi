@@ -235,9 +235,12 @@ class CreateTenantRequest(_message.Message):
     description: _builtins.str
     """Free text."""
     admin_email: _builtins.str
-    """When set, an admin operator with this e-mail and an API key for it are created too."""
+    """When set, an admin operator with this e-mail and an API key for it are created too.
+    `admin_email` and `admin_name` go together: set both or neither (one without the other is
+    INVALID_ARGUMENT).
+    """
     admin_name: _builtins.str
-    """Name of that admin operator."""
+    """Name of that admin operator; required when `admin_email` is set, and only then."""
     def __init__(
         self,
         *,

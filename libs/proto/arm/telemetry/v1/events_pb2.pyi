@@ -40,7 +40,9 @@ class _OpEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OpEventTy
     OP_EVENT_TYPE_WORKFLOW_STEP_FAILED: _OpEventType.ValueType  # 10
     OP_EVENT_TYPE_HEARTBEAT: _OpEventType.ValueType  # 11
     OP_EVENT_TYPE_COST_TICK: _OpEventType.ValueType  # 12
-    """Spend; fed into governance's spend ledger."""
+    """Spend; fed into governance's spend ledger. Needs `payload.amount_usd` (a finite number
+    >= 0) and `instance_id` or `legacy_agent_id`; without them the event is rejected.
+    """
     OP_EVENT_TYPE_MESSAGE_SENT: _OpEventType.ValueType  # 13
     OP_EVENT_TYPE_DECISION_MADE: _OpEventType.ValueType  # 14
     """An ALLOW or NEEDS_APPROVAL decision by governance (the payload carries the decision)."""
@@ -63,7 +65,9 @@ OP_EVENT_TYPE_WORKFLOW_STEP_COMPLETED: OpEventType.ValueType  # 9
 OP_EVENT_TYPE_WORKFLOW_STEP_FAILED: OpEventType.ValueType  # 10
 OP_EVENT_TYPE_HEARTBEAT: OpEventType.ValueType  # 11
 OP_EVENT_TYPE_COST_TICK: OpEventType.ValueType  # 12
-"""Spend; fed into governance's spend ledger."""
+"""Spend; fed into governance's spend ledger. Needs `payload.amount_usd` (a finite number
+>= 0) and `instance_id` or `legacy_agent_id`; without them the event is rejected.
+"""
 OP_EVENT_TYPE_MESSAGE_SENT: OpEventType.ValueType  # 13
 OP_EVENT_TYPE_DECISION_MADE: OpEventType.ValueType  # 14
 """An ALLOW or NEEDS_APPROVAL decision by governance (the payload carries the decision)."""
@@ -131,7 +135,10 @@ class OpEvent(_message.Message):
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
-        """Type-specific details, e.g. {"decision": "DENY", "decision_id": "…"} or {"amount_usd": 0.02}."""
+        """Type-specific details, e.g. {"decision": "DENY", "decision_id": "…"} or {"amount_usd": 0.02}.
+        Numbers must be finite and strings and keys free of NUL; otherwise the event is rejected
+        alone with reason INVALID_PAYLOAD.
+        """
 
     @_builtins.property
     def receive_time(self) -> _timestamp_pb2.Timestamp:

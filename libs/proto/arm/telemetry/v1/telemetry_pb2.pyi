@@ -145,7 +145,7 @@ class EventFilter(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only events that occurred before this time."""
+        """Only events that occurred before this time; with `start_time` set, not before it."""
 
     def __init__(
         self,
