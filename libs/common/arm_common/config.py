@@ -93,6 +93,13 @@ class ServiceConfig:
     approval_sweep_s: float = 30.0
     """How often governance expires and escalates due approvals (`ARM_APPROVAL_SWEEP_S`,
     default 30); every replica sweeps, each change is made once."""
+    audit_signing_key_file: str | None = None
+    """Ed25519 private key (PEM, PKCS#8) governance signs audit checkpoints with
+    (`ARM_AUDIT_SIGNING_KEY_FILE`); unset, one is generated at `<data_dir>/audit-signing-key.pem`
+    (development only: the key must live outside the database's reach)."""
+    audit_checkpoint_interval_s: float = 300.0
+    """How often governance signs every tenant's moved chain head (`ARM_AUDIT_CHECKPOINT_INTERVAL_S`,
+    default 300; 0 = only on demand through CreateCheckpoint)."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -119,4 +126,6 @@ class ServiceConfig:
             shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
+            audit_signing_key_file=env.get("ARM_AUDIT_SIGNING_KEY_FILE") or None,
+            audit_checkpoint_interval_s=_float(env, "ARM_AUDIT_CHECKPOINT_INTERVAL_S", 300.0),
         )

@@ -29,6 +29,7 @@ from arm_governance.agents import AgentDirectory
 from arm_governance.approvals import ApprovalStore, ApprovalSweeper
 from arm_governance.audit import AuditTrail
 from arm_governance.audit_service import AuditServicer
+from arm_governance.checkpointing import Checkpoints, load_signing_key
 from arm_governance.decision_log import DecisionLog
 from arm_governance.decisions import Approvals, Decider, SpendBook
 from arm_governance.deployments import DeploymentStore
@@ -70,6 +71,7 @@ class GovernanceComponent:
         self.cache = PolicyCache(db, self.changes)
         self.spend = SpendBook(db)
         self.audit = AuditTrail(db)
+        self.checkpoints = Checkpoints(self.audit, load_signing_key(config), config.audit_checkpoint_interval_s)
         # Governance's own change records go to its audit trail. opEvents go to telemetry's
         # IngestEvents when ARM_TELEMETRY_ADDRESS is set (or the all-in-one server passes
         # `op_events`); otherwise they wait in the outbox until it is.
@@ -106,7 +108,7 @@ class GovernanceComponent:
             ApprovalServicer(self.db, self.approvals, self.agents, registry, self.relays), server)
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
             DeploymentServicer(self.db, DeploymentStore(self.approvals), registry, self.relays), server)
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, self.checkpoints), server)
         return list(SERVICES)
 
     async def start(self) -> None:
@@ -131,6 +133,7 @@ class GovernanceComponent:
             await relay.start()
         await self.housekeeping.start()
         await self.sweeper.start()
+        await self.checkpoints.start()
         assert self.agents is not None
         await self.agents.start()
 
@@ -143,6 +146,7 @@ class GovernanceComponent:
     async def stop(self) -> None:
         if self.agents:
             await self.agents.stop()
+        await self.checkpoints.stop()
         await self.sweeper.stop()
         await self.housekeeping.stop()
         for relay in self.relays:

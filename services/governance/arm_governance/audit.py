@@ -5,7 +5,7 @@ hash-chained per tenant, read back, verified and exported. The chain format is
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_common.canonical import canonical_json
-from arm_common.chain import ChainReport, ChainVerifier, raise_on_rejected, record_hash
+from arm_common.chain import Anchor, ChainReport, ChainVerifier, raise_on_rejected, record_hash
 from arm_common.db import Database
 from arm_common.errors import NotFound
 from arm_common.messages import struct, ts
@@ -255,10 +255,11 @@ class AuditTrail:
             yield batch
             after = batch[-1].sequence
 
-    async def verify(self, tenant: str) -> ChainReport:
+    async def verify(self, tenant: str, anchors: Iterable[Anchor] = ()) -> ChainReport:
         """Walks the trail up to the head as it was when the walk began (a head row and its
-        records commit together, so every record up to it is there unless removed)."""
-        verifier = ChainVerifier()
+        records commit together, so every record up to it is there unless removed), comparing
+        it with the anchors (verified checkpoints) given."""
+        verifier = ChainVerifier(anchors)
         upto = await self.head(tenant)
         async for batch in self.scan(tenant, upto=upto):
             for record in batch:
