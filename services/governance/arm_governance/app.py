@@ -16,7 +16,7 @@ from arm.governance.v1 import (
     deployments_pb2_grpc,
     policy_pb2_grpc,
 )
-from arm_common import migrations
+from arm_common import migrations, roles
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.event_feed import OpEventForwarder
@@ -45,6 +45,11 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
             "arm.governance.v1.ApprovalService", "arm.governance.v1.DeploymentService",
             "arm.governance.v1.AuditService"]
+
+# What the application role may do to the audit tables (every other table: full DML). Without
+# UPDATE or DELETE, and owning nothing, it can neither edit records nor touch the triggers.
+RUNTIME_PRIVILEGES = {"change_records": "SELECT, INSERT", "audit_checkpoints": "SELECT, INSERT",
+                      "change_record_heads": "SELECT, INSERT, UPDATE"}
 
 
 def database(config: ServiceConfig) -> Database:
@@ -113,6 +118,7 @@ class GovernanceComponent:
 
     async def start(self) -> None:
         await migrations.check_at_head(self.db, MIGRATIONS, "governance")
+        await roles.warn_if_privileged(self.db, "change_records")
         await self.changes.start()
         queue = self.changes.subscribe()
 
