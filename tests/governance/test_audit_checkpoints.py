@@ -23,9 +23,11 @@ from sqlalchemy import select, text
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_client import ArmClient
+from arm_common import pagination
 from arm_common.chain import parse_export_lines, record_hash, verify_records
 from arm_common.checkpoints import SigningKey, checkpoint_line, load_public_key, signed_bytes
 from arm_common.config import ServiceConfig
+from arm_common.errors import FailedPrecondition
 from arm_common.verify_audit import verify_export
 from arm_governance import audit, checkpointing, models
 from tests.conftest import (
@@ -264,6 +266,20 @@ async def test_checkpoint_rbac_and_bad_input(governance: GovernanceServer, tenan
         bad = await expect_failure(client.audit.VerifyChain(audit_pb2.VerifyChainRequest(
             checkpoints=[audit_pb2.AuditCheckpoint()] * 10_001)), grpc.StatusCode.INVALID_ARGUMENT)
         assert "checkpoints" in bad.violations
+        # Well-typed but impossible values are the caller's mistake, never INTERNAL.
+        for token in (pagination.encode_token([2**70, "k"], {}), pagination.encode_token([1, "a\x00"], {})):
+            await expect_failure(client.audit.ListCheckpoints(audit_pb2.ListCheckpointsRequest(page_token=token)),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+        key = await client.audit.GetAuditSigningKey(audit_pb2.GetAuditSigningKeyRequest())
+        far = audit_pb2.AuditCheckpoint(tenant_id=tenant.tenant.id, sequence=1, head_hash="a" * 64,
+                                        key_id=key.key_id, signature=b"\x01" * 64)
+        far.sign_time.seconds = 2**62
+        bad = await expect_failure(client.audit.VerifyChain(audit_pb2.VerifyChainRequest(checkpoints=[far])),
+                                   grpc.StatusCode.INVALID_ARGUMENT)
+        assert "checkpoints[0].signature" in bad.violations
+    # A tenant without records has no head to sign (every real tenant has its TENANT_CREATED).
+    with pytest.raises(FailedPrecondition, match="empty"):
+        await governance.component.checkpoints.create("tnt_without_records")
     _, auditor = await operator_with_roles(tenant.admin, governance.address, "auditor")
     _, runtime = await operator_with_roles(tenant.admin, governance.address, "agent")
     async with auditor, runtime:

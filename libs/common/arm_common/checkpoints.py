@@ -136,7 +136,11 @@ def signature_problem(cp: audit_pb2.AuditCheckpoint, keys: Mapping[str, Ed25519P
     if key is None:
         return f"the checkpoint names key {cp.key_id!r}, which is not a trusted key"
     try:
-        key.verify(cp.signature, signed_bytes(cp))
+        message = signed_bytes(cp)
+    except (ValueError, OverflowError):
+        return "the checkpoint's sign_time is out of range"
+    try:
+        key.verify(cp.signature, message)
     except InvalidSignature:
         return f"the checkpoint's signature does not verify with key {cp.key_id}"
     return None

@@ -134,7 +134,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         size = pagination.page_size(request.page_size)
         after = pagination.decode_token(request.page_token, {})
         if after is not None and not (isinstance(after, list) and len(after) == 2
-                                      and isinstance(after[0], int) and isinstance(after[1], str)):
+                                      and isinstance(after[0], int) and 0 <= after[0] < 2**63
+                                      and isinstance(after[1], str) and after[1].isalnum()
+                                      and len(after[1]) <= 16):
             raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
                                   violations=[FieldViolation("page_token", "is malformed")])
         rows = await self.checkpoints.page(p.tenant_id, after=None if after is None else (after[0], after[1]),

@@ -448,7 +448,10 @@ class VerifyChainResponse(_message.Message):
     records_checked: _builtins.int
     """Records checked."""
     first_broken_sequence: _builtins.int
-    """Sequence number of the first broken record; 0 when ok."""
+    """Sequence number of the first broken record; 0 when ok. For CHECKPOINT_MISMATCH and
+    CHECKPOINT_INVALID, the sequence of the checkpoint concerned (message says between which
+    sequences the tampered record lies).
+    """
     reason: Global___ChainBreak.ValueType
     """Why it is broken; UNSPECIFIED when ok."""
     message: _builtins.str
