@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -123,6 +124,16 @@ async def verify_cli(*args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
     return proc.returncode, json.loads(out) if out else {"stderr": err.decode()}
 
 
+async def fetch_cli(address: str, api_key: str, out: Path) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """Runs the auditor's fetch-and-verify tool in its own process (key from the environment)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "arm_common.audit_fetch", "--address", address, "--out", str(out),
+        env={**os.environ, "ARM_API_KEY": api_key}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, json.loads(stdout) if stdout else {"stderr": err.decode()}
+
+
 async def offline_cli(tmp: Path, lines: list[bytes], cps: list[audit_pb2.AuditCheckpoint],
                       pem: str) -> tuple[int, dict]:  # type: ignore[type-arg]
     """Writes the export, the kept checkpoints and the public key to files and verifies them."""
@@ -167,6 +178,9 @@ async def test_a_rehashed_rewrite_passes_the_chain_but_not_a_checkpoint(
         assert intact.last_checkpoint_sequence == second.sequence
         code, report = await offline_cli(tmp_path, await export(client), kept, key.public_key_pem)
         assert code == 0 and report["ok"] and report["checkpoints_checked"] == 2, report
+        auditor = tmp_path / "auditor"  # the auditor's own tool, run regularly from outside
+        code, report = await fetch_cli(governance.address, ctx.admin_key, auditor)
+        assert code == 0 and report["ok"] and report["checkpoints_added"] == 2, report
 
         victim = cp.sequence - 4  # before the first checkpoint
         rewrite = {"edit": edit(victim), "delete": delete(victim), "truncate": truncate(victim)}[how]
@@ -197,6 +211,11 @@ async def test_a_rehashed_rewrite_passes_the_chain_but_not_a_checkpoint(
         assert not offline.ok and (offline.first_broken_sequence, offline.reason) == (cp.sequence, "CHECKPOINT_MISMATCH")
         code, report = await offline_cli(tmp_path, tampered, kept, key.public_key_pem)
         assert code == 1 and report["reason"] == "CHECKPOINT_MISMATCH", report
+        # The auditor's next run keeps its checkpoints (the server has none left) and finds it.
+        code, report = await fetch_cli(governance.address, ctx.admin_key, auditor)
+        assert code == 1 and report["checkpoints_added"] == 0, report
+        assert (report["reason"], report["first_broken_sequence"]) == ("CHECKPOINT_MISMATCH", cp.sequence), report
+        assert len((auditor / "checkpoints.jsonl").read_text().splitlines()) == 2
     await ctx.admin.close()
 
 
