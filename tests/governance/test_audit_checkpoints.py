@@ -346,3 +346,19 @@ async def test_heads_are_signed_at_intervals_with_the_configured_key(
     pem = (tmp_path / "data" / checkpointing.KEY_FILE_NAME).read_text()
     assert "PRIVATE KEY" in pem and generated.key_id in caplog.text
     assert "PRIVATE KEY" not in caplog.text and pem.splitlines()[1] not in caplog.text
+
+
+def test_a_bad_signing_key_file_stops_governance_naming_the_variable(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from arm_common.config import ConfigError
+    not_ed25519 = tmp_path / "ec.pem"
+    not_ed25519.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    for path in (tmp_path / "missing.pem", not_ed25519, garbage):
+        config = ServiceConfig.from_env("governance", {"ARM_AUDIT_SIGNING_KEY_FILE": str(path)})
+        with pytest.raises(ConfigError, match="ARM_AUDIT_SIGNING_KEY_FILE"):
+            checkpointing.load_signing_key(config)
