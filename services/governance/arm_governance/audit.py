@@ -11,14 +11,14 @@ from datetime import UTC
 from typing import Any
 
 from google.protobuf import json_format
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_common.canonical import canonical_json
-from arm_common.chain import Anchor, ChainReport, ChainVerifier, raise_on_rejected, record_hash
+from arm_common.chain import SEQUENCE_GAP, Anchor, ChainReport, ChainVerifier, raise_on_rejected, record_hash
 from arm_common.db import Database
 from arm_common.errors import NotFound
 from arm_common.messages import struct, ts
@@ -260,11 +260,25 @@ class AuditTrail:
         records commit together, so every record up to it is there unless removed), comparing
         it with the anchors (verified checkpoints) given."""
         verifier = ChainVerifier(anchors)
+        # Read before the head: records appended meanwhile move the head past it, so a stored
+        # record beyond the head means the head row was rewound to hide the records after it.
+        stored = await self.last_stored(tenant)
         upto = await self.head(tenant)
         async for batch in self.scan(tenant, upto=upto):
             for record in batch:
                 verifier.add(record)
-        return verifier.finish(upto)
+        report = verifier.finish(upto)
+        if stored > upto:
+            verifier.mark_broken(upto + 1, SEQUENCE_GAP, f"records up to sequence {stored} lie beyond the "
+                                 f"head row's sequence {upto}: the head was rewound")
+        return report
+
+    async def last_stored(self, tenant: str) -> int:
+        """The highest sequence number stored for the tenant (0 when none)."""
+        async def read(s: AsyncSession) -> int:
+            value = (await s.execute(select(func.max(M.sequence)).where(M.tenant_id == tenant))).scalar()
+            return int(value or 0)
+        return await self.db.read(read)
 
     async def deliver(self, messages: Sequence[OutboxMessage]) -> None:
         """Receiver of governance's own change-record outbox: appends locally, exactly once."""
