@@ -266,7 +266,7 @@ async def test_forged_and_foreign_checkpoints_are_refused(governance: Governance
         # A forged checkpoint slipped into the database is reported, not trusted.
         async def insert(s):  # type: ignore[no-untyped-def]
             await s.execute(text("INSERT INTO audit_checkpoints (tenant_id, sequence, key_id, head_hash, sign_time, "
-                                 "signature) VALUES (:t, 2, :k, :h, :w, :sig)"),
+                                 "signature, tree_root, tree_state) VALUES (:t, 2, :k, :h, :w, :sig, :h, '[]')"),
                             {"t": a.tenant.id, "k": good.key_id, "h": "f" * 64, "w": good.sign_time.ToDatetime(),
                              "sig": b"\x00" * 64})
         await superuser(governance, insert)

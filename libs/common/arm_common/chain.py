@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_common.canonical import canonical_json, sha256_hex
+from arm_common.merkle import TreeBuilder, leaf_hash, leaf_of
 
 HASH_MISMATCH = "HASH_MISMATCH"
 PREV_HASH_MISMATCH = "PREV_HASH_MISMATCH"
@@ -89,6 +90,8 @@ class Anchor:
     head_hash: str
     key_id: str = ""
     sign_time: str = ""
+    tree_root: str = ""
+    """The Merkle tree hash over records 1..sequence (arm_common.merkle); "" = not compared."""
 
 
 @dataclass
@@ -117,9 +120,12 @@ class ChainVerifier:
     following hash and the head were recomputed. A disagreement is reported at the anchor's
     sequence, with the range the tampered record lies in."""
 
-    def __init__(self, anchors: Iterable[Anchor] = (), *, start: tuple[int, str] | None = None) -> None:
-        """`start` (sequence, hash): walk on from a trusted point instead of the first record."""
+    def __init__(self, anchors: Iterable[Anchor] = (), *, start: tuple[int, str] | None = None,
+                 tree: TreeBuilder | None = None) -> None:
+        """`start` (sequence, hash): walk on from a trusted point instead of the first record;
+        `tree`: the Merkle tree state at that point."""
         self.report = ChainReport()
+        self.tree = tree or TreeBuilder()
         if start is not None:
             self.report.last_sequence, self.report.last_hash = start
         self._anchors: dict[int, list[Anchor]] = {}
@@ -151,10 +157,14 @@ class ChainVerifier:
         r.records_checked += 1
         r.last_sequence = max(r.last_sequence, record.sequence)
         r.last_hash = record.hash
+        try:
+            self.tree.add(leaf_of(record.hash))
+        except ValueError:  # not hex: already a HASH_MISMATCH
+            self.tree.add(leaf_hash(record.hash.encode()))
         for a in self._anchors.pop(record.sequence, ()):
             r.checkpoints_checked += 1
             r.last_checkpoint_sequence = max(r.last_checkpoint_sequence, a.sequence)
-            if record.hash != a.head_hash:
+            if record.hash != a.head_hash or (a.tree_root and a.tree_root != self.tree.root().hex()):
                 self.mark_broken(a.sequence, CHECKPOINT_MISMATCH,
                             f"record {a.sequence} does not carry the hash signed by checkpoint "
                             f"{a.sign_time} (key {a.key_id}): a record after {self._agreed} and "

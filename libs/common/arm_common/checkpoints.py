@@ -8,7 +8,7 @@ key that is not in the database, over (tenant, sequence, head hash, time, key id
 disagrees with a kept checkpoint cannot be re-signed without that key.
 
 Signed bytes: `MESSAGE_PREFIX` followed by the canonical JSON (arm_common.canonical) of
-{"head_hash", "key_id", "sequence", "sign_time", "tenant_id"}, sign_time in the chain's time form
+{"head_hash", "key_id", "sequence", "sign_time", "tenant_id", "tree_root"}, sign_time in the chain's time form
 (RFC 3339 UTC, microseconds, `Z`). A key id is the first 16 hex digits of the SHA-256 of the
 32-byte raw public key.
 """
@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from google.protobuf import json_format
 
 from arm.governance.v1 import audit_pb2
+from arm_common import merkle
 from arm_common.canonical import canonical_json
-from arm_common.chain import Anchor, chain_time
+from arm_common.chain import Anchor, chain_time, record_hash
 
 MESSAGE_PREFIX = b"arm-audit-checkpoint/v1\n"
 ALGORITHM = "Ed25519"
@@ -54,7 +55,7 @@ def signed_bytes(cp: audit_pb2.AuditCheckpoint) -> bytes:
     """The exact bytes a checkpoint's signature covers."""
     content = {"tenant_id": cp.tenant_id, "sequence": cp.sequence, "head_hash": cp.head_hash,
                "sign_time": chain_time(cp.sign_time.ToDatetime(tzinfo=UTC)) if cp.HasField("sign_time") else "",
-               "key_id": cp.key_id}
+               "key_id": cp.key_id, "tree_root": cp.tree_root}
     return MESSAGE_PREFIX + canonical_json(content).encode()
 
 
@@ -130,8 +131,9 @@ def keyring(keys: Iterable[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:
 
 def signature_problem(cp: audit_pb2.AuditCheckpoint, keys: Mapping[str, Ed25519PublicKey]) -> str | None:
     """Why a checkpoint cannot be trusted (unknown key, bad signature, malformed), or None."""
-    if cp.sequence < 1 or not cp.head_hash or not cp.tenant_id or not cp.HasField("sign_time"):
-        return "the checkpoint is incomplete (tenant_id, sequence ≥ 1, head_hash, sign_time)"
+    if cp.sequence < 1 or not cp.head_hash or not cp.tenant_id or not cp.HasField("sign_time") \
+            or not cp.tree_root:
+        return "the checkpoint is incomplete (tenant_id, sequence ≥ 1, head_hash, sign_time, tree_root)"
     key = keys.get(cp.key_id)
     if key is None:
         return f"the checkpoint names key {cp.key_id!r}, which is not a trusted key"
@@ -148,7 +150,8 @@ def signature_problem(cp: audit_pb2.AuditCheckpoint, keys: Mapping[str, Ed25519P
 
 def anchor(cp: audit_pb2.AuditCheckpoint) -> Anchor:
     """A checkpoint (its signature already verified) as the chain verifier compares with it."""
-    return Anchor(cp.sequence, cp.head_hash, cp.key_id, chain_time(cp.sign_time.ToDatetime(tzinfo=UTC)))
+    return Anchor(cp.sequence, cp.head_hash, cp.key_id, chain_time(cp.sign_time.ToDatetime(tzinfo=UTC)),
+                  cp.tree_root)
 
 
 def checkpoint_line(cp: audit_pb2.AuditCheckpoint) -> str:
@@ -163,3 +166,34 @@ def parse_checkpoint_lines(lines: Iterable[str | bytes]) -> list[audit_pb2.Audit
         if text.strip():
             out.append(json_format.Parse(text, audit_pb2.AuditCheckpoint()))
     return out
+
+
+def verify_inclusion_proof(proof: audit_pb2.GetInclusionProofResponse, checkpoint: audit_pb2.AuditCheckpoint) -> str | None:
+    """Why a GetInclusionProof answer does not prove its record is in the trail `checkpoint`
+    signed (its signature checked separately), or None when it does: the record's content must
+    hash to its `hash`, and that leaf's path must lead to the checkpoint's tree_root."""
+    record = proof.record
+    if record_hash(record) != record.hash:
+        return "the record's content does not match its hash"
+    if record.tenant_id != checkpoint.tenant_id:
+        return "the record is another tenant's"
+    if proof.tree_size != checkpoint.sequence or proof.leaf_index != record.sequence - 1:
+        return "the proof is for another tree size or position"
+    try:
+        path = [bytes.fromhex(h) for h in proof.proof]
+        ok = merkle.verify_inclusion(merkle.leaf_of(record.hash), proof.leaf_index, proof.tree_size, path,
+                                     bytes.fromhex(checkpoint.tree_root))
+    except ValueError:
+        return "the proof holds something that is not a hex hash"
+    return None if ok else "the proof does not lead to the checkpoint's tree root"
+
+
+def verify_consistency_proof(proof: audit_pb2.GetConsistencyProofResponse, first: audit_pb2.AuditCheckpoint,
+                             second: audit_pb2.AuditCheckpoint) -> bool:
+    """Whether the proof shows `second`'s trail extends `first`'s unchanged (signatures checked
+    separately)."""
+    try:
+        return merkle.verify_consistency(first.sequence, second.sequence, [bytes.fromhex(h) for h in proof.proof],
+                                         bytes.fromhex(first.tree_root), bytes.fromhex(second.tree_root))
+    except ValueError:
+        return False

@@ -52,6 +52,25 @@ class TreeBuilder:
             size, h = size * 2, node_hash(left, h)
         self._stack.append((size, h))
 
+    def state(self) -> list[list[int | str]]:
+        """The builder's state as JSON-able [size, hex hash] pairs (to resume from later)."""
+        return [[size, h.hex()] for size, h in self._stack]
+
+    @classmethod
+    def resume(cls, state: Sequence[Sequence[int | str]]) -> TreeBuilder:
+        """A builder continuing from `state()`; raises ValueError when it is malformed."""
+        builder = cls()
+        sizes = []
+        for size, h in state:
+            if not isinstance(size, int) or size < 1 or size & (size - 1) or not isinstance(h, str):
+                raise ValueError("malformed tree state")
+            sizes.append(size)
+            builder._stack.append((size, bytes.fromhex(h)))
+        if sizes != sorted(sizes, reverse=True) or len(set(sizes)) != len(sizes):
+            raise ValueError("malformed tree state")
+        builder.size = sum(sizes)
+        return builder
+
     def root(self) -> bytes:
         if not self._stack:
             return hashlib.sha256(b"").digest()  # RFC 9162: the empty tree's hash

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import audit_pb2, audit_pb2_grpc
-from arm_common import pagination
+from arm_common import merkle, pagination
 from arm_common import validation as val
 from arm_common.auth import current_principal
 from arm_common.checkpoints import ALGORITHM, public_key_pem, raw_public_key, signature_problem
@@ -146,6 +146,43 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             checkpoints=page,
             next_page_token=pagination.encode_token([page[-1].sequence, page[-1].key_id], {})
             if more and page else "")
+
+    async def GetInclusionProof(self, request: audit_pb2.GetInclusionProofRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.resource_id(v, "record_id", request.record_id)
+        if request.tree_size < 1:
+            v.add("tree_size", "must be at least 1 (a checkpoint's sequence)")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        record = await self.trail.get(p.tenant_id, request.record_id)
+        head = await self.trail.head(p.tenant_id)
+        if request.tree_size > head:
+            v.add("tree_size", f"must be at most the trail's {head} records")
+        elif record.sequence > request.tree_size:
+            v.add("tree_size", f"must be at least the record's sequence {record.sequence}")
+        v.raise_if_any()
+        ranges = merkle.inclusion_ranges(record.sequence - 1, request.tree_size)
+        proof = await self.checkpoints.prove(p.tenant_id, ranges, request.tree_size)
+        return audit_pb2.GetInclusionProofResponse(record=record, leaf_index=record.sequence - 1,
+                                                   tree_size=request.tree_size, proof=proof)
+
+    async def GetConsistencyProof(self, request: audit_pb2.GetConsistencyProofRequest, context: Ctx) -> Any:
+        v = Violations()
+        if request.first_size < 1:
+            v.add("first_size", "must be at least 1")
+        if request.second_size < max(request.first_size, 1):
+            v.add("second_size", "must be at least first_size")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        head = await self.trail.head(p.tenant_id)
+        if request.second_size > head:
+            v.add("second_size", f"must be at most the trail's {head} records")
+        v.raise_if_any()
+        ranges = merkle.consistency_ranges(request.first_size, request.second_size)
+        proof = await self.checkpoints.prove(p.tenant_id, ranges, request.second_size)
+        return audit_pb2.GetConsistencyProofResponse(proof=proof)
 
     async def GetAuditSigningKey(self, request: audit_pb2.GetAuditSigningKeyRequest, context: Ctx) -> Any:
         current_principal().require("audit:read")

@@ -7,6 +7,7 @@ arm_common.checkpoints for the format)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from arm_common.chain import CHECKPOINT_INVALID, ChainReport, ChainVerifier
 from arm_common.checkpoints import SigningKey, anchor, signature_problem
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.errors import FailedPrecondition
+from arm_common.merkle import RangeFolder, TreeBuilder, leaf_of
 from arm_common.messages import ts
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
@@ -28,8 +30,10 @@ from arm_governance.audit import AuditTrail, Filter
 
 log = logging.getLogger(__name__)
 C = models.AuditCheckpoint
+M = models.ChangeRecord
 KEY_FILE_NAME = "audit-signing-key.pem"
 _BATCH = 1000
+_LEAF_BATCH = 10_000
 
 
 def load_signing_key(config: ServiceConfig) -> SigningKey:
@@ -55,7 +59,8 @@ def load_signing_key(config: ServiceConfig) -> SigningKey:
 
 def to_proto(row: models.AuditCheckpoint) -> audit_pb2.AuditCheckpoint:
     return audit_pb2.AuditCheckpoint(tenant_id=row.tenant_id, sequence=row.sequence, head_hash=row.head_hash,
-                                     sign_time=ts(row.sign_time), key_id=row.key_id, signature=row.signature)
+                                     sign_time=ts(row.sign_time), key_id=row.key_id, signature=row.signature,
+                                     tree_root=row.tree_root)
 
 
 class Checkpoints:
@@ -71,11 +76,12 @@ class Checkpoints:
 
     # --- signing ---------------------------------------------------------------------------
 
-    async def _latest(self, tenant: str) -> audit_pb2.AuditCheckpoint | None:
-        async def read(s: AsyncSession) -> audit_pb2.AuditCheckpoint | None:
+    async def _latest(self, tenant: str) -> tuple[audit_pb2.AuditCheckpoint, str] | None:
+        """The latest checkpoint signed with the current key, and its tree state."""
+        async def read(s: AsyncSession) -> tuple[audit_pb2.AuditCheckpoint, str] | None:
             row = (await s.execute(select(C).where(C.tenant_id == tenant, C.key_id == self.key.key_id)
                                    .order_by(C.sequence.desc()).limit(1))).scalar_one_or_none()
-            return None if row is None else to_proto(row)
+            return None if row is None else (to_proto(row), row.tree_state)
         return await self.db.read(read)
 
     async def _head(self, tenant: str) -> tuple[int, str]:
@@ -85,12 +91,12 @@ class Checkpoints:
             return (0, "") if row is None else (int(row[0]), str(row[1]))
         return await self.db.read(read)
 
-    async def _check_since(self, tenant: str, since: audit_pb2.AuditCheckpoint | None,
-                           upto: int, head_hash: str) -> ChainReport:
+    async def _check_since(self, tenant: str, since: audit_pb2.AuditCheckpoint | None, tree: TreeBuilder,
+                           upto: int, head_hash: str) -> ChainVerifier:
         """Verifies the records after `since` (or from the first) up to the head, linking from
-        the checkpointed hash and ending at the head's hash."""
+        the checkpointed hash and ending at the head's hash, and grows the Merkle tree."""
         after = 0 if since is None else since.sequence
-        verifier = ChainVerifier(start=None if since is None else (since.sequence, since.head_hash))
+        verifier = ChainVerifier(start=None if since is None else (since.sequence, since.head_hash), tree=tree)
         while True:
             batch = await self.trail.page(tenant, Filter(), after=after, size=_BATCH, newest_first=False, upto=upto)
             if not batch:
@@ -101,7 +107,7 @@ class Checkpoints:
         report = verifier.finish(upto)
         if report.ok and report.last_hash != head_hash:
             verifier.mark_broken(upto, "HASH_MISMATCH", "the head row's hash is not the last record's hash")
-        return report
+        return verifier
 
     async def create(self, tenant: str) -> tuple[audit_pb2.AuditCheckpoint, bool]:
         """Signs the tenant's current head (see CreateCheckpoint); returns it and whether it is new."""
@@ -109,10 +115,20 @@ class Checkpoints:
         if sequence == 0:
             raise FailedPrecondition("the tenant's audit trail is empty: there is no head to sign",
                                      reason="EMPTY_TRAIL")
-        latest = await self._latest(tenant)
-        if latest is not None and signature_problem(latest, self.keys) is not None:
-            raise FailedPrecondition("the latest stored checkpoint's signature does not verify",
-                                     reason="CHAIN_BROKEN")
+        found = await self._latest(tenant)
+        latest, tree = None, TreeBuilder()
+        if found is not None:
+            latest = found[0]
+            if signature_problem(latest, self.keys) is not None:
+                raise FailedPrecondition("the latest stored checkpoint's signature does not verify",
+                                         reason="CHAIN_BROKEN")
+            try:
+                tree = TreeBuilder.resume(json.loads(found[1]))
+            except (ValueError, TypeError):
+                tree = TreeBuilder()
+            if tree.size != latest.sequence or tree.root().hex() != latest.tree_root:
+                raise FailedPrecondition("the latest checkpoint's stored tree state does not match its "
+                                         "signed tree root", reason="CHAIN_BROKEN")
         if latest is not None and latest.sequence == sequence:
             if latest.head_hash != head_hash:
                 raise FailedPrecondition(f"the head at sequence {sequence} disagrees with its checkpoint",
@@ -121,20 +137,24 @@ class Checkpoints:
         if latest is not None and latest.sequence > sequence:
             raise FailedPrecondition(f"the head is at sequence {sequence}, before the checkpoint at "
                                      f"{latest.sequence}", reason="CHAIN_BROKEN")
-        report = await self._check_since(tenant, latest, sequence, head_hash)
+        verifier = await self._check_since(tenant, latest, tree, sequence, head_hash)
+        report = verifier.report
         if not report.ok:
             log.error("audit chain of tenant %s broken at sequence %d (%s); not signing its head",
                       tenant, report.first_broken_sequence, report.reason)
             raise FailedPrecondition(f"the trail does not verify at sequence {report.first_broken_sequence}: "
                                      f"{report.message}", reason="CHAIN_BROKEN")
-        cp = audit_pb2.AuditCheckpoint(tenant_id=tenant, sequence=sequence, head_hash=head_hash)
+        cp = audit_pb2.AuditCheckpoint(tenant_id=tenant, sequence=sequence, head_hash=head_hash,
+                                       tree_root=verifier.tree.root().hex())
+        tree_state = json.dumps(verifier.tree.state())
         cp.sign_time.FromDatetime(utcnow())
         self.key.sign(cp)
 
         async def write(s: AsyncSession) -> audit_pb2.AuditCheckpoint:
             insert = postgresql.insert if self.db.is_postgres else sqlite.insert
             values = dict(tenant_id=tenant, sequence=sequence, key_id=cp.key_id, head_hash=head_hash,
-                          sign_time=cp.sign_time.ToDatetime(tzinfo=utcnow().tzinfo), signature=cp.signature)
+                          sign_time=cp.sign_time.ToDatetime(tzinfo=utcnow().tzinfo), signature=cp.signature,
+                          tree_root=cp.tree_root, tree_state=tree_state)
             await s.execute(insert(C).values(**values).on_conflict_do_nothing(
                 index_elements=["tenant_id", "sequence", "key_id"]))
             # Another replica may have signed the same head a moment earlier: return the stored one.
@@ -176,6 +196,32 @@ class Checkpoints:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
+
+    # --- Merkle proofs --------------------------------------------------------------------------
+
+    async def prove(self, tenant: str, ranges: Sequence[tuple[int, int]], size: int) -> list[str]:
+        """The roots of the leaf ranges of a proof over the tenant's first `size` records, in one
+        streaming pass. FAILED_PRECONDITION CHAIN_BROKEN when the stored records are not a
+        well-formed trail (a gap, a malformed hash)."""
+        folder = RangeFolder(ranges)
+        after = 0
+        while after < size:
+            async def read(s: AsyncSession, after: int = after) -> list[tuple[int, str]]:
+                q = (select(M.sequence, M.hash).where(M.tenant_id == tenant, M.sequence > after, M.sequence <= size)
+                     .order_by(M.sequence).limit(_LEAF_BATCH))
+                return [(int(a), str(b)) for a, b in (await s.execute(q)).all()]
+            batch = await self.db.read(read)
+            for sequence, hash_ in batch:
+                if sequence != after + 1:
+                    raise FailedPrecondition(f"the trail has no record {after + 1}", reason="CHAIN_BROKEN")
+                try:
+                    folder.add(leaf_of(hash_))
+                except ValueError:
+                    raise FailedPrecondition(f"record {sequence}'s hash is malformed", reason="CHAIN_BROKEN") from None
+                after = sequence
+            if not batch:
+                raise FailedPrecondition(f"the trail has no record {after + 1}", reason="CHAIN_BROKEN")
+        return [h.hex() for h in folder.roots()]
 
     # --- reading and checking ----------------------------------------------------------------
 

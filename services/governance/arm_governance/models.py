@@ -258,3 +258,8 @@ class AuditCheckpoint(Base):
     head_hash: Mapped[str] = mapped_column(String(64))
     sign_time: Mapped[datetime]
     signature: Mapped[bytes] = mapped_column(LargeBinary)
+    tree_root: Mapped[str] = mapped_column(String(64))
+    tree_state: Mapped[str] = mapped_column(Text)
+    """The Merkle tree builder's state at `sequence` (JSON, arm_common.merkle.TreeBuilder.state):
+    the next checkpoint's root is computed from it and the records since. Not signed; trusted
+    only when its root equals the signed tree_root."""

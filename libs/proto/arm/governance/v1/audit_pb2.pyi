@@ -98,7 +98,7 @@ class AuditCheckpoint(_message.Message):
     """A signed statement that a tenant's trail held `sequence` records ending in `head_hash` at
     `sign_time`. The signature is Ed25519 over the UTF-8 bytes of
     "arm-audit-checkpoint/v1\\n" followed by the canonical JSON (keys sorted, no spaces) of
-    {"head_hash", "key_id", "sequence", "sign_time", "tenant_id"}, with sign_time as RFC 3339 UTC
+    {"head_hash", "key_id", "sequence", "sign_time", "tenant_id", "tree_root"}, with sign_time as RFC 3339 UTC
     with microseconds ("2026-01-02T03:04:05.000006Z"); see arm_common.checkpoints.
     """
 
@@ -110,6 +110,7 @@ class AuditCheckpoint(_message.Message):
     SIGN_TIME_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    TREE_ROOT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant whose trail is signed."""
     sequence: _builtins.int
@@ -120,6 +121,10 @@ class AuditCheckpoint(_message.Message):
     """Identifies the signing key: the first 16 hex digits of the SHA-256 of its 32-byte public key."""
     signature: _builtins.bytes
     """The 64-byte Ed25519 signature."""
+    tree_root: _builtins.str
+    """The Merkle tree hash (RFC 9162 §2.1, lowercase hex) over records 1..sequence, each leaf the
+    32 bytes of a record's hash: what GetInclusionProof and GetConsistencyProof prove against.
+    """
     @_builtins.property
     def sign_time(self) -> _timestamp_pb2.Timestamp:
         """When governance signed it."""
@@ -133,10 +138,11 @@ class AuditCheckpoint(_message.Message):
         sign_time: _timestamp_pb2.Timestamp | None = ...,
         key_id: _builtins.str = ...,
         signature: _builtins.bytes = ...,
+        tree_root: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sign_time", b"sign_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_hash", b"head_hash", "key_id", b"key_id", "sequence", b"sequence", "sign_time", b"sign_time", "signature", b"signature", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_hash", b"head_hash", "key_id", b"key_id", "sequence", b"sequence", "sign_time", b"sign_time", "signature", b"signature", "tenant_id", b"tenant_id", "tree_root", b"tree_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -684,3 +690,119 @@ class GetAuditSigningKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAuditSigningKeyResponse: _TypeAlias = GetAuditSigningKeyResponse  # noqa: Y015
+
+@_typing.final
+class GetInclusionProofRequest(_message.Message):
+    """Request of GetInclusionProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    record_id: _builtins.str
+    """The record to prove."""
+    tree_size: _builtins.int
+    """Size of the tree to prove it in: a checkpoint's sequence, at least the record's sequence and
+    at most the current head; otherwise INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        record_id: _builtins.str = ...,
+        tree_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_id", b"record_id", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInclusionProofRequest: _TypeAlias = GetInclusionProofRequest  # noqa: Y015
+
+@_typing.final
+class GetInclusionProofResponse(_message.Message):
+    """Response of GetInclusionProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    leaf_index: _builtins.int
+    """The record's leaf index: its sequence - 1."""
+    tree_size: _builtins.int
+    """The tree size proved against."""
+    @_builtins.property
+    def record(self) -> _common_pb2.ChangeRecord:
+        """The record (recompute its hash from its content: the leaf is that hash)."""
+
+    @_builtins.property
+    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The inclusion path, lowercase hex hashes, leaf to root (RFC 9162 §2.1.3)."""
+
+    def __init__(
+        self,
+        *,
+        record: _common_pb2.ChangeRecord | None = ...,
+        leaf_index: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+        proof: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_index", b"leaf_index", "proof", b"proof", "record", b"record", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInclusionProofResponse: _TypeAlias = GetInclusionProofResponse  # noqa: Y015
+
+@_typing.final
+class GetConsistencyProofRequest(_message.Message):
+    """Request of GetConsistencyProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SIZE_FIELD_NUMBER: _builtins.int
+    SECOND_SIZE_FIELD_NUMBER: _builtins.int
+    first_size: _builtins.int
+    """Size of the earlier tree (an earlier checkpoint's sequence), at least 1."""
+    second_size: _builtins.int
+    """Size of the later tree, at least first_size and at most the current head."""
+    def __init__(
+        self,
+        *,
+        first_size: _builtins.int = ...,
+        second_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_size", b"first_size", "second_size", b"second_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsistencyProofRequest: _TypeAlias = GetConsistencyProofRequest  # noqa: Y015
+
+@_typing.final
+class GetConsistencyProofResponse(_message.Message):
+    """Response of GetConsistencyProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROOF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The consistency proof, lowercase hex hashes (RFC 9162 §2.1.4); empty when the sizes are equal."""
+
+    def __init__(
+        self,
+        *,
+        proof: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsistencyProofResponse: _TypeAlias = GetConsistencyProofResponse  # noqa: Y015

@@ -75,6 +75,16 @@ class AuditServiceStub:
                 request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyRequest.SerializeToString,
                 response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyResponse.FromString,
                 _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/arm.governance.v1.AuditService/GetInclusionProof',
+                request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/arm.governance.v1.AuditService/GetConsistencyProof',
+                request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -146,6 +156,23 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInclusionProof(self, request, context):
+        """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+        signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+        trail being exported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """Proves the trail of `second_size` records extends the trail of `first_size` records
+        unchanged (check against the two checkpoints' tree_roots).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +215,16 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.GetAuditSigningKey,
                     request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyRequest.FromString,
                     response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyResponse.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofResponse.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +444,60 @@ class AuditService:
             '/arm.governance.v1.AuditService/GetAuditSigningKey',
             arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyRequest.SerializeToString,
             arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.AuditService/GetInclusionProof',
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.AuditService/GetConsistencyProof',
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
             options,
             channel_credentials,
             insecure,

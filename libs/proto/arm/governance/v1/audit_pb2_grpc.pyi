@@ -63,6 +63,15 @@ class AuditServiceStub:
     """Lists the caller's tenant's checkpoints in sequence order, for auditors to keep outside ARM."""
     GetAuditSigningKey: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetAuditSigningKeyRequest, _audit_pb2.GetAuditSigningKeyResponse]
     """Returns the public key that verifies checkpoints (Ed25519), for verifiers outside ARM."""
+    GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]
+    """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+    signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+    trail being exported.
+    """
+    GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.GetConsistencyProofResponse]
+    """Proves the trail of `second_size` records extends the trail of `first_size` records
+    unchanged (check against the two checkpoints' tree_roots).
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -97,6 +106,15 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """Lists the caller's tenant's checkpoints in sequence order, for auditors to keep outside ARM."""
     GetAuditSigningKey: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetAuditSigningKeyRequest, _audit_pb2.GetAuditSigningKeyResponse]  # type: ignore[assignment]
     """Returns the public key that verifies checkpoints (Ed25519), for verifiers outside ARM."""
+    GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]  # type: ignore[assignment]
+    """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+    signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+    trail being exported.
+    """
+    GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.GetConsistencyProofResponse]  # type: ignore[assignment]
+    """Proves the trail of `second_size` records extends the trail of `first_size` records
+    unchanged (check against the two checkpoints' tree_roots).
+    """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """Appends, reads, verifies and exports change records."""
@@ -176,5 +194,26 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.GetAuditSigningKeyResponse, _abc.Awaitable[_audit_pb2.GetAuditSigningKeyResponse]]:
         """Returns the public key that verifies checkpoints (Ed25519), for verifiers outside ARM."""
+
+    @_abc_1.abstractmethod
+    def GetInclusionProof(
+        self,
+        request: _audit_pb2.GetInclusionProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetInclusionProofResponse, _abc.Awaitable[_audit_pb2.GetInclusionProofResponse]]:
+        """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+        signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+        trail being exported.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConsistencyProof(
+        self,
+        request: _audit_pb2.GetConsistencyProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetConsistencyProofResponse, _abc.Awaitable[_audit_pb2.GetConsistencyProofResponse]]:
+        """Proves the trail of `second_size` records extends the trail of `first_size` records
+        unchanged (check against the two checkpoints' tree_roots).
+        """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,6 +33,8 @@ def upgrade() -> None:
     sa.Column('head_hash', sa.String(length=64), nullable=False),
     sa.Column('sign_time', arm_common.tables.UtcDateTime(), nullable=False),
     sa.Column('signature', sa.LargeBinary(), nullable=False),
+    sa.Column('tree_root', sa.String(length=64), nullable=False),
+    sa.Column('tree_state', sa.Text(), nullable=False),
     sa.PrimaryKeyConstraint('tenant_id', 'sequence', 'key_id', name=op.f('pk_audit_checkpoints'))
     )
     if op.get_bind().dialect.name == "postgresql":
