@@ -24,7 +24,7 @@ from sqlalchemy import select, text
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_client import ArmClient
-from arm_common import pagination
+from arm_common import checkpoints, merkle, pagination
 from arm_common.chain import parse_export_lines, record_hash, verify_records
 from arm_common.checkpoints import SigningKey, checkpoint_line, load_public_key, signed_bytes
 from arm_common.config import ServiceConfig
@@ -362,3 +362,69 @@ def test_a_bad_signing_key_file_stops_governance_naming_the_variable(tmp_path: P
         config = ServiceConfig.from_env("governance", {"ARM_AUDIT_SIGNING_KEY_FILE": str(path)})
         with pytest.raises(ConfigError, match="ARM_AUDIT_SIGNING_KEY_FILE"):
             checkpointing.load_signing_key(config)
+
+
+async def test_merkle_proofs_prove_one_record_and_append_only_growth_without_an_export(
+        governance: GovernanceServer, registry, system_admin) -> None:  # type: ignore[no-untyped-def]
+    ctx = await make_tenant(registry, system_admin)
+    tid = ctx.tenant.id
+    async with governance.client(ctx.admin_key) as client:
+        await wait_for_record(client, CR.CHANGE_RECORD_TYPE_TENANT_CREATED, tid)
+        await client.audit.AppendChangeRecords(audit_pb2.AppendChangeRecordsRequest(
+            records=[task_record(i) for i in range(20)]))
+        cp1 = (await client.audit.CreateCheckpoint(audit_pb2.CreateCheckpointRequest())).checkpoint
+        await client.audit.AppendChangeRecords(audit_pb2.AppendChangeRecordsRequest(
+            records=[task_record(100 + i) for i in range(13)]))
+        cp2 = (await client.audit.CreateCheckpoint(audit_pb2.CreateCheckpointRequest())).checkpoint
+        records = await all_records(client)
+        # The signed roots are the RFC 9162 tree over the record hashes (the second one grown
+        # incrementally from the first's stored state).
+        for cp in (cp1, cp2):
+            assert cp.tree_root == merkle.root_of(merkle.leaf_of(r.hash) for r in records[:cp.sequence]).hex()
+
+        async def inclusion(record_id: str, size: int) -> audit_pb2.GetInclusionProofResponse:
+            return await client.audit.GetInclusionProof(audit_pb2.GetInclusionProofRequest(
+                record_id=record_id, tree_size=size))
+
+        for r in (records[0], records[7], records[cp1.sequence - 1]):
+            assert checkpoints.verify_inclusion_proof(await inclusion(r.record_id, cp1.sequence), cp1) is None
+            assert checkpoints.verify_inclusion_proof(await inclusion(r.record_id, cp2.sequence), cp2) is None
+        later = records[cp2.sequence - 1]
+        assert checkpoints.verify_inclusion_proof(await inclusion(later.record_id, cp2.sequence), cp2) is None
+        assert "another tree size" in str(checkpoints.verify_inclusion_proof(
+            await inclusion(records[3].record_id, cp1.sequence), cp2))
+        growth = await client.audit.GetConsistencyProof(audit_pb2.GetConsistencyProofRequest(
+            first_size=cp1.sequence, second_size=cp2.sequence))
+        assert checkpoints.verify_consistency_proof(growth, cp1, cp2)
+        assert not checkpoints.verify_consistency_proof(growth, cp2, cp1)
+
+        # Bad sizes are the caller's mistake, an unknown record is NOT_FOUND.
+        for req, field in ((audit_pb2.GetInclusionProofRequest(record_id=later.record_id, tree_size=0), "tree_size"),
+                           (audit_pb2.GetInclusionProofRequest(record_id=later.record_id, tree_size=10**12),
+                            "tree_size"),
+                           (audit_pb2.GetInclusionProofRequest(record_id=later.record_id, tree_size=cp1.sequence),
+                            "tree_size"),
+                           (audit_pb2.GetInclusionProofRequest(record_id="", tree_size=1), "record_id")):
+            bad = await expect_failure(client.audit.GetInclusionProof(req), grpc.StatusCode.INVALID_ARGUMENT)
+            assert field in bad.violations, (req, bad.violations)
+        await expect_failure(client.audit.GetInclusionProof(audit_pb2.GetInclusionProofRequest(
+            record_id="no-such-record", tree_size=1)), grpc.StatusCode.NOT_FOUND)
+        for req, field in ((audit_pb2.GetConsistencyProofRequest(first_size=0, second_size=3), "first_size"),
+                           (audit_pb2.GetConsistencyProofRequest(first_size=5, second_size=3), "second_size"),
+                           (audit_pb2.GetConsistencyProofRequest(first_size=1, second_size=10**12), "second_size")):
+            bad = await expect_failure(client.audit.GetConsistencyProof(req), grpc.StatusCode.INVALID_ARGUMENT)
+            assert field in bad.violations, (req, bad.violations)
+
+        # A superuser rewrites record 3 and re-chains everything, and deletes the stored
+        # checkpoints so governance signs the new history: no proof reaches the kept roots.
+        await rewrite_history(governance, tid, edit(3))
+        await superuser(governance, lambda s: s.execute(text("DELETE FROM audit_checkpoints WHERE tenant_id = :t"),
+                                                        {"t": tid}))
+        for r in (records[2], records[10]):  # the edited record, and an untouched one after it
+            assert checkpoints.verify_inclusion_proof(await inclusion(r.record_id, cp1.sequence), cp1) is not None
+        forged = (await client.audit.CreateCheckpoint(audit_pb2.CreateCheckpointRequest())).checkpoint
+        assert forged.sequence >= cp2.sequence and forged.tree_root != cp2.tree_root
+        growth = await client.audit.GetConsistencyProof(audit_pb2.GetConsistencyProofRequest(
+            first_size=cp1.sequence, second_size=forged.sequence))
+        assert not checkpoints.verify_consistency_proof(growth, cp1, forged), "the new history does not extend cp1"
+    await ctx.admin.close()
