@@ -428,3 +428,30 @@ async def test_merkle_proofs_prove_one_record_and_append_only_growth_without_an_
             first_size=cp1.sequence, second_size=forged.sequence))
         assert not checkpoints.verify_consistency_proof(growth, cp1, forged), "the new history does not extend cp1"
     await ctx.admin.close()
+
+
+def test_offline_a_signed_tree_root_that_disagrees_with_the_records_is_a_mismatch() -> None:
+    """A head hash alone is not all a checkpoint pins: its tree root must be the records' too."""
+    from datetime import datetime
+
+    records = []
+    prev = ""
+    for i in range(1, 8):
+        rec = task_record(i, tenant_id="tnt_x", sequence=i, prev_hash=prev)
+        rec.record_time.FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
+        rec.hash = prev = record_hash(rec)
+        records.append(rec)
+    key = SigningKey.generate()
+
+    def signed(size: int, tree_root: str) -> str:
+        cp = audit_pb2.AuditCheckpoint(tenant_id="tnt_x", sequence=size, head_hash=records[size - 1].hash,
+                                       tree_root=tree_root)
+        cp.sign_time.FromDatetime(datetime(2026, 1, 2, tzinfo=UTC))
+        key.sign(cp)
+        return checkpoint_line(cp)
+
+    honest = merkle.root_of(merkle.leaf_of(r.hash) for r in records[:5]).hex()
+    assert verify_export(records, [signed(5, honest)], [key.public]).ok
+    wrong = merkle.root_of(merkle.leaf_of(r.hash) for r in records[:4]).hex()
+    report = verify_export(records, [signed(5, wrong)], [key.public])
+    assert not report.ok and (report.reason, report.first_broken_sequence) == ("CHECKPOINT_MISMATCH", 5)
