@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from datetime import UTC
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -153,7 +154,7 @@ class Checkpoints:
         async def write(s: AsyncSession) -> audit_pb2.AuditCheckpoint:
             insert = postgresql.insert if self.db.is_postgres else sqlite.insert
             values = dict(tenant_id=tenant, sequence=sequence, key_id=cp.key_id, head_hash=head_hash,
-                          sign_time=cp.sign_time.ToDatetime(tzinfo=utcnow().tzinfo), signature=cp.signature,
+                          sign_time=cp.sign_time.ToDatetime(tzinfo=UTC), signature=cp.signature,
                           tree_root=cp.tree_root, tree_state=tree_state)
             await s.execute(insert(C).values(**values).on_conflict_do_nothing(
                 index_elements=["tenant_id", "sequence", "key_id"]))
