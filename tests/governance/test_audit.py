@@ -187,7 +187,7 @@ async def tamper(governance: GovernanceServer, sql: str, **params: object) -> No
     await governance.db.run(run)
 
 
-@pytest.mark.parametrize("how", ["alter", "delete-middle", "delete-last", "relink"])
+@pytest.mark.parametrize("how", ["alter", "delete-middle", "delete-last", "relink", "rewind-head"])
 async def test_verify_chain_names_the_tampered_record(
         governance: GovernanceServer, registry, system_admin, how: str) -> None:  # type: ignore[no-untyped-def]
     ctx = await make_tenant(registry, system_admin)
@@ -211,6 +211,13 @@ async def test_verify_chain_names_the_tampered_record(
             victim = records[-1].sequence
             await tamper(governance, "delete from change_records where tenant_id = :t and sequence = :s",
                          t=tid, s=victim)
+            want = audit_pb2.CHAIN_BREAK_SEQUENCE_GAP
+        elif how == "rewind-head":
+            # The head row moved back to hide the records after it (the records stay): the
+            # chain up to the head is intact, but records lie beyond it.
+            await tamper(governance, "update change_record_heads set last_sequence = :s, last_hash = :h "
+                         "where tenant_id = :t", s=victim, h=records[victim - 1].hash, t=tid)
+            victim += 1
             want = audit_pb2.CHAIN_BREAK_SEQUENCE_GAP
         else:
             # A forger who rewrites a record *and* recomputes its hash: the record checks out on

@@ -195,3 +195,21 @@ def test_nan_seconds_are_refused(variable: str) -> None:
     with pytest.raises(ConfigError) as caught:
         ServiceConfig.from_env("registry", env={variable: "nan"})
     assert variable in str(caught.value)
+
+
+def test_migrate_url_and_audit_checkpoint_settings() -> None:
+    config = ServiceConfig.from_env("governance", env={})
+    assert config.migrate_database_url is None and config.audit_signing_key_file is None
+    assert config.audit_checkpoint_interval_s == 300.0
+    config = ServiceConfig.from_env("governance", env={
+        "ARM_MIGRATE_DATABASE_URL": "postgresql://owner@db/arm",
+        "ARM_GOVERNANCE_MIGRATE_DATABASE_URL": "postgresql://gov_owner@db/arm_gov",
+        "ARM_AUDIT_SIGNING_KEY_FILE": "/etc/arm/key.pem", "ARM_AUDIT_CHECKPOINT_INTERVAL_S": "0"})
+    assert config.migrate_database_url == "postgresql://gov_owner@db/arm_gov"  # the service's own first
+    assert config.audit_signing_key_file == "/etc/arm/key.pem" and config.audit_checkpoint_interval_s == 0
+    assert ServiceConfig.from_env("registry", env={"ARM_MIGRATE_DATABASE_URL": "postgresql://owner@db/arm"}
+                                  ).migrate_database_url == "postgresql://owner@db/arm"
+    with pytest.raises(ConfigError, match="ARM_GOVERNANCE_MIGRATE_DATABASE_URL"):
+        ServiceConfig.from_env("governance", env={"ARM_GOVERNANCE_MIGRATE_DATABASE_URL": "mysql://x"})
+    with pytest.raises(ConfigError, match="ARM_AUDIT_CHECKPOINT_INTERVAL_S"):
+        ServiceConfig.from_env("governance", env={"ARM_AUDIT_CHECKPOINT_INTERVAL_S": "-1"})

@@ -21,10 +21,13 @@ from google.protobuf import json_format
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_common.canonical import canonical_json, sha256_hex
+from arm_common.merkle import TreeBuilder, leaf_hash, leaf_of
 
 HASH_MISMATCH = "HASH_MISMATCH"
 PREV_HASH_MISMATCH = "PREV_HASH_MISMATCH"
 SEQUENCE_GAP = "SEQUENCE_GAP"
+CHECKPOINT_MISMATCH = "CHECKPOINT_MISMATCH"
+CHECKPOINT_INVALID = "CHECKPOINT_INVALID"
 
 
 def chain_time(value: datetime | None) -> str:
@@ -78,6 +81,19 @@ def record_hash(record: common_pb2.ChangeRecord) -> str:
     return sha256_hex(canonical_json(chain_content(record)))
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """A signed checkpoint (see arm_common.checkpoints), its signature already verified: the
+    record at `sequence` must carry `head_hash`."""
+
+    sequence: int
+    head_hash: str
+    key_id: str = ""
+    sign_time: str = ""
+    tree_root: str = ""
+    """The Merkle tree hash over records 1..sequence (arm_common.merkle); "" = not compared."""
+
+
 @dataclass
 class ChainReport:
     """The outcome of walking one tenant's chain from its first record."""
@@ -89,16 +105,36 @@ class ChainReport:
     message: str = ""
     last_sequence: int = 0
     last_hash: str = ""
+    checkpoints_checked: int = 0
+    """Anchors the history was compared with."""
+    last_checkpoint_sequence: int = 0
+    """The highest sequence an anchor the walk compared covers."""
 
 
 class ChainVerifier:
     """Walks one tenant's records in sequence order, one at a time (so an export of any size is
-    verified in constant memory), and remembers the first broken link."""
+    verified in constant memory), and remembers the first broken link. Given anchors (verified
+    checkpoints), it also compares the record at each anchor's sequence with the signed hash: a
+    record edited, deleted or re-hashed at or before an anchor changes the hash at the anchor
+    (every hash after an edit depends on it), so such a history is caught even when every
+    following hash and the head were recomputed. A disagreement is reported at the anchor's
+    sequence, with the range the tampered record lies in."""
 
-    def __init__(self) -> None:
+    def __init__(self, anchors: Iterable[Anchor] = (), *, start: tuple[int, str] | None = None,
+                 tree: TreeBuilder | None = None) -> None:
+        """`start` (sequence, hash): walk on from a trusted point instead of the first record;
+        `tree`: the Merkle tree state at that point."""
         self.report = ChainReport()
+        self.tree = tree or TreeBuilder()
+        if start is not None:
+            self.report.last_sequence, self.report.last_hash = start
+        self._anchors: dict[int, list[Anchor]] = {}
+        for a in anchors:
+            self._anchors.setdefault(a.sequence, []).append(a)
+        self._agreed = 0  # the highest anchored sequence the history agrees with so far
 
-    def _break(self, sequence: int, reason: str, message: str) -> None:
+    def mark_broken(self, sequence: int, reason: str, message: str) -> None:
+        """Records a break, unless an earlier one is already recorded (the first one wins)."""
         if self.report.ok:
             self.report.ok = False
             self.report.first_broken_sequence = sequence
@@ -110,32 +146,56 @@ class ChainVerifier:
         expected = r.last_sequence + 1
         if record.sequence != expected:
             # A deleted record shows as a gap at its own number; a repeated one where it repeats.
-            self._break(expected if record.sequence > expected else record.sequence, SEQUENCE_GAP,
+            self.mark_broken(expected if record.sequence > expected else record.sequence, SEQUENCE_GAP,
                         f"expected sequence {expected}, found {record.sequence}")
         elif record.prev_hash != r.last_hash:
-            self._break(record.sequence, PREV_HASH_MISMATCH,
+            self.mark_broken(record.sequence, PREV_HASH_MISMATCH,
                         f"record {record.sequence} does not link to the hash of record {r.last_sequence}")
         elif record_hash(record) != record.hash:
-            self._break(record.sequence, HASH_MISMATCH,
+            self.mark_broken(record.sequence, HASH_MISMATCH,
                         f"record {record.sequence}'s content does not match its hash")
         r.records_checked += 1
         r.last_sequence = max(r.last_sequence, record.sequence)
         r.last_hash = record.hash
+        try:
+            self.tree.add(leaf_of(record.hash))
+        except ValueError:  # not hex: already a HASH_MISMATCH
+            self.tree.add(leaf_hash(record.hash.encode()))
+        for a in self._anchors.pop(record.sequence, ()):
+            r.checkpoints_checked += 1
+            r.last_checkpoint_sequence = max(r.last_checkpoint_sequence, a.sequence)
+            if record.hash != a.head_hash or (a.tree_root and a.tree_root != self.tree.root().hex()):
+                self.mark_broken(a.sequence, CHECKPOINT_MISMATCH,
+                            f"record {a.sequence} does not carry the hash signed by checkpoint "
+                            f"{a.sign_time} (key {a.key_id}): a record after {self._agreed} and "
+                            f"at or before {a.sequence} was edited, deleted or re-hashed")
+            else:
+                self._agreed = max(self._agreed, a.sequence)
 
     def finish(self, head_sequence: int | None = None) -> ChainReport:
         """Ends the walk; `head_sequence` is the last sequence number the trail claims to hold
         (so a deleted last record is found too)."""
         r = self.report
         if head_sequence is not None and head_sequence > r.last_sequence:
-            self._break(r.last_sequence + 1, SEQUENCE_GAP,
+            self.mark_broken(r.last_sequence + 1, SEQUENCE_GAP,
                         f"the trail's head is at sequence {head_sequence} but the records end at "
                         f"{r.last_sequence}")
+        for sequence in sorted(self._anchors):
+            a = self._anchors[sequence][0]
+            r.checkpoints_checked += len(self._anchors[sequence])
+            r.last_checkpoint_sequence = max(r.last_checkpoint_sequence, sequence)
+            self.mark_broken(sequence, CHECKPOINT_MISMATCH,
+                        f"checkpoint {a.sign_time} (key {a.key_id}) signed a trail of {sequence} "
+                        f"records, but it ends at {r.last_sequence}: records were removed")
+        self._anchors.clear()
         return r
 
 
-def verify_records(records: Iterable[common_pb2.ChangeRecord]) -> ChainReport:
-    """Verifies one tenant's records given in sequence order (e.g. parsed from an export)."""
-    verifier = ChainVerifier()
+def verify_records(records: Iterable[common_pb2.ChangeRecord],
+                   anchors: Iterable[Anchor] = ()) -> ChainReport:
+    """Verifies one tenant's records given in sequence order (e.g. parsed from an export),
+    against the anchors (verified checkpoints) given."""
+    verifier = ChainVerifier(anchors)
     for record in records:
         verifier.add(record)
     return verifier.finish()

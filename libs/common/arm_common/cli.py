@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from arm_common import logs
+from arm_common import logs, roles
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, unreachable_at_start
 from arm_common.migrations import SchemaNotReady
@@ -33,6 +34,25 @@ class ServiceCommands:
     """Builds the component a Host serves (it has an `authenticator`)."""
     extra: dict[str, Callable[[Any], Awaitable[int]]] = field(default_factory=dict)
     """Further commands, given the component, returning the exit status (e.g. `bootstrap`)."""
+    narrower_privileges: dict[str, str] = field(default_factory=dict)
+    """Tables the application role gets less than full DML on (see arm_common.roles)."""
+
+
+async def _migrate(cmds: ServiceCommands, config: ServiceConfig, db: Database) -> None:
+    """Migrates as the owner (the migrate URL when set), then grants the runtime URL's role its
+    privileges when it is another PostgreSQL user."""
+    if not config.migrate_database_url:
+        await cmds.migrate(db)
+        return
+    owner_db = cmds.database(dataclasses.replace(config, database_url=config.migrate_database_url))
+    try:
+        await cmds.migrate(owner_db)
+        app_role, owner = roles.url_user(config.database_url), roles.url_user(config.migrate_database_url)
+        if owner_db.is_postgres and app_role and app_role != owner:
+            await roles.grant_runtime_privileges(owner_db, app_role, cmds.narrower_privileges)
+            print(f"{cmds.service}: granted {app_role} the service's privileges")
+    finally:
+        await owner_db.dispose()
 
 
 async def _main(cmds: ServiceCommands, command: str) -> int:
@@ -41,7 +61,7 @@ async def _main(cmds: ServiceCommands, command: str) -> int:
     db = cmds.database(config)
     try:
         if command == "migrate":
-            await cmds.migrate(db)
+            await _migrate(cmds, config, db)
             print(f"{cmds.service} database migrated to head")
             return 0
         component = cmds.component(db, config)

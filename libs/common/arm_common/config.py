@@ -97,6 +97,17 @@ class ServiceConfig:
     """`ARM_SHARE_PORT` (default false): let several processes serve the same port (SO_REUSEPORT,
     the kernel spreads new connections among them), for identical workers of one deployment only.
     Off, starting on a port already in use fails with a message naming the address."""
+    audit_signing_key_file: str | None = None
+    """Ed25519 private key (PEM, PKCS#8) governance signs audit checkpoints with
+    (`ARM_AUDIT_SIGNING_KEY_FILE`); unset, one is generated at `<data_dir>/audit-signing-key.pem`
+    (development only: the key must live outside the database's reach)."""
+    migrate_database_url: str | None = None
+    """URL `migrate` connects with, as the schema's owner (`ARM_<SERVICE>_MIGRATE_DATABASE_URL`,
+    then `ARM_MIGRATE_DATABASE_URL`); unset = `database_url`. When its PostgreSQL user differs
+    from `database_url`'s, migrate grants that (application) role only the DML the service needs."""
+    audit_checkpoint_interval_s: float = 300.0
+    """How often governance signs every tenant's moved chain head (`ARM_AUDIT_CHECKPOINT_INTERVAL_S`,
+    default 300; 0 = only on demand through CreateCheckpoint)."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -106,6 +117,8 @@ class ServiceConfig:
         default_db = f"sqlite+aiosqlite:///{data_dir}/{service}.db"
         listen_name = f"{prefix}LISTEN" if env.get(f"{prefix}LISTEN") else "ARM_LISTEN"
         db_name = f"{prefix}DATABASE_URL" if env.get(f"{prefix}DATABASE_URL") else "ARM_DATABASE_URL"
+        migrate_name = f"{prefix}MIGRATE_DATABASE_URL" if env.get(f"{prefix}MIGRATE_DATABASE_URL") \
+            else "ARM_MIGRATE_DATABASE_URL"
         listen = _address(env, listen_name, f"127.0.0.1:{DEFAULT_PORTS.get(service, 50051)}")
         assert listen is not None
         return cls(
@@ -124,4 +137,7 @@ class ServiceConfig:
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
             share_port=_bool(env, "ARM_SHARE_PORT", False),
+            audit_signing_key_file=env.get("ARM_AUDIT_SIGNING_KEY_FILE") or None,
+            migrate_database_url=_database_url(env, migrate_name, "") if env.get(migrate_name) else None,
+            audit_checkpoint_interval_s=_float(env, "ARM_AUDIT_CHECKPOINT_INTERVAL_S", 300.0),
         )

@@ -30,7 +30,12 @@ async def upgrade(db: Database, script_location: Path) -> None:
     cfg = alembic_config(script_location)
     if db.is_postgres and db.schema:
         async with db.engine.begin() as conn:
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"'))
+            # Only when missing: CREATE SCHEMA needs CREATE on the database even with IF NOT
+            # EXISTS, which an owner role given its schema by the administrator lacks.
+            exists = (await conn.execute(text("select 1 from pg_namespace where nspname = :s"),
+                                         {"s": db.schema})).first()
+            if exists is None:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"'))
     async with db.engine.begin() as conn:
         def run(sync_conn: Any) -> None:
             cfg.attributes["connection"] = sync_conn

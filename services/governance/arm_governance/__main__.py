@@ -7,7 +7,8 @@ from __future__ import annotations
 from arm_common import cli
 from arm_governance import app
 
-COMMANDS = cli.ServiceCommands("governance", app.database, app.migrate, app.GovernanceComponent)
+COMMANDS = cli.ServiceCommands("governance", app.database, app.migrate, app.GovernanceComponent,
+                               narrower_privileges=app.RUNTIME_PRIVILEGES)
 
 if __name__ == "__main__":
     cli.run(COMMANDS)

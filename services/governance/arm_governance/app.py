@@ -16,7 +16,7 @@ from arm.governance.v1 import (
     deployments_pb2_grpc,
     policy_pb2_grpc,
 )
-from arm_common import migrations
+from arm_common import migrations, roles
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.event_feed import OpEventForwarder
@@ -29,6 +29,7 @@ from arm_governance.agents import AgentDirectory
 from arm_governance.approvals import ApprovalStore, ApprovalSweeper
 from arm_governance.audit import AuditTrail
 from arm_governance.audit_service import AuditServicer
+from arm_governance.checkpointing import Checkpoints, load_signing_key
 from arm_governance.decision_log import DecisionLog
 from arm_governance.decisions import Approvals, Decider, SpendBook
 from arm_governance.deployments import DeploymentStore
@@ -44,6 +45,11 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
             "arm.governance.v1.ApprovalService", "arm.governance.v1.DeploymentService",
             "arm.governance.v1.AuditService"]
+
+# What the application role may do to the audit tables (every other table: full DML). Without
+# UPDATE or DELETE, and owning nothing, it can neither edit records nor touch the triggers.
+RUNTIME_PRIVILEGES = {"change_records": "SELECT, INSERT", "audit_checkpoints": "SELECT, INSERT",
+                      "change_record_heads": "SELECT, INSERT, UPDATE"}
 
 
 def database(config: ServiceConfig) -> Database:
@@ -70,6 +76,7 @@ class GovernanceComponent:
         self.cache = PolicyCache(db, self.changes)
         self.spend = SpendBook(db)
         self.audit = AuditTrail(db)
+        self.checkpoints = Checkpoints(self.audit, load_signing_key(config), config.audit_checkpoint_interval_s)
         # Governance's own change records go to its audit trail. opEvents go to telemetry's
         # IngestEvents when ARM_TELEMETRY_ADDRESS is set (or the all-in-one server passes
         # `op_events`); otherwise they wait in the outbox until it is.
@@ -106,11 +113,12 @@ class GovernanceComponent:
             ApprovalServicer(self.db, self.approvals, self.agents, registry, self.relays), server)
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
             DeploymentServicer(self.db, DeploymentStore(self.approvals), registry, self.relays), server)
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, self.checkpoints), server)
         return list(SERVICES)
 
     async def start(self) -> None:
         await migrations.check_at_head(self.db, MIGRATIONS, "governance")
+        await roles.warn_if_privileged(self.db, "change_records")
         await self.changes.start()
         queue = self.changes.subscribe()
 
@@ -131,6 +139,7 @@ class GovernanceComponent:
             await relay.start()
         await self.housekeeping.start()
         await self.sweeper.start()
+        await self.checkpoints.start()
         assert self.agents is not None
         await self.agents.start()
 
@@ -143,6 +152,7 @@ class GovernanceComponent:
     async def stop(self) -> None:
         if self.agents:
             await self.agents.stop()
+        await self.checkpoints.stop()
         await self.sweeper.stop()
         await self.housekeeping.stop()
         for relay in self.relays:

@@ -5,20 +5,20 @@ hash-chained per tenant, read back, verified and exported. The chain format is
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
 from google.protobuf import json_format
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_common.canonical import canonical_json
-from arm_common.chain import ChainReport, ChainVerifier, raise_on_rejected, record_hash
+from arm_common.chain import SEQUENCE_GAP, Anchor, ChainReport, ChainVerifier, raise_on_rejected, record_hash
 from arm_common.db import Database
 from arm_common.errors import NotFound
 from arm_common.messages import struct, ts
@@ -255,15 +255,30 @@ class AuditTrail:
             yield batch
             after = batch[-1].sequence
 
-    async def verify(self, tenant: str) -> ChainReport:
+    async def verify(self, tenant: str, anchors: Iterable[Anchor] = ()) -> ChainReport:
         """Walks the trail up to the head as it was when the walk began (a head row and its
-        records commit together, so every record up to it is there unless removed)."""
-        verifier = ChainVerifier()
+        records commit together, so every record up to it is there unless removed), comparing
+        it with the anchors (verified checkpoints) given."""
+        verifier = ChainVerifier(anchors)
+        # Read before the head: records appended meanwhile move the head past it, so a stored
+        # record beyond the head means the head row was rewound to hide the records after it.
+        stored = await self.last_stored(tenant)
         upto = await self.head(tenant)
         async for batch in self.scan(tenant, upto=upto):
             for record in batch:
                 verifier.add(record)
-        return verifier.finish(upto)
+        report = verifier.finish(upto)
+        if stored > upto:
+            verifier.mark_broken(upto + 1, SEQUENCE_GAP, f"records up to sequence {stored} lie beyond the "
+                                 f"head row's sequence {upto}: the head was rewound")
+        return report
+
+    async def last_stored(self, tenant: str) -> int:
+        """The highest sequence number stored for the tenant (0 when none)."""
+        async def read(s: AsyncSession) -> int:
+            value = (await s.execute(select(func.max(M.sequence)).where(M.tenant_id == tenant))).scalar()
+            return int(value or 0)
+        return await self.db.read(read)
 
     async def deliver(self, messages: Sequence[OutboxMessage]) -> None:
         """Receiver of governance's own change-record outbox: appends locally, exactly once."""

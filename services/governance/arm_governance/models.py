@@ -244,3 +244,22 @@ class ChainHead(Base):
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_sequence: Mapped[int] = mapped_column(BigInteger)
     last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """Signed chain heads (see arm_common.checkpoints); append-only like the records. Kept here
+    for ListCheckpoints and VerifyChain; auditors keep copies outside the database, which is
+    what makes them an anchor."""
+
+    __tablename__ = "audit_checkpoints"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    sign_time: Mapped[datetime]
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    tree_root: Mapped[str] = mapped_column(String(64))
+    tree_state: Mapped[str] = mapped_column(Text)
+    """The Merkle tree builder's state at `sequence` (JSON, arm_common.merkle.TreeBuilder.state):
+    the next checkpoint's root is computed from it and the records since. Not signed; trusted
+    only when its root equals the signed tree_root."""

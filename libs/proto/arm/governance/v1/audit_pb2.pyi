@@ -65,6 +65,13 @@ class _ChainBreakEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChainBreak
     """The record's prev_hash does not match the previous record's hash."""
     CHAIN_BREAK_SEQUENCE_GAP: _ChainBreak.ValueType  # 3
     """A sequence number is missing or repeated."""
+    CHAIN_BREAK_CHECKPOINT_MISMATCH: _ChainBreak.ValueType  # 4
+    """The history disagrees with a signed checkpoint: the record at the checkpoint's sequence has
+    another hash than the one signed, or the trail ends before it. Some record at or before
+    that sequence (and after the last checkpoint that agrees) was edited, deleted or re-hashed.
+    """
+    CHAIN_BREAK_CHECKPOINT_INVALID: _ChainBreak.ValueType  # 5
+    """A stored checkpoint's signature does not verify with the key it names: it was forged."""
 
 class ChainBreak(_ChainBreak, metaclass=_ChainBreakEnumTypeWrapper):
     """Why the hash chain is broken at a record."""
@@ -77,7 +84,69 @@ CHAIN_BREAK_PREV_HASH_MISMATCH: ChainBreak.ValueType  # 2
 """The record's prev_hash does not match the previous record's hash."""
 CHAIN_BREAK_SEQUENCE_GAP: ChainBreak.ValueType  # 3
 """A sequence number is missing or repeated."""
+CHAIN_BREAK_CHECKPOINT_MISMATCH: ChainBreak.ValueType  # 4
+"""The history disagrees with a signed checkpoint: the record at the checkpoint's sequence has
+another hash than the one signed, or the trail ends before it. Some record at or before
+that sequence (and after the last checkpoint that agrees) was edited, deleted or re-hashed.
+"""
+CHAIN_BREAK_CHECKPOINT_INVALID: ChainBreak.ValueType  # 5
+"""A stored checkpoint's signature does not verify with the key it names: it was forged."""
 Global___ChainBreak: _TypeAlias = ChainBreak  # noqa: Y015
+
+@_typing.final
+class AuditCheckpoint(_message.Message):
+    """A signed statement that a tenant's trail held `sequence` records ending in `head_hash` at
+    `sign_time`. The signature is Ed25519 over the UTF-8 bytes of
+    "arm-audit-checkpoint/v1\\n" followed by the canonical JSON (keys sorted, no spaces) of
+    {"head_hash", "key_id", "sequence", "sign_time", "tenant_id", "tree_root"}, with sign_time as RFC 3339 UTC
+    with microseconds ("2026-01-02T03:04:05.000006Z"); see arm_common.checkpoints.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    SIGN_TIME_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    TREE_ROOT_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant whose trail is signed."""
+    sequence: _builtins.int
+    """The sequence number of the last record covered (at least 1)."""
+    head_hash: _builtins.str
+    """The hash of that record (the chain head when signed)."""
+    key_id: _builtins.str
+    """Identifies the signing key: the first 16 hex digits of the SHA-256 of its 32-byte public key."""
+    signature: _builtins.bytes
+    """The 64-byte Ed25519 signature."""
+    tree_root: _builtins.str
+    """The Merkle tree hash (RFC 9162 §2.1, lowercase hex) over records 1..sequence, each leaf the
+    32 bytes of a record's hash: what GetInclusionProof and GetConsistencyProof prove against.
+    """
+    @_builtins.property
+    def sign_time(self) -> _timestamp_pb2.Timestamp:
+        """When governance signed it."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        head_hash: _builtins.str = ...,
+        sign_time: _timestamp_pb2.Timestamp | None = ...,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        tree_root: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sign_time", b"sign_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_hash", b"head_hash", "key_id", b"key_id", "sequence", b"sequence", "sign_time", b"sign_time", "signature", b"signature", "tenant_id", b"tenant_id", "tree_root", b"tree_root"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditCheckpoint: _TypeAlias = AuditCheckpoint  # noqa: Y015
 
 @_typing.final
 class ChangeRecordFilter(_message.Message):
@@ -343,12 +412,23 @@ class VerifyChainRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditCheckpoint]:
+        """Checkpoints kept by the caller (from ListCheckpoints), checked in addition to the stored
+        ones; empty = only the stored ones. Each must be the caller's tenant's, signed by the
+        current signing key, with a valid signature; otherwise INVALID_ARGUMENT naming it. At most
+        10000.
+        """
+
     def __init__(
         self,
+        *,
+        checkpoints: _abc.Iterable[Global___AuditCheckpoint] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,12 +447,17 @@ class VerifyChainResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     LAST_HASH_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_CHECKED_FIELD_NUMBER: _builtins.int
+    LAST_CHECKPOINT_SEQUENCE_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """Whether every link of the chain is intact."""
     records_checked: _builtins.int
     """Records checked."""
     first_broken_sequence: _builtins.int
-    """Sequence number of the first broken record; 0 when ok."""
+    """Sequence number of the first broken record; 0 when ok. For CHECKPOINT_MISMATCH and
+    CHECKPOINT_INVALID, the sequence of the checkpoint concerned (message says between which
+    sequences the tampered record lies).
+    """
     reason: Global___ChainBreak.ValueType
     """Why it is broken; UNSPECIFIED when ok."""
     message: _builtins.str
@@ -381,6 +466,10 @@ class VerifyChainResponse(_message.Message):
     """Sequence number of the tenant's last record."""
     last_hash: _builtins.str
     """Hash of the tenant's last record (the chain head)."""
+    checkpoints_checked: _builtins.int
+    """Checkpoints (given and stored, signature verified) the history was compared with."""
+    last_checkpoint_sequence: _builtins.int
+    """The highest sequence a compared checkpoint covers; 0 when none was compared."""
     def __init__(
         self,
         *,
@@ -391,10 +480,12 @@ class VerifyChainResponse(_message.Message):
         message: _builtins.str = ...,
         last_sequence: _builtins.int = ...,
         last_hash: _builtins.str = ...,
+        checkpoints_checked: _builtins.int = ...,
+        last_checkpoint_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_broken_sequence", b"first_broken_sequence", "last_hash", b"last_hash", "last_sequence", b"last_sequence", "message", b"message", "ok", b"ok", "reason", b"reason", "records_checked", b"records_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_checked", b"checkpoints_checked", "first_broken_sequence", b"first_broken_sequence", "last_checkpoint_sequence", b"last_checkpoint_sequence", "last_hash", b"last_hash", "last_sequence", b"last_sequence", "message", b"message", "ok", b"ok", "reason", b"reason", "records_checked", b"records_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -449,3 +540,269 @@ class ExportChangeRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportChangeRecordsResponse: _TypeAlias = ExportChangeRecordsResponse  # noqa: Y015
+
+@_typing.final
+class CreateCheckpointRequest(_message.Message):
+    """Request of CreateCheckpoint; the tenant is the caller's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCheckpointRequest: _TypeAlias = CreateCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class CreateCheckpointResponse(_message.Message):
+    """Response of CreateCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """True when signed by this call; false when the head had not moved since that checkpoint."""
+    @_builtins.property
+    def checkpoint(self) -> Global___AuditCheckpoint:
+        """The checkpoint of the current head."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint: Global___AuditCheckpoint | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "created", b"created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCheckpointResponse: _TypeAlias = CreateCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    """Request of ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results; 0 = server default, capped; negative is INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """Token from a previous response; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    """Response of ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty at the end."""
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditCheckpoint]:
+        """The page of checkpoints, in sequence order (then key id)."""
+
+    def __init__(
+        self,
+        *,
+        checkpoints: _abc.Iterable[Global___AuditCheckpoint] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class GetAuditSigningKeyRequest(_message.Message):
+    """Request of GetAuditSigningKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditSigningKeyRequest: _TypeAlias = GetAuditSigningKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetAuditSigningKeyResponse(_message.Message):
+    """Response of GetAuditSigningKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
+    algorithm: _builtins.str
+    """Always "Ed25519"."""
+    key_id: _builtins.str
+    """The key id checkpoints name (see AuditCheckpoint.key_id)."""
+    public_key: _builtins.bytes
+    """The 32-byte raw public key."""
+    public_key_pem: _builtins.str
+    """The same key as a PEM SubjectPublicKeyInfo, for the offline verifier."""
+    def __init__(
+        self,
+        *,
+        algorithm: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        public_key_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "key_id", b"key_id", "public_key", b"public_key", "public_key_pem", b"public_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditSigningKeyResponse: _TypeAlias = GetAuditSigningKeyResponse  # noqa: Y015
+
+@_typing.final
+class GetInclusionProofRequest(_message.Message):
+    """Request of GetInclusionProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    record_id: _builtins.str
+    """The record to prove."""
+    tree_size: _builtins.int
+    """Size of the tree to prove it in: a checkpoint's sequence, at least the record's sequence and
+    at most the current head; otherwise INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        record_id: _builtins.str = ...,
+        tree_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_id", b"record_id", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInclusionProofRequest: _TypeAlias = GetInclusionProofRequest  # noqa: Y015
+
+@_typing.final
+class GetInclusionProofResponse(_message.Message):
+    """Response of GetInclusionProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    leaf_index: _builtins.int
+    """The record's leaf index: its sequence - 1."""
+    tree_size: _builtins.int
+    """The tree size proved against."""
+    @_builtins.property
+    def record(self) -> _common_pb2.ChangeRecord:
+        """The record (recompute its hash from its content: the leaf is that hash)."""
+
+    @_builtins.property
+    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The inclusion path, lowercase hex hashes, leaf to root (RFC 9162 §2.1.3)."""
+
+    def __init__(
+        self,
+        *,
+        record: _common_pb2.ChangeRecord | None = ...,
+        leaf_index: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+        proof: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_index", b"leaf_index", "proof", b"proof", "record", b"record", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInclusionProofResponse: _TypeAlias = GetInclusionProofResponse  # noqa: Y015
+
+@_typing.final
+class GetConsistencyProofRequest(_message.Message):
+    """Request of GetConsistencyProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SIZE_FIELD_NUMBER: _builtins.int
+    SECOND_SIZE_FIELD_NUMBER: _builtins.int
+    first_size: _builtins.int
+    """Size of the earlier tree (an earlier checkpoint's sequence), at least 1."""
+    second_size: _builtins.int
+    """Size of the later tree, at least first_size and at most the current head."""
+    def __init__(
+        self,
+        *,
+        first_size: _builtins.int = ...,
+        second_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_size", b"first_size", "second_size", b"second_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsistencyProofRequest: _TypeAlias = GetConsistencyProofRequest  # noqa: Y015
+
+@_typing.final
+class GetConsistencyProofResponse(_message.Message):
+    """Response of GetConsistencyProof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROOF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The consistency proof, lowercase hex hashes (RFC 9162 §2.1.4); empty when the sizes are equal."""
+
+    def __init__(
+        self,
+        *,
+        proof: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsistencyProofResponse: _TypeAlias = GetConsistencyProofResponse  # noqa: Y015

@@ -60,6 +60,31 @@ class AuditServiceStub:
                 request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.ExportChangeRecordsRequest.SerializeToString,
                 response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.ExportChangeRecordsResponse.FromString,
                 _registered_method=True)
+        self.CreateCheckpoint = channel.unary_unary(
+                '/arm.governance.v1.AuditService/CreateCheckpoint',
+                request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.CreateCheckpointRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.CreateCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/arm.governance.v1.AuditService/ListCheckpoints',
+                request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.GetAuditSigningKey = channel.unary_unary(
+                '/arm.governance.v1.AuditService/GetAuditSigningKey',
+                request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyResponse.FromString,
+                _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/arm.governance.v1.AuditService/GetInclusionProof',
+                request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/arm.governance.v1.AuditService/GetConsistencyProof',
+                request_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -89,7 +114,10 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def VerifyChain(self, request, context):
-        """Recomputes the caller's tenant's hash chain and reports the first broken link.
+        """Recomputes the caller's tenant's hash chain and reports the first broken link, comparing the
+        history with every checkpoint given in the request and every checkpoint stored: a record
+        edited, deleted or re-hashed at or before a checkpoint's sequence is reported even when all
+        following hashes and the head were recomputed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +125,49 @@ class AuditServiceServicer:
 
     def ExportChangeRecords(self, request, context):
         """Streams matching change records as JSON lines, in sequence order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCheckpoint(self, request, context):
+        """Signs the caller's tenant's current chain head now (governance also does so at intervals),
+        after checking the records appended since the previous checkpoint link up to it. Needs
+        audit:write. Idempotent: when the head has not moved since the last checkpoint signed with
+        the current key, that checkpoint is returned (created = false). FAILED_PRECONDITION when the
+        trail is empty (EMPTY_TRAIL) or its records since the previous checkpoint do not verify
+        (CHAIN_BROKEN: nothing is signed over a broken chain).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Lists the caller's tenant's checkpoints in sequence order, for auditors to keep outside ARM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditSigningKey(self, request, context):
+        """Returns the public key that verifies checkpoints (Ed25519), for verifiers outside ARM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+        signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+        trail being exported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """Proves the trail of `second_size` records extends the trail of `first_size` records
+        unchanged (check against the two checkpoints' tree_roots).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +200,31 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ExportChangeRecords,
                     request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.ExportChangeRecordsRequest.FromString,
                     response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.ExportChangeRecordsResponse.SerializeToString,
+            ),
+            'CreateCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCheckpoint,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.CreateCheckpointRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.CreateCheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'GetAuditSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditSigningKey,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyResponse.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofResponse.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +363,141 @@ class AuditService:
             '/arm.governance.v1.AuditService/ExportChangeRecords',
             arm_dot_governance_dot_v1_dot_audit__pb2.ExportChangeRecordsRequest.SerializeToString,
             arm_dot_governance_dot_v1_dot_audit__pb2.ExportChangeRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.AuditService/CreateCheckpoint',
+            arm_dot_governance_dot_v1_dot_audit__pb2.CreateCheckpointRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_audit__pb2.CreateCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.AuditService/ListCheckpoints',
+            arm_dot_governance_dot_v1_dot_audit__pb2.ListCheckpointsRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_audit__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.AuditService/GetAuditSigningKey',
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetAuditSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.AuditService/GetInclusionProof',
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.AuditService/GetConsistencyProof',
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,9 +44,34 @@ class AuditServiceStub:
     ListChangeRecords: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListChangeRecordsRequest, _audit_pb2.ListChangeRecordsResponse]
     """Lists change records, filtered and paginated."""
     VerifyChain: _grpc.UnaryUnaryMultiCallable[_audit_pb2.VerifyChainRequest, _audit_pb2.VerifyChainResponse]
-    """Recomputes the caller's tenant's hash chain and reports the first broken link."""
+    """Recomputes the caller's tenant's hash chain and reports the first broken link, comparing the
+    history with every checkpoint given in the request and every checkpoint stored: a record
+    edited, deleted or re-hashed at or before a checkpoint's sequence is reported even when all
+    following hashes and the head were recomputed.
+    """
     ExportChangeRecords: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportChangeRecordsRequest, _audit_pb2.ExportChangeRecordsResponse]
     """Streams matching change records as JSON lines, in sequence order."""
+    CreateCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.CreateCheckpointRequest, _audit_pb2.CreateCheckpointResponse]
+    """Signs the caller's tenant's current chain head now (governance also does so at intervals),
+    after checking the records appended since the previous checkpoint link up to it. Needs
+    audit:write. Idempotent: when the head has not moved since the last checkpoint signed with
+    the current key, that checkpoint is returned (created = false). FAILED_PRECONDITION when the
+    trail is empty (EMPTY_TRAIL) or its records since the previous checkpoint do not verify
+    (CHAIN_BROKEN: nothing is signed over a broken chain).
+    """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListCheckpointsRequest, _audit_pb2.ListCheckpointsResponse]
+    """Lists the caller's tenant's checkpoints in sequence order, for auditors to keep outside ARM."""
+    GetAuditSigningKey: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetAuditSigningKeyRequest, _audit_pb2.GetAuditSigningKeyResponse]
+    """Returns the public key that verifies checkpoints (Ed25519), for verifiers outside ARM."""
+    GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]
+    """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+    signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+    trail being exported.
+    """
+    GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.GetConsistencyProofResponse]
+    """Proves the trail of `second_size` records extends the trail of `first_size` records
+    unchanged (check against the two checkpoints' tree_roots).
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -62,9 +87,34 @@ class AuditServiceAsyncStub(AuditServiceStub):
     ListChangeRecords: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListChangeRecordsRequest, _audit_pb2.ListChangeRecordsResponse]  # type: ignore[assignment]
     """Lists change records, filtered and paginated."""
     VerifyChain: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyChainRequest, _audit_pb2.VerifyChainResponse]  # type: ignore[assignment]
-    """Recomputes the caller's tenant's hash chain and reports the first broken link."""
+    """Recomputes the caller's tenant's hash chain and reports the first broken link, comparing the
+    history with every checkpoint given in the request and every checkpoint stored: a record
+    edited, deleted or re-hashed at or before a checkpoint's sequence is reported even when all
+    following hashes and the head were recomputed.
+    """
     ExportChangeRecords: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportChangeRecordsRequest, _audit_pb2.ExportChangeRecordsResponse]  # type: ignore[assignment]
     """Streams matching change records as JSON lines, in sequence order."""
+    CreateCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.CreateCheckpointRequest, _audit_pb2.CreateCheckpointResponse]  # type: ignore[assignment]
+    """Signs the caller's tenant's current chain head now (governance also does so at intervals),
+    after checking the records appended since the previous checkpoint link up to it. Needs
+    audit:write. Idempotent: when the head has not moved since the last checkpoint signed with
+    the current key, that checkpoint is returned (created = false). FAILED_PRECONDITION when the
+    trail is empty (EMPTY_TRAIL) or its records since the previous checkpoint do not verify
+    (CHAIN_BROKEN: nothing is signed over a broken chain).
+    """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListCheckpointsRequest, _audit_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """Lists the caller's tenant's checkpoints in sequence order, for auditors to keep outside ARM."""
+    GetAuditSigningKey: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetAuditSigningKeyRequest, _audit_pb2.GetAuditSigningKeyResponse]  # type: ignore[assignment]
+    """Returns the public key that verifies checkpoints (Ed25519), for verifiers outside ARM."""
+    GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]  # type: ignore[assignment]
+    """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+    signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+    trail being exported.
+    """
+    GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.GetConsistencyProofResponse]  # type: ignore[assignment]
+    """Proves the trail of `second_size` records extends the trail of `first_size` records
+    unchanged (check against the two checkpoints' tree_roots).
+    """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """Appends, reads, verifies and exports change records."""
@@ -101,7 +151,11 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.VerifyChainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.VerifyChainResponse, _abc.Awaitable[_audit_pb2.VerifyChainResponse]]:
-        """Recomputes the caller's tenant's hash chain and reports the first broken link."""
+        """Recomputes the caller's tenant's hash chain and reports the first broken link, comparing the
+        history with every checkpoint given in the request and every checkpoint stored: a record
+        edited, deleted or re-hashed at or before a checkpoint's sequence is reported even when all
+        following hashes and the head were recomputed.
+        """
 
     @_abc_1.abstractmethod
     def ExportChangeRecords(
@@ -110,5 +164,56 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportChangeRecordsResponse], _abc.AsyncIterator[_audit_pb2.ExportChangeRecordsResponse]]:
         """Streams matching change records as JSON lines, in sequence order."""
+
+    @_abc_1.abstractmethod
+    def CreateCheckpoint(
+        self,
+        request: _audit_pb2.CreateCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.CreateCheckpointResponse, _abc.Awaitable[_audit_pb2.CreateCheckpointResponse]]:
+        """Signs the caller's tenant's current chain head now (governance also does so at intervals),
+        after checking the records appended since the previous checkpoint link up to it. Needs
+        audit:write. Idempotent: when the head has not moved since the last checkpoint signed with
+        the current key, that checkpoint is returned (created = false). FAILED_PRECONDITION when the
+        trail is empty (EMPTY_TRAIL) or its records since the previous checkpoint do not verify
+        (CHAIN_BROKEN: nothing is signed over a broken chain).
+        """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _audit_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListCheckpointsResponse, _abc.Awaitable[_audit_pb2.ListCheckpointsResponse]]:
+        """Lists the caller's tenant's checkpoints in sequence order, for auditors to keep outside ARM."""
+
+    @_abc_1.abstractmethod
+    def GetAuditSigningKey(
+        self,
+        request: _audit_pb2.GetAuditSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetAuditSigningKeyResponse, _abc.Awaitable[_audit_pb2.GetAuditSigningKeyResponse]]:
+        """Returns the public key that verifies checkpoints (Ed25519), for verifiers outside ARM."""
+
+    @_abc_1.abstractmethod
+    def GetInclusionProof(
+        self,
+        request: _audit_pb2.GetInclusionProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetInclusionProofResponse, _abc.Awaitable[_audit_pb2.GetInclusionProofResponse]]:
+        """Proves one record is in the caller's tenant's trail as a checkpoint of `tree_size` records
+        signed it (check against that checkpoint's tree_root; see arm_common.merkle), without the
+        trail being exported.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConsistencyProof(
+        self,
+        request: _audit_pb2.GetConsistencyProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetConsistencyProofResponse, _abc.Awaitable[_audit_pb2.GetConsistencyProofResponse]]:
+        """Proves the trail of `second_size` records extends the trail of `first_size` records
+        unchanged (check against the two checkpoints' tree_roots).
+        """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
