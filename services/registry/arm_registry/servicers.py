@@ -323,7 +323,8 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
                 elif every_tenant or notice.get("t") == p.tenant_id:
                     change = compat_pb2.AgentChange(
                         kind=notice["k"], tenant_id=notice["t"], instance_id=notice["i"],
-                        version_id=notice["v"], legacy_agent_id=notice["l"])
+                        version_id=notice["v"], legacy_agent_id=notice["l"],
+                        api_key_id=notice.get("a", ""), operator_id=notice.get("o", ""))
                 else:
                     continue
                 yield compat_pb2.WatchAgentChangesResponse(change=change)

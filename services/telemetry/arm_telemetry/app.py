@@ -149,14 +149,20 @@ class TelemetryComponent:
         assert self.backfills is not None and self.resolver is not None
         await self.resolver.start()
         await self.backfills.resume_all()
+        if self.authenticator is not None:
+            await self.authenticator.start(self.config.service_api_key)
 
     async def draining(self) -> None:
         # The agent-change feed is a call that never ends by itself; in the all-in-one server it
         # is served by this very server, whose graceful stop would wait for it.
         if self.resolver is not None:
             await self.resolver.stop()
+        if self.authenticator is not None:
+            await self.authenticator.stop()
 
     async def stop(self) -> None:
+        if self.authenticator is not None:
+            await self.authenticator.stop()
         if self.resolver is not None:
             await self.resolver.stop()
         if self.backfills is not None:
