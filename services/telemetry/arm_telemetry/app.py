@@ -24,7 +24,7 @@ from arm_telemetry.backfill import Backfills
 from arm_telemetry.ingest import TOPIC_SPEND, EventWriter
 from arm_telemetry.models import IDEMPOTENCY, OUTBOX
 from arm_telemetry.queries import EventReader
-from arm_telemetry.references import ReferenceResolver
+from arm_telemetry.references import ReferenceChecker, ReferenceResolver
 from arm_telemetry.retention import Retention
 from arm_telemetry.servicers import TelemetryServicer
 from arm_telemetry.spend import SpendReporter
@@ -134,7 +134,8 @@ class TelemetryComponent:
                                    pause_s=self.settings.backfill_pause_s)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(self.db, self.writer, self.reader, self.resolver, self.backfills,
-                              self.retention_period), server)
+                              self.retention_period,
+                              ReferenceChecker(self.channel, self.config.service_api_key)), server)
         return list(SERVICES)
 
     async def start(self) -> None:

@@ -15,7 +15,7 @@ from arm.telemetry.v1 import events_pb2, telemetry_pb2, telemetry_pb2_grpc
 from arm_common import validation as val
 from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
+from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Unavailable, Violations
 from arm_common.idempotency import request_hash, run_idempotent
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
@@ -23,7 +23,7 @@ from arm_telemetry import ingest
 from arm_telemetry.backfill import Backfills
 from arm_telemetry.models import IDEMPOTENCY
 from arm_telemetry.queries import EventReader
-from arm_telemetry.references import ReferenceResolver
+from arm_telemetry.references import ReferenceChecker, ReferenceResolver, RegistryUnavailable
 
 _TYPES = set(events_pb2.OpEventType.values()) - {0}
 
@@ -55,8 +55,10 @@ def _check_filter(v: Violations, f: telemetry_pb2.EventFilter, prefix: str = "fi
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     def __init__(self, db: Database, writer: ingest.EventWriter, reader: EventReader,
-                 resolver: ReferenceResolver | None, backfills: Backfills, retention: timedelta) -> None:
+                 resolver: ReferenceResolver | None, backfills: Backfills, retention: timedelta,
+                 checker: ReferenceChecker | None = None) -> None:
         self.db = db
+        self.checker = checker
         self.writer = writer
         self.reader = reader
         self.resolver = resolver
@@ -72,7 +74,12 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         if len(events) > ingest.MAX_BATCH:
             raise InvalidArgument(f"a batch holds at most {ingest.MAX_BATCH} events", reason="BATCH_TOO_LARGE",
                                   violations=[FieldViolation("events", f"must hold at most {ingest.MAX_BATCH} events")])
-        rows, rejected = await ingest.prepare(events, p, self.retention, self.resolver, current_api_key())
+        try:
+            rows, rejected = await ingest.prepare(events, p, self.retention, self.resolver, current_api_key(),
+                                                  self.checker)
+        except RegistryUnavailable as exc:
+            raise Unavailable(f"the registry could not check the events' references: {exc}",
+                              reason="REGISTRY_UNAVAILABLE", retry_delay_s=1.0) from None
         remember = None
         if request is not None and request.request_id:
             def remember(accepted: int, duplicates: int) -> dict[str, Any]:
