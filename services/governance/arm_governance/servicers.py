@@ -442,6 +442,16 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             raise NotFound(f"no agent {getattr(e, kind)!r}", reason="AGENT_NOT_FOUND", metadata={kind: getattr(e, kind)})
         if p.is_agent and resolved.instance_id != p.actor_id:
             raise PermissionDenied("an agent key may only report its own spend", reason="NOT_YOUR_AGENT")
+        if e.instance_id and e.legacy_agent_id and resolved.legacy_agent_id != e.legacy_agent_id:
+            # Both named: the legacy id must be this instance's (and so the caller's tenant's).
+            other = await self.decider.agents.resolve(current_api_key(), p.tenant_id, "legacy_agent_id",
+                                                      e.legacy_agent_id)
+            if other is None:
+                raise NotFound(f"no agent {e.legacy_agent_id!r}", reason="AGENT_NOT_FOUND",
+                               metadata={"legacy_agent_id": e.legacy_agent_id})
+            raise InvalidArgument("entry.legacy_agent_id names another agent than entry.instance_id",
+                                  reason="AGENT_MISMATCH",
+                                  violations=[FieldViolation("entry.legacy_agent_id", "must be the instance's legacy id")])
         now = utcnow()
         occurred = e.occur_time.ToDatetime(tzinfo=now.tzinfo) if e.HasField("occur_time") else now
 

@@ -209,6 +209,8 @@ class DeploymentServicer(_Writes, deployments_pb2_grpc.DeploymentServiceServicer
         key = current_api_key()
         version = await self.registry.version(key, request.deployment.target_version_id)
         await self.registry.environment(key, request.deployment.environment_id)  # exists, in the tenant
+        if version.template_id != request.deployment.template_id:  # NOT_FOUND outside the tenant
+            await self.registry.template(key, request.deployment.template_id)
 
         async def write(s: AsyncSession) -> Any:
             return dpb.CreateDeploymentResponse(deployment=await self.store.create(s, p, request, version))
@@ -242,7 +244,13 @@ class DeploymentServicer(_Writes, deployments_pb2_grpc.DeploymentServiceServicer
         require_somewhere(p, "deployments:activate")
 
         async def environment_id(s: AsyncSession) -> str:
-            return (await self.store.row(s, p.tenant_id, request.deployment_id)).environment_id
+            row = await self.store.row(s, p.tenant_id, request.deployment_id)
+            if request.approval_id:  # named: must be an approval of the caller's tenant
+                a = models.Approval
+                if (await s.execute(select(a.id).where(a.id == request.approval_id,
+                                                       a.tenant_id == p.tenant_id))).first() is None:
+                    raise NotFound.of("approval", request.approval_id)
+            return row.environment_id
 
         env = await self.registry.environment(current_api_key(), await self.db.read(environment_id))
 
