@@ -280,7 +280,8 @@ async def test_an_event_naming_another_tenants_id_is_rejected_and_not_stored(
         sides: tuple[Side, Side], column: str, reason: str, a_id: Callable[[Side], str]) -> None:
     a, b = sides
     run = f"x-{secrets.token_hex(4)}"
-    mine, theirs = event(run_id=run), event(run_id=run, **{column: a_id(a)})
+    mine, theirs = event(run_id=run), event(run_id=run)
+    setattr(theirs, column, a_id(a))
     for send in ("unary", "stream"):
         mine.event_id, theirs.event_id = f"m-{secrets.token_hex(4)}", f"t-{secrets.token_hex(4)}"
         if send == "unary":
