@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 
 from arm.governance.v1 import policy_pb2
-from arm.registry.v1 import access_pb2, tenancy_pb2
+from arm.registry.v1 import access_pb2, agents_pb2, compat_pb2, tenancy_pb2
 from arm.telemetry.v1 import telemetry_pb2
 from arm_client import ArmClient
 from arm_governance import app as governance_app
@@ -32,7 +32,7 @@ from tests.conftest import (
     stop_governance,
     stop_registry,
 )
-from tests.helpers import expect_failure, failure, operator_key, refused_within
+from tests.helpers import approved_version, expect_failure, failure, operator_key, refused_within
 from tests.telemetry.conftest import TelemetryServer, start_telemetry, stop_telemetry
 
 LONG_TTL = {"ARM_AUTH_CACHE_TTL_S": "60"}
@@ -252,3 +252,20 @@ async def test_a_revocation_reaches_another_registry_process(stack: Stack, tenan
         await via_replica.close()
     finally:
         await stop_registry(replica, drop=False)
+
+
+async def test_a_tenant_watcher_does_not_hear_key_and_operator_changes(stack: Stack, tenant_ctx: TenantContext) -> None:
+    """Key ids and operator changes are for the services' auth caches (tenants:admin) only: a
+    tenant's own watcher gets the next agent change without them in between."""
+    agents = await approved_version(tenant_ctx.admin)
+    op_id, key = await operator_key(tenant_ctx.admin, "auditor")
+    stream = tenant_ctx.admin.compat.WatchAgentChanges(compat_pb2.WatchAgentChangesRequest())
+    assert (await stream.read()).change.kind == compat_pb2.AGENT_CHANGE_KIND_RESET
+    keys = await tenant_ctx.admin.access.ListApiKeys(access_pb2.ListApiKeysRequest(operator_id=op_id))
+    await tenant_ctx.admin.access.RevokeApiKey(access_pb2.RevokeApiKeyRequest(id=keys.api_keys[0].id))
+    await tenant_ctx.admin.access.UpdateOperator(access_pb2.UpdateOperatorRequest(id=op_id, active=False))
+    inst = (await tenant_ctx.admin.agents.CreateAgentInstance(agents_pb2.CreateAgentInstanceRequest(
+        version_id=agents.version.id, environment_id=agents.environment.id, name="w"))).agent_instance
+    change = (await stream.read()).change
+    assert (change.kind, change.instance_id) == (compat_pb2.AGENT_CHANGE_KIND_INSTANCE, inst.id), change
+    stream.cancel()

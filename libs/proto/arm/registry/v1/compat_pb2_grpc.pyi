@@ -47,7 +47,8 @@ class CompatServiceStub:
     """Streams changes to what ResolveAgentRef and AccessService.Authenticate return (instances,
     versions, tenants, API keys, operators), so callers can cache resolutions and principals and
     drop them on change. The first message is a RESET. Changes of every
-    tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+    tenant for holders of `tenants:admin` (services), else of the caller's tenant only and
+    without API_KEY and OPERATOR changes.
     """
 
 @_typing.type_check_only
@@ -67,7 +68,8 @@ class CompatServiceAsyncStub(CompatServiceStub):
     """Streams changes to what ResolveAgentRef and AccessService.Authenticate return (instances,
     versions, tenants, API keys, operators), so callers can cache resolutions and principals and
     drop them on change. The first message is a RESET. Changes of every
-    tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+    tenant for holders of `tenants:admin` (services), else of the caller's tenant only and
+    without API_KEY and OPERATOR changes.
     """
 
 class CompatServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -108,7 +110,8 @@ class CompatServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams changes to what ResolveAgentRef and AccessService.Authenticate return (instances,
         versions, tenants, API keys, operators), so callers can cache resolutions and principals and
         drop them on change. The first message is a RESET. Changes of every
-        tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+        tenant for holders of `tenants:admin` (services), else of the caller's tenant only and
+        without API_KEY and OPERATOR changes.
         """
 
 def add_CompatServiceServicer_to_server(servicer: CompatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
