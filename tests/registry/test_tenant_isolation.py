@@ -364,6 +364,18 @@ MUTATIONS: list[tuple[str, Mutation, str]] = [
                                                        project_id=a.project.id,
                                                        environment_id=b.environment.id)),
      "ENVIRONMENT_NOT_FOUND"),
+    ("RebindAgentInstances(template of B)", lambda c, a, b: c.agents.RebindAgentInstances(
+        agents_pb2.RebindAgentInstancesRequest(template_id=b.template.id, environment_id=a.environment.id,
+                                               version_id=a.version.id, reason="x")),
+     "AGENT_TEMPLATE_NOT_FOUND"),
+    ("RebindAgentInstances(version of B)", lambda c, a, b: c.agents.RebindAgentInstances(
+        agents_pb2.RebindAgentInstancesRequest(template_id=a.template.id, environment_id=a.environment.id,
+                                               version_id=b.version.id, reason="x")),
+     "AGENT_VERSION_NOT_FOUND"),
+    ("RebindAgentInstances(environment of B)", lambda c, a, b: c.agents.RebindAgentInstances(
+        agents_pb2.RebindAgentInstancesRequest(template_id=a.template.id, environment_id=b.environment.id,
+                                               version_id=a.version.id, reason="x")),
+     "ENVIRONMENT_NOT_FOUND"),
 ]
 
 

@@ -431,6 +431,8 @@ class Agents:
                     or p.has("deployments:write", project_id=ver.project_id, environment_id=env.id)):
                 p.require("registry:write", project_id=ver.project_id)
             if ver.template_id != request.template_id:
+                # NOT_FOUND for a template outside the caller's tenant, like any other id.
+                await self.store.get(s, models.AgentTemplate, request.template_id, p.tenant_id, "agent_template")
                 raise InvalidArgument("the version belongs to another template", reason="INVALID_FIELDS",
                                       violations=[FieldViolation("version_id", "must be a version of template_id")])
             if ver.state not in ("APPROVED", "DEPRECATED"):
