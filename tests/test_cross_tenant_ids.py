@@ -58,7 +58,8 @@ async def build_side(registry: RegistryServer, governance: GovernanceServer, tel
     gov, tel = governance.client(ctx.admin_key), telemetry.client(ctx.admin_key)
     agents = await approved_version(ctx.admin)
     inst = (await ctx.admin.agents.CreateAgentInstance(agents_pb2.CreateAgentInstanceRequest(
-        version_id=agents.version.id, environment_id=agents.environment.id, name="x"))).agent_instance
+        version_id=agents.version.id, environment_id=agents.environment.id, name="x",
+        legacy_agent_id=f"mc-{secrets.token_hex(4)}"))).agent_instance
     env = (await gov.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(envelope=policy_pb2.PolicyEnvelope(
         name=f"p-{secrets.token_hex(3)}", scope=PROJECT, scope_id=agents.project.id,
         mode=policy_pb2.POLICY_MODE_ENFORCE)))).envelope
@@ -108,9 +109,10 @@ async def first(stream: Any) -> Any:
     return None
 
 
-def spend(instance_id: str) -> decision_pb2.ReportSpendRequest:
+def spend(instance_id: str, legacy_agent_id: str = "") -> decision_pb2.ReportSpendRequest:
     return decision_pb2.ReportSpendRequest(entry=decision_pb2.SpendEntry(
-        instance_id=instance_id, amount_usd=0.5, idempotency_key=f"k-{secrets.token_hex(4)}"))
+        instance_id=instance_id, legacy_agent_id=legacy_agent_id, amount_usd=0.5,
+        idempotency_key=f"k-{secrets.token_hex(4)}"))
 
 
 def approval(**kw: Any) -> apb.RequestApprovalRequest:
@@ -179,6 +181,11 @@ ROWS: list[tuple[str, Call, Callable[[Side], str]]] = [
         scope=CONTROL_TENANT, scope_id=a.tenant_id)), lambda a: a.tenant_id),
     # DecisionService (Check answers a decision, see test_check_names_another_tenants_ids)
     ("ReportSpend(instance_id)", lambda b, a: b.gov.decisions.ReportSpend(spend(a.instance.id)), lambda a: a.instance.id),
+    ("ReportSpend(legacy_agent_id beside own instance)", lambda b, a: b.gov.decisions.ReportSpend(
+        spend(b.instance.id, a.instance.legacy_agent_id)), lambda a: a.instance.legacy_agent_id),
+    ("GetEffectivePolicy(legacy_agent_id)", lambda b, a: b.gov.policies.GetEffectivePolicy(
+        policy_pb2.GetEffectivePolicyRequest(legacy_agent_id=a.instance.legacy_agent_id)),
+     lambda a: a.instance.legacy_agent_id),
     # ApprovalService
     ("RequestApproval(instance_id)", lambda b, a: b.gov.approvals.RequestApproval(approval(
         action_type=A_.APPROVAL_ACTION_TYPE_TOOL_EXECUTION, instance_id=a.instance.id, tool_name="fs.write")),
