@@ -100,6 +100,7 @@ async def test_a_revoked_key_is_refused_everywhere_through_the_feed(stack: Stack
     keys = await tenant_ctx.admin.access.ListApiKeys(access_pb2.ListApiKeysRequest())
     key_id = next(k.id for k in keys.api_keys if key.startswith(f"arm_{k.id}_"))
     await tenant_ctx.admin.access.RevokeApiKey(access_pb2.RevokeApiKeyRequest(id=key_id))
+    await expect_failure(probes["registry"](), UNAUTH, "API_KEY_REVOKED")  # at once where it was made
     for call in probes.values():
         await refused_within(call, UNAUTH, "API_KEY_REVOKED", FEED_BOUND_S)
 
@@ -110,6 +111,7 @@ async def test_a_deactivated_operator_is_refused_everywhere_and_back_on_reactiva
     probes = stack.probes(key)
     await warm(probes)
     await tenant_ctx.admin.access.UpdateOperator(access_pb2.UpdateOperatorRequest(id=op_id, active=False))
+    await expect_failure(probes["registry"](), UNAUTH, "OPERATOR_INACTIVE")
     for call in probes.values():
         await refused_within(call, UNAUTH, "OPERATOR_INACTIVE", FEED_BOUND_S)
     await tenant_ctx.admin.access.UpdateOperator(access_pb2.UpdateOperatorRequest(id=op_id, active=True))
@@ -204,6 +206,7 @@ async def test_an_inactive_tenants_keys_are_refused_on_every_rpc(stack: Stack, t
     tenant_id = tenant_ctx.tenant.id
     await stack.system_admin.tenancy.UpdateTenant(tenancy_pb2.UpdateTenantRequest(id=tenant_id, active=False))
     try:
+        await expect_failure(probes["registry"](), UNAUTH, "TENANT_INACTIVE")
         for call in [*probes.values(), *admin_probes.values()]:
             await refused_within(call, UNAUTH, "TENANT_INACTIVE", FEED_BOUND_S)
         servers = [(stack.registry.address, REGISTRY_SERVICES),

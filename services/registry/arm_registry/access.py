@@ -1,5 +1,5 @@
 """Operators, roles, role assignments and API keys: the permission checks, rules and change
-records of each operation, and the authenticator's cache invalidation after a change of grants."""
+records of each operation, and the authenticator's cache drops after a change of grants."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ class Access:
         if p.grants_expire_at is not None:
             out.grants_expire_time.FromNanoseconds(int(p.grants_expire_at * 1e9))
         return access_pb2.AuthenticateResponse(principal=out)
+
+    def _dropped(self, kind: int, p: Principal, *, operator_id: str = "", api_key_id: str = "") -> None:
+        """Once committed, a change takes effect on this process at once: the cached principals it
+        concerns are dropped (other processes hear of it through the change feed)."""
+        self.authenticator.apply_notice({"k": kind, "t": p.tenant_id, "o": operator_id, "a": api_key_id})
 
     async def _operator_changed(self, s: AsyncSession, tenant_id: str, operator_id: str) -> None:
         """Tells every service's auth cache (on commit) that an operator's principal changed."""
@@ -95,7 +100,7 @@ class Access:
 
         result = await self.store.write(p, "UpdateOperator", request,
                                         access_pb2.UpdateOperatorResponse, write)
-        self.authenticator.invalidate()
+        self._dropped(compat_pb2.AGENT_CHANGE_KIND_OPERATOR, p, operator_id=request.id)
         return result
 
     # permissions and roles
@@ -158,7 +163,7 @@ class Access:
 
         result = await self.store.write(p, "CreateRoleAssignment", request,
                                         access_pb2.CreateRoleAssignmentResponse, write)
-        self.authenticator.invalidate()
+        self._dropped(compat_pb2.AGENT_CHANGE_KIND_OPERATOR, p, operator_id=request.operator_id)
         return result
 
     async def list_role_assignments(self, p: Principal, request: access_pb2.ListRoleAssignmentsRequest
@@ -173,11 +178,14 @@ class Access:
                                      ) -> access_pb2.DeleteRoleAssignmentResponse:
         p.require("operators:admin")
 
+        deleted_for: list[str] = []  # the operator whose grants changed (a replay changes none)
+
         async def write(s: AsyncSession) -> access_pb2.DeleteRoleAssignmentResponse:
             row = await self.store.get(s, models.RoleAssignment, request.id, p.tenant_id,
                                        "role_assignment", for_update=True)
             await s.delete(row)
             await self._operator_changed(s, p.tenant_id, row.operator_id)
+            deleted_for.append(row.operator_id)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
                                     target_type="operator", target_id=row.operator_id,
                                     summary="role assignment removed",
@@ -187,7 +195,8 @@ class Access:
 
         result = await self.store.write(p, "DeleteRoleAssignment", request,
                                         access_pb2.DeleteRoleAssignmentResponse, write)
-        self.authenticator.invalidate()
+        if deleted_for:
+            self._dropped(compat_pb2.AGENT_CHANGE_KIND_OPERATOR, p, operator_id=deleted_for[0])
         return result
 
     # API keys
@@ -240,5 +249,5 @@ class Access:
 
         result = await self.store.write(p, "RevokeApiKey", request, access_pb2.RevokeApiKeyResponse,
                                         write)
-        self.authenticator.invalidate()
+        self._dropped(compat_pb2.AGENT_CHANGE_KIND_API_KEY, p, api_key_id=request.id)
         return result

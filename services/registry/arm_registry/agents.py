@@ -406,7 +406,8 @@ class Agents:
         result = await self.store.write(p, "TransitionAgentInstance", request,
                                         agents_pb2.TransitionAgentInstanceResponse, write)
         if self.authenticator is not None:  # a retired instance's keys stop working at once
-            self.authenticator.invalidate()
+            self.authenticator.apply_notice({"k": compat_pb2.AGENT_CHANGE_KIND_INSTANCE, "t": p.tenant_id,
+                                             "i": request.id})
         return result
 
     async def record_heartbeat(self, p: Principal, request: agents_pb2.RecordHeartbeatRequest

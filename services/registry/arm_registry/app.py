@@ -79,7 +79,7 @@ class RegistryComponent:
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
         agents = Agents(self.store, self.config.compat_mode, self.authenticator, self.governance)
-        tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(Tenancy(self.store)), server)
+        tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(Tenancy(self.store, self.authenticator)), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
             AccessServicer(Access(self.store, self.authenticator)), server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agents), server)
