@@ -3,6 +3,7 @@ walking agents through their lifecycle."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,26 @@ async def expect_failure(call, code: grpc.StatusCode, reason: str | None = None)
             assert got.reason == reason, f"expected reason {reason}, got {got.reason}: {got.message}"
         return got
     raise AssertionError(f"the call succeeded; expected {code}")
+
+
+async def refused_within(make_call, code: grpc.StatusCode, reason: str,  # type: ignore[no-untyped-def]
+                         timeout_s: float = 15.0) -> RpcFailure:
+    """Repeats `make_call()` until it fails with `code` and `reason`, for at most `timeout_s`
+    (a bounded wait for a change notice to reach another service's cache)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last = "it kept succeeding"
+    while True:
+        try:
+            await make_call()
+        except grpc.aio.AioRpcError as exc:
+            got = failure(exc)
+            if got.code == code and got.reason == reason:
+                return got
+            last = f"{got.code} {got.reason}: {got.message}"
+        if loop.time() > deadline:
+            raise AssertionError(f"not refused with {code} {reason} within {timeout_s} s; {last}")
+        await asyncio.sleep(0.02)
 
 
 def genome(**overrides: object) -> struct_pb2.Struct:

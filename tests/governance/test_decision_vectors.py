@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
@@ -25,7 +26,8 @@ from arm.common.v1 import common_pb2
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm_client import ArmClient
-from tests.helpers import AgentSet, approved_version
+from arm_common.auth import ACT_FOR_TENANT_HEADER
+from tests.helpers import AgentSet, approved_version, refused_within
 
 # --- Enum shorthands ----------------------------------------------------------------------------
 
@@ -588,16 +590,27 @@ async def test_legacy_agent_id_decides_exactly_like_its_instance(tenant: Any, go
     assert by_legacy.decision_id != by_id.decision_id
 
 
-async def test_inactive_tenant_is_denied(tenant: Any, gov: ArmClient, system_admin: Any) -> None:
+async def test_inactive_tenant_is_denied(tenant: Any, gov: ArmClient, system_admin: Any,
+                                        governance: Any) -> None:
+    """The tenant's own keys are refused outright (TENANT_INACTIVE, see test_auth_propagation);
+    a decision asked for the tenant by a system service key is still a DENY."""
     world = await World.build(tenant, gov)
     await world.envelope(Env("version", (rule("**", ALLOW),)))
     await system_admin.tenancy.UpdateTenant(tenancy_pb2.UpdateTenantRequest(id=tenant.tenant.id, active=False))
+    service = ArmClient(governance.address, tenant.server.admin_key)
     try:
-        resp = await world.check("fs.read")
-        assert_decision(resp, E(DENY, S_AGENT, "TENANT_INACTIVE", risk=LOW), world)
-        resp = await world.check("fs.read", legacy=True)
-        assert_decision(resp, E(DENY, S_AGENT, "TENANT_INACTIVE", risk=LOW), world)
+        for legacy in (False, True):
+            request = decision_pb2.CheckRequest(tool_name="fs.read", tool_call_id=f"tc-{secrets.token_hex(4)}")
+            if legacy:
+                request.legacy_agent_id = world.legacy_id
+            else:
+                request.instance_id = world.instance.id
+            resp = await service.decisions.Check(request, metadata=((ACT_FOR_TENANT_HEADER, world.tenant_id),))
+            assert_decision(resp, E(DENY, S_AGENT, "TENANT_INACTIVE", risk=LOW), world)
+        await refused_within(lambda: world.check("fs.read"), grpc.StatusCode.UNAUTHENTICATED,
+                             "TENANT_INACTIVE")
     finally:
+        await service.close()
         await system_admin.tenancy.UpdateTenant(tenancy_pb2.UpdateTenantRequest(id=tenant.tenant.id, active=True))
 
 

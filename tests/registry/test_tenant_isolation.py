@@ -178,7 +178,7 @@ LISTS_UNFILTERED: list[ListCase] = [
      lambda w: agents_pb2.ListAgentIdentitiesRequest(), "agent_identities"),
 ]
 
-# Lists filtered by one of B's ids: B sees rows, A sees none.
+# Lists filtered by one of B's ids: B sees rows, A gets NOT_FOUND (or, for a search, nothing).
 LISTS_FILTERED_BY_B: list[ListCase] = [
     ("ListRoleAssignments(operator_id)", lambda c: c.access.ListRoleAssignments,
      lambda w: access_pb2.ListRoleAssignmentsRequest(operator_id=w.operator.id), "role_assignments"),
@@ -236,12 +236,17 @@ async def test_list_never_contains_another_tenants_rows(
 
 @pytest.mark.parametrize(("name", "method", "build", "field"), LISTS_FILTERED_BY_B,
                          ids=[c[0] for c in LISTS_FILTERED_BY_B])
-async def test_list_filtered_by_another_tenants_id_is_empty(
+async def test_list_filtered_by_another_tenants_id_is_not_found(
         worlds: tuple[World, World], name: str, method: Any, build: Any, field: str) -> None:
+    """A filter naming a resource is a reference like any other: B's id is NOT_FOUND for A. An
+    agent_ref is a search (a legacy id is only unique within a tenant): it finds nothing."""
     a, b = worlds
     rows_b = await list_all(method(b.admin), build(b), field)
     assert rows_b and {row_tenant(r) for r in rows_b} == {b.tenant_id}
-    assert await list_all(method(a.admin), build(b), field) == []
+    if "agent_ref" in name:
+        assert await list_all(method(a.admin), build(b), field) == []
+    else:
+        await expect_failure(method(a.admin)(build(b)), NOT_FOUND)
 
 
 # --- mutations -------------------------------------------------------------------------------
@@ -358,6 +363,18 @@ MUTATIONS: list[tuple[str, Mutation, str]] = [
         compat_pb2.EnsureInstanceForLegacyAgentRequest(legacy_agent_id=f"mc-{secrets.token_hex(4)}",
                                                        project_id=a.project.id,
                                                        environment_id=b.environment.id)),
+     "ENVIRONMENT_NOT_FOUND"),
+    ("RebindAgentInstances(template of B)", lambda c, a, b: c.agents.RebindAgentInstances(
+        agents_pb2.RebindAgentInstancesRequest(template_id=b.template.id, environment_id=a.environment.id,
+                                               version_id=a.version.id, reason="x")),
+     "AGENT_TEMPLATE_NOT_FOUND"),
+    ("RebindAgentInstances(version of B)", lambda c, a, b: c.agents.RebindAgentInstances(
+        agents_pb2.RebindAgentInstancesRequest(template_id=a.template.id, environment_id=a.environment.id,
+                                               version_id=b.version.id, reason="x")),
+     "AGENT_VERSION_NOT_FOUND"),
+    ("RebindAgentInstances(environment of B)", lambda c, a, b: c.agents.RebindAgentInstances(
+        agents_pb2.RebindAgentInstancesRequest(template_id=a.template.id, environment_id=b.environment.id,
+                                               version_id=a.version.id, reason="x")),
      "ENVIRONMENT_NOT_FOUND"),
 ]
 

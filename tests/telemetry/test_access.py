@@ -176,18 +176,19 @@ async def test_only_system_admin_keys_act_for_another_tenant(telemetry, registry
 async def test_a_project_scoped_reader_reads_that_project_only(telemetry, tenant) -> None:  # type: ignore[no-untyped-def]
     from arm.registry.v1 import access_pb2, tenancy_pb2
 
-    p1 = (await tenant.admin.tenancy.CreateProject(tenancy_pb2.CreateProjectRequest(
-        slug=f"p-{secrets.token_hex(3)}", name="One"))).project
+    p1, p2 = [(await tenant.admin.tenancy.CreateProject(tenancy_pb2.CreateProjectRequest(
+        slug=f"p-{secrets.token_hex(3)}", name=name))).project for name in ("One", "Two")]
     async with telemetry.client(tenant.admin_key) as admin:
-        await admin.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=[
-            event(project_id=p1.id, event_id=f"in-{p1.id}"), event(project_id="prj_other")]))
+        resp = await admin.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=[
+            event(project_id=p1.id, event_id=f"in-{p1.id}"), event(project_id=p2.id)]))
+        assert resp.accepted_count == 2
     _, reader = await operator_with_roles(tenant.admin, telemetry.address, "auditor",
                                           scope_type=access_pb2.ROLE_SCOPE_TYPE_PROJECT, scope_id=p1.id)
     async with reader:
         await expect_failure(reader.telemetry.QueryEvents(telemetry_pb2.QueryEventsRequest()),
                              Code.PERMISSION_DENIED, "MISSING_PERMISSION")
         await expect_failure(reader.telemetry.QueryEvents(telemetry_pb2.QueryEventsRequest(
-            filter=telemetry_pb2.EventFilter(project_id="prj_other"))), Code.PERMISSION_DENIED, "MISSING_PERMISSION")
+            filter=telemetry_pb2.EventFilter(project_id=p2.id))), Code.PERMISSION_DENIED, "MISSING_PERMISSION")
         got = await reader.telemetry.QueryEvents(telemetry_pb2.QueryEventsRequest(
             filter=telemetry_pb2.EventFilter(project_id=p1.id)))
         assert [e.event_id for e in got.events] == [f"in-{p1.id}"]

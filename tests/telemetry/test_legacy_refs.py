@@ -13,12 +13,12 @@ import grpc
 import pytest
 from sqlalchemy import text
 
-from arm.registry.v1 import compat_pb2
+from arm.registry.v1 import agents_pb2, compat_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 from arm_common.db import Database
 from arm_telemetry.references import AgentRefs, ReferenceResolver, RegistryUnavailable
 from tests.conftest import new_database_spec
-from tests.helpers import expect_failure
+from tests.helpers import approved_version, expect_failure
 from tests.telemetry.conftest import event, start_telemetry, stop_telemetry
 
 T = events_pb2
@@ -67,11 +67,14 @@ async def test_backfill_interrupted_and_restarted_fills_every_event_once(registr
     env = {"ARM_TELEMETRY_BACKFILL_BATCH": "7", "ARM_TELEMETRY_BACKFILL_PAUSE_S": "0.1"}
     server = await start_telemetry(spec, registry, extra_env=env)
     legacies = [f"legacy-{secrets.token_hex(4)}" for _ in range(3)]
+    agents = await approved_version(tenant.admin)
+    native = (await tenant.admin.agents.CreateAgentInstance(agents_pb2.CreateAgentInstanceRequest(
+        version_id=agents.version.id, environment_id=agents.environment.id, name="native"))).agent_instance
     try:
         async with server.client(tenant.admin_key) as c:
             # Stored before the registry knows the agents: nothing to fill them with.
             evs = [event(legacy_agent_id=legacies[i % 3]) for i in range(120)]
-            evs += [event(instance_id="ins_native", version_id="ver_native") for _ in range(10)]
+            evs += [event(instance_id=native.id, version_id=native.version_id) for _ in range(10)]
             resp = await c.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=evs))
             assert resp.accepted_count == 130
             health = await c.telemetry.GetMigrationHealth(telemetry_pb2.GetMigrationHealthRequest())
@@ -112,7 +115,7 @@ async def test_backfill_interrupted_and_restarted_fills_every_event_once(registr
                     inst = created[e.legacy_agent_id].agent_instance
                     assert (e.instance_id, e.version_id) == (inst.id, inst.version_id)
                 else:
-                    assert (e.instance_id, e.version_id) == ("ins_native", "ver_native")
+                    assert (e.instance_id, e.version_id) == (native.id, native.version_id)
             # A new pass from the start changes nothing.
             rerun = (await c.telemetry.StartBackfill(telemetry_pb2.StartBackfillRequest(from_start=True))).backfill
             assert rerun.backfill_id != started.backfill_id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
+from arm.registry.v1 import tenancy_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 from tests.telemetry.conftest import ago, event
 from tests.telemetry.test_ingest import stored_ids
@@ -21,7 +22,8 @@ async def ingest(client, events) -> telemetry_pb2.IngestEventsResponse:  # type:
 
 async def test_pages_are_stable_under_concurrent_ingest(telemetry, tenant) -> None:  # type: ignore[no-untyped-def]
     client = telemetry.client(tenant.admin_key)
-    project = f"prj-{secrets.token_hex(4)}"
+    project = (await tenant.admin.tenancy.CreateProject(tenancy_pb2.CreateProjectRequest(
+        slug=f"p-{secrets.token_hex(4)}", name="Paged"))).project.id
     # Same-second timestamps on purpose: ties are broken by event_id.
     before = [event(project_id=project, when=ago(minutes=i % 7)) for i in range(230)]
     await ingest(client, before)

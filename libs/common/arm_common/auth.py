@@ -41,6 +41,11 @@ class Principal:
     system_tenant: bool = False
     acting_for_tenant: bool = False
     """A system-tenant service key acting in another tenant (see ACT_FOR_TENANT_HEADER)."""
+    key_expires_at: float | None = None
+    """Unix time the key expires (None: never); a cached principal is refused from then on."""
+    grants_expire_at: float | None = None
+    """Unix time the earliest role assignment behind `grants` expires; a cached principal is
+    looked up again from then on."""
     _index: dict[str, list[Grant]] = field(init=False, default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

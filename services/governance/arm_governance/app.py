@@ -142,14 +142,20 @@ class GovernanceComponent:
         await self.checkpoints.start()
         assert self.agents is not None
         await self.agents.start()
+        if self.authenticator is not None:
+            await self.authenticator.start(self.config.service_api_key)
 
     async def draining(self) -> None:
         # The agent-change stream is a call that never ends by itself; in the all-in-one server
         # it is served by this very server, whose graceful stop would wait for it.
         if self.agents:
             await self.agents.stop()
+        if self.authenticator is not None:
+            await self.authenticator.stop()
 
     async def stop(self) -> None:
+        if self.authenticator is not None:
+            await self.authenticator.stop()
         if self.agents:
             await self.agents.stop()
         await self.checkpoints.stop()

@@ -38,6 +38,22 @@ class RegistryAgents:
             raise _error(exc, "read the environment", "environment", environment_id) from None
         return resp.environment
 
+    async def project(self, api_key: str, project_id: str) -> tenancy_pb2.Project:
+        try:
+            resp = await self.tenancy.GetProject(tenancy_pb2.GetProjectRequest(id=project_id),
+                                                 metadata=_md(api_key), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "read the project", "project", project_id) from None
+        return resp.project
+
+    async def template(self, api_key: str, template_id: str) -> agents_pb2.AgentTemplate:
+        try:
+            resp = await self.stub.GetAgentTemplate(agents_pb2.GetAgentTemplateRequest(id=template_id),
+                                                    metadata=_md(api_key), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "read the template", "agent_template", template_id) from None
+        return resp.agent_template
+
     async def version(self, api_key: str, version_id: str) -> agents_pb2.AgentVersion:
         try:
             resp = await self.stub.GetAgentVersion(agents_pb2.GetAgentVersionRequest(id=version_id),

@@ -102,6 +102,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         _check_common(request)
         p = current_principal()
         p.require("policies:read")
+        if request.scope_id and request.scope_id != p.tenant_id:
+            await self._check_scope_filter(request.scope, request.scope_id)
         size = pagination.page_size(request.page_size)
         filters = {"scope": request.scope, "scope_id": request.scope_id, "mode": request.mode,
                    "active": int(request.active) + 1 if request.HasField("active") else 0}
@@ -127,6 +129,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 next_page_token=pagination.encode_token(page[-1].id, filters) if more and page else "")
 
         return await self.db.read(read)
+
+    async def _check_scope_filter(self, scope: int, scope_id: str) -> None:
+        """NOT_FOUND unless `scope_id` names the caller's tenant or a project or version of it."""
+        key = current_api_key()
+        if scope == policy_pb2.POLICY_SCOPE_TENANT:
+            raise NotFound.of("tenant", scope_id)
+        if scope:
+            await self.lookup.check_scope(key, scope, scope_id)
+            return
+        try:
+            await self.lookup.check_scope(key, policy_pb2.POLICY_SCOPE_PROJECT, scope_id)
+        except NotFound:
+            await self.lookup.check_scope(key, policy_pb2.POLICY_SCOPE_VERSION, scope_id)
 
     async def UpdatePolicyEnvelope(self, request: policy_pb2.UpdatePolicyEnvelopeRequest, context: Ctx) -> Any:
         _check_common(request)
@@ -284,7 +299,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if not candidate.envelope_id:
             candidate.envelope_id = new_id("sim")
         candidate.active = True
+        await self.lookup.check_scope(current_api_key(), candidate.scope, candidate.scope_id)
         tenant = await self.cache.tenant(p.tenant_id)
+        if request.candidate.envelope_id:  # replaces an envelope of the caller's tenant
+            await self.db.read(lambda s: self.store.get_row(s, p.tenant_id, candidate.envelope_id))
         envelopes = [e for e in tenant.envelopes if e.id != candidate.envelope_id]
         envelopes.append(convert.envelope_to_engine(candidate))
 
@@ -356,13 +374,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             c = models.OperatorControl
             row = (await s.execute(select(c).where(c.tenant_id == p.tenant_id, c.scope == request.scope,
                                                    c.scope_id == scope_id))).scalar_one_or_none()
-            if row is None:
-                return policy_pb2.GetOperatorControlResponse(control=policy_pb2.OperatorControl(
-                    tenant_id=p.tenant_id, scope=request.scope, scope_id=scope_id,
-                    mode=policy_pb2.OPERATOR_CONTROL_MODE_NORMAL, etag="0"))
-            return policy_pb2.GetOperatorControlResponse(control=convert.control(row))
+            return None if row is None else policy_pb2.GetOperatorControlResponse(control=convert.control(row))
 
-        return await self.db.read(read)
+        found = await self.db.read(read)
+        if found is not None:
+            return found
+        if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT:
+            # No control set: the default answers only for a project of the caller's tenant.
+            await self.lookup.check_scope(current_api_key(), policy_pb2.POLICY_SCOPE_PROJECT, scope_id)
+        return policy_pb2.GetOperatorControlResponse(control=policy_pb2.OperatorControl(
+            tenant_id=p.tenant_id, scope=request.scope, scope_id=scope_id,
+            mode=policy_pb2.OPERATOR_CONTROL_MODE_NORMAL, etag="0"))
 
     async def ListOperatorControls(self, request: policy_pb2.ListOperatorControlsRequest, context: Ctx) -> Any:
         _check_common(request)
@@ -433,6 +455,16 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             raise NotFound(f"no agent {getattr(e, kind)!r}", reason="AGENT_NOT_FOUND", metadata={kind: getattr(e, kind)})
         if p.is_agent and resolved.instance_id != p.actor_id:
             raise PermissionDenied("an agent key may only report its own spend", reason="NOT_YOUR_AGENT")
+        if e.instance_id and e.legacy_agent_id and resolved.legacy_agent_id != e.legacy_agent_id:
+            # Both named: the legacy id must be this instance's (and so the caller's tenant's).
+            other = await self.decider.agents.resolve(current_api_key(), p.tenant_id, "legacy_agent_id",
+                                                      e.legacy_agent_id)
+            if other is None:
+                raise NotFound(f"no agent {e.legacy_agent_id!r}", reason="AGENT_NOT_FOUND",
+                               metadata={"legacy_agent_id": e.legacy_agent_id})
+            raise InvalidArgument("entry.legacy_agent_id names another agent than entry.instance_id",
+                                  reason="AGENT_MISMATCH",
+                                  violations=[FieldViolation("entry.legacy_agent_id", "must be the instance's legacy id")])
         now = utcnow()
         occurred = e.occur_time.ToDatetime(tzinfo=now.tzinfo) if e.HasField("occur_time") else now
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import approvals_pb2 as apb
@@ -15,11 +16,18 @@ from arm.registry.v1 import agents_pb2
 from arm_common import validation as val
 from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import FailedPrecondition, NotFound, PermissionDenied, Violations
+from arm_common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Violations,
+)
 from arm_common.idempotency import run_idempotent
 from arm_common.outbox import OutboxRelay
 from arm_common.server import Ctx
-from arm_governance import approvals, deployments
+from arm_governance import approvals, deployments, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.approvals import ApprovalStore, Subject
 from arm_governance.deployments import DeploymentStore
@@ -60,10 +68,12 @@ class ApprovalServicer(_Writes, approvals_pb2_grpc.ApprovalServiceServicer):
         self.watch_recheck_s = watch_recheck_s
 
     async def _subject(self, r: apb.RequestApprovalRequest) -> Subject:
-        """Checks the instance / version / deployment named exists in the caller's tenant and
-        finds the project it belongs to."""
+        """Checks that every id the request names (instance, version, target, project) exists in
+        the caller's tenant (NOT_FOUND otherwise) and finds the project and version the approval
+        concerns."""
         p = current_principal()
         key = current_api_key()
+        project = version = ""
         if r.instance_id:
             if p.is_agent and r.instance_id != p.actor_id:
                 raise PermissionDenied("an agent key may only request approvals for its own instance",
@@ -71,19 +81,58 @@ class ApprovalServicer(_Writes, approvals_pb2_grpc.ApprovalServiceServicer):
             resolved = await self.agents.resolve(key, p.tenant_id, "instance_id", r.instance_id)
             if resolved is None:
                 raise NotFound.of("agent_instance", r.instance_id)
-            return Subject(project_id=resolved.project_id, version_id=resolved.version_id)
-        if p.is_agent:
+            project, version = resolved.project_id, resolved.version_id
+        elif p.is_agent:
             raise PermissionDenied("an agent key may only request approvals for its own instance",
                                    reason="NOT_YOUR_AGENT", metadata={"instance_id": ""})
-        if r.version_id:
-            version = await self.registry.version(key, r.version_id)
-            return Subject(project_id=version.project_id)
-        if r.action_type == A.APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION:
-            async def read(s: AsyncSession) -> Subject:
+        if r.version_id and r.version_id != version:
+            named = await self.registry.version(key, r.version_id)
+            project = project or named.project_id
+        if r.target_id:
+            project, version = await self._target(r, p, key, project, version)
+        if r.project_id and r.project_id != project:
+            if p.is_agent:  # an agent's approvals concern its own instance's project only
+                raise NotFound.of("project", r.project_id)
+            await self.registry.project(key, r.project_id)
+            if project:
+                raise InvalidArgument(
+                    f"project {r.project_id!r} is not the project of what the approval concerns ({project!r})",
+                    reason="PROJECT_MISMATCH",
+                    violations=[FieldViolation("project_id", "must be empty or the subject's project")])
+            project = r.project_id
+        return Subject(project_id=project, version_id=version)
+
+    async def _target(self, r: apb.RequestApprovalRequest, p: Principal, key: str, project: str,
+                      version: str) -> tuple[str, str]:
+        """Checks `target_id` by what the action type says it names: a deployment, a policy
+        envelope, a version (VERSION_PROMOTION) or an instance (the other types)."""
+        t = r.action_type
+        if t == A.APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION:
+            async def deployment(s: AsyncSession) -> tuple[str, str]:
                 row = await DeploymentStore.row(s, p.tenant_id, r.target_id)
-                return Subject(project_id=row.project_id, version_id=row.target_version_id)
-            return await self.db.read(read)
-        return Subject()
+                return row.project_id, row.target_version_id
+            d_project, d_version = await self.db.read(deployment)
+            return project or d_project, version or d_version
+        if t == A.APPROVAL_ACTION_TYPE_POLICY_AUTONOMY_INCREASE:
+            async def envelope(s: AsyncSession) -> None:
+                e = models.PolicyEnvelope
+                if (await s.execute(select(e.id).where(e.id == r.target_id, e.tenant_id == p.tenant_id))).first() is None:
+                    raise NotFound.of("policy_envelope", r.target_id)
+            await self.db.read(envelope)
+            return project, version
+        if t == A.APPROVAL_ACTION_TYPE_VERSION_PROMOTION:
+            if r.target_id not in (r.version_id, version):
+                named = await self.registry.version(key, r.target_id)
+                project = project or named.project_id
+            return project, version
+        if r.target_id != r.instance_id:
+            if p.is_agent:
+                raise NotFound.of("agent_instance", r.target_id)
+            resolved = await self.agents.resolve(key, p.tenant_id, "instance_id", r.target_id)
+            if resolved is None:
+                raise NotFound.of("agent_instance", r.target_id)
+            project = project or resolved.project_id
+        return project, version
 
     async def RequestApproval(self, request: apb.RequestApprovalRequest, context: Ctx) -> Any:
         approvals.validate_request(request)
@@ -108,6 +157,9 @@ class ApprovalServicer(_Writes, approvals_pb2_grpc.ApprovalServiceServicer):
         approvals.validate_list(request)
         p = current_principal()
         approvals.can_read(p)
+        if request.instance_id and not (p.is_agent and request.instance_id == p.actor_id):
+            if await self.agents.resolve(current_api_key(), p.tenant_id, "instance_id", request.instance_id) is None:
+                raise NotFound.of("agent_instance", request.instance_id)
         return await self.store.list(p, request)
 
     async def DecideApproval(self, request: apb.DecideApprovalRequest, context: Ctx) -> Any:
@@ -157,6 +209,8 @@ class DeploymentServicer(_Writes, deployments_pb2_grpc.DeploymentServiceServicer
         key = current_api_key()
         version = await self.registry.version(key, request.deployment.target_version_id)
         await self.registry.environment(key, request.deployment.environment_id)  # exists, in the tenant
+        if version.template_id != request.deployment.template_id:  # NOT_FOUND outside the tenant
+            await self.registry.template(key, request.deployment.template_id)
 
         async def write(s: AsyncSession) -> Any:
             return dpb.CreateDeploymentResponse(deployment=await self.store.create(s, p, request, version))
@@ -178,6 +232,10 @@ class DeploymentServicer(_Writes, deployments_pb2_grpc.DeploymentServiceServicer
         deployments.validate_list(request)
         p = current_principal()
         p.require("registry:read")
+        if request.template_id:
+            await self.registry.template(current_api_key(), request.template_id)
+        if request.environment_id:
+            await self.registry.environment(current_api_key(), request.environment_id)
         return await self.db.read(lambda s: self.store.list(s, p, request))
 
     async def ActivateDeployment(self, request: dpb.ActivateDeploymentRequest, context: Ctx) -> Any:
@@ -186,7 +244,13 @@ class DeploymentServicer(_Writes, deployments_pb2_grpc.DeploymentServiceServicer
         require_somewhere(p, "deployments:activate")
 
         async def environment_id(s: AsyncSession) -> str:
-            return (await self.store.row(s, p.tenant_id, request.deployment_id)).environment_id
+            row = await self.store.row(s, p.tenant_id, request.deployment_id)
+            if request.approval_id:  # named: must be an approval of the caller's tenant
+                a = models.Approval
+                if (await s.execute(select(a.id).where(a.id == request.approval_id,
+                                                       a.tenant_id == p.tenant_id))).first() is None:
+                    raise NotFound.of("approval", request.approval_id)
+            return row.environment_id
 
         env = await self.registry.environment(current_api_key(), await self.db.read(environment_id))
 

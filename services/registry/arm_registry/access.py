@@ -1,5 +1,5 @@
 """Operators, roles, role assignments and API keys: the permission checks, rules and change
-records of each operation, and the authenticator's cache invalidation after a change of grants."""
+records of each operation, and the authenticator's cache drops after a change of grants."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
-from arm.registry.v1 import access_pb2
+from arm.registry.v1 import access_pb2, compat_pb2
 from arm_common.auth import SCOPE_TENANT, Principal
 from arm_common.errors import FailedPrecondition
 from arm_common.ids import new_id
@@ -27,13 +27,28 @@ class Access:
         self.authenticator = authenticator
 
     def authenticate(self, p: Principal) -> access_pb2.AuthenticateResponse:
-        return access_pb2.AuthenticateResponse(principal=access_pb2.Principal(
+        out = access_pb2.Principal(
             tenant_id=p.tenant_id, actor=common_pb2.Actor(
                 type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{p.actor_type}"), id=p.actor_id),
             grants=[access_pb2.Grant(permission=g.permission,
                                      scope_type=access_pb2.RoleScopeType.Value(f"ROLE_SCOPE_TYPE_{g.scope_type}"),
                                      scope_id=g.scope_id) for g in p.grants],
-            api_key_id=p.api_key_id, tenant_active=p.tenant_active, system_tenant=p.system_tenant))
+            api_key_id=p.api_key_id, tenant_active=p.tenant_active, system_tenant=p.system_tenant)
+        if p.key_expires_at is not None:
+            out.key_expire_time.FromNanoseconds(int(p.key_expires_at * 1e9))
+        if p.grants_expire_at is not None:
+            out.grants_expire_time.FromNanoseconds(int(p.grants_expire_at * 1e9))
+        return access_pb2.AuthenticateResponse(principal=out)
+
+    def _dropped(self, kind: int, p: Principal, *, operator_id: str = "", api_key_id: str = "") -> None:
+        """Once committed, a change takes effect on this process at once: the cached principals it
+        concerns are dropped (other processes hear of it through the change feed)."""
+        self.authenticator.apply_notice({"k": kind, "t": p.tenant_id, "o": operator_id, "a": api_key_id})
+
+    async def _operator_changed(self, s: AsyncSession, tenant_id: str, operator_id: str) -> None:
+        """Tells every service's auth cache (on commit) that an operator's principal changed."""
+        await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_OPERATOR, tenant_id,
+                                       operator_id=operator_id)
 
     # operators
 
@@ -77,6 +92,7 @@ class Access:
                                              reason="SELF_DEACTIVATION")
                 row.active = request.active
             self.store.touch(row)
+            await self._operator_changed(s, p.tenant_id, row.id)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="operator",
                                     target_id=row.id, summary="operator updated", before=before,
                                     after={"name": row.name, "active": row.active})
@@ -84,7 +100,7 @@ class Access:
 
         result = await self.store.write(p, "UpdateOperator", request,
                                         access_pb2.UpdateOperatorResponse, write)
-        self.authenticator.invalidate()
+        self._dropped(compat_pb2.AGENT_CHANGE_KIND_OPERATOR, p, operator_id=request.id)
         return result
 
     # permissions and roles
@@ -142,11 +158,12 @@ class Access:
                                                    scope_type=scope,
                                                    scope_id=request.scope_id if scope != SCOPE_TENANT else "",
                                                    expires_at=expires)
+            await self._operator_changed(s, p.tenant_id, request.operator_id)
             return access_pb2.CreateRoleAssignmentResponse(role_assignment=convert.role_assignment(row))
 
         result = await self.store.write(p, "CreateRoleAssignment", request,
                                         access_pb2.CreateRoleAssignmentResponse, write)
-        self.authenticator.invalidate()
+        self._dropped(compat_pb2.AGENT_CHANGE_KIND_OPERATOR, p, operator_id=request.operator_id)
         return result
 
     async def list_role_assignments(self, p: Principal, request: access_pb2.ListRoleAssignmentsRequest
@@ -161,10 +178,14 @@ class Access:
                                      ) -> access_pb2.DeleteRoleAssignmentResponse:
         p.require("operators:admin")
 
+        deleted_for: list[str] = []  # the operator whose grants changed (a replay changes none)
+
         async def write(s: AsyncSession) -> access_pb2.DeleteRoleAssignmentResponse:
             row = await self.store.get(s, models.RoleAssignment, request.id, p.tenant_id,
                                        "role_assignment", for_update=True)
             await s.delete(row)
+            await self._operator_changed(s, p.tenant_id, row.operator_id)
+            deleted_for.append(row.operator_id)
             await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
                                     target_type="operator", target_id=row.operator_id,
                                     summary="role assignment removed",
@@ -174,7 +195,8 @@ class Access:
 
         result = await self.store.write(p, "DeleteRoleAssignment", request,
                                         access_pb2.DeleteRoleAssignmentResponse, write)
-        self.authenticator.invalidate()
+        if deleted_for:
+            self._dropped(compat_pb2.AGENT_CHANGE_KIND_OPERATOR, p, operator_id=deleted_for[0])
         return result
 
     # API keys
@@ -218,6 +240,8 @@ class Access:
                                        for_update=True)
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
+                await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_API_KEY, p.tenant_id,
+                                               api_key_id=row.id)
                 await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
                                         target_type="api_key", target_id=row.id,
                                         summary="API key revoked")
@@ -225,5 +249,5 @@ class Access:
 
         result = await self.store.write(p, "RevokeApiKey", request, access_pb2.RevokeApiKeyResponse,
                                         write)
-        self.authenticator.invalidate()
+        self._dropped(compat_pb2.AGENT_CHANGE_KIND_API_KEY, p, api_key_id=request.id)
         return result

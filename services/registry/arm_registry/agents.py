@@ -406,7 +406,8 @@ class Agents:
         result = await self.store.write(p, "TransitionAgentInstance", request,
                                         agents_pb2.TransitionAgentInstanceResponse, write)
         if self.authenticator is not None:  # a retired instance's keys stop working at once
-            self.authenticator.invalidate()
+            self.authenticator.apply_notice({"k": compat_pb2.AGENT_CHANGE_KIND_INSTANCE, "t": p.tenant_id,
+                                             "i": request.id})
         return result
 
     async def record_heartbeat(self, p: Principal, request: agents_pb2.RecordHeartbeatRequest
@@ -431,6 +432,8 @@ class Agents:
                     or p.has("deployments:write", project_id=ver.project_id, environment_id=env.id)):
                 p.require("registry:write", project_id=ver.project_id)
             if ver.template_id != request.template_id:
+                # NOT_FOUND for a template outside the caller's tenant, like any other id.
+                await self.store.get(s, models.AgentTemplate, request.template_id, p.tenant_id, "agent_template")
                 raise InvalidArgument("the version belongs to another template", reason="INVALID_FIELDS",
                                       violations=[FieldViolation("version_id", "must be a version of template_id")])
             if ver.state not in ("APPROVED", "DEPRECATED"):

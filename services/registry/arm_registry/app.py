@@ -3,6 +3,7 @@ creates the system tenant with its first admin and key."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from arm_common.db import Database, open_database
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxMessage, OutboxRelay
+from arm_common.tasks import cancel_and_wait
 from arm_registry import models
 from arm_registry.access import Access
 from arm_registry.agents import Agents
@@ -62,6 +64,7 @@ class RegistryComponent:
                                  poll_interval_s=config.outbox_poll_s)
         self.audit_channel: grpc.aio.Channel | None = None
         self._started = False
+        self._auth_follower: asyncio.Task[None] | None = None
         self.changes = ChangeChannel(db, "registry_agents")
         self.store = RegistryStore(db, self.relay, self.changes)
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
@@ -76,7 +79,7 @@ class RegistryComponent:
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
         agents = Agents(self.store, self.config.compat_mode, self.authenticator, self.governance)
-        tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(Tenancy(self.store)), server)
+        tenancy_pb2_grpc.add_TenancyServiceServicer_to_server(TenancyServicer(Tenancy(self.store, self.authenticator)), server)
         access_pb2_grpc.add_AccessServiceServicer_to_server(
             AccessServicer(Access(self.store, self.authenticator)), server)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agents), server)
@@ -115,6 +118,14 @@ class RegistryComponent:
         if self.config.governance_address and self.audit_channel is None:
             self._deliver_to(self.config.governance_address)
         await self.changes.start()
+        queue = self.changes.subscribe()
+
+        async def follow() -> None:
+            # Changes made by other registry processes (on PostgreSQL) reach this one's auth cache.
+            while True:
+                self.authenticator.apply_notice(await queue.get())
+
+        self._auth_follower = asyncio.create_task(follow(), name="registry-auth-notices")
         await self.relay.start()
         await self.housekeeping.start()
         self._started = True
@@ -122,6 +133,7 @@ class RegistryComponent:
     async def stop(self) -> None:
         await self.housekeeping.stop()
         await self.relay.stop()
+        await cancel_and_wait(self._auth_follower)
         await self.changes.stop()
         await self.governance.close()
         if self.audit_channel is not None:

@@ -12,7 +12,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm_common import pagination
 from arm_common.auth import Principal
+from arm_registry import models
 from arm_registry.store import RegistryStore
+
+# Filter columns that name another resource: a list filtered by an id outside the caller's tenant
+# (or unknown) is NOT_FOUND, like a read of that id, not an empty page.
+REFERENCE_FILTERS: dict[str, tuple[Any, str]] = {
+    "operator_id": (models.Operator, "operator"),
+    "instance_id": (models.AgentInstance, "agent_instance"),
+    "project_id": (models.Project, "project"),
+    "template_id": (models.AgentTemplate, "agent_template"),
+    "version_id": (models.AgentVersion, "agent_version"),
+    "environment_id": (models.Environment, "environment"),
+}
 
 R = TypeVar("R", bound=Message)
 
@@ -37,7 +49,8 @@ async def get_one(store: RegistryStore, p: Principal, model: Any, ident: str, ki
 async def list_page(store: RegistryStore, p: Principal, request: Any, permission: str, model: Any,
                     filters: dict[str, Any], build: Callable[[Sequence[Any], str], R], *,
                     project_id: str = "", token_scope: dict[str, Any] | None = None) -> R:
-    """The standard tenant-scoped, id-ordered, paginated list with equality filters.
+    """The standard tenant-scoped, id-ordered, paginated list with equality filters; a filter
+    naming a resource (REFERENCE_FILTERS) must name one of the caller's tenant.
     token_scope: what a page token is bound to, when it differs from the column filters."""
     p.require(permission, project_id=project_id)
     size = pagination.page_size(request.page_size)
@@ -45,6 +58,10 @@ async def list_page(store: RegistryStore, p: Principal, request: Any, permission
     after = pagination.decode_token(request.page_token, fingerprint)
 
     async def read(s: AsyncSession) -> R:
+        for column, value in filters.items():
+            if column in REFERENCE_FILTERS and value:
+                ref_model, kind = REFERENCE_FILTERS[column]
+                await store.get(s, ref_model, value, p.tenant_id, kind)
         q = select(model).where(model.tenant_id == p.tenant_id)
         for column, value in filters.items():
             if value not in ("", None, 0):

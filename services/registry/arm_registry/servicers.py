@@ -286,6 +286,9 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
         return await self.agents.list_identities(current_principal(), request)
 
 
+_AUTH_KINDS = (compat_pb2.AGENT_CHANGE_KIND_API_KEY, compat_pb2.AGENT_CHANGE_KIND_OPERATOR)
+
+
 class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
     def __init__(self, compat: Compat, store: RegistryStore) -> None:
         self.compat = compat
@@ -320,10 +323,13 @@ class CompatServicer(compat_pb2_grpc.CompatServiceServicer):
                 notice = await queue.get()
                 if notice.get("reset"):
                     change = compat_pb2.AgentChange(kind=compat_pb2.AGENT_CHANGE_KIND_RESET)
+                elif not every_tenant and notice["k"] in _AUTH_KINDS:
+                    continue  # key and operator changes are for the services' auth caches only
                 elif every_tenant or notice.get("t") == p.tenant_id:
                     change = compat_pb2.AgentChange(
                         kind=notice["k"], tenant_id=notice["t"], instance_id=notice["i"],
-                        version_id=notice["v"], legacy_agent_id=notice["l"])
+                        version_id=notice["v"], legacy_agent_id=notice["l"],
+                        api_key_id=notice.get("a", ""), operator_id=notice.get("o", ""))
                 else:
                     continue
                 yield compat_pb2.WatchAgentChangesResponse(change=change)

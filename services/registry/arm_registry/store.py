@@ -124,11 +124,18 @@ class RegistryStore:
 
     async def agent_changed(self, session: AsyncSession, kind: int, tenant_id: str, *,
                             instance_id: str = "", version_id: str = "",
-                            legacy_agent_id: str | None = "") -> None:
-        """Announces (on commit) a change that makes cached agent resolutions stale."""
+                            legacy_agent_id: str | None = "", api_key_id: str = "",
+                            operator_id: str = "") -> None:
+        """Announces (on commit) a change that makes cached agent resolutions or principals
+        stale (WatchAgentChanges streams it; every registry process's authenticator follows it)."""
         if self.changes is not None:
-            await self.changes.send(session, {"k": kind, "t": tenant_id, "i": instance_id,
-                                              "v": version_id, "l": legacy_agent_id or ""})
+            notice: dict[str, Any] = {"k": kind, "t": tenant_id, "i": instance_id,
+                                      "v": version_id, "l": legacy_agent_id or ""}
+            if api_key_id:
+                notice["a"] = api_key_id
+            if operator_id:
+                notice["o"] = operator_id
+            await self.changes.send(session, notice)
 
     async def page(self, session: AsyncSession, query: Select[Any], id_column: Any, size: int,
                    after: str | None) -> tuple[Sequence[Any], str | None]:

@@ -3,6 +3,8 @@ operation, run through the store in one transaction per write."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,8 +22,9 @@ from arm_registry.store import CR, RegistryStore
 class Tenancy:
     """Each method takes the caller and a validated request and returns the response message."""
 
-    def __init__(self, store: RegistryStore) -> None:
+    def __init__(self, store: RegistryStore, authenticator: Any = None) -> None:
         self.store = store
+        self.authenticator = authenticator  # drops a tenant's cached principals on its update
 
     # tenants
 
@@ -117,7 +120,10 @@ class Tenancy:
                                     before=before, after={"name": row.name, "active": row.active})
             return tenancy_pb2.UpdateTenantResponse(tenant=convert.tenant(row))
 
-        return await self.store.write(p, "UpdateTenant", request, tenancy_pb2.UpdateTenantResponse, write)
+        result = await self.store.write(p, "UpdateTenant", request, tenancy_pb2.UpdateTenantResponse, write)
+        if self.authenticator is not None:  # a deactivated tenant's keys stop working here at once
+            self.authenticator.apply_notice({"k": compat_pb2.AGENT_CHANGE_KIND_TENANT, "t": request.id})
+        return result
 
     # environments
 

@@ -24,7 +24,7 @@ from arm_telemetry.backfill import Backfills
 from arm_telemetry.ingest import TOPIC_SPEND, EventWriter
 from arm_telemetry.models import IDEMPOTENCY, OUTBOX
 from arm_telemetry.queries import EventReader
-from arm_telemetry.references import ReferenceResolver
+from arm_telemetry.references import ReferenceChecker, ReferenceResolver
 from arm_telemetry.retention import Retention
 from arm_telemetry.servicers import TelemetryServicer
 from arm_telemetry.spend import SpendReporter
@@ -134,7 +134,8 @@ class TelemetryComponent:
                                    pause_s=self.settings.backfill_pause_s)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(
             TelemetryServicer(self.db, self.writer, self.reader, self.resolver, self.backfills,
-                              self.retention_period), server)
+                              self.retention_period,
+                              ReferenceChecker(self.channel, self.config.service_api_key)), server)
         return list(SERVICES)
 
     async def start(self) -> None:
@@ -149,14 +150,20 @@ class TelemetryComponent:
         assert self.backfills is not None and self.resolver is not None
         await self.resolver.start()
         await self.backfills.resume_all()
+        if self.authenticator is not None:
+            await self.authenticator.start(self.config.service_api_key)
 
     async def draining(self) -> None:
         # The agent-change feed is a call that never ends by itself; in the all-in-one server it
         # is served by this very server, whose graceful stop would wait for it.
         if self.resolver is not None:
             await self.resolver.stop()
+        if self.authenticator is not None:
+            await self.authenticator.stop()
 
     async def stop(self) -> None:
+        if self.authenticator is not None:
+            await self.authenticator.stop()
         if self.resolver is not None:
             await self.resolver.stop()
         if self.backfills is not None:

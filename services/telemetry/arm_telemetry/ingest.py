@@ -42,7 +42,7 @@ from arm_common.outbox import outbox_row
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_telemetry.models import EVENTS, IDEMPOTENCY, OUTBOX, REF_COLUMNS
-from arm_telemetry.references import ReferenceResolver
+from arm_telemetry.references import CHECKED_COLUMNS, ReferenceChecker, ReferenceResolver
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +139,40 @@ def validate(index: int, ev: events_pb2.OpEvent, principal: Principal, now: date
 
 async def prepare(events: Sequence[events_pb2.OpEvent], principal: Principal, retention: timedelta,
                   resolver: ReferenceResolver | None, caller_key: str,
+                  checker: ReferenceChecker | None = None,
                   ) -> tuple[list[Row], list[telemetry_pb2.RejectedEvent]]:
-    """Validates a batch and fills the references of events that carry only a legacy agent id."""
+    """Validates a batch, rejects events naming registry ids outside the caller's tenant, and
+    fills the references of events that carry only a legacy agent id."""
     now, oldest = now_and_oldest(retention)
     rows: list[Row] = []
+    indexes: list[int] = []
     rejected: list[telemetry_pb2.RejectedEvent] = []
     for i, ev in enumerate(events):
         out = validate(i, ev, principal, now, oldest)
         if isinstance(out, list):
             rows.append(out)
+            indexes.append(i)
         else:
             rejected.append(out)
+    # Every registry id an event names must be the caller's tenant's. System-tenant keys (the
+    # services, acting for a tenant after checking the ids themselves) are trusted.
+    if checker is not None and rows and not (principal.system_tenant or principal.acting_for_tenant):
+        own = principal.actor_id if principal.is_agent else None
+        wanted = {(column, r[COL[column]]) for r in rows for column in CHECKED_COLUMNS
+                  if r[COL[column]] and not (column == "instance_id" and r[COL[column]] == own)}
+        missing = await checker.unknown(principal.tenant_id, wanted, caller_key) if wanted else set()
+        if missing:
+            kept: list[Row] = []
+            for index, r in zip(indexes, rows, strict=True):
+                bad = next(((c, r[COL[c]]) for c in CHECKED_COLUMNS if (c, r[COL[c]]) in missing), None)
+                if bad is None:
+                    kept.append(r)
+                else:
+                    kind = CHECKED_COLUMNS[bad[0]]
+                    rejected.append(_reject(index, r[EVENT_ID], f"{kind.upper()}_NOT_FOUND",
+                                            f"{bad[0]} {bad[1]!r} is not a {kind} of the caller's tenant"))
+            rows = kept
+            rejected.sort(key=lambda x: x.index)
     if resolver is not None:
         legacy = {r[LEGACY] for r in rows if r[LEGACY] and not (r[INSTANCE] and r[VERSION])}
         if legacy:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from arm.registry.v1 import compat_pb2, compat_pb2_grpc
+from arm.registry.v1 import (
+    agents_pb2,
+    agents_pb2_grpc,
+    compat_pb2,
+    compat_pb2_grpc,
+    tenancy_pb2,
+    tenancy_pb2_grpc,
+)
 from arm_common.auth import auth_metadata
 from arm_common.tagged_cache import TaggedCache
 from arm_common.tasks import cancel_and_wait
@@ -143,3 +150,61 @@ class ReferenceResolver:
 
         found = await asyncio.gather(*(one(i) for i in ids))
         return {i: f for i, f in zip(ids, found, strict=True) if f is not None}
+
+
+# Event columns that name a registry resource, with the resource kind for NOT_FOUND reasons.
+CHECKED_COLUMNS: dict[str, str] = {
+    "project_id": "project", "environment_id": "environment", "template_id": "agent_template",
+    "version_id": "agent_version", "instance_id": "agent_instance"}
+
+
+class ReferenceChecker:
+    """Whether the registry ids an event names (project, environment, template, version,
+    instance) belong to the caller's tenant. Asked of the registry with the service key acting for
+    the tenant (else the caller's own key); an id found is remembered for `ttl_s` (ids never move
+    between tenants), an id not found is not remembered. Raises RegistryUnavailable when the
+    registry cannot tell."""
+
+    def __init__(self, channel: grpc.aio.Channel, service_key: str | None, *, ttl_s: float = 300.0,
+                 limit: int = 100_000) -> None:
+        self.tenancy = tenancy_pb2_grpc.TenancyServiceStub(channel)
+        self.agents = agents_pb2_grpc.AgentServiceStub(channel)
+        self.service_key = service_key
+        self.ttl_s = ttl_s
+        self._known: TaggedCache[tuple[str, str, str], float] = TaggedCache(limit)
+
+    async def _ask(self, column: str, ident: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        if column == "project_id":
+            await self.tenancy.GetProject(tenancy_pb2.GetProjectRequest(id=ident), metadata=metadata, timeout=5)
+        elif column == "environment_id":
+            await self.tenancy.GetEnvironment(tenancy_pb2.GetEnvironmentRequest(id=ident), metadata=metadata, timeout=5)
+        elif column == "template_id":
+            await self.agents.GetAgentTemplate(agents_pb2.GetAgentTemplateRequest(id=ident), metadata=metadata, timeout=5)
+        elif column == "version_id":
+            await self.agents.GetAgentVersion(agents_pb2.GetAgentVersionRequest(id=ident), metadata=metadata, timeout=5)
+        else:
+            await self.agents.GetAgentInstance(agents_pb2.GetAgentInstanceRequest(id=ident), metadata=metadata, timeout=5)
+
+    async def exists(self, tenant_id: str, column: str, ident: str, caller_key: str) -> bool:
+        key = (tenant_id, column, ident)
+        _, until = self._known.get(key)
+        now = time.monotonic()
+        if until is not None and until > now:
+            return True
+        metadata = (auth_metadata(self.service_key, tenant_id) if self.service_key
+                    else auth_metadata(caller_key, ""))
+        try:
+            await self._ask(column, ident, metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                              grpc.StatusCode.PERMISSION_DENIED):
+                return False  # not in the tenant, or not the caller's to name
+            raise RegistryUnavailable(f"checking {column} {ident}: {exc.code().name}") from None
+        self._known.put(key, now + self.ttl_s, [("tenant", tenant_id)])
+        return True
+
+    async def unknown(self, tenant_id: str, refs: set[tuple[str, str]], caller_key: str) -> set[tuple[str, str]]:
+        """The (column, id) pairs of `refs` that are not the tenant's; each asked once, concurrently."""
+        ordered = sorted(refs)
+        found = await asyncio.gather(*(self.exists(tenant_id, c, i, caller_key) for c, i in ordered))
+        return {ref for ref, ok in zip(ordered, found, strict=True) if not ok}

@@ -15,7 +15,14 @@ from arm.telemetry.v1 import events_pb2, telemetry_pb2, telemetry_pb2_grpc
 from arm_common import validation as val
 from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
+from arm_common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    Violations,
+)
 from arm_common.idempotency import request_hash, run_idempotent
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
@@ -23,7 +30,7 @@ from arm_telemetry import ingest
 from arm_telemetry.backfill import Backfills
 from arm_telemetry.models import IDEMPOTENCY
 from arm_telemetry.queries import EventReader
-from arm_telemetry.references import ReferenceResolver
+from arm_telemetry.references import CHECKED_COLUMNS, ReferenceChecker, ReferenceResolver, RegistryUnavailable
 
 _TYPES = set(events_pb2.OpEventType.values()) - {0}
 
@@ -55,8 +62,10 @@ def _check_filter(v: Violations, f: telemetry_pb2.EventFilter, prefix: str = "fi
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     def __init__(self, db: Database, writer: ingest.EventWriter, reader: EventReader,
-                 resolver: ReferenceResolver | None, backfills: Backfills, retention: timedelta) -> None:
+                 resolver: ReferenceResolver | None, backfills: Backfills, retention: timedelta,
+                 checker: ReferenceChecker | None = None) -> None:
         self.db = db
+        self.checker = checker
         self.writer = writer
         self.reader = reader
         self.resolver = resolver
@@ -72,7 +81,12 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         if len(events) > ingest.MAX_BATCH:
             raise InvalidArgument(f"a batch holds at most {ingest.MAX_BATCH} events", reason="BATCH_TOO_LARGE",
                                   violations=[FieldViolation("events", f"must hold at most {ingest.MAX_BATCH} events")])
-        rows, rejected = await ingest.prepare(events, p, self.retention, self.resolver, current_api_key())
+        try:
+            rows, rejected = await ingest.prepare(events, p, self.retention, self.resolver, current_api_key(),
+                                                  self.checker)
+        except RegistryUnavailable as exc:
+            raise Unavailable(f"the registry could not check the events' references: {exc}",
+                              reason="REGISTRY_UNAVAILABLE", retry_delay_s=1.0) from None
         remember = None
         if request is not None and request.request_id:
             def remember(accepted: int, duplicates: int) -> dict[str, Any]:
@@ -127,6 +141,23 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
 
     # --- reading ------------------------------------------------------------------------------
 
+    async def _check_filter_refs(self, p: Principal, f: telemetry_pb2.EventFilter) -> None:
+        """NOT_FOUND for a filter naming a project, version or instance outside the caller's
+        tenant (run and legacy agent ids are the caller's own free-form strings)."""
+        if self.checker is None or p.system_tenant or p.acting_for_tenant:
+            return
+        wanted = {(c, getattr(f, c)) for c in ("project_id", "version_id", "instance_id") if getattr(f, c)}
+        if not wanted:
+            return
+        try:
+            missing = await self.checker.unknown(p.tenant_id, wanted, current_api_key())
+        except RegistryUnavailable as exc:
+            raise Unavailable(f"the registry could not check the filter: {exc}", reason="REGISTRY_UNAVAILABLE",
+                              retry_delay_s=1.0) from None
+        if missing:
+            column, ident = min(missing)
+            raise NotFound.of(CHECKED_COLUMNS[column], ident)
+
     async def QueryEvents(self, request: telemetry_pb2.QueryEventsRequest, context: Ctx) -> Any:
         v = Violations()
         val.standard_fields(v, request)
@@ -134,6 +165,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         v.raise_if_any()
         p = current_principal()
         _require_read(p, request.filter.project_id)
+        await self._check_filter_refs(p, request.filter)
         return await self.reader.query(p.tenant_id, request)
 
     async def TailEvents(self, request: telemetry_pb2.TailEventsRequest,
@@ -144,6 +176,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         v.raise_if_any()
         p = current_principal()
         _require_read(p, request.filter.project_id)
+        await self._check_filter_refs(p, request.filter)
         async for item in self.reader.tail(p.tenant_id, request):
             yield item
 

@@ -335,16 +335,23 @@ class RequestApprovalRequest(_message.Message):
     action_type: Global___ApprovalActionType.ValueType
     """What the approval is for."""
     project_id: _builtins.str
-    """Project the action concerns; defaults to the instance's project."""
+    """Project the action concerns; defaults to the project of the instance, version or target.
+    When set it must be a project of the caller's tenant (NOT_FOUND otherwise) and, when the
+    instance, version or target has a project, that project (INVALID_ARGUMENT otherwise).
+    """
     instance_id: _builtins.str
     """Agent instance the action concerns; required for TOOL_EXECUTION, INSTANCE_REACTIVATION and
-    INSTANCE_QUARANTINE.
+    INSTANCE_QUARANTINE. It must be of the caller's tenant (NOT_FOUND otherwise).
     """
     version_id: _builtins.str
-    """Agent version the action concerns; required for VERSION_PROMOTION."""
+    """Agent version the action concerns; required for VERSION_PROMOTION. It must be of the
+    caller's tenant (NOT_FOUND otherwise).
+    """
     target_id: _builtins.str
-    """Entity the action concerns when it is not a tool call (deployment id, envelope id, …);
-    required for DEPLOYMENT_ACTIVATION and POLICY_AUTONOMY_INCREASE.
+    """Entity the action concerns when it is not a tool call, by action type: the deployment id for
+    DEPLOYMENT_ACTIVATION, the policy envelope id for POLICY_AUTONOMY_INCREASE (required for
+    both), a version id for VERSION_PROMOTION, an instance id otherwise. It must be of the
+    caller's tenant (NOT_FOUND otherwise).
     """
     tool_name: _builtins.str
     """Tool to be called; required for TOOL_EXECUTION."""

@@ -1375,7 +1375,9 @@ class GetOperatorControlRequest(_message.Message):
     scope: Global___OperatorControlScope.ValueType
     """Tenant or project."""
     scope_id: _builtins.str
-    """Project id for PROJECT scope; for TENANT scope empty or the caller's tenant id."""
+    """Project id for PROJECT scope (a project of the caller's tenant, NOT_FOUND otherwise, even
+    when no control is set); for TENANT scope empty or the caller's tenant id.
+    """
     def __init__(
         self,
         *,

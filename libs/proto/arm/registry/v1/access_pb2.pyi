@@ -345,6 +345,8 @@ class Principal(_message.Message):
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     TENANT_ACTIVE_FIELD_NUMBER: _builtins.int
     SYSTEM_TENANT_FIELD_NUMBER: _builtins.int
+    KEY_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    GRANTS_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Tenant of the key."""
     api_key_id: _builtins.str
@@ -361,6 +363,18 @@ class Principal(_message.Message):
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
         """Effective permissions."""
 
+    @_builtins.property
+    def key_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key expires; unset for a key that never expires. A cached principal must be
+        refused from this time on, whatever the cache's TTL.
+        """
+
+    @_builtins.property
+    def grants_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The earliest expiry of the role assignments behind `grants`; unset when none expires. A
+        cached principal must be looked up again from this time on.
+        """
+
     def __init__(
         self,
         *,
@@ -370,10 +384,12 @@ class Principal(_message.Message):
         api_key_id: _builtins.str = ...,
         tenant_active: _builtins.bool = ...,
         system_tenant: _builtins.bool = ...,
+        key_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        grants_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "grants_expire_time", b"grants_expire_time", "key_expire_time", b"key_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "api_key_id", b"api_key_id", "grants", b"grants", "system_tenant", b"system_tenant", "tenant_active", b"tenant_active", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "api_key_id", b"api_key_id", "grants", b"grants", "grants_expire_time", b"grants_expire_time", "key_expire_time", b"key_expire_time", "system_tenant", b"system_tenant", "tenant_active", b"tenant_active", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

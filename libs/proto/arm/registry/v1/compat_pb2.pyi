@@ -37,6 +37,10 @@ class _AgentChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Agent
     """A version changed (state)."""
     AGENT_CHANGE_KIND_TENANT: _AgentChangeKind.ValueType  # 4
     """A tenant changed (active flag)."""
+    AGENT_CHANGE_KIND_API_KEY: _AgentChangeKind.ValueType  # 5
+    """An API key changed (revoked): `api_key_id` names it."""
+    AGENT_CHANGE_KIND_OPERATOR: _AgentChangeKind.ValueType  # 6
+    """An operator changed (active flag, role assignments): `operator_id` names it."""
 
 class AgentChangeKind(_AgentChangeKind, metaclass=_AgentChangeKindEnumTypeWrapper):
     """What an agent change concerns."""
@@ -51,6 +55,10 @@ AGENT_CHANGE_KIND_VERSION: AgentChangeKind.ValueType  # 3
 """A version changed (state)."""
 AGENT_CHANGE_KIND_TENANT: AgentChangeKind.ValueType  # 4
 """A tenant changed (active flag)."""
+AGENT_CHANGE_KIND_API_KEY: AgentChangeKind.ValueType  # 5
+"""An API key changed (revoked): `api_key_id` names it."""
+AGENT_CHANGE_KIND_OPERATOR: AgentChangeKind.ValueType  # 6
+"""An operator changed (active flag, role assignments): `operator_id` names it."""
 Global___AgentChangeKind: _TypeAlias = AgentChangeKind  # noqa: Y015
 
 @_typing.final
@@ -64,6 +72,8 @@ class AgentChange(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     LEGACY_AGENT_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    OPERATOR_ID_FIELD_NUMBER: _builtins.int
     kind: Global___AgentChangeKind.ValueType
     """What changed."""
     tenant_id: _builtins.str
@@ -74,6 +84,10 @@ class AgentChange(_message.Message):
     """The version, for VERSION (and the instance's version for INSTANCE)."""
     legacy_agent_id: _builtins.str
     """The instance's legacy agent id, when it has one."""
+    api_key_id: _builtins.str
+    """The API key, for API_KEY; empty otherwise."""
+    operator_id: _builtins.str
+    """The operator, for OPERATOR; empty otherwise."""
     def __init__(
         self,
         *,
@@ -82,10 +96,12 @@ class AgentChange(_message.Message):
         instance_id: _builtins.str = ...,
         version_id: _builtins.str = ...,
         legacy_agent_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        operator_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "kind", b"kind", "legacy_agent_id", b"legacy_agent_id", "tenant_id", b"tenant_id", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "instance_id", b"instance_id", "kind", b"kind", "legacy_agent_id", b"legacy_agent_id", "operator_id", b"operator_id", "tenant_id", b"tenant_id", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -84,9 +84,11 @@ class CompatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAgentChanges(self, request, context):
-        """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
-        can cache resolutions and drop them on change. The first message is a RESET. Changes of every
-        tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+        """Streams changes to what ResolveAgentRef and AccessService.Authenticate return (instances,
+        versions, tenants, API keys, operators), so callers can cache resolutions and principals and
+        drop them on change. The first message is a RESET. Changes of every
+        tenant for holders of `tenants:admin` (services), else of the caller's tenant only and
+        without API_KEY and OPERATOR changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,9 +44,11 @@ class CompatServiceStub:
     GetAgentByLegacyId: _grpc.UnaryUnaryMultiCallable[_compat_pb2.GetAgentByLegacyIdRequest, _compat_pb2.GetAgentByLegacyIdResponse]
     """Returns the instance-shaped view of a legacy agent."""
     WatchAgentChanges: _grpc.UnaryStreamMultiCallable[_compat_pb2.WatchAgentChangesRequest, _compat_pb2.WatchAgentChangesResponse]
-    """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
-    can cache resolutions and drop them on change. The first message is a RESET. Changes of every
-    tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+    """Streams changes to what ResolveAgentRef and AccessService.Authenticate return (instances,
+    versions, tenants, API keys, operators), so callers can cache resolutions and principals and
+    drop them on change. The first message is a RESET. Changes of every
+    tenant for holders of `tenants:admin` (services), else of the caller's tenant only and
+    without API_KEY and OPERATOR changes.
     """
 
 @_typing.type_check_only
@@ -63,9 +65,11 @@ class CompatServiceAsyncStub(CompatServiceStub):
     GetAgentByLegacyId: _aio.UnaryUnaryMultiCallable[_compat_pb2.GetAgentByLegacyIdRequest, _compat_pb2.GetAgentByLegacyIdResponse]  # type: ignore[assignment]
     """Returns the instance-shaped view of a legacy agent."""
     WatchAgentChanges: _aio.UnaryStreamMultiCallable[_compat_pb2.WatchAgentChangesRequest, _compat_pb2.WatchAgentChangesResponse]  # type: ignore[assignment]
-    """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
-    can cache resolutions and drop them on change. The first message is a RESET. Changes of every
-    tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+    """Streams changes to what ResolveAgentRef and AccessService.Authenticate return (instances,
+    versions, tenants, API keys, operators), so callers can cache resolutions and principals and
+    drop them on change. The first message is a RESET. Changes of every
+    tenant for holders of `tenants:admin` (services), else of the caller's tenant only and
+    without API_KEY and OPERATOR changes.
     """
 
 class CompatServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -103,9 +107,11 @@ class CompatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compat_pb2.WatchAgentChangesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_compat_pb2.WatchAgentChangesResponse], _abc.AsyncIterator[_compat_pb2.WatchAgentChangesResponse]]:
-        """Streams changes to what ResolveAgentRef returns (instances, versions, tenants), so callers
-        can cache resolutions and drop them on change. The first message is a RESET. Changes of every
-        tenant for holders of `tenants:admin` (services), else of the caller's tenant only.
+        """Streams changes to what ResolveAgentRef and AccessService.Authenticate return (instances,
+        versions, tenants, API keys, operators), so callers can cache resolutions and principals and
+        drop them on change. The first message is a RESET. Changes of every
+        tenant for holders of `tenants:admin` (services), else of the caller's tenant only and
+        without API_KEY and OPERATOR changes.
         """
 
 def add_CompatServiceServicer_to_server(servicer: CompatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -90,7 +90,9 @@ class TelemetryServiceServicer:
         """Ingests a batch of at most 1000 events. A bad event is rejected alone (index and reason); the
         rest are stored; duplicates (same event_id) are counted, not stored twice. A response means
         committed. Overload answers RESOURCE_EXHAUSTED with a google.rpc.RetryInfo delay; nothing of
-        that batch is stored.
+        that batch is stored. An event naming a project, environment, template, version or instance
+        that is not the caller's tenant's is rejected (reason PROJECT_NOT_FOUND, …,
+        AGENT_INSTANCE_NOT_FOUND); when the registry cannot tell, the call is UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +108,8 @@ class TelemetryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def QueryEvents(self, request, context):
-        """Queries stored events, newest first, paginated.
+        """Queries stored events, newest first, paginated. A filter naming a project, version or
+        instance outside the caller's tenant is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

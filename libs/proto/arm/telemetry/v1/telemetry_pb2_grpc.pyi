@@ -39,7 +39,9 @@ class TelemetryServiceStub:
     """Ingests a batch of at most 1000 events. A bad event is rejected alone (index and reason); the
     rest are stored; duplicates (same event_id) are counted, not stored twice. A response means
     committed. Overload answers RESOURCE_EXHAUSTED with a google.rpc.RetryInfo delay; nothing of
-    that batch is stored.
+    that batch is stored. An event naming a project, environment, template, version or instance
+    that is not the caller's tenant's is rejected (reason PROJECT_NOT_FOUND, …,
+    AGENT_INSTANCE_NOT_FOUND); when the registry cannot tell, the call is UNAVAILABLE.
     """
     StreamIngestEvents: _grpc.StreamStreamMultiCallable[_telemetry_pb2.StreamIngestEventsRequest, _telemetry_pb2.StreamIngestEventsResponse]
     """Ingests a stream of batches; each batch is committed and acknowledged with its batch_id, in
@@ -47,7 +49,9 @@ class TelemetryServiceStub:
     batches are committed, unacknowledged ones must be resent (safe: event_id deduplicates).
     """
     QueryEvents: _grpc.UnaryUnaryMultiCallable[_telemetry_pb2.QueryEventsRequest, _telemetry_pb2.QueryEventsResponse]
-    """Queries stored events, newest first, paginated."""
+    """Queries stored events, newest first, paginated. A filter naming a project, version or
+    instance outside the caller's tenant is NOT_FOUND.
+    """
     TailEvents: _grpc.UnaryStreamMultiCallable[_telemetry_pb2.TailEventsRequest, _telemetry_pb2.TailEventsResponse]
     """Streams matching events live as they are stored, each with a cursor to resume from."""
     GetEventStats: _grpc.UnaryUnaryMultiCallable[_telemetry_pb2.GetEventStatsRequest, _telemetry_pb2.GetEventStatsResponse]
@@ -73,7 +77,9 @@ class TelemetryServiceAsyncStub(TelemetryServiceStub):
     """Ingests a batch of at most 1000 events. A bad event is rejected alone (index and reason); the
     rest are stored; duplicates (same event_id) are counted, not stored twice. A response means
     committed. Overload answers RESOURCE_EXHAUSTED with a google.rpc.RetryInfo delay; nothing of
-    that batch is stored.
+    that batch is stored. An event naming a project, environment, template, version or instance
+    that is not the caller's tenant's is rejected (reason PROJECT_NOT_FOUND, …,
+    AGENT_INSTANCE_NOT_FOUND); when the registry cannot tell, the call is UNAVAILABLE.
     """
     StreamIngestEvents: _aio.StreamStreamMultiCallable[_telemetry_pb2.StreamIngestEventsRequest, _telemetry_pb2.StreamIngestEventsResponse]  # type: ignore[assignment]
     """Ingests a stream of batches; each batch is committed and acknowledged with its batch_id, in
@@ -81,7 +87,9 @@ class TelemetryServiceAsyncStub(TelemetryServiceStub):
     batches are committed, unacknowledged ones must be resent (safe: event_id deduplicates).
     """
     QueryEvents: _aio.UnaryUnaryMultiCallable[_telemetry_pb2.QueryEventsRequest, _telemetry_pb2.QueryEventsResponse]  # type: ignore[assignment]
-    """Queries stored events, newest first, paginated."""
+    """Queries stored events, newest first, paginated. A filter naming a project, version or
+    instance outside the caller's tenant is NOT_FOUND.
+    """
     TailEvents: _aio.UnaryStreamMultiCallable[_telemetry_pb2.TailEventsRequest, _telemetry_pb2.TailEventsResponse]  # type: ignore[assignment]
     """Streams matching events live as they are stored, each with a cursor to resume from."""
     GetEventStats: _aio.UnaryUnaryMultiCallable[_telemetry_pb2.GetEventStatsRequest, _telemetry_pb2.GetEventStatsResponse]  # type: ignore[assignment]
@@ -110,7 +118,9 @@ class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Ingests a batch of at most 1000 events. A bad event is rejected alone (index and reason); the
         rest are stored; duplicates (same event_id) are counted, not stored twice. A response means
         committed. Overload answers RESOURCE_EXHAUSTED with a google.rpc.RetryInfo delay; nothing of
-        that batch is stored.
+        that batch is stored. An event naming a project, environment, template, version or instance
+        that is not the caller's tenant's is rejected (reason PROJECT_NOT_FOUND, …,
+        AGENT_INSTANCE_NOT_FOUND); when the registry cannot tell, the call is UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -130,7 +140,9 @@ class TelemetryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _telemetry_pb2.QueryEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_telemetry_pb2.QueryEventsResponse, _abc.Awaitable[_telemetry_pb2.QueryEventsResponse]]:
-        """Queries stored events, newest first, paginated."""
+        """Queries stored events, newest first, paginated. A filter naming a project, version or
+        instance outside the caller's tenant is NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def TailEvents(
