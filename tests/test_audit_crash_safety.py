@@ -29,8 +29,9 @@ def project_request(rid: str) -> tenancy_pb2.CreateProjectRequest:
 
 def policy_request(rid: str) -> policy_pb2.CreatePolicyEnvelopeRequest:
     return policy_pb2.CreatePolicyEnvelopeRequest(request_id=rid, envelope=policy_pb2.PolicyEnvelope(
+        # Inactive: the test makes hundreds, past the active envelopes a scope may hold.
         name=f"crash-{rid}", scope=policy_pb2.POLICY_SCOPE_TENANT, mode=policy_pb2.POLICY_MODE_SHADOW,
-        active=True, default_effect=policy_pb2.DECISION_ALLOW))
+        active=False, default_effect=policy_pb2.DECISION_ALLOW))
 
 
 async def listed(call, field: str) -> list:  # type: ignore[no-untyped-def, type-arg]

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -125,11 +126,13 @@ class PolicyStore:
         self.changes = changes
 
     async def bump_epoch(self, s: AsyncSession, tenant_id: str) -> int:
+        # Insert-if-missing first, so two first writers of a tenant cannot both insert the row
+        # (a unique violation answered INTERNAL); the locked row is then the tenant's write turn.
+        insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
+        await s.execute(insert(models.PolicyEpoch).values(tenant_id=tenant_id, epoch=0)
+                        .on_conflict_do_nothing(index_elements=["tenant_id"]))
         row = (await s.execute(select(models.PolicyEpoch).where(
-            models.PolicyEpoch.tenant_id == tenant_id).with_for_update())).scalar_one_or_none()
-        if row is None:
-            row = models.PolicyEpoch(tenant_id=tenant_id, epoch=0)
-            s.add(row)
+            models.PolicyEpoch.tenant_id == tenant_id).with_for_update())).scalar_one()
         row.epoch += 1
         await self.changes.send(s, {"tenant": tenant_id})
         return row.epoch
