@@ -107,7 +107,9 @@ class ArmSync:
     # --- governed tools --------------------------------------------------------------------------
 
     @overload
-    def governed(self, fn: F, /) -> F: ...
+    def governed(self, fn: F, /, *, name: str | None = None, risk: str | int | None = None,
+                 cost_usd: float = 0.0, wait: bool = True, approval_timeout_s: float | None = None,
+                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None) -> F: ...
 
     @overload
     def governed(self, fn: None = None, /, *, name: str | None = None, risk: str | int | None = None,
