@@ -105,7 +105,7 @@ async def test_a_plain_function_is_governed_and_awaited(agent: Agent) -> None:
         return a + b
 
     governed_add = arm.governed(add, name="math.add", risk="LOW")
-    assert await governed_add(2, 3) == 5  # type: ignore[misc]  (with Arm a plain tool is awaited)
+    assert await governed_add(2, 3) == 5  # type: ignore[misc]  # with Arm a plain tool is awaited
 
 
 async def test_tools_own_exception_is_reraised_unchanged(agent: Agent) -> None:
