@@ -540,3 +540,19 @@ async def test_the_trail_alone_says_who_approved_a_call(world: World, tenant: Te
         types=[common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED], target_id=approval_id))) == 1
     report = await world.gov.audit.VerifyChain(audit_pb2.VerifyChainRequest())
     assert report.ok, report.message
+
+
+async def test_a_retry_does_not_use_up_a_grant_approved_since_its_first_answer(world: World) -> None:
+    # A runtime re-running its step replays its requests: the retry of "present the approval
+    # while pending" after the approval was granted must get the logged NEEDS_APPROVAL back and
+    # leave the grant for the next, new request (a retry that used it up while answering
+    # NEEDS_APPROVAL would lose it: the next request would hear APPROVAL_USED).
+    approval_id = await world.ask("tc-replay")
+    request_id = f"req-{secrets.token_hex(4)}"
+    first = await world.check(approval_id=approval_id, tool_call_id="tc-replay", request_id=request_id)
+    assert (first.decision, first.approval_id) == (NA, approval_id), first
+    await world.set_approval(approval_id, status=APPROVED)
+    assert await world.check(approval_id=approval_id, tool_call_id="tc-replay", request_id=request_id) == first
+    assert (await world.approval(approval_id)).consumed_at is None
+    used = await world.check(approval_id=approval_id, tool_call_id="tc-replay", request_id=f"{request_id}-2")
+    assert (used.decision, used.step, used.approval_id) == (ALLOW, GRANT, approval_id), used

@@ -175,6 +175,15 @@ class Approvals:
             return "VALID" if bound else "MISMATCH"
         return await self.db.read(read)
 
+    async def logged_response(self, tenant_id: str, request_id: str) -> decision_pb2.CheckResponse | None:
+        """The logged answer to an earlier request with this request id, if any."""
+        async def read(s: AsyncSession) -> bytes | None:
+            d = models.DecisionRecord
+            return (await s.execute(select(d.response).where(
+                d.tenant_id == tenant_id, d.request_id == request_id))).scalar_one_or_none()
+        raw = await self.db.read(read)
+        return decision_pb2.CheckResponse.FromString(raw) if raw is not None else None
+
     async def consume(self, tenant_id: str, approval_id: str) -> bool:
         """Marks the grant used; False when another call used it first."""
         async def write(s: AsyncSession) -> bool:
@@ -229,6 +238,13 @@ class Decider:
         if agent is not None and has_budgets:
             spend = await self.spend.totals(principal.tenant_id, agent.instance_id, request.run_id, now)
         grant = None
+        if request.approval_id and request.request_id:
+            # A retry presenting an approval is answered from the log before the grant is looked
+            # at: else an approval granted since the first answer (say, NEEDS_APPROVAL while it
+            # was pending) would be used up here while the log answers with the first response.
+            earlier = await self.approvals.logged_response(principal.tenant_id, request.request_id)
+            if earlier is not None:
+                return earlier
         if request.approval_id and agent is not None:
             grant = engine.Grant(await self.approvals.grant_status(
                 principal.tenant_id, request.approval_id, agent.instance_id, request.tool_name, digest))
