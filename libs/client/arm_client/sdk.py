@@ -454,11 +454,14 @@ class Arm:
             try:
                 stream = self.stubs.approvals.WatchApproval(
                     approvals_pb2.WatchApprovalRequest(approval_id=approval_id), timeout=remaining)
-                async for msg in stream:
-                    backoff = 0.05
-                    final = _final(msg.approval)
-                    if final is not None:
-                        return final
+                try:
+                    async for msg in stream:
+                        backoff = 0.05
+                        final = _final(msg.approval)
+                        if final is not None:
+                            return final
+                finally:
+                    stream.cancel()
                 # The stream ended without a final state (the server is going away): re-open.
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
