@@ -192,6 +192,9 @@ class ToolOptions:
     """Run the tool when governance cannot be reached; None = the Arm's default (fail closed)."""
     context: Mapping[str, Any] | None = None
     """Free-form context logged with each decision."""
+    on_pending: Callable[[str], None] | None = None
+    """Called with the approval id when a call starts waiting for an approval (e.g. to tell a
+    human where to approve). Runs on the SDK's event loop: keep it quick; its errors are logged."""
 
 
 @dataclass(frozen=True)
@@ -507,7 +510,7 @@ class Arm:
                 if approval.status in OPEN_STATUSES:
                     if not opts.wait:
                         raise ApprovalPending(opts.name, approval_id, approval.decision_id)
-                    approval = await self._wait(opts.name, approval_id, timeout)
+                    approval = await self._wait(opts, approval_id, timeout)
                 else:
                     approval = _final(approval) or approval
                 decision = await ask(approval_id, tool_call_id)
@@ -516,7 +519,7 @@ class Arm:
             if decision.needs_approval:
                 if not opts.wait:
                     raise ApprovalPending(opts.name, decision.approval_id, decision.decision_id, decision.reasons)
-                await self._wait(opts.name, decision.approval_id, timeout)
+                await self._wait(opts, decision.approval_id, timeout)
                 decision = await ask(decision.approval_id, tool_call_id)
         if decision.denied:
             raise ToolDenied(opts.name, decision.decision_id, decision.reasons)
@@ -524,7 +527,13 @@ class Arm:
             raise ApprovalPending(opts.name, decision.approval_id, decision.decision_id, decision.reasons)
         return Authorization(tool_call_id, decision)
 
-    async def _wait(self, tool: str, approval_id: str, timeout_s: float) -> approvals_pb2.Approval:
+    async def _wait(self, opts: ToolOptions, approval_id: str, timeout_s: float) -> approvals_pb2.Approval:
+        if opts.on_pending is not None:
+            try:
+                opts.on_pending(approval_id)
+            except Exception:
+                log.exception("on_pending of %s failed", opts.name)
+        tool = opts.name
         try:
             return await self.wait_for_approval(approval_id, timeout_s)
         except ApprovalTimeout:
@@ -535,17 +544,19 @@ class Arm:
     @overload
     def governed(self, fn: F, /, *, name: str | None = None, risk: str | int | None = None,
                  cost_usd: float = 0.0, wait: bool = True, approval_timeout_s: float | None = None,
-                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None) -> F: ...
+                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None,
+                 on_pending: Callable[[str], None] | None = None) -> F: ...
 
     @overload
     def governed(self, fn: None = None, /, *, name: str | None = None, risk: str | int | None = None,
                  cost_usd: float = 0.0, wait: bool = True, approval_timeout_s: float | None = None,
-                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None) -> Callable[[F], F]: ...
+                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None,
+                 on_pending: Callable[[str], None] | None = None) -> Callable[[F], F]: ...
 
     def governed(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
                  risk: str | int | None = None, cost_usd: float = 0.0, wait: bool = True,
                  approval_timeout_s: float | None = None, fail_open: bool | None = None,
-                 context: Mapping[str, Any] | None = None) -> Any:
+                 context: Mapping[str, Any] | None = None, on_pending: Callable[[str], None] | None = None) -> Any:
         """Wraps a tool so each call is governed: `@arm.governed`, `@arm.governed(risk="HIGH")`
         or `arm.governed(fn, name="payments.send")`.
 
@@ -554,7 +565,7 @@ class Arm:
         Keywords: see `ToolOptions`. The wrapper carries its options as `.arm_tool`."""
         def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
             opts = ToolOptions(name or str(getattr(f, "__name__", "tool")), risk, cost_usd, wait,
-                               approval_timeout_s, fail_open, context)
+                               approval_timeout_s, fail_open, context, on_pending)
             sig = _signature(f)
 
             @functools.wraps(f)
