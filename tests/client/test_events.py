@@ -177,3 +177,29 @@ async def test_events_are_flushed_at_interpreter_exit(agent: Agent, tmp_path: Pa
     events = [e for e in await trace(agent, run_id) if e.event_id.startswith(prefix)]
     assert [T.Name(e.type) for e in events] == ["OP_EVENT_TYPE_RUN_STARTED", "OP_EVENT_TYPE_COST_TICK",
                                                 "OP_EVENT_TYPE_RUN_COMPLETED"], err.decode()
+
+
+async def test_overload_is_retried_after_the_servers_delay(agent: Agent, registry: RegistryServer,
+                                                           tmp_path: Path) -> None:
+    """Telemetry answers RESOURCE_EXHAUSTED with a RetryInfo delay while saturated (its limit set
+    below the batch); the batch is resent until it is taken, and stored once."""
+    server = await start_telemetry(new_database_spec(registry.backend, tmp_path, "telemetry"), registry)
+    arm = Arm(env={**agent.env(), "ARM_TELEMETRY_ADDRESS": server.address}, event_batch_size=10)
+    server.component.writer.max_pending = 2
+    try:
+        async with arm.run("under load") as run:
+            for n in range(5):
+                arm.emit(T.Value("OP_EVENT_TYPE_RUN_STEP"), payload={"step": n})
+        while arm._sender.failed_attempts < 2:
+            await asyncio.sleep(0.02)
+        err = arm._sender.last_error
+        assert err is not None and err.reason == "INGEST_SATURATED" and err.retry_delay_s == 0.5
+        server.component.writer.max_pending = 50_000
+        assert await arm.flush(30)
+        events = sdk_events(await trace(agent, run.run_id, server.address), arm)
+        assert [int(e.payload["step"]) for e in events if e.type == T.Value("OP_EVENT_TYPE_RUN_STEP")] == [
+            0, 1, 2, 3, 4]
+        assert len(events) == 7 and arm.events_dropped == 0
+    finally:
+        await arm.close()
+        await stop_telemetry(server)

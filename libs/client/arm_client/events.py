@@ -61,6 +61,8 @@ class EventSender:
         """Events telemetry acknowledged (stored or already stored)."""
         self.failed_attempts = 0
         """Batch sends that failed and were retried."""
+        self.last_error: ArmError | None = None
+        """The last error a batch send met (kept for diagnostics)."""
 
     # --- producer side (any thread) --------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class EventSender:
             try:
                 resp = await self._send(self._batch, self._batch_id)
             except ArmError as exc:
+                self.last_error = exc
                 if exc.code in RETRYABLE:
                     self.failed_attempts += 1
                     delay = exc.retry_delay_s if exc.retry_delay_s is not None else backoff
