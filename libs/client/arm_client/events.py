@@ -100,7 +100,10 @@ class EventSender:
         if running is loop:
             wake.set()
         else:
-            loop.call_soon_threadsafe(wake.set)
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the loop closed meanwhile; the exit flush sends what is left
+                pass
 
     # --- the sending task ------------------------------------------------------------------------
 

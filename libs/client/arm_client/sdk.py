@@ -416,6 +416,7 @@ class Arm:
 
         Raises GovernanceUnavailable when governance cannot be reached (after the channel's
         retries), other `ArmError`s for refused requests."""
+        await self._ensure_started()
         run = _current_run.get()
         tcid = tool_call_id or f"tc-{secrets.token_hex(8)}"
         request_id = new_request_id()
