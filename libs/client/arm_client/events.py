@@ -55,6 +55,7 @@ class EventSender:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._stopping = False
         self.dropped = 0
         """Events that could not be kept: queue full, rejected by telemetry, or left at close."""
         self.sent = 0
@@ -116,7 +117,7 @@ class EventSender:
     async def _run(self) -> None:
         assert self._wake is not None
         backoff = 0.05
-        while True:
+        while not self._stopping:
             if not self._batch:
                 with self._lock:
                     n = min(len(self._queue), self.batch_size)
@@ -169,12 +170,11 @@ class EventSender:
     async def close(self, timeout_s: float = 5.0) -> None:
         """Flushes (bounded by `timeout_s`), stops the task; what is left is counted as dropped."""
         await self.flush(timeout_s)
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Bounded: the task ends at its next step even if a cancellation got lost in a call.
+            await asyncio.wait([self._task], timeout=1.0)
             self._task = None
         self._abandon()
 

@@ -360,6 +360,7 @@ class Arm:
             return await rpc(request, timeout=timeout_s or self.settings.timeout_s,
                              metadata=(("x-request-id", request_id),))
         except grpc.RpcError as exc:
+            _reraise_cancellation(exc)
             raise from_rpc_error(exc, request_id) from None
 
     async def flush(self, timeout_s: float | None = None) -> bool:
@@ -429,6 +430,7 @@ class Arm:
             resp = await self.stubs.decisions.Check(req, timeout=timeout_s or self.settings.timeout_s,
                                                     metadata=(("x-request-id", request_id),))
         except grpc.RpcError as exc:
+            _reraise_cancellation(exc)
             err = from_rpc_error(exc, request_id)
             if isinstance(err, Unavailable):
                 raise from_rpc_error(exc, request_id, as_type=GovernanceUnavailable) from None
@@ -468,6 +470,7 @@ class Arm:
                     stream.cancel()
                 # The stream ended without a final state (the server is going away): re-open.
             except grpc.RpcError as exc:
+                _reraise_cancellation(exc)
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in WATCH_RETRYABLE:
                     raise from_rpc_error(exc) from None
@@ -680,6 +683,14 @@ class Arm:
         self._closed = True
         metadata = [("authorization", f"Bearer {self.settings.api_key}")] if self.settings.api_key else []
         self._sender.drain_blocking(target(self.settings.telemetry_address), metadata, self.close_timeout_s)
+
+
+def _reraise_cancellation(exc: grpc.RpcError) -> None:
+    """grpc.aio may report the cancellation of the awaiting task as an RpcError CANCELLED; it
+    must stay a cancellation (never retried, never mapped to an ArmError)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() and exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+        raise asyncio.CancelledError() from exc
 
 
 def _final(approval: approvals_pb2.Approval) -> approvals_pb2.Approval | None:
