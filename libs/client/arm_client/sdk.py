@@ -310,7 +310,7 @@ class Arm:
                  registry_address: str | None = None, governance_address: str | None = None,
                  telemetry_address: str | None = None, timeout_s: float | None = None,
                  fail_open: bool = False, approval_timeout_s: float = DEFAULT_APPROVAL_TIMEOUT_S,
-                 event_queue_size: int = 10_000, event_batch_size: int = 500, flush_interval_s: float = 0.1,
+                 event_queue_size: int = 10_000, event_batch_size: int = 500, flush_interval_s: float = 0.25,
                  close_timeout_s: float = 5.0, env: Mapping[str, str] | None = None,
                  settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env(
