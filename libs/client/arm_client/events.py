@@ -55,12 +55,15 @@ class EventSender:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._stopping = False
         self.dropped = 0
         """Events that could not be kept: queue full, rejected by telemetry, or left at close."""
         self.sent = 0
         """Events telemetry acknowledged (stored or already stored)."""
         self.failed_attempts = 0
         """Batch sends that failed and were retried."""
+        self.last_error: ArmError | None = None
+        """The last error a batch send met (kept for diagnostics)."""
 
     # --- producer side (any thread) --------------------------------------------------------------
 
@@ -98,7 +101,10 @@ class EventSender:
         if running is loop:
             wake.set()
         else:
-            loop.call_soon_threadsafe(wake.set)
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the loop closed meanwhile; the exit flush sends what is left
+                pass
 
     # --- the sending task ------------------------------------------------------------------------
 
@@ -111,7 +117,7 @@ class EventSender:
     async def _run(self) -> None:
         assert self._wake is not None
         backoff = 0.05
-        while True:
+        while not self._stopping:
             if not self._batch:
                 with self._lock:
                     n = min(len(self._queue), self.batch_size)
@@ -127,6 +133,7 @@ class EventSender:
             try:
                 resp = await self._send(self._batch, self._batch_id)
             except ArmError as exc:
+                self.last_error = exc
                 if exc.code in RETRYABLE:
                     self.failed_attempts += 1
                     delay = exc.retry_delay_s if exc.retry_delay_s is not None else backoff
@@ -163,12 +170,11 @@ class EventSender:
     async def close(self, timeout_s: float = 5.0) -> None:
         """Flushes (bounded by `timeout_s`), stops the task; what is left is counted as dropped."""
         await self.flush(timeout_s)
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Bounded: the task ends at its next step even if a cancellation got lost in a call.
+            await asyncio.wait([self._task], timeout=1.0)
             self._task = None
         self._abandon()
 

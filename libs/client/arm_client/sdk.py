@@ -192,6 +192,9 @@ class ToolOptions:
     """Run the tool when governance cannot be reached; None = the Arm's default (fail closed)."""
     context: Mapping[str, Any] | None = None
     """Free-form context logged with each decision."""
+    on_pending: Callable[[str], None] | None = None
+    """Called with the approval id when a call starts waiting for an approval (e.g. to tell a
+    human where to approve). Runs on the SDK's event loop: keep it quick; its errors are logged."""
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,7 @@ class Arm:
                  registry_address: str | None = None, governance_address: str | None = None,
                  telemetry_address: str | None = None, timeout_s: float | None = None,
                  fail_open: bool = False, approval_timeout_s: float = DEFAULT_APPROVAL_TIMEOUT_S,
-                 event_queue_size: int = 10_000, event_batch_size: int = 500, flush_interval_s: float = 0.1,
+                 event_queue_size: int = 10_000, event_batch_size: int = 500, flush_interval_s: float = 0.25,
                  close_timeout_s: float = 5.0, env: Mapping[str, str] | None = None,
                  settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env(
@@ -357,6 +360,7 @@ class Arm:
             return await rpc(request, timeout=timeout_s or self.settings.timeout_s,
                              metadata=(("x-request-id", request_id),))
         except grpc.RpcError as exc:
+            _reraise_cancellation(exc)
             raise from_rpc_error(exc, request_id) from None
 
     async def flush(self, timeout_s: float | None = None) -> bool:
@@ -413,6 +417,7 @@ class Arm:
 
         Raises GovernanceUnavailable when governance cannot be reached (after the channel's
         retries), other `ArmError`s for refused requests."""
+        await self._ensure_started()
         run = _current_run.get()
         tcid = tool_call_id or f"tc-{secrets.token_hex(8)}"
         request_id = new_request_id()
@@ -425,6 +430,7 @@ class Arm:
             resp = await self.stubs.decisions.Check(req, timeout=timeout_s or self.settings.timeout_s,
                                                     metadata=(("x-request-id", request_id),))
         except grpc.RpcError as exc:
+            _reraise_cancellation(exc)
             err = from_rpc_error(exc, request_id)
             if isinstance(err, Unavailable):
                 raise from_rpc_error(exc, request_id, as_type=GovernanceUnavailable) from None
@@ -454,13 +460,17 @@ class Arm:
             try:
                 stream = self.stubs.approvals.WatchApproval(
                     approvals_pb2.WatchApprovalRequest(approval_id=approval_id), timeout=remaining)
-                async for msg in stream:
-                    backoff = 0.05
-                    final = _final(msg.approval)
-                    if final is not None:
-                        return final
+                try:
+                    async for msg in stream:
+                        backoff = 0.05
+                        final = _final(msg.approval)
+                        if final is not None:
+                            return final
+                finally:
+                    stream.cancel()
                 # The stream ended without a final state (the server is going away): re-open.
             except grpc.RpcError as exc:
+                _reraise_cancellation(exc)
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in WATCH_RETRYABLE:
                     raise from_rpc_error(exc) from None
@@ -504,7 +514,7 @@ class Arm:
                 if approval.status in OPEN_STATUSES:
                     if not opts.wait:
                         raise ApprovalPending(opts.name, approval_id, approval.decision_id)
-                    approval = await self._wait(opts.name, approval_id, timeout)
+                    approval = await self._wait(opts, approval_id, timeout)
                 else:
                     approval = _final(approval) or approval
                 decision = await ask(approval_id, tool_call_id)
@@ -513,7 +523,7 @@ class Arm:
             if decision.needs_approval:
                 if not opts.wait:
                     raise ApprovalPending(opts.name, decision.approval_id, decision.decision_id, decision.reasons)
-                await self._wait(opts.name, decision.approval_id, timeout)
+                await self._wait(opts, decision.approval_id, timeout)
                 decision = await ask(decision.approval_id, tool_call_id)
         if decision.denied:
             raise ToolDenied(opts.name, decision.decision_id, decision.reasons)
@@ -521,7 +531,13 @@ class Arm:
             raise ApprovalPending(opts.name, decision.approval_id, decision.decision_id, decision.reasons)
         return Authorization(tool_call_id, decision)
 
-    async def _wait(self, tool: str, approval_id: str, timeout_s: float) -> approvals_pb2.Approval:
+    async def _wait(self, opts: ToolOptions, approval_id: str, timeout_s: float) -> approvals_pb2.Approval:
+        if opts.on_pending is not None:
+            try:
+                opts.on_pending(approval_id)
+            except Exception:
+                log.exception("on_pending of %s failed", opts.name)
+        tool = opts.name
         try:
             return await self.wait_for_approval(approval_id, timeout_s)
         except ApprovalTimeout:
@@ -532,17 +548,19 @@ class Arm:
     @overload
     def governed(self, fn: F, /, *, name: str | None = None, risk: str | int | None = None,
                  cost_usd: float = 0.0, wait: bool = True, approval_timeout_s: float | None = None,
-                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None) -> F: ...
+                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None,
+                 on_pending: Callable[[str], None] | None = None) -> F: ...
 
     @overload
     def governed(self, fn: None = None, /, *, name: str | None = None, risk: str | int | None = None,
                  cost_usd: float = 0.0, wait: bool = True, approval_timeout_s: float | None = None,
-                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None) -> Callable[[F], F]: ...
+                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None,
+                 on_pending: Callable[[str], None] | None = None) -> Callable[[F], F]: ...
 
     def governed(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
                  risk: str | int | None = None, cost_usd: float = 0.0, wait: bool = True,
                  approval_timeout_s: float | None = None, fail_open: bool | None = None,
-                 context: Mapping[str, Any] | None = None) -> Any:
+                 context: Mapping[str, Any] | None = None, on_pending: Callable[[str], None] | None = None) -> Any:
         """Wraps a tool so each call is governed: `@arm.governed`, `@arm.governed(risk="HIGH")`
         or `arm.governed(fn, name="payments.send")`.
 
@@ -551,7 +569,7 @@ class Arm:
         Keywords: see `ToolOptions`. The wrapper carries its options as `.arm_tool`."""
         def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
             opts = ToolOptions(name or str(getattr(f, "__name__", "tool")), risk, cost_usd, wait,
-                               approval_timeout_s, fail_open, context)
+                               approval_timeout_s, fail_open, context, on_pending)
             sig = _signature(f)
 
             @functools.wraps(f)
@@ -665,6 +683,14 @@ class Arm:
         self._closed = True
         metadata = [("authorization", f"Bearer {self.settings.api_key}")] if self.settings.api_key else []
         self._sender.drain_blocking(target(self.settings.telemetry_address), metadata, self.close_timeout_s)
+
+
+def _reraise_cancellation(exc: grpc.RpcError) -> None:
+    """grpc.aio may report the cancellation of the awaiting task as an RpcError CANCELLED; it
+    must stay a cancellation (never retried, never mapped to an ArmError)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() and exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+        raise asyncio.CancelledError() from exc
 
 
 def _final(approval: approvals_pb2.Approval) -> approvals_pb2.Approval | None:

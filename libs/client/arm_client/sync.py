@@ -109,23 +109,25 @@ class ArmSync:
     @overload
     def governed(self, fn: F, /, *, name: str | None = None, risk: str | int | None = None,
                  cost_usd: float = 0.0, wait: bool = True, approval_timeout_s: float | None = None,
-                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None) -> F: ...
+                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None,
+                 on_pending: Callable[[str], None] | None = None) -> F: ...
 
     @overload
     def governed(self, fn: None = None, /, *, name: str | None = None, risk: str | int | None = None,
                  cost_usd: float = 0.0, wait: bool = True, approval_timeout_s: float | None = None,
-                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None) -> Callable[[F], F]: ...
+                 fail_open: bool | None = None, context: Mapping[str, Any] | None = None,
+                 on_pending: Callable[[str], None] | None = None) -> Callable[[F], F]: ...
 
     def governed(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
                  risk: str | int | None = None, cost_usd: float = 0.0, wait: bool = True,
                  approval_timeout_s: float | None = None, fail_open: bool | None = None,
-                 context: Mapping[str, Any] | None = None) -> Any:
+                 context: Mapping[str, Any] | None = None, on_pending: Callable[[str], None] | None = None) -> Any:
         """`Arm.governed` for threads: a plain function stays plain (the call blocks while
         governance decides or an approval is awaited); an async function stays async (awaited on
         the caller's loop, the decision made on the SDK's)."""
         def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
             opts = ToolOptions(name or str(getattr(f, "__name__", "tool")), risk, cost_usd, wait,
-                               approval_timeout_s, fail_open, context)
+                               approval_timeout_s, fail_open, context, on_pending)
             sig = _signature(f)
             arm = self.arm
 
