@@ -15,6 +15,7 @@ from agents.models.interface import Model
 from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText
 
 from arm.governance.v1 import approvals_pb2 as apb
+from arm_client import Arm
 from arm_client.adapters.openai_agents import (
     governed_function_tool,
     pending_approvals,
@@ -23,6 +24,7 @@ from arm_client.adapters.openai_agents import (
 )
 from tests.client.adapter_support import ALLOWED, DENIED, GUARDED, Ledger, three_way_policy, tool_events
 from tests.client.conftest import Agent
+from tests.processes import free_port
 
 NO_TRACING = RunConfig(tracing_disabled=True)
 
@@ -172,3 +174,16 @@ async def test_approving_in_the_sdk_alone_does_not_run_the_tool(agent: Agent) ->
     assert (await approval_of(agent, approval_id)).status == apb.APPROVAL_STATUS_PENDING
 
 
+
+
+async def test_governance_unreachable_fails_closed_and_the_model_is_told(agent: Agent) -> None:
+    arm = Arm(env={**agent.env(), "ARM_GOVERNANCE_ADDRESS": f"127.0.0.1:{free_port()}"}, timeout_s=2)
+    try:
+        ledger = Ledger()
+        model = ScriptedModel([three_calls()[0]])
+        sdk_agent = SdkAgent(name="clerk", model=model, tools=make_tools(arm, ledger))
+        result = await Runner.run(sdk_agent, "look acme up", run_config=NO_TRACING)
+        assert ledger.calls == [] and not result.interruptions
+        assert "could not be reached" in model.tool_outputs["call_1"] and "NOT run" in model.tool_outputs["call_1"]
+    finally:
+        await arm.close()
