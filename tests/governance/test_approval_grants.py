@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 from sqlalchemy import func, select, update
 
 from arm.common.v1 import common_pb2
-from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
+from arm.governance.v1 import approvals_pb2, audit_pb2, decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2
 from arm.telemetry.v1 import events_pb2
 from arm_client import ArmClient
@@ -31,7 +31,8 @@ from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
-from tests.helpers import AgentSet, approved_version, expect_failure
+from tests.governance.test_audit import all_records, wait_for_record
+from tests.helpers import AgentSet, approved_version, expect_failure, operator_key
 
 ALLOW, DENY, NA = policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY, policy_pb2.DECISION_NEEDS_APPROVAL
 GRANT = decision_pb2.DECISION_STEP_APPROVAL_GRANT
@@ -208,13 +209,81 @@ async def test_expired_grant_is_denied(world: World) -> None:
     assert_denied(await world.check(approval_id=timed_out), "APPROVAL_EXPIRED")
 
 
-@pytest.mark.parametrize("status", [approvals_pb2.APPROVAL_STATUS_PENDING, approvals_pb2.APPROVAL_STATUS_ESCALATED,
-                                    approvals_pb2.APPROVAL_STATUS_DENIED, approvals_pb2.APPROVAL_STATUS_CANCELLED])
-async def test_unapproved_grant_is_denied(world: World, status: int) -> None:
+@pytest.mark.parametrize("status", [approvals_pb2.APPROVAL_STATUS_DENIED, approvals_pb2.APPROVAL_STATUS_CANCELLED])
+async def test_refused_grant_is_denied(world: World, status: int) -> None:
     approval_id = await world.ask()
+    await world.set_approval(approval_id, status=status)
+    assert_denied(await world.check(approval_id=approval_id), "APPROVAL_NOT_APPROVED")
+
+
+async def approvals_of(world: World) -> list[str]:
+    async def read(s: Any) -> list[str]:
+        return list((await s.execute(select(models.Approval.id).where(
+            models.Approval.tenant_id == world.tenant_id))).scalars())
+    return await world.db.read(read)
+
+
+@pytest.mark.parametrize("status", [approvals_pb2.APPROVAL_STATUS_PENDING, approvals_pb2.APPROVAL_STATUS_ESCALATED])
+async def test_presenting_an_open_approval_keeps_waiting_for_it(world: World, status: int) -> None:
+    # The trap an agent walks into: it re-checks with the approval id before the approval is
+    # decided. It must hear NEEDS_APPROVAL with the same id, not a DENY (and no POLICY_DENIED, no
+    # second approval), and the approval must still work once approved.
+    approval_id = await world.ask("tc-wait")
     if status != approvals_pb2.APPROVAL_STATUS_PENDING:
         await world.set_approval(approval_id, status=status)
-    assert_denied(await world.check(approval_id=approval_id), "APPROVAL_NOT_APPROVED")
+    before = await approvals_of(world)
+    waiting = await world.check(approval_id=approval_id, tool_call_id="tc-wait")
+    assert (waiting.decision, waiting.step, waiting.reasons[0].code) == (NA, GRANT, "APPROVAL_PENDING"), waiting
+    assert waiting.approval_id == approval_id
+    # Another tool call id presenting it, too: the approval is bound to instance, tool and arguments.
+    again = await world.check(approval_id=approval_id, tool_call_id="tc-other")
+    assert (again.decision, again.approval_id) == (NA, approval_id), again
+    assert sorted(await approvals_of(world)) == sorted(before), "no new approval"
+    assert await denied_records(world) == []
+    row = await world.approval(approval_id)
+    assert (row.status, row.consumed_at) == (status, None)
+    logged = {r.id: r for r in await decision_rows(world)}[waiting.decision_id]
+    assert (logged.decision, logged.approval_id) == (NA, approval_id)
+    event = (await op_events(world))[f"evt-{waiting.decision_id}"]
+    assert event.payload["approval_id"] == approval_id
+
+    await world.set_approval(approval_id, status=APPROVED)
+    used = await world.check(approval_id=approval_id, tool_call_id="tc-wait")
+    assert (used.decision, used.step, used.approval_id) == (ALLOW, GRANT, approval_id), used
+
+
+async def test_an_open_approval_of_another_call_is_still_denied(world: World, tenant: TenantContext,
+                                                                registry: Any, system_admin: Any,
+                                                                governance: Any) -> None:
+    approval_id = await world.ask()
+    assert_denied(await world.check(args={**ARGS, "amount": 9}, approval_id=approval_id), "APPROVAL_NOT_APPROVED")
+    assert_denied(await world.check(tool="payments.refund", approval_id=approval_id), "APPROVAL_NOT_APPROVED")
+    sibling = await active_instance(tenant.admin, world.agents)
+    assert_denied(await world.check(instance_id=sibling.id, approval_id=approval_id), "APPROVAL_NOT_APPROVED")
+    assert len(await denied_records(world)) == 3
+    other = await make_tenant(registry, system_admin)
+    other_gov = governance.client(other.admin_key)
+    try:
+        agents = await approved_version(other.admin)
+        inst = await active_instance(other.admin, agents)
+        theirs = await other_gov.decisions.Check(decision_pb2.CheckRequest(
+            instance_id=inst.id, tool_name=TOOL, arguments=struct(ARGS), tool_call_id="tc-x"))
+        assert theirs.decision == NA
+        assert_denied(await world.check(approval_id=theirs.approval_id), "APPROVAL_NOT_FOUND")
+    finally:
+        await other_gov.close()
+        await other.admin.close()
+
+
+async def test_an_open_approval_is_still_held_to_budgets(world: World) -> None:
+    approval_id = await world.ask()
+    await world.gov.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(
+        envelope=policy_pb2.PolicyEnvelope(
+            name="caps", scope=policy_pb2.POLICY_SCOPE_TENANT, mode=policy_pb2.POLICY_MODE_ENFORCE,
+            budgets=policy_pb2.Budgets(per_run_usd=10))))
+    over = await world.check(approval_id=approval_id, estimated_cost_usd=50)
+    assert (over.decision, over.step, over.reasons[0].code) == (
+        DENY, decision_pb2.DECISION_STEP_BUDGET, "BUDGET_EXCEEDED"), over
 
 
 async def test_unknown_or_foreign_approval_is_not_found(world: World, registry: Any, system_admin: Any,
@@ -435,3 +504,55 @@ async def test_check_rejects_bad_input(world: World) -> None:
         failed = await expect_failure(world.gov.decisions.Check(request), grpc.StatusCode.INVALID_ARGUMENT,
                                       "INVALID_FIELDS")
         assert path in failed.violations
+
+
+async def test_the_trail_alone_says_who_approved_a_call(world: World, tenant: TenantContext, governance: Any) -> None:
+    # Two operators approve (HIGH risk); the ALLOW that uses the grant writes APPROVAL_CONSUMED
+    # linking its decision to the approval, whose APPROVAL_DECIDED records name the approvers.
+    approval_id = await world.ask("tc-audited")
+    operators = [await operator_key(tenant.admin, "approver") for _ in range(2)]
+    for _, key in operators:
+        async with ArmClient(governance.address, key) as approver:
+            await approver.approvals.DecideApproval(approvals_pb2.DecideApprovalRequest(
+                approval_id=approval_id, verdict=approvals_pb2.APPROVAL_VERDICT_APPROVE, reason="checked"))
+    request_id = f"req-{secrets.token_hex(4)}"
+    used = await world.check(approval_id=approval_id, tool_call_id="tc-audited", run_id="run-a", request_id=request_id)
+    assert (used.decision, used.step, used.approval_id) == (ALLOW, GRANT, approval_id), used
+    assert await world.check(approval_id=approval_id, tool_call_id="tc-audited", request_id=request_id) == used
+
+    consumed = await wait_for_record(world.gov, common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED, approval_id)
+    assert (consumed.target_type, consumed.source, consumed.instance_id) == ("approval", "governance", world.instance.id)
+    assert (consumed.payload["decision_id"], consumed.payload["tool_name"], consumed.payload["tool_call_id"],
+            consumed.payload["run_id"]) == (used.decision_id, TOOL, "tc-audited", "run-a")
+    assert consumed.actor.type == common_pb2.ACTOR_TYPE_OPERATOR and consumed.actor.id == tenant.admin_operator_id
+    # From the decision id alone: find its consumption record, then the approval's deciders.
+    consumptions = [r for r in await all_records(world.gov, audit_pb2.ChangeRecordFilter(
+        types=[common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED])) if r.payload["decision_id"] == used.decision_id]
+    assert [r.record_id for r in consumptions] == [consumed.record_id], "one record, also for the retried request"
+    decided = await all_records(world.gov, audit_pb2.ChangeRecordFilter(
+        types=[common_pb2.CHANGE_RECORD_TYPE_APPROVAL_DECIDED], target_id=consumptions[0].target_id))
+    assert sorted(r.actor.id for r in decided) == sorted(op_id for op_id, _ in operators)
+    assert decided[-1].after["status"] == "APPROVED"
+    assert decided[-1].sequence < consumed.sequence
+    # A denied use writes no consumption record.
+    assert_denied(await world.check(approval_id=approval_id), "APPROVAL_USED")
+    assert len(await all_records(world.gov, audit_pb2.ChangeRecordFilter(
+        types=[common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED], target_id=approval_id))) == 1
+    report = await world.gov.audit.VerifyChain(audit_pb2.VerifyChainRequest())
+    assert report.ok, report.message
+
+
+async def test_a_retry_does_not_use_up_a_grant_approved_since_its_first_answer(world: World) -> None:
+    # A runtime re-running its step replays its requests: the retry of "present the approval
+    # while pending" after the approval was granted must get the logged NEEDS_APPROVAL back and
+    # leave the grant for the next, new request (a retry that used it up while answering
+    # NEEDS_APPROVAL would lose it: the next request would hear APPROVAL_USED).
+    approval_id = await world.ask("tc-replay")
+    request_id = f"req-{secrets.token_hex(4)}"
+    first = await world.check(approval_id=approval_id, tool_call_id="tc-replay", request_id=request_id)
+    assert (first.decision, first.approval_id) == (NA, approval_id), first
+    await world.set_approval(approval_id, status=APPROVED)
+    assert await world.check(approval_id=approval_id, tool_call_id="tc-replay", request_id=request_id) == first
+    assert (await world.approval(approval_id)).consumed_at is None
+    used = await world.check(approval_id=approval_id, tool_call_id="tc-replay", request_id=f"{request_id}-2")
+    assert (used.decision, used.step, used.approval_id) == (ALLOW, GRANT, approval_id), used

@@ -431,8 +431,10 @@ async def test_check_needs_approval_then_operators_approve_and_the_grant_is_sing
     _, first = await world.operator("approver")
     _, second = await world.operator("approver")
     assert (await decide(first, asked.approval_id)).status == PENDING  # HIGH: two decisions
-    # Not usable while only one of two operators approved.
-    assert (await check(approval_id=asked.approval_id)).reasons[0].code == "APPROVAL_NOT_APPROVED"
+    # Not usable while only one of two operators approved: the caller keeps waiting for it.
+    waiting = await check(approval_id=asked.approval_id)
+    assert (waiting.decision, waiting.reasons[0].code, waiting.approval_id) == (
+        policy_pb2.DECISION_NEEDS_APPROVAL, "APPROVAL_PENDING", asked.approval_id)
     assert (await decide(second, asked.approval_id)).status == APPROVED
     await asyncio.wait_for(watcher, 30)
     assert [a.status for a in seen] == [PENDING, PENDING, APPROVED]
@@ -446,7 +448,8 @@ async def test_check_needs_approval_then_operators_approve_and_the_grant_is_sing
     assert (used.decision, used.reasons[0].code) == (policy_pb2.DECISION_DENY, "APPROVAL_USED")
     assert (await world.get(asked.approval_id)).HasField("consume_time")
     types = [r.type for r in await change_records(world.governance, asked.approval_id)]
-    assert types == [common_pb2.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED] + [common_pb2.CHANGE_RECORD_TYPE_APPROVAL_DECIDED] * 2
+    assert types == [common_pb2.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED] + [common_pb2.CHANGE_RECORD_TYPE_APPROVAL_DECIDED] * 2 + [
+        common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED]
 
 
 # --- watching across replicas and restarts ---------------------------------------------------------

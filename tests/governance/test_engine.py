@@ -179,6 +179,7 @@ LOCKED_DENY_ALL = [env("t-lock", Scope.TENANT, rule("**", DENY, locked=True))]
 
 @pytest.mark.parametrize(("status", "effect", "code"), [
     ("VALID", ALLOW, "APPROVAL_GRANTED"),
+    ("PENDING", NA, "APPROVAL_PENDING"),
     ("NOT_FOUND", DENY, "APPROVAL_NOT_FOUND"),
     ("NOT_APPROVED", DENY, "APPROVAL_NOT_APPROVED"),
     ("EXPIRED", DENY, "APPROVAL_EXPIRED"),

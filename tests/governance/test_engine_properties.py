@@ -129,7 +129,7 @@ agents = st.builds(
     version_state=st.sampled_from(["APPROVED"] * 40 + ["DRAFT", "DEPRECATED", "RETIRED", "??"]),
 )
 grants = st.sampled_from([None] * 40 + [Grant(s) for s in (
-    "VALID", "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED", "MISMATCH", "WHAT")])
+    "VALID", "PENDING", "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED", "MISMATCH", "WHAT")])
 calls = st.builds(Call, tool=tools, arguments=arguments(), declared_risk=opt(risks),
                   estimated_cost_usd=money, is_run_start=st.booleans(), grant=grants)
 modes = st.sampled_from(["NORMAL"] * 40 + ["PAUSED", "DRAINING", "QUARANTINED", "??"])
@@ -349,12 +349,14 @@ def reference(envelopes: list[Envelope], agent: Agent, call: Call, ctl: Controls
     order = sorted(enforce, key=lambda e: (-e.scope, -e.priority, e.name, e.id))
     first_over = next((e for e in order if ref_over(e, spend, cost)), None)
     if call.grant is not None:
-        if call.grant.status != "VALID":
+        if call.grant.status not in ("VALID", "PENDING"):
             code = call.grant.status if call.grant.status in (
                 "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED", "MISMATCH") else "INVALID"
             return Effect.DENY, Step.APPROVAL_GRANT, f"APPROVAL_{code}", "", None
         if first_over is not None:
             return Effect.DENY, Step.BUDGET, "BUDGET_EXCEEDED", first_over.id, None
+        if call.grant.status == "PENDING":
+            return Effect.NEEDS_APPROVAL, Step.APPROVAL_GRANT, "APPROVAL_PENDING", "", None
         return Effect.ALLOW, Step.APPROVAL_GRANT, "APPROVAL_GRANTED", "", None
 
     args_text = canonical_json(dict(call.arguments or {}))

@@ -1,87 +1,43 @@
-"""Python client for ARM: one channel with the API key attached to every call, and typed stubs
-for each service. Talks gRPC only."""
+"""ARM's Python SDK (talks gRPC only).
+
+- `Arm` (asyncio) and `ArmSync` (plain threads): the runtime SDK — governed tools, runs, events,
+  approvals; configured from arguments or `ARM_ADDRESS`, `ARM_API_KEY`, `ARM_INSTANCE_ID` … (see
+  `arm_client.connection.Settings`).
+- Typed errors (`arm_client.errors`): `ArmError` and its kinds, `ToolDenied`, `ApprovalPending`,
+  `ApprovalRejected`, `ApprovalExpired`, `GovernanceUnavailable`.
+- `ArmClient`: the raw typed stubs of every service, for admin tools and tests."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
-from arm.governance.v1 import (
-    approvals_pb2_grpc,
-    audit_pb2_grpc,
-    decision_pb2_grpc,
-    deployments_pb2_grpc,
-    policy_pb2_grpc,
+from arm_client.connection import Settings
+from arm_client.errors import (
+    Aborted,
+    AlreadyExists,
+    ApprovalExpired,
+    ApprovalPending,
+    ApprovalRejected,
+    ApprovalTimeout,
+    ArmError,
+    FailedPrecondition,
+    FieldViolation,
+    GovernanceUnavailable,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Reason,
+    ResourceExhausted,
+    ToolDenied,
+    Unauthenticated,
+    Unavailable,
 )
-from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
-from arm.telemetry.v1 import telemetry_pb2_grpc
+from arm_client.sdk import Arm, Authorization, Decision, Run, ToolOptions, current_run
+from arm_client.stubs import ArmClient, auth_interceptors
+from arm_client.sync import ArmSync
 
-
-class _Auth:
-    """Adds `authorization: Bearer <key>` to every call's metadata."""
-
-    def __init__(self, api_key: str) -> None:
-        self._pair = ("authorization", f"Bearer {api_key}")
-
-    def _details(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        metadata.append(self._pair)
-        return details._replace(metadata=metadata)
-
-
-# grpc.aio files an interceptor under the first call kind it implements only, so each kind
-# gets its own class.
-class _UnaryUnaryAuth(_Auth, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-
-class _UnaryStreamAuth(_Auth, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-
-class _StreamUnaryAuth(_Auth, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
-
-
-class _StreamStreamAuth(_Auth, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
-
-
-def auth_interceptors(api_key: str) -> list[Any]:
-    """Client interceptors that send the key on every kind of call."""
-    return [cls(api_key) for cls in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
-
-
-class ArmClient:
-    """`ArmClient("127.0.0.1:50051", key)`; registry: `.tenancy`, `.access`, `.agents`,
-    `.compat`; governance: `.policies`, `.decisions`, `.approvals`, `.deployments`, `.audit`;
-    telemetry: `.telemetry`.
-    Without a key, calls go out unauthenticated (useful for health checks and tests)."""
-
-    def __init__(self, address: str, api_key: str | None = None) -> None:
-        interceptors = auth_interceptors(api_key) if api_key else []
-        self.channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
-        self.tenancy = tenancy_pb2_grpc.TenancyServiceStub(self.channel)
-        self.access = access_pb2_grpc.AccessServiceStub(self.channel)
-        self.agents = agents_pb2_grpc.AgentServiceStub(self.channel)
-        self.compat = compat_pb2_grpc.CompatServiceStub(self.channel)
-        self.policies = policy_pb2_grpc.PolicyServiceStub(self.channel)
-        self.decisions = decision_pb2_grpc.DecisionServiceStub(self.channel)
-        self.approvals = approvals_pb2_grpc.ApprovalServiceStub(self.channel)
-        self.deployments = deployments_pb2_grpc.DeploymentServiceStub(self.channel)
-        self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
-        self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(self.channel)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self) -> ArmClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+__all__ = [
+    "Aborted", "AlreadyExists", "ApprovalExpired", "ApprovalPending", "ApprovalRejected", "ApprovalTimeout",
+    "Arm", "ArmClient", "ArmError", "ArmSync", "Authorization", "Decision", "FailedPrecondition",
+    "FieldViolation", "GovernanceUnavailable", "InvalidArgument", "NotFound", "PermissionDenied", "Reason",
+    "ResourceExhausted", "Run", "Settings", "ToolDenied", "ToolOptions", "Unauthenticated", "Unavailable",
+    "auth_interceptors", "current_run",
+]

@@ -36,6 +36,7 @@ MAX_ARGUMENT_BYTES = 64 * 1024
 TOOL_APPROVAL_TTL = timedelta(hours=1)
 ESCALATE_EVERY = timedelta(minutes=30)  # see approvals.py
 _RISKS = set(range(0, 5))
+_OPEN = (approvals_pb2.APPROVAL_STATUS_PENDING, approvals_pb2.APPROVAL_STATUS_ESCALATED)
 
 
 def validate_check(request: decision_pb2.CheckRequest, prefix: str = "") -> None:
@@ -162,15 +163,26 @@ class Approvals:
                 return "NOT_FOUND"
             if row.status == approvals_pb2.APPROVAL_STATUS_EXPIRED or row.expires_at <= utcnow():
                 return "EXPIRED"
+            bound = (row.action_type == approvals_pb2.APPROVAL_ACTION_TYPE_TOOL_EXECUTION
+                     and row.instance_id == instance_id and row.tool_name == tool and row.argument_digest == digest)
+            if row.status in _OPEN:
+                # Still being decided: the caller waits for it when it is this call's approval.
+                return "PENDING" if bound else "NOT_APPROVED"
             if row.status != approvals_pb2.APPROVAL_STATUS_APPROVED:
                 return "NOT_APPROVED"
             if row.consumed_at is not None:
                 return "USED"
-            if (row.action_type != approvals_pb2.APPROVAL_ACTION_TYPE_TOOL_EXECUTION
-                    or row.instance_id != instance_id or row.tool_name != tool or row.argument_digest != digest):
-                return "MISMATCH"
-            return "VALID"
+            return "VALID" if bound else "MISMATCH"
         return await self.db.read(read)
+
+    async def logged_response(self, tenant_id: str, request_id: str) -> decision_pb2.CheckResponse | None:
+        """The logged answer to an earlier request with this request id, if any."""
+        async def read(s: AsyncSession) -> bytes | None:
+            d = models.DecisionRecord
+            return (await s.execute(select(d.response).where(
+                d.tenant_id == tenant_id, d.request_id == request_id))).scalar_one_or_none()
+        raw = await self.db.read(read)
+        return decision_pb2.CheckResponse.FromString(raw) if raw is not None else None
 
     async def consume(self, tenant_id: str, approval_id: str) -> bool:
         """Marks the grant used; False when another call used it first."""
@@ -226,6 +238,13 @@ class Decider:
         if agent is not None and has_budgets:
             spend = await self.spend.totals(principal.tenant_id, agent.instance_id, request.run_id, now)
         grant = None
+        if request.approval_id and request.request_id:
+            # A retry presenting an approval is answered from the log before the grant is looked
+            # at: else an approval granted since the first answer (say, NEEDS_APPROVAL while it
+            # was pending) would be used up here while the log answers with the first response.
+            earlier = await self.approvals.logged_response(principal.tenant_id, request.request_id)
+            if earlier is not None:
+                return earlier
         if request.approval_id and agent is not None:
             grant = engine.Grant(await self.approvals.grant_status(
                 principal.tenant_id, request.approval_id, agent.instance_id, request.tool_name, digest))
@@ -249,10 +268,11 @@ class Decider:
                    args: dict[str, Any] | None, now: datetime) -> decision_pb2.CheckResponse:
         decision_id = new_id("dec")
         approval_row = None
-        # An ALLOW from a grant names the approval it used up.
-        approval_id = request.approval_id if result.step == engine.Step.APPROVAL_GRANT and \
-            result.effect == engine.Effect.ALLOW else ""
-        if result.effect == engine.Effect.NEEDS_APPROVAL and resolved is not None:
+        # An ALLOW from a grant names the approval it used up; a NEEDS_APPROVAL from a presented
+        # approval still open names that approval (no new one).
+        granted = result.step == engine.Step.APPROVAL_GRANT and result.effect != engine.Effect.DENY
+        approval_id = request.approval_id if granted else ""
+        if result.effect == engine.Effect.NEEDS_APPROVAL and resolved is not None and not granted:
             approval_id = new_id("apr")
             approval_row = self._approval_row(principal, request, resolved, result, approval_id,
                                               decision_id, digest, args, now)
@@ -279,6 +299,9 @@ class Decider:
         if result.effect == engine.Effect.DENY:
             change = self._denied_record(principal, request, resolved, result, decision_id, now)
             pending.messages.append((TOPIC_CHANGE_RECORD, change.record_id, change))
+        elif granted and result.effect == engine.Effect.ALLOW:
+            consumed = self._consumed_record(principal, request, resolved, decision_id, now)
+            pending.messages.append((TOPIC_CHANGE_RECORD, consumed.record_id, consumed))
         return await self.log.append(pending)
 
     def _approval_row(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
@@ -346,6 +369,26 @@ class Decider:
             after=struct({"status": "PENDING", "decisions": 0, "escalation_level": 0}),
             payload=struct({"action_type": "APPROVAL_ACTION_TYPE_TOOL_EXECUTION", "decision_id": row["decision_id"],
                             "risk": common_pb2.RiskLevel.Name(row["risk"])}),
+            occur_time=ts(now), source="governance")
+
+    @staticmethod
+    def _consumed_record(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
+                         decision_id: str, now: datetime) -> common_pb2.ChangeRecord:
+        """APPROVAL_CONSUMED: the ALLOW that used a grant up, linking the decision to the approval
+        (whose APPROVAL_DECIDED records name who approved), so the trail alone answers "who
+        approved this call"."""
+        return common_pb2.ChangeRecord(
+            record_id=new_id("chg"), tenant_id=principal.tenant_id,
+            type=common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED,
+            actor=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
+                                   id=principal.actor_id),
+            target_type="approval", target_id=request.approval_id, project_id=resolved.project_id,
+            template_id=resolved.template_id, version_id=resolved.version_id,
+            instance_id=resolved.instance_id,
+            summary=f"approval {request.approval_id} used by decision {decision_id} to allow {request.tool_name}",
+            before=struct({"consumed": False}), after=struct({"consumed": True}),
+            payload=struct({"decision_id": decision_id, "tool_name": request.tool_name,
+                            "tool_call_id": request.tool_call_id, "run_id": request.run_id}),
             occur_time=ts(now), source="governance")
 
     @staticmethod

@@ -6,7 +6,8 @@ converts enums by value (every IntEnum here has the numbers of the proto enum of
 Evaluation order, the first step that decides ends it:
   1. AGENT         unknown agent, inactive tenant, retired version → DENY.
   2. KILL_SWITCH   tenant/project operator control, instance state → DENY.
-  3. APPROVAL_GRANT a presented approval: VALID → ALLOW, any other verdict → DENY.
+  3. APPROVAL_GRANT a presented approval: VALID → ALLOW; PENDING (still open, bound to this
+                   call) → NEEDS_APPROVAL naming that approval; any other verdict → DENY.
   4. LOCKED_RULE   matching locked DENY of a TENANT/PROJECT envelope → DENY; a matching locked
                    NEEDS_APPROVAL makes the final answer at least NEEDS_APPROVAL.
   5. ENVELOPE      VERSION > PROJECT > TENANT; priority groups, strictest result of a group.
@@ -240,8 +241,9 @@ class Spend:
 @dataclass(frozen=True, slots=True)
 class Grant:
     """The service's verdict on a presented approval id: VALID (APPROVED, unexpired, unused,
-    bound to this instance, tool and argument digest), NOT_FOUND, NOT_APPROVED, EXPIRED, USED or
-    MISMATCH."""
+    bound to this instance, tool and argument digest), PENDING (PENDING or ESCALATED, unexpired,
+    bound to this instance, tool and argument digest: the caller is waiting for it), NOT_FOUND,
+    NOT_APPROVED, EXPIRED, USED or MISMATCH."""
 
     status: str
 
@@ -1075,7 +1077,8 @@ _LIVE_VERSION_STATES = frozenset({"DRAFT", "TESTING", "CANDIDATE", "APPROVED", "
 _INSTANCE_STATES = frozenset({"PROVISIONING", "ACTIVE", "PAUSED", "READONLY", "DRAINING",
                               "QUARANTINED", "RETIRED"})
 _CONTROL_MODES = frozenset({"NORMAL", "PAUSED", "DRAINING", "QUARANTINED"})
-_GRANT_STATUSES = frozenset({"VALID", "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED", "MISMATCH"})
+_GRANT_STATUSES = frozenset({"VALID", "PENDING", "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED",
+                             "MISMATCH"})
 
 
 def _norm(value: Any, prefix: str) -> str:
@@ -1174,6 +1177,19 @@ def _granted(policy: CompiledPolicy, call: Call, risk: Risk, spend: Spend,
                                risk, shadow)
         return Result(ALLOW, (reason,), risk, Step.APPROVAL_GRANT, None, "", "", 0, None, None,
                       "", shadow)
+    if status == "PENDING":
+        # The approval this very call asked for is still open: keep waiting for it, rather than
+        # deny (which would write a POLICY_DENIED for a call nobody refused) or ask again.
+        reason = Reason("APPROVAL_PENDING",
+                        f'The presented approval for tool "{tool}" is not decided yet; the call '
+                        "waits for it.")
+        if policy._has_budget:
+            first = _first_over(policy, spend, call.estimated_cost_usd)
+            if first is not None:
+                return _result(_budget_hit(first[0], tool, first[1], Step.BUDGET, (reason,)),
+                               risk, shadow)
+        return Result(NEEDS_APPROVAL, (reason,), risk, Step.APPROVAL_GRANT, None, "", "", 0, None,
+                      None, "", shadow)
     messages = {
         "NOT_FOUND": "was not found",
         "NOT_APPROVED": "is not approved",

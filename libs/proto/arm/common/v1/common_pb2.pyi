@@ -123,6 +123,13 @@ class _ChangeRecordTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Chan
     CHANGE_RECORD_TYPE_BUDGET_EXCEEDED: _ChangeRecordType.ValueType  # 25
     CHANGE_RECORD_TYPE_REGISTRY_UPDATED: _ChangeRecordType.ValueType  # 26
     """Operators, roles, keys and other registry changes with no type of their own in SPEC."""
+    CHANGE_RECORD_TYPE_APPROVAL_CONSUMED: _ChangeRecordType.ValueType  # 27
+    """A tool call was allowed by an approval grant, which it used up (approvals are single-use).
+    Written by governance in the transaction of the ALLOW decision: target = the approval,
+    actor = the caller of Check, payload.decision_id = the decision that consumed it (plus
+    tool_name, tool_call_id, run_id). With the approval's APPROVAL_DECIDED records (who approved)
+    it answers "who approved this call" from the trail alone.
+    """
 
 class ChangeRecordType(_ChangeRecordType, metaclass=_ChangeRecordTypeEnumTypeWrapper):
     """The kind of an audit change record (SPEC §3 "Change records")."""
@@ -156,6 +163,13 @@ CHANGE_RECORD_TYPE_TASK_TRANSITIONED: ChangeRecordType.ValueType  # 24
 CHANGE_RECORD_TYPE_BUDGET_EXCEEDED: ChangeRecordType.ValueType  # 25
 CHANGE_RECORD_TYPE_REGISTRY_UPDATED: ChangeRecordType.ValueType  # 26
 """Operators, roles, keys and other registry changes with no type of their own in SPEC."""
+CHANGE_RECORD_TYPE_APPROVAL_CONSUMED: ChangeRecordType.ValueType  # 27
+"""A tool call was allowed by an approval grant, which it used up (approvals are single-use).
+Written by governance in the transaction of the ALLOW decision: target = the approval,
+actor = the caller of Check, payload.decision_id = the decision that consumed it (plus
+tool_name, tool_call_id, run_id). With the approval's APPROVAL_DECIDED records (who approved)
+it answers "who approved this call" from the trail alone.
+"""
 Global___ChangeRecordType: _TypeAlias = ChangeRecordType  # noqa: Y015
 
 @_typing.final

@@ -46,6 +46,10 @@ class _OpEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OpEventTy
     OP_EVENT_TYPE_MESSAGE_SENT: _OpEventType.ValueType  # 13
     OP_EVENT_TYPE_DECISION_MADE: _OpEventType.ValueType  # 14
     """An ALLOW or NEEDS_APPROVAL decision by governance (the payload carries the decision)."""
+    OP_EVENT_TYPE_TOOL_CALL_FAILED: _OpEventType.ValueType  # 15
+    """A tool call that was allowed and ran, but raised (the payload carries the error type and
+    message and the duration). TOOL_CALL_COMPLETED is the successful end.
+    """
 
 class OpEventType(_OpEventType, metaclass=_OpEventTypeEnumTypeWrapper):
     """Kind of an operational event."""
@@ -71,6 +75,10 @@ OP_EVENT_TYPE_COST_TICK: OpEventType.ValueType  # 12
 OP_EVENT_TYPE_MESSAGE_SENT: OpEventType.ValueType  # 13
 OP_EVENT_TYPE_DECISION_MADE: OpEventType.ValueType  # 14
 """An ALLOW or NEEDS_APPROVAL decision by governance (the payload carries the decision)."""
+OP_EVENT_TYPE_TOOL_CALL_FAILED: OpEventType.ValueType  # 15
+"""A tool call that was allowed and ran, but raised (the payload carries the error type and
+message and the duration). TOOL_CALL_COMPLETED is the successful end.
+"""
 Global___OpEventType: _TypeAlias = OpEventType  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,151 @@
+"""Connection settings and channels: addresses and key from arguments or the environment, one
+channel per distinct address, `round_robin` over every address a DNS name resolves to, retries
+of idempotent calls on UNAVAILABLE through the gRPC service config, a request id on every call."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+# Calls that are safe to send twice: reads, and writes the server deduplicates (Check and
+# ReportSpend on their request id / idempotency key, IngestEvents on event ids).
+IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
+    "arm.governance.v1.DecisionService": ("Check", "CheckBatch", "ReportSpend"),
+    "arm.governance.v1.ApprovalService": ("GetApproval", "ListApprovals"),
+    "arm.telemetry.v1.TelemetryService": ("IngestEvents", "QueryEvents", "GetRunTrace", "GetEventStats"),
+    "arm.registry.v1.CompatService": ("ResolveAgentRef",),
+}
+
+
+def service_config(max_attempts: int = 4) -> str:
+    """The gRPC service config: round_robin across resolved addresses; idempotent methods
+    retried on UNAVAILABLE with exponential backoff."""
+    names = [{"service": svc, "method": m} for svc, methods in IDEMPOTENT_METHODS.items() for m in methods]
+    return json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": names,
+            "retryPolicy": {
+                "maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }],
+    })
+
+
+def target(address: str) -> str:
+    """`host:port` → `dns:///host:port`, so every address behind one name is balanced; explicit
+    schemes (`dns:`, `ipv4:`, `unix:` …) are kept."""
+    if "://" in address or address.startswith(("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")):
+        return address
+    return f"dns:///{address}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the services are and how to call them. `from_env` reads, for each field not given:
+
+    - `ARM_ADDRESS`: all three services (the all-in-one dev server); default 127.0.0.1:50051.
+    - `ARM_REGISTRY_ADDRESS`, `ARM_GOVERNANCE_ADDRESS`, `ARM_TELEMETRY_ADDRESS`: per service,
+      when the services run apart (each falls back to `ARM_ADDRESS`).
+    - `ARM_API_KEY`: the key sent as `authorization: Bearer <key>` (an agent instance's key for a
+      runtime; an operator's for admin tools).
+    - `ARM_INSTANCE_ID` / `ARM_LEGACY_AGENT_ID`: the agent the runtime checks calls for.
+    - `ARM_TIMEOUT_S`: the deadline of each unary call (default 10).
+    """
+
+    registry_address: str = DEFAULT_ADDRESS
+    governance_address: str = DEFAULT_ADDRESS
+    telemetry_address: str = DEFAULT_ADDRESS
+    api_key: str | None = None
+    instance_id: str = ""
+    legacy_agent_id: str = ""
+    timeout_s: float = 10.0
+    extra_channel_options: tuple[tuple[str, Any], ...] = field(default=())
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, address: str | None = None,
+                 registry_address: str | None = None, governance_address: str | None = None,
+                 telemetry_address: str | None = None, api_key: str | None = None,
+                 instance_id: str | None = None, legacy_agent_id: str | None = None,
+                 timeout_s: float | None = None) -> Settings:
+        e = os.environ if env is None else env
+        base = address or e.get("ARM_ADDRESS") or DEFAULT_ADDRESS
+        raw_timeout = timeout_s if timeout_s is not None else e.get("ARM_TIMEOUT_S", "10")
+        try:
+            timeout = float(raw_timeout)
+        except ValueError:
+            raise ValueError(f"ARM_TIMEOUT_S must be a number of seconds, got {raw_timeout!r}") from None
+        if timeout <= 0:
+            raise ValueError(f"ARM_TIMEOUT_S must be positive, got {timeout}")
+        return cls(
+            registry_address=registry_address or e.get("ARM_REGISTRY_ADDRESS") or base,
+            governance_address=governance_address or e.get("ARM_GOVERNANCE_ADDRESS") or base,
+            telemetry_address=telemetry_address or e.get("ARM_TELEMETRY_ADDRESS") or base,
+            api_key=api_key if api_key is not None else (e.get("ARM_API_KEY") or None),
+            instance_id=instance_id if instance_id is not None else e.get("ARM_INSTANCE_ID", ""),
+            legacy_agent_id=legacy_agent_id if legacy_agent_id is not None else e.get("ARM_LEGACY_AGENT_ID", ""),
+            timeout_s=timeout)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.service_config", service_config()), ("grpc.enable_retries", 1),
+                ("grpc.keepalive_time_ms", 30_000), *self.extra_channel_options]
+
+
+def new_request_id() -> str:
+    return f"req-{secrets.token_hex(8)}"
+
+
+class _Metadata:
+    """Adds the key and an `x-request-id` (kept when the caller set one) to every call."""
+
+    def __init__(self, api_key: str | None) -> None:
+        self._auth = ("authorization", f"Bearer {api_key}") if api_key else None
+
+    def _details(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        if self._auth is not None:
+            metadata.append(self._auth)
+        if not any(k == "x-request-id" for k, _ in metadata):
+            metadata.append(("x-request-id", new_request_id()))
+        return details._replace(metadata=metadata)
+
+
+# grpc.aio files an interceptor under the first call kind it implements only, so each kind
+# gets its own class.
+class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStream(_Metadata, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _StreamUnary(_Metadata, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+class _StreamStream(_Metadata, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+def metadata_interceptors(api_key: str | None) -> list[Any]:
+    """Client interceptors that send the key (when given) and a request id on every kind of call."""
+    return [cls(api_key) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+
+
+def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target(address), options=settings.channel_options(),
+                                     interceptors=metadata_interceptors(settings.api_key))
