@@ -67,11 +67,22 @@ async def test_round_robin_across_replicas_and_failover(registry: RegistryServer
         decision = await arm.check("payments.send", {"amount": 1}, risk="HIGH")
         assert decision.needs_approval
         await pending_approval(agent, "payments.send")
-        watches = [asyncio.create_task(arm.wait_for_approval(decision.approval_id, 60)) for _ in range(6)]
         subscribers = [first.component.changes._subscribers, second.component.changes._subscribers]  # type: ignore[attr-defined]
-        while sum(len(s) for s in subscribers) < 6:
-            await asyncio.sleep(0.01)
-        assert all(len(s) >= 1 for s in subscribers), [len(s) for s in subscribers]
+        # Watches opened one at a time (each waits until a replica follows it): round_robin
+        # spreads them as soon as both connections are up; pick_first would put all 20 on one.
+        base = [len(s) for s in subscribers]  # the replicas' own followers, if any
+
+        def added() -> list[int]:
+            return [len(s) - b for s, b in zip(subscribers, base, strict=True)]
+
+        watches = []
+        for n in range(1, 21):
+            watches.append(asyncio.create_task(arm.wait_for_approval(decision.approval_id, 60)))
+            while sum(added()) < n:
+                await asyncio.sleep(0.01)
+            if min(added()) >= 1:
+                break
+        assert min(added()) >= 1, added()
         for w in watches:
             w.cancel()
         await stop_governance(second, drop=False)

@@ -56,6 +56,7 @@ class EventSender:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._stopping = False
+        self._flushing = 0  # flush() calls waiting: send partial batches at once
         self.dropped = 0
         """Events that could not be kept: queue full, rejected by telemetry, or left at close."""
         self.sent = 0
@@ -119,17 +120,23 @@ class EventSender:
         backoff = 0.05
         while not self._stopping:
             if not self._batch:
+                # Wait for a full batch, a flush or the interval: at most one partial batch per
+                # interval, so a slow agent does not pay one IngestEvents per event.
+                with self._lock:
+                    queued = len(self._queue)
+                # Never loops without awaiting: with nothing queued it always waits.
+                if queued < self.batch_size and not (self._flushing and queued):
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+                    except TimeoutError:
+                        pass
+                    self._wake.clear()
                 with self._lock:
                     n = min(len(self._queue), self.batch_size)
                     self._batch = [self._queue.popleft() for _ in range(n)]
                     self._batch_id = f"batch-{secrets.token_hex(8)}" if n else ""
-            if not self._batch:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-                except TimeoutError:
-                    pass
-                self._wake.clear()
-                continue
+                if not self._batch:
+                    continue
             try:
                 resp = await self._send(self._batch, self._batch_id)
             except ArmError as exc:
@@ -160,12 +167,16 @@ class EventSender:
     async def flush(self, timeout_s: float = 5.0) -> bool:
         """Waits until every event queued before the call is acknowledged; False on timeout."""
         deadline = time.monotonic() + timeout_s
-        while self.pending():
-            if self._task is None or self._task.done() or time.monotonic() >= deadline:
-                return False
-            self._poke()
-            await asyncio.sleep(0.005)
-        return True
+        self._flushing += 1
+        try:
+            while self.pending():
+                if self._task is None or self._task.done() or time.monotonic() >= deadline:
+                    return False
+                self._poke()
+                await asyncio.sleep(0.005)
+            return True
+        finally:
+            self._flushing -= 1
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Flushes (bounded by `timeout_s`), stops the task; what is left is counted as dropped."""
