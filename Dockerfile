@@ -18,7 +18,7 @@ RUN pip install --no-cache-dir -r requirements.lock
 
 RUN groupadd --system --gid 10001 arm \
  && useradd --system --uid 10001 --gid arm --no-create-home --home-dir /nonexistent arm \
- && mkdir /data && chown arm:arm /data
+ && mkdir -p /data /keys/admin /keys/service && chown arm:arm /data /keys/admin /keys/service
 
 COPY libs/ libs/
 COPY services/ services/
