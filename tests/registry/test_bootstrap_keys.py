@@ -90,10 +90,10 @@ async def _change_record_arrives(gov: ArmClient, project_id: str, log: Path) -> 
 async def test_compose_bootstrap_in_one_go_from_key_files(tmp_path: Path) -> None:
     # What compose's one-shot `keys` step runs; run twice, it keeps the keys it wrote first.
     paths = [str(tmp_path / "admin.key"), str(tmp_path / "service.key")]
-    for _ in range(2):
-        subprocess.run([sys.executable, "-m", "arm_registry", "genkey", *paths], cwd=ROOT, env=base_env(),
-                       check=True, capture_output=True)
-        if _ == 0:
+    log = tmp_path / "services.log"
+    for run in range(2):
+        assert spawn("arm_registry", "genkey", *paths, env=base_env(), log=log).wait(60) == 0
+        if run == 0:
             admin_key, service_key = ((tmp_path / n).read_text().strip() for n in ("admin.key", "service.key"))
     assert (tmp_path / "admin.key").read_text() == admin_key + "\n"
     assert (tmp_path / "admin.key").stat().st_mode & 0o077 == 0
@@ -107,7 +107,6 @@ async def test_compose_bootstrap_in_one_go_from_key_files(tmp_path: Path) -> Non
                                      f"ARM_{s.upper()}_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / s}.db"})
             for s in addr}
     envs["registry"]["ARM_BOOTSTRAP_ADMIN_KEY_FILE"] = str(tmp_path / "admin.key")
-    log = tmp_path / "services.log"
     for service, env in envs.items():
         assert spawn(f"arm_{service}", "migrate", env=env, log=log).wait(60) == 0, log.read_text()
     procs = {s: spawn(f"arm_{s}", env=envs[s], log=log) for s in addr}
