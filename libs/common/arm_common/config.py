@@ -134,6 +134,10 @@ class ServiceConfig:
     approval_sweep_s: float = 30.0
     """How often governance expires and escalates due approvals (`ARM_APPROVAL_SWEEP_S`,
     default 30); every replica sweeps, each change is made once."""
+    share_port: bool = False
+    """`ARM_SHARE_PORT` (default false): let several processes serve the same port (SO_REUSEPORT,
+    the kernel spreads new connections among them), for identical workers of one deployment only.
+    Off, starting on a port already in use fails with a message naming the address."""
     bootstrap_admin_key: str | None = None
     """`ARM_BOOTSTRAP_ADMIN_KEY` (registry): a key minted with `python -m arm_registry genkey`
     that the registry provisions, on start, as the system tenant's admin key (only its hash is
@@ -164,5 +168,6 @@ class ServiceConfig:
             shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
+            share_port=_bool(env, "ARM_SHARE_PORT", False),
             bootstrap_admin_key=env.get("ARM_BOOTSTRAP_ADMIN_KEY") or None,
         )

@@ -4,8 +4,10 @@ health checking, reflection, the ARM interceptor, OpenTelemetry, graceful shutdo
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
@@ -15,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from arm_common import otel
 from arm_common.auth import Authenticator
+from arm_common.config import ConfigError
 from arm_common.interceptors import ArmServerInterceptor
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,61 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # The context every servicer method receives.
 Ctx: TypeAlias = grpc.aio.ServicerContext
+
+
+class AddressInUse(ConfigError):
+    """The address to serve on is taken by another process that does not share it with us."""
+
+    def __init__(self, listen: str, *, share_port: bool = False) -> None:
+        if share_port:
+            advice = ("ARM_SHARE_PORT=true shares a port only with processes that set it too: "
+                      "stop that process or pick another port (ARM_LISTEN or ARM_<SERVICE>_LISTEN).")
+        else:
+            advice = ("Stop that process, pick another port (ARM_LISTEN or ARM_<SERVICE>_LISTEN), "
+                      "or, to run several identical workers on one port on purpose, set "
+                      "ARM_SHARE_PORT=true in every one of them.")
+        super().__init__(f"cannot serve on {listen}: the address is already in use, by another "
+                         f"ARM server or a stale process. {advice}")
+        self.listen = listen
+
+
+def _address_in_use(listen: str) -> bool:
+    """True if some address `listen` resolves to cannot be bound because it is in use. Catches
+    the case gRPC lets pass: `localhost:P` binds [::1]:P when only 127.0.0.1:P is taken."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # let gRPC report the unresolvable name
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def bind(server: grpc.aio.Server, listen: str, *, share_port: bool) -> int:
+    """Adds the insecure port `listen` to `server`; returns the bound port. Without port sharing
+    an address in use raises AddressInUse instead of quietly splitting clients between servers."""
+    if not share_port and _address_in_use(listen):
+        raise AddressInUse(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        if _address_in_use(listen):
+            raise AddressInUse(listen, share_port=share_port)
+        raise ConfigError(f"cannot serve on {listen}: gRPC could not bind it (is the host an "
+                          "address of this machine?)")
+    return port
 
 
 class Component(Protocol):
@@ -41,25 +99,26 @@ class Host:
     """One gRPC server on one address hosting one or more components."""
 
     def __init__(self, components: Sequence[Component], authenticator: Authenticator,
-                 listen: str, *, service_name: str = "arm") -> None:
+                 listen: str, *, service_name: str = "arm", share_port: bool = False) -> None:
         otel.configure(service_name)
         self.components = list(components)
         self.listen = listen
+        self.share_port = share_port
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[*([otel.server_interceptor()] if otel.enabled() else []),
                           ArmServerInterceptor(authenticator)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.so_reuseport", 1)])
+                     # Port sharing only when asked for (ARM_SHARE_PORT): by default
+                     # a second server on a port in use must fail, not take half the clients.
+                     ("grpc.so_reuseport", 1 if share_port else 0)])
         self.service_names: list[str] = []
         self.port = 0
 
     async def start(self) -> int:
         """Starts serving; returns the bound port (useful with port 0)."""
-        self.port = self.server.add_insecure_port(self.listen)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.listen}")
+        self.port = bind(self.server, self.listen, share_port=self.share_port)
         address = f"{self.listen.rpartition(':')[0]}:{self.port}"
         for component in self.components:
             bound = getattr(component, "bound", None)

@@ -63,7 +63,7 @@ async def main() -> int:
             telemetry_db, dataclasses.replace(ServiceConfig.from_env("telemetry"), service_api_key=admin_key),
             in_process_registry=True, in_process_governance=True)
         host = Host([registry, governance, telemetry], registry.authenticator, config.listen,
-                    service_name="arm-allinone")
+                    service_name="arm-allinone", share_port=config.share_port)
         port = await host.start()
         address = f"{config.listen.rpartition(':')[0]}:{port}"
         op_events.address = address
