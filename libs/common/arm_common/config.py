@@ -80,6 +80,18 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     return value
 
 
+def _workers(env: Mapping[str, str], share_port: bool) -> int:
+    raw = env.get("ARM_WORKERS")
+    if raw is None or raw == "":
+        return 1
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 256:
+        raise ConfigError(f"ARM_WORKERS must be a whole number from 1 to 256, got {raw!r}")
+    workers = int(raw)
+    if workers > 1 and not share_port and env.get("ARM_SHARE_PORT"):
+        raise ConfigError("ARM_WORKERS > 1 shares the port among the workers: unset ARM_SHARE_PORT=false")
+    return workers
+
+
 def _address(env: Mapping[str, str], name: str, default: str | None) -> str | None:
     raw = env.get(name) or default
     if raw is None:
@@ -138,6 +150,10 @@ class ServiceConfig:
     """`ARM_SHARE_PORT` (default false): let several processes serve the same port (SO_REUSEPORT,
     the kernel spreads new connections among them), for identical workers of one deployment only.
     Off, starting on a port already in use fails with a message naming the address."""
+    workers: int = 1
+    """`ARM_WORKERS` (default 1): processes of this service serving its one port. Above 1,
+    `python -m arm_<service>` starts that many workers sharing the port (implies
+    ARM_SHARE_PORT; the kernel spreads new connections among them) and stops them together."""
     bootstrap_admin_key: str | None = None
     """`ARM_BOOTSTRAP_ADMIN_KEY` (registry): a key minted with `python -m arm_registry genkey`
     that the registry provisions, on start, as the system tenant's admin key (only its hash is
@@ -153,6 +169,10 @@ class ServiceConfig:
         db_name = f"{prefix}DATABASE_URL" if env.get(f"{prefix}DATABASE_URL") else "ARM_DATABASE_URL"
         listen = _address(env, listen_name, f"127.0.0.1:{DEFAULT_PORTS.get(service, 50051)}")
         assert listen is not None
+        share_port = _bool(env, "ARM_SHARE_PORT", False)
+        workers = _workers(env, share_port)
+        if workers > 1 and listen.endswith(":0"):
+            raise ConfigError(f"ARM_WORKERS > 1 needs a fixed port to share, not {listen!r}")
         return cls(
             service=service,
             listen=listen,
@@ -168,6 +188,7 @@ class ServiceConfig:
             shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
-            share_port=_bool(env, "ARM_SHARE_PORT", False),
+            share_port=share_port or workers > 1,
+            workers=workers,
             bootstrap_admin_key=env.get("ARM_BOOTSTRAP_ADMIN_KEY") or None,
         )
