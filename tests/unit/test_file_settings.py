@@ -68,3 +68,10 @@ def test_names_ending_in_FILE_are_paths_not_file_forms(tmp_path: Path) -> None:
 def test_empty_file_variable_is_unset() -> None:
     config = ServiceConfig.from_env("registry", {"ARM_SERVICE_API_KEY_FILE": "", "ARM_SERVICE_API_KEY": "k"})
     assert config.service_api_key == "k"
+
+
+def test_service_specific_settings_take_the_file_form_too(tmp_path: Path) -> None:
+    from arm_telemetry.app import TelemetrySettings
+
+    env = {"ARM_TELEMETRY_RETENTION_DAYS_FILE": _file(tmp_path, "days", "7\n")}
+    assert TelemetrySettings.from_env(env).retention_days == 7.0
