@@ -95,6 +95,11 @@ def test_each_service_is_deployed_as_required(manifests: list[dict[str, Any]], s
     assert ("ARM_BOOTSTRAP_ADMIN_KEY_FILE" in files) == (service == "registry")
     for path in files.values():
         assert "secret" in mounts[str(Path(path).parent)], path
+    # Secret files are root-owned with group fsGroup: the non-root user reads them through the group.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    for volume in volumes.values():
+        if "secret" in volume:
+            assert volume["secret"]["defaultMode"] & 0o040 and not volume["secret"]["defaultMode"] & 0o007
     assert not any("KEY" in n or "DATABASE_URL" in n for n in env if not n.endswith("_FILE"))
     assert mounts["/tmp"]["emptyDir"] is not None
     # A headless Service for client-side round_robin, an HPA and a PDB for this Deployment.
