@@ -3,7 +3,8 @@ manifest validates against the Kubernetes schemas (kubernetes-validate, offline,
 service has its Deployment (probes on gRPC health, requests and limits, migrations in an init
 container before it, secrets and TLS as files, non-root on a read-only root), a headless Service,
 an HPA, a PodDisruptionBudget and a NetworkPolicy letting it reach only what it needs. The probe
-script's readiness and liveness answers are checked against a real server."""
+script's readiness and liveness answers are checked against a real server. Rendering uses
+tests/k8s_render.py (no binary needed), checked against `kubectl kustomize` where kubectl exists."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2
 from arm_common.auth import Principal
 from arm_common.errors import Unauthenticated
 from arm_common.server import Host
+from tests import k8s_render
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -32,12 +34,23 @@ KUBERNETES_VERSION = "1.30.0"
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
+    return k8s_render.render(K8S / "overlays" / overlay)
+
+
+def _key(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", ["dev", "production"])
+def test_the_renderer_matches_kustomize(overlay: str) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+        pytest.skip("kubectl (with its built-in kustomize) is not installed to compare with")
     out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
                          text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    theirs = {_key(d): d for d in yaml.safe_load_all(out) if d}
+    ours = {_key(d): d for d in render(overlay)}
+    assert ours == theirs
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
