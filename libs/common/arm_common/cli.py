@@ -8,6 +8,9 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -78,12 +81,62 @@ async def _main(cmds: ServiceCommands, command: str) -> int:
         await db.dispose()
 
 
+def serve_workers(service: str, workers: int) -> int:
+    """ARM_WORKERS > 1: runs `workers` copies of `python -m arm_<service> serve`, each with
+    ARM_WORKERS=1 and ARM_SHARE_PORT=true, on the one address (the kernel spreads new connections
+    among them). SIGTERM and SIGINT go to every worker. When a worker exits on its own the others
+    are stopped too and its status is returned (non-zero), so the orchestrator restarts the whole."""
+    log = logging.getLogger(f"arm_{service}")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ARM_WORKERS", "ARM_WORKERS_FILE", "ARM_SHARE_PORT", "ARM_SHARE_PORT_FILE")}
+    env.update(ARM_WORKERS="1", ARM_SHARE_PORT="true")
+    stopping = False
+    live: dict[int, subprocess.Popen[bytes]] = {}
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(live):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for _ in range(workers):
+        proc = subprocess.Popen([sys.executable, "-m", f"arm_{service}", "serve"], env=env)
+        live[proc.pid] = proc
+    log.info("%s: %d workers (pids %s) sharing one port", service, workers, " ".join(map(str, live)))
+    status = 0
+    while live:
+        try:
+            pid, raw = os.wait()  # reaps any worker; the Popen objects are never polled
+        except ChildProcessError:
+            break
+        if pid not in live:
+            continue
+        proc = live.pop(pid)
+        code = proc.returncode = os.waitstatus_to_exitcode(raw)
+        if not stopping:
+            log.error("%s worker %d exited with %d: stopping the others", service, pid, code)
+            status = code or 1
+            forward(signal.SIGTERM, None)
+        elif code not in (0, -signal.SIGTERM, -signal.SIGINT):  # stopped before its handlers were set
+            status = status or code
+    return 128 - status if status < 0 else status  # killed by signal n: 128 + n, as a shell says
+
+
 def run(cmds: ServiceCommands) -> None:
     logs.configure()
     parser = argparse.ArgumentParser(prog=f"python -m arm_{cmds.service}")
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate", *cmds.extra])
     args = parser.parse_args()
     try:
+        if args.command == "serve":
+            workers = ServiceConfig.from_env(cmds.service).workers
+            if workers > 1:
+                sys.exit(serve_workers(cmds.service, workers))
         sys.exit(asyncio.run(_main(cmds, args.command)))
     except (ConfigError, SchemaNotReady) as exc:
         print(f"arm_{cmds.service}: {exc}", file=sys.stderr)

@@ -5,12 +5,51 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 
 class ConfigError(Exception):
     """A configuration variable is missing or malformed; the message names it."""
+
+
+class FileSettings(Mapping[str, str]):
+    """The environment, where a setting X may also be given as X_FILE: the path of a file holding
+    the value (a Docker or Kubernetes secret), stripped of one trailing newline. Setting both is
+    an error. Names that end in _FILE themselves (e.g. TLS key paths) are paths already. A value
+    read from a file is never logged nor put in an error message."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def __getitem__(self, name: str) -> str:
+        file_name = f"{name}_FILE"
+        path = None if name.endswith("_FILE") else self.env.get(file_name)
+        if not path:
+            return self.env[name]
+        if self.env.get(name):
+            raise ConfigError(f"{name} and {file_name} are both set: set one of them")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file_name}: cannot read {path!r} ({type(exc).__name__})") from None
+        return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+    def __iter__(self) -> Iterator[str]:
+        names = set(self.env)
+        names.update(n[:-5] for n in self.env if n.endswith("_FILE") and self.env[n])
+        return iter(names)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def settings(env: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """The process environment (or `env`), with X_FILE forms resolved (see FileSettings)."""
+    env = os.environ if env is None else env
+    return env if isinstance(env, FileSettings) else FileSettings(env)
 
 
 DEFAULT_PORTS = {"registry": 50051, "governance": 50052, "telemetry": 50053, "allinone": 50051}
@@ -41,6 +80,18 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     return value
 
 
+def _workers(env: Mapping[str, str], share_port: bool) -> int:
+    raw = env.get("ARM_WORKERS")
+    if raw is None or raw == "":
+        return 1
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 256:
+        raise ConfigError(f"ARM_WORKERS must be a whole number from 1 to 256, got {raw!r}")
+    workers = int(raw)
+    if workers > 1 and not share_port and env.get("ARM_SHARE_PORT"):
+        raise ConfigError("ARM_WORKERS > 1 shares the port among the workers: unset ARM_SHARE_PORT=false")
+    return workers
+
+
 def _address(env: Mapping[str, str], name: str, default: str | None) -> str | None:
     raw = env.get(name) or default
     if raw is None:
@@ -54,7 +105,8 @@ def _address(env: Mapping[str, str], name: str, default: str | None) -> str | No
 def _database_url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name) or default
     if not raw.startswith(("sqlite", "postgresql", "postgres")):
-        raise ConfigError(f"{name} must be a sqlite:// or postgresql:// URL, got {raw!r}")
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", raw)  # never the password
+        raise ConfigError(f"{name} must be a sqlite:// or postgresql:// URL, got {shown!r}")
     return raw
 
 
@@ -82,7 +134,8 @@ class ServiceConfig:
     telemetry_address: str | None
     """Where telemetry serves (`ARM_TELEMETRY_ADDRESS`): the outbox delivers opEvents there."""
     service_api_key: str | None
-    """Key the service presents when it calls another service (`ARM_SERVICE_API_KEY`)."""
+    """Key the service presents when it calls another service (`ARM_SERVICE_API_KEY`). The
+    registry provisions it as a system-tenant admin key on start (see `bootstrap_admin_key`)."""
     auth_cache_ttl_s: float
     """How long an authenticated key is trusted before it is looked up again
     (`ARM_AUTH_CACHE_TTL_S`, default 5)."""
@@ -108,10 +161,18 @@ class ServiceConfig:
     audit_checkpoint_interval_s: float = 300.0
     """How often governance signs every tenant's moved chain head (`ARM_AUDIT_CHECKPOINT_INTERVAL_S`,
     default 300; 0 = only on demand through CreateCheckpoint)."""
+    workers: int = 1
+    """`ARM_WORKERS` (default 1): processes of this service serving its one port. Above 1,
+    `python -m arm_<service>` starts that many workers sharing the port (implies
+    ARM_SHARE_PORT; the kernel spreads new connections among them) and stops them together."""
+    bootstrap_admin_key: str | None = None
+    """`ARM_BOOTSTRAP_ADMIN_KEY` (registry): a key minted with `python -m arm_registry genkey`
+    that the registry provisions, on start, as the system tenant's admin key (only its hash is
+    stored; the system tenant is created if missing). Like every setting, also as `..._FILE`."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
-        env = os.environ if env is None else env
+        env = settings(env)
         prefix = f"ARM_{service.upper()}_"
         data_dir = env.get("ARM_DATA_DIR") or ".arm"
         default_db = f"sqlite+aiosqlite:///{data_dir}/{service}.db"
@@ -121,6 +182,10 @@ class ServiceConfig:
             else "ARM_MIGRATE_DATABASE_URL"
         listen = _address(env, listen_name, f"127.0.0.1:{DEFAULT_PORTS.get(service, 50051)}")
         assert listen is not None
+        share_port = _bool(env, "ARM_SHARE_PORT", False)
+        workers = _workers(env, share_port)
+        if workers > 1 and listen.endswith(":0"):
+            raise ConfigError(f"ARM_WORKERS > 1 needs a fixed port to share, not {listen!r}")
         return cls(
             service=service,
             listen=listen,
@@ -136,8 +201,10 @@ class ServiceConfig:
             shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
-            share_port=_bool(env, "ARM_SHARE_PORT", False),
             audit_signing_key_file=env.get("ARM_AUDIT_SIGNING_KEY_FILE") or None,
             migrate_database_url=_database_url(env, migrate_name, "") if env.get(migrate_name) else None,
             audit_checkpoint_interval_s=_float(env, "ARM_AUDIT_CHECKPOINT_INTERVAL_S", 300.0),
+            share_port=share_port or workers > 1,
+            workers=workers,
+            bootstrap_admin_key=env.get("ARM_BOOTSTRAP_ADMIN_KEY") or None,
         )

@@ -32,6 +32,8 @@ def write_key_file(path: Path, key: str) -> None:
 
 async def main() -> int:
     config = ServiceConfig.from_env("allinone")
+    if config.workers > 1:
+        raise ConfigError("ARM_WORKERS > 1 is for the standalone services; the dev server runs one process")
     registry_config = ServiceConfig.from_env("registry")
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)

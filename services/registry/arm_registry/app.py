@@ -4,21 +4,24 @@ creates the system tenant with its first admin and key."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2, audit_pb2_grpc
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 from arm_common import migrations
-from arm_common.auth import Principal
+from arm_common.auth import Principal, hash_api_key, new_api_key, parse_api_key
 from arm_common.chain import raise_on_rejected
-from arm_common.config import ServiceConfig
+from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
@@ -115,6 +118,7 @@ class RegistryComponent:
 
     async def start(self) -> None:
         await migrations.check_at_head(self.db, MIGRATIONS, "registry")
+        await provision_keys(self.store, self.config)
         if self.config.governance_address and self.audit_channel is None:
             self._deliver_to(self.config.governance_address)
         await self.changes.start()
@@ -175,3 +179,75 @@ async def bootstrap(store: RegistryStore, *, new_key_if_exists: bool = False) ->
         return Bootstrap(tenant.id, op.id, key)
 
     return await store.db.run(run)
+
+
+def genkey() -> str:
+    """A fresh API key string (`python -m arm_registry genkey`), for ARM_BOOTSTRAP_ADMIN_KEY_FILE
+    or ARM_SERVICE_API_KEY_FILE; nothing is stored until a registry provisions it."""
+    return new_api_key()[1]
+
+
+_PRESET_KEY_RE = re.compile(r"^arm_key_[0-9a-f]{32}_[A-Za-z0-9_-]{32,}$")
+
+
+async def _system_admin(store: RegistryStore, s):  # type: ignore[no-untyped-def]
+    """The system tenant and its first operator, created (as `bootstrap` does) if missing."""
+    tenant = (await s.execute(select(models.Tenant).where(models.Tenant.system.is_(True)))).scalar_one_or_none()
+    if tenant is not None:
+        op = (await s.execute(select(models.Operator).where(
+            models.Operator.tenant_id == tenant.id).order_by(models.Operator.id).limit(1))).scalar_one()
+        return tenant, op
+    tenant = await store.create_tenant_rows(s, SYSTEM, slug="default", name="Default tenant",
+                                            description="System tenant created at bootstrap", system=True)
+    op = await store.create_operator_row(s, SYSTEM, tenant.id, email="admin@localhost", name="Administrator")
+    await store.assign_role_row(s, SYSTEM, tenant.id, op.id, await store.role_by_name(s, tenant.id, "admin"))
+    return tenant, op
+
+
+async def provision_keys(store: RegistryStore, config: ServiceConfig) -> list[str]:
+    """Makes ARM_BOOTSTRAP_ADMIN_KEY and ARM_SERVICE_API_KEY (when set) admin keys of the system
+    tenant, creating the tenant and its admin on a first start; only their hashes are stored.
+    Idempotent: a key already there is left alone (a revoked one stays revoked). Returns the
+    variables whose key was created now. A malformed key, or a key id taken with another secret,
+    stops the start with a message naming the variable, never the key."""
+    wanted = [(name, key) for name, key in (("ARM_BOOTSTRAP_ADMIN_KEY", config.bootstrap_admin_key),
+                                             ("ARM_SERVICE_API_KEY", config.service_api_key)) if key]
+    for name, key in wanted:
+        if not _PRESET_KEY_RE.match(key):
+            raise ConfigError(f"{name} is not a key minted by `python -m arm_registry genkey`")
+    if not wanted:
+        return []
+
+    async def run(s):  # type: ignore[no-untyped-def]
+        created = []
+        op = None
+        for name, key in wanted:
+            key_id = parse_api_key(key)
+            row = await s.get(models.ApiKey, key_id)
+            if row is not None:
+                if not hmac.compare_digest(row.key_hash, hash_api_key(key)):
+                    raise ConfigError(f"{name}: key id {key_id} already exists with another secret; "
+                                      "mint a new key with `python -m arm_registry genkey`")
+                owner = await s.get(models.Tenant, row.tenant_id)
+                if owner is None or not owner.system:
+                    raise ConfigError(f"{name}: key {key_id} is not a system-tenant key")
+                if row.revoked_at is not None:
+                    log.warning("%s: key %s was revoked; it is not restored", name, key_id)
+                continue
+            if op is None:
+                tenant, op = await _system_admin(store, s)
+            await store.create_key_row(s, SYSTEM, tenant.id, operator_id=op.id, preset=key,
+                                       display_name=f"{name} (provisioned at start)")
+            created.append(name)
+        return created
+
+    for attempt in range(2):
+        try:
+            created = await store.db.run(run)
+            break
+        except IntegrityError:  # another replica provisioned the same keys at the same moment
+            if attempt:
+                raise
+    for name in created:
+        log.info("%s provisioned as a system-tenant admin key", name)
+    return created

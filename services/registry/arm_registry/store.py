@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm_common import pagination
-from arm_common.auth import Principal, new_api_key
+from arm_common.auth import Principal, hash_api_key, new_api_key, parse_api_key
 from arm_common.canonical import canonical_json
 from arm_common.db import Database, is_unique_violation
 from arm_common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
@@ -218,9 +218,13 @@ class RegistryStore:
 
     async def create_key_row(self, session: AsyncSession, principal: Principal, tenant_id: str, *,
                              operator_id: str | None = None, instance_id: str | None = None,
-                             display_name: str = "", expires_at: datetime | None = None
-                             ) -> tuple[models.ApiKey, str]:
-        key_id, secret, key_hash = new_api_key()
+                             display_name: str = "", expires_at: datetime | None = None,
+                             preset: str | None = None) -> tuple[models.ApiKey, str]:
+        """A new key; with `preset` (a well-formed key minted by `genkey`), that key."""
+        if preset is None:
+            key_id, secret, key_hash = new_api_key()
+        else:
+            key_id, secret, key_hash = parse_api_key(preset), preset, hash_api_key(preset)
         row = models.ApiKey(id=key_id, tenant_id=tenant_id, operator_id=operator_id,
                             instance_id=instance_id, key_hash=key_hash, display_name=display_name,
                             created_at=utcnow(), expires_at=expires_at, revoked_at=None)

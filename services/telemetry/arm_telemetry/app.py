@@ -5,7 +5,6 @@ migrations."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +14,7 @@ import grpc
 
 from arm.telemetry.v1 import telemetry_pb2_grpc
 from arm_common import migrations
-from arm_common.config import ConfigError, ServiceConfig
+from arm_common.config import ConfigError, ServiceConfig, settings
 from arm_common.db import Database, open_database
 from arm_common.housekeeping import Housekeeping
 from arm_common.outbox import OutboxRelay
@@ -71,7 +70,7 @@ class TelemetrySettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TelemetrySettings:
-        env = os.environ if env is None else env
+        env = settings(env)  # X_FILE forms too, as for every setting
         return cls(
             retention_days=_number(env, "ARM_TELEMETRY_RETENTION_DAYS", 30.0, 0.001),
             retention_interval_s=_number(env, "ARM_TELEMETRY_RETENTION_INTERVAL_S", 300.0, 0.1),
