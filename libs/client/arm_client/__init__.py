@@ -16,6 +16,7 @@ from arm.governance.v1 import (
 )
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 from arm.telemetry.v1 import telemetry_pb2_grpc
+from arm_common import tls
 
 
 class _Auth:
@@ -63,9 +64,14 @@ class ArmClient:
     telemetry: `.telemetry`.
     Without a key, calls go out unauthenticated (useful for health checks and tests)."""
 
-    def __init__(self, address: str, api_key: str | None = None) -> None:
+    def __init__(self, address: str, api_key: str | None = None, *, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
+        """`tls_ca_file` set: TLS, verifying the server against that CA bundle; `tls_cert_file`
+        and `tls_key_file` add a client certificate (servers that require mTLS)."""
         interceptors = auth_interceptors(api_key) if api_key else []
-        self.channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
+        self.channel = tls.open_channel(
+            address, tls.TlsSettings(ca_file=tls_ca_file, cert_file=tls_cert_file, key_file=tls_key_file),
+            interceptors=interceptors)
         self.tenancy = tenancy_pb2_grpc.TenancyServiceStub(self.channel)
         self.access = access_pb2_grpc.AccessServiceStub(self.channel)
         self.agents = agents_pb2_grpc.AgentServiceStub(self.channel)

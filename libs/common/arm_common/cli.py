@@ -48,7 +48,8 @@ async def _main(cmds: ServiceCommands, command: str) -> int:
         if command in cmds.extra:
             return await cmds.extra[command](component)
         assert component.authenticator is not None
-        host = Host([component], component.authenticator, config.listen, service_name=f"arm-{cmds.service}")
+        host = Host([component], component.authenticator, config.listen, service_name=f"arm-{cmds.service}",
+                    tls_settings=config.tls)
         port = await host.start()
         log.info("%s serving on %s (port %d)", cmds.service, config.listen, port)
         await host.serve_until_signal(config.shutdown_grace_s)

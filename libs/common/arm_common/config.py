@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from arm_common.tls import TlsSettings
 
 
 class ConfigError(Exception):
@@ -93,6 +95,8 @@ class ServiceConfig:
     approval_sweep_s: float = 30.0
     """How often governance expires and escalates due approvals (`ARM_APPROVAL_SWEEP_S`,
     default 30); every replica sweeps, each change is made once."""
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    """TLS files (`ARM_TLS_*`, see arm_common.tls); all unset, plaintext."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -119,4 +123,5 @@ class ServiceConfig:
             shutdown_grace_s=_float(env, "ARM_SHUTDOWN_GRACE_S", 10.0),
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
+            tls=TlsSettings.from_env(env),
         )

@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from arm_common import otel
+from arm_common import otel, tls
 from arm_common.auth import Authenticator
 from arm_common.interceptors import ArmServerInterceptor
 
@@ -23,6 +25,48 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # The context every servicer method receives.
 Ctx: TypeAlias = grpc.aio.ServicerContext
+
+
+REFLECTION_V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+
+
+def _describe_reflection_v1() -> None:
+    """Adds grpc/reflection/v1/reflection.proto to the default descriptor pool (v1alpha's file
+    under v1's package), so reflection can describe its own v1 service."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    proto.options.Clear()
+    for message in proto.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(proto)
+
+
+def enable_reflection_v1(service_names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Serves `grpc.reflection.v1` (what current grpcurl and buf curl ask first) beside v1alpha.
+    grpcio-reflection ships only v1alpha; the two protocols differ in their package name alone
+    (same messages, same field numbers), so v1alpha's servicer answers v1 calls byte for byte."""
+    _describe_reflection_v1()
+    servicer = reflection_aio.ReflectionServicer(service_names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE_NAME, {"ServerReflectionInfo": handler}),))
 
 
 class Component(Protocol):
@@ -41,10 +85,11 @@ class Host:
     """One gRPC server on one address hosting one or more components."""
 
     def __init__(self, components: Sequence[Component], authenticator: Authenticator,
-                 listen: str, *, service_name: str = "arm") -> None:
+                 listen: str, *, service_name: str = "arm", tls_settings: tls.TlsSettings | None = None) -> None:
         otel.configure(service_name)
         self.components = list(components)
         self.listen = listen
+        self.tls = tls_settings or tls.TlsSettings()
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[*([otel.server_interceptor()] if otel.enabled() else []),
@@ -57,7 +102,14 @@ class Host:
 
     async def start(self) -> int:
         """Starts serving; returns the bound port (useful with port 0)."""
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.tls.serves_tls:
+            self.port = self.server.add_secure_port(self.listen, tls.server_credentials(self.tls))
+        else:
+            self.port = self.server.add_insecure_port(self.listen)
+            if not tls.is_loopback(self.listen):
+                log.warning("!!! SERVING PLAINTEXT ON %s, A NON-LOOPBACK ADDRESS: API keys cross the "
+                            "network in clear. Set ARM_TLS_CERT_FILE and ARM_TLS_KEY_FILE (and "
+                            "ARM_TLS_CLIENT_CA_FILE for mTLS) to serve TLS. !!!", self.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.listen}")
         address = f"{self.listen.rpartition(':')[0]}:{self.port}"
@@ -67,8 +119,10 @@ class Host:
                 bound(address)
             self.service_names.extend(component.attach(self.server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        reflection_names = [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME,
+                            REFLECTION_V1_SERVICE_NAME]
+        reflection.enable_server_reflection(reflection_names, self.server)
+        enable_reflection_v1(reflection_names, self.server)
         for component in self.components:
             await component.start()
         await self.server.start()

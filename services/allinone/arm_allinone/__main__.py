@@ -56,14 +56,14 @@ async def main() -> int:
         governance_config = dataclasses.replace(ServiceConfig.from_env("governance"),
                                                 service_api_key=admin_key)
         # Governance's opEvents go to the telemetry hosted here, once the address is known.
-        op_events = OpEventForwarder(None, admin_key)
+        op_events = OpEventForwarder(None, admin_key, config.tls)
         governance = governance_app.GovernanceComponent(governance_db, governance_config,
                                                         in_process_registry=True, op_events=op_events)
         telemetry = telemetry_app.TelemetryComponent(
             telemetry_db, dataclasses.replace(ServiceConfig.from_env("telemetry"), service_api_key=admin_key),
             in_process_registry=True, in_process_governance=True)
         host = Host([registry, governance, telemetry], registry.authenticator, config.listen,
-                    service_name="arm-allinone")
+                    service_name="arm-allinone", tls_settings=config.tls)
         port = await host.start()
         address = f"{config.listen.rpartition(':')[0]}:{port}"
         op_events.address = address
