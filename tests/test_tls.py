@@ -5,10 +5,14 @@ certificate rotated on disk is served to new connections without a restart."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from arm_client import ArmClient
 from arm_common import tls
 from tests.conftest import new_database_spec, start_governance, start_registry, stop_governance, stop_registry
 from tests.helpers import approved_version
+from tests.processes import ROOT, base_env, free_port, spawn, stop
 from tests.telemetry.conftest import event, start_telemetry, stop_telemetry
 
 
@@ -243,3 +248,78 @@ async def test_health_answers_over_tls(tmp_path: Path) -> None:
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await stop_registry(registry)
+
+
+async def test_a_non_loopback_plaintext_listener_logs_one_warning(caplog: pytest.LogCaptureFixture,
+                                                                  tmp_path: Path) -> None:
+    with caplog.at_level(logging.WARNING, logger="arm_common.server"):
+        plain = await start_registry(new_database_spec("sqlite", tmp_path, "plain"),
+                                     {"ARM_REGISTRY_LISTEN": "0.0.0.0:0"})
+        await stop_registry(plain)
+    warnings = [r for r in caplog.records if "PLAINTEXT" in r.getMessage()]
+    assert len(warnings) == 1 and "0.0.0.0:0" in warnings[0].getMessage()
+    caplog.clear()
+    pki = make_pki(tmp_path / "pki")
+    with caplog.at_level(logging.WARNING, logger="arm_common.server"):
+        secured = await start_registry(new_database_spec("sqlite", tmp_path, "secured"),
+                                       {"ARM_REGISTRY_LISTEN": "0.0.0.0:0", **pki.server_env(mtls=True)})
+        await stop_registry(secured)
+        loopback = await start_registry(new_database_spec("sqlite", tmp_path, "loopback"))
+        await stop_registry(loopback)
+    assert not [r for r in caplog.records if "PLAINTEXT" in r.getMessage()]
+
+
+def healthcheck(address: str, env: dict[str, str]) -> int:
+    return subprocess.run([sys.executable, str(ROOT / "deploy" / "grpc_healthcheck.py"), address],
+                          env=base_env(**env), capture_output=True, timeout=60).returncode
+
+
+async def test_the_container_health_check_speaks_mtls(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    registry = await start_registry(new_database_spec("sqlite", tmp_path, "registry"), pki.server_env(mtls=True))
+    try:
+        client_env = {"ARM_TLS_CA_FILE": pki.ca_file, "ARM_TLS_CERT_FILE": pki.client_cert_file,
+                      "ARM_TLS_KEY_FILE": pki.client_key_file}
+        assert await asyncio.to_thread(healthcheck, registry.address, client_env) == 0
+        assert await asyncio.to_thread(healthcheck, registry.address, {}) == 1
+    finally:
+        await stop_registry(registry)
+
+
+async def test_the_all_in_one_server_over_mtls(tmp_path: Path) -> None:
+    """The dev server as a process with mTLS: its services reach each other through its own
+    TLS port (governance asks the registry about the agent of a Check)."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log = tmp_path / "allinone.log"
+    data = tmp_path / "data"
+    proc = spawn("arm_allinone", env=base_env(ARM_DATA_DIR=str(data), ARM_LISTEN=address,
+                                              **pki.server_env(mtls=True)), log=log)
+    try:
+        key_file = data / "dev-admin-key"
+        for _ in range(600):
+            if proc.poll() is not None or (key_file.exists() and address in log.read_text()):
+                break
+            await asyncio.sleep(0.1)
+        assert proc.poll() is None, log.read_text()
+        async with pki.client(address, key_file.read_text().strip()) as client:
+            tenants = (await client.tenancy.ListTenants(tenancy_pb2.ListTenantsRequest(), timeout=10)).tenants
+            assert [t.slug for t in tenants if t.system] == ["default"]
+            unknown = await client.decisions.Check(decision_pb2.CheckRequest(instance_id="ins_nope", tool_name="fs.read"),
+                                                   timeout=10)
+            assert unknown.decision == policy_pb2.DECISION_DENY and unknown.reasons[0].code == "UNKNOWN_AGENT"
+        async with ArmClient(address, key_file.read_text().strip()) as plain:
+            await refused(plain.tenancy.ListTenants(tenancy_pb2.ListTenantsRequest(), timeout=10))
+        assert stop(proc) == 0, log.read_text()
+    finally:
+        stop(proc, signal.SIGKILL)
+
+
+def test_the_all_in_one_server_refuses_tls_without_a_ca(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    env = pki.server_env(mtls=False)
+    del env["ARM_TLS_CA_FILE"]
+    done = subprocess.run([sys.executable, "-m", "arm_allinone"], cwd=ROOT, capture_output=True, timeout=60,
+                          env=base_env(ARM_DATA_DIR=str(tmp_path / "data"), ARM_LISTEN=f"127.0.0.1:{free_port()}", **env))
+    assert done.returncode == 2 and b"ARM_TLS_CA_FILE" in done.stderr

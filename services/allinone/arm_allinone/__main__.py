@@ -32,6 +32,9 @@ def write_key_file(path: Path, key: str) -> None:
 
 async def main() -> int:
     config = ServiceConfig.from_env("allinone")
+    if config.tls.serves_tls and not config.tls.dials_tls:
+        raise ConfigError("ARM_TLS_CA_FILE must be set with ARM_TLS_CERT_FILE: the services in this "
+                          "process call each other through its TLS port")
     registry_config = ServiceConfig.from_env("registry")
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)
