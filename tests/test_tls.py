@@ -323,3 +323,20 @@ def test_the_all_in_one_server_refuses_tls_without_a_ca(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "arm_allinone"], cwd=ROOT, capture_output=True, timeout=60,
                           env=base_env(ARM_DATA_DIR=str(tmp_path / "data"), ARM_LISTEN=f"127.0.0.1:{free_port()}", **env))
     assert done.returncode == 2 and b"ARM_TLS_CA_FILE" in done.stderr
+
+
+async def test_a_broken_certificate_file_keeps_the_previous_certificate(tmp_path: Path) -> None:
+    """A rotation caught half-way (the certificate of another key) is not served; once the
+    matching key arrives, the new certificate is."""
+    pki = make_pki(tmp_path)
+    registry = await start_registry(new_database_spec("sqlite", tmp_path, "registry"), pki.server_env(mtls=False))
+    try:
+        first = x509.load_pem_x509_certificate(Path(pki.cert_file).read_bytes()).serial_number
+        new = make_pki(tmp_path / "rotated")
+        Path(pki.cert_file).write_bytes(Path(new.cert_file).read_bytes())  # key not yet replaced
+        assert await asyncio.to_thread(served_serial, registry.address, pki.ca_file) == first
+        Path(pki.key_file).write_bytes(Path(new.key_file).read_bytes())
+        second = x509.load_pem_x509_certificate(Path(new.cert_file).read_bytes()).serial_number
+        assert await asyncio.to_thread(served_serial, registry.address, new.ca_file) == second
+    finally:
+        await stop_registry(registry)

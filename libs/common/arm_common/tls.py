@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,12 @@ class _ReloadingCertificates:
     def _configuration(self) -> Any:
         s = self.settings
         assert s.cert_file and s.key_file
+        # grpc checks the files only at a handshake; load them here so a broken or mismatched
+        # pair (e.g. the certificate replaced, the key not yet) is refused before it is served.
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        check.load_cert_chain(s.cert_file, s.key_file)
+        if s.client_ca_file:
+            check.load_verify_locations(cafile=s.client_ca_file)
         return grpc.ssl_server_certificate_configuration(
             [(_read(s.key_file), _read(s.cert_file))],
             root_certificates=_read(s.client_ca_file) if s.client_ca_file else None)
@@ -115,8 +122,8 @@ class _ReloadingCertificates:
                 if stamps == self.stamps:
                     return None
                 config = self._configuration()
-            except Exception:  # a file mid-rewrite or removed: keep serving the last good one
-                log.exception("TLS files could not be re-read; still serving the previous certificate")
+            except (OSError, ssl.SSLError) as exc:  # mid-rewrite, removed, mismatched: keep the last good one
+                log.error("TLS files could not be loaded (%s); still serving the previous certificate", exc)
                 return None
             self.stamps = stamps
             log.info("TLS certificate files changed: new connections get the new certificate")
