@@ -28,6 +28,7 @@ from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 from arm_client import ArmClient
 from arm_common import tls
+from arm_common.config import ConfigError, ServiceConfig
 from tests.conftest import new_database_spec, start_governance, start_registry, stop_governance, stop_registry
 from tests.helpers import approved_version
 from tests.processes import ROOT, base_env, free_port, spawn, stop
@@ -322,7 +323,7 @@ def test_the_all_in_one_server_refuses_tls_without_a_ca(tmp_path: Path) -> None:
     del env["ARM_TLS_CA_FILE"]
     done = subprocess.run([sys.executable, "-m", "arm_allinone"], cwd=ROOT, capture_output=True, timeout=60,
                           env=base_env(ARM_DATA_DIR=str(tmp_path / "data"), ARM_LISTEN=f"127.0.0.1:{free_port()}", **env))
-    assert done.returncode == 2 and b"ARM_TLS_CA_FILE" in done.stderr
+    assert done.returncode == 2 and b"ARM_TLS_CA_FILE together" in done.stderr, done.stderr
 
 
 async def test_a_broken_certificate_file_keeps_the_previous_certificate(tmp_path: Path) -> None:
@@ -340,3 +341,18 @@ async def test_a_broken_certificate_file_keeps_the_previous_certificate(tmp_path
         assert await asyncio.to_thread(served_serial, registry.address, new.ca_file) == second
     finally:
         await stop_registry(registry)
+
+
+def test_tls_settings_are_checked_at_start(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    base = {"ARM_REGISTRY_LISTEN": "127.0.0.1:0"}
+    with pytest.raises(ConfigError, match="ARM_TLS_CERT_FILE and ARM_TLS_KEY_FILE"):
+        ServiceConfig.from_env("registry", {**base, "ARM_TLS_CERT_FILE": pki.cert_file})
+    with pytest.raises(ConfigError, match="ARM_TLS_KEY_FILE must name a readable file"):
+        ServiceConfig.from_env("registry", {**base, "ARM_TLS_CERT_FILE": pki.cert_file,
+                                            "ARM_TLS_KEY_FILE": str(tmp_path / "missing.key")})
+    with pytest.raises(ConfigError, match="ARM_TLS_CLIENT_CA_FILE needs"):
+        ServiceConfig.from_env("registry", {**base, "ARM_TLS_CLIENT_CA_FILE": pki.ca_file})
+    config = ServiceConfig.from_env("registry", {**base, **pki.server_env(mtls=True), "ARM_TLS_SERVER_NAME": "registry"})
+    assert config.tls == tls.TlsSettings(pki.cert_file, pki.key_file, pki.ca_file, pki.ca_file, "registry")
+    assert ServiceConfig.from_env("registry", base).tls == tls.TlsSettings()

@@ -32,9 +32,9 @@ def write_key_file(path: Path, key: str) -> None:
 
 async def main() -> int:
     config = ServiceConfig.from_env("allinone")
-    if config.tls.serves_tls and not config.tls.dials_tls:
-        raise ConfigError("ARM_TLS_CA_FILE must be set with ARM_TLS_CERT_FILE: the services in this "
-                          "process call each other through its TLS port")
+    if config.tls.serves_tls != config.tls.dials_tls:  # its services call each other through its port
+        raise ConfigError("the all-in-one server needs ARM_TLS_CERT_FILE, ARM_TLS_KEY_FILE and ARM_TLS_CA_FILE "
+                          "together (or none): its services call each other through its own port")
     registry_config = ServiceConfig.from_env("registry")
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)
