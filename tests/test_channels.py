@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha
 
 from arm_common import tls
+from arm_common.server import Host
 from tests.conftest import RegistryServer, new_database_spec, start_registry, stop_registry
 
 REGISTRY_SERVICES = {"arm.registry.v1.TenancyService", "arm.registry.v1.AccessService",
@@ -113,3 +115,33 @@ async def test_one_channel_spreads_calls_over_every_resolved_replica() -> None:
     finally:
         await a.stop(0)
         await b.stop(0)
+
+
+class _Anyone:
+    async def authenticate(self, api_key: str) -> object:
+        raise AssertionError("health and reflection need no key")
+
+
+async def test_connections_are_aged_so_clients_re_resolve() -> None:
+    """A host ends connections past their age (GOAWAY), so a client's channel reconnects and
+    re-resolves its dns:/// name; the next call succeeds on the new connection."""
+    host = Host([], _Anyone(), "127.0.0.1:0", max_connection_age_s=0.5)  # type: ignore[arg-type]
+    port = await host.start()
+    try:
+        async with tls.open_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            # A long-lived stream (like governance's agent change feed) opened on that connection.
+            watch = stub.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), timeout=30)
+            resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            # The stream outlived its connection's age: it still receives updates.
+            await asyncio.sleep(1)  # room for a (wrongly) finite grace to cut the stream; asserts no time
+            await host.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert (await asyncio.wait_for(watch.read(), timeout=10)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+    finally:
+        await host.stop(0)

@@ -22,6 +22,7 @@ from arm_common.interceptors import ArmServerInterceptor
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_CONNECTION_AGE_S = 300.0
 
 # The context every servicer method receives.
 Ctx: TypeAlias = grpc.aio.ServicerContext
@@ -85,7 +86,8 @@ class Host:
     """One gRPC server on one address hosting one or more components."""
 
     def __init__(self, components: Sequence[Component], authenticator: Authenticator,
-                 listen: str, *, service_name: str = "arm", tls_settings: tls.TlsSettings | None = None) -> None:
+                 listen: str, *, service_name: str = "arm", tls_settings: tls.TlsSettings | None = None,
+                 max_connection_age_s: float = MAX_CONNECTION_AGE_S) -> None:
         otel.configure(service_name)
         self.components = list(components)
         self.listen = listen
@@ -96,7 +98,11 @@ class Host:
                           ArmServerInterceptor(authenticator)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.so_reuseport", 1)])
+                     ("grpc.so_reuseport", 1),
+                     # Clients reconnect (and re-resolve their dns:/// target) at least this often,
+                     # so replicas added later get calls too; calls and streams in flight are not
+                     # cut (the grace after the age is unlimited).
+                     ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))])
         self.service_names: list[str] = []
         self.port = 0
 
