@@ -356,3 +356,11 @@ def test_tls_settings_are_checked_at_start(tmp_path: Path) -> None:
     config = ServiceConfig.from_env("registry", {**base, **pki.server_env(mtls=True), "ARM_TLS_SERVER_NAME": "registry"})
     assert config.tls == tls.TlsSettings(pki.cert_file, pki.key_file, pki.ca_file, pki.ca_file, "registry")
     assert ServiceConfig.from_env("registry", base).tls == tls.TlsSettings()
+
+
+async def test_a_key_that_does_not_match_the_certificate_stops_the_start(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    other = make_pki(tmp_path / "other")
+    env = {**pki.server_env(mtls=False), "ARM_TLS_KEY_FILE": other.key_file}
+    with pytest.raises(ConfigError, match="do not load"):
+        await start_registry(new_database_spec("sqlite", tmp_path, "registry"), env)

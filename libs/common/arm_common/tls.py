@@ -131,8 +131,14 @@ class _ReloadingCertificates:
 
 
 def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials:
-    """Credentials for `add_secure_port` that re-read the files when they change."""
-    fetcher = _ReloadingCertificates(settings)
+    """Credentials for `add_secure_port` that re-read the files when they change. Files that do
+    not load (unreadable, not PEM, a key that does not match the certificate) are a ConfigError."""
+    from arm_common.config import ConfigError  # config imports this module
+
+    try:
+        fetcher = _ReloadingCertificates(settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ARM_TLS_CERT_FILE, ARM_TLS_KEY_FILE or ARM_TLS_CLIENT_CA_FILE do not load: {exc}") from None
     return grpc.dynamic_ssl_server_credentials(
         fetcher.initial, fetcher, require_client_authentication=settings.client_ca_file is not None)
 
