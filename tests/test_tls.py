@@ -364,3 +364,39 @@ async def test_a_key_that_does_not_match_the_certificate_stops_the_start(tmp_pat
     env = {**pki.server_env(mtls=False), "ARM_TLS_KEY_FILE": other.key_file}
     with pytest.raises(ConfigError, match="do not load"):
         await start_registry(new_database_spec("sqlite", tmp_path, "registry"), env)
+
+
+async def test_a_rotated_client_certificate_is_presented_on_new_calls(tmp_path: Path) -> None:
+    """An inter-service channel (client certificate, mTLS) follows its files: after a rotation,
+    calls go out on a new connection with the new certificate; a half-rotated pair is not used."""
+    pki = make_pki(tmp_path)
+
+    async def whoami(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        pem = context.auth_context()["x509_pem_cert"][0]
+        return str(x509.load_pem_x509_certificate(pem).serial_number).encode()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Who", {"Am": grpc.unary_unary_rpc_method_handler(whoami)}),))
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(tls.TlsSettings(
+        cert_file=pki.cert_file, key_file=pki.key_file, client_ca_file=pki.ca_file)))
+    await server.start()
+    settings = tls.TlsSettings(ca_file=pki.ca_file, cert_file=pki.client_cert_file, key_file=pki.client_key_file)
+    channel = tls.ReloadingChannel(f"127.0.0.1:{port}", settings, check_interval_s=0)
+    try:
+        call = channel.unary_unary("/test.Who/Am")
+
+        def serial_of(path: str) -> int:
+            return x509.load_pem_x509_certificate(Path(path).read_bytes()).serial_number
+
+        first = serial_of(pki.client_cert_file)
+        assert int(await call(b"")) == first
+        (tmp_path / "rotated").mkdir()
+        new_cert, new_key = write_leaf(pki.ca, tmp_path / "rotated", "client", "arm-test-client")
+        Path(pki.client_cert_file).write_bytes(Path(new_cert).read_bytes())  # key not yet replaced
+        assert int(await call(b"")) == first
+        Path(pki.client_key_file).write_bytes(Path(new_key).read_bytes())
+        assert int(await call(b"")) == serial_of(new_cert) != first
+    finally:
+        await channel.close()
+        await server.stop(0)

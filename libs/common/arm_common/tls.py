@@ -9,8 +9,8 @@ Client side: `open_channel` opens a channel to `dns:///host:port` with the `roun
 so a client spreads its calls over every address the name resolves to (every replica behind a
 headless Service). With `ARM_TLS_CA_FILE` it verifies the server against that CA and, when
 `ARM_TLS_CERT_FILE` / `ARM_TLS_KEY_FILE` are set, presents them as its client certificate. Client
-certificates are read when a channel is opened: a long-lived inter-service channel keeps the
-certificate it started with until the process restarts (only the server side reloads)."""
+certificate, key and CA files are followed too (ReloadingChannel): after they change, new calls
+go through a new connection that presents the new certificate."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -172,13 +173,108 @@ def open_channel(address: str, settings: TlsSettings | None = None, *,
                  interceptors: Sequence[Any] | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """An asyncio channel to `address` (host:port) through `dns:///` with `round_robin`; TLS
-    when `settings.ca_file` is set (plus the client certificate when there is one)."""
+    when `settings.ca_file` is set (plus the client certificate when there is one: then the
+    channel follows changes of the certificate, key and CA files, see ReloadingChannel)."""
+    if settings is not None and settings.dials_tls and settings.cert_file:
+        return cast(grpc.aio.Channel, ReloadingChannel(address, settings, interceptors=interceptors,
+                                                       options=options))
+    return _open(address, settings, interceptors, options)
+
+
+def _open(address: str, settings: TlsSettings | None, interceptors: Sequence[Any] | None,
+          options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
     target = dns_target(address)
     opts = [*channel_options(settings), *options]
     if settings is not None and settings.dials_tls:
         creds = channel_credentials(settings.ca_file, settings.cert_file, settings.key_file)
         return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+
+
+class _LazyCall:
+    """A multicallable bound to whichever channel is current at each call."""
+
+    def __init__(self, owner: ReloadingChannel, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.owner, self.kind, self.args, self.kwargs = owner, kind, args, kwargs
+        self.bound: tuple[grpc.aio.Channel, Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        channel = self.owner.current()
+        if self.bound is None or self.bound[0] is not channel:
+            self.bound = (channel, getattr(channel, self.kind)(*self.args, **self.kwargs))
+        return self.bound[1](*args, **kwargs)
+
+
+class ReloadingChannel:
+    """A client channel with a client certificate (mTLS) that follows the certificate, key and
+    CA files: at most every `check_interval_s`, a call looks at their modification times and,
+    when they changed, the calls from then on go through a new channel (a new connection, a new
+    handshake with the new certificate). Calls and streams already open finish on the previous
+    channel, which is closed with this one (the server's connection age ends its connection)."""
+
+    def __init__(self, address: str, settings: TlsSettings, *, interceptors: Sequence[Any] | None = None,
+                 options: Sequence[tuple[str, Any]] = (), check_interval_s: float = 5.0) -> None:
+        self.address, self.settings, self.interceptors, self.options = address, settings, interceptors, options
+        self.check_interval_s = check_interval_s
+        self.files = [f for f in (settings.cert_file, settings.key_file, settings.ca_file) if f]
+        self.stamps = self._stamps()
+        self.channel = _open(address, settings, interceptors, options)
+        self.retired: list[grpc.aio.Channel] = []
+        self.checked = time.monotonic()
+
+    def _stamps(self) -> tuple[int, ...]:
+        return tuple(os.stat(f).st_mtime_ns for f in self.files)
+
+    def current(self) -> grpc.aio.Channel:
+        now = time.monotonic()
+        if now - self.checked >= self.check_interval_s:
+            self.checked = now
+            try:
+                stamps = self._stamps()
+                if stamps != self.stamps:
+                    assert self.settings.cert_file and self.settings.key_file
+                    # A half-rotated pair (certificate replaced, key not yet) is not used.
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.settings.cert_file,
+                                                                            self.settings.key_file)
+                    channel = _open(self.address, self.settings, self.interceptors, self.options)
+                    self.retired.append(self.channel)
+                    self.channel, self.stamps = channel, stamps
+                    log.info("TLS client files changed: new calls to %s use a new connection", self.address)
+            except (OSError, ValueError) as exc:  # mid-rewrite or removed: keep the current channel
+                log.error("TLS client files could not be re-read (%s); keeping the current channel", exc)
+        return self.channel
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _LazyCall(self, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _LazyCall(self, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _LazyCall(self, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _LazyCall(self, "stream_stream", args, kwargs)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.current().wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current().channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        for channel in [*self.retired, self.channel]:
+            await channel.close(grace)
+        self.retired.clear()
+
+    async def __aenter__(self) -> ReloadingChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def is_loopback(listen: str) -> bool:
