@@ -59,6 +59,7 @@ bench: setup
 	$(PY) bench/floor.py
 	$(PY) bench/resolve.py
 	$(PY) bench/ingest.py
+	$(PY) bench/tls.py
 
 clean:
 	rm -rf $(VENV) node_modules .arm

@@ -5,10 +5,10 @@ Asks the standard grpc.health.v1 Health service at ADDRESS (host:port) about SER
 With --live (a liveness probe) any answer, SERVING or NOT_SERVING, is enough: the process is up
 even while its database is away, and restarting it would not help.
 
-When the container serves TLS (ARM_TLS_CERT_FILE and ARM_TLS_KEY_FILE set, as for the service
-itself) the check speaks TLS: it trusts ARM_TLS_CA_FILE (else ARM_TLS_CLIENT_CA_FILE), presents
-the container's own certificate (for mTLS), and expects the name ARM_TLS_SERVER_NAME (default
-`localhost`) in the server's certificate.
+It speaks TLS when ARM_TLS_CA_FILE is set or the container serves TLS (ARM_TLS_CERT_FILE and
+ARM_TLS_KEY_FILE, the variables the service itself reads): it trusts ARM_TLS_CA_FILE (else
+ARM_TLS_CLIENT_CA_FILE), presents the container's certificate when there is one (mTLS), and
+ARM_TLS_SERVER_NAME overrides the name verified in the server's certificate.
 (Not named grpc_health.py: the script's folder comes first on sys.path and would shadow the
 grpc_health package imported below.)"""
 
@@ -29,14 +29,14 @@ def _read(name: str) -> bytes | None:
         return f.read()
 
 
-def channel(address: str) -> grpc.Channel:
-    cert, key = _read("ARM_TLS_CERT_FILE"), _read("ARM_TLS_KEY_FILE")
-    if cert is None or key is None:
+def open_channel(address: str) -> grpc.Channel:
+    ca, cert, key = _read("ARM_TLS_CA_FILE"), _read("ARM_TLS_CERT_FILE"), _read("ARM_TLS_KEY_FILE")
+    if ca is None and (cert is None or key is None):
         return grpc.insecure_channel(address)
-    roots = _read("ARM_TLS_CA_FILE") or _read("ARM_TLS_CLIENT_CA_FILE")
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=cert)
-    name = os.environ.get("ARM_TLS_SERVER_NAME") or "localhost"
-    return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", name)])
+    roots = ca or _read("ARM_TLS_CLIENT_CA_FILE")
+    creds = grpc.ssl_channel_credentials(roots, key if cert else None, cert if key else None)
+    name = os.environ.get("ARM_TLS_SERVER_NAME")
+    return grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", name)] if name else None)
 
 
 def main(argv: list[str]) -> int:
@@ -47,8 +47,8 @@ def main(argv: list[str]) -> int:
         return 1
     address, service = argv[0], (argv[1] if len(argv) == 2 else "")
     try:
-        with channel(address) as ch:
-            reply = health_pb2_grpc.HealthStub(ch).Check(
+        with open_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
     except grpc.RpcError as exc:
         print(f"{address}: {exc.code().name} {exc.details() or ''}".rstrip(), file=sys.stderr)

@@ -111,7 +111,7 @@ async def start_registry(spec: DatabaseSpec, extra_env: dict[str, str] | None = 
     component = registry_app.RegistryComponent(db, config)
     boot = await registry_app.bootstrap(component.store, new_key_if_exists=True)
     assert boot.api_key
-    host = Host([component], component.authenticator, config.listen)
+    host = Host([component], component.authenticator, config.listen, tls_settings=config.tls)
     port = await host.start()
     return RegistryServer(spec.backend, f"127.0.0.1:{port}", boot.api_key, boot.tenant_id,
                           component, host, db, spec)
@@ -197,7 +197,7 @@ async def start_governance(spec: DatabaseSpec, registry: RegistryServer,
     await governance_app.migrate(db)
     component = governance_app.GovernanceComponent(db, config)
     assert component.authenticator is not None
-    host = Host([component], component.authenticator, config.listen)
+    host = Host([component], component.authenticator, config.listen, tls_settings=config.tls)
     port = await host.start()
     assert component.agents is not None
     assert await component.agents.wait_live(), "governance never connected to the agent change feed"

@@ -45,7 +45,7 @@ async def start_telemetry(spec: DatabaseSpec, registry: RegistryServer, governan
         await telemetry_app.migrate(db)
     component = telemetry_app.TelemetryComponent(db, config, telemetry_app.TelemetrySettings.from_env(env))
     assert component.authenticator is not None
-    host = Host([component], component.authenticator, config.listen)
+    host = Host([component], component.authenticator, config.listen, tls_settings=config.tls)
     port = await host.start()
     return TelemetryServer(spec.backend, f"127.0.0.1:{port}", component, host, db, spec)
 

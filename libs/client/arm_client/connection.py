@@ -13,6 +13,9 @@ from typing import Any
 
 import grpc
 
+from arm_common.tls import TlsSettings
+from arm_common.tls import open_channel as open_tls_channel
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 # Calls that are safe to send twice: reads, and writes the server deduplicates (Check and
@@ -60,6 +63,9 @@ class Settings:
       runtime; an operator's for admin tools).
     - `ARM_INSTANCE_ID` / `ARM_LEGACY_AGENT_ID`: the agent the runtime checks calls for.
     - `ARM_TIMEOUT_S`: the deadline of each unary call (default 10).
+    - `ARM_TLS_CA_FILE`: verify the servers against this CA bundle (TLS); with
+      `ARM_TLS_CERT_FILE` / `ARM_TLS_KEY_FILE`, also present a client certificate (mTLS);
+      `ARM_TLS_SERVER_NAME` overrides the name checked in the server's certificate.
     """
 
     registry_address: str = DEFAULT_ADDRESS
@@ -70,13 +76,14 @@ class Settings:
     legacy_agent_id: str = ""
     timeout_s: float = 10.0
     extra_channel_options: tuple[tuple[str, Any], ...] = field(default=())
+    tls: TlsSettings | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, address: str | None = None,
                  registry_address: str | None = None, governance_address: str | None = None,
                  telemetry_address: str | None = None, api_key: str | None = None,
                  instance_id: str | None = None, legacy_agent_id: str | None = None,
-                 timeout_s: float | None = None) -> Settings:
+                 timeout_s: float | None = None, tls: TlsSettings | None = None) -> Settings:
         e = os.environ if env is None else env
         base = address or e.get("ARM_ADDRESS") or DEFAULT_ADDRESS
         raw_timeout = timeout_s if timeout_s is not None else e.get("ARM_TIMEOUT_S", "10")
@@ -93,11 +100,20 @@ class Settings:
             api_key=api_key if api_key is not None else (e.get("ARM_API_KEY") or None),
             instance_id=instance_id if instance_id is not None else e.get("ARM_INSTANCE_ID", ""),
             legacy_agent_id=legacy_agent_id if legacy_agent_id is not None else e.get("ARM_LEGACY_AGENT_ID", ""),
-            timeout_s=timeout)
+            timeout_s=timeout,
+            tls=tls if tls is not None else _client_tls(e))
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [("grpc.service_config", service_config()), ("grpc.enable_retries", 1),
                 ("grpc.keepalive_time_ms", 30_000), *self.extra_channel_options]
+
+
+def _client_tls(env: Mapping[str, str]) -> TlsSettings | None:
+    if not env.get("ARM_TLS_CA_FILE"):
+        return None  # plaintext (the dev server on loopback)
+    return TlsSettings(ca_file=env["ARM_TLS_CA_FILE"], cert_file=env.get("ARM_TLS_CERT_FILE") or None,
+                       key_file=env.get("ARM_TLS_KEY_FILE") or None,
+                       server_name=env.get("ARM_TLS_SERVER_NAME") or None)
 
 
 def new_request_id() -> str:
@@ -147,5 +163,7 @@ def metadata_interceptors(api_key: str | None) -> list[Any]:
 
 
 def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target(address), options=settings.channel_options(),
-                                     interceptors=metadata_interceptors(settings.api_key))
+    """A channel to `address` (plaintext, or TLS/mTLS per `settings.tls`) with the SDK's service
+    config (round_robin, retries) and the key and request id on every call."""
+    return open_tls_channel(target(address), settings.tls, options=settings.channel_options(),
+                            interceptors=metadata_interceptors(settings.api_key))

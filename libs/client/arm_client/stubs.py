@@ -16,6 +16,7 @@ from arm.governance.v1 import (
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 from arm.telemetry.v1 import telemetry_pb2_grpc
 from arm_client.connection import Settings, metadata_interceptors, open_channel
+from arm_common.tls import TlsSettings
 
 
 class ArmClient:
@@ -26,9 +27,14 @@ class ArmClient:
     With `settings`, each service gets its own address (one channel per distinct address)."""
 
     def __init__(self, address: str | None = None, api_key: str | None = None, *,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
+        """`tls_ca_file` set: TLS, verifying the server against that CA bundle; `tls_cert_file`
+        and `tls_key_file` add a client certificate (servers that require mTLS)."""
         if settings is None:
-            settings = Settings.from_env({}, address=address, api_key=api_key or "")
+            tls = TlsSettings(ca_file=tls_ca_file, cert_file=tls_cert_file,
+                              key_file=tls_key_file) if tls_ca_file else None
+            settings = Settings.from_env({}, address=address, api_key=api_key or "", tls=tls)
         self.settings = settings
         channels: dict[str, grpc.aio.Channel] = {}
 

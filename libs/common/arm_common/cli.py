@@ -72,7 +72,7 @@ async def _main(cmds: ServiceCommands, command: str) -> int:
             return await cmds.extra[command](component)
         assert component.authenticator is not None
         host = Host([component], component.authenticator, config.listen, service_name=f"arm-{cmds.service}",
-                    share_port=config.share_port)
+                    share_port=config.share_port, tls_settings=config.tls)
         port = await host.start()
         log.info("%s serving on %s (port %d)", cmds.service, config.listen, port)
         await host.serve_until_signal(config.shutdown_grace_s)

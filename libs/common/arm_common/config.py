@@ -7,7 +7,9 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from arm_common.tls import TlsSettings
 
 
 class ConfigError(Exception):
@@ -169,6 +171,8 @@ class ServiceConfig:
     """`ARM_BOOTSTRAP_ADMIN_KEY` (registry): a key minted with `python -m arm_registry genkey`
     that the registry provisions, on start, as the system tenant's admin key (only its hash is
     stored; the system tenant is created if missing). Like every setting, also as `..._FILE`."""
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    """TLS files (`ARM_TLS_*`, see arm_common.tls); all unset, plaintext."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -207,4 +211,5 @@ class ServiceConfig:
             share_port=share_port or workers > 1,
             workers=workers,
             bootstrap_admin_key=env.get("ARM_BOOTSTRAP_ADMIN_KEY") or None,
+            tls=TlsSettings.from_env(env),
         )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import grpc
 
 from arm.telemetry.v1 import events_pb2, telemetry_pb2, telemetry_pb2_grpc
+from arm_common import tls
 from arm_common.auth import auth_metadata
 from arm_common.outbox import OutboxMessage
 
@@ -25,8 +26,10 @@ class OpEventForwarder:
     construction (the all-in-one server learns its own address once bound); until then
     deliveries fail and are retried."""
 
-    def __init__(self, address: str | None, api_key: str | None) -> None:
+    def __init__(self, address: str | None, api_key: str | None,
+                 tls_settings: tls.TlsSettings | None = None) -> None:
         self.address = address
+        self.tls = tls_settings
         self.api_key = api_key
         self._channel: grpc.aio.Channel | None = None
         self._stub: telemetry_pb2_grpc.TelemetryServiceStub | None = None
@@ -37,7 +40,7 @@ class OpEventForwarder:
         if not self.api_key:
             raise RuntimeError("ARM_SERVICE_API_KEY is not set: opEvents cannot be sent to telemetry")
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = tls.open_channel(self.address, self.tls)
             self._stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)
         return self._stub
 

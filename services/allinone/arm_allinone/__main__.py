@@ -34,6 +34,9 @@ async def main() -> int:
     config = ServiceConfig.from_env("allinone")
     if config.workers > 1:
         raise ConfigError("ARM_WORKERS > 1 is for the standalone services; the dev server runs one process")
+    if config.tls.serves_tls != config.tls.dials_tls:  # its services call each other through its port
+        raise ConfigError("the all-in-one server needs ARM_TLS_CERT_FILE, ARM_TLS_KEY_FILE and ARM_TLS_CA_FILE "
+                          "together (or none): its services call each other through its own port")
     registry_config = ServiceConfig.from_env("registry")
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)
@@ -58,14 +61,14 @@ async def main() -> int:
         governance_config = dataclasses.replace(ServiceConfig.from_env("governance"),
                                                 service_api_key=admin_key)
         # Governance's opEvents go to the telemetry hosted here, once the address is known.
-        op_events = OpEventForwarder(None, admin_key)
+        op_events = OpEventForwarder(None, admin_key, config.tls)
         governance = governance_app.GovernanceComponent(governance_db, governance_config,
                                                         in_process_registry=True, op_events=op_events)
         telemetry = telemetry_app.TelemetryComponent(
             telemetry_db, dataclasses.replace(ServiceConfig.from_env("telemetry"), service_api_key=admin_key),
             in_process_registry=True, in_process_governance=True)
         host = Host([registry, governance, telemetry], registry.authenticator, config.listen,
-                    service_name="arm-allinone", share_port=config.share_port)
+                    service_name="arm-allinone", share_port=config.share_port, tls_settings=config.tls)
         port = await host.start()
         address = f"{config.listen.rpartition(':')[0]}:{port}"
         op_events.address = address

@@ -16,7 +16,7 @@ from arm.governance.v1 import (
     deployments_pb2_grpc,
     policy_pb2_grpc,
 )
-from arm_common import migrations, roles
+from arm_common import migrations, roles, tls
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.event_feed import OpEventForwarder
@@ -71,7 +71,7 @@ class GovernanceComponent:
         self.db = db
         self.config = config
         self.registry_address = config.registry_address
-        self.channel = grpc.aio.insecure_channel(self.registry_address) if self.registry_address else None
+        self.channel = tls.open_channel(self.registry_address, config.tls) if self.registry_address else None
         self.changes = ChangeChannel(db, "governance")
         self.cache = PolicyCache(db, self.changes)
         self.spend = SpendBook(db)
@@ -81,7 +81,7 @@ class GovernanceComponent:
         # IngestEvents when ARM_TELEMETRY_ADDRESS is set (or the all-in-one server passes
         # `op_events`); otherwise they wait in the outbox until it is.
         if op_events is None and config.telemetry_address:
-            op_events = OpEventForwarder(config.telemetry_address, config.service_api_key)
+            op_events = OpEventForwarder(config.telemetry_address, config.service_api_key, config.tls)
         self.op_events = op_events
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
                                    poll_interval_s=config.outbox_poll_s),
@@ -98,7 +98,7 @@ class GovernanceComponent:
     def bound(self, address: str) -> None:
         if self.channel is None:
             self.registry_address = address
-            self.channel = grpc.aio.insecure_channel(address)
+            self.channel = tls.open_channel(address, self.config.tls)
 
     def attach(self, server: grpc.aio.Server) -> list[str]:
         assert self.channel is not None, "bound() must run before attach() without ARM_REGISTRY_ADDRESS"

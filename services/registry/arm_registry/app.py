@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2, audit_pb2_grpc
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
-from arm_common import migrations
+from arm_common import migrations, tls
 from arm_common.auth import Principal, hash_api_key, new_api_key, parse_api_key
 from arm_common.chain import raise_on_rejected
 from arm_common.config import ConfigError, ServiceConfig
@@ -60,7 +60,7 @@ class RegistryComponent:
         self.db = db
         self.in_process_governance = in_process_governance
         self.config = config
-        self.governance = Governance(config.governance_address)
+        self.governance = Governance(config.governance_address, config.tls)
         # Change records go to governance's audit trail (ARM_GOVERNANCE_ADDRESS) on a channel of
         # their own, with the service key; without one they wait in the outbox, nothing is dropped.
         self.relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver=None,
@@ -97,7 +97,7 @@ class RegistryComponent:
         if not api_key:
             log.warning("ARM_SERVICE_API_KEY is not set: change records wait in the outbox")
             return
-        self.audit_channel = grpc.aio.insecure_channel(address)
+        self.audit_channel = tls.open_channel(address, self.config.tls)
         audit = audit_pb2_grpc.AuditServiceStub(self.audit_channel)
         auth = (("authorization", f"Bearer {api_key}"),)
 

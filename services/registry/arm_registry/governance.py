@@ -11,14 +11,16 @@ from datetime import UTC, datetime
 import grpc
 
 from arm.governance.v1 import approvals_pb2, approvals_pb2_grpc, deployments_pb2, deployments_pb2_grpc
+from arm_common import tls
 from arm_common.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 
 _TIMEOUT_S = 5
 
 
 class Governance:
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, tls_settings: tls.TlsSettings | None = None) -> None:
         self.address: str | None = None
+        self.tls = tls_settings
         self.channel: grpc.aio.Channel | None = None
         if address:
             self.connect(address)
@@ -26,7 +28,7 @@ class Governance:
     def connect(self, address: str) -> None:
         """Points the registry at governance (the all-in-one server calls this once bound)."""
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = tls.open_channel(address, self.tls)
         self.approvals = approvals_pb2_grpc.ApprovalServiceStub(self.channel)
         self.deployments = deployments_pb2_grpc.DeploymentServiceStub(self.channel)
 

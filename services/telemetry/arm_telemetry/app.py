@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from arm.telemetry.v1 import telemetry_pb2_grpc
-from arm_common import migrations
+from arm_common import migrations, tls
 from arm_common.config import ConfigError, ServiceConfig, settings
 from arm_common.db import Database, open_database
 from arm_common.housekeeping import Housekeeping
@@ -103,10 +103,10 @@ class TelemetryComponent:
         self.in_process_governance = in_process_governance
         self.settings = settings or TelemetrySettings.from_env()
         self.retention_period = timedelta(days=self.settings.retention_days)
-        self.channel = grpc.aio.insecure_channel(config.registry_address) if config.registry_address else None
+        self.channel = tls.open_channel(config.registry_address, config.tls) if config.registry_address else None
         self.authenticator = RemoteAuthenticator(self.channel, config.auth_cache_ttl_s) if self.channel else None
         self.reader = EventReader(db)
-        self.spend = (SpendReporter(config.governance_address, config.service_api_key)
+        self.spend = (SpendReporter(config.governance_address, config.service_api_key, config.tls)
                       if config.governance_address and config.service_api_key else None)
         self.relay = OutboxRelay(db, OUTBOX, TOPIC_SPEND, self.spend, poll_interval_s=config.outbox_poll_s)
         self.writer = EventWriter(db, max_pending=self.settings.max_pending_events,
@@ -119,9 +119,9 @@ class TelemetryComponent:
     def bound(self, address: str) -> None:
         """The host's own address: the registry (and governance) when hosted in this process."""
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(address)
+            self.channel = tls.open_channel(address, self.config.tls)
         if self.in_process_governance and self.spend is None and self.config.service_api_key:
-            self.spend = SpendReporter(address, self.config.service_api_key)
+            self.spend = SpendReporter(address, self.config.service_api_key, self.config.tls)
             self.relay.deliver = self.spend
 
     def attach(self, server: grpc.aio.Server) -> list[str]:

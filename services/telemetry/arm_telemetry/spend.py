@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import grpc
 
 from arm.governance.v1 import decision_pb2, decision_pb2_grpc
+from arm_common import tls
 from arm_common.auth import auth_metadata
 from arm_common.outbox import OutboxMessage
 
@@ -21,8 +22,8 @@ _PERMANENT = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
 
 
 class SpendReporter:
-    def __init__(self, address: str, api_key: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, api_key: str, tls_settings: tls.TlsSettings | None = None) -> None:
+        self.channel = tls.open_channel(address, tls_settings)
         self.stub = decision_pb2_grpc.DecisionServiceStub(self.channel)
         self.api_key = api_key
 
