@@ -43,7 +43,7 @@ def _names(path: Path) -> set[str]:
 RUNTIME = _pins(ROOT / "requirements.lock")
 DEV = _pins(ROOT / "requirements-dev.lock")
 DEV_TOOLS = {"pytest", "pytest-asyncio", "pytest-xdist", "hypothesis", "mypy", "ruff", "import-linter",
-             "grpcio-tools", "mypy-protobuf", "pyyaml", "kubernetes-validate"}
+             "grpcio-tools", "mypy-protobuf", "kubernetes-validate", "trustme"}
 
 # Imports every module the services run, as in the image: a module of a distribution that is not
 # in requirements.lock cannot be imported (so optional imports fall back as they would there, and
@@ -67,7 +67,9 @@ roots = ["arm_common", "arm_client", "arm_registry", "arm_governance", "arm_tele
 for root in roots:
     pkg = importlib.import_module(root)
     for info in pkgutil.walk_packages(pkg.__path__, root + "."):
-        if ".migrations" not in info.name:
+        # The SDK's framework adapters are optional extras: they import their framework, which
+        # the services' image does not carry.
+        if ".migrations" not in info.name and not info.name.startswith("arm_client.adapters"):
             importlib.import_module(info.name)
 used = set()
 for name in set(sys.modules) - preloaded:
