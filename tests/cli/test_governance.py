@@ -96,10 +96,11 @@ async def test_an_approval_listed_shown_and_approved_by_two_approvers(fleet: Fle
     first = ok(await fleet.approvers[0].arm("approvals", "approve", approval_id, "-r", "fine", "-o", "json"))
     after_one = json.loads(first.stdout)
     assert [d["operator_id"] for d in after_one["decisions"]] == [fleet.approver_ids[0]]
-    # Payments need two decisions: still open after the first; the second settles it.
-    if after_one["status"] != "APPROVAL_STATUS_APPROVED":
-        second = ok(await fleet.approvers[1].arm("approvals", "approve", approval_id, "-r", "ok too"))
-        assert "APPROVED" in second.stdout and fleet.approver_ids[1] in second.stdout
+    # A HIGH-risk payment needs two decisions: still open after the first; the second settles it.
+    assert after_one["status"] == "APPROVAL_STATUS_PENDING" and after_one["required_decisions"] == 2
+    assert f"1/2 ({fleet.approver_ids[0]} approve)" in ok(await fleet.admin.arm("approvals", "list")).stdout
+    second = ok(await fleet.approvers[1].arm("approvals", "approve", approval_id, "-r", "ok too"))
+    assert "APPROVED" in second.stdout and fleet.approver_ids[1] in second.stdout
     shown = json.loads(ok(await fleet.admin.arm("approvals", "show", approval_id, "-o", "json")).stdout)
     assert shown["status"] == "APPROVAL_STATUS_APPROVED"
     pending = json.loads(ok(await fleet.approvers[0].arm("approvals", "list", "-o", "json")).stdout)

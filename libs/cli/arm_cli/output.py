@@ -24,10 +24,10 @@ class Format(enum.StrEnum):
 
 
 def console(stderr: bool = False) -> Console:
-    """A console on the current stdout/stderr (wide when not a terminal, so scripts and tests
+    """A console on the current stdout/stderr (unbounded when not a terminal, so pipes and tests
     see whole cells)."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(file=stream, width=None if stream.isatty() else 200, soft_wrap=False,
+    return Console(file=stream, width=None if stream.isatty() else 1000, soft_wrap=False,
                    highlight=False)
 
 
