@@ -11,7 +11,7 @@ from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from tests.cli.conftest import Terminal, logged_in, ok
 from tests.conftest import GovernanceServer, TenantContext
-from tests.governance.test_audit import task_record, tamper
+from tests.governance.test_audit import tamper, task_record
 from tests.helpers import operator_key
 
 
