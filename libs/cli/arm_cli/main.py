@@ -82,7 +82,7 @@ def call(ctx: typer.Context, fn: Callable[[ArmClient], Awaitable[T]]) -> T:
         return asyncio.run(go())
     except ArmError as err:
         raise _fail(error_block(err)) from None
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+    except (typer.Exit, typer.Abort, typer.exceptions.TyperException, KeyboardInterrupt):  # usage errors: exit 2
         raise
     except Exception as exc:  # the last net: one line, no traceback
         if os.environ.get("ARM_DEBUG"):
@@ -434,6 +434,10 @@ def audit_export(ctx: typer.Context,
     count = call(ctx, export)
     if file is not None:
         sys.stderr.write(f"{count} records written to {file}\n")
+
+
+# The registry commands register themselves on `app`.
+from arm_cli import registry_cmds  # noqa: E402,F401
 
 
 def main() -> None:
