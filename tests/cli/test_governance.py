@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from arm.governance.v1 import policy_pb2
-from arm.registry.v1 import agents_pb2
+from arm.registry.v1 import access_pb2, agents_pb2
 from tests.cli.conftest import Terminal, logged_in, ok
 from tests.conftest import GovernanceServer, TenantContext
 from tests.helpers import approved_version, operator_key
@@ -22,10 +22,12 @@ from tests.helpers import approved_version, operator_key
 @dataclass
 class Fleet:
     instance_id: str
+    instance_name: str
     version_id: str
     admin: Terminal
     approvers: list[Terminal]
     approver_ids: list[str]
+    approver_emails: list[str]
 
 
 @pytest.fixture
@@ -38,14 +40,15 @@ async def fleet(tenant: TenantContext, governance: GovernanceServer, tmp_path: P
         id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE))
     admin = Terminal(tmp_path / "admin.yaml")
     await logged_in(admin, tenant, governance, tenant.admin_key)
-    approvers, ids = [], []
+    approvers, ids, emails = [], [], []
     for i in range(2):
         op_id, key = await operator_key(tenant.admin, "approver")
+        emails.append((await tenant.admin.access.GetOperator(access_pb2.GetOperatorRequest(id=op_id))).operator.email)
         term = Terminal(tmp_path / f"approver{i}.yaml")
         await logged_in(term, tenant, governance, key)
         approvers.append(term)
         ids.append(op_id)
-    return Fleet(inst.id, agents.version.id, admin, approvers, ids)
+    return Fleet(inst.id, inst.name, agents.version.id, admin, approvers, ids, emails)
 
 
 async def needs_approval(fleet: Fleet, tool: str = "payments.send") -> dict:  # type: ignore[type-arg]
@@ -58,7 +61,7 @@ async def needs_approval(fleet: Fleet, tool: str = "payments.send") -> dict:  # 
 
 async def test_check_prints_the_decision_with_its_explanation(fleet: Fleet, governance: GovernanceServer,
                                                               tenant: TenantContext) -> None:
-    baseline = ok(await fleet.admin.arm("check", "fs.read", "--instance", fleet.instance_id)).stdout
+    baseline = ok(await fleet.admin.arm("check", "fs.read", "--instance", fleet.instance_name)).stdout  # by name
     assert "ALLOW" in baseline and "BASELINE" in baseline
     gov = governance.client(tenant.admin_key)
     env = (await gov.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(
@@ -98,9 +101,9 @@ async def test_an_approval_listed_shown_and_approved_by_two_approvers(fleet: Fle
     assert [d["operator_id"] for d in after_one["decisions"]] == [fleet.approver_ids[0]]
     # A HIGH-risk payment needs two decisions: still open after the first; the second settles it.
     assert after_one["status"] == "APPROVAL_STATUS_PENDING" and after_one["required_decisions"] == 2
-    assert f"1/2 ({fleet.approver_ids[0]} approve)" in ok(await fleet.admin.arm("approvals", "list")).stdout
+    assert f"1/2 ({fleet.approver_emails[0]} approve)" in ok(await fleet.admin.arm("approvals", "list")).stdout
     second = ok(await fleet.approvers[1].arm("approvals", "approve", approval_id, "-r", "ok too"))
-    assert "APPROVED" in second.stdout and fleet.approver_ids[1] in second.stdout
+    assert "APPROVED" in second.stdout and fleet.approver_emails[1] in second.stdout
     shown = json.loads(ok(await fleet.admin.arm("approvals", "show", approval_id, "-o", "json")).stdout)
     assert shown["status"] == "APPROVAL_STATUS_APPROVED"
     pending = json.loads(ok(await fleet.approvers[0].arm("approvals", "list", "-o", "json")).stdout)
@@ -135,6 +138,8 @@ async def test_approving_without_the_role_is_refused(fleet: Fleet, tenant: Tenan
     assert refused.exit_code == 1
     assert "code:       PERMISSION_DENIED" in refused.stderr and "request id: req-" in refused.stderr
     assert "Traceback" not in refused.output
+    nameless = await fleet.admin.arm("check", "fs.read", "--instance", "no-such-agent")
+    assert nameless.exit_code == 1 and "INSTANCE_NOT_FOUND" in nameless.stderr
     missing = await fleet.approvers[0].arm("approvals", "show", "apr_doesnotexist")
     assert missing.exit_code == 1 and "code:       NOT_FOUND" in missing.stderr
 

@@ -18,10 +18,10 @@ from google.protobuf import struct_pb2
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2, audit_pb2, decision_pb2, policy_pb2
-from arm.registry.v1 import access_pb2
+from arm.registry.v1 import access_pb2, agents_pb2
 from arm_cli import config as cfg
 from arm_cli.output import Format, as_dict, emit_object, emit_rows, error_block, print_error, short_enum
-from arm_client.errors import ArmError, from_rpc_error
+from arm_client.errors import ArmError, NotFound, from_rpc_error
 from arm_client.stubs import ArmClient
 from arm_common.chain import ChainReport, parse_export_lines, verify_records
 
@@ -191,14 +191,34 @@ _FINAL = {approvals_pb2.APPROVAL_STATUS_APPROVED, approvals_pb2.APPROVAL_STATUS_
           approvals_pb2.APPROVAL_STATUS_EXPIRED, approvals_pb2.APPROVAL_STATUS_CANCELLED}
 
 
-def _decided(a: approvals_pb2.Approval) -> str:
+async def operator_emails(c: ArmClient) -> dict[str, str]:
+    """Operator id → e-mail, to name who decided; empty when the caller may not list operators."""
+    out: dict[str, str] = {}
+    token = ""
+    try:
+        while True:
+            page = await c.access.ListOperators(access_pb2.ListOperatorsRequest(page_size=500, page_token=token))
+            out.update({o.id: o.email for o in page.operators})
+            token = page.next_page_token
+            if not token:
+                return out
+    except grpc.aio.AioRpcError:
+        return out
+
+
+def _who(operator_id: str, emails: dict[str, str]) -> str:
+    return emails.get(operator_id, operator_id)
+
+
+def _decided(a: approvals_pb2.Approval, emails: dict[str, str] | None = None) -> str:
     approves = sum(d.verdict == approvals_pb2.APPROVAL_VERDICT_APPROVE for d in a.decisions)
-    who = ", ".join(f"{d.operator_id} {short_enum(approvals_pb2.ApprovalVerdict.Name(d.verdict), 'APPROVAL_VERDICT_').lower()}"
+    who = ", ".join(f"{_who(d.operator_id, emails or {})} "
+                    f"{short_enum(approvals_pb2.ApprovalVerdict.Name(d.verdict), 'APPROVAL_VERDICT_').lower()}"
                     for d in a.decisions)
     return f"{approves}/{a.required_decisions or 1}" + (f" ({who})" if who else "")
 
 
-def _approval_row(a: approvals_pb2.Approval) -> dict[str, Any]:
+def _approval_row(a: approvals_pb2.Approval, emails: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "id": a.approval_id,
         "status": short_enum(approvals_pb2.ApprovalStatus.Name(a.status), "APPROVAL_STATUS_"),
@@ -207,7 +227,7 @@ def _approval_row(a: approvals_pb2.Approval) -> dict[str, Any]:
         "tool": a.tool_name,
         "digest": a.argument_digest[:16],
         "justification": a.justification,
-        "decided": _decided(a),
+        "decided": _decided(a, emails),
         "expires": a.expire_time.ToDatetime().isoformat(timespec="seconds") + "Z" if a.HasField("expire_time") else "",
     }
 
@@ -243,19 +263,30 @@ def approvals_list(ctx: typer.Context,
         risk = _RISK_NAMES[min_risk.lower()]
     request = approvals_pb2.ListApprovalsRequest(page_size=limit, statuses=statuses, instance_id=instance,
                                                  min_risk=risk)  # type: ignore[arg-type]
-    approvals = call(ctx, lambda c: c.approvals.ListApprovals(request)).approvals
-    emit_rows([_approval_row(a) for a in approvals], output, _APPROVAL_COLUMNS,
+    async def fetch(c: ArmClient) -> tuple[Any, dict[str, str]]:
+        found = (await c.approvals.ListApprovals(request)).approvals
+        return found, (await operator_emails(c) if any(a.decisions for a in found) else {})
+
+    approvals, emails = call(ctx, fetch)
+    emit_rows([_approval_row(a, emails) for a in approvals], output, _APPROVAL_COLUMNS,
               raw=[as_dict(a) for a in approvals])
 
 
-def _show(a: approvals_pb2.Approval, output: Format) -> None:
-    row = _approval_row(a)
+def _show(ctx: typer.Context, fetch: Callable[[ArmClient], Awaitable[Any]], output: Format) -> None:
+    """Runs `fetch` (a call answering with an approval) and prints the approval, naming who
+    decided by e-mail when the caller may read operators."""
+    async def go(c: ArmClient) -> tuple[approvals_pb2.Approval, dict[str, str]]:
+        approval = (await fetch(c)).approval
+        return approval, (await operator_emails(c) if approval.decisions else {})
+
+    a, emails = call(ctx, go)
+    row = _approval_row(a, emails)
     row.update({"project": a.project_id, "instance": a.instance_id, "run": a.run_id,
                 "argument_digest": a.argument_digest,
                 "arguments": json.dumps(as_dict(a.arguments), sort_keys=True) if a.HasField("arguments") else "",
                 "estimated_cost_usd": a.estimated_cost_usd or "",
                 "requester": f"{short_enum(common_pb2.ActorType.Name(a.requester.type), 'ACTOR_TYPE_').lower()} {a.requester.id}",
-                "decisions": [f"{d.operator_id}: {short_enum(approvals_pb2.ApprovalVerdict.Name(d.verdict), 'APPROVAL_VERDICT_')}"
+                "decisions": [f"{_who(d.operator_id, emails)}: {short_enum(approvals_pb2.ApprovalVerdict.Name(d.verdict), 'APPROVAL_VERDICT_')}"
                               + (f" — {d.reason}" if d.reason else "") for d in a.decisions],
                 "cancellation_reason": a.cancellation_reason})
     row.pop("digest")
@@ -266,14 +297,13 @@ def _show(a: approvals_pb2.Approval, output: Format) -> None:
 @approvals_app.command("show")
 def approvals_show(ctx: typer.Context, approval_id: str, output: Output = Format.table) -> None:
     """One approval with its arguments and every decision so far."""
-    a = call(ctx, lambda c: c.approvals.GetApproval(approvals_pb2.GetApprovalRequest(approval_id=approval_id)))
-    _show(a.approval, output)
+    _show(ctx, lambda c: c.approvals.GetApproval(approvals_pb2.GetApprovalRequest(approval_id=approval_id)), output)
 
 
 def _decide(ctx: typer.Context, approval_id: str, verdict: int, reason: str, output: Format) -> None:
     request = approvals_pb2.DecideApprovalRequest(approval_id=approval_id, verdict=verdict,  # type: ignore[arg-type]
                                                   reason=reason)
-    _show(call(ctx, lambda c: c.approvals.DecideApproval(request)).approval, output)
+    _show(ctx, lambda c: c.approvals.DecideApproval(request), output)
 
 
 Reason = Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the audit trail)")]
@@ -295,7 +325,7 @@ def approvals_deny(ctx: typer.Context, approval_id: str, reason: Reason = "", ou
 def approvals_cancel(ctx: typer.Context, approval_id: str, reason: Reason = "", output: Output = Format.table) -> None:
     """Cancels an open approval (the requester's or an admin's call)."""
     request = approvals_pb2.CancelApprovalRequest(approval_id=approval_id, reason=reason)
-    _show(call(ctx, lambda c: c.approvals.CancelApproval(request)).approval, output)
+    _show(ctx, lambda c: c.approvals.CancelApproval(request), output)
 
 
 @approvals_app.command("watch")
@@ -319,21 +349,44 @@ def approvals_watch(ctx: typer.Context, approval_id: str, output: Output = Forma
     call(ctx, follow)
 
 
+async def instance_id(c: ArmClient, ref: str) -> str:
+    """An agent instance's id from its name (an id, `ins_…`, is used as is)."""
+    if ref.startswith("ins_"):
+        return ref
+    token, found = "", []
+    while True:
+        page = await c.agents.ListAgentInstances(agents_pb2.ListAgentInstancesRequest(page_size=500, page_token=token))
+        found += [i.id for i in page.agent_instances if i.name == ref]
+        token = page.next_page_token
+        if not token:
+            break
+    if not found:
+        raise NotFound(f"no agent instance named {ref!r} in your tenant", reason="INSTANCE_NOT_FOUND")
+    if len(found) > 1:
+        raise NotFound(f"{len(found)} agent instances are named {ref!r}; give the id", reason="AMBIGUOUS_INSTANCE")
+    return str(found[0])
+
+
 # --- check -------------------------------------------------------------------------------------
 
 @app.command()
 def check(ctx: typer.Context,
           tool: Annotated[str, typer.Argument(help="Tool name, e.g. payments.send")],
-          instance: Annotated[str, typer.Option(help="Agent instance id")],
+          instance: Annotated[str, typer.Option(help="Agent instance id or name")],
           args: Annotated[str | None, typer.Option("--args", help="Arguments as a JSON object")] = None,
           cost: Annotated[float, typer.Option(help="Estimated cost in USD")] = 0.0,
           approval: Annotated[str, typer.Option(help="An approval id granting this call")] = "",
           output: Output = Format.table) -> None:
     """Asks governance for one decision and prints it with its explanation. Note: like any
     Check, a NEEDS_APPROVAL answer opens an approval and the decision is logged."""
-    request = decision_pb2.CheckRequest(instance_id=instance, tool_name=tool, arguments=_struct(args, "--args"),
-                                        estimated_cost_usd=cost, approval_id=approval)
-    r = call(ctx, lambda c: c.decisions.Check(request))
+    arguments = _struct(args, "--args")
+
+    async def decide(c: ArmClient) -> decision_pb2.CheckResponse:
+        request = decision_pb2.CheckRequest(instance_id=await instance_id(c, instance), tool_name=tool,
+                                            arguments=arguments, estimated_cost_usd=cost, approval_id=approval)
+        return await c.decisions.Check(request)
+
+    r = call(ctx, decide)
     rule = ""
     if r.rule_kind:
         rule = short_enum(policy_pb2.RuleKind.Name(r.rule_kind), "RULE_KIND_")
