@@ -34,11 +34,12 @@ class Terminal:
         out.update({"ARM_CONFIG": str(self.config), **self.env, **(extra or {})})
         return out
 
-    async def arm(self, *args: str, env: dict[str, str] | None = None) -> Result:
+    async def arm(self, *args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
         """`arm ARGS…` in-process, in a worker thread."""
         runner = CliRunner()
         environ = self.environ(env)
-        return await asyncio.to_thread(lambda: runner.invoke(app, list(args), env=environ, catch_exceptions=True))
+        return await asyncio.to_thread(lambda: runner.invoke(app, list(args), env=environ, input=input,
+                                                             catch_exceptions=True))
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         """`.venv/bin/arm ARGS…` as a process."""

@@ -3,8 +3,10 @@ error block."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
+from pathlib import Path
 
 import yaml
 
@@ -85,3 +87,31 @@ async def test_usage_errors_exit_2_and_server_field_violations_exit_1(terminal: 
     assert "field:      estimated_cost_usd: must be a finite number >= 0" in refused.stderr
     assert "request id: req-" in refused.stderr
     assert "Traceback" not in refused.output
+
+
+async def test_the_config_goes_under_xdg_config_home_and_a_key_comes_from_stdin(
+        terminal: Terminal, tenant: TenantContext, tmp_path: Path) -> None:
+    home = tmp_path / "xdg"
+    runner_env = {"ARM_CONFIG": "", "XDG_CONFIG_HOME": str(home)}
+    result = await terminal.arm("login", "--address", tenant.server.address, "--key-file", "-", "--name", "piped",
+                                env=runner_env, input=tenant.admin_key + "\n")
+    assert result.exit_code == 0, result.output
+    path = home / "arm" / "config.yaml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert yaml.safe_load(path.read_text())["contexts"]["piped"]["api_key"] == tenant.admin_key
+    assert not terminal.config.exists()
+
+
+async def test_the_installed_command_prints_the_block_not_a_traceback(terminal: Terminal, tenant: TenantContext,
+                                                                      governance: GovernanceServer) -> None:
+    await logged_in(terminal, tenant, governance, tenant.admin_key)
+    terminal.env["ARM_API_KEY"] = "arm_wrong"
+    proc = terminal.spawn("approvals", "list")
+    out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 1, (out, err)
+    assert err.startswith("Error: ") and "code:       UNAUTHENTICATED" in err and "request id: req-" in err
+    assert "Traceback" not in err
+    del terminal.env["ARM_API_KEY"]
+    usage = terminal.spawn("approvals", "list", "--limit", "0")
+    out, err = await asyncio.to_thread(usage.communicate, timeout=60)
+    assert usage.returncode == 2 and "--limit" in err

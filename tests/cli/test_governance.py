@@ -84,6 +84,11 @@ async def test_check_prints_the_decision_with_its_explanation(fleet: Fleet, gove
                                                   "-o", "json")).stdout)
     assert as_json["decision"] == "DECISION_DENY" and as_json["envelope_id"] == env.envelope_id
     assert as_json["reasons"], as_json
+    declared = json.loads(ok(await fleet.admin.arm("check", "notes.read", "--instance", fleet.instance_id,
+                                                   "--risk", "critical", "-o", "json")).stdout)
+    assert declared["effective_risk"] == "RISK_LEVEL_CRITICAL", declared
+    bad_risk = await fleet.admin.arm("check", "notes.read", "--instance", fleet.instance_id, "--risk", "extreme")
+    assert bad_risk.exit_code == 2 and "--risk" in bad_risk.output
 
 
 async def test_an_approval_listed_shown_and_approved_by_two_approvers(fleet: Fleet) -> None:

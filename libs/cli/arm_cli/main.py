@@ -110,7 +110,7 @@ def _struct(text: str | None, option: str) -> struct_pb2.Struct:
 def login(ctx: typer.Context,
           address: Annotated[str, typer.Option(help="host:port of ARM (all three services)")],
           key: Annotated[str | None, typer.Option(help="API key (prefer --key-file)")] = None,
-          key_file: Annotated[Path | None, typer.Option(help="File holding the API key")] = None,
+          key_file: Annotated[Path | None, typer.Option(help="File holding the API key (- for stdin)")] = None,
           name: Annotated[str, typer.Option(help="Context name")] = "default",
           registry_address: Annotated[str, typer.Option(help="registry, when the services run apart")] = "",
           governance_address: Annotated[str, typer.Option(help="governance, when apart")] = "",
@@ -121,7 +121,7 @@ def login(ctx: typer.Context,
         raise typer.BadParameter("give exactly one of --key and --key-file", param_hint="--key")
     if key_file is not None:
         try:
-            key = key_file.read_text().strip()
+            key = (sys.stdin.read() if str(key_file) == "-" else key_file.read_text()).strip()
         except OSError as exc:
             raise typer.BadParameter(str(exc), param_hint="--key-file") from None
     assert key is not None
@@ -375,15 +375,20 @@ def check(ctx: typer.Context,
           instance: Annotated[str, typer.Option(help="Agent instance id or name")],
           args: Annotated[str | None, typer.Option("--args", help="Arguments as a JSON object")] = None,
           cost: Annotated[float, typer.Option(help="Estimated cost in USD")] = 0.0,
+          risk: Annotated[str | None, typer.Option(help="Declared risk: low, medium, high or critical")] = None,
           approval: Annotated[str, typer.Option(help="An approval id granting this call")] = "",
           output: Output = Format.table) -> None:
     """Asks governance for one decision and prints it with its explanation. Note: like any
     Check, a NEEDS_APPROVAL answer opens an approval and the decision is logged."""
     arguments = _struct(args, "--args")
+    if risk is not None and risk.lower() not in _RISK_NAMES:
+        raise typer.BadParameter(f"one of {', '.join(_RISK_NAMES)}", param_hint="--risk")
+    declared = _RISK_NAMES[risk.lower()] if risk else 0
 
     async def decide(c: ArmClient) -> decision_pb2.CheckResponse:
         request = decision_pb2.CheckRequest(instance_id=await instance_id(c, instance), tool_name=tool,
-                                            arguments=arguments, estimated_cost_usd=cost, approval_id=approval)
+                                            arguments=arguments, estimated_cost_usd=cost, approval_id=approval,
+                                            declared_risk=declared)  # type: ignore[arg-type]
         return await c.decisions.Check(request)
 
     r = call(ctx, decide)

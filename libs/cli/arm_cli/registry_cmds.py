@@ -307,6 +307,8 @@ def versions_promote(ctx: typer.Context,
                      eval_summary: Annotated[str, typer.Option(
                          help="The evaluation record (PASS) needed to reach CANDIDATE")] = "",
                      reason: Annotated[str, typer.Option()] = "",
+                     approval: Annotated[str, typer.Option(
+                         help="An approved VERSION_PROMOTION approval, where promotions need one")] = "",
                      project: Annotated[str | None, typer.Option(help="Project slug")] = None,
                      output: Output = Format.table) -> None:
     """Walks a version DRAFT → TESTING → CANDIDATE (recording a PASS evaluation) → APPROVED, up
@@ -337,7 +339,8 @@ def versions_promote(ctx: typer.Context,
                     id=v.id, eval_status=agents_pb2.EVAL_STATUS_PASS, summary=eval_summary))).agent_version
                 step("evaluation recorded", v)
             v = (await c.agents.TransitionAgentVersion(agents_pb2.TransitionAgentVersionRequest(
-                id=v.id, to_state=state, reason=reason, etag=v.etag))).agent_version
+                id=v.id, to_state=state, reason=reason, etag=v.etag,
+                approval_id=approval if state == agents_pb2.VERSION_STATE_APPROVED else ""))).agent_version
             step(f"→ {short_enum(agents_pb2.VersionState.Name(state), 'VERSION_STATE_')}", v)
         if not steps:
             step("already there", v)
