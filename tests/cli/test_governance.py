@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import secrets
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,3 +171,33 @@ async def test_watch_follows_an_approval_until_decided(fleet: Fleet, governance:
     assert watcher.returncode == 0, err
     last = json.loads(out.strip().splitlines()[-1])
     assert last["status"] == "APPROVAL_STATUS_DENIED"
+
+
+async def test_watch_without_an_id_follows_the_inbox(fleet: Fleet) -> None:
+    watcher = fleet.approvers[0].spawn("approvals", "watch", "--interval", "0.2", "-o", "json")
+    try:
+        assert watcher.stdout is not None
+
+        async def line() -> dict:  # type: ignore[type-arg]
+            text = await asyncio.wait_for(asyncio.to_thread(watcher.stdout.readline), 60)  # type: ignore[union-attr]
+            assert text, watcher.stderr.read() if watcher.stderr else ""
+            return json.loads(text)  # type: ignore[no-any-return]
+
+        approval_id = (await needs_approval(fleet))["approval_id"]
+        opened = await line()
+        assert (opened["approval_id"], opened["status"]) == (approval_id, "APPROVAL_STATUS_PENDING")
+        assert "decisions" not in opened
+        ok(await fleet.approvers[0].arm("approvals", "approve", approval_id))
+        one = await line()
+        assert one["approval_id"] == approval_id and len(one["decisions"]) == 1
+        ok(await fleet.approvers[1].arm("approvals", "approve", approval_id))
+        resolved = await line()
+        assert (resolved["approval_id"], resolved["status"]) == (approval_id, "APPROVAL_STATUS_APPROVED")
+        watcher.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(watcher.communicate, timeout=60)
+        assert watcher.returncode == 130, err
+        assert "Traceback" not in err
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()

@@ -328,25 +328,64 @@ def approvals_cancel(ctx: typer.Context, approval_id: str, reason: Reason = "", 
     _show(ctx, lambda c: c.approvals.CancelApproval(request), output)
 
 
+def _watch_line(a: approvals_pb2.Approval, output: Format, emails: dict[str, str]) -> None:
+    if output is Format.table:
+        row = _approval_row(a, emails)
+        sys.stdout.write(" ".join(str(row[k]) for k in ("id", "status", "risk", "tool", "decided")) +
+                         (f" — {row['justification']}" if row["justification"] else "") + "\n")
+    else:
+        sys.stdout.write(json.dumps(as_dict(a), sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
 @approvals_app.command("watch")
-def approvals_watch(ctx: typer.Context, approval_id: str, output: Output = Format.table) -> None:
-    """Follows one approval, a line per change, until it is decided, expires or is cancelled."""
+def approvals_watch(ctx: typer.Context,
+                    approval_id: Annotated[str | None, typer.Argument(
+                        help="Follow this approval; without it, follow the inbox")] = None,
+                    interval: Annotated[float, typer.Option(min=0.2, help="Inbox poll interval, seconds")] = 2.0,
+                    output: Output = Format.table) -> None:
+    """Follows one approval, a line per change, until it is decided, expires or is cancelled; or,
+    without an id, the inbox: a line for every approval that opens, gains a decision or is
+    resolved, until interrupted (Ctrl-C, exit 130)."""
 
     async def follow(c: ArmClient) -> None:
+        assert approval_id is not None
         stream = c.approvals.WatchApproval(approvals_pb2.WatchApprovalRequest(approval_id=approval_id))
+        emails: dict[str, str] = {}
         async for item in stream:
             a = item.approval
-            if output is Format.table:
-                row = _approval_row(a)
-                sys.stdout.write(f"{row['status']:<10} {row['decided']}\n")
-            else:
-                sys.stdout.write(json.dumps(as_dict(a), sort_keys=True) + "\n")
-            sys.stdout.flush()
+            if a.decisions and not emails:
+                emails = await operator_emails(c)
+            _watch_line(a, output, emails)
             if a.status in _FINAL:
                 stream.cancel()
                 return
 
-    call(ctx, follow)
+    async def inbox(c: ArmClient) -> None:
+        seen: dict[str, tuple[int, int]] = {}
+        emails: dict[str, str] = {}
+        while True:
+            page = await c.approvals.ListApprovals(approvals_pb2.ListApprovalsRequest(
+                page_size=1000, statuses=_OPEN))  # type: ignore[arg-type]
+            current = {a.approval_id: a for a in page.approvals}
+            changed = [a for a in page.approvals if seen.get(a.approval_id) != (a.status, len(a.decisions))]
+            gone = [i for i in seen if i not in current]
+            for approval_id_ in gone:  # resolved since the last look: show how
+                changed.append((await c.approvals.GetApproval(
+                    approvals_pb2.GetApprovalRequest(approval_id=approval_id_))).approval)
+                del seen[approval_id_]
+            if any(a.decisions and not all(d.operator_id in emails for d in a.decisions) for a in changed):
+                emails = await operator_emails(c)
+            for a in changed:
+                _watch_line(a, output, emails)
+                if a.approval_id in current:
+                    seen[a.approval_id] = (a.status, len(a.decisions))
+            await asyncio.sleep(interval)
+
+    try:
+        call(ctx, follow if approval_id is not None else inbox)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 async def instance_id(c: ArmClient, ref: str) -> str:
