@@ -51,6 +51,8 @@ async def test_projects_operators_roles_and_keys_by_name(terminal: Terminal, ten
     ok(await terminal.arm("operators", "create", email, "--name", "Alice"))
     assert email in ok(await terminal.arm("operators", "list")).stdout
 
+    roles_listed = json.loads(ok(await terminal.arm("roles", "list", "-o", "json")).stdout)
+    assert {"admin", "approver", "auditor"} <= {r["name"] for r in roles_listed}
     ok(await terminal.arm("roles", "assign", email, "approver", "--project", "payments"))
     op_id = json.loads(ok(await terminal.arm("operators", "list", "-o", "json")).stdout)
     op_id = next(o["id"] for o in op_id if o["email"] == email)
