@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 # Source folders put on the venv's path (a .pth file), so `python -m arm_registry` etc. work.
-SRC_DIRS := libs/proto libs/common libs/client services/registry services/governance services/telemetry services/allinone
+SRC_DIRS := libs/proto libs/common libs/client libs/cli services/registry services/governance services/telemetry services/allinone
 
 .PHONY: setup run test proto proto-lint lint lock bench clean
 
@@ -16,6 +16,7 @@ $(STAMP): requirements.lock requirements-dev.lock package.json package-lock.json
 	$(PY) -c 'import sysconfig, pathlib; root = pathlib.Path.cwd(); \
 	  pth = pathlib.Path(sysconfig.get_paths()["purelib"]) / "arm-src.pth"; \
 	  pth.write_text("".join(f"{root / d}\n" for d in "$(SRC_DIRS)".split()))'
+	printf '#!%s\nfrom arm_cli.main import main\nmain()\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/arm && chmod +x $(VENV)/bin/arm
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 

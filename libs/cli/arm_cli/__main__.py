@@ -1,0 +1,3 @@
+from arm_cli.main import main
+
+main()
