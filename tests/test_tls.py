@@ -400,3 +400,41 @@ async def test_a_rotated_client_certificate_is_presented_on_new_calls(tmp_path: 
     finally:
         await channel.close()
         await server.stop(0)
+
+
+async def test_the_sdk_and_the_cli_speak_mtls_from_the_environment(tmp_path: Path) -> None:
+    """`Arm` and the `arm` command take ARM_TLS_CA_FILE / ARM_TLS_CERT_FILE / ARM_TLS_KEY_FILE
+    from the environment: with them a call goes through an mTLS registry, without them it is
+    refused at the handshake (UNAVAILABLE), never sent in clear."""
+    from arm_client import Arm
+    from arm_client.errors import Unavailable
+
+    pki = make_pki(tmp_path)
+    registry = await start_registry(new_database_spec("sqlite", tmp_path, "registry"), pki.server_env(mtls=True))
+    try:
+        env = {"ARM_ADDRESS": registry.address, "ARM_API_KEY": registry.admin_key,
+               "ARM_TLS_CA_FILE": pki.ca_file, "ARM_TLS_CERT_FILE": pki.client_cert_file,
+               "ARM_TLS_KEY_FILE": pki.client_key_file}
+        request = tenancy_pb2.ListTenantsRequest()
+        arm = Arm(env=env)
+        try:
+            assert (await arm.call(arm.stubs.tenancy.ListTenants, request)).tenants
+        finally:
+            await arm.close()
+        plain = Arm(env={k: v for k, v in env.items() if not k.startswith("ARM_TLS_")}, timeout_s=3)
+        try:
+            with pytest.raises(Unavailable):
+                await plain.call(plain.stubs.tenancy.ListTenants, request)
+        finally:
+            await plain.close()
+
+        cli_env = {**base_env(), **env, "ARM_CONFIG": str(tmp_path / "arm-config.yaml")}
+        cli = [sys.executable, "-c", "from arm_cli.main import main; main()", "tenants", "list", "-o", "json"]
+        ok = await asyncio.to_thread(subprocess.run, cli, env=cli_env, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert "system" in ok.stdout
+        no_tls = {k: v for k, v in cli_env.items() if not k.startswith("ARM_TLS_")} | {"ARM_TIMEOUT_S": "3"}
+        bad = await asyncio.to_thread(subprocess.run, cli, env=no_tls, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "UNAVAILABLE" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    finally:
+        await stop_registry(registry)

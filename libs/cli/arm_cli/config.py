@@ -99,7 +99,7 @@ def settings(config: Config, name: str | None, env: Mapping[str, str] | None = N
     def pick(var: str, own: str) -> str:
         return e.get(var) or (address if e.get("ARM_ADDRESS") else "") or own or address
     return Settings.from_env(
-        {k: v for k, v in e.items() if k == "ARM_TIMEOUT_S"},
+        {k: v for k, v in e.items() if k == "ARM_TIMEOUT_S" or k.startswith("ARM_TLS_")},
         registry_address=pick("ARM_REGISTRY_ADDRESS", ctx.registry_address),
         governance_address=pick("ARM_GOVERNANCE_ADDRESS", ctx.governance_address),
         telemetry_address=pick("ARM_TELEMETRY_ADDRESS", ctx.telemetry_address),
