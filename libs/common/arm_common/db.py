@@ -30,6 +30,24 @@ from sqlalchemy.ext.asyncio import (
 from arm_common.errors import ArmError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class _QuietCancelledReset(logging.Filter):
+    """A client that cancels a stream (or a deadline that ends a call) can cancel a task while
+    its pooled connection is being returned; SQLAlchemy then discards that connection correctly
+    but logs "Exception during reset or similar" at ERROR with the CancelledError. That is a
+    cancellation, not a fault: logged at DEBUG instead, like the interceptor's own cancellations."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError) and record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+for _pool in ("AsyncAdaptedQueuePool", "QueuePool", "NullPool", "StaticPool", "SingletonThreadPool"):
+    logging.getLogger(f"sqlalchemy.pool.impl.{_pool}").addFilter(_QuietCancelledReset())
 T = TypeVar("T")
 
 # Seconds to open a PostgreSQL connection, and to wait for a free pooled one, before the call
