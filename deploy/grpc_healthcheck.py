@@ -1,7 +1,12 @@
 """Container health check: `python deploy/grpc_healthcheck.py ADDRESS [SERVICE]`.
 
-Asks the standard grpc.health.v1 Health service at ADDRESS (host:port) about SERVICE
-(default "": the whole server). Exits 0 when SERVING, 1 otherwise (error, timeout after 3s).
+Asks the standard grpc.health.v1 Health service at ADDRESS (host:port) about SERVICE. Exits 0
+when SERVING, 1 otherwise (error, timeout after 3s). SERVICE is
+- "" (the default, the whole server) or a service name such as arm.registry.v1.AgentService:
+  readiness — NOT_SERVING while the service's database or a peer it needs is unreachable; use it
+  to route traffic (readiness probe, compose `service_healthy`);
+- `liveness`: SERVING while the process serves at all; use it to decide on a restart (liveness
+  probe), so that a database outage does not restart every replica.
 (Not named grpc_health.py: the script's folder comes first on sys.path and would shadow the
 grpc_health package imported below.)"""
 

@@ -97,6 +97,9 @@ class ServiceConfig:
     """`ARM_SHARE_PORT` (default false): let several processes serve the same port (SO_REUSEPORT,
     the kernel spreads new connections among them), for identical workers of one deployment only.
     Off, starting on a port already in use fails with a message naming the address."""
+    health_probe_s: float = 5.0
+    """How often readiness probes the database and required peers (`ARM_HEALTH_PROBE_S`,
+    default 5); health turns NOT_SERVING at once when a call meets a dead database."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -124,4 +127,5 @@ class ServiceConfig:
             outbox_poll_s=_float(env, "ARM_OUTBOX_POLL_S", 1.0, minimum=0.01),
             approval_sweep_s=_float(env, "ARM_APPROVAL_SWEEP_S", 30.0, minimum=0.01),
             share_port=_bool(env, "ARM_SHARE_PORT", False),
+            health_probe_s=_float(env, "ARM_HEALTH_PROBE_S", 5.0, minimum=0.01),
         )

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from arm_common import otel
 from arm_common.auth import Authenticator
 from arm_common.config import ConfigError
+from arm_common.health import HealthPublisher
 from arm_common.interceptors import ArmServerInterceptor
 
 log = logging.getLogger(__name__)
@@ -115,29 +116,37 @@ class Host:
                      ("grpc.so_reuseport", 1 if share_port else 0)])
         self.service_names: list[str] = []
         self.port = 0
+        self.readiness: HealthPublisher | None = None
 
     async def start(self) -> int:
         """Starts serving; returns the bound port (useful with port 0)."""
         self.port = bind(self.server, self.listen, share_port=self.share_port)
         address = f"{self.listen.rpartition(':')[0]}:{self.port}"
+        parts = []
         for component in self.components:
             bound = getattr(component, "bound", None)
             if bound is not None:  # e.g. a component that calls another hosted here
                 bound(address)
-            self.service_names.extend(component.attach(self.server))
+            names = component.attach(self.server)
+            self.service_names.extend(names)
+            parts.append((getattr(component, "readiness", None), names))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for component in self.components:
             await component.start()
         await self.server.start()
-        for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Readiness ("" and the service names) follows each component's database and peers;
+        # `liveness` stays SERVING (see arm_common/health.py).
+        self.readiness = HealthPublisher(self.health, parts)
+        await self.readiness.start()
         return self.port
 
     async def stop(self, grace: float = 5.0) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish for `grace` seconds, then stops
         background work."""
+        if self.readiness is not None:
+            await self.readiness.stop()
         await self.health.enter_graceful_shutdown()
         for component in self.components:
             draining = getattr(component, "draining", None)
