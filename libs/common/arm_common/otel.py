@@ -66,3 +66,16 @@ _rpc_duration = _meter.create_histogram(
 def record_rpc(method: str, code: str, elapsed_ms: float) -> None:
     """One observation per finished RPC (the gRPC instrumentation gives spans, not metrics)."""
     _rpc_duration.record(elapsed_ms, {"rpc.method": method, "rpc.grpc.status_code": code})
+
+
+_decisions = _meter.create_counter(
+    "arm.decisions", unit="{decision}", description="Decisions made, by outcome, tenant and step")
+_decision_duration = _meter.create_histogram(
+    "arm.decision.duration", unit="ms", description="Time to decide and log one Check, by outcome and step")
+
+
+def record_decision(outcome: str, tenant_id: str, step: str, elapsed_ms: float) -> None:
+    """One decision: counted by outcome, tenant and step; its latency into the histogram."""
+    attributes = {"arm.decision": outcome, "arm.tenant_id": tenant_id, "arm.decision.step": step}
+    _decisions.add(1, attributes)
+    _decision_duration.record(elapsed_ms, attributes)
