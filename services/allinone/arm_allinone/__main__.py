@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from arm_common import logs
+from arm_common import logs, otel
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.event_feed import OpEventForwarder
 from arm_common.server import Host
@@ -32,6 +32,7 @@ def write_key_file(path: Path, key: str) -> None:
 
 async def main() -> int:
     config = ServiceConfig.from_env("allinone")
+    otel.configure("arm-allinone")  # before the components open their channels
     registry_config = ServiceConfig.from_env("registry")
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)
