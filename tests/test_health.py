@@ -6,6 +6,7 @@ throughout. The database is a private PostgreSQL of the test (tests/private_post
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
@@ -23,7 +24,7 @@ from tests.conftest import (
     stop_governance,
     stop_registry,
 )
-from tests.processes import health_status
+from tests.processes import ROOT, health_status
 from tests.telemetry.conftest import start_telemetry, stop_telemetry
 from tests.test_database_outage import expect_unavailable, needs_private_postgres
 
@@ -41,6 +42,13 @@ async def wait_status(address: str, service: str, want: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{address} {service or '(server)'}: {seen}, wanted {want}")
+
+
+async def healthcheck_script(*args: str) -> int:
+    """Exit status of deploy/grpc_healthcheck.py (run without blocking the servers' loop)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "deploy" / "grpc_healthcheck.py"), *args,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await asyncio.wait_for(proc.wait(), 60)
 
 
 async def statuses(address: str, names: list[str]) -> dict[str, int | None]:
@@ -121,6 +129,8 @@ async def test_a_failed_call_turns_health_not_serving_before_the_next_probe() ->
         await expect_unavailable(admin.tenancy.ListProjects(tenancy_pb2.ListProjectsRequest()))
         await wait_status(registry.address, "", NOT_SERVING)
         assert await health_status(registry.address, LIVENESS) == SERVING
+        # The container check: readiness fails, liveness passes.
+        assert (await healthcheck_script(registry.address), await healthcheck_script(registry.address, LIVENESS)) == (1, 0)
         pg.start()
         await admin.tenancy.ListProjects(tenancy_pb2.ListProjectsRequest())  # ends the outage
         await wait_status(registry.address, "", SERVING)
