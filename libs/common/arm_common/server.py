@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from arm_common import otel
@@ -135,6 +135,8 @@ class Host:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for component in self.components:
             await component.start()
+        # Not ready until the first probes say so (the servicer starts with "" SERVING).
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         # Readiness ("" and the service names) follows each component's database and peers;
         # `liveness` stays SERVING (see arm_common/health.py).
