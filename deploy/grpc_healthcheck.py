@@ -1,9 +1,13 @@
 """Container health check: `python deploy/grpc_healthcheck.py [--live] ADDRESS [SERVICE]`.
 
-Asks the standard grpc.health.v1 Health service at ADDRESS (host:port) about SERVICE
-(default "": the whole server). Exits 0 when SERVING, 1 otherwise (error, timeout after 3s).
-With --live (a liveness probe) any answer, SERVING or NOT_SERVING, is enough: the process is up
-even while its database is away, and restarting it would not help.
+Asks the standard grpc.health.v1 Health service at ADDRESS (host:port) about SERVICE. Exits 0
+when SERVING, 1 otherwise (error, timeout after 3s). SERVICE is
+- "" (the default, the whole server) or a service name such as arm.registry.v1.AgentService:
+  readiness — NOT_SERVING while the service's database or a peer it needs is unreachable; use it
+  to route traffic (readiness probe, compose `service_healthy`);
+- `liveness`: SERVING while the process serves at all; use it to decide on a restart (liveness
+  probe), so that a database outage does not restart every replica.
+With --live (a liveness probe) any answer, SERVING or NOT_SERVING, is enough.
 
 It speaks TLS when ARM_TLS_CA_FILE is set or the container serves TLS (ARM_TLS_CERT_FILE and
 ARM_TLS_KEY_FILE, the variables the service itself reads): it trusts ARM_TLS_CA_FILE (else

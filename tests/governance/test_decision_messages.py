@@ -73,7 +73,14 @@ def test_op_event_payload_has_the_same_fields() -> None:
             "decision": policy_pb2.Decision.Name(int(result.effect)),
             "risk": common_pb2.RiskLevel.Name(int(result.risk)),
             "step": decision_pb2.DecisionStep.Name(int(result.step)),
-            "reasons": [r.code for r in result.reasons]})
+            "reasons": [r.code for r in result.reasons],
+            # Provenance: what decided (empty / -1 when no envelope or rule did).
+            "envelope_id": result.envelope_id, "envelope_revision": result.envelope_revision,
+            "scope": policy_pb2.PolicyScope.Name(int(result.scope)) if result.scope else "",
+            "scope_id": result.scope_id,
+            "rule_kind": policy_pb2.RuleKind.Name(int(result.rule_kind)) if result.rule_kind else "",
+            "rule_index": result.rule_index if result.rule_index is not None else -1,
+            "rule_description": result.rule_description})
         assert event.event_id == f"evt-dec_{n}" and event.occur_time == ts(NOW)
 
 

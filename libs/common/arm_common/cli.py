@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from arm_common import logs, roles
+from arm_common import logs, otel, roles
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, unreachable_at_start
 from arm_common.migrations import SchemaNotReady
@@ -67,6 +67,7 @@ async def _main(cmds: ServiceCommands, command: str) -> int:
             await _migrate(cmds, config, db)
             print(f"{cmds.service} database migrated to head")
             return 0
+        otel.configure(f"arm-{cmds.service}")  # before the component opens its channels
         component = cmds.component(db, config)
         if command in cmds.extra:
             return await cmds.extra[command](component)

@@ -173,6 +173,9 @@ class ServiceConfig:
     stored; the system tenant is created if missing). Like every setting, also as `..._FILE`."""
     tls: TlsSettings = field(default_factory=TlsSettings)
     """TLS files (`ARM_TLS_*`, see arm_common.tls); all unset, plaintext."""
+    health_probe_s: float = 5.0
+    """How often readiness probes the database and required peers (`ARM_HEALTH_PROBE_S`,
+    default 5); health turns NOT_SERVING at once when a call meets a dead database."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -212,4 +215,5 @@ class ServiceConfig:
             workers=workers,
             bootstrap_admin_key=env.get("ARM_BOOTSTRAP_ADMIN_KEY") or None,
             tls=TlsSettings.from_env(env),
+            health_probe_s=_float(env, "ARM_HEALTH_PROBE_S", 5.0, minimum=0.01),
         )

@@ -144,6 +144,8 @@ class OutageLog:
         self.what = what
         self.since: float | None = None
         self.failures = 0
+        # Called when an outage starts or ends (health readiness follows them).
+        self.listeners: list[Callable[[], None]] = []
 
     @property
     def down(self) -> bool:
@@ -156,12 +158,16 @@ class OutageLog:
             self.failures = 1
             log.warning("%s is unavailable (%s: %s); calls that need it answer UNAVAILABLE until "
                         "it is back", self.what, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            for listener in self.listeners:
+                listener()
 
     def ok(self) -> None:
         if self.since is not None:
             log.info("%s is available again after %.1f s (%d calls failed meanwhile)", self.what,
                      time.monotonic() - self.since, self.failures)
             self.since = None
+            for listener in self.listeners:
+                listener()
 
 
 def rowcount(result: Result[Any]) -> int:

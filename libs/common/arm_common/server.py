@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from arm_common import otel, tls
 from arm_common.auth import Authenticator
 from arm_common.config import ConfigError
+from arm_common.health import HealthPublisher
 from arm_common.interceptors import ArmServerInterceptor
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class Host:
                      ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))])
         self.service_names: list[str] = []
         self.port = 0
+        self.readiness: HealthPublisher | None = None
 
     async def start(self) -> int:
         """Starts serving; returns the bound port (useful with port 0)."""
@@ -178,11 +180,14 @@ class Host:
                         "network in clear. Set ARM_TLS_CERT_FILE and ARM_TLS_KEY_FILE (and "
                         "ARM_TLS_CLIENT_CA_FILE for mTLS) to serve TLS. !!!", self.listen)
         address = f"{self.listen.rpartition(':')[0]}:{self.port}"
+        parts = []
         for component in self.components:
             bound = getattr(component, "bound", None)
             if bound is not None:  # e.g. a component that calls another hosted here
                 bound(address)
-            self.service_names.extend(component.attach(self.server))
+            names = component.attach(self.server)
+            self.service_names.extend(names)
+            parts.append((getattr(component, "readiness", None), names))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection_names = [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME,
                             REFLECTION_V1_SERVICE_NAME]
@@ -190,14 +195,20 @@ class Host:
         enable_reflection_v1(reflection_names, self.server)
         for component in self.components:
             await component.start()
+        # Not ready until the first probes say so (the servicer starts with "" SERVING).
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Readiness ("" and the service names) follows each component's database and peers;
+        # `liveness` stays SERVING (see arm_common/health.py).
+        self.readiness = HealthPublisher(self.health, parts)
+        await self.readiness.start()
         return self.port
 
     async def stop(self, grace: float = 5.0) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish for `grace` seconds, then stops
         background work."""
+        if self.readiness is not None:
+            await self.readiness.stop()
         await self.health.enter_graceful_shutdown()
         for component in self.components:
             draining = getattr(component, "draining", None)

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from arm_common import logs
+from arm_common import logs, otel
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.event_feed import OpEventForwarder
 from arm_common.server import Host
@@ -37,6 +37,7 @@ async def main() -> int:
     if config.tls.serves_tls != config.tls.dials_tls:  # its services call each other through its port
         raise ConfigError("the all-in-one server needs ARM_TLS_CERT_FILE, ARM_TLS_KEY_FILE and ARM_TLS_CA_FILE "
                           "together (or none): its services call each other through its own port")
+    otel.configure("arm-allinone")  # before the components open their channels
     registry_config = ServiceConfig.from_env("registry")
     # One process, one port: the registry shares the all-in-one address.
     registry_db = registry_app.database(registry_config)

@@ -20,6 +20,7 @@ from arm_common import migrations, roles, tls
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.event_feed import OpEventForwarder
+from arm_common.health import DatabaseProbe, PeerProbe, Probe, Readiness
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
@@ -94,6 +95,12 @@ class GovernanceComponent:
         self.agents: AgentDirectory | None = None
         self._follower: asyncio.Task[None] | None = None
         self.authenticator = RemoteAuthenticator(self.channel, config.auth_cache_ttl_s) if self.channel else None
+        # Ready while its database and the registry (agent resolution, authentication) answer;
+        # a registry in this same process is covered by its own database probe.
+        probes: list[Probe] = [DatabaseProbe(db)]
+        if not in_process_registry:
+            probes.append(PeerProbe(f"registry at {self.registry_address}", lambda: self.channel))
+        self.readiness = Readiness(probes, config.health_probe_s)
 
     def bound(self, address: str) -> None:
         if self.channel is None:

@@ -14,12 +14,15 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from google.protobuf.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from sqlalchemy import DateTime, String, Table, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2
+from arm_common import otel
 from arm_common.db import Database, driver_connection, is_connection_error
 from arm_common.errors import DatabaseUnavailable, Unavailable
 from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_row
@@ -28,6 +31,7 @@ from arm_governance import models
 from arm_governance.models import OUTBOX
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("arm.governance")
 
 
 def _naive_utc(value: Any) -> Any:
@@ -90,6 +94,7 @@ class PendingDecision:
     messages: list[tuple[str, str, Message]] = field(default_factory=list)  # (topic, id, message)
     approval_record: str = ""  # id of the APPROVAL_REQUESTED message, dropped when deduplicated
     future: asyncio.Future[decision_pb2.CheckResponse] | None = None
+    trace_context: otel_context.Context | None = None  # the Check's, with OpenTelemetry on
 
 
 class DecisionLog:
@@ -99,6 +104,7 @@ class DecisionLog:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[PendingDecision] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self.traced = otel.enabled()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="decision-log")
@@ -111,6 +117,8 @@ class DecisionLog:
         request_id, the first decision's response; for a repeated tool call id, the response
         names the existing approval)."""
         pending.future = asyncio.get_running_loop().create_future()
+        if self.traced:
+            pending.trace_context = otel_context.get_current()
         self._queue.put_nowait(pending)
         return await pending.future
 
@@ -120,7 +128,7 @@ class DecisionLog:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                topics = await self._commit(batch)
+                topics = await self._commit_traced(batch)
             except DatabaseUnavailable as exc:
                 # Nothing was logged, so nothing may be answered but UNAVAILABLE (fail closed);
                 # said once by the database's outage log, and no use trying one by one.
@@ -150,6 +158,17 @@ class DecisionLog:
             for relay in self.relays:
                 if relay.topic in topics:
                     relay.notify()
+
+    async def _commit_traced(self, batch: list[PendingDecision]) -> set[str]:
+        """_commit, in a `governance.decision_log.commit` span when tracing: a child of the first
+        decision's span (so of its Check), linked to the other decisions of the batch."""
+        if not self.traced:
+            return await self._commit(batch)
+        links = [trace.Link(trace.get_current_span(item.trace_context).get_span_context())
+                 for item in batch[1:] if item.trace_context is not None]
+        with _tracer.start_as_current_span("governance.decision_log.commit", context=batch[0].trace_context,
+                                           links=links, attributes={"arm.decisions": len(batch)}):
+            return await self._commit(batch)
 
     async def _commit(self, batch: list[PendingDecision]) -> set[str]:
         """Writes a batch; returns the outbox topics it wrote to."""

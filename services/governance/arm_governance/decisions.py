@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
+from opentelemetry import trace
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
 from arm.telemetry.v1 import events_pb2
+from arm_common import otel
 from arm_common import validation as val
 from arm_common.auth import Principal
 from arm_common.canonical import canonical_hash
@@ -66,19 +69,63 @@ def argument_digest(arguments: dict[str, Any] | None) -> str:
 _EMPTY_DIGEST = canonical_hash({})
 
 
+def provenance(result: engine.Result) -> dict[str, Any]:
+    """What decided, as opEvent payloads, POLICY_DENIED records and decision spans name it:
+    the deciding envelope's id, revision, scope and rule, and the step (envelope fields empty
+    when no envelope decided). The policy epoch is added per call."""
+    return {
+        "decision": policy_pb2.Decision.Name(int(result.effect)),
+        "risk": common_pb2.RiskLevel.Name(int(result.risk)),
+        "step": decision_pb2.DecisionStep.Name(int(result.step)),
+        "envelope_id": result.envelope_id,
+        "envelope_revision": result.envelope_revision,
+        "scope": policy_pb2.PolicyScope.Name(int(result.scope)) if result.scope else "",
+        "scope_id": result.scope_id,
+        "rule_kind": policy_pb2.RuleKind.Name(int(result.rule_kind)) if result.rule_kind else "",
+        "rule_index": result.rule_index if result.rule_index is not None else -1,
+        "rule_description": result.rule_description,
+    }
+
+
+PROVENANCE = convert.ResultCache(provenance)
+
+
 def _payload_fields(result: engine.Result) -> bytes:
     """The opEvent payload fields that depend on the result alone, serialized (a Struct's fields
     are map entries, so the per-call ones are added after parsing these)."""
-    return struct_pb2.Struct(fields={
-        "decision": struct_pb2.Value(string_value=policy_pb2.Decision.Name(int(result.effect))),
-        "risk": struct_pb2.Value(string_value=common_pb2.RiskLevel.Name(int(result.risk))),
-        "step": struct_pb2.Value(string_value=decision_pb2.DecisionStep.Name(int(result.step))),
-        "reasons": struct_pb2.Value(list_value=struct_pb2.ListValue(
-            values=[struct_pb2.Value(string_value=r.code) for r in result.reasons])),
-    }).SerializeToString()
+    payload = struct_pb2.Struct()
+    payload.update(PROVENANCE.get(result))
+    payload.fields["reasons"].list_value.values.extend(
+        struct_pb2.Value(string_value=r.code) for r in result.reasons)
+    return payload.SerializeToString()
 
 
 _PAYLOAD_FIELDS = convert.ResultCache(_payload_fields)
+
+
+_tracer = trace.get_tracer("arm.governance")
+
+
+def span_attributes(response: decision_pb2.CheckResponse, tenant_id: str) -> dict[str, Any]:
+    """A decision span's attributes: the decision, risk, step, deciding envelope (id, revision,
+    scope, rule) and policy epoch, as in the opEvent payload and the decision log."""
+    attributes: dict[str, Any] = {
+        "arm.tenant_id": tenant_id,
+        "arm.decision_id": response.decision_id,
+        "arm.decision": policy_pb2.Decision.Name(response.decision),
+        "arm.decision.risk": common_pb2.RiskLevel.Name(response.effective_risk),
+        "arm.decision.step": decision_pb2.DecisionStep.Name(response.step),
+        "arm.policy.epoch": response.policy_epoch,
+        "arm.policy.envelope_id": response.envelope_id,
+        "arm.policy.envelope_revision": response.envelope_revision,
+        "arm.policy.scope": policy_pb2.PolicyScope.Name(response.scope),
+        "arm.policy.scope_id": response.scope_id,
+        "arm.policy.rule_kind": policy_pb2.RuleKind.Name(response.rule_kind),
+        "arm.policy.rule_description": response.rule_description,
+    }
+    if response.HasField("rule_index"):
+        attributes["arm.policy.rule_index"] = response.rule_index
+    return attributes
 
 
 class _AgentForms:
@@ -207,9 +254,27 @@ class Decider:
         self.approvals = approvals
         self.classifier = classifier or engine.DEFAULT_CLASSIFIER
         self._agent_forms = _AgentForms()
+        self.traced = otel.enabled()
 
     async def check(self, principal: Principal, api_key: str,
                     request: decision_pb2.CheckRequest) -> decision_pb2.CheckResponse:
+        """Decides and logs one call. With OpenTelemetry on, inside a `governance.decide` span
+        (attributes: what decided, see span_attributes) and counted in the decision metrics;
+        off, none of that is built."""
+        if not self.traced:
+            return await self._check(principal, api_key, request)
+        started = time.perf_counter()
+        with _tracer.start_as_current_span("governance.decide") as span:
+            response = await self._check(principal, api_key, request)
+            if span.is_recording():
+                span.set_attributes(span_attributes(response, principal.tenant_id))
+        otel.record_decision(policy_pb2.Decision.Name(response.decision), principal.tenant_id,
+                             decision_pb2.DecisionStep.Name(response.step),
+                             (time.perf_counter() - started) * 1000)
+        return response
+
+    async def _check(self, principal: Principal, api_key: str,
+                     request: decision_pb2.CheckRequest) -> decision_pb2.CheckResponse:
         principal.require("decisions:check")
         kind = request.WhichOneof("agent")
         assert kind is not None
@@ -293,11 +358,12 @@ class Decider:
             pending.approval_record = requested.record_id
             pending.messages.append((TOPIC_CHANGE_RECORD, requested.record_id, requested))
         event = self._op_event(principal, request, resolved, result, decision_id, now)
+        event.payload.fields["policy_epoch"].number_value = epoch
         if approval_id:  # the decision log swaps in an earlier approval of the same tool call
             event.payload.fields["approval_id"].string_value = approval_id
         pending.messages.append((TOPIC_OP_EVENT, f"evt-{decision_id}", event))
         if result.effect == engine.Effect.DENY:
-            change = self._denied_record(principal, request, resolved, result, decision_id, now)
+            change = self._denied_record(principal, request, resolved, result, decision_id, epoch, now)
             pending.messages.append((TOPIC_CHANGE_RECORD, change.record_id, change))
         elif granted and result.effect == engine.Effect.ALLOW:
             consumed = self._consumed_record(principal, request, resolved, decision_id, now)
@@ -393,7 +459,8 @@ class Decider:
 
     @staticmethod
     def _denied_record(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
-                       result: engine.Result, decision_id: str, now: datetime) -> common_pb2.ChangeRecord:
+                       result: engine.Result, decision_id: str, epoch: int,
+                       now: datetime) -> common_pb2.ChangeRecord:
         occurred = timestamp_pb2.Timestamp()
         occurred.FromDatetime(now)
         kind = request.WhichOneof("agent") or "instance_id"
@@ -408,9 +475,9 @@ class Decider:
             version_id=resolved.version_id if resolved is not None else "",
             instance_id=resolved.instance_id if resolved is not None else "",
             summary=f"{request.tool_name} denied: {result.reasons[0].code if result.reasons else 'DENY'}",
-            payload=struct({"decision_id": decision_id, "agent_ref": getattr(request, kind),
-                                    "reasons": [r.code for r in result.reasons],
-                                    "step": decision_pb2.DecisionStep.Name(int(result.step))}),
+            payload=struct({**PROVENANCE.get(result), "decision_id": decision_id,
+                            "agent_ref": getattr(request, kind), "tool_name": request.tool_name,
+                            "reasons": [r.code for r in result.reasons], "policy_epoch": epoch}),
             occur_time=occurred, source="governance")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_governance import convert, engine, limits, models
 from arm_governance.agents import AgentDirectory
+from arm_governance.decision_reads import DecisionFilter, DecisionReader, export_line
 from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
 from arm_governance.models import IDEMPOTENCY
 from arm_governance.policies import PolicyCache
@@ -419,6 +421,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self.decider = decider
         self.spend = spend
         self.changes = changes
+        self.reader = DecisionReader(db)
 
     async def Check(self, request: decision_pb2.CheckRequest, context: Ctx) -> Any:
         validate_check(request)
@@ -431,6 +434,34 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         p, key = current_principal(), current_api_key()
         results = await asyncio.gather(*(self.decider.check(p, key, item) for item in request.checks))
         return decision_pb2.CheckBatchResponse(results=results, request_id=request.request_id)
+
+    async def GetDecision(self, request: decision_pb2.GetDecisionRequest, context: Ctx) -> Any:
+        v = Violations()
+        val.resource_id(v, "decision_id", request.decision_id)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        return decision_pb2.GetDecisionResponse(decision=await self.reader.get(p.tenant_id, request.decision_id))
+
+    async def ListDecisions(self, request: decision_pb2.ListDecisionsRequest, context: Ctx) -> Any:
+        v = Violations()
+        flt = DecisionFilter.of(v, request.filter, "filter")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        return await self.reader.page(p.tenant_id, flt, pagination.page_size(request.page_size),
+                                      request.page_token)
+
+    async def ExportDecisions(self, request: decision_pb2.ExportDecisionsRequest,
+                              context: Ctx) -> AsyncIterator[decision_pb2.ExportDecisionsResponse]:
+        v = Violations()
+        flt = DecisionFilter.of(v, request.filter, "filter")
+        v.raise_if_any()
+        p = current_principal()
+        p.require("audit:read")
+        async for batch in self.reader.scan(p.tenant_id, flt):
+            yield decision_pb2.ExportDecisionsResponse(
+                data="".join(export_line(d) for d in batch).encode(), decision_count=len(batch))
 
     async def ReportSpend(self, request: decision_pb2.ReportSpendRequest, context: Ctx) -> Any:
         _check_common(request)

@@ -23,6 +23,7 @@ from arm_common.auth import Principal, hash_api_key, new_api_key, parse_api_key
 from arm_common.chain import raise_on_rejected
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
+from arm_common.health import DatabaseProbe, Readiness
 from arm_common.housekeeping import Housekeeping
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxMessage, OutboxRelay
@@ -72,6 +73,7 @@ class RegistryComponent:
         self.store = RegistryStore(db, self.relay, self.changes)
         self.authenticator = LocalAuthenticator(db, config.auth_cache_ttl_s)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
+        self.readiness = Readiness([DatabaseProbe(db)], config.health_probe_s)
 
     def bound(self, address: str) -> None:
         """In one process with governance (the all-in-one server) its address is our own."""

@@ -16,6 +16,7 @@ from arm.telemetry.v1 import telemetry_pb2_grpc
 from arm_common import migrations, tls
 from arm_common.config import ConfigError, ServiceConfig, settings
 from arm_common.db import Database, open_database
+from arm_common.health import DatabaseProbe, PeerProbe, Probe, Readiness
 from arm_common.housekeeping import Housekeeping
 from arm_common.outbox import OutboxRelay
 from arm_common.remote_auth import RemoteAuthenticator
@@ -115,6 +116,12 @@ class TelemetryComponent:
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
         self.resolver: ReferenceResolver | None = None
         self.backfills: Backfills | None = None
+        # Ready while its database and the registry (authentication, references) answer; a
+        # registry in this same process is covered by its own database probe.
+        probes: list[Probe] = [DatabaseProbe(db)]
+        if not in_process_registry:
+            probes.append(PeerProbe(f"registry at {config.registry_address}", lambda: self.channel))
+        self.readiness = Readiness(probes, config.health_probe_s)
 
     def bound(self, address: str) -> None:
         """The host's own address: the registry (and governance) when hosted in this process."""

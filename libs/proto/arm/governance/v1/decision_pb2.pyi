@@ -483,3 +483,279 @@ class ReportSpendResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportSpendResponse: _TypeAlias = ReportSpendResponse  # noqa: Y015
+
+@_typing.final
+class LoggedDecision(_message.Message):
+    """One entry of the decision log: the call as asked and the answer given, with its provenance
+    (the deciding envelope id, revision, scope, rule, step and policy epoch are in `response`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LEGACY_AGENT_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """Id of the decision (`CheckResponse.decision_id`)."""
+    tenant_id: _builtins.str
+    """Tenant the decision belongs to."""
+    instance_id: _builtins.str
+    """Instance the call was for; empty when the agent was unknown."""
+    legacy_agent_id: _builtins.str
+    """Legacy agent id of the instance, or the one asked about; empty when neither."""
+    project_id: _builtins.str
+    """Project of the instance; empty when the agent was unknown."""
+    version_id: _builtins.str
+    """Version of the instance; empty when the agent was unknown."""
+    run_id: _builtins.str
+    """Run id of the call; empty when none was given."""
+    tool_call_id: _builtins.str
+    """Tool call id of the call; empty when none was given."""
+    tool_name: _builtins.str
+    """Tool asked about."""
+    @_builtins.property
+    def request(self) -> Global___CheckRequest:
+        """The request as received."""
+
+    @_builtins.property
+    def response(self) -> Global___CheckResponse:
+        """The answer sent: decision, reasons, risk, step, deciding envelope and rule, policy epoch."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When the decision was made."""
+
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        legacy_agent_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        tool_call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        request: Global___CheckRequest | None = ...,
+        response: Global___CheckResponse | None = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time", "request", b"request", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time", "decision_id", b"decision_id", "instance_id", b"instance_id", "legacy_agent_id", b"legacy_agent_id", "project_id", b"project_id", "request", b"request", "response", b"response", "run_id", b"run_id", "tenant_id", b"tenant_id", "tool_call_id", b"tool_call_id", "tool_name", b"tool_name", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoggedDecision: _TypeAlias = LoggedDecision  # noqa: Y015
+
+@_typing.final
+class DecisionFilter(_message.Message):
+    """Filters shared by ListDecisions and ExportDecisions; every set filter must hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """Only decisions about this instance id; empty = all."""
+    tool_name: _builtins.str
+    """Only decisions about this tool name (exact); empty = all."""
+    decision: _policy_pb2.Decision.ValueType
+    """Only decisions with this outcome; UNSPECIFIED = all."""
+    run_id: _builtins.str
+    """Only decisions of this run id; empty = all."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only decisions made at or after this time; absent = no lower bound."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only decisions made before this time; absent = no upper bound."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        decision: _policy_pb2.Decision.ValueType = ...,
+        run_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "end_time", b"end_time", "instance_id", b"instance_id", "run_id", b"run_id", "start_time", b"start_time", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionFilter: _TypeAlias = DecisionFilter  # noqa: Y015
+
+@_typing.final
+class GetDecisionRequest(_message.Message):
+    """Request of GetDecision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """Id of the decision (`dec_...`)."""
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDecisionRequest: _TypeAlias = GetDecisionRequest  # noqa: Y015
+
+@_typing.final
+class GetDecisionResponse(_message.Message):
+    """Response of GetDecision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decision(self) -> Global___LoggedDecision:
+        """The decision."""
+
+    def __init__(
+        self,
+        *,
+        decision: Global___LoggedDecision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDecisionResponse: _TypeAlias = GetDecisionResponse  # noqa: Y015
+
+@_typing.final
+class ListDecisionsRequest(_message.Message):
+    """Request of ListDecisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum decisions per page; 0 = 50, capped at 500, negative = INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """`next_page_token` of the previous page, with the same filter; empty = first page."""
+    @_builtins.property
+    def filter(self) -> Global___DecisionFilter:
+        """Filters; absent = all decisions of the tenant."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___DecisionFilter | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsRequest: _TypeAlias = ListDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListDecisionsResponse(_message.Message):
+    """Response of ListDecisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty = this was the last page."""
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoggedDecision]:
+        """Decisions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___LoggedDecision] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsResponse: _TypeAlias = ListDecisionsResponse  # noqa: Y015
+
+@_typing.final
+class ExportDecisionsRequest(_message.Message):
+    """Request of ExportDecisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def filter(self) -> Global___DecisionFilter:
+        """Filters; absent = the tenant's whole decision log."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___DecisionFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportDecisionsRequest: _TypeAlias = ExportDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class ExportDecisionsResponse(_message.Message):
+    """One chunk of an export."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    DECISION_COUNT_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """One or more complete UTF-8 JSON lines, each a LoggedDecision in proto3 JSON form ending in "\\n"."""
+    decision_count: _builtins.int
+    """Decisions in this chunk."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        decision_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "decision_count", b"decision_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportDecisionsResponse: _TypeAlias = ExportDecisionsResponse  # noqa: Y015

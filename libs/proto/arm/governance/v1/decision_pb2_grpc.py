@@ -50,6 +50,21 @@ class DecisionServiceStub:
                 request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ReportSpendRequest.SerializeToString,
                 response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ReportSpendResponse.FromString,
                 _registered_method=True)
+        self.GetDecision = channel.unary_unary(
+                '/arm.governance.v1.DecisionService/GetDecision',
+                request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.GetDecisionRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.GetDecisionResponse.FromString,
+                _registered_method=True)
+        self.ListDecisions = channel.unary_unary(
+                '/arm.governance.v1.DecisionService/ListDecisions',
+                request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDecisionsRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDecisionsResponse.FromString,
+                _registered_method=True)
+        self.ExportDecisions = channel.unary_stream(
+                '/arm.governance.v1.DecisionService/ExportDecisions',
+                request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -79,6 +94,28 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDecision(self, request, context):
+        """One logged decision of the caller's tenant, with what decided it. Needs `audit:read`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDecisions(self, request, context):
+        """The caller's tenant's decision log, newest first, filtered and paginated. Needs `audit:read`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportDecisions(self, request, context):
+        """The caller's tenant's decision log (filtered), oldest first, as chunks of JSON lines. Needs
+        `audit:read`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +133,21 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.ReportSpend,
                     request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ReportSpendRequest.FromString,
                     response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ReportSpendResponse.SerializeToString,
+            ),
+            'GetDecision': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDecision,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.GetDecisionRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.GetDecisionResponse.SerializeToString,
+            ),
+            'ListDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecisions,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDecisionsRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDecisionsResponse.SerializeToString,
+            ),
+            'ExportDecisions': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportDecisions,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +232,87 @@ class DecisionService:
             '/arm.governance.v1.DecisionService/ReportSpend',
             arm_dot_governance_dot_v1_dot_decision__pb2.ReportSpendRequest.SerializeToString,
             arm_dot_governance_dot_v1_dot_decision__pb2.ReportSpendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDecision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.DecisionService/GetDecision',
+            arm_dot_governance_dot_v1_dot_decision__pb2.GetDecisionRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_decision__pb2.GetDecisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.DecisionService/ListDecisions',
+            arm_dot_governance_dot_v1_dot_decision__pb2.ListDecisionsRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_decision__pb2.ListDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/arm.governance.v1.DecisionService/ExportDecisions',
+            arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,14 @@ class DecisionServiceStub:
     """Adds an entry to the spend ledger that budgets are checked against. Idempotent on the
     entry's idempotency key.
     """
+    GetDecision: _grpc.UnaryUnaryMultiCallable[_decision_pb2.GetDecisionRequest, _decision_pb2.GetDecisionResponse]
+    """One logged decision of the caller's tenant, with what decided it. Needs `audit:read`."""
+    ListDecisions: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ListDecisionsRequest, _decision_pb2.ListDecisionsResponse]
+    """The caller's tenant's decision log, newest first, filtered and paginated. Needs `audit:read`."""
+    ExportDecisions: _grpc.UnaryStreamMultiCallable[_decision_pb2.ExportDecisionsRequest, _decision_pb2.ExportDecisionsResponse]
+    """The caller's tenant's decision log (filtered), oldest first, as chunks of JSON lines. Needs
+    `audit:read`.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -60,6 +68,14 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     ReportSpend: _aio.UnaryUnaryMultiCallable[_decision_pb2.ReportSpendRequest, _decision_pb2.ReportSpendResponse]  # type: ignore[assignment]
     """Adds an entry to the spend ledger that budgets are checked against. Idempotent on the
     entry's idempotency key.
+    """
+    GetDecision: _aio.UnaryUnaryMultiCallable[_decision_pb2.GetDecisionRequest, _decision_pb2.GetDecisionResponse]  # type: ignore[assignment]
+    """One logged decision of the caller's tenant, with what decided it. Needs `audit:read`."""
+    ListDecisions: _aio.UnaryUnaryMultiCallable[_decision_pb2.ListDecisionsRequest, _decision_pb2.ListDecisionsResponse]  # type: ignore[assignment]
+    """The caller's tenant's decision log, newest first, filtered and paginated. Needs `audit:read`."""
+    ExportDecisions: _aio.UnaryStreamMultiCallable[_decision_pb2.ExportDecisionsRequest, _decision_pb2.ExportDecisionsResponse]  # type: ignore[assignment]
+    """The caller's tenant's decision log (filtered), oldest first, as chunks of JSON lines. Needs
+    `audit:read`.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -91,6 +107,32 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_decision_pb2.ReportSpendResponse, _abc.Awaitable[_decision_pb2.ReportSpendResponse]]:
         """Adds an entry to the spend ledger that budgets are checked against. Idempotent on the
         entry's idempotency key.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDecision(
+        self,
+        request: _decision_pb2.GetDecisionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.GetDecisionResponse, _abc.Awaitable[_decision_pb2.GetDecisionResponse]]:
+        """One logged decision of the caller's tenant, with what decided it. Needs `audit:read`."""
+
+    @_abc_1.abstractmethod
+    def ListDecisions(
+        self,
+        request: _decision_pb2.ListDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.ListDecisionsResponse, _abc.Awaitable[_decision_pb2.ListDecisionsResponse]]:
+        """The caller's tenant's decision log, newest first, filtered and paginated. Needs `audit:read`."""
+
+    @_abc_1.abstractmethod
+    def ExportDecisions(
+        self,
+        request: _decision_pb2.ExportDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_decision_pb2.ExportDecisionsResponse], _abc.AsyncIterator[_decision_pb2.ExportDecisionsResponse]]:
+        """The caller's tenant's decision log (filtered), oldest first, as chunks of JSON lines. Needs
+        `audit:read`.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
