@@ -11,6 +11,7 @@ governance as real processes exporting to a real OTLP/gRPC receiver of the test:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2 as otlp_common
+from opentelemetry.sdk.trace import TracerProvider
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, tenancy_pb2
-from arm_client import ArmClient
+from arm_client import Arm, ArmClient
+from arm_client.connection import Settings
 from tests.conftest import drop_schema, new_database_spec
 from tests.helpers import approved_version
 from tests.processes import base_env, free_port, spawn, stop, wait_serving
@@ -115,6 +118,19 @@ async def test_one_check_is_one_trace_across_governance_and_registry(backend: st
             logged = (await gov.decisions.GetDecision(decision_pb2.GetDecisionRequest(
                 decision_id=denied.decision_id))).decision.response
 
+        # An agent that traces (its own TracerProvider, not the process-wide one): the SDK's
+        # Check carries the agent's trace context into governance.
+        agent_tracing = TracerProvider()
+        settings = dataclasses.replace(Settings.from_env({
+            "ARM_REGISTRY_ADDRESS": f"127.0.0.1:{reg_port}", "ARM_GOVERNANCE_ADDRESS": f"127.0.0.1:{gov_port}",
+            "ARM_TELEMETRY_ADDRESS": f"127.0.0.1:{gov_port}", "ARM_API_KEY": key, "ARM_INSTANCE_ID": inst.id}),
+            tracer_provider=agent_tracing)
+        async with Arm(settings=settings) as arm:
+            with agent_tracing.get_tracer("agent").start_as_current_span("agent.step") as agent_span:
+                sdk_decision = await arm.check("fs.read")
+        agent_trace_id = agent_span.get_span_context().trace_id.to_bytes(16, "big")
+        assert sdk_decision.decision_id
+
         def decide_span() -> Span | None:
             return next((s for s in collector.spans if s.name == "governance.decide"
                          and s.attributes.get("arm.decision_id") == denied.decision_id), None)
@@ -131,7 +147,11 @@ async def test_one_check_is_one_trace_across_governance_and_registry(backend: st
             denies = [p for p in collector.points.get("arm.decisions", [])
                       if p.get("arm.decision") == "DECISION_DENY"]
             return ({"arm-governance", "arm-registry"} <= services and "governance.decision_log.commit" in names
-                    and bool(denies) and "arm.decision.duration" in collector.points)
+                    and bool(denies) and "arm.decision.duration" in collector.points and bool(sdk_spans()))
+
+        def sdk_spans() -> list[Span]:
+            return [s for s in collector.spans if s.trace_id == agent_trace_id and s.service == "arm-governance"
+                    and s.name.endswith("DecisionService/Check")]
 
         # The wait ends on exactly what the assertions below check, or at the deadline.
         deadline = time.monotonic() + 60
@@ -174,6 +194,9 @@ async def test_one_check_is_one_trace_across_governance_and_registry(backend: st
         assert {(p["arm.tenant_id"], p["arm.decision.step"]) for p in denies} == \
             {(created.tenant.id, "DECISION_STEP_ENVELOPE")}
         assert collector.points["arm.decision.duration"]
+
+        # The SDK's Check joined the agent's trace: governance served it under the agent's trace id.
+        assert sdk_spans(), "governance's Check span is not in the agent's trace"
 
         # JSON log lines.
         lines = [line for line in gov_log.read_text().splitlines() if line.startswith("{")]

@@ -77,6 +77,10 @@ class Settings:
     timeout_s: float = 10.0
     extra_channel_options: tuple[tuple[str, Any], ...] = field(default=())
     tls: TlsSettings | None = None
+    tracer_provider: Any = None
+    """An OpenTelemetry TracerProvider for the SDK's client spans; None: the global one, when the
+    application has set one (`trace.set_tracer_provider`). Either way, calls carry the W3C trace
+    context of the caller's current span, so the agent's trace continues in ARM's services."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, address: str | None = None,
@@ -162,8 +166,28 @@ def metadata_interceptors(api_key: str | None) -> list[Any]:
     return [cls(api_key) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
+def trace_interceptors(tracer_provider: Any = None) -> list[Any]:
+    """OpenTelemetry client interceptors (a span per call, the W3C trace context sent along) when
+    the application traces: a provider is given, or a real one is set globally. None otherwise
+    (nothing to propagate, no cost), nor when the process already instruments every channel."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, aio_client_interceptors
+    except ImportError:  # the application does not use OpenTelemetry
+        return []
+    if GrpcAioInstrumentorClient().is_instrumented_by_opentelemetry:
+        return []  # every channel already carries them (ARM's own services)
+    if tracer_provider is None:
+        tracer_provider = trace.get_tracer_provider()
+        if isinstance(tracer_provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+            return []
+    return list(aio_client_interceptors(tracer_provider=tracer_provider))
+
+
 def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
     """A channel to `address` (plaintext, or TLS/mTLS per `settings.tls`) with the SDK's service
-    config (round_robin, retries) and the key and request id on every call."""
+    config (round_robin, retries), the key and request id on every call, and the caller's trace
+    context when the application uses OpenTelemetry."""
+    interceptors = [*trace_interceptors(settings.tracer_provider), *metadata_interceptors(settings.api_key)]
     return open_tls_channel(target(address), settings.tls, options=settings.channel_options(),
-                            interceptors=metadata_interceptors(settings.api_key))
+                            interceptors=interceptors)

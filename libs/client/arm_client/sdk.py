@@ -412,8 +412,8 @@ class Arm:
         `run_id` defaults to the current run's; `tool_call_id` to a fresh id (a NEEDS_APPROVAL
         re-checked under the same tool call id answers with the same approval). With
         `approval_id`, an APPROVED, unused approval for the same agent, tool and arguments allows
-        the call once. Present only an approval you know is APPROVED (`wait_for_approval`,
-        `get_approval`): governance answers DENY to one still pending.
+        the call once. One still PENDING or ESCALATED is answered NEEDS_APPROVAL with the same
+        approval id (nothing new is created); wait for it with `wait_for_approval`.
 
         Raises GovernanceUnavailable when governance cannot be reached (after the channel's
         retries), other `ArmError`s for refused requests."""
