@@ -50,6 +50,7 @@ class Side:
     deployment: dpb.Deployment
     backfill_id: str
     record_id: str
+    decision_id: str
 
 
 async def build_side(registry: RegistryServer, governance: GovernanceServer, telemetry: TelemetryServer,
@@ -73,7 +74,12 @@ async def build_side(registry: RegistryServer, governance: GovernanceServer, tel
     resp = await tel.telemetry.IngestEvents(telemetry_pb2.IngestEventsRequest(events=[event(instance_id=inst.id)]))
     assert resp.accepted_count == 1, resp
     record = await first_change_record(gov)
-    return Side(ctx.tenant.id, ctx.admin, gov, tel, agents, inst, env, approval, dep, backfill.backfill_id, record)
+    await ctx.admin.agents.TransitionAgentInstance(agents_pb2.TransitionAgentInstanceRequest(
+        id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE))
+    decided = await gov.decisions.Check(decision_pb2.CheckRequest(instance_id=inst.id, tool_name="fs.read"))
+    assert decided.decision_id, decided
+    return Side(ctx.tenant.id, ctx.admin, gov, tel, agents, inst, env, approval, dep, backfill.backfill_id, record,
+                decided.decision_id)
 
 
 async def first_change_record(gov: ArmClient) -> str:
@@ -211,6 +217,13 @@ ROWS: list[tuple[str, Call, Callable[[Side], str]]] = [
     ("RequestApproval(target_id=version)", lambda b, a: b.gov.approvals.RequestApproval(approval(
         action_type=A_.APPROVAL_ACTION_TYPE_VERSION_PROMOTION, version_id=b.agents.version.id,
         target_id=a.agents.version.id)), lambda a: a.agents.version.id),
+    ("GetDecision", lambda b, a: b.gov.decisions.GetDecision(decision_pb2.GetDecisionRequest(
+        decision_id=a.decision_id)), lambda a: a.decision_id),
+    ("ListDecisions(instance_id)", lambda b, a: b.gov.decisions.ListDecisions(decision_pb2.ListDecisionsRequest(
+        filter=decision_pb2.DecisionFilter(instance_id=a.instance.id))), lambda a: a.instance.id),
+    ("ExportDecisions(instance_id)", lambda b, a: first(b.gov.decisions.ExportDecisions(
+        decision_pb2.ExportDecisionsRequest(filter=decision_pb2.DecisionFilter(instance_id=a.instance.id)))),
+     lambda a: a.instance.id),
     ("GetApproval", lambda b, a: b.gov.approvals.GetApproval(apb.GetApprovalRequest(
         approval_id=a.approval.approval_id)), lambda a: a.approval.approval_id),
     ("ListApprovals(instance_id)", lambda b, a: b.gov.approvals.ListApprovals(apb.ListApprovalsRequest(

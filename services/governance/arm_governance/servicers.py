@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import decision_pb2, decision_pb2_grpc, policy_pb2, policy_pb2_grpc
 from arm_common import pagination
 from arm_common import validation as val
-from arm_common.auth import current_api_key, current_principal
+from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
 from arm_common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Violations
 from arm_common.idempotency import run_idempotent
@@ -449,8 +449,15 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         v.raise_if_any()
         p = current_principal()
         p.require("audit:read")
+        await self._own_instance(p, flt.instance_id)
         return await self.reader.page(p.tenant_id, flt, pagination.page_size(request.page_size),
                                       request.page_token)
+
+    async def _own_instance(self, p: Principal, instance_id: str) -> None:
+        """A filter naming another tenant's (or no) instance is NOT_FOUND, never an empty page."""
+        if instance_id and await self.decider.agents.resolve(
+                current_api_key(), p.tenant_id, "instance_id", instance_id) is None:
+            raise NotFound.of("agent_instance", instance_id)
 
     async def ExportDecisions(self, request: decision_pb2.ExportDecisionsRequest,
                               context: Ctx) -> AsyncIterator[decision_pb2.ExportDecisionsResponse]:
@@ -459,6 +466,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         v.raise_if_any()
         p = current_principal()
         p.require("audit:read")
+        await self._own_instance(p, flt.instance_id)
         async for batch in self.reader.scan(p.tenant_id, flt):
             yield decision_pb2.ExportDecisionsResponse(
                 data="".join(export_line(d) for d in batch).encode(), decision_count=len(batch))
