@@ -116,3 +116,37 @@ async def test_deployments_create_activate_rollback_list(terminal: Terminal, ten
     assert "code:       FAILED_PRECONDITION" in refused.stderr and "request id:" in refused.stderr
     again = await terminal.arm("deployments", "activate", first["deployment_id"])
     assert again.exit_code == 1 and "code:" in again.stderr and "Traceback" not in again.output
+
+
+async def test_agents_and_envelopes_from_files(terminal: Terminal, tenant: TenantContext,
+                                               governance: GovernanceServer, tmp_path: Path) -> None:
+    await logged_in(terminal, tenant, governance, tenant.admin_key)
+    examples = Path(__file__).resolve().parents[2] / "examples" / "terminal"
+    made = json.loads(ok(await terminal.arm("agents", "create", "-f", str(examples / "agent.yaml"),
+                                            "-o", "json")).stdout)
+    assert made["instance"]["state"] == "INSTANCE_STATE_ACTIVE"
+    assert [s["step"] for s in made["steps"]][-4:] == ["  → TESTING", "  → CANDIDATE", "  → APPROVED",
+                                                       "instance support-bot ACTIVE"]
+    made = json.loads(ok(await terminal.arm("envelopes", "create", "-f", str(examples / "policy.yaml"),
+                                            "-o", "json")).stdout)
+    assert [(e["name"], e["scope"]) for e in made] == [("company-guardrails", "POLICY_SCOPE_TENANT"),
+                                                        ("support-bot-tools", "POLICY_SCOPE_PROJECT")]
+    decided = ok(await terminal.arm("check", "docs.read", "--instance", "support-bot")).stdout
+    assert "ALLOW" in decided and made[1]["envelope_id"] in decided
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nproject: nowhere\n")
+    missing = await terminal.arm("envelopes", "create", "-f", str(bad))
+    assert missing.exit_code == 1 and "PROJECT_NOT_FOUND" in missing.stderr
+    bad.write_text("name: x\nscope: tenant\ntool_rules: [{tool: a.b, effect: maybe}]\n")
+    assert (await terminal.arm("envelopes", "create", "-f", str(bad))).exit_code == 2
+    bad.write_text("name: x\nscope: tenant\nbudgets: {per_call_usd: 1}\n")
+    assert (await terminal.arm("envelopes", "create", "-f", str(bad))).exit_code == 2
+    bad.write_text("project: p\ntemplate: t\nname: n\n")
+    no_genome = await terminal.arm("agents", "create", "-f", str(bad))
+    assert no_genome.exit_code == 2 and "genome" in no_genome.output
+    refused = await terminal.arm("operators", "create", "carol@x.example", "--role", "overlord")
+    assert refused.exit_code == 1 and "ROLE_NOT_FOUND" in refused.stderr
+    key = tmp_path / "carol.key"
+    ok(await terminal.arm("operators", "create", "carol@x.example", "--role", "approver", "--key-file", str(key)))
+    assert key.read_text().strip() and key.stat().st_mode & 0o077 == 0
