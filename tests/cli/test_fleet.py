@@ -117,6 +117,15 @@ async def test_deployments_create_activate_rollback_list(terminal: Terminal, ten
     again = await terminal.arm("deployments", "activate", first["deployment_id"])
     assert again.exit_code == 1 and "code:" in again.stderr and "Traceback" not in again.output
 
+    # PROD: activation needs an approved DEPLOYMENT_ACTIVATION approval.
+    prod = f"prod-{secrets.token_hex(3)}"
+    ok(await terminal.arm("environments", "create", prod, "--type", "prod"))
+    pending = json.loads(ok(await terminal.arm("deployments", "create", f"{slug}@{v2.number}", "--env", prod,
+                                               "-o", "json")).stdout)
+    gated = await terminal.arm("deployments", "activate", pending["deployment_id"])
+    assert gated.exit_code == 1, gated.output
+    assert "reason:     APPROVAL_REQUIRED" in gated.stderr and "request id:" in gated.stderr
+
 
 async def test_agents_and_envelopes_from_files(terminal: Terminal, tenant: TenantContext,
                                                governance: GovernanceServer, tmp_path: Path) -> None:
