@@ -24,6 +24,8 @@ from arm_cli.output import Format, as_dict, emit_object, emit_rows, error_block,
 from arm_client.errors import ArmError, NotFound, from_rpc_error
 from arm_client.stubs import ArmClient
 from arm_common.chain import ChainReport, parse_export_lines, verify_records
+from arm_common.checkpoints import checkpoint_line, load_public_key
+from arm_common.verify_audit import verify_export
 
 T = TypeVar("T")
 
@@ -477,10 +479,13 @@ def audit_list(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max
 
 
 def _report(ok: bool, checked: int, broken: int, reason: str, message: str, last_seq: int, last_hash: str,
-            output: Format, source: str) -> None:
-    emit_object({"ok": ok, "source": source, "records_checked": checked, "last_sequence": last_seq,
-                 "last_hash": last_hash, "first_broken_sequence": broken or "", "reason": reason,
-                 "message": message}, output, title="audit chain")
+            output: Format, source: str, checkpoints: tuple[int, int] | None = None) -> None:
+    out: dict[str, Any] = {"ok": ok, "source": source, "records_checked": checked, "last_sequence": last_seq,
+                           "last_hash": last_hash}
+    if checkpoints is not None:
+        out.update({"checkpoints_checked": checkpoints[0], "last_checkpoint_sequence": checkpoints[1] or ""})
+    out.update({"first_broken_sequence": broken or "", "reason": reason, "message": message})
+    emit_object(out, output, title="audit chain")
     if not ok:
         raise typer.Exit(1)
 
@@ -488,33 +493,60 @@ def _report(ok: bool, checked: int, broken: int, reason: str, message: str, last
 @audit_app.command("verify")
 def audit_verify(ctx: typer.Context,
                  file: Annotated[Path | None, typer.Option("--file", "-f", help="An export to verify offline")] = None,
+                 checkpoints: Annotated[Path | None, typer.Option(
+                     help="Kept signed checkpoints (JSON lines) the export must agree with")] = None,
+                 public_key: Annotated[list[Path] | None, typer.Option(
+                     help="The audit signing key (PEM) the checkpoints must verify with; repeatable")] = None,
                  output: Output = Format.table) -> None:
-    """Verifies the hash chain: online (governance walks the trail), or offline with --file (an
-    `arm audit export`, checked here with the same chain rules). Exit 1 when it is broken."""
+    """Verifies the hash chain: online (governance walks the trail, with its stored checkpoints),
+    or offline with --file (an `arm audit export`, checked here with the same chain rules; with
+    --checkpoints and --public-key also against signed checkpoints kept outside the database, so a
+    history rewritten with every hash recomputed is caught). Exit 1 when it is broken."""
+    if file is None and (checkpoints is not None or public_key):
+        raise typer.BadParameter("--checkpoints and --public-key verify a --file offline", param_hint="--file")
+    if checkpoints is not None and not public_key:
+        raise typer.BadParameter("--checkpoints needs --public-key (from `arm audit key`)", param_hint="--public-key")
     if file is not None:
         try:
+            keys = [load_public_key(p.read_bytes()) for p in public_key or []]
+            lines = checkpoints.read_text(encoding="utf-8").splitlines() if checkpoints is not None else None
             with file.open() as f:
-                report: ChainReport = verify_records(parse_export_lines(f))
+                report: ChainReport = (verify_records(parse_export_lines(f)) if lines is None
+                                       else verify_export(parse_export_lines(f), lines, keys))
         except OSError as exc:
             raise typer.BadParameter(str(exc), param_hint="--file") from None
-        except Exception as exc:  # a line that is not a change record
-            raise _fail(f"Error: {file} is not an audit export: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a line that is not a change record or a checkpoint, a key that is no key
+            raise _fail(f"Error: {file} (or its checkpoints or key) is not usable: {type(exc).__name__}: {exc}") from None
         _report(report.ok, report.records_checked, report.first_broken_sequence, report.reason, report.message,
-                report.last_sequence, report.last_hash, output, f"file {file}")
+                report.last_sequence, report.last_hash, output, f"file {file}",
+                (report.checkpoints_checked, report.last_checkpoint_sequence) if lines is not None else None)
         return
     r = call(ctx, lambda c: c.audit.VerifyChain(audit_pb2.VerifyChainRequest()))
     reason = short_enum(audit_pb2.ChainBreak.Name(r.reason), "CHAIN_BREAK_") if r.reason else ""
     _report(r.ok, r.records_checked, r.first_broken_sequence, reason, r.message, r.last_sequence,
-            r.last_hash, output, "governance")
+            r.last_hash, output, "governance", (r.checkpoints_checked, r.last_checkpoint_sequence))
 
 
 @audit_app.command("export")
 def audit_export(ctx: typer.Context,
                  file: Annotated[Path | None, typer.Option("--file", "-f", help="Write here (default stdout)")] = None,
+                 checkpoints: Annotated[Path | None, typer.Option(
+                     help="Also write the signed checkpoints here (JSON lines)")] = None,
+                 public_key: Annotated[Path | None, typer.Option(
+                     help="Also write the audit signing public key here (PEM)")] = None,
                  ) -> None:
-    """Writes the tenant's trail as JSON lines, oldest first (verify it with `arm audit verify --file`)."""
+    """Writes the tenant's trail as JSON lines, oldest first (verify it with `arm audit verify
+    --file`), and with --checkpoints / --public-key what verifies it against signed checkpoints."""
 
     async def export(c: ArmClient) -> int:
+        if checkpoints is not None:
+            kept = await _checkpoints(c)
+            checkpoints.write_text("".join(checkpoint_line(cp) for cp in kept), encoding="utf-8")
+            sys.stderr.write(f"{len(kept)} checkpoints written to {checkpoints}\n")
+        if public_key is not None:
+            key = await c.audit.GetAuditSigningKey(audit_pb2.GetAuditSigningKeyRequest())
+            public_key.write_text(key.public_key_pem, encoding="utf-8")
+            sys.stderr.write(f"public key {key.key_id} written to {public_key}\n")
         count = 0
         out = file.open("wb") if file is not None else sys.stdout.buffer
         try:
@@ -533,8 +565,67 @@ def audit_export(ctx: typer.Context,
         sys.stderr.write(f"{count} records written to {file}\n")
 
 
+checkpoints_app = typer.Typer(help="Signed audit checkpoints: list, create.", no_args_is_help=True)
+audit_app.add_typer(checkpoints_app, name="checkpoints")
+
+
+async def _checkpoints(c: ArmClient) -> list[audit_pb2.AuditCheckpoint]:
+    out: list[audit_pb2.AuditCheckpoint] = []
+    token = ""
+    while True:
+        page = await c.audit.ListCheckpoints(audit_pb2.ListCheckpointsRequest(page_size=500, page_token=token))
+        out += list(page.checkpoints)
+        token = page.next_page_token
+        if not token:
+            return out
+
+
+def _checkpoint_row(cp: audit_pb2.AuditCheckpoint) -> dict[str, Any]:
+    return {"sequence": cp.sequence, "head_hash": cp.head_hash, "key": cp.key_id,
+            "signed": cp.sign_time.ToDatetime().isoformat(timespec="seconds") + "Z" if cp.HasField("sign_time") else "",
+            "tree_root": cp.tree_root}
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(ctx: typer.Context,
+                     file: Annotated[Path | None, typer.Option(
+                         "--file", "-f", help="Write them as JSON lines (what `arm audit verify --checkpoints` reads)")] = None,
+                     output: Output = Format.table) -> None:
+    """The tenant's signed checkpoints, oldest first."""
+    kept = call(ctx, _checkpoints)
+    if file is not None:
+        file.write_text("".join(checkpoint_line(cp) for cp in kept), encoding="utf-8")
+        sys.stderr.write(f"{len(kept)} checkpoints written to {file}\n")
+        return
+    emit_rows([_checkpoint_row(cp) for cp in kept], output, ["sequence", "head_hash", "key", "signed", "tree_root"],
+              raw=[as_dict(cp) for cp in kept])
+
+
+@checkpoints_app.command("create")
+def checkpoints_create(ctx: typer.Context, output: Output = Format.table) -> None:
+    """Signs the trail's current head now (an unmoved head is not signed twice)."""
+    r = call(ctx, lambda c: c.audit.CreateCheckpoint(audit_pb2.CreateCheckpointRequest()))
+    emit_object({**_checkpoint_row(r.checkpoint), "created": r.created}, output,
+                title="Checkpoint " + ("created" if r.created else "unchanged (head not moved)"), raw=as_dict(r))
+
+
+@audit_app.command("key")
+def audit_key(ctx: typer.Context,
+              file: Annotated[Path | None, typer.Option("--file", "-f", help="Write the PEM here")] = None,
+              output: Output = Format.table) -> None:
+    """The public key governance signs checkpoints with (keep it with the checkpoints)."""
+    k = call(ctx, lambda c: c.audit.GetAuditSigningKey(audit_pb2.GetAuditSigningKeyRequest()))
+    if file is not None:
+        file.write_text(k.public_key_pem, encoding="utf-8")
+        sys.stderr.write(f"public key {k.key_id} written to {file}\n")
+        return
+    emit_object({"algorithm": k.algorithm, "key_id": k.key_id, "public_key_pem": k.public_key_pem}, output,
+                title="audit signing key", raw={"algorithm": k.algorithm, "key_id": k.key_id,
+                                                "public_key_pem": k.public_key_pem})
+
+
 # The registry commands register themselves on `app`.
-from arm_cli import registry_cmds  # noqa: E402,F401
+from arm_cli import fleet_cmds, quick_cmds, registry_cmds, telemetry_cmds  # noqa: E402,F401
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ TESTING → CANDIDATE → APPROVED), and the kill switches (`arm pause|resume te
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -116,6 +117,19 @@ def _time(msg: Any, name: str) -> str:
     return getattr(msg, name).ToDatetime().isoformat(timespec="seconds") + "Z" if msg.HasField(name) else ""
 
 
+KeyFile = Annotated[Path | None, typer.Option(help="Write the new API key to this file (mode 0600) instead of showing it")]
+
+
+def _keep(secret: str, path: Path | None) -> str:
+    """Writes a new key to `path` (0600) and answers what to show in its place."""
+    if path is None or not secret:
+        return secret
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return f"written to {path}"
+
+
 # --- tenants, projects, operators --------------------------------------------------------------
 
 @tenants_app.command("list")
@@ -131,13 +145,15 @@ def tenants_list(ctx: typer.Context, output: Output = Format.table) -> None:
 def tenants_create(ctx: typer.Context, slug: str,
                    admin_email: Annotated[str, typer.Option(help="The tenant's first admin")],
                    name: Annotated[str, typer.Option()] = "", admin_name: Annotated[str, typer.Option()] = "",
-                   output: Output = Format.table) -> None:
-    """A tenant and its first admin; the admin's API key is shown once."""
+                   key_file: KeyFile = None, output: Output = Format.table) -> None:
+    """A tenant and its first admin; the admin's API key is shown once (or written to --key-file)."""
     r = call(ctx, lambda c: c.tenancy.CreateTenant(tenancy_pb2.CreateTenantRequest(
         slug=slug, name=name or slug, admin_email=admin_email, admin_name=admin_name or admin_email)))
+    secret = _keep(r.admin_api_key, key_file)
     emit_object({"id": r.tenant.id, "slug": r.tenant.slug, "admin_operator": r.admin_operator_id,
-                 "admin_api_key": r.admin_api_key}, output, title="Tenant created", raw=as_dict(r))
-    sys.stderr.write("The admin's API key is shown once: store it now.\n")
+                 "admin_api_key": secret}, output, title="Tenant created", raw=as_dict(r) if not key_file else None)
+    if not key_file:
+        sys.stderr.write("The admin's API key is shown once: store it now.\n")
 
 
 @projects_app.command("list")
@@ -166,10 +182,27 @@ def operators_list(ctx: typer.Context, output: Output = Format.table) -> None:
 
 @operators_app.command("create")
 def operators_create(ctx: typer.Context, email: str, name: Annotated[str, typer.Option()] = "",
-                     output: Output = Format.table) -> None:
-    o = call(ctx, lambda c: c.access.CreateOperator(access_pb2.CreateOperatorRequest(
-        email=email, name=name or email))).operator
-    emit_object({"id": o.id, "email": o.email, "name": o.name}, output, title="Operator created", raw=as_dict(o))
+                     role: Annotated[list[str] | None, typer.Option(
+                         help="Also assign this role (by name) tenant-wide; repeatable")] = None,
+                     key_file: KeyFile = None, output: Output = Format.table) -> None:
+    """An operator; with --role, its roles; with --key-file, an API key for it written there."""
+
+    async def create(c: ArmClient) -> tuple[access_pb2.Operator, str]:
+        rids = [await role_id(c, r) for r in role or []]  # unknown role names refused before any write
+        op = (await c.access.CreateOperator(access_pb2.CreateOperatorRequest(email=email, name=name or email))).operator
+        for rid in rids:
+            await c.access.CreateRoleAssignment(access_pb2.CreateRoleAssignmentRequest(
+                operator_id=op.id, role_id=rid, scope_type=access_pb2.ROLE_SCOPE_TYPE_TENANT))
+        secret = ""
+        if key_file is not None:
+            secret = (await c.access.CreateApiKey(access_pb2.CreateApiKeyRequest(operator_id=op.id))).secret
+        return op, secret
+
+    o, secret = call(ctx, create)
+    _keep(secret, key_file)
+    emit_object({"id": o.id, "email": o.email, "name": o.name, "roles": ", ".join(role or []),
+                 "api_key": f"written to {key_file}" if key_file else ""}, output, title="Operator created",
+                raw=as_dict(o))
 
 
 # --- roles and keys ----------------------------------------------------------------------------
