@@ -7,17 +7,16 @@ when the feed is not connected."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from arm.registry.v1 import access_pb2, access_pb2_grpc, compat_pb2, compat_pb2_grpc
+from arm_common.agent_feed import AgentChangeFeed
 from arm_common.auth import Grant, Principal
 from arm_common.auth_cache import PrincipalCache
 from arm_common.errors import Unauthenticated, Unavailable
-from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _ACTOR = {1: "OPERATOR", 2: "AGENT", 3: "SYSTEM"}
@@ -59,9 +58,13 @@ class RemoteAuthenticator:
         self.compat = compat_pb2_grpc.CompatServiceStub(channel)
         self.ttl_s = ttl_s
         self._cache = PrincipalCache(ttl_s)
-        self.live = False
-        self._live_event = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.feed = AgentChangeFeed(
+            self.compat, apply=self.apply_change, on_lost=self._cache.clear, task_name="watch-auth-changes",
+            lost_message="auth change feed lost; cached keys are trusted for the TTL only")
+
+    @property
+    def live(self) -> bool:
+        return self.feed.live
 
     async def authenticate(self, api_key: str) -> Principal:
         answer = self._cache.get(api_key)
@@ -102,41 +105,11 @@ class RemoteAuthenticator:
             log.warning("no ARM_SERVICE_API_KEY: a revoked key or deactivated tenant is refused "
                         "here only after the auth cache TTL (%.1f s)", self.ttl_s)
             return
-        self._task = asyncio.create_task(self._watch(service_key), name="watch-auth-changes")
+        self.feed.start(service_key)
 
     async def stop(self) -> None:
-        self.live = False
-        await cancel_and_wait(self._task)
-        self._task = None
+        await self.feed.stop()
 
     async def wait_live(self, timeout_s: float = 10) -> bool:
         """Waits until the change feed is connected."""
-        try:
-            await asyncio.wait_for(self._live_event.wait(), timeout_s)
-        except TimeoutError:
-            pass
-        return self.live
-
-    async def _watch(self, service_key: str) -> None:
-        delay = 0.2
-        while True:
-            try:
-                stream = self.compat.WatchAgentChanges(
-                    compat_pb2.WatchAgentChangesRequest(),
-                    metadata=(("authorization", f"Bearer {service_key}"),))
-                async for msg in stream:
-                    self.apply_change(msg.change)
-                    if msg.change.kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
-                        self.live = True
-                        self._live_event.set()
-                        delay = 0.2
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("auth change feed lost (%s); cached keys are trusted for the TTL only",
-                            exc.code().name)
-            self.live = False
-            self._live_event.clear()
-            self._cache.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        return await self.feed.wait_live(timeout_s)

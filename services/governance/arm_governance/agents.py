@@ -4,7 +4,6 @@ connected nothing is cached, so a stale resolution is never used."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import TypeAlias
@@ -12,10 +11,10 @@ from typing import TypeAlias
 import grpc
 
 from arm.registry.v1 import compat_pb2, compat_pb2_grpc
+from arm_common.agent_feed import AgentChangeFeed
 from arm_common.auth import auth_metadata
 from arm_common.errors import PermissionDenied, Unavailable
 from arm_common.tagged_cache import TaggedCache
-from arm_common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 Resolved: TypeAlias = compat_pb2.ResolvedAgent
@@ -68,10 +67,15 @@ class AgentDirectory:
         self.service_key = service_key
         self._cache = ResolutionCache()
         self._generation = 0  # bumped by every invalidation; guards against caching stale answers
-        self.live = False
-        self._live_event = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[compat_pb2.AgentChange], None]] = []
+        self.feed = AgentChangeFeed(
+            self.stub, apply=self._invalidate, task_name="watch-agent-changes",
+            on_lost=lambda: self._invalidate(compat_pb2.AgentChange(kind=compat_pb2.AGENT_CHANGE_KIND_RESET)),
+            lost_message="agent change feed lost; resolving without cache")
+
+    @property
+    def live(self) -> bool:
+        return self.feed.live
 
     async def resolve(self, api_key: str, tenant_id: str, kind: str, ref: str) -> Resolved | None:
         """kind: instance_id or legacy_agent_id. None means the registry does not know the agent
@@ -111,39 +115,11 @@ class AgentDirectory:
             log.warning("no ARM_SERVICE_API_KEY: agent resolutions are not cached (one registry "
                         "call per decision)")
             return
-        self._task = asyncio.create_task(self._watch(), name="watch-agent-changes")
+        self.feed.start(self.service_key)
 
     async def stop(self) -> None:
-        self.live = False
-        await cancel_and_wait(self._task)
+        await self.feed.stop()
 
     async def wait_live(self, timeout_s: float = 10) -> bool:
         """Waits until the change feed is connected (resolutions are cached from then on)."""
-        try:
-            await asyncio.wait_for(self._live_event.wait(), timeout_s)
-        except TimeoutError:
-            pass
-        return self.live
-
-    async def _watch(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                stream = self.stub.WatchAgentChanges(
-                    compat_pb2.WatchAgentChangesRequest(),
-                    metadata=(("authorization", f"Bearer {self.service_key}"),))
-                async for msg in stream:
-                    self._invalidate(msg.change)
-                    if msg.change.kind == compat_pb2.AGENT_CHANGE_KIND_RESET:
-                        self.live = True
-                        self._live_event.set()
-                        delay = 0.2
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("agent change feed lost (%s); resolving without cache", exc.code().name)
-            self.live = False
-            self._live_event.clear()
-            self._invalidate(compat_pb2.AgentChange(kind=compat_pb2.AGENT_CHANGE_KIND_RESET))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        return await self.feed.wait_live(timeout_s)
