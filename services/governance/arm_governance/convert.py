@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, compat_pb2, tenancy_pb2
 from arm_common.messages import ts
-from arm_governance import engine
+from arm_engine import engine
 
 _CONTROL_NAMES = {policy_pb2.OPERATOR_CONTROL_MODE_NORMAL: "NORMAL",
                   policy_pb2.OPERATOR_CONTROL_MODE_PAUSED: "PAUSED",

@@ -27,7 +27,8 @@ from arm_common.messages import struct, ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
-from arm_governance import convert, engine, limits, models
+from arm_engine import engine
+from arm_governance import convert, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_log import DecisionLog, PendingDecision
 from arm_governance.policies import PolicyCache

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import policy_pb2
 from arm_common.db import Database
 from arm_common.notify import ChangeChannel
-from arm_governance import convert, engine, models
+from arm_engine import engine
+from arm_governance import convert, models
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from arm_common.ids import new_id
 from arm_common.messages import ts
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
-from arm_governance import convert, engine, limits, models
+from arm_engine import engine
+from arm_governance import convert, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
 from arm_governance.models import IDEMPOTENCY
