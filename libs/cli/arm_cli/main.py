@@ -534,7 +534,7 @@ def audit_export(ctx: typer.Context,
 
 
 # The registry commands register themselves on `app`.
-from arm_cli import registry_cmds  # noqa: E402,F401
+from arm_cli import policy_cmds, registry_cmds  # noqa: E402,F401  (policy: arm policy …)
 
 
 def main() -> None:
