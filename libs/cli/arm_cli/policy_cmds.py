@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 from google.protobuf import json_format
 
@@ -28,7 +29,7 @@ from arm_cli import policy_tests
 from arm_cli.main import Output, app, call
 from arm_cli.output import Format, console, emit_rows, print_error
 from arm_cli.registry_cmds import pages, project_id, version
-from arm_client.errors import Aborted, ArmError
+from arm_client.errors import Aborted, ArmError, from_rpc_error
 from arm_client.stubs import ArmClient
 
 policy_app = typer.Typer(help="Policies as files: apply, export, test (docs/policies.md).", no_args_is_help=True)
@@ -165,7 +166,8 @@ async def execute(c: ArmClient, actions: list[Action], reason: str) -> list[str]
                 r = await c.policies.DeactivatePolicyEnvelope(policy_pb2.DeactivatePolicyEnvelopeRequest(
                     request_id=rid, envelope_id=a.envelope_id, etag=a.etag, reason=reason))
             done.append((a, r.envelope))
-    except ArmError as err:
+    except (ArmError, grpc.aio.AioRpcError) as exc:
+        err = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
         undone = await _undo(c, done, reason)
         failed = todo[len(done)]
         if isinstance(err, Aborted):
@@ -174,7 +176,7 @@ async def execute(c: ArmClient, actions: list[Action], reason: str) -> list[str]
                 f"{undone} — plan again and review the new diff", code=err.code,
                 request_id=err.request_id) from None
         err.message = f"{err.message} (while applying {failed.kind} of {failed.name!r}; {undone})"
-        raise
+        raise err from None
     return [env.envelope_id for _, env in done]
 
 
@@ -193,8 +195,9 @@ async def _undo(c: ArmClient, done: list[tuple[Action, policy_pb2.PolicyEnvelope
                 back.CopyFrom(a.live)
                 await c.policies.UpdatePolicyEnvelope(policy_pb2.UpdatePolicyEnvelopeRequest(
                     request_id=str(uuid.uuid4()), envelope=back, etag=written.etag, reason=f"undo: {reason}"))
-        except ArmError as exc:
-            failed.append(f"{a.name}: {exc.message}")
+        except (ArmError, grpc.aio.AioRpcError) as exc:
+            err = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+            failed.append(f"{a.name}: {err.message}")
     if not done:
         return "nothing was written"
     if failed:
