@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from arm.governance.v1 import policy_pb2
+from arm.governance.v1 import approvals_pb2, audit_pb2, policy_pb2
 from arm_cli import policy_files as pf
 from arm_client.stubs import ArmClient
 from tests.cli.conftest import Terminal, logged_in, ok
@@ -214,3 +214,39 @@ async def test_a_wrong_expectation_fails_with_a_readable_diff(tmp_path: Path) ->
     assert "passed, 1 failed" in out
     failures = ET.parse(junit).getroot().findall(".//failure")
     assert len(failures) == 1 and "decision: expected ALLOW, got DENY" in (failures[0].get("message") or "")
+
+
+async def test_offline_and_server_agree_on_every_case(tenant: TenantContext, governance: GovernanceServer,
+                                                      tmp_path: Path) -> None:
+    admin = Terminal(tmp_path / "admin.yaml")
+    await logged_in(admin, tenant, governance, tenant.admin_key)
+    gov = ArmClient(governance.address, tenant.admin_key)
+    try:
+        records = (await gov.audit.ListChangeRecords(audit_pb2.ListChangeRecordsRequest(page_size=1000))).records
+        offline = json.loads(ok(await admin.arm("policy", "test", str(SUITE), "-o", "json")).stdout)
+        server = json.loads(ok(await admin.arm("policy", "test", str(SUITE), "--server", "-o", "json")).stdout)
+        assert len(server) == len(offline) >= 30
+        assert server == offline  # decision, reason code, scope and step of every case
+        # Nothing was logged or opened: no approval for the NEEDS_APPROVAL cases, no new record.
+        assert not (await gov.approvals.ListApprovals(approvals_pb2.ListApprovalsRequest(page_size=100))).approvals
+        after = (await gov.audit.ListChangeRecords(audit_pb2.ListChangeRecordsRequest(page_size=1000))).records
+        # (the registry's records of the tenant's creation arrive on their own schedule: not counted)
+        assert [r for r in after if r.source != "registry"] == [r for r in records if r.source != "registry"]
+
+        # A wrong expectation fails the same way on the server.
+        suite = tmp_path / "suite"
+        shutil.copytree(SUITE, suite)
+        f = suite / "decisions_test.yaml"
+        f.write_text(f.read_text().replace("expect: {decision: DENY, reason: UNKNOWN_AGENT, step: AGENT}",
+                                           "expect: {decision: ALLOW, reason: UNKNOWN_AGENT, step: AGENT}"))
+        failed = await admin.arm("policy", "test", str(suite), "--server")
+        assert failed.exit_code == 1 and "-decision: ALLOW\n  +decision: DENY" in failed.stdout, failed.output
+
+        # A policy the server refuses (over the policy limits): the error block, exit 1.
+        (suite / "zz_bad.yaml").write_text("name: zz\nscope: tenant\ntool_rules:\n  - tool: '*a*a*a*a*a'\n"
+                                           "    effect: DENY\n")
+        refused = await admin.arm("policy", "test", str(suite), "--server")
+        assert refused.exit_code == 1 and "code:       INVALID_ARGUMENT" in refused.output, refused.output
+        assert "tool_rules[0].tool" in refused.output
+    finally:
+        await gov.close()

@@ -286,13 +286,20 @@ def export_cmd(ctx: typer.Context,
 def test_cmd(ctx: typer.Context,
              path: Annotated[Path, typer.Argument(help="Folder of policies and *_test.yaml files")],
              junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here")] = None,
+             server: Annotated[bool, typer.Option("--server", help="Decide on the live governance of the "
+                                                  "context (EvaluatePolicy: nothing logged) instead")] = False,
              output: Output = Format.table) -> None:
-    """Runs the `*_test.yaml` cases offline with the engine governance uses; exit 1 on a failure."""
+    """Runs the `*_test.yaml` cases offline with the engine governance uses (or, with --server, on
+    governance itself); exit 1 on a failure."""
     try:
-        results = policy_tests.run_offline(path)
+        policy_tests.load_suite(path)  # file errors first, as usage errors (exit 2)
     except (pf.FileError, policy_tests.TestFileError) as exc:
         print_error(f"Error: {exc}")
         raise typer.Exit(2) from None
+    if server:
+        results = call(ctx, lambda c: policy_tests.run_server(path, c.decisions))
+    else:
+        results = policy_tests.run_offline(path)
     policy_tests.report(results, output)
     if junit is not None:
         junit.write_text(policy_tests.junit_xml(results))

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from arm.governance.v1 import decision_pb2, policy_pb2
 from arm_cli import policy_files as pf
 from arm_cli.output import Format, console, emit_rows
 from arm_engine import engine
@@ -168,9 +169,9 @@ def test_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*_test.y*ml") if p.is_file())
 
 
-def run_offline(path: Path) -> list[CaseResult]:
-    """Every case of the test files under `path`, against the policy files under `path` (or
-    the `policies:` path a test file names)."""
+def load_suite(path: Path) -> list[tuple[list[pf.Spec], Case]]:
+    """Every case of the test files under `path`, with the policy files it runs against: those
+    under `path`, or the `policies:` path its test file names."""
     files = test_files(path)
     if not files:
         raise TestFileError(f"{path}: no *_test.yaml files")
@@ -182,8 +183,64 @@ def run_offline(path: Path) -> list[CaseResult]:
         root = (pol or default_root).resolve()
         if root not in cache:
             cache[root] = pf.load(root)
-        for case in cases:
-            out.append(compare(case, decide_offline(cache[root], case)))
+        out += [(cache[root], case) for case in cases]
+    return out
+
+
+def run_offline(path: Path) -> list[CaseResult]:
+    """The suite decided here, by arm_engine."""
+    return [compare(case, decide_offline(specs, case)) for specs, case in load_suite(path)]
+
+
+def _label(spec: pf.Spec) -> str:
+    return "" if spec.scope.kind == "tenant" else spec.scope.ref
+
+
+def evaluation_call(case: Case) -> decision_pb2.EvaluationCall:
+    ctx, env, call = case.context, case.context["environment"], case.call
+    controls, spend = ctx["controls"], ctx["spend"]
+    mode = {"NORMAL": 1, "PAUSED": 2, "DRAINING": 3, "QUARANTINED": 4}
+    out = decision_pb2.EvaluationCall(
+        context=decision_pb2.EvaluationContext(
+            unknown_agent=not ctx["known"], tenant_inactive=not ctx["tenant_active"], project=str(ctx["project"]),
+            version=str(ctx["version"]), environment_name=str(env.get("name", "")),
+            environment_type=str(env.get("type", "DEV")).upper(), instance_state=str(ctx["instance_state"]).upper(),
+            version_state=str(ctx["version_state"]).upper(),
+            tenant_control=mode.get(str(controls.get("tenant", "NORMAL")).upper(), 0),
+            project_control=mode.get(str(controls.get("project", "NORMAL")).upper(), 0),
+            run_spent_usd=float(spend.get("run_usd", 0)), day_spent_usd=float(spend.get("day_usd", 0)),
+            month_spent_usd=float(spend.get("month_usd", 0))),
+        tool_name=call.tool, declared_risk=int(call.declared_risk or 0), estimated_cost_usd=call.estimated_cost_usd,
+        is_run_start=call.is_run_start, grant_status=call.grant.status if call.grant else "")
+    if call.arguments is not None:
+        out.arguments.update(dict(call.arguments))
+    return out
+
+
+def _server_outcome(r: decision_pb2.CheckResponse) -> Outcome:
+    scope = policy_pb2.PolicyScope.Name(r.scope).removeprefix("POLICY_SCOPE_") if r.scope else "NONE"
+    return Outcome(policy_pb2.Decision.Name(r.decision).removeprefix("DECISION_"),
+                   r.reasons[0].code if r.reasons else "", scope,
+                   decision_pb2.DecisionStep.Name(r.step).removeprefix("DECISION_STEP_"), r.rule_description,
+                   [f"{x.code}: {x.message}" for x in r.reasons])
+
+
+async def run_server(path: Path, decisions: Any) -> list[CaseResult]:
+    """The same suite decided by a live governance (DecisionService.EvaluatePolicy: nothing is
+    logged, no approval is created), `decisions` being its stub."""
+    suite = load_suite(path)
+    out: list[CaseResult] = []
+    start = 0
+    while start < len(suite):
+        specs = suite[start][0]
+        end = start
+        while end < len(suite) and suite[end][0] is specs and end - start < 500:
+            end += 1
+        resp = await decisions.EvaluatePolicy(decision_pb2.EvaluatePolicyRequest(
+            envelopes=[pf.to_proto(s, _label(s)) for s in specs],
+            calls=[evaluation_call(case) for _, case in suite[start:end]]))
+        out += [compare(case, _server_outcome(r)) for (_, case), r in zip(suite[start:end], resp.results, strict=True)]
+        start = end
     return out
 
 

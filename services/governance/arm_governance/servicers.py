@@ -4,10 +4,12 @@ store, the decider and the pure engine, convert to protobuf."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from datetime import timedelta
 from typing import Any
 
+from google.protobuf import json_format
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,6 +41,62 @@ from arm_governance.policy_store import (
 )
 
 MAX_LOOKBACK = timedelta(days=30)
+MAX_EVALUATION_ENVELOPES = 60
+MAX_EVALUATION_CALLS = 500
+_GRANTS = {"VALID", "PENDING", "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED", "MISMATCH"}
+
+
+def evaluation_inputs(request: decision_pb2.EvaluatePolicyRequest
+                      ) -> tuple[list[engine.Envelope], list[tuple[decision_pb2.EvaluationContext, engine.Call]]]:
+    """EvaluatePolicy's envelopes and calls, validated like writes and checks (INVALID_ARGUMENT
+    with field violations); the scope_id of PROJECT/VERSION envelopes is a label, not an id."""
+    v = Violations()
+    if len(request.envelopes) > MAX_EVALUATION_ENVELOPES:
+        v.add("envelopes", f"must have at most {MAX_EVALUATION_ENVELOPES} items")
+    if not 1 <= len(request.calls) <= MAX_EVALUATION_CALLS:
+        v.add("calls", f"must have 1 to {MAX_EVALUATION_CALLS} items")
+    v.raise_if_any()
+    envelopes = []
+    for i, env in enumerate(request.envelopes):
+        prefix = f"envelopes[{i}]."
+        if env.scope in (policy_pb2.POLICY_SCOPE_PROJECT, policy_pb2.POLICY_SCOPE_VERSION):
+            val.required(v, f"{prefix}scope_id", env.scope_id, 200)
+        labelled = policy_pb2.PolicyEnvelope()
+        labelled.CopyFrom(env)
+        if env.scope in (policy_pb2.POLICY_SCOPE_PROJECT, policy_pb2.POLICY_SCOPE_VERSION):
+            labelled.scope = policy_pb2.POLICY_SCOPE_TENANT  # the label is checked above
+            labelled.scope_id = ""
+        try:
+            validate_envelope(labelled, prefix)
+        except InvalidArgument as exc:
+            for fv in exc.violations:
+                v.add(fv.field, fv.description)
+        if not labelled.envelope_id:
+            labelled.envelope_id = f"eval-{i}"
+        labelled.scope, labelled.scope_id = env.scope, env.scope_id
+        envelopes.append(convert.envelope_to_engine(labelled))
+    limits.scope_totals(v, "envelopes", [e for e in request.envelopes if e.scope == policy_pb2.POLICY_SCOPE_TENANT])
+    calls = []
+    for i, c in enumerate(request.calls):
+        prefix = f"calls[{i}]."
+        limits.tool_name(v, f"{prefix}tool_name", c.tool_name)
+        if c.declared_risk not in (0, 1, 2, 3, 4):
+            v.add(f"{prefix}declared_risk", f"unknown enum value {c.declared_risk}")
+        if not math.isfinite(c.estimated_cost_usd) or c.estimated_cost_usd < 0:
+            v.add(f"{prefix}estimated_cost_usd", "must be a finite number >= 0")
+        if c.grant_status and c.grant_status not in _GRANTS:
+            v.add(f"{prefix}grant_status", "must be one of " + ", ".join(sorted(_GRANTS)))
+        for name in ("project", "version", "environment_name", "environment_type", "instance_state",
+                     "version_state"):
+            val.optional(v, f"{prefix}context.{name}", getattr(c.context, name), 200)
+        calls.append((c.context, engine.Call(
+            tool=c.tool_name,
+            arguments=json_format.MessageToDict(c.arguments) if c.HasField("arguments") else None,
+            declared_risk=engine.Risk(c.declared_risk) if c.declared_risk in (1, 2, 3, 4) else None,
+            estimated_cost_usd=c.estimated_cost_usd, is_run_start=c.is_run_start,
+            grant=engine.Grant(c.grant_status) if c.grant_status else None)))
+    v.raise_if_any("the evaluation request is not valid")
+    return envelopes, calls
 
 
 def _check_common(request: Any) -> None:
@@ -432,6 +490,34 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         p, key = current_principal(), current_api_key()
         results = await asyncio.gather(*(self.decider.check(p, key, item) for item in request.checks))
         return decision_pb2.CheckBatchResponse(results=results, request_id=request.request_id)
+
+    async def EvaluatePolicy(self, request: decision_pb2.EvaluatePolicyRequest, context: Ctx) -> Any:
+        """Hypothetical calls under given envelopes, with the engine and classifier of `Check`:
+        nothing logged, no approval, nothing stored read (`arm policy test --server`)."""
+        envelopes, calls = evaluation_inputs(request)
+        p = current_principal()
+        p.require("policies:read")
+        envelopes = [dataclasses.replace(e, scope_id=p.tenant_id) if e.scope == engine.Scope.TENANT else e
+                     for e in envelopes]
+        results = []
+        for ctx, call in calls:
+            policy = engine.compile_policy(envelopes, tenant_id=p.tenant_id, project_id=ctx.project,
+                                           version_id=ctx.version)
+            agent = None if ctx.unknown_agent else engine.Agent(
+                tenant_id=p.tenant_id, tenant_active=not ctx.tenant_inactive, project_id=ctx.project,
+                environment_id=ctx.environment_name, environment_name=ctx.environment_name,
+                environment_type=(ctx.environment_type or "DEV").upper(), template_id="",
+                version_id=ctx.version, instance_id="evaluation",
+                instance_state=(ctx.instance_state or "ACTIVE").upper(),
+                version_state=(ctx.version_state or "APPROVED").upper())
+            result = engine.decide(
+                policy, agent, call,
+                controls=engine.Controls(convert.control_mode_name(ctx.tenant_control),
+                                         convert.control_mode_name(ctx.project_control)),
+                spend=engine.Spend(ctx.run_spent_usd, ctx.day_spent_usd, ctx.month_spent_usd),
+                classifier=self.decider.classifier)
+            results.append(convert.result_fields(result))
+        return decision_pb2.EvaluatePolicyResponse(results=results)
 
     async def ReportSpend(self, request: decision_pb2.ReportSpendRequest, context: Ctx) -> Any:
         _check_common(request)

@@ -45,6 +45,11 @@ class DecisionServiceStub:
     """Adds an entry to the spend ledger that budgets are checked against. Idempotent on the
     entry's idempotency key.
     """
+    EvaluatePolicy: _grpc.UnaryUnaryMultiCallable[_decision_pb2.EvaluatePolicyRequest, _decision_pb2.EvaluatePolicyResponse]
+    """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
+    and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
+    stored envelope is read (`arm policy test --server`). Requires `policies:read`.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -60,6 +65,11 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     ReportSpend: _aio.UnaryUnaryMultiCallable[_decision_pb2.ReportSpendRequest, _decision_pb2.ReportSpendResponse]  # type: ignore[assignment]
     """Adds an entry to the spend ledger that budgets are checked against. Idempotent on the
     entry's idempotency key.
+    """
+    EvaluatePolicy: _aio.UnaryUnaryMultiCallable[_decision_pb2.EvaluatePolicyRequest, _decision_pb2.EvaluatePolicyResponse]  # type: ignore[assignment]
+    """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
+    and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
+    stored envelope is read (`arm policy test --server`). Requires `policies:read`.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -91,6 +101,17 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_decision_pb2.ReportSpendResponse, _abc.Awaitable[_decision_pb2.ReportSpendResponse]]:
         """Adds an entry to the spend ledger that budgets are checked against. Idempotent on the
         entry's idempotency key.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluatePolicy(
+        self,
+        request: _decision_pb2.EvaluatePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.EvaluatePolicyResponse, _abc.Awaitable[_decision_pb2.EvaluatePolicyResponse]]:
+        """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
+        and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
+        stored envelope is read (`arm policy test --server`). Requires `policies:read`.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
