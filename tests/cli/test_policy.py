@@ -128,7 +128,7 @@ async def test_plan_apply_reapply_diff_prune_and_export_round_trip(ws: Workspace
     ok(await ws.admin.arm("policy", "export", "--out", str(exported)))
     text = exported.read_text()
     assert "agent-v1-b" in text and "name: agent-v1\n" not in text  # only active envelopes
-    assert f"project: {ws.project}" in text and f"version: {ws.version}" in text
+    assert f"project: {ws.project}" in text and f"version: {ws.version}\n  project: {ws.project}" in text
     round_trip = ok(await ws.admin.arm("policy", "apply", "-f", str(exported))).stdout
     assert "0 to create, 0 to update, 0 to deactivate, 4 unchanged." in round_trip, round_trip
     assert {n: e.revision for n, e in (await live(ws)).items()} == {n: e.revision for n, e in envs.items()}

@@ -103,7 +103,8 @@ class Scopes:
                      ).agent_version
                 t = (await self.c.agents.GetAgentTemplate(agents_pb2.GetAgentTemplateRequest(id=v.template_id))
                      ).agent_template
-                ref = pf.ScopeRef("version", f"{t.slug}@{v.number}")
+                p = (await self.c.tenancy.GetProject(tenancy_pb2.GetProjectRequest(id=t.project_id))).project
+                ref = pf.ScopeRef("version", f"{t.slug}@{v.number}", p.slug)  # unambiguous on re-apply
             self._refs[key] = ref
         return self._refs[key]
 

@@ -43,7 +43,8 @@ class ScopeRef:
 
     kind: str
     ref: str = ""
-    project: str = ""
+    project: str = field(default="", compare=False)
+    """Only where to look the version's template up: not part of the scope's identity."""
 
     def to_yaml(self) -> Any:
         if self.kind == "tenant":
