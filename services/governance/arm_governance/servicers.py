@@ -19,7 +19,7 @@ from arm_common import pagination
 from arm_common import validation as val
 from arm_common.auth import current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Violations
+from arm_common.errors import Aborted, FieldViolation, InvalidArgument, NotFound, PermissionDenied, Violations
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
 from arm_common.messages import ts
@@ -44,6 +44,34 @@ MAX_LOOKBACK = timedelta(days=30)
 MAX_EVALUATION_ENVELOPES = 60
 MAX_EVALUATION_CALLS = 500
 _GRANTS = {"VALID", "PENDING", "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED", "MISMATCH"}
+
+
+MAX_RISK_OVERRIDES = 100
+MAX_ARGUMENT_BOUNDS = 10
+
+
+def validate_risk_overrides(v: Violations, path: str, overrides: Any) -> None:
+    """RiskOverride entries: a tool glob within the policy limits, a risk, bounded numeric bounds."""
+    if len(overrides) > MAX_RISK_OVERRIDES:
+        v.add(path, f"must have at most {MAX_RISK_OVERRIDES} items")
+        return
+    for i, o in enumerate(overrides):
+        limits.tool_glob(v, f"{path}[{i}].tool", o.tool)
+        if o.risk not in (1, 2, 3, 4):
+            v.add(f"{path}[{i}].risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
+        if len(o.arguments_below) > MAX_ARGUMENT_BOUNDS:
+            v.add(f"{path}[{i}].arguments_below", f"must have at most {MAX_ARGUMENT_BOUNDS} entries")
+        for name, bound in o.arguments_below.items():
+            if not name or len(name) > 100 or not math.isfinite(bound):
+                v.add(f"{path}[{i}].arguments_below[{name!r}]", "needs a name of 1-100 characters and a finite bound")
+
+
+def _risk_overrides(tenant_id: str, row: Any) -> policy_pb2.RiskOverrides:
+    out = policy_pb2.RiskOverrides(tenant_id=tenant_id)
+    if row is not None:
+        out.MergeFromString(row.body)
+        out.tenant_id, out.revision, out.etag = tenant_id, row.revision, str(row.revision)
+    return out
 
 
 def evaluation_inputs(request: decision_pb2.EvaluatePolicyRequest
@@ -95,6 +123,7 @@ def evaluation_inputs(request: decision_pb2.EvaluatePolicyRequest
             declared_risk=engine.Risk(c.declared_risk) if c.declared_risk in (1, 2, 3, 4) else None,
             estimated_cost_usd=c.estimated_cost_usd, is_run_start=c.is_run_start,
             grant=engine.Grant(c.grant_status) if c.grant_status else None)))
+    validate_risk_overrides(v, "risk_overrides", request.risk_overrides)
     v.raise_if_any("the evaluation request is not valid")
     return envelopes, calls
 
@@ -419,6 +448,52 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
         return await self._write("SetOperatorControl", request, policy_pb2.SetOperatorControlResponse, write)
 
+    async def GetRiskOverrides(self, request: policy_pb2.GetRiskOverridesRequest, context: Ctx) -> Any:
+        p = current_principal()
+        p.require("policies:read")
+
+        async def read(s: AsyncSession) -> Any:
+            return (await s.execute(select(models.RiskOverrides).where(
+                models.RiskOverrides.tenant_id == p.tenant_id))).scalar_one_or_none()
+
+        row = await self.db.read(read)
+        return policy_pb2.GetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
+
+    async def SetRiskOverrides(self, request: policy_pb2.SetRiskOverridesRequest, context: Ctx) -> Any:
+        _check_common(request)
+        v = Violations()
+        validate_risk_overrides(v, "overrides", request.overrides)
+        val.optional(v, "reason", request.reason, val.MAX_TEXT)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:write")
+
+        async def write(s: AsyncSession) -> Any:
+            m = models.RiskOverrides
+            row = (await s.execute(select(m).where(m.tenant_id == p.tenant_id).with_for_update())).scalar_one_or_none()
+            if row is None:
+                if request.etag and request.etag != "0":
+                    raise Aborted(f"etag {request.etag!r} does not match the current 0; re-read and retry",
+                                  reason="ETAG_MISMATCH", metadata={"current_etag": "0"})
+                row = m(tenant_id=p.tenant_id, revision=0)
+                s.add(row)
+                before: list[dict[str, Any]] = []
+            else:
+                self.store.check_etag(row, request.etag, required=False)
+                before = [json_format.MessageToDict(o) for o in policy_pb2.RiskOverrides.FromString(row.body).overrides]
+            row.body = policy_pb2.RiskOverrides(overrides=request.overrides).SerializeToString()
+            row.revision, row.updated_at = row.revision + 1, utcnow()
+            await s.flush()
+            await self.store.bump_epoch(s, p.tenant_id)
+            await self.store.record(
+                s, p, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="risk_overrides", target_id=p.tenant_id,
+                reason=request.reason, summary=f"risk overrides: {len(request.overrides)} entries",
+                before={"overrides": before},
+                after={"overrides": [json_format.MessageToDict(o) for o in request.overrides]})
+            return policy_pb2.SetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
+
+        return await self._write("SetRiskOverrides", request, policy_pb2.SetRiskOverridesResponse, write)
+
     async def GetOperatorControl(self, request: policy_pb2.GetOperatorControlRequest, context: Ctx) -> Any:
         v = Violations()
         val.enum_set(v, "scope", request.scope, {1, 2})
@@ -497,6 +572,8 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         envelopes, calls = evaluation_inputs(request)
         p = current_principal()
         p.require("policies:read")
+        overrides = convert.risk_overrides_to_engine(request.risk_overrides)
+        classifier = engine.Classifier(overrides=overrides) if overrides else self.decider.classifier
         envelopes = [dataclasses.replace(e, scope_id=p.tenant_id) if e.scope == engine.Scope.TENANT else e
                      for e in envelopes]
         results = []
@@ -515,7 +592,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 controls=engine.Controls(convert.control_mode_name(ctx.tenant_control),
                                          convert.control_mode_name(ctx.project_control)),
                 spend=engine.Spend(ctx.run_spent_usd, ctx.day_spent_usd, ctx.month_spent_usd),
-                classifier=self.decider.classifier)
+                classifier=classifier)
             results.append(convert.result_fields(result))
         return decision_pb2.EvaluatePolicyResponse(results=results)
 

@@ -614,6 +614,7 @@ class EvaluatePolicyRequest(_message.Message):
 
     ENVELOPES_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
+    RISK_OVERRIDES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.PolicyEnvelope]:
         """The envelopes to decide with (validated as on write, never stored): TENANT envelopes apply to
@@ -625,15 +626,22 @@ class EvaluatePolicyRequest(_message.Message):
     def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationCall]:
         """The calls to decide: 1 to 500."""
 
+    @_builtins.property
+    def risk_overrides(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.RiskOverride]:
+        """Risk overrides to classify with (as SetRiskOverrides; never stored); empty = the default
+        classification (not the tenant's stored overrides).
+        """
+
     def __init__(
         self,
         *,
         envelopes: _abc.Iterable[_policy_pb2.PolicyEnvelope] | None = ...,
         calls: _abc.Iterable[Global___EvaluationCall] | None = ...,
+        risk_overrides: _abc.Iterable[_policy_pb2.RiskOverride] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "envelopes", b"envelopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "envelopes", b"envelopes", "risk_overrides", b"risk_overrides"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
