@@ -250,3 +250,20 @@ async def test_offline_and_server_agree_on_every_case(tenant: TenantContext, gov
         assert "tool_rules[0].tool" in refused.output
     finally:
         await gov.close()
+
+
+async def test_risk_overrides_apply_diff_and_round_trip(ws: Workspace, tmp_path: Path) -> None:
+    write_policies(ws)
+    (ws.files / "risk.yaml").write_text("kind: risk_overrides\noverrides:\n  - tool: payments.refund\n"
+                                        "    risk: MEDIUM\n    arguments_below: {amount: 50}\n")
+    out = ok(await ws.admin.arm("policy", "apply", "-f", str(ws.files))).stdout
+    assert "~ update     (risk overrides)" in out and "+ override: payments.refund → MEDIUM when amount<50" in out
+    got = (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
+    assert got.revision == 1 and got.overrides[0].arguments_below == {"amount": 50}
+    again = ok(await ws.admin.arm("policy", "apply", "-f", str(ws.files))).stdout
+    assert "= unchanged  (risk overrides)" in again and "Nothing to do." in again
+    exported = tmp_path / "exported.yaml"
+    ok(await ws.admin.arm("policy", "export", "--out", str(exported)))
+    assert "kind: risk_overrides" in exported.read_text()
+    assert "Nothing to do." in ok(await ws.admin.arm("policy", "apply", "-f", str(exported))).stdout
+    assert (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides.revision == 1

@@ -61,6 +61,9 @@ async def test_an_override_changes_decisions_for_its_tenant_only(
         grpc.StatusCode.INVALID_ARGUMENT)
     assert {"overrides[0].tool", "overrides[1].risk"} <= set(bad.violations)
 
+    got = (await gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
+    assert (list(got.overrides), got.revision, got.etag) == ([SMALL_REFUND], 1, "1")
+
     # Removing them restores today's classification; both writes are recorded.
     await gov.policies.SetRiskOverrides(policy_pb2.SetRiskOverridesRequest(etag="1"))
     again = await check(gov, mine.instance.id, "payments.refund", arguments=args(amount=20))

@@ -56,19 +56,29 @@ class Action:
     wanted: policy_pb2.PolicyEnvelope | None = None
     live: policy_pb2.PolicyEnvelope | None = None
     changes: list[str] = field(default_factory=list)
+    risk: list[policy_pb2.RiskOverride] | None = None
+    """For the tenant's risk overrides (name RISK_OVERRIDES): the wanted entries."""
+    risk_live: list[policy_pb2.RiskOverride] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        def overrides(v: list[policy_pb2.RiskOverride] | None) -> Any:
+            return None if v is None else [json_format.MessageToDict(o) for o in v]
         return {"kind": self.kind, "name": self.name, "envelope_id": self.envelope_id, "etag": self.etag,
                 "changes": self.changes,
                 "wanted": json_format.MessageToDict(self.wanted) if self.wanted is not None else None,
-                "live": json_format.MessageToDict(self.live) if self.live is not None else None}
+                "live": json_format.MessageToDict(self.live) if self.live is not None else None,
+                "risk": overrides(self.risk), "risk_live": overrides(self.risk_live)}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Action:
         def env(v: Any) -> policy_pb2.PolicyEnvelope | None:
             return None if v is None else json_format.ParseDict(v, policy_pb2.PolicyEnvelope())
+
+        def overrides(v: Any) -> list[policy_pb2.RiskOverride] | None:
+            return None if v is None else [json_format.ParseDict(o, policy_pb2.RiskOverride()) for o in v]
         return Action(d["kind"], d["name"], d.get("envelope_id", ""), d.get("etag", ""), env(d.get("wanted")),
-                      env(d.get("live")), list(d.get("changes") or []))
+                      env(d.get("live")), list(d.get("changes") or []), overrides(d.get("risk")),
+                      overrides(d.get("risk_live")))
 
 
 class Scopes:
@@ -115,11 +125,30 @@ async def live_envelopes(c: ArmClient) -> list[policy_pb2.PolicyEnvelope]:
         page_size=500, page_token=t)), "envelopes")
 
 
-async def plan(c: ArmClient, specs: list[pf.Spec], *, prune: bool) -> list[Action]:
-    """What applying `specs` would do, from the live envelopes read now (their etags kept)."""
+RISK_OVERRIDES = "(risk overrides)"
+
+
+async def plan(c: ArmClient, specs: list[pf.Spec], *, prune: bool,
+               risk: tuple[dict[str, Any], ...] | None = None) -> list[Action]:
+    """What applying `specs` (and the risk overrides, when the files have them) would do, from
+    the live envelopes read now (their etags kept)."""
     scopes = Scopes(c)
     live = {e.name: e for e in await live_envelopes(c)}
     out: list[Action] = []
+    if risk is not None:
+        cur = (await c.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
+        have_risk = pf.risk_overrides_from_proto(cur.overrides)
+        changes = []
+        if have_risk != risk:
+            def line(o: dict[str, Any]) -> str:
+                bounds = " ".join(f"{k}<{v:g}" for k, v in o["arguments_below"])
+                return f"{o['tool']} → {o['risk']}" + (f" when {bounds}" if bounds else "")
+            changes = [f"- override: {line(o)}" for o in have_risk if o not in risk] + [
+                f"+ override: {line(o)}" for o in risk if o not in have_risk]
+            if not changes:
+                changes = ["~ order of the overrides"]
+        out.append(Action("update" if changes else "unchanged", RISK_OVERRIDES, etag=cur.etag or "0",
+                          changes=changes, risk=pf.risk_overrides_to_proto(risk), risk_live=list(cur.overrides)))
     for spec in specs:
         wanted = pf.to_proto(spec, await scopes.scope_id(spec.scope))
         cur = live.get(spec.name)
@@ -152,6 +181,11 @@ async def execute(c: ArmClient, actions: list[Action], reason: str) -> list[str]
     try:
         for a in todo:
             rid = str(uuid.uuid4())
+            if a.risk is not None:
+                rr = await c.policies.SetRiskOverrides(policy_pb2.SetRiskOverridesRequest(
+                    request_id=rid, overrides=a.risk, etag=a.etag, reason=reason))
+                done.append((a, policy_pb2.PolicyEnvelope(etag=rr.risk_overrides.etag)))
+                continue
             if a.kind == "create":
                 assert a.wanted is not None
                 r = await c.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(
@@ -186,7 +220,11 @@ async def _undo(c: ArmClient, done: list[tuple[Action, policy_pb2.PolicyEnvelope
     failed: list[str] = []
     for a, written in reversed(done):
         try:
-            if a.kind == "create":
+            if a.risk is not None:
+                await c.policies.SetRiskOverrides(policy_pb2.SetRiskOverridesRequest(
+                    request_id=str(uuid.uuid4()), overrides=a.risk_live, etag=written.etag,
+                    reason=f"undo: {reason}"))
+            elif a.kind == "create":
                 await c.policies.DeactivatePolicyEnvelope(policy_pb2.DeactivatePolicyEnvelopeRequest(
                     request_id=str(uuid.uuid4()), envelope_id=written.envelope_id, etag=written.etag,
                     reason=f"undo: {reason}"))
@@ -223,9 +261,9 @@ def print_plan(actions: list[Action], fmt: Format) -> None:
               f"{counts['deactivate']} to deactivate, {counts['unchanged']} unchanged.", markup=False)
 
 
-def _load(path: Path) -> list[pf.Spec]:
+def _load_all(path: Path) -> tuple[list[pf.Spec], tuple[dict[str, Any], ...] | None]:
     try:
-        return pf.load(path)
+        return pf.load_all(path)
     except pf.FileError as exc:
         print_error(f"Error: {exc}")
         raise typer.Exit(2) from None
@@ -251,8 +289,8 @@ def apply_cmd(ctx: typer.Context,
             raise typer.BadParameter(f"not a saved plan: {exc}", param_hint="--plan") from None
     else:
         assert files is not None
-        specs = _load(files)
-        actions = call(ctx, lambda c: plan(c, specs, prune=prune))
+        specs, risk = _load_all(files)
+        actions = call(ctx, lambda c: plan(c, specs, prune=prune, risk=risk))
     print_plan(actions, output)
     if save_plan is not None:
         save_plan.write_text(json.dumps([a.to_json() for a in actions], indent=1))
@@ -269,14 +307,16 @@ def apply_cmd(ctx: typer.Context,
 def export_cmd(ctx: typer.Context,
                out: Annotated[Path | None, typer.Option("--out", help="File to write (default stdout)")] = None,
                ) -> None:
-    """Writes the live active envelopes as policy files (YAML, one document each)."""
-    async def go(c: ArmClient) -> list[pf.Spec]:
+    """Writes the live active envelopes (and the tenant's risk overrides) as policy files."""
+    async def go(c: ArmClient) -> tuple[list[pf.Spec], tuple[dict[str, Any], ...]]:
         scopes = Scopes(c)
         envs = [e for e in await live_envelopes(c) if (e.active if e.HasField("active") else True)]
         envs.sort(key=lambda e: (e.scope, e.name))
-        return [pf.from_proto(e, await scopes.ref(e)) for e in envs]
+        risk = (await c.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
+        return [pf.from_proto(e, await scopes.ref(e)) for e in envs], pf.risk_overrides_from_proto(risk.overrides)
 
-    text = pf.dump(call(ctx, go))
+    specs, risk = call(ctx, go)
+    text = pf.dump(specs, risk)
     if out is None:
         sys.stdout.write(text)
     else:

@@ -20,7 +20,7 @@ import yaml
 
 from arm.governance.v1 import policy_pb2
 from arm_engine import engine
-from arm_engine.risk import Risk
+from arm_engine.risk import Risk, RiskOverride
 
 EFFECTS = {"ALLOW": 1, "DENY": 2, "NEEDS_APPROVAL": 3}
 RISKS = {"LOW": 1, "MEDIUM": 2, "HIGH": 3, "CRITICAL": 4}
@@ -206,6 +206,52 @@ def parse_envelope(doc: Any, where: str) -> Spec:
         source=where)
 
 
+_OVERRIDE_KEYS = {"tool", "risk", "arguments_below"}
+
+
+def parse_risk_overrides(doc: dict[str, Any], where: str) -> tuple[dict[str, Any], ...]:
+    """`kind: risk_overrides` with `overrides: [{tool, risk, arguments_below: {name: bound}}]`."""
+    d = _keys(doc, {"kind", "overrides"}, where)
+    items = d.get("overrides") or []
+    if not isinstance(items, list):
+        raise FileError(f"{where}.overrides: must be a list")
+    out = []
+    for i, raw in enumerate(items):
+        w = f"{where}.overrides[{i}]"
+        o = _keys(raw, _OVERRIDE_KEYS, w)
+        if not isinstance(o.get("tool"), str) or not o["tool"]:
+            raise FileError(f"{w}.tool: is required (a tool name or glob)")
+        below = _keys(o.get("arguments_below") or {}, set(o.get("arguments_below") or {}), f"{w}.arguments_below")
+        out.append({"tool": o["tool"], "risk": _enum(o.get("risk"), RISKS, f"{w}.risk"),
+                    "arguments_below": tuple(sorted((str(k), _number(v, f"{w}.arguments_below.{k}"))
+                                                    for k, v in below.items()))})
+    return tuple(out)
+
+
+def risk_overrides_yaml(overrides: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    items = []
+    for o in overrides:
+        item: dict[str, Any] = {"tool": o["tool"], "risk": o["risk"]}
+        if o["arguments_below"]:
+            item["arguments_below"] = dict(o["arguments_below"])
+        items.append(item)
+    return {"kind": "risk_overrides", "overrides": items}
+
+
+def risk_overrides_to_proto(overrides: tuple[dict[str, Any], ...]) -> list[policy_pb2.RiskOverride]:
+    return [policy_pb2.RiskOverride(tool=o["tool"], risk=RISKS[o["risk"]],  # type: ignore[arg-type]
+                                    arguments_below=dict(o["arguments_below"])) for o in overrides]
+
+
+def risk_overrides_from_proto(overrides: Iterable[policy_pb2.RiskOverride]) -> tuple[dict[str, Any], ...]:
+    return tuple({"tool": o.tool, "risk": _name(RISKS, o.risk) or "UNSPECIFIED",
+                  "arguments_below": tuple(sorted(o.arguments_below.items()))} for o in overrides)
+
+
+def risk_overrides_to_engine(overrides: tuple[dict[str, Any], ...]) -> tuple[RiskOverride, ...]:
+    return tuple(RiskOverride(o["tool"], Risk(RISKS[o["risk"]]), o["arguments_below"]) for o in overrides)
+
+
 def policy_files(path: Path) -> list[Path]:
     """The policy files of a file or a folder (recursively): `*.yaml` / `*.yml` except tests."""
     if path.is_file():
@@ -218,7 +264,15 @@ def policy_files(path: Path) -> list[Path]:
 
 def load(path: Path) -> list[Spec]:
     """Every envelope of the files under `path`; names must be unique."""
+    return load_all(path)[0]
+
+
+def load_all(path: Path) -> tuple[list[Spec], tuple[dict[str, Any], ...] | None]:
+    """The envelopes and the risk overrides (None: no `kind: risk_overrides` document) of the
+    files under `path`."""
     out: list[Spec] = []
+    risk: tuple[dict[str, Any], ...] | None = None
+    risk_where = ""
     seen: dict[str, str] = {}
     for f in policy_files(path):
         try:
@@ -228,18 +282,23 @@ def load(path: Path) -> list[Spec]:
         for i, doc in enumerate(docs):
             if doc is None:
                 continue
+            if isinstance(doc, dict) and doc.get("kind") == "risk_overrides":
+                if risk is not None:
+                    raise FileError(f"{f}#{i + 1}: a second risk_overrides document (the first is {risk_where})")
+                risk, risk_where = parse_risk_overrides(doc, f"{f}#{i + 1}"), f"{f}#{i + 1}"
+                continue
             spec = parse_envelope(doc, f"{f}#{i + 1}")
             if spec.name in seen:
                 raise FileError(f"{spec.source}: envelope name {spec.name!r} is also in {seen[spec.name]}")
             seen[spec.name] = spec.source
             out.append(spec)
-    return out
+    return out, risk
 
 
-def dump(specs: Iterable[Spec]) -> str:
-    """The YAML text of envelopes, one document each."""
-    return yaml.safe_dump_all([s.to_yaml() for s in specs], sort_keys=False, default_flow_style=False,
-                              explicit_start=True)
+def dump(specs: Iterable[Spec], risk: tuple[dict[str, Any], ...] = ()) -> str:
+    """The YAML text of envelopes, one document each (and the risk overrides, if any)."""
+    docs = [s.to_yaml() for s in specs] + ([risk_overrides_yaml(risk)] if risk else [])
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, explicit_start=True)
 
 
 # --- the API's message ----------------------------------------------------------------------------

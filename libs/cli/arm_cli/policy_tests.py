@@ -131,10 +131,10 @@ def _outcome(r: engine.Result) -> Outcome:
                    r.rule_description, [f"{x.code}: {x.message}" for x in r.reasons])
 
 
-def decide_offline(specs: list[pf.Spec], case: Case) -> Outcome:
+def decide_offline(policies: Policies, case: Case) -> Outcome:
     ctx = case.context
     envelopes = []
-    for i, s in enumerate(specs):
+    for i, s in enumerate(policies.specs):
         scope_id = {"tenant": str(ctx["tenant"]), "project": s.scope.ref, "version": s.scope.ref}[s.scope.kind]
         envelopes.append(pf.to_engine(s, scope_id, i))
     policy = engine.compile_policy(envelopes, tenant_id=str(ctx["tenant"]), project_id=str(ctx["project"]),
@@ -153,7 +153,8 @@ def decide_offline(specs: list[pf.Spec], case: Case) -> Outcome:
         controls=engine.Controls(str(ctx["controls"].get("tenant", "NORMAL")).upper(),
                                  str(ctx["controls"].get("project", "NORMAL")).upper()),
         spend=engine.Spend(float(spend.get("run_usd", 0)), float(spend.get("day_usd", 0)),
-                           float(spend.get("month_usd", 0))))
+                           float(spend.get("month_usd", 0))),
+        classifier=policies.classifier)
     return _outcome(result)
 
 
@@ -169,20 +170,32 @@ def test_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*_test.y*ml") if p.is_file())
 
 
-def load_suite(path: Path) -> list[tuple[list[pf.Spec], Case]]:
+@dataclass
+class Policies:
+    """The policy files a test file runs against: envelopes and risk overrides."""
+
+    specs: list[pf.Spec]
+    risk: tuple[dict[str, Any], ...]
+    classifier: engine.Classifier
+
+
+def load_suite(path: Path) -> list[tuple[Policies, Case]]:
     """Every case of the test files under `path`, with the policy files it runs against: those
     under `path`, or the `policies:` path its test file names."""
     files = test_files(path)
     if not files:
         raise TestFileError(f"{path}: no *_test.yaml files")
     default_root = path if path.is_dir() else path.parent
-    cache: dict[Path, list[pf.Spec]] = {}
+    cache: dict[Path, Policies] = {}
     out = []
     for f in files:
         cases, pol = load_cases(f)
         root = (pol or default_root).resolve()
         if root not in cache:
-            cache[root] = pf.load(root)
+            specs, risk = pf.load_all(root)
+            overrides = pf.risk_overrides_to_engine(risk or ())
+            cache[root] = Policies(specs, risk or (), engine.Classifier(overrides=overrides) if overrides
+                                   else engine.DEFAULT_CLASSIFIER)
         out += [(cache[root], case) for case in cases]
     return out
 
@@ -232,12 +245,13 @@ async def run_server(path: Path, decisions: Any) -> list[CaseResult]:
     out: list[CaseResult] = []
     start = 0
     while start < len(suite):
-        specs = suite[start][0]
+        policies = suite[start][0]
         end = start
-        while end < len(suite) and suite[end][0] is specs and end - start < 500:
+        while end < len(suite) and suite[end][0] is policies and end - start < 500:
             end += 1
         resp = await decisions.EvaluatePolicy(decision_pb2.EvaluatePolicyRequest(
-            envelopes=[pf.to_proto(s, _label(s)) for s in specs],
+            envelopes=[pf.to_proto(s, _label(s)) for s in policies.specs],
+            risk_overrides=pf.risk_overrides_to_proto(policies.risk),
             calls=[evaluation_call(case) for _, case in suite[start:end]]))
         out += [compare(case, _server_outcome(r)) for (_, case), r in zip(suite[start:end], resp.results, strict=True)]
         start = end

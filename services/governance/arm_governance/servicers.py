@@ -453,11 +453,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         p.require("policies:read")
 
         async def read(s: AsyncSession) -> Any:
-            return (await s.execute(select(models.RiskOverrides).where(
+            row = (await s.execute(select(models.RiskOverrides).where(
                 models.RiskOverrides.tenant_id == p.tenant_id))).scalar_one_or_none()
+            return policy_pb2.GetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
 
-        row = await self.db.read(read)
-        return policy_pb2.GetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
+        return await self.db.read(read)
 
     async def SetRiskOverrides(self, request: policy_pb2.SetRiskOverridesRequest, context: Ctx) -> Any:
         _check_common(request)
