@@ -1,7 +1,7 @@
 """`arm policy apply|export|test` (docs/policies.md) against a real registry and governance on
 port 0 (sqlite and postgres): plan, apply, re-apply with no change, a rule-level diff, --prune,
 an etag conflict while another operator edits (nothing half-applied), export → apply round trip;
-the offline test runner on the 36-case suite of tests/cli/policies, a wrong expectation's diff."""
+the offline test runner on the 38-case suite of tests/cli/policies, a wrong expectation's diff."""
 
 from __future__ import annotations
 
