@@ -99,6 +99,8 @@ def evaluation_inputs(request: decision_pb2.EvaluatePolicyRequest
         except InvalidArgument as exc:
             for fv in exc.violations:
                 v.add(fv.field, fv.description)
+        if v:  # converted only when valid (an unknown scope or effect has no engine value)
+            continue
         if not labelled.envelope_id:
             labelled.envelope_id = f"eval-{i}"
         labelled.scope, labelled.scope_id = env.scope, env.scope_id
