@@ -1,4 +1,4 @@
-"""Decisions per second of the policy engine (arm_governance.engine), single thread, in process.
+"""Decisions per second of the policy engine (arm_engine.engine), single thread, in process.
 
 A ten-envelope policy over the three scopes (locked rules, globs, `when` conditions, risk
 thresholds, autonomy tiers, budgets, a shadow envelope), compiled once, and a rotation of ten
@@ -18,7 +18,7 @@ import pstats
 import time
 from collections import Counter
 
-from arm_governance.engine import (
+from arm_engine.engine import (
     Agent,
     Budgets,
     Call,

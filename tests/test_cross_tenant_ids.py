@@ -351,7 +351,10 @@ def test_the_table_covers_every_id_field_of_governance_and_telemetry() -> None:
                       and not f.message_type.full_name.startswith("google.")]
             if (ids or nested) and m.name not in rpcs and m.name not in {
                     "AppendChangeRecords", "ListChangeRecords", "ExportChangeRecords", "ListOperatorControls",
-                    "StartBackfill", "GetRunTrace", "VerifyChain", "GetEventStats"}:
+                    "StartBackfill", "GetRunTrace", "VerifyChain", "GetEventStats",
+                    # No stored row is looked up: envelope scope ids are labels, risk overrides
+                    # are the caller's tenant's own (issue 12).
+                    "EvaluatePolicy", "SetRiskOverrides"}:
                 missing.append(m.name)
     assert not missing, f"RPCs taking ids without a cross-tenant row: {missing}"
 

@@ -10,7 +10,8 @@ from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, compat_pb2, tenancy_pb2
 from arm_common.auth import Principal
 from arm_common.messages import struct, ts
-from arm_governance import convert, engine
+from arm_engine import engine
+from arm_governance import convert
 from arm_governance.decisions import Decider, argument_digest
 
 E, S, K = engine.Effect, engine.Scope, engine.RuleKind

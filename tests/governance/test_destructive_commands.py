@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import decision_pb2, policy_pb2
-from arm_governance.risk import DEFAULT_ARGUMENT_TRIGGERS, HIGH, MEDIUM, Classifier
+from arm_engine.risk import DEFAULT_ARGUMENT_TRIGGERS, HIGH, MEDIUM, Classifier
 from tests.conftest import TenantContext
 from tests.governance.test_policy_admin import active_agent
 

@@ -1,4 +1,4 @@
-"""Vectors for the policy engine (arm_governance.engine): every evaluation step and rule kind of
+"""Vectors for the policy engine (arm_engine.engine): every evaluation step and rule kind of
 SPEC §3 "The decision", the risk classifier, and the compiled policy's bookkeeping."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from arm_governance.engine import (
+from arm_engine.engine import (
     Agent,
     Budgets,
     Call,
@@ -33,7 +33,7 @@ from arm_governance.engine import (
     effective_rules,
     glob_matches,
 )
-from arm_governance.risk import arguments_are_sensitive, tool_words
+from arm_engine.risk import arguments_are_sensitive, tool_words
 
 ALLOW, DENY, NA = Effect.ALLOW, Effect.DENY, Effect.NEEDS_APPROVAL
 LOW, MEDIUM, HIGH, CRITICAL = Risk.LOW, Risk.MEDIUM, Risk.HIGH, Risk.CRITICAL
@@ -778,7 +778,7 @@ def test_decisions_do_not_depend_on_envelope_order() -> None:
 
 
 def test_the_memo_tables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from arm_governance import engine
+    from arm_engine import engine
     monkeypatch.setattr(engine, "_PLAN_LIMIT", 3)
     monkeypatch.setattr(engine, "_RESULT_LIMIT", 5)
     envelopes = [env("v", Scope.VERSION, rule("db.*", DENY), rule("**", ALLOW, environments=("dev",)))]

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arm_common.canonical import canonical_json
-from arm_governance.engine import (
+from arm_engine.engine import (
     DEFAULT_CLASSIFIER,
     Agent,
     Budgets,

@@ -11,7 +11,8 @@ from google.protobuf import json_format
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, compat_pb2, tenancy_pb2
 from arm_common.messages import ts
-from arm_governance import engine
+from arm_engine import engine
+from arm_engine.risk import RiskOverride
 
 _CONTROL_NAMES = {policy_pb2.OPERATOR_CONTROL_MODE_NORMAL: "NORMAL",
                   policy_pb2.OPERATOR_CONTROL_MODE_PAUSED: "PAUSED",
@@ -51,6 +52,12 @@ def envelope_to_engine(env: policy_pb2.PolicyEnvelope) -> engine.Envelope:
         autonomy_tier=env.autonomy_tier if env.HasField("autonomy_tier") else None,
         budgets=budgets,
         default_effect=engine.Effect(env.default_effect) if env.default_effect else None)
+
+
+def risk_overrides_to_engine(overrides: Any) -> tuple[RiskOverride, ...]:
+    """The engine's entries of `RiskOverride` messages (validated on write)."""
+    return tuple(RiskOverride(o.tool, engine.Risk(o.risk), tuple(sorted(o.arguments_below.items())))
+                 for o in overrides)
 
 
 def agent_to_engine(agent: compat_pb2.ResolvedAgent) -> engine.Agent:

@@ -30,7 +30,8 @@ from arm_common.messages import struct, ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
-from arm_governance import convert, engine, limits, models
+from arm_engine import engine
+from arm_governance import convert, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_log import DecisionLog, PendingDecision
 from arm_governance.policies import PolicyCache
@@ -319,13 +320,14 @@ class Decider:
                            declared_risk=engine.Risk(request.declared_risk) if request.declared_risk else None,
                            estimated_cost_usd=request.estimated_cost_usd, is_run_start=request.is_run_start,
                            grant=grant)
-        result = engine.decide(policy, agent, call, controls=controls, spend=spend, classifier=self.classifier)
+        classifier = tenant.classifier or self.classifier
+        result = engine.decide(policy, agent, call, controls=controls, spend=spend, classifier=classifier)
         if (grant is not None and grant.status == "VALID" and result.step == engine.Step.APPROVAL_GRANT
                 and result.effect == engine.Effect.ALLOW):
             if not await self.approvals.consume(principal.tenant_id, request.approval_id):
                 # Another call used the grant between our read and our consume.
                 result = engine.decide(policy, agent, dataclasses.replace(call, grant=engine.Grant("USED")),
-                                       controls=controls, spend=spend, classifier=self.classifier)
+                                       controls=controls, spend=spend, classifier=classifier)
         return await self._log(principal, request, resolved, agent_bytes, result, tenant.epoch, digest, args, now)
 
     async def _log(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,

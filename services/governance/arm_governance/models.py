@@ -82,6 +82,16 @@ class OperatorControl(Base):
     updated_at: Mapped[datetime]
 
 
+class RiskOverrides(Base):
+    """A tenant's risk overrides (arm.governance.v1.RiskOverrides, serialized); absent = none."""
+
+    __tablename__ = "risk_overrides"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    revision: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+
 class PolicyEpoch(Base):
     """Per tenant, incremented by every policy or control change: the `policy_epoch` a decision
     reports, and what replicas compare to know their cache is current."""

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import policy_pb2
 from arm_common.db import Database
 from arm_common.notify import ChangeChannel
-from arm_governance import convert, engine, models
+from arm_engine import engine
+from arm_governance import convert, models
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ class TenantPolicies:
     epoch: int
     envelopes: list[engine.Envelope]
     controls: dict[tuple[int, str], int]  # (control scope, scope id) -> OperatorControlMode
+    classifier: engine.Classifier | None = None
+    """The tenant's risk overrides on the default classifier; None = none set."""
     _compiled: dict[tuple[str, str], tuple[engine.CompiledPolicy, bool]] = field(default_factory=dict)
     _controls: dict[str, engine.Controls] = field(default_factory=dict)
 
@@ -80,7 +83,11 @@ class PolicyCache:
             models.OperatorControl.tenant_id == tenant_id))).scalars()}
         epoch = (await s.execute(select(models.PolicyEpoch.epoch).where(
             models.PolicyEpoch.tenant_id == tenant_id))).scalar_one_or_none() or 0
-        return TenantPolicies(tenant_id, epoch, envelopes, controls)
+        body = (await s.execute(select(models.RiskOverrides.body).where(
+            models.RiskOverrides.tenant_id == tenant_id))).scalar_one_or_none()
+        overrides = convert.risk_overrides_to_engine(policy_pb2.RiskOverrides.FromString(body).overrides) if body else ()
+        classifier = engine.Classifier(overrides=overrides) if overrides else None
+        return TenantPolicies(tenant_id, epoch, envelopes, controls, classifier)
 
     def invalidate(self, tenant_id: str | None) -> None:
         self._generation += 1

@@ -202,7 +202,7 @@ class PolicyStore:
         return env
 
     @staticmethod
-    def check_etag(row: models.PolicyEnvelope | models.OperatorControl, etag: str, *, required: bool) -> None:
+    def check_etag(row: models.PolicyEnvelope | models.OperatorControl | models.RiskOverrides, etag: str, *, required: bool) -> None:
         if not etag:
             if required:
                 raise InvalidArgument("etag is required", reason="INVALID_FIELDS",

@@ -4,11 +4,13 @@ store, the decider and the pure engine, convert to protobuf."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
+from google.protobuf import json_format
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,13 +20,14 @@ from arm_common import pagination
 from arm_common import validation as val
 from arm_common.auth import Principal, current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Violations
+from arm_common.errors import Aborted, FieldViolation, InvalidArgument, NotFound, PermissionDenied, Violations
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
 from arm_common.messages import ts
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
-from arm_governance import convert, engine, limits, models
+from arm_engine import engine
+from arm_governance import convert, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_reads import DecisionFilter, DecisionReader, export_line
 from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
@@ -40,6 +43,93 @@ from arm_governance.policy_store import (
 )
 
 MAX_LOOKBACK = timedelta(days=30)
+MAX_EVALUATION_ENVELOPES = 60
+MAX_EVALUATION_CALLS = 500
+_GRANTS = {"VALID", "PENDING", "NOT_FOUND", "NOT_APPROVED", "EXPIRED", "USED", "MISMATCH"}
+
+
+MAX_RISK_OVERRIDES = 100
+MAX_ARGUMENT_BOUNDS = 10
+
+
+def validate_risk_overrides(v: Violations, path: str, overrides: Any) -> None:
+    """RiskOverride entries: a tool glob within the policy limits, a risk, bounded numeric bounds."""
+    if len(overrides) > MAX_RISK_OVERRIDES:
+        v.add(path, f"must have at most {MAX_RISK_OVERRIDES} items")
+        return
+    for i, o in enumerate(overrides):
+        limits.tool_glob(v, f"{path}[{i}].tool", o.tool)
+        if o.risk not in (1, 2, 3, 4):
+            v.add(f"{path}[{i}].risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
+        if len(o.arguments_below) > MAX_ARGUMENT_BOUNDS:
+            v.add(f"{path}[{i}].arguments_below", f"must have at most {MAX_ARGUMENT_BOUNDS} entries")
+        for name, bound in o.arguments_below.items():
+            if not name or len(name) > 100 or not math.isfinite(bound):
+                v.add(f"{path}[{i}].arguments_below[{name!r}]", "needs a name of 1-100 characters and a finite bound")
+
+
+def _risk_overrides(tenant_id: str, row: Any) -> policy_pb2.RiskOverrides:
+    out = policy_pb2.RiskOverrides(tenant_id=tenant_id)
+    if row is not None:
+        out.MergeFromString(row.body)
+        out.tenant_id, out.revision, out.etag = tenant_id, row.revision, str(row.revision)
+    return out
+
+
+def evaluation_inputs(request: decision_pb2.EvaluatePolicyRequest
+                      ) -> tuple[list[engine.Envelope], list[tuple[decision_pb2.EvaluationContext, engine.Call]]]:
+    """EvaluatePolicy's envelopes and calls, validated like writes and checks (INVALID_ARGUMENT
+    with field violations); the scope_id of PROJECT/VERSION envelopes is a label, not an id."""
+    v = Violations()
+    if len(request.envelopes) > MAX_EVALUATION_ENVELOPES:
+        v.add("envelopes", f"must have at most {MAX_EVALUATION_ENVELOPES} items")
+    if not 1 <= len(request.calls) <= MAX_EVALUATION_CALLS:
+        v.add("calls", f"must have 1 to {MAX_EVALUATION_CALLS} items")
+    v.raise_if_any()
+    envelopes = []
+    for i, env in enumerate(request.envelopes):
+        prefix = f"envelopes[{i}]."
+        if env.scope in (policy_pb2.POLICY_SCOPE_PROJECT, policy_pb2.POLICY_SCOPE_VERSION):
+            val.required(v, f"{prefix}scope_id", env.scope_id, 200)
+        labelled = policy_pb2.PolicyEnvelope()
+        labelled.CopyFrom(env)
+        if env.scope in (policy_pb2.POLICY_SCOPE_PROJECT, policy_pb2.POLICY_SCOPE_VERSION):
+            labelled.scope = policy_pb2.POLICY_SCOPE_TENANT  # the label is checked above
+            labelled.scope_id = ""
+        try:
+            validate_envelope(labelled, prefix)
+        except InvalidArgument as exc:
+            for fv in exc.violations:
+                v.add(fv.field, fv.description)
+        if v:  # converted only when valid (an unknown scope or effect has no engine value)
+            continue
+        if not labelled.envelope_id:
+            labelled.envelope_id = f"eval-{i}"
+        labelled.scope, labelled.scope_id = env.scope, env.scope_id
+        envelopes.append(convert.envelope_to_engine(labelled))
+    limits.scope_totals(v, "envelopes", [e for e in request.envelopes if e.scope == policy_pb2.POLICY_SCOPE_TENANT])
+    calls = []
+    for i, c in enumerate(request.calls):
+        prefix = f"calls[{i}]."
+        limits.tool_name(v, f"{prefix}tool_name", c.tool_name)
+        if c.declared_risk not in (0, 1, 2, 3, 4):
+            v.add(f"{prefix}declared_risk", f"unknown enum value {c.declared_risk}")
+        if not math.isfinite(c.estimated_cost_usd) or c.estimated_cost_usd < 0:
+            v.add(f"{prefix}estimated_cost_usd", "must be a finite number >= 0")
+        if c.grant_status and c.grant_status not in _GRANTS:
+            v.add(f"{prefix}grant_status", "must be one of " + ", ".join(sorted(_GRANTS)))
+        for name in ("project", "version", "environment_name", "environment_type", "instance_state",
+                     "version_state"):
+            val.optional(v, f"{prefix}context.{name}", getattr(c.context, name), 200)
+        calls.append((c.context, engine.Call(
+            tool=c.tool_name,
+            arguments=json_format.MessageToDict(c.arguments) if c.HasField("arguments") else None,
+            declared_risk=engine.Risk(c.declared_risk) if c.declared_risk in (1, 2, 3, 4) else None,
+            estimated_cost_usd=c.estimated_cost_usd, is_run_start=c.is_run_start,
+            grant=engine.Grant(c.grant_status) if c.grant_status else None)))
+    validate_risk_overrides(v, "risk_overrides", request.risk_overrides)
+    v.raise_if_any("the evaluation request is not valid")
+    return envelopes, calls
 
 
 def _check_common(request: Any) -> None:
@@ -362,6 +452,52 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
         return await self._write("SetOperatorControl", request, policy_pb2.SetOperatorControlResponse, write)
 
+    async def GetRiskOverrides(self, request: policy_pb2.GetRiskOverridesRequest, context: Ctx) -> Any:
+        p = current_principal()
+        p.require("policies:read")
+
+        async def read(s: AsyncSession) -> Any:
+            row = (await s.execute(select(models.RiskOverrides).where(
+                models.RiskOverrides.tenant_id == p.tenant_id))).scalar_one_or_none()
+            return policy_pb2.GetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
+
+        return await self.db.read(read)
+
+    async def SetRiskOverrides(self, request: policy_pb2.SetRiskOverridesRequest, context: Ctx) -> Any:
+        _check_common(request)
+        v = Violations()
+        validate_risk_overrides(v, "overrides", request.overrides)
+        val.optional(v, "reason", request.reason, val.MAX_TEXT)
+        v.raise_if_any()
+        p = current_principal()
+        p.require("policies:write")
+
+        async def write(s: AsyncSession) -> Any:
+            m = models.RiskOverrides
+            row = (await s.execute(select(m).where(m.tenant_id == p.tenant_id).with_for_update())).scalar_one_or_none()
+            if row is None:
+                if request.etag and request.etag != "0":
+                    raise Aborted(f"etag {request.etag!r} does not match the current 0; re-read and retry",
+                                  reason="ETAG_MISMATCH", metadata={"current_etag": "0"})
+                row = m(tenant_id=p.tenant_id, revision=0)
+                s.add(row)
+                before: list[dict[str, Any]] = []
+            else:
+                self.store.check_etag(row, request.etag, required=False)
+                before = [json_format.MessageToDict(o) for o in policy_pb2.RiskOverrides.FromString(row.body).overrides]
+            row.body = policy_pb2.RiskOverrides(overrides=request.overrides).SerializeToString()
+            row.revision, row.updated_at = row.revision + 1, utcnow()
+            await s.flush()
+            await self.store.bump_epoch(s, p.tenant_id)
+            await self.store.record(
+                s, p, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="risk_overrides", target_id=p.tenant_id,
+                reason=request.reason, summary=f"risk overrides: {len(request.overrides)} entries",
+                before={"overrides": before},
+                after={"overrides": [json_format.MessageToDict(o) for o in request.overrides]})
+            return policy_pb2.SetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
+
+        return await self._write("SetRiskOverrides", request, policy_pb2.SetRiskOverridesResponse, write)
+
     async def GetOperatorControl(self, request: policy_pb2.GetOperatorControlRequest, context: Ctx) -> Any:
         v = Violations()
         val.enum_set(v, "scope", request.scope, {1, 2})
@@ -470,6 +606,35 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         async for batch in self.reader.scan(p.tenant_id, flt):
             yield decision_pb2.ExportDecisionsResponse(
                 data="".join(export_line(d) for d in batch).encode(), decision_count=len(batch))
+    async def EvaluatePolicy(self, request: decision_pb2.EvaluatePolicyRequest, context: Ctx) -> Any:
+        """Hypothetical calls under given envelopes, with the engine and classifier of `Check`:
+        nothing logged, no approval, nothing stored read (`arm policy test --server`)."""
+        envelopes, calls = evaluation_inputs(request)
+        p = current_principal()
+        p.require("policies:read")
+        overrides = convert.risk_overrides_to_engine(request.risk_overrides)
+        classifier = engine.Classifier(overrides=overrides) if overrides else self.decider.classifier
+        envelopes = [dataclasses.replace(e, scope_id=p.tenant_id) if e.scope == engine.Scope.TENANT else e
+                     for e in envelopes]
+        results = []
+        for ctx, call in calls:
+            policy = engine.compile_policy(envelopes, tenant_id=p.tenant_id, project_id=ctx.project,
+                                           version_id=ctx.version)
+            agent = None if ctx.unknown_agent else engine.Agent(
+                tenant_id=p.tenant_id, tenant_active=not ctx.tenant_inactive, project_id=ctx.project,
+                environment_id=ctx.environment_name, environment_name=ctx.environment_name,
+                environment_type=(ctx.environment_type or "DEV").upper(), template_id="",
+                version_id=ctx.version, instance_id="evaluation",
+                instance_state=(ctx.instance_state or "ACTIVE").upper(),
+                version_state=(ctx.version_state or "APPROVED").upper())
+            result = engine.decide(
+                policy, agent, call,
+                controls=engine.Controls(convert.control_mode_name(ctx.tenant_control),
+                                         convert.control_mode_name(ctx.project_control)),
+                spend=engine.Spend(ctx.run_spent_usd, ctx.day_spent_usd, ctx.month_spent_usd),
+                classifier=classifier)
+            results.append(convert.result_fields(result))
+        return decision_pb2.EvaluatePolicyResponse(results=results)
 
     async def ReportSpend(self, request: decision_pb2.ReportSpendRequest, context: Ctx) -> Any:
         _check_common(request)

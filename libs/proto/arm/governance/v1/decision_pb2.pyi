@@ -759,3 +759,192 @@ class ExportDecisionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportDecisionsResponse: _TypeAlias = ExportDecisionsResponse  # noqa: Y015
+
+@_typing.final
+class EvaluationContext(_message.Message):
+    """A hypothetical agent and its situation, for EvaluatePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNKNOWN_AGENT_FIELD_NUMBER: _builtins.int
+    TENANT_INACTIVE_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_NAME_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_TYPE_FIELD_NUMBER: _builtins.int
+    INSTANCE_STATE_FIELD_NUMBER: _builtins.int
+    VERSION_STATE_FIELD_NUMBER: _builtins.int
+    TENANT_CONTROL_FIELD_NUMBER: _builtins.int
+    PROJECT_CONTROL_FIELD_NUMBER: _builtins.int
+    RUN_SPENT_USD_FIELD_NUMBER: _builtins.int
+    DAY_SPENT_USD_FIELD_NUMBER: _builtins.int
+    MONTH_SPENT_USD_FIELD_NUMBER: _builtins.int
+    unknown_agent: _builtins.bool
+    """Whether the agent is unknown (decided at step AGENT); false = known."""
+    tenant_inactive: _builtins.bool
+    """Whether the agent's tenant is deactivated; false = active."""
+    project: _builtins.str
+    """Label of the agent's project, matched against the scope_id of PROJECT envelopes."""
+    version: _builtins.str
+    """Label of the agent's version, matched against the scope_id of VERSION envelopes."""
+    environment_name: _builtins.str
+    """Environment name, matched by `when.environments`."""
+    environment_type: _builtins.str
+    """Environment type DEV, STAGING or PROD, matched by `when.environments`; empty = DEV."""
+    instance_state: _builtins.str
+    """Instance state (arm.registry.v1.InstanceState without its prefix, e.g. PAUSED); empty = ACTIVE."""
+    version_state: _builtins.str
+    """Version state (arm.registry.v1.VersionState without its prefix); empty = APPROVED."""
+    tenant_control: _policy_pb2.OperatorControlMode.ValueType
+    """Tenant kill switch; UNSPECIFIED = NORMAL."""
+    project_control: _policy_pb2.OperatorControlMode.ValueType
+    """Project kill switch; UNSPECIFIED = NORMAL."""
+    run_spent_usd: _builtins.float
+    """Already spent in the current run, US dollars."""
+    day_spent_usd: _builtins.float
+    """Already spent in the current UTC day, US dollars."""
+    month_spent_usd: _builtins.float
+    """Already spent in the current UTC month, US dollars."""
+    def __init__(
+        self,
+        *,
+        unknown_agent: _builtins.bool = ...,
+        tenant_inactive: _builtins.bool = ...,
+        project: _builtins.str = ...,
+        version: _builtins.str = ...,
+        environment_name: _builtins.str = ...,
+        environment_type: _builtins.str = ...,
+        instance_state: _builtins.str = ...,
+        version_state: _builtins.str = ...,
+        tenant_control: _policy_pb2.OperatorControlMode.ValueType = ...,
+        project_control: _policy_pb2.OperatorControlMode.ValueType = ...,
+        run_spent_usd: _builtins.float = ...,
+        day_spent_usd: _builtins.float = ...,
+        month_spent_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day_spent_usd", b"day_spent_usd", "environment_name", b"environment_name", "environment_type", b"environment_type", "instance_state", b"instance_state", "month_spent_usd", b"month_spent_usd", "project", b"project", "project_control", b"project_control", "run_spent_usd", b"run_spent_usd", "tenant_control", b"tenant_control", "tenant_inactive", b"tenant_inactive", "unknown_agent", b"unknown_agent", "version", b"version", "version_state", b"version_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationContext: _TypeAlias = EvaluationContext  # noqa: Y015
+
+@_typing.final
+class EvaluationCall(_message.Message):
+    """One hypothetical call, for EvaluatePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    DECLARED_RISK_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_USD_FIELD_NUMBER: _builtins.int
+    IS_RUN_START_FIELD_NUMBER: _builtins.int
+    GRANT_STATUS_FIELD_NUMBER: _builtins.int
+    tool_name: _builtins.str
+    """Tool name; required, at most 200 characters."""
+    declared_risk: _common_pb2.RiskLevel.ValueType
+    """Risk declared by the caller; UNSPECIFIED = not declared."""
+    estimated_cost_usd: _builtins.float
+    """Estimated cost in US dollars, checked against budgets; 0 = none."""
+    is_run_start: _builtins.bool
+    """Whether the call starts a run."""
+    grant_status: _builtins.str
+    """Verdict on a presented approval: VALID, PENDING, NOT_FOUND, NOT_APPROVED, EXPIRED, USED or
+    MISMATCH; empty = no approval presented.
+    """
+    @_builtins.property
+    def context(self) -> Global___EvaluationContext:
+        """The agent and its situation."""
+
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Struct:
+        """The call's arguments, if any."""
+
+    def __init__(
+        self,
+        *,
+        context: Global___EvaluationContext | None = ...,
+        tool_name: _builtins.str = ...,
+        arguments: _struct_pb2.Struct | None = ...,
+        declared_risk: _common_pb2.RiskLevel.ValueType = ...,
+        estimated_cost_usd: _builtins.float = ...,
+        is_run_start: _builtins.bool = ...,
+        grant_status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "context", b"context", "declared_risk", b"declared_risk", "estimated_cost_usd", b"estimated_cost_usd", "grant_status", b"grant_status", "is_run_start", b"is_run_start", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationCall: _TypeAlias = EvaluationCall  # noqa: Y015
+
+@_typing.final
+class EvaluatePolicyRequest(_message.Message):
+    """Request of EvaluatePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    RISK_OVERRIDES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.PolicyEnvelope]:
+        """The envelopes to decide with (validated as on write, never stored): TENANT envelopes apply to
+        every call; the scope_id of PROJECT and VERSION envelopes is a label (1-200 characters)
+        matched against the call context's project and version. At most 60.
+        """
+
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationCall]:
+        """The calls to decide: 1 to 500."""
+
+    @_builtins.property
+    def risk_overrides(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.RiskOverride]:
+        """Risk overrides to classify with (as SetRiskOverrides; never stored); empty = the default
+        classification (not the tenant's stored overrides).
+        """
+
+    def __init__(
+        self,
+        *,
+        envelopes: _abc.Iterable[_policy_pb2.PolicyEnvelope] | None = ...,
+        calls: _abc.Iterable[Global___EvaluationCall] | None = ...,
+        risk_overrides: _abc.Iterable[_policy_pb2.RiskOverride] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "envelopes", b"envelopes", "risk_overrides", b"risk_overrides"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluatePolicyRequest: _TypeAlias = EvaluatePolicyRequest  # noqa: Y015
+
+@_typing.final
+class EvaluatePolicyResponse(_message.Message):
+    """Response of EvaluatePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResponse]:
+        """One result per call, in request order: decision, reasons, effective risk, step, scope,
+        envelope and rule; decision_id, approval_id, policy_epoch and request_id are empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CheckResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluatePolicyResponse: _TypeAlias = EvaluatePolicyResponse  # noqa: Y015

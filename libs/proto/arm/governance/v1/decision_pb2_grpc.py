@@ -65,6 +65,11 @@ class DecisionServiceStub:
                 request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsRequest.SerializeToString,
                 response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsResponse.FromString,
                 _registered_method=True)
+        self.EvaluatePolicy = channel.unary_unary(
+                '/arm.governance.v1.DecisionService/EvaluatePolicy',
+                request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -116,6 +121,15 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluatePolicy(self, request, context):
+        """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
+        and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
+        stored envelope is read (`arm policy test --server`). Requires `policies:read`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +162,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.ExportDecisions,
                     request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsRequest.FromString,
                     response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsResponse.SerializeToString,
+            ),
+            'EvaluatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluatePolicy,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +332,33 @@ class DecisionService:
             '/arm.governance.v1.DecisionService/ExportDecisions',
             arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsRequest.SerializeToString,
             arm_dot_governance_dot_v1_dot_decision__pb2.ExportDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.DecisionService/EvaluatePolicy',
+            arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,11 @@ class DecisionServiceStub:
     """The caller's tenant's decision log (filtered), oldest first, as chunks of JSON lines. Needs
     `audit:read`.
     """
+    EvaluatePolicy: _grpc.UnaryUnaryMultiCallable[_decision_pb2.EvaluatePolicyRequest, _decision_pb2.EvaluatePolicyResponse]
+    """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
+    and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
+    stored envelope is read (`arm policy test --server`). Requires `policies:read`.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -76,6 +81,11 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     ExportDecisions: _aio.UnaryStreamMultiCallable[_decision_pb2.ExportDecisionsRequest, _decision_pb2.ExportDecisionsResponse]  # type: ignore[assignment]
     """The caller's tenant's decision log (filtered), oldest first, as chunks of JSON lines. Needs
     `audit:read`.
+    """
+    EvaluatePolicy: _aio.UnaryUnaryMultiCallable[_decision_pb2.EvaluatePolicyRequest, _decision_pb2.EvaluatePolicyResponse]  # type: ignore[assignment]
+    """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
+    and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
+    stored envelope is read (`arm policy test --server`). Requires `policies:read`.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -133,6 +143,17 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_decision_pb2.ExportDecisionsResponse], _abc.AsyncIterator[_decision_pb2.ExportDecisionsResponse]]:
         """The caller's tenant's decision log (filtered), oldest first, as chunks of JSON lines. Needs
         `audit:read`.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluatePolicy(
+        self,
+        request: _decision_pb2.EvaluatePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.EvaluatePolicyResponse, _abc.Awaitable[_decision_pb2.EvaluatePolicyResponse]]:
+        """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
+        and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
+        stored envelope is read (`arm policy test --server`). Requires `policies:read`.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

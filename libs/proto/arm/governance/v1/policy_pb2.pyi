@@ -1473,3 +1473,196 @@ class ListOperatorControlsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOperatorControlsResponse: _TypeAlias = ListOperatorControlsResponse  # noqa: Y015
+
+@_typing.final
+class RiskOverride(_message.Message):
+    """A tenant's entry that sets the classified risk of the calls it matches, ahead of the default
+    tool table (argument triggers such as secrets or production still raise the result to HIGH).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ArgumentsBelowEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    RISK_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_BELOW_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """Tool glob, with the syntax of ToolRule.tool; required."""
+    risk: _common_pb2.RiskLevel.ValueType
+    """The risk it sets; required."""
+    @_builtins.property
+    def arguments_below(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Numeric bounds: the entry applies only when every named top-level argument is a number
+        strictly below its bound (e.g. {"amount": 50}); empty = whatever the arguments. At most 10.
+        """
+
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+        risk: _common_pb2.RiskLevel.ValueType = ...,
+        arguments_below: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_below", b"arguments_below", "risk", b"risk", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskOverride: _TypeAlias = RiskOverride  # noqa: Y015
+
+@_typing.final
+class RiskOverrides(_message.Message):
+    """The risk overrides of a tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Tenant (output only)."""
+    revision: _builtins.int
+    """Revision, +1 on every change; 0 = never set (output only)."""
+    etag: _builtins.str
+    """Opaque version tag for optimistic concurrency (output only)."""
+    @_builtins.property
+    def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskOverride]:
+        """The entries, the first matching one wins; at most 100."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        overrides: _abc.Iterable[Global___RiskOverride] | None = ...,
+        revision: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "overrides", b"overrides", "revision", b"revision", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskOverrides: _TypeAlias = RiskOverrides  # noqa: Y015
+
+@_typing.final
+class GetRiskOverridesRequest(_message.Message):
+    """Request of GetRiskOverrides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRiskOverridesRequest: _TypeAlias = GetRiskOverridesRequest  # noqa: Y015
+
+@_typing.final
+class GetRiskOverridesResponse(_message.Message):
+    """Response of GetRiskOverrides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RISK_OVERRIDES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def risk_overrides(self) -> Global___RiskOverrides:
+        """The caller's tenant's overrides."""
+
+    def __init__(
+        self,
+        *,
+        risk_overrides: Global___RiskOverrides | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["risk_overrides", b"risk_overrides"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["risk_overrides", b"risk_overrides"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRiskOverridesResponse: _TypeAlias = GetRiskOverridesResponse  # noqa: Y015
+
+@_typing.final
+class SetRiskOverridesRequest(_message.Message):
+    """Request of SetRiskOverrides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key; a repeat returns the first response."""
+    etag: _builtins.str
+    """Expected etag; a mismatch is ABORTED. Empty skips the check."""
+    reason: _builtins.str
+    """Reason, recorded in the change record."""
+    @_builtins.property
+    def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskOverride]:
+        """The new entries (replacing all); empty removes the overrides."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        overrides: _abc.Iterable[Global___RiskOverride] | None = ...,
+        etag: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "overrides", b"overrides", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRiskOverridesRequest: _TypeAlias = SetRiskOverridesRequest  # noqa: Y015
+
+@_typing.final
+class SetRiskOverridesResponse(_message.Message):
+    """Response of SetRiskOverrides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RISK_OVERRIDES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def risk_overrides(self) -> Global___RiskOverrides:
+        """The overrides as now set."""
+
+    def __init__(
+        self,
+        *,
+        risk_overrides: Global___RiskOverrides | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["risk_overrides", b"risk_overrides"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["risk_overrides", b"risk_overrides"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRiskOverridesResponse: _TypeAlias = SetRiskOverridesResponse  # noqa: Y015

@@ -80,6 +80,16 @@ class PolicyServiceStub:
                 request_serializer=arm_dot_governance_dot_v1_dot_policy__pb2.SimulatePolicyRequest.SerializeToString,
                 response_deserializer=arm_dot_governance_dot_v1_dot_policy__pb2.SimulatePolicyResponse.FromString,
                 _registered_method=True)
+        self.GetRiskOverrides = channel.unary_unary(
+                '/arm.governance.v1.PolicyService/GetRiskOverrides',
+                request_serializer=arm_dot_governance_dot_v1_dot_policy__pb2.GetRiskOverridesRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_policy__pb2.GetRiskOverridesResponse.FromString,
+                _registered_method=True)
+        self.SetRiskOverrides = channel.unary_unary(
+                '/arm.governance.v1.PolicyService/SetRiskOverrides',
+                request_serializer=arm_dot_governance_dot_v1_dot_policy__pb2.SetRiskOverridesRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_policy__pb2.SetRiskOverridesResponse.FromString,
+                _registered_method=True)
         self.SetOperatorControl = channel.unary_unary(
                 '/arm.governance.v1.PolicyService/SetOperatorControl',
                 request_serializer=arm_dot_governance_dot_v1_dot_policy__pb2.SetOperatorControlRequest.SerializeToString,
@@ -167,6 +177,23 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRiskOverrides(self, request, context):
+        """Reads the caller's tenant's risk overrides (none set: an empty list, revision 0). Requires
+        `policies:read`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRiskOverrides(self, request, context):
+        """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
+        classifier of this tenant's decisions tries them, in order, before the default tool table.
+        Other tenants are not affected. Requires `policies:write`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetOperatorControl(self, request, context):
         """Sets the operator control (kill switch) of the tenant or of a project; writes EMERGENCY_PAUSE
         and takes effect on every replica within one second.
@@ -236,6 +263,16 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.SimulatePolicy,
                     request_deserializer=arm_dot_governance_dot_v1_dot_policy__pb2.SimulatePolicyRequest.FromString,
                     response_serializer=arm_dot_governance_dot_v1_dot_policy__pb2.SimulatePolicyResponse.SerializeToString,
+            ),
+            'GetRiskOverrides': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRiskOverrides,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_policy__pb2.GetRiskOverridesRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_policy__pb2.GetRiskOverridesResponse.SerializeToString,
+            ),
+            'SetRiskOverrides': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRiskOverrides,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_policy__pb2.SetRiskOverridesRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_policy__pb2.SetRiskOverridesResponse.SerializeToString,
             ),
             'SetOperatorControl': grpc.unary_unary_rpc_method_handler(
                     servicer.SetOperatorControl,
@@ -497,6 +534,60 @@ class PolicyService:
             '/arm.governance.v1.PolicyService/SimulatePolicy',
             arm_dot_governance_dot_v1_dot_policy__pb2.SimulatePolicyRequest.SerializeToString,
             arm_dot_governance_dot_v1_dot_policy__pb2.SimulatePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRiskOverrides(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.PolicyService/GetRiskOverrides',
+            arm_dot_governance_dot_v1_dot_policy__pb2.GetRiskOverridesRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_policy__pb2.GetRiskOverridesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRiskOverrides(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.PolicyService/SetRiskOverrides',
+            arm_dot_governance_dot_v1_dot_policy__pb2.SetRiskOverridesRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_policy__pb2.SetRiskOverridesResponse.FromString,
             options,
             channel_credentials,
             insecure,

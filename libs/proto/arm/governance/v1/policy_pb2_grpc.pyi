@@ -63,6 +63,15 @@ class PolicyServiceStub:
     """Replays recently logged decisions with a candidate envelope in place and lists the decisions
     whose outcome would change. Changes nothing.
     """
+    GetRiskOverrides: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetRiskOverridesRequest, _policy_pb2.GetRiskOverridesResponse]
+    """Reads the caller's tenant's risk overrides (none set: an empty list, revision 0). Requires
+    `policies:read`.
+    """
+    SetRiskOverrides: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SetRiskOverridesRequest, _policy_pb2.SetRiskOverridesResponse]
+    """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
+    classifier of this tenant's decisions tries them, in order, before the default tool table.
+    Other tenants are not affected. Requires `policies:write`.
+    """
     SetOperatorControl: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SetOperatorControlRequest, _policy_pb2.SetOperatorControlResponse]
     """Sets the operator control (kill switch) of the tenant or of a project; writes EMERGENCY_PAUSE
     and takes effect on every replica within one second.
@@ -100,6 +109,15 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     SimulatePolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.SimulatePolicyRequest, _policy_pb2.SimulatePolicyResponse]  # type: ignore[assignment]
     """Replays recently logged decisions with a candidate envelope in place and lists the decisions
     whose outcome would change. Changes nothing.
+    """
+    GetRiskOverrides: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetRiskOverridesRequest, _policy_pb2.GetRiskOverridesResponse]  # type: ignore[assignment]
+    """Reads the caller's tenant's risk overrides (none set: an empty list, revision 0). Requires
+    `policies:read`.
+    """
+    SetRiskOverrides: _aio.UnaryUnaryMultiCallable[_policy_pb2.SetRiskOverridesRequest, _policy_pb2.SetRiskOverridesResponse]  # type: ignore[assignment]
+    """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
+    classifier of this tenant's decisions tries them, in order, before the default tool table.
+    Other tenants are not affected. Requires `policies:write`.
     """
     SetOperatorControl: _aio.UnaryUnaryMultiCallable[_policy_pb2.SetOperatorControlRequest, _policy_pb2.SetOperatorControlResponse]  # type: ignore[assignment]
     """Sets the operator control (kill switch) of the tenant or of a project; writes EMERGENCY_PAUSE
@@ -189,6 +207,27 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_policy_pb2.SimulatePolicyResponse, _abc.Awaitable[_policy_pb2.SimulatePolicyResponse]]:
         """Replays recently logged decisions with a candidate envelope in place and lists the decisions
         whose outcome would change. Changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRiskOverrides(
+        self,
+        request: _policy_pb2.GetRiskOverridesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.GetRiskOverridesResponse, _abc.Awaitable[_policy_pb2.GetRiskOverridesResponse]]:
+        """Reads the caller's tenant's risk overrides (none set: an empty list, revision 0). Requires
+        `policies:read`.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRiskOverrides(
+        self,
+        request: _policy_pb2.SetRiskOverridesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.SetRiskOverridesResponse, _abc.Awaitable[_policy_pb2.SetRiskOverridesResponse]]:
+        """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
+        classifier of this tenant's decisions tries them, in order, before the default tool table.
+        Other tenants are not affected. Requires `policies:write`.
         """
 
     @_abc_1.abstractmethod

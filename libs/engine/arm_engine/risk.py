@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import re2
@@ -23,6 +24,7 @@ __all__ = [
     "UNKNOWN_TOOL_RISK",
     "Classifier",
     "Risk",
+    "RiskOverride",
     "arguments_are_sensitive",
     "tool_words",
 ]
@@ -261,19 +263,61 @@ def _fnmatch_re2(word: str) -> str:
     return "".join(out)
 
 
+@dataclass(frozen=True, slots=True)
+class RiskOverride:
+    """An entry that sets the tool-name risk of the calls it matches, ahead of the word table (a
+    tenant's own classification, e.g. `payments.refund` with `amount` under 50 is MEDIUM):
+    `tool` is a tool glob with the tool rules' syntax (`*` within a dotted segment, `**` across,
+    case-insensitive); every `(argument, bound)` of `below` must hold — that top-level argument is
+    a number (not a bool) strictly below the bound — or the entry does not apply. The first
+    matching override wins; argument triggers still raise the result to HIGH."""
+
+    tool: str
+    risk: Risk
+    below: tuple[tuple[str, float], ...] = ()
+
+
+def _override_regex(glob: str) -> str:
+    out = []
+    for part in re.split(r"(\*+)", glob):
+        if part.startswith("*"):
+            out.append(".*" if len(part) >= 2 else "[^.]*")
+        elif part:
+            out.append("".join(c if c.isalnum() or c == "_" else f"\\x{{{ord(c):x}}}" for c in part))
+    return "".join(out)
+
+
+def _holds(arguments: Any, below: tuple[tuple[str, float], ...]) -> bool:
+    if not below:
+        return True
+    if not isinstance(arguments, Mapping):
+        return False
+    for name, bound in below:
+        value = arguments.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value < bound:
+            return False
+    return True
+
+
 class Classifier:
     """Classifies a tool call's risk from the tool name (configurable word table, cached) and its
     arguments (raised to HIGH when they match an argument trigger: secrets, production,
     destructive commands; configurable too)."""
 
-    __slots__ = ("_entries", "_words", "_word_hits", "_cache", "_triggers", "unknown")
+    __slots__ = ("_entries", "_words", "_word_hits", "_cache", "_triggers", "unknown", "_overrides")
 
     def __init__(self, table: Sequence[tuple[str, Risk]] | None = None,
                  unknown: Risk = UNKNOWN_TOOL_RISK,
-                 triggers: Sequence[tuple[str, str]] | None = None) -> None:
+                 triggers: Sequence[tuple[str, str]] | None = None,
+                 overrides: Sequence[RiskOverride] = ()) -> None:
         """`table` replaces `DEFAULT_RISK_TABLE` (see there for the entry syntax); `unknown` is the
         risk of a tool no entry matches; `triggers` replaces `DEFAULT_ARGUMENT_TRIGGERS`
-        ((label, RE2 pattern) entries)."""
+        ((label, RE2 pattern) entries); `overrides` (RiskOverride) are tried first, in order."""
+        opts = re2.Options()
+        opts.case_sensitive = False
+        opts.log_errors = False
+        self._overrides = tuple((re2.compile(_override_regex(o.tool), opts), Risk(o.risk), tuple(o.below))
+                                for o in overrides)
         # Every distinct word pattern of the table goes into one RE2 set: a name's words are
         # matched against all of them in one pass each, in time linear in the name.
         patterns: dict[str, int] = {}
@@ -331,8 +375,15 @@ class Classifier:
         return self.unknown if best is None else best
 
     def classify(self, tool: str, arguments: Any = None) -> Risk:
-        """Risk of a call: the tool name's risk, raised to HIGH when an argument trigger matches."""
-        risk = self._cache.get(tool)
+        """Risk of a call: the first matching override's risk, else the tool name's risk; raised
+        to HIGH when an argument trigger matches."""
+        risk = None
+        for matcher, override, below in self._overrides:
+            if matcher.fullmatch(tool) and _holds(arguments, below):
+                risk = override
+                break
+        if risk is None:
+            risk = self._cache.get(tool)
         if risk is None:
             risk = self.classify_tool(tool)
         if arguments and risk < HIGH and self._triggers is not None and arguments_are_sensitive(
