@@ -13,7 +13,7 @@ from arm.registry.v1 import compat_pb2
 from arm.telemetry.v1 import events_pb2
 from arm_common.auth import Principal
 from arm_common.messages import ts
-from arm_governance import engine
+from arm_engine import engine
 from arm_governance.decisions import Decider
 
 PROVENANCE_KEYS = ("envelope_id", "envelope_revision", "scope", "scope_id", "rule_kind", "rule_index",
