@@ -1,0 +1,251 @@
+"""The gateway: an MCP server to its client, an MCP client to each configured upstream.
+
+- `tools/list` is the union of the upstreams' tools, each named `<prefix>.<tool>`.
+- Every `tools/call` is a `Check` for the upstream's ARM agent (tool `<prefix>.<tool>`, the
+  arguments, the upstream's declared risk, the session's run id, a fresh tool call id):
+  ALLOW forwards the call and returns the upstream's result unchanged; DENY returns a tool error
+  result (`isError`) whose text gives governance's reasons, and the upstream never sees the call;
+  NEEDS_APPROVAL waits up to `approval_wait_s` for the approval: approved → checked again with
+  it and forwarded once; still open → an error result naming the approval id and telling the
+  model it may retry later. The approval is remembered per (tool, canonical arguments) for the
+  session, so a retry of the same call picks the same approval up instead of opening another.
+- Governance unreachable fails closed: an error result, the upstream is not called.
+- Events (through each agent's `Arm` event sender): the session is a run (RUN_STARTED …
+  RUN_COMPLETED); each call sends TOOL_CALL_STARTED and TOOL_CALL_COMPLETED / TOOL_CALL_FAILED
+  when forwarded, TOOL_CALL_BLOCKED when refused, with durations.
+
+One gateway process serves one client session over stdio (the process is the session).
+Not built yet (issue 15): streamable HTTP towards clients, hiding denied tools, restarting a
+crashed upstream, a size limit on arguments."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mcp_types as types
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+
+from arm.governance.v1 import approvals_pb2 as apb
+from arm.telemetry.v1 import events_pb2
+from arm_client import Arm
+from arm_client.errors import (
+    ApprovalExpired,
+    ApprovalRejected,
+    ApprovalTimeout,
+    ArmError,
+    GovernanceUnavailable,
+)
+from arm_client.sdk import OPEN_STATUSES, Decision
+from arm_gateway.config import GatewayConfig, UpstreamConfig
+
+log = logging.getLogger("arm_gateway")
+
+EV = events_pb2
+
+
+def canonical(arguments: Mapping[str, Any] | None) -> str:
+    """The arguments as one stable string: a retry with the same arguments maps to the same key."""
+    return json.dumps(arguments or {}, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def error_result(text: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
+
+
+@dataclass
+class Upstream:
+    """One connected upstream: its configuration, its MCP session and its agent's `Arm`."""
+
+    config: UpstreamConfig
+    session: ClientSession
+    arm: Arm
+    tools: list[types.Tool] = field(default_factory=list)
+
+
+@dataclass
+class GatewaySession:
+    """One client session: its run id and the approvals it is waiting for, per call."""
+
+    run_id: str
+    pending: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+class Gateway:
+    """The MCP server handlers over connected upstreams (see the module docstring)."""
+
+    def __init__(self, config: GatewayConfig, upstreams: list[Upstream]) -> None:
+        self.config = config
+        self.upstreams = upstreams
+        self.routes: dict[str, tuple[Upstream, str]] = {}
+        for up in upstreams:
+            for tool in up.tools:
+                self.routes[f"{up.config.prefix}.{tool.name}"] = (up, tool.name)
+        self.session = GatewaySession(run_id=f"mcp-{secrets.token_hex(8)}")
+        self.server: Server[Any] = Server("arm-gateway", on_list_tools=self.list_tools, on_call_tool=self.call_tool)
+
+    async def list_tools(self, ctx: ServerRequestContext[Any],
+                         params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        tools = [tool.model_copy(update={"name": f"{up.config.prefix}.{tool.name}"})
+                 for up in self.upstreams for tool in up.tools]
+        return types.ListToolsResult(tools=tools)
+
+    async def call_tool(self, ctx: ServerRequestContext[Any],
+                        params: types.CallToolRequestParams) -> types.CallToolResult:
+        return await self.governed_call(self.session, params.name, params.arguments or {})
+
+    async def governed_call(self, session: GatewaySession, name: str,
+                            arguments: dict[str, Any]) -> types.CallToolResult:
+        route = self.routes.get(name)
+        if route is None:
+            return error_result(f'Unknown tool "{name}": call tools/list for the tools this gateway offers.')
+        up, tool = route
+        arm = up.arm
+        key = (name, canonical(arguments))
+        started = time.perf_counter()
+        tcid = f"tc-{secrets.token_hex(8)}"
+        risk = up.config.risk_of(tool)
+
+        def blocked(text: str, **payload: Any) -> types.CallToolResult:
+            arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_BLOCKED, run_id=session.run_id, tool_call_id=tcid,
+                     payload={"tool_name": name, "duration_ms": (time.perf_counter() - started) * 1000, **payload})
+            return error_result(text)
+
+        try:
+            approval_id = session.pending.get(key)
+            decision: Decision | None = None
+            if approval_id:  # a retry of a call that is waiting for an approval: pick it up
+                approval = await arm.get_approval(approval_id)
+                tcid = approval.tool_call_id or tcid
+                if approval.status in OPEN_STATUSES:
+                    await arm.wait_for_approval(approval_id, self.config.approval_wait_s)
+                elif approval.status == apb.APPROVAL_STATUS_EXPIRED:
+                    raise ApprovalExpired(approval_id)
+                elif approval.status != apb.APPROVAL_STATUS_APPROVED:
+                    raise ApprovalRejected(approval_id, apb.ApprovalStatus.Name(approval.status).removeprefix(
+                        "APPROVAL_STATUS_"))
+                decision = await arm.check(name, arguments, risk=risk, run_id=session.run_id,
+                                           tool_call_id=tcid, approval_id=approval_id)
+            else:
+                decision = await arm.check(name, arguments, risk=risk, run_id=session.run_id, tool_call_id=tcid)
+                if decision.needs_approval:
+                    approval_id = decision.approval_id
+                    session.pending[key] = approval_id
+                    await arm.wait_for_approval(approval_id, self.config.approval_wait_s)
+                    decision = await arm.check(name, arguments, risk=risk, run_id=session.run_id,
+                                               tool_call_id=tcid, approval_id=approval_id)
+        except ApprovalTimeout as exc:
+            return blocked(
+                f'The call to "{name}" needs a human approval (approval id {exc.approval_id}), which is not '
+                f"decided yet. It was not run. You may retry the same call, with the same arguments, later: "
+                f"it will run once the approval is granted.",
+                decision="NEEDS_APPROVAL", approval_id=exc.approval_id)
+        except (ApprovalRejected, ApprovalExpired) as exc:
+            session.pending.pop(key, None)
+            return blocked(f'The call to "{name}" was not run: {exc}. Do not retry it unchanged.',
+                           decision="DENY", approval_id=exc.approval_id)
+        except GovernanceUnavailable as exc:
+            return blocked(f'The call to "{name}" was not run: ARM governance cannot be reached to '
+                           f"authorize it ({exc.reason}). Try again later.", governance="unavailable")
+        except ArmError as exc:
+            log.warning("checking %s failed: %s", name, exc)
+            return blocked(f'The call to "{name}" was not run: ARM refused to check it ({exc.reason}: {exc}).',
+                           error_type=type(exc).__name__)
+        if decision.needs_approval:  # the policy changed meanwhile: a new approval
+            session.pending[key] = decision.approval_id
+            return blocked(f'The call to "{name}" needs a human approval (approval id {decision.approval_id}). '
+                           "It was not run. You may retry the same call later.",
+                           decision="NEEDS_APPROVAL", approval_id=decision.approval_id)
+        if decision.denied:
+            session.pending.pop(key, None)
+            reasons = "; ".join(f"{r.code}: {r.message}" for r in decision.reasons) or "no reason given"
+            return blocked(f'ARM policy denied the call to "{name}"; it was not run. Reason: {reasons} '
+                           "Do not retry it unchanged.", decision="DENY", decision_id=decision.decision_id,
+                           reasons=[r.code for r in decision.reasons])
+        session.pending.pop(key, None)
+        return await self.forward(session, up, name, tool, arguments, decision, tcid)
+
+    async def forward(self, session: GatewaySession, up: Upstream, name: str, tool: str,
+                      arguments: dict[str, Any], decision: Decision, tcid: str) -> types.CallToolResult:
+        arm = up.arm
+        payload: dict[str, Any] = {"tool_name": name, "decision_id": decision.decision_id}
+        if decision.approval_id:
+            payload["approval_id"] = decision.approval_id
+        arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_STARTED, run_id=session.run_id, tool_call_id=tcid, payload=payload)
+        started = time.perf_counter()
+        try:
+            result = await up.session.call_tool(tool, arguments)
+        except Exception as exc:
+            arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_FAILED, run_id=session.run_id, tool_call_id=tcid, payload={
+                "tool_name": name, "duration_ms": (time.perf_counter() - started) * 1000,
+                "error_type": type(exc).__name__, "error": str(exc)[:1000]})
+            return error_result(f'The upstream server "{up.config.name}" failed to run "{name}": {exc}')
+        done: dict[str, Any] = {"tool_name": name, "duration_ms": (time.perf_counter() - started) * 1000}
+        if result.is_error:
+            done["error_type"] = "ToolError"
+            arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_FAILED, run_id=session.run_id, tool_call_id=tcid, payload=done)
+        else:
+            arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_COMPLETED, run_id=session.run_id, tool_call_id=tcid, payload=done)
+        return result
+
+
+async def list_all_tools(session: ClientSession) -> list[types.Tool]:
+    tools: list[types.Tool] = []
+    cursor: str | None = None
+    while True:
+        result = await session.list_tools(params=types.PaginatedRequestParams(cursor=cursor) if cursor else None)
+        tools.extend(result.tools)
+        cursor = result.next_cursor
+        if not cursor:
+            return tools
+
+
+@contextlib.asynccontextmanager
+async def connected(config: GatewayConfig) -> AsyncIterator[Gateway]:
+    """Connects every upstream (and its agent's `Arm`), lists their tools and yields the gateway;
+    on exit closes the upstreams and flushes the events."""
+    async with contextlib.AsyncExitStack() as stack:
+        arms: dict[tuple[str, str], Arm] = {}
+        upstreams = []
+        for uc in config.upstreams:
+            agent_key = (uc.agent.instance_id, uc.agent.api_key)
+            if agent_key not in arms:
+                arm = Arm(config.address, uc.agent.api_key, instance_id=uc.agent.instance_id,
+                          registry_address=config.registry_address, governance_address=config.governance_address,
+                          telemetry_address=config.telemetry_address,
+                          approval_timeout_s=config.approval_wait_s)
+                await stack.enter_async_context(arm)
+                arms[agent_key] = arm
+            if uc.url:
+                read, write = await stack.enter_async_context(streamable_http_client(uc.url))
+            else:
+                read, write = await stack.enter_async_context(stdio_client(StdioServerParameters(
+                    command=uc.command, args=list(uc.args), env=uc.env or None)))
+            session = await stack.enter_async_context(ClientSession(read, write))
+            await session.initialize()
+            up = Upstream(uc, session, arms[agent_key])
+            up.tools = await list_all_tools(session)
+            log.info("upstream %s: %d tools", uc.name, len(up.tools))
+            upstreams.append(up)
+        gateway = Gateway(config, upstreams)
+        for arm in arms.values():  # the session is a run of each agent the gateway acts as
+            await stack.enter_async_context(arm.run("mcp-gateway-session", run_id=gateway.session.run_id))
+        yield gateway
+
+
+async def serve_stdio(config: GatewayConfig) -> None:
+    """Serves one MCP client over stdin/stdout until it closes the connection."""
+    async with connected(config) as gateway, stdio_server() as (read, write):
+        log.info("serving MCP over stdio; run id %s", gateway.session.run_id)
+        await gateway.server.run(read, write, gateway.server.create_initialization_options())

@@ -1,0 +1,183 @@
+"""The MCP gateway as a real process (`python -m arm_gateway --config …`) between a real MCP
+client session (the `mcp` SDK's ClientSession over stdio) and a real upstream MCP server
+(tests/gateway/upstream.py, which appends every call it receives to a file), governed by real
+ARM servers (issue 15).
+
+Tools and their declared risks (the baseline decides): `up.echo` LOW → ALLOW, `up.delete`
+CRITICAL → DENY, `up.pay` HIGH → NEEDS_APPROVAL (two approvers)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import mcp_types as types
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from arm.governance.v1 import approvals_pb2 as apb
+from arm.telemetry.v1 import events_pb2 as ev
+from arm.telemetry.v1 import telemetry_pb2 as tpb
+from tests.client.conftest import Agent
+
+UPSTREAM = Path(__file__).with_name("upstream.py")
+EV = ev.OpEventType
+
+
+def upstream_calls(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float) -> Path:
+    key_file = tmp / "agent.key"
+    key_file.write_text(agent.key + "\n")
+    config = {
+        "arm": {"registry_address": agent.registry_address, "governance_address": agent.governance.address,
+                "telemetry_address": agent.telemetry.address},
+        "approval_wait_s": approval_wait_s,
+        "upstreams": {"up": {
+            "command": sys.executable, "args": [str(UPSTREAM)], "env": {"UPSTREAM_CALLS": str(calls)},
+            "agent": {"instance_id": agent.instance_id, "api_key_file": str(key_file)},
+            "risk": "LOW", "tools": {"delete": {"risk": "CRITICAL"}, "pay": {"risk": "HIGH"}}}},
+    }
+    path = tmp / "gateway.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+@contextlib.asynccontextmanager
+async def mcp_session(command: list[str], env: dict[str, str], errlog: Path) -> AsyncIterator[ClientSession]:
+    with errlog.open("a") as err:
+        params = StdioServerParameters(command=command[0], args=command[1:], env=env)
+        async with stdio_client(params, errlog=err) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            yield session
+
+
+def gateway(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float = 30.0) -> Any:
+    config = write_config(agent, tmp, calls, approval_wait_s)
+    return mcp_session([sys.executable, "-m", "arm_gateway", "--config", str(config)], {}, tmp / "gateway.log")
+
+
+def run_id_of(log: Path) -> str:
+    found = re.findall(r"run id (mcp-[0-9a-f]+)", log.read_text())
+    assert len(found) == 1, log.read_text()
+    return found[0]
+
+
+def text(result: types.CallToolResult) -> str:
+    return " ".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+async def pending_approval(agent: Agent, tool: str) -> apb.Approval:
+    """Waits until the agent's approval for `tool` exists and returns it."""
+    while True:
+        resp = await agent.admin.approvals.ListApprovals(apb.ListApprovalsRequest(instance_id=agent.instance_id))
+        found = [a for a in resp.approvals if a.tool_name == tool]
+        if found:
+            assert len(found) == 1, found
+            return found[0]
+        await asyncio.sleep(0.02)
+
+
+async def run_trace(agent: Agent, run_id: str) -> list[ev.OpEvent]:
+    """The run's events once RUN_COMPLETED has arrived (the gateway flushes it at session end)."""
+    while True:
+        resp = await agent.admin.telemetry.GetRunTrace(tpb.GetRunTraceRequest(run_id=run_id, page_size=500))
+        if any(e.type == ev.OP_EVENT_TYPE_RUN_COMPLETED for e in resp.events):
+            return list(resp.events)
+        await asyncio.sleep(0.05)
+
+
+async def test_allow_deny_and_approval_through_the_gateway(agent: Agent, tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    direct_calls = tmp_path / "direct.jsonl"
+    async with mcp_session([sys.executable, str(UPSTREAM)], {"UPSTREAM_CALLS": str(direct_calls)},
+                           tmp_path / "direct.log") as direct:
+        expected = await direct.call_tool("echo", {"text": "héllo"})
+
+    async with gateway(agent, tmp_path, calls) as session:
+        listed = await session.list_tools()
+        assert sorted(t.name for t in listed.tools) == ["up.delete", "up.echo", "up.pay"]
+        assert {t.name: t.input_schema for t in listed.tools}["up.pay"]["required"] == ["to", "amount"]
+
+        # ALLOW: forwarded, the upstream's result unchanged.
+        allowed = await session.call_tool("up.echo", {"text": "héllo"})
+        assert allowed.model_dump() == expected.model_dump()
+        assert not allowed.is_error and allowed.structured_content == {"echoed": "héllo", "length": 5}
+        assert upstream_calls(calls) == [{"tool": "echo", "arguments": {"text": "héllo"}}]
+
+        # DENY: an error result with the reason; the upstream never sees the call.
+        denied = await session.call_tool("up.delete", {"path": "/etc/passwd"})
+        assert denied.is_error
+        assert "BASELINE_CRITICAL" in text(denied) and "denied" in text(denied)
+        assert [c["tool"] for c in upstream_calls(calls)] == ["echo"]
+
+        # NEEDS_APPROVAL granted while the call waits: forwarded once.
+        call = asyncio.create_task(session.call_tool("up.pay", {"to": "bob", "amount": 5}))
+        approval = await pending_approval(agent, "up.pay")
+        assert not call.done() and [c["tool"] for c in upstream_calls(calls)] == ["echo"]
+        decided = await agent.decide(approval.approval_id)
+        assert decided.status == apb.APPROVAL_STATUS_APPROVED
+        paid = await call
+        assert not paid.is_error and text(paid) == "paid 5 to bob"
+        assert [c["tool"] for c in upstream_calls(calls)] == ["echo", "pay"]
+
+        unknown = await session.call_tool("up.nope", {})
+        assert unknown.is_error and "Unknown tool" in text(unknown)
+
+    run_id = run_id_of(tmp_path / "gateway.log")
+    assert approval.run_id == run_id
+    events = await run_trace(agent, run_id)
+    kinds = [(EV.Name(e.type).removeprefix("OP_EVENT_TYPE_"), e.payload["tool_name"] if "tool_name" in e.payload
+              else "") for e in events]
+    assert kinds == [("RUN_STARTED", ""), ("TOOL_CALL_STARTED", "up.echo"), ("TOOL_CALL_COMPLETED", "up.echo"),
+                     ("TOOL_CALL_BLOCKED", "up.delete"), ("TOOL_CALL_STARTED", "up.pay"),
+                     ("TOOL_CALL_COMPLETED", "up.pay"), ("RUN_COMPLETED", "")]
+    assert all(e.instance_id == agent.instance_id for e in events)
+    assert events[1].tool_call_id == events[2].tool_call_id != events[4].tool_call_id
+    assert events[4].tool_call_id == approval.tool_call_id
+    assert events[4].payload["approval_id"] == approval.approval_id
+    assert all(events[i].payload["duration_ms"] >= 0 for i in (2, 3, 5, 6))
+    assert events[3].payload["decision"] == "DENY"
+
+
+async def test_approval_timed_out_then_retried_picks_up_the_same_approval(agent: Agent, tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    async with gateway(agent, tmp_path, calls, approval_wait_s=0.3) as session:
+        first = await session.call_tool("up.pay", {"to": "carol", "amount": 7})
+        assert first.is_error
+        approval = await pending_approval(agent, "up.pay")
+        assert approval.approval_id in text(first) and "retry" in text(first)
+        assert upstream_calls(calls) == []
+
+        # Still undecided: the retry waits on the same approval, opens no other, runs nothing.
+        again = await session.call_tool("up.pay", {"amount": 7, "to": "carol"})  # same args, other order
+        assert again.is_error and approval.approval_id in text(again)
+        assert (await pending_approval(agent, "up.pay")).approval_id == approval.approval_id
+        assert upstream_calls(calls) == []
+
+        await agent.decide(approval.approval_id)
+        done = await session.call_tool("up.pay", {"to": "carol", "amount": 7})
+        assert not done.is_error and text(done) == "paid 7 to carol"
+        assert upstream_calls(calls) == [{"tool": "pay", "arguments": {"to": "carol", "amount": 7}}]
+
+        # The approval was used: the next identical call asks anew (a new approval), runs nothing.
+        later = await session.call_tool("up.pay", {"to": "carol", "amount": 7})
+        assert later.is_error
+        resp = await agent.admin.approvals.ListApprovals(apb.ListApprovalsRequest(instance_id=agent.instance_id))
+        ids = {a.approval_id for a in resp.approvals if a.tool_name == "up.pay"}
+        assert approval.approval_id in ids and len(ids) == 2
+        assert len(upstream_calls(calls)) == 1
+
+    events = await run_trace(agent, run_id_of(tmp_path / "gateway.log"))
+    kinds = [EV.Name(e.type).removeprefix("OP_EVENT_TYPE_") for e in events]
+    assert kinds == ["RUN_STARTED", "TOOL_CALL_BLOCKED", "TOOL_CALL_BLOCKED", "TOOL_CALL_STARTED",
+                     "TOOL_CALL_COMPLETED", "TOOL_CALL_BLOCKED", "RUN_COMPLETED"]
+    assert events[3].payload["approval_id"] == approval.approval_id
