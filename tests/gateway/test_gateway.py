@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from arm.governance.v1 import approvals_pb2 as apb
 from arm.telemetry.v1 import events_pb2 as ev
 from arm.telemetry.v1 import telemetry_pb2 as tpb
 from tests.client.conftest import Agent
+from tests.processes import free_port
 
 UPSTREAM = Path(__file__).with_name("upstream.py")
 EV = ev.OpEventType
@@ -34,16 +38,19 @@ def upstream_calls(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float) -> Path:
+def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, url: str = "",
+                 governance_address: str = "") -> Path:
     key_file = tmp / "agent.key"
     key_file.write_text(agent.key + "\n")
+    serve: dict[str, Any] = {"url": url} if url else {
+        "command": sys.executable, "args": [str(UPSTREAM)], "env": {"UPSTREAM_CALLS": str(calls)}}
     config = {
-        "arm": {"registry_address": agent.registry_address, "governance_address": agent.governance.address,
+        "arm": {"registry_address": agent.registry_address,
+                "governance_address": governance_address or agent.governance.address,
                 "telemetry_address": agent.telemetry.address},
         "approval_wait_s": approval_wait_s,
         "upstreams": {"up": {
-            "command": sys.executable, "args": [str(UPSTREAM)], "env": {"UPSTREAM_CALLS": str(calls)},
-            "agent": {"instance_id": agent.instance_id, "api_key_file": str(key_file)},
+            **serve, "agent": {"instance_id": agent.instance_id, "api_key_file": str(key_file)},
             "risk": "LOW", "tools": {"delete": {"risk": "CRITICAL"}, "pay": {"risk": "HIGH"}}}},
     }
     path = tmp / "gateway.yaml"
@@ -60,8 +67,8 @@ async def mcp_session(command: list[str], env: dict[str, str], errlog: Path) -> 
             yield session
 
 
-def gateway(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float = 30.0) -> Any:
-    config = write_config(agent, tmp, calls, approval_wait_s)
+def gateway(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float = 30.0, **kw: Any) -> Any:
+    config = write_config(agent, tmp, calls, approval_wait_s, **kw)
     return mcp_session([sys.executable, "-m", "arm_gateway", "--config", str(config)], {}, tmp / "gateway.log")
 
 
@@ -181,3 +188,35 @@ async def test_approval_timed_out_then_retried_picks_up_the_same_approval(agent:
     assert kinds == ["RUN_STARTED", "TOOL_CALL_BLOCKED", "TOOL_CALL_BLOCKED", "TOOL_CALL_STARTED",
                      "TOOL_CALL_COMPLETED", "TOOL_CALL_BLOCKED", "RUN_COMPLETED"]
     assert events[3].payload["approval_id"] == approval.approval_id
+
+
+async def test_a_streamable_http_upstream_is_governed_the_same(agent: Agent, tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    port = free_port()
+    with (tmp_path / "upstream.log").open("ab") as log:
+        upstream = subprocess.Popen([sys.executable, str(UPSTREAM), "--http", str(port)], stdout=log,
+                                    stderr=subprocess.STDOUT, env={**os.environ, "UPSTREAM_CALLS": str(calls)})
+    try:
+        while True:  # until it accepts connections
+            assert upstream.poll() is None, (tmp_path / "upstream.log").read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            await asyncio.sleep(0.05)
+        async with gateway(agent, tmp_path, calls, url=f"http://127.0.0.1:{port}/mcp") as session:
+            assert sorted(t.name for t in (await session.list_tools()).tools) == ["up.delete", "up.echo", "up.pay"]
+            allowed = await session.call_tool("up.echo", {"text": "over http"})
+            assert not allowed.is_error and text(allowed) == "echo: over http"
+            denied = await session.call_tool("up.delete", {"path": "x"})
+            assert denied.is_error and "BASELINE_CRITICAL" in text(denied)
+            assert upstream_calls(calls) == [{"tool": "echo", "arguments": {"text": "over http"}}]
+    finally:
+        upstream.terminate()
+        upstream.wait(30)
+
+
+async def test_governance_unreachable_fails_closed(agent: Agent, tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    async with gateway(agent, tmp_path, calls, governance_address=f"127.0.0.1:{free_port()}") as session:
+        result = await session.call_tool("up.echo", {"text": "hi"})
+        assert result.is_error and "governance cannot be reached" in text(result)
+        assert upstream_calls(calls) == []

@@ -1,14 +1,16 @@
-"""A small upstream MCP server over stdio for the gateway's tests: three tools, each call
+"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: three tools, each call
 appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import anyio
 import mcp_types as types
+import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
@@ -49,6 +51,11 @@ async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolReques
 
 async def main() -> None:
     server: Server[Any] = Server("test-upstream", on_list_tools=list_tools, on_call_tool=call_tool)
+    if len(sys.argv) == 3 and sys.argv[1] == "--http":  # streamable HTTP on 127.0.0.1:<port>/mcp
+        config = uvicorn.Config(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[2]),
+                                log_level="warning")
+        await uvicorn.Server(config).serve()
+        return
     async with stdio_server() as (read, write):
         await server.run(read, write, server.create_initialization_options())
 
