@@ -73,7 +73,7 @@ def gateway(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float = 30.0,
 
 
 def run_id_of(log: Path) -> str:
-    found = re.findall(r"run id (mcp-[0-9a-f]+)", log.read_text())
+    found = re.findall(r"started: run id (mcp-[0-9a-f]+)", log.read_text())
     assert len(found) == 1, log.read_text()
     return found[0]
 

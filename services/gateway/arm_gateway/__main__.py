@@ -1,4 +1,5 @@
-"""`python -m arm_gateway --config gateway.yaml`: serves one MCP client over stdio."""
+"""`python -m arm_gateway --config gateway.yaml`: serves one MCP client over stdio, or any
+number over streamable HTTP when the config has `http: {port: …}`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import sys
 
 from arm_gateway.config import ConfigError, load_config
-from arm_gateway.gateway import serve_stdio
+from arm_gateway.gateway import serve_http, serve_stdio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"arm_gateway: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve_stdio(config))
+    asyncio.run(serve_stdio(config) if config.http_port is None else serve_http(config))
     return 0
 
 

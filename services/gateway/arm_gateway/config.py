@@ -3,6 +3,7 @@
     arm:                                  # optional; else ARM_ADDRESS / ARM_*_ADDRESS from the env
       governance_address: 127.0.0.1:50052
       telemetry_address: 127.0.0.1:50053
+    http: {host: 127.0.0.1, port: 8765}   # optional: serve clients over streamable HTTP at /mcp
     approval_wait_s: 30                   # how long a call waits for an approval (default 30)
     upstreams:
       files:                              # tools appear as "files.<tool>" (or "<prefix>.<tool>")
@@ -65,6 +66,9 @@ class GatewayConfig:
     governance_address: str | None = None
     telemetry_address: str | None = None
     address: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    """Serve clients over streamable HTTP on this port (None: over stdio)."""
 
 
 def _str(d: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
@@ -142,8 +146,17 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     wait = raw.get("approval_wait_s", 30.0)
     if not isinstance(wait, int | float) or isinstance(wait, bool) or wait < 0:
         raise ConfigError("approval_wait_s: a number of seconds >= 0 is required")
+    http = raw.get("http")
+    host, port = "127.0.0.1", None
+    if http is not None:
+        if not isinstance(http, dict):
+            raise ConfigError("http: a mapping with port (and host) is required")
+        host = _str(http, "host", "http", "127.0.0.1")
+        port = http.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ConfigError("http.port: a TCP port number is required")
     return GatewayConfig(tuple(upstreams), float(wait), arm.get("registry_address"), arm.get("governance_address"),
-                         arm.get("telemetry_address"), arm.get("address"))
+                         arm.get("telemetry_address"), arm.get("address"), host, port)
 
 
 def load_config(path: str | Path) -> GatewayConfig:

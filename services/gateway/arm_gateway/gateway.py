@@ -14,9 +14,10 @@
   RUN_COMPLETED); each call sends TOOL_CALL_STARTED and TOOL_CALL_COMPLETED / TOOL_CALL_FAILED
   when forwarded, TOOL_CALL_BLOCKED when refused, with durations.
 
-One gateway process serves one client session over stdio (the process is the session).
-Not built yet (issue 15): streamable HTTP towards clients, hiding denied tools, restarting a
-crashed upstream, a size limit on arguments."""
+Clients connect over stdio (one client, the process's) or streamable HTTP (`http:` in the
+config; any number of sessions, each its own run, served concurrently).
+Not built yet (issue 15): hiding denied tools, restarting a crashed upstream, a size limit on
+arguments."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mcp_types as types
+import uvicorn
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -80,6 +82,8 @@ class GatewaySession:
 
     run_id: str
     pending: dict[tuple[str, str], str] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    ended: bool = False
 
 
 class Gateway:
@@ -92,18 +96,52 @@ class Gateway:
         for up in upstreams:
             for tool in up.tools:
                 self.routes[f"{up.config.prefix}.{tool.name}"] = (up, tool.name)
-        self.session = GatewaySession(run_id=f"mcp-{secrets.token_hex(8)}")
+        self.arms: list[Arm] = list({id(up.arm): up.arm for up in upstreams}.values())
+        self._fallback: GatewaySession | None = None
         self.server: Server[Any] = Server("arm-gateway", on_list_tools=self.list_tools, on_call_tool=self.call_tool)
+
+    def session_of(self, ctx: ServerRequestContext[Any]) -> GatewaySession:
+        """The client session (MCP connection) the request belongs to; its run starts with its
+        first request and completes when the connection is torn down."""
+        connection = getattr(ctx.session, "_connection", None)  # mcp 2.x: the per-connection state
+        state: dict[str, Any] | None = getattr(connection, "state", None)
+        if connection is None or state is None:
+            if self._fallback is None:
+                self._fallback = self.start_session()
+            return self._fallback
+        session = state.get("arm_gateway")
+        if session is None:
+            session = state["arm_gateway"] = self.start_session()
+            connection.exit_stack.callback(self.end_session, session)
+        return session  # type: ignore[no-any-return]
+
+    def start_session(self) -> GatewaySession:
+        session = GatewaySession(run_id=f"mcp-{secrets.token_hex(8)}")
+        for arm in self.arms:  # the session is a run of each agent the gateway acts as
+            arm.emit(EV.OP_EVENT_TYPE_RUN_STARTED, run_id=session.run_id, payload={"name": "mcp-gateway-session"})
+        log.info("client session started: run id %s", session.run_id)
+        return session
+
+    def end_session(self, session: GatewaySession) -> None:
+        if session.ended:
+            return
+        session.ended = True
+        duration_ms = (time.perf_counter() - session.started) * 1000
+        for arm in self.arms:
+            arm.emit(EV.OP_EVENT_TYPE_RUN_COMPLETED, run_id=session.run_id,
+                     payload={"name": "mcp-gateway-session", "duration_ms": duration_ms})
+        log.info("client session ended: run id %s", session.run_id)
 
     async def list_tools(self, ctx: ServerRequestContext[Any],
                          params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        self.session_of(ctx)
         tools = [tool.model_copy(update={"name": f"{up.config.prefix}.{tool.name}"})
                  for up in self.upstreams for tool in up.tools]
         return types.ListToolsResult(tools=tools)
 
     async def call_tool(self, ctx: ServerRequestContext[Any],
                         params: types.CallToolRequestParams) -> types.CallToolResult:
-        return await self.governed_call(self.session, params.name, params.arguments or {})
+        return await self.governed_call(self.session_of(ctx), params.name, params.arguments or {})
 
     async def governed_call(self, session: GatewaySession, name: str,
                             arguments: dict[str, Any]) -> types.CallToolResult:
@@ -239,13 +277,27 @@ async def connected(config: GatewayConfig) -> AsyncIterator[Gateway]:
             log.info("upstream %s: %d tools", uc.name, len(up.tools))
             upstreams.append(up)
         gateway = Gateway(config, upstreams)
-        for arm in arms.values():  # the session is a run of each agent the gateway acts as
-            await stack.enter_async_context(arm.run("mcp-gateway-session", run_id=gateway.session.run_id))
-        yield gateway
+        try:
+            yield gateway
+        finally:
+            if gateway._fallback is not None:
+                gateway.end_session(gateway._fallback)
 
 
 async def serve_stdio(config: GatewayConfig) -> None:
     """Serves one MCP client over stdin/stdout until it closes the connection."""
     async with connected(config) as gateway, stdio_server() as (read, write):
-        log.info("serving MCP over stdio; run id %s", gateway.session.run_id)
+        log.info("serving MCP over stdio")
         await gateway.server.run(read, write, gateway.server.create_initialization_options())
+
+
+async def serve_http(config: GatewayConfig) -> None:
+    """Serves MCP clients over streamable HTTP at http://<http_host>:<http_port>/mcp until
+    SIGTERM / SIGINT; each MCP session is its own run."""
+    async with connected(config) as gateway:
+        assert config.http_port is not None
+        app = gateway.server.streamable_http_app(host=config.http_host)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.http_host, port=config.http_port,
+                                               log_level="warning", lifespan="on"))
+        log.info("serving MCP over streamable HTTP at http://%s:%d/mcp", config.http_host, config.http_port)
+        await server.serve()
