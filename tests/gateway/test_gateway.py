@@ -23,12 +23,13 @@ from typing import Any
 import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 from arm.governance.v1 import approvals_pb2 as apb
 from arm.telemetry.v1 import events_pb2 as ev
 from arm.telemetry.v1 import telemetry_pb2 as tpb
 from tests.client.conftest import Agent
-from tests.processes import free_port
+from tests.processes import free_port, stop
 
 UPSTREAM = Path(__file__).with_name("upstream.py")
 EV = ev.OpEventType
@@ -39,7 +40,7 @@ def upstream_calls(path: Path) -> list[dict[str, Any]]:
 
 
 def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, url: str = "",
-                 governance_address: str = "") -> Path:
+                 governance_address: str = "", http_port: int = 0) -> Path:
     key_file = tmp / "agent.key"
     key_file.write_text(agent.key + "\n")
     serve: dict[str, Any] = {"url": url} if url else {
@@ -49,6 +50,7 @@ def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, u
                 "governance_address": governance_address or agent.governance.address,
                 "telemetry_address": agent.telemetry.address},
         "approval_wait_s": approval_wait_s,
+        **({"http": {"port": http_port}} if http_port else {}),
         "upstreams": {"up": {
             **serve, "agent": {"instance_id": agent.instance_id, "api_key_file": str(key_file)},
             "risk": "LOW", "tools": {"delete": {"risk": "CRITICAL"}, "pay": {"risk": "HIGH"}}}},
@@ -190,6 +192,54 @@ async def test_approval_timed_out_then_retried_picks_up_the_same_approval(agent:
     assert events[3].payload["approval_id"] == approval.approval_id
 
 
+async def accepting(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Waits until the process listens on the port."""
+    while True:
+        assert proc.poll() is None, log.read_text()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def http_session(url: str) -> AsyncIterator[ClientSession]:
+    async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Path) -> None:
+    """Two MCP clients over streamable HTTP: each its own run and its own calls; one waiting
+    for an approval does not hold up the other."""
+    calls = tmp_path / "calls.jsonl"
+    port = free_port()
+    config = write_config(agent, tmp_path, calls, 30.0, http_port=port)
+    log = tmp_path / "gateway.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "arm_gateway", "--config", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        await accepting(port, proc, log)
+        url = f"http://127.0.0.1:{port}/mcp"
+        async with http_session(url) as a, http_session(url) as b:
+            waiting = asyncio.create_task(a.call_tool("up.pay", {"to": "dan", "amount": 3}))
+            approval = await pending_approval(agent, "up.pay")
+            echoed = await b.call_tool("up.echo", {"text": "meanwhile"})
+            assert text(echoed) == "echo: meanwhile" and not waiting.done()
+            await agent.decide(approval.approval_id)
+            assert text(await waiting) == "paid 3 to dan"
+        assert [c["tool"] for c in upstream_calls(calls)] == ["echo", "pay"]
+    finally:
+        # In a thread: the test's loop serves telemetry, which the stopping gateway flushes to.
+        assert await asyncio.to_thread(stop, proc) == 0, log.read_text()
+    run_ids = re.findall(r"started: run id (mcp-[0-9a-f]+)", log.read_text())
+    assert len(set(run_ids)) == 2 and approval.run_id in run_ids
+    traces = {r: [EV.Name(e.type).removeprefix("OP_EVENT_TYPE_") for e in await run_trace(agent, r)] for r in run_ids}
+    other = next(r for r in run_ids if r != approval.run_id)
+    assert traces[approval.run_id] == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED", "RUN_COMPLETED"]
+    assert traces[other] == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED", "RUN_COMPLETED"]
+
+
 async def test_a_streamable_http_upstream_is_governed_the_same(agent: Agent, tmp_path: Path) -> None:
     calls = tmp_path / "calls.jsonl"
     port = free_port()
@@ -197,11 +247,7 @@ async def test_a_streamable_http_upstream_is_governed_the_same(agent: Agent, tmp
         upstream = subprocess.Popen([sys.executable, str(UPSTREAM), "--http", str(port)], stdout=log,
                                     stderr=subprocess.STDOUT, env={**os.environ, "UPSTREAM_CALLS": str(calls)})
     try:
-        while True:  # until it accepts connections
-            assert upstream.poll() is None, (tmp_path / "upstream.log").read_text()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            await asyncio.sleep(0.05)
+        await accepting(port, upstream, tmp_path / "upstream.log")
         async with gateway(agent, tmp_path, calls, url=f"http://127.0.0.1:{port}/mcp") as session:
             assert sorted(t.name for t in (await session.list_tools()).tools) == ["up.delete", "up.echo", "up.pay"]
             allowed = await session.call_tool("up.echo", {"text": "over http"})

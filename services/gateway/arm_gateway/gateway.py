@@ -21,12 +21,14 @@ arguments."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import secrets
+import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,7 +299,24 @@ async def serve_http(config: GatewayConfig) -> None:
     async with connected(config) as gateway:
         assert config.http_port is not None
         app = gateway.server.streamable_http_app(host=config.http_host)
-        server = uvicorn.Server(uvicorn.Config(app, host=config.http_host, port=config.http_port,
-                                               log_level="warning", lifespan="on"))
+        server = _HttpServer(uvicorn.Config(app, host=config.http_host, port=config.http_port,
+                                            log_level="warning", lifespan="on"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.stop)
         log.info("serving MCP over streamable HTTP at http://%s:%d/mcp", config.http_host, config.http_port)
         await server.serve()
+    log.info("stopped; events flushed")
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn re-raises the signal it caught once it has stopped, which would end the process
+    before the sessions' RUN_COMPLETED and the queued events are flushed: the gateway handles
+    SIGTERM / SIGINT itself (a graceful stop, then the flush, then exit 0)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def stop(self) -> None:
+        self.should_exit = True
