@@ -40,7 +40,7 @@ def upstream_calls(path: Path) -> list[dict[str, Any]]:
 
 
 def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, url: str = "",
-                 governance_address: str = "", http_port: int = 0) -> Path:
+                 governance_address: str = "", http_port: int = 0, call_timeout_s: float = 60.0) -> Path:
     key_file = tmp / "agent.key"
     key_file.write_text(agent.key + "\n")
     serve: dict[str, Any] = {"url": url} if url else {
@@ -49,7 +49,7 @@ def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, u
         "arm": {"registry_address": agent.registry_address,
                 "governance_address": governance_address or agent.governance.address,
                 "telemetry_address": agent.telemetry.address},
-        "approval_wait_s": approval_wait_s,
+        "approval_wait_s": approval_wait_s, "call_timeout_s": call_timeout_s,
         **({"http": {"port": http_port}} if http_port else {}),
         "upstreams": {"up": {
             **serve, "agent": {"instance_id": agent.instance_id, "api_key_file": str(key_file)},
@@ -113,7 +113,7 @@ async def test_allow_deny_and_approval_through_the_gateway(agent: Agent, tmp_pat
 
     async with gateway(agent, tmp_path, calls) as session:
         listed = await session.list_tools()
-        assert sorted(t.name for t in listed.tools) == ["up.delete", "up.echo", "up.pay"]
+        assert sorted(t.name for t in listed.tools) == ["up.crash", "up.delete", "up.echo", "up.hang", "up.pay"]
         assert {t.name: t.input_schema for t in listed.tools}["up.pay"]["required"] == ["to", "amount"]
 
         # ALLOW: forwarded, the upstream's result unchanged.
@@ -249,7 +249,8 @@ async def test_a_streamable_http_upstream_is_governed_the_same(agent: Agent, tmp
     try:
         await accepting(port, upstream, tmp_path / "upstream.log")
         async with gateway(agent, tmp_path, calls, url=f"http://127.0.0.1:{port}/mcp") as session:
-            assert sorted(t.name for t in (await session.list_tools()).tools) == ["up.delete", "up.echo", "up.pay"]
+            assert sorted(t.name for t in (await session.list_tools()).tools) == [
+                "up.crash", "up.delete", "up.echo", "up.hang", "up.pay"]
             allowed = await session.call_tool("up.echo", {"text": "over http"})
             assert not allowed.is_error and text(allowed) == "echo: over http"
             denied = await session.call_tool("up.delete", {"path": "x"})
@@ -266,3 +267,24 @@ async def test_governance_unreachable_fails_closed(agent: Agent, tmp_path: Path)
         result = await session.call_tool("up.echo", {"text": "hi"})
         assert result.is_error and "governance cannot be reached" in text(result)
         assert upstream_calls(calls) == []
+
+
+async def test_an_upstream_that_dies_mid_call_gives_an_error_result(agent: Agent, tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    async with gateway(agent, tmp_path, calls) as session:
+        result = await session.call_tool("up.crash", {})
+        assert result.is_error and 'upstream server "up" failed' in text(result)
+        assert [c["tool"] for c in upstream_calls(calls)] == ["crash"]
+    events = await run_trace(agent, run_id_of(tmp_path / "gateway.log"))
+    kinds = [EV.Name(e.type).removeprefix("OP_EVENT_TYPE_") for e in events]
+    assert kinds == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_FAILED", "RUN_COMPLETED"]
+
+
+async def test_an_upstream_that_hangs_gives_an_error_result_and_the_session_goes_on(agent: Agent,
+                                                                                 tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    async with gateway(agent, tmp_path, calls, call_timeout_s=0.5) as session:
+        hung = await session.call_tool("up.hang", {})
+        assert hung.is_error and 'upstream server "up" failed' in text(hung)
+        after = await session.call_tool("up.echo", {"text": "still here"})
+        assert not after.is_error and text(after) == "echo: still here"

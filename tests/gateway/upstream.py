@@ -1,4 +1,4 @@
-"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: three tools, each call
+"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: five tools, each call
 appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it)."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ TOOLS = [
                input_schema={"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}),
     types.Tool(name="delete", description="Deletes a file.",
                input_schema={"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+    types.Tool(name="hang", description="Never answers.", input_schema={"type": "object"}),
+    types.Tool(name="crash", description="Exits without answering.", input_schema={"type": "object"}),
     types.Tool(name="pay", description="Sends money.",
                input_schema={"type": "object", "properties": {"to": {"type": "string"}, "amount": {"type": "number"}},
                              "required": ["to", "amount"]}),
@@ -44,6 +46,10 @@ async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolReques
                                     structured_content={"echoed": text, "length": len(text)})
     if params.name == "delete":
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"deleted {args.get('path')}")])
+    if params.name == "hang":  # never answers
+        await anyio.sleep_forever()
+    if params.name == "crash":  # dies mid-call, answering nothing
+        os._exit(3)
     if params.name == "pay":
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"paid {args.get('amount')} to {args.get('to')}")])
     return types.CallToolResult(content=[types.TextContent(type="text", text="no such tool")], is_error=True)

@@ -5,6 +5,7 @@
       telemetry_address: 127.0.0.1:50053
     http: {host: 127.0.0.1, port: 8765}   # optional: serve clients over streamable HTTP at /mcp
     approval_wait_s: 30                   # how long a call waits for an approval (default 30)
+    call_timeout_s: 300                   # how long a forwarded call may take (default 300)
     upstreams:
       files:                              # tools appear as "files.<tool>" (or "<prefix>.<tool>")
         command: python                   # a stdio server …
@@ -66,6 +67,8 @@ class GatewayConfig:
     governance_address: str | None = None
     telemetry_address: str | None = None
     address: str | None = None
+    call_timeout_s: float = 300.0
+    """How long a forwarded call may take before the client gets an error result."""
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     """Serve clients over streamable HTTP on this port (None: over stdio)."""
@@ -155,8 +158,11 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
         port = http.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ConfigError("http.port: a TCP port number is required")
+    call_timeout = raw.get("call_timeout_s", 300.0)
+    if not isinstance(call_timeout, int | float) or isinstance(call_timeout, bool) or call_timeout <= 0:
+        raise ConfigError("call_timeout_s: a number of seconds > 0 is required")
     return GatewayConfig(tuple(upstreams), float(wait), arm.get("registry_address"), arm.get("governance_address"),
-                         arm.get("telemetry_address"), arm.get("address"), host, port)
+                         arm.get("telemetry_address"), arm.get("address"), float(call_timeout), host, port)
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -9,15 +9,16 @@
   it and forwarded once; still open → an error result naming the approval id and telling the
   model it may retry later. The approval is remembered per (tool, canonical arguments) for the
   session, so a retry of the same call picks the same approval up instead of opening another.
-- Governance unreachable fails closed: an error result, the upstream is not called.
+- Governance unreachable fails closed: an error result, the upstream is not called. An upstream
+  that fails, dies or takes longer than `call_timeout_s` gives an error result (TOOL_CALL_FAILED).
 - Events (through each agent's `Arm` event sender): the session is a run (RUN_STARTED …
   RUN_COMPLETED); each call sends TOOL_CALL_STARTED and TOOL_CALL_COMPLETED / TOOL_CALL_FAILED
   when forwarded, TOOL_CALL_BLOCKED when refused, with durations.
 
 Clients connect over stdio (one client, the process's) or streamable HTTP (`http:` in the
 config; any number of sessions, each its own run, served concurrently).
-Not built yet (issue 15): hiding denied tools, restarting a crashed upstream, a size limit on
-arguments."""
+Not built yet (issue 15): hiding denied tools, restarting a crashed upstream (its calls keep
+failing until the gateway is restarted), a size limit on arguments."""
 
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ class Gateway:
         arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_STARTED, run_id=session.run_id, tool_call_id=tcid, payload=payload)
         started = time.perf_counter()
         try:
-            result = await up.session.call_tool(tool, arguments)
+            result = await up.session.call_tool(tool, arguments, read_timeout_seconds=self.config.call_timeout_s)
         except Exception as exc:
             arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_FAILED, run_id=session.run_id, tool_call_id=tcid, payload={
                 "tool_name": name, "duration_ms": (time.perf_counter() - started) * 1000,
