@@ -40,6 +40,7 @@ def test_a_full_config_is_read(tmp_path: Path) -> None:
     ({"upstreams": {"a": upstream(agent={"instance_id": "ai-1"})}}, "upstreams.a.agent"),
     ({"upstreams": {"a": upstream()}, "approval_wait_s": -1}, "approval_wait_s"),
     ({"upstreams": {"a": upstream()}, "call_timeout_s": 0}, "call_timeout_s"),
+    ({"upstreams": {"a": upstream()}, "max_argument_bytes": 0}, "max_argument_bytes"),
     ({"upstreams": {"a": upstream()}, "http": {"port": "x"}}, "http.port"),
 ])
 def test_bad_configs_are_refused_naming_the_field(raw: dict[str, Any], field: str) -> None:

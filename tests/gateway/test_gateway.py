@@ -140,6 +140,9 @@ async def test_allow_deny_and_approval_through_the_gateway(agent: Agent, tmp_pat
 
         unknown = await session.call_tool("up.nope", {})
         assert unknown.is_error and "Unknown tool" in text(unknown)
+        oversized = await session.call_tool("up.echo", {"text": "x" * 300_000})
+        assert oversized.is_error and "more than this gateway accepts" in text(oversized)
+        assert [c["tool"] for c in upstream_calls(calls)] == ["echo", "pay"]
 
     run_id = run_id_of(tmp_path / "gateway.log")
     assert approval.run_id == run_id

@@ -6,6 +6,7 @@
     http: {host: 127.0.0.1, port: 8765}   # optional: serve clients over streamable HTTP at /mcp
     approval_wait_s: 30                   # how long a call waits for an approval (default 30)
     call_timeout_s: 300                   # how long a forwarded call may take (default 300)
+    max_argument_bytes: 262144            # larger arguments (as JSON) are refused, unchecked
     upstreams:
       files:                              # tools appear as "files.<tool>" (or "<prefix>.<tool>")
         command: python                   # a stdio server …
@@ -67,6 +68,8 @@ class GatewayConfig:
     governance_address: str | None = None
     telemetry_address: str | None = None
     address: str | None = None
+    max_argument_bytes: int = 256 * 1024
+    """Calls whose arguments (as JSON) are larger are refused at the gateway, unchecked."""
     call_timeout_s: float = 300.0
     """How long a forwarded call may take before the client gets an error result."""
     http_host: str = "127.0.0.1"
@@ -161,8 +164,12 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     call_timeout = raw.get("call_timeout_s", 300.0)
     if not isinstance(call_timeout, int | float) or isinstance(call_timeout, bool) or call_timeout <= 0:
         raise ConfigError("call_timeout_s: a number of seconds > 0 is required")
+    max_bytes = raw.get("max_argument_bytes", 256 * 1024)
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
+        raise ConfigError("max_argument_bytes: a number of bytes > 0 is required")
     return GatewayConfig(tuple(upstreams), float(wait), arm.get("registry_address"), arm.get("governance_address"),
-                         arm.get("telemetry_address"), arm.get("address"), float(call_timeout), host, port)
+                         arm.get("telemetry_address"), arm.get("address"), max_bytes, float(call_timeout), host,
+                         port)
 
 
 def load_config(path: str | Path) -> GatewayConfig:

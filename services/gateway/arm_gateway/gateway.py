@@ -9,6 +9,7 @@
   it and forwarded once; still open → an error result naming the approval id and telling the
   model it may retry later. The approval is remembered per (tool, canonical arguments) for the
   session, so a retry of the same call picks the same approval up instead of opening another.
+- Arguments larger than `max_argument_bytes` (as JSON) are refused at the gateway, unchecked.
 - Governance unreachable fails closed: an error result, the upstream is not called. An upstream
   that fails, dies or takes longer than `call_timeout_s` gives an error result (TOOL_CALL_FAILED).
 - Events (through each agent's `Arm` event sender): the session is a run (RUN_STARTED …
@@ -18,7 +19,7 @@
 Clients connect over stdio (one client, the process's) or streamable HTTP (`http:` in the
 config; any number of sessions, each its own run, served concurrently).
 Not built yet (issue 15): hiding denied tools, restarting a crashed upstream (its calls keep
-failing until the gateway is restarted), a size limit on arguments."""
+failing until the gateway is restarted)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,9 @@ class Gateway:
         up, tool = route
         arm = up.arm
         key = (name, canonical(arguments))
+        if len(key[1].encode()) > self.config.max_argument_bytes:
+            return error_result(f'The call to "{name}" was not run: its arguments are {len(key[1].encode())} '
+                                f"bytes as JSON, more than this gateway accepts ({self.config.max_argument_bytes}).")
         started = time.perf_counter()
         tcid = f"tc-{secrets.token_hex(8)}"
         risk = up.config.risk_of(tool)
