@@ -272,15 +272,20 @@ async def test_governance_unreachable_fails_closed(agent: Agent, tmp_path: Path)
         assert upstream_calls(calls) == []
 
 
-async def test_an_upstream_that_dies_mid_call_gives_an_error_result(agent: Agent, tmp_path: Path) -> None:
+async def test_an_upstream_that_dies_mid_call_gives_an_error_result_and_is_restarted(agent: Agent, tmp_path: Path) -> None:
     calls = tmp_path / "calls.jsonl"
     async with gateway(agent, tmp_path, calls) as session:
         result = await session.call_tool("up.crash", {})
         assert result.is_error and 'upstream server "up" failed' in text(result)
         assert [c["tool"] for c in upstream_calls(calls)] == ["crash"]
+        # The upstream is restarted: the next call reaches a new process.
+        after = await session.call_tool("up.echo", {"text": "again"})
+        assert not after.is_error and text(after) == "echo: again"
+        assert [c["tool"] for c in upstream_calls(calls)] == ["crash", "echo"]
     events = await run_trace(agent, run_id_of(tmp_path / "gateway.log"))
     kinds = [EV.Name(e.type).removeprefix("OP_EVENT_TYPE_") for e in events]
-    assert kinds == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_FAILED", "RUN_COMPLETED"]
+    assert kinds == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_FAILED", "TOOL_CALL_STARTED",
+                     "TOOL_CALL_COMPLETED", "RUN_COMPLETED"]
 
 
 async def test_an_upstream_that_hangs_gives_an_error_result_and_the_session_goes_on(agent: Agent,

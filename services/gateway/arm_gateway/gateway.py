@@ -18,8 +18,8 @@
 
 Clients connect over stdio (one client, the process's) or streamable HTTP (`http:` in the
 config; any number of sessions, each its own run, served concurrently).
-Not built yet (issue 15): hiding denied tools, restarting a crashed upstream (its calls keep
-failing until the gateway is restarted)."""
+An upstream whose call failed is reconnected (a stdio server restarted) for the next call.
+Not built yet (issue 15): hiding denied tools."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import anyio.abc
 import mcp_types as types
 import uvicorn
 from mcp.client.session import ClientSession
@@ -59,6 +61,8 @@ from arm_gateway.config import GatewayConfig, UpstreamConfig
 log = logging.getLogger("arm_gateway")
 
 EV = events_pb2
+RECONNECT_WAIT_S = 30.0
+"""How long a call waits for an upstream that is being reconnected before failing."""
 
 
 def canonical(arguments: Mapping[str, Any] | None) -> str:
@@ -72,12 +76,58 @@ def error_result(text: str) -> types.CallToolResult:
 
 @dataclass
 class Upstream:
-    """One connected upstream: its configuration, its MCP session and its agent's `Arm`."""
+    """One upstream: its configuration, its agent's `Arm`, and its MCP session, kept by a
+    supervising task (`keep_connected`) that reconnects (restarting a stdio server) after a
+    failed call."""
 
     config: UpstreamConfig
-    session: ClientSession
     arm: Arm
+    session: ClientSession | None = None
     tools: list[types.Tool] = field(default_factory=list)
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    broken: anyio.Event = field(default_factory=anyio.Event)
+
+    def transport(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        uc = self.config
+        if uc.url:
+            return streamable_http_client(uc.url)
+        return stdio_client(StdioServerParameters(command=uc.command, args=list(uc.args), env=uc.env or None))
+
+    async def keep_connected(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connects, and reconnects whenever a call marks the connection broken. The first
+        connection's failure is raised (the gateway does not start); later ones are retried."""
+        first = True
+        backoff = 0.1
+        while True:
+            try:
+                async with self.transport() as (read, write), ClientSession(read, write) as session:
+                    await session.initialize()
+                    self.tools = await list_all_tools(session)
+                    self.session = session
+                    log.info("upstream %s: connected, %d tools", self.config.name, len(self.tools))
+                    self.ready.set()
+                    if first:
+                        first = False
+                        task_status.started()
+                    backoff = 0.1
+                    await self.broken.wait()
+            except Exception as exc:
+                if first:
+                    raise
+                log.warning("upstream %s: reconnecting failed (%s); retrying in %.1fs", self.config.name, exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                self.session = None
+            if self.broken.is_set():
+                self.broken = anyio.Event()
+
+    def restart(self) -> None:
+        """Marks the connection broken after a failed call: the supervisor reconnects."""
+        if self.ready.is_set():
+            self.ready = anyio.Event()
+            self.broken.set()
+            log.warning("upstream %s: a call failed; restarting the connection", self.config.name)
 
 
 @dataclass
@@ -96,10 +146,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig, upstreams: list[Upstream]) -> None:
         self.config = config
         self.upstreams = upstreams
-        self.routes: dict[str, tuple[Upstream, str]] = {}
-        for up in upstreams:
-            for tool in up.tools:
-                self.routes[f"{up.config.prefix}.{tool.name}"] = (up, tool.name)
+        self.by_prefix = {up.config.prefix: up for up in upstreams}
         self.arms: list[Arm] = list({id(up.arm): up.arm for up in upstreams}.values())
         self._fallback: GatewaySession | None = None
         self.server: Server[Any] = Server("arm-gateway", on_list_tools=self.list_tools, on_call_tool=self.call_tool)
@@ -149,10 +196,10 @@ class Gateway:
 
     async def governed_call(self, session: GatewaySession, name: str,
                             arguments: dict[str, Any]) -> types.CallToolResult:
-        route = self.routes.get(name)
-        if route is None:
+        prefix, _, tool = name.partition(".")
+        up = self.by_prefix.get(prefix)  # type: ignore[assignment]
+        if up is None or not any(t.name == tool for t in up.tools):
             return error_result(f'Unknown tool "{name}": call tools/list for the tools this gateway offers.')
-        up, tool = route
         arm = up.arm
         key = (name, canonical(arguments))
         if len(key[1].encode()) > self.config.max_argument_bytes:
@@ -230,8 +277,12 @@ class Gateway:
         arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_STARTED, run_id=session.run_id, tool_call_id=tcid, payload=payload)
         started = time.perf_counter()
         try:
+            with anyio.fail_after(RECONNECT_WAIT_S):  # an upstream being restarted
+                await up.ready.wait()
+            assert up.session is not None
             result = await up.session.call_tool(tool, arguments, read_timeout_seconds=self.config.call_timeout_s)
         except Exception as exc:
+            up.restart()
             arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_FAILED, run_id=session.run_id, tool_call_id=tcid, payload={
                 "tool_name": name, "duration_ms": (time.perf_counter() - started) * 1000,
                 "error_type": type(exc).__name__, "error": str(exc)[:1000]})
@@ -272,17 +323,11 @@ async def connected(config: GatewayConfig) -> AsyncIterator[Gateway]:
                           approval_timeout_s=config.approval_wait_s)
                 await stack.enter_async_context(arm)
                 arms[agent_key] = arm
-            if uc.url:
-                read, write = await stack.enter_async_context(streamable_http_client(uc.url))
-            else:
-                read, write = await stack.enter_async_context(stdio_client(StdioServerParameters(
-                    command=uc.command, args=list(uc.args), env=uc.env or None)))
-            session = await stack.enter_async_context(ClientSession(read, write))
-            await session.initialize()
-            up = Upstream(uc, session, arms[agent_key])
-            up.tools = await list_all_tools(session)
-            log.info("upstream %s: %d tools", uc.name, len(up.tools))
-            upstreams.append(up)
+            upstreams.append(Upstream(uc, arms[agent_key]))
+        supervisors = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(supervisors.cancel_scope.cancel)  # on exit: close every upstream
+        for up in upstreams:
+            await supervisors.start(up.keep_connected)
         gateway = Gateway(config, upstreams)
         try:
             yield gateway
