@@ -296,3 +296,19 @@ async def test_an_upstream_that_hangs_gives_an_error_result_and_the_session_goes
         assert hung.is_error and 'upstream server "up" failed' in text(hung)
         after = await session.call_tool("up.echo", {"text": "still here"})
         assert not after.is_error and text(after) == "echo: still here"
+
+
+async def test_an_approval_denied_while_waiting_gives_an_error_result(agent: Agent, tmp_path: Path) -> None:
+    calls = tmp_path / "calls.jsonl"
+    async with gateway(agent, tmp_path, calls) as session:
+        call = asyncio.create_task(session.call_tool("up.pay", {"to": "eve", "amount": 9}))
+        approval = await pending_approval(agent, "up.pay")
+        await agent.decide(approval.approval_id, apb.APPROVAL_VERDICT_DENY, approvers=1)
+        result = await call
+        assert result.is_error and approval.approval_id in text(result)
+        assert "was denied: looked at it" in text(result)  # the approver's reason
+        assert upstream_calls(calls) == []
+    events = await run_trace(agent, run_id_of(tmp_path / "gateway.log"))
+    assert [EV.Name(e.type).removeprefix("OP_EVENT_TYPE_") for e in events] == [
+        "RUN_STARTED", "TOOL_CALL_BLOCKED", "RUN_COMPLETED"]
+    assert events[1].payload["approval_id"] == approval.approval_id

@@ -197,7 +197,7 @@ class Gateway:
     async def governed_call(self, session: GatewaySession, name: str,
                             arguments: dict[str, Any]) -> types.CallToolResult:
         prefix, _, tool = name.partition(".")
-        up = self.by_prefix.get(prefix)  # type: ignore[assignment]
+        up = self.by_prefix.get(prefix)
         if up is None or not any(t.name == tool for t in up.tools):
             return error_result(f'Unknown tool "{name}": call tools/list for the tools this gateway offers.')
         arm = up.arm
