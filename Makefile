@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 # Source folders put on the venv's path (a .pth file), so `python -m arm_registry` etc. work.
-SRC_DIRS := libs/proto libs/common libs/engine libs/client libs/cli services/registry services/governance services/telemetry services/allinone
+SRC_DIRS := libs/proto libs/common libs/engine libs/client libs/cli services/registry services/governance services/telemetry services/allinone services/gateway
 
 .PHONY: setup run test proto proto-lint lint lock bench clean
 

@@ -1,0 +1,70 @@
+"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: five tools, each call
+appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import anyio
+import mcp_types as types
+import uvicorn
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+
+TOOLS = [
+    types.Tool(name="echo", description="Echoes its text.",
+               input_schema={"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}),
+    types.Tool(name="delete", description="Deletes a file.",
+               input_schema={"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+    types.Tool(name="hang", description="Never answers.", input_schema={"type": "object"}),
+    types.Tool(name="crash", description="Exits without answering.", input_schema={"type": "object"}),
+    types.Tool(name="pay", description="Sends money.",
+               input_schema={"type": "object", "properties": {"to": {"type": "string"}, "amount": {"type": "number"}},
+                             "required": ["to", "amount"]}),
+]
+
+
+def record(name: str, arguments: dict[str, Any]) -> None:
+    with open(os.environ["UPSTREAM_CALLS"], "a") as f:
+        f.write(json.dumps({"tool": name, "arguments": arguments}) + "\n")
+
+
+async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+    return types.ListToolsResult(tools=TOOLS)
+
+
+async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+    args = params.arguments or {}
+    record(params.name, args)
+    if params.name == "echo":
+        text = str(args.get("text", ""))
+        return types.CallToolResult(content=[types.TextContent(type="text", text=f"echo: {text}")],
+                                    structured_content={"echoed": text, "length": len(text)})
+    if params.name == "delete":
+        return types.CallToolResult(content=[types.TextContent(type="text", text=f"deleted {args.get('path')}")])
+    if params.name == "hang":  # never answers
+        await anyio.sleep_forever()
+    if params.name == "crash":  # dies mid-call, answering nothing
+        os._exit(3)
+    if params.name == "pay":
+        return types.CallToolResult(content=[types.TextContent(type="text", text=f"paid {args.get('amount')} to {args.get('to')}")])
+    return types.CallToolResult(content=[types.TextContent(type="text", text="no such tool")], is_error=True)
+
+
+async def main() -> None:
+    server: Server[Any] = Server("test-upstream", on_list_tools=list_tools, on_call_tool=call_tool)
+    if len(sys.argv) == 3 and sys.argv[1] == "--http":  # streamable HTTP on 127.0.0.1:<port>/mcp
+        config = uvicorn.Config(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[2]),
+                                log_level="warning")
+        await uvicorn.Server(config).serve()
+        return
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())
+
+
+if __name__ == "__main__":
+    anyio.run(main)
