@@ -88,7 +88,12 @@ async def test_two_workers_serve_one_port(tmp_path: Path) -> None:
         for _ in range(24):
             channel = grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
             channels.append(channel)
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            # A worker reports NOT_SERVING until its first readiness probe has answered.
+            while reply.status != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         served = {w: _sockets(w, port) for w in workers}
         assert sum(served.values()) == 24 and all(served.values()), served
