@@ -6,8 +6,18 @@ which explains what each bound protects), and the CLI checks policy files offlin
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any
+
+import re2
+
+from .risk import DEFAULT_ARGUMENT_TRIGGERS
 
 __all__ = [
+    "MAX_ARGUMENT_TRIGGERS",
+    "MAX_TRIGGER_LABEL",
+    "MAX_TRIGGER_PATTERN_CHARS",
+    "MAX_TRIGGER_PROGRAM",
     "MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE",
     "MAX_ACTIVE_ENVELOPES_PER_SCOPE",
     "MAX_ACTIVE_RULES_PER_SCOPE",
@@ -22,6 +32,7 @@ __all__ = [
     "MAX_TOOL_NAME",
     "TOOL_CHARS",
     "glob_cost",
+    "trigger_violations",
     "wildcard_runs",
 ]
 
@@ -47,6 +58,12 @@ MAX_ARG_PATTERN_PROGRAM = 200
 MAX_ACTIVE_ARG_PATTERNS_PER_SCOPE = 32
 """Distinct argument patterns over the active envelopes attached to one scope."""
 MAX_ENVIRONMENTS_PER_RULE = 20
+MAX_ARGUMENT_TRIGGERS = 32
+"""A tenant's argument-trigger changes (replaced, disabled or added triggers)."""
+MAX_TRIGGER_LABEL = 64
+MAX_TRIGGER_PATTERN_CHARS = 300
+MAX_TRIGGER_PROGRAM = 600
+"""RE2 program size of one trigger pattern (the largest default trigger compiles to about 200)."""
 
 TOOL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.*:/@")
 
@@ -83,3 +100,52 @@ def glob_cost(glob: str) -> int:
         elif part and cost > 1:
             cost += _alive(part)
     return cost
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+_RE2_OPTIONS.case_sensitive = False
+_RE2_OPTIONS.dot_nl = True
+
+
+def trigger_violations(triggers: Sequence[Any]) -> list[tuple[str, str]]:
+    """What is wrong with a tenant's argument-trigger changes (`risk.ArgumentTrigger` or its proto
+    message: label, pattern, risk as a number, 0 = HIGH, disabled), as (field path relative to
+    the list, e.g. `[2].pattern`, description); empty when they are valid."""
+    defaults = {label for label, _ in DEFAULT_ARGUMENT_TRIGGERS}
+    if len(triggers) > MAX_ARGUMENT_TRIGGERS:
+        return [("", f"must have at most {MAX_ARGUMENT_TRIGGERS} items")]
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for i, t in enumerate(triggers):
+        label, pattern, risk = t.label, t.pattern, int(t.risk or 0)
+        if not label or len(label) > MAX_TRIGGER_LABEL or not label.isprintable():
+            out.append((f"[{i}].label", f"is required: 1-{MAX_TRIGGER_LABEL} printable characters"))
+        elif label in seen:
+            out.append((f"[{i}].label", f"{label!r} is given twice"))
+        seen.add(label)
+        if t.disabled:
+            if label and label not in defaults:
+                out.append((f"[{i}].label", f"disabled: {label!r} is not a default trigger "
+                                            "(see docs/policies.md for their labels)"))
+            if pattern:
+                out.append((f"[{i}].disabled", "a disabled trigger has no pattern"))
+            continue
+        if risk not in (0, 2, 3, 4):
+            out.append((f"[{i}].risk", "must be MEDIUM, HIGH or CRITICAL (what a match raises the call to)"))
+        if not pattern:
+            if label not in defaults:
+                out.append((f"[{i}].pattern", "is required for a trigger that is not a default one"))
+            continue
+        if len(pattern) > MAX_TRIGGER_PATTERN_CHARS:
+            out.append((f"[{i}].pattern", f"must be at most {MAX_TRIGGER_PATTERN_CHARS} characters"))
+            continue
+        try:
+            compiled = re2.compile(pattern, _RE2_OPTIONS)
+        except re2.error as exc:
+            out.append((f"[{i}].pattern", f"is not an RE2 regular expression: {exc}"))
+            continue
+        if compiled.programsize > MAX_TRIGGER_PROGRAM:
+            out.append((f"[{i}].pattern", f"compiles to {compiled.programsize} RE2 instructions, more than "
+                                          f"{MAX_TRIGGER_PROGRAM}"))
+    return out

@@ -17,6 +17,7 @@ import re2
 
 __all__ = [
     "DEFAULT_ARGUMENT_TRIGGERS",
+    "ArgumentTrigger",
     "DEFAULT_RISK_TABLE",
     "MAX_ARGUMENT_DEPTH",
     "MAX_ARGUMENT_NODES",
@@ -26,6 +27,7 @@ __all__ = [
     "Risk",
     "RiskOverride",
     "arguments_are_sensitive",
+    "tenant_triggers",
     "tool_words",
 ]
 
@@ -205,13 +207,9 @@ def _collect(value: Any, out: list[str], depth: int, budget: list[int]) -> None:
     # Numbers, booleans, None and other objects mention nothing.
 
 
-def arguments_are_sensitive(arguments: Any, triggers: Any = None) -> bool:
-    """Whether any string key or value of the arguments, at any depth, matches an argument
-    trigger (secrets, production, destructive commands; `triggers`: a compiled trigger regex,
-    default `DEFAULT_ARGUMENT_TRIGGERS`). Arguments too deep or too large to scan count as
-    sensitive (fail safe)."""
-    if not arguments:
-        return False
+def _argument_text(arguments: Any) -> str | None:
+    """The string keys and values of the arguments joined by NUL (no match spans two strings);
+    None when they are too deep or too large to scan."""
     if type(arguments) is dict and len(arguments) <= MAX_ARGUMENT_NODES:
         # Fast path for the common flat {str: str | number} shape: no recursion, one join.
         flat = True
@@ -226,14 +224,24 @@ def arguments_are_sensitive(arguments: Any, triggers: Any = None) -> bool:
                 break
         if flat:
             text = "\x00".join(parts)
-            return len(text) > MAX_ARGUMENT_CHARS or _sensitive_text(text, triggers)
+            return None if len(text) > MAX_ARGUMENT_CHARS else text
     parts = []
     try:
         _collect(arguments, parts, 0, [MAX_ARGUMENT_NODES, MAX_ARGUMENT_CHARS])
     except (_TooBig, RecursionError):
-        return True
-    # \x00 cannot be part of a match, so no match spans two strings.
-    return _sensitive_text("\x00".join(parts), triggers)
+        return None
+    return "\x00".join(parts)
+
+
+def arguments_are_sensitive(arguments: Any, triggers: Any = None) -> bool:
+    """Whether any string key or value of the arguments, at any depth, matches an argument
+    trigger (secrets, production, destructive commands; `triggers`: a compiled trigger regex,
+    default `DEFAULT_ARGUMENT_TRIGGERS`). Arguments too deep or too large to scan count as
+    sensitive (fail safe)."""
+    if not arguments:
+        return False
+    text = _argument_text(arguments)
+    return text is None or _sensitive_text(text, triggers)
 
 
 def _fnmatch_re2(word: str) -> str:
@@ -264,12 +272,47 @@ def _fnmatch_re2(word: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ArgumentTrigger:
+    """A tenant's change to the argument triggers: with the label of a default trigger it
+    replaces that trigger's pattern (empty `pattern` keeps the default's) and risk, or with
+    `disabled` removes it; any other label adds a trigger. `risk` is what a match raises the call
+    to (MEDIUM, HIGH or CRITICAL); a tenant's patterns match case-insensitively. The entries are
+    checked by `limits.trigger_violations`."""
+
+    label: str
+    pattern: str = ""
+    risk: Risk = HIGH
+    disabled: bool = False
+
+
+_DEFAULT_LABELS = frozenset(label for label, _ in DEFAULT_ARGUMENT_TRIGGERS)
+
+
+def tenant_triggers(changes: Sequence[ArgumentTrigger]) -> tuple[tuple[str, str, Risk], ...]:
+    """The default argument triggers with a tenant's changes applied, as the (label, pattern,
+    risk) entries of `Classifier(triggers=...)`: defaults in their order (replaced or dropped),
+    then the tenant's added triggers in its order."""
+    by_label = {t.label: t for t in changes}
+    out: list[tuple[str, str, Risk]] = []
+    for label, pattern in DEFAULT_ARGUMENT_TRIGGERS:
+        t = by_label.get(label)
+        if t is None:
+            out.append((label, pattern, HIGH))
+        elif not t.disabled:
+            out.append((label, f"(?i:{t.pattern})" if t.pattern else pattern, Risk(t.risk or HIGH)))
+    out += [(t.label, f"(?i:{t.pattern})", Risk(t.risk or HIGH)) for t in changes
+            if t.label not in _DEFAULT_LABELS and not t.disabled]
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class RiskOverride:
     """An entry that sets the tool-name risk of the calls it matches, ahead of the word table (a
     tenant's own classification, e.g. `payments.refund` with `amount` under 50 is MEDIUM):
     `tool` is a tool glob with the tool rules' syntax (`*` within a dotted segment, `**` across,
-    case-insensitive); every `(argument, bound)` of `below` must hold — that top-level argument is
-    a number (not a bool) strictly below the bound — or the entry does not apply. The first
+    case-insensitive); every `(argument, bound)` of `below` must hold — that argument (a top-level
+    name, or a dotted path into nested objects such as `refund.amount`) is a number (not a bool)
+    strictly below the bound — or the entry does not apply. The first
     matching override wins; argument triggers still raise the result to HIGH."""
 
     tool: str
@@ -294,6 +337,10 @@ def _holds(arguments: Any, below: tuple[tuple[str, float], ...]) -> bool:
         return False
     for name, bound in below:
         value = arguments.get(name)
+        if value is None and "." in name:  # a path into nested objects: `refund.amount`
+            value = arguments
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
         if isinstance(value, bool) or not isinstance(value, int | float) or not value < bound:
             return False
     return True
@@ -304,15 +351,16 @@ class Classifier:
     arguments (raised to HIGH when they match an argument trigger: secrets, production,
     destructive commands; configurable too)."""
 
-    __slots__ = ("_entries", "_words", "_word_hits", "_cache", "_triggers", "unknown", "_overrides")
+    __slots__ = ("_entries", "_words", "_word_hits", "_cache", "_levels", "_top", "unknown", "_overrides")
 
     def __init__(self, table: Sequence[tuple[str, Risk]] | None = None,
                  unknown: Risk = UNKNOWN_TOOL_RISK,
-                 triggers: Sequence[tuple[str, str]] | None = None,
+                 triggers: Sequence[tuple[str, str] | tuple[str, str, Risk]] | None = None,
                  overrides: Sequence[RiskOverride] = ()) -> None:
         """`table` replaces `DEFAULT_RISK_TABLE` (see there for the entry syntax); `unknown` is the
         risk of a tool no entry matches; `triggers` replaces `DEFAULT_ARGUMENT_TRIGGERS`
-        ((label, RE2 pattern) entries); `overrides` (RiskOverride) are tried first, in order."""
+        ((label, RE2 pattern) entries raising to HIGH, or (label, RE2 pattern, risk): see
+        `tenant_triggers`); `overrides` (RiskOverride) are tried first, in order."""
         opts = re2.Options()
         opts.case_sensitive = False
         opts.log_errors = False
@@ -337,8 +385,9 @@ class Classifier:
             self._words = word_set
         self._cache: dict[str, Risk] = {}
         self._word_hits: dict[str, tuple[int, ...]] = {}  # word → ids of the patterns it matches
-        self._triggers = (_DEFAULT_TRIGGERS if triggers is None
-                          else _trigger_regex(tuple(triggers)))
+        self._levels = _trigger_levels(triggers)
+        """(risk, compiled regex) per level a trigger raises to, highest first."""
+        self._top = self._levels[0][0] if self._levels else None
         self.unknown = Risk(unknown)
 
     def classify_tool(self, tool: str) -> Risk:
@@ -386,7 +435,33 @@ class Classifier:
             risk = self._cache.get(tool)
         if risk is None:
             risk = self.classify_tool(tool)
-        if arguments and risk < HIGH and self._triggers is not None and arguments_are_sensitive(
-                arguments, self._triggers):
-            return HIGH
+        if arguments and self._top is not None and risk < self._top:
+            return self._raised(risk, arguments)
         return risk
+
+    def _raised(self, risk: Risk, arguments: Any) -> Risk:
+        text = _argument_text(arguments)
+        if text is None:  # too deep or too large to scan: fail safe
+            return max(risk, HIGH, self._levels[0][0])
+        for level, regex in self._levels:
+            if level <= risk:
+                break
+            if _sensitive_text(text, regex):
+                return level
+        return risk
+
+
+def _trigger_levels(triggers: Sequence[tuple[Any, ...]] | None) -> tuple[tuple[Risk, Any], ...]:
+    if triggers is None:
+        return ((HIGH, _DEFAULT_TRIGGERS),)
+    by_level: dict[Risk, list[tuple[str, str]]] = {}
+    for entry in triggers:
+        level = Risk(entry[2]) if len(entry) > 2 else HIGH
+        by_level.setdefault(level, []).append((entry[0], entry[1]))
+    out = []
+    for level in sorted(by_level, reverse=True):
+        entries = tuple(by_level[level])
+        # The default triggers unchanged keep their compiled regex and its cheap first pass.
+        regex = _DEFAULT_TRIGGERS if entries == DEFAULT_ARGUMENT_TRIGGERS else _trigger_regex(entries)
+        out.append((level, regex))
+    return tuple(out)
