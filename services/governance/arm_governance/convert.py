@@ -12,7 +12,7 @@ from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, compat_pb2, tenancy_pb2
 from arm_common.messages import ts
 from arm_engine import engine
-from arm_engine.risk import RiskOverride
+from arm_engine.risk import ArgumentTrigger, RiskOverride, tenant_triggers
 
 _CONTROL_NAMES = {policy_pb2.OPERATOR_CONTROL_MODE_NORMAL: "NORMAL",
                   policy_pb2.OPERATOR_CONTROL_MODE_PAUSED: "PAUSED",
@@ -58,6 +58,21 @@ def risk_overrides_to_engine(overrides: Any) -> tuple[RiskOverride, ...]:
     """The engine's entries of `RiskOverride` messages (validated on write)."""
     return tuple(RiskOverride(o.tool, engine.Risk(o.risk), tuple(sorted(o.arguments_below.items())))
                  for o in overrides)
+
+
+def argument_triggers_to_engine(triggers: Any) -> tuple[ArgumentTrigger, ...]:
+    """The engine's entries of `ArgumentTrigger` messages (validated on write)."""
+    return tuple(ArgumentTrigger(t.label, t.pattern, engine.Risk(t.risk or engine.Risk.HIGH), t.disabled)
+                 for t in triggers)
+
+
+def risk_classifier(overrides: Any, triggers: Any) -> engine.Classifier | None:
+    """The classifier of a tenant's `RiskOverride` and `ArgumentTrigger` messages; None when both
+    are empty (the default classifier)."""
+    if not overrides and not triggers:
+        return None
+    return engine.Classifier(overrides=risk_overrides_to_engine(overrides),
+                             triggers=tenant_triggers(argument_triggers_to_engine(triggers)))
 
 
 def agent_to_engine(agent: compat_pb2.ResolvedAgent) -> engine.Agent:

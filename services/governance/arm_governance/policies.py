@@ -26,7 +26,8 @@ class TenantPolicies:
     envelopes: list[engine.Envelope]
     controls: dict[tuple[int, str], int]  # (control scope, scope id) -> OperatorControlMode
     classifier: engine.Classifier | None = None
-    """The tenant's risk overrides on the default classifier; None = none set."""
+    """The tenant's risk overrides and argument-trigger changes on the default classifier; None =
+    none set."""
     _compiled: dict[tuple[str, str], tuple[engine.CompiledPolicy, bool]] = field(default_factory=dict)
     _controls: dict[str, engine.Controls] = field(default_factory=dict)
 
@@ -85,8 +86,8 @@ class PolicyCache:
             models.PolicyEpoch.tenant_id == tenant_id))).scalar_one_or_none() or 0
         body = (await s.execute(select(models.RiskOverrides.body).where(
             models.RiskOverrides.tenant_id == tenant_id))).scalar_one_or_none()
-        overrides = convert.risk_overrides_to_engine(policy_pb2.RiskOverrides.FromString(body).overrides) if body else ()
-        classifier = engine.Classifier(overrides=overrides) if overrides else None
+        risk = policy_pb2.RiskOverrides.FromString(body) if body else policy_pb2.RiskOverrides()
+        classifier = convert.risk_classifier(risk.overrides, risk.argument_triggers)
         return TenantPolicies(tenant_id, epoch, envelopes, controls, classifier)
 
     def invalidate(self, tenant_id: str | None) -> None:

@@ -27,6 +27,7 @@ from arm_common.messages import ts
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_engine import engine
+from arm_engine import limits as engine_limits
 from arm_governance import convert, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_reads import DecisionFilter, DecisionReader, export_line
@@ -66,6 +67,26 @@ def validate_risk_overrides(v: Violations, path: str, overrides: Any) -> None:
         for name, bound in o.arguments_below.items():
             if not name or len(name) > 100 or not math.isfinite(bound):
                 v.add(f"{path}[{i}].arguments_below[{name!r}]", "needs a name of 1-100 characters and a finite bound")
+
+
+def validate_argument_triggers(v: Violations, path: str, triggers: Any) -> None:
+    """ArgumentTrigger entries: the engine's trigger limits (RE2 only, bounded count and size)."""
+    for where, problem in engine_limits.trigger_violations(triggers):
+        v.add(f"{path}{where}", problem)
+
+
+def _triggers_record(triggers: Any) -> dict[str, Any]:
+    """The argument triggers part of a risk-overrides change record (absent when none)."""
+    return {"argument_triggers": [json_format.MessageToDict(t) for t in triggers]} if triggers else {}
+
+
+def _stored_triggers(row: Any) -> dict[str, Any]:
+    return _triggers_record(policy_pb2.RiskOverrides.FromString(row.body).argument_triggers) if row.body else {}
+
+
+def _risk_summary(request: policy_pb2.SetRiskOverridesRequest) -> str:
+    summary = f"risk overrides: {len(request.overrides)} entries"
+    return summary + (f", {len(request.argument_triggers)} argument triggers" if request.argument_triggers else "")
 
 
 def _risk_overrides(tenant_id: str, row: Any) -> policy_pb2.RiskOverrides:
@@ -128,6 +149,7 @@ def evaluation_inputs(request: decision_pb2.EvaluatePolicyRequest
             estimated_cost_usd=c.estimated_cost_usd, is_run_start=c.is_run_start,
             grant=engine.Grant(c.grant_status) if c.grant_status else None)))
     validate_risk_overrides(v, "risk_overrides", request.risk_overrides)
+    validate_argument_triggers(v, "argument_triggers", request.argument_triggers)
     v.raise_if_any("the evaluation request is not valid")
     return envelopes, calls
 
@@ -467,6 +489,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         _check_common(request)
         v = Violations()
         validate_risk_overrides(v, "overrides", request.overrides)
+        validate_argument_triggers(v, "argument_triggers", request.argument_triggers)
         val.optional(v, "reason", request.reason, val.MAX_TEXT)
         v.raise_if_any()
         p = current_principal()
@@ -485,15 +508,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             else:
                 self.store.check_etag(row, request.etag, required=False)
                 before = [json_format.MessageToDict(o) for o in policy_pb2.RiskOverrides.FromString(row.body).overrides]
-            row.body = policy_pb2.RiskOverrides(overrides=request.overrides).SerializeToString()
+            before_triggers = _stored_triggers(row)
+            row.body = policy_pb2.RiskOverrides(overrides=request.overrides,
+                                                argument_triggers=request.argument_triggers).SerializeToString()
             row.revision, row.updated_at = row.revision + 1, utcnow()
             await s.flush()
             await self.store.bump_epoch(s, p.tenant_id)
             await self.store.record(
                 s, p, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="risk_overrides", target_id=p.tenant_id,
-                reason=request.reason, summary=f"risk overrides: {len(request.overrides)} entries",
-                before={"overrides": before},
-                after={"overrides": [json_format.MessageToDict(o) for o in request.overrides]})
+                reason=request.reason, summary=_risk_summary(request),
+                before={"overrides": before, **before_triggers},
+                after={"overrides": [json_format.MessageToDict(o) for o in request.overrides],
+                       **_triggers_record(request.argument_triggers)})
             return policy_pb2.SetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
 
         return await self._write("SetRiskOverrides", request, policy_pb2.SetRiskOverridesResponse, write)
@@ -612,8 +638,8 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         envelopes, calls = evaluation_inputs(request)
         p = current_principal()
         p.require("policies:read")
-        overrides = convert.risk_overrides_to_engine(request.risk_overrides)
-        classifier = engine.Classifier(overrides=overrides) if overrides else self.decider.classifier
+        classifier = convert.risk_classifier(request.risk_overrides, request.argument_triggers
+                                             ) or self.decider.classifier
         envelopes = [dataclasses.replace(e, scope_id=p.tenant_id) if e.scope == engine.Scope.TENANT else e
                      for e in envelopes]
         results = []

@@ -891,6 +891,7 @@ class EvaluatePolicyRequest(_message.Message):
     ENVELOPES_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
     RISK_OVERRIDES_FIELD_NUMBER: _builtins.int
+    ARGUMENT_TRIGGERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.PolicyEnvelope]:
         """The envelopes to decide with (validated as on write, never stored): TENANT envelopes apply to
@@ -908,16 +909,23 @@ class EvaluatePolicyRequest(_message.Message):
         classification (not the tenant's stored overrides).
         """
 
+    @_builtins.property
+    def argument_triggers(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.ArgumentTrigger]:
+        """Argument-trigger changes to classify with (as SetRiskOverrides; never stored); empty = the
+        default triggers (not the tenant's stored changes).
+        """
+
     def __init__(
         self,
         *,
         envelopes: _abc.Iterable[_policy_pb2.PolicyEnvelope] | None = ...,
         calls: _abc.Iterable[Global___EvaluationCall] | None = ...,
         risk_overrides: _abc.Iterable[_policy_pb2.RiskOverride] | None = ...,
+        argument_triggers: _abc.Iterable[_policy_pb2.ArgumentTrigger] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "envelopes", b"envelopes", "risk_overrides", b"risk_overrides"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argument_triggers", b"argument_triggers", "calls", b"calls", "envelopes", b"envelopes", "risk_overrides", b"risk_overrides"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1511,8 +1511,9 @@ class RiskOverride(_message.Message):
     """The risk it sets; required."""
     @_builtins.property
     def arguments_below(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Numeric bounds: the entry applies only when every named top-level argument is a number
-        strictly below its bound (e.g. {"amount": 50}); empty = whatever the arguments. At most 10.
+        """Numeric bounds: the entry applies only when every named argument is a number strictly below
+        its bound (e.g. {"amount": 50}); a name is a top-level argument or a dotted path into nested
+        objects ("refund.amount"); empty = whatever the arguments. At most 10.
         """
 
     def __init__(
@@ -1531,6 +1532,49 @@ class RiskOverride(_message.Message):
 Global___RiskOverride: _TypeAlias = RiskOverride  # noqa: Y015
 
 @_typing.final
+class ArgumentTrigger(_message.Message):
+    """A change of a tenant to the default argument triggers (the classifier raises a call's risk
+    when the strings of its arguments match one: secrets, production, destructive commands; their
+    labels are listed in docs/policies.md). With a default trigger's label it replaces that
+    trigger (its pattern, its risk or both) or disables it; any other label adds a trigger.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    RISK_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """1-64 printable characters, unique in the list; required."""
+    pattern: _builtins.str
+    """RE2 pattern, searched case-insensitively in each string key and value of the arguments; at
+    most 300 characters and 600 RE2 instructions. Empty keeps a default trigger's pattern
+    (required for an added trigger).
+    """
+    risk: _common_pb2.RiskLevel.ValueType
+    """What a match raises the call's risk to: MEDIUM, HIGH or CRITICAL; UNSPECIFIED = HIGH. A
+    trigger never lowers a risk.
+    """
+    disabled: _builtins.bool
+    """Disables the default trigger of this label (pattern must be empty)."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        pattern: _builtins.str = ...,
+        risk: _common_pb2.RiskLevel.ValueType = ...,
+        disabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disabled", b"disabled", "label", b"label", "pattern", b"pattern", "risk", b"risk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArgumentTrigger: _TypeAlias = ArgumentTrigger  # noqa: Y015
+
+@_typing.final
 class RiskOverrides(_message.Message):
     """The risk overrides of a tenant."""
 
@@ -1540,6 +1584,7 @@ class RiskOverrides(_message.Message):
     OVERRIDES_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    ARGUMENT_TRIGGERS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Tenant (output only)."""
     revision: _builtins.int
@@ -1550,6 +1595,10 @@ class RiskOverrides(_message.Message):
     def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskOverride]:
         """The entries, the first matching one wins; at most 100."""
 
+    @_builtins.property
+    def argument_triggers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArgumentTrigger]:
+        """Changes to the default argument triggers; at most 32."""
+
     def __init__(
         self,
         *,
@@ -1557,10 +1606,11 @@ class RiskOverrides(_message.Message):
         overrides: _abc.Iterable[Global___RiskOverride] | None = ...,
         revision: _builtins.int = ...,
         etag: _builtins.str = ...,
+        argument_triggers: _abc.Iterable[Global___ArgumentTrigger] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "overrides", b"overrides", "revision", b"revision", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argument_triggers", b"argument_triggers", "etag", b"etag", "overrides", b"overrides", "revision", b"revision", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1617,6 +1667,7 @@ class SetRiskOverridesRequest(_message.Message):
     OVERRIDES_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ARGUMENT_TRIGGERS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key; a repeat returns the first response."""
     etag: _builtins.str
@@ -1627,6 +1678,10 @@ class SetRiskOverridesRequest(_message.Message):
     def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskOverride]:
         """The new entries (replacing all); empty removes the overrides."""
 
+    @_builtins.property
+    def argument_triggers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArgumentTrigger]:
+        """The new argument-trigger changes (replacing all); empty = the default triggers."""
+
     def __init__(
         self,
         *,
@@ -1634,10 +1689,11 @@ class SetRiskOverridesRequest(_message.Message):
         overrides: _abc.Iterable[Global___RiskOverride] | None = ...,
         etag: _builtins.str = ...,
         reason: _builtins.str = ...,
+        argument_triggers: _abc.Iterable[Global___ArgumentTrigger] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "overrides", b"overrides", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argument_triggers", b"argument_triggers", "etag", b"etag", "overrides", b"overrides", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -186,9 +186,10 @@ class PolicyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetRiskOverrides(self, request, context):
-        """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
-        classifier of this tenant's decisions tries them, in order, before the default tool table.
-        Other tenants are not affected. Requires `policies:write`.
+        """Replaces the caller's tenant's risk overrides and argument-trigger changes (empty lists
+        remove them): the risk classifier of this tenant's decisions tries the overrides, in order,
+        before the default tool table, and raises risk with the default argument triggers as
+        changed. Other tenants are not affected. Requires `policies:write`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

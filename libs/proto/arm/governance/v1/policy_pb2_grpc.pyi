@@ -68,9 +68,10 @@ class PolicyServiceStub:
     `policies:read`.
     """
     SetRiskOverrides: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SetRiskOverridesRequest, _policy_pb2.SetRiskOverridesResponse]
-    """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
-    classifier of this tenant's decisions tries them, in order, before the default tool table.
-    Other tenants are not affected. Requires `policies:write`.
+    """Replaces the caller's tenant's risk overrides and argument-trigger changes (empty lists
+    remove them): the risk classifier of this tenant's decisions tries the overrides, in order,
+    before the default tool table, and raises risk with the default argument triggers as
+    changed. Other tenants are not affected. Requires `policies:write`.
     """
     SetOperatorControl: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SetOperatorControlRequest, _policy_pb2.SetOperatorControlResponse]
     """Sets the operator control (kill switch) of the tenant or of a project; writes EMERGENCY_PAUSE
@@ -115,9 +116,10 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     `policies:read`.
     """
     SetRiskOverrides: _aio.UnaryUnaryMultiCallable[_policy_pb2.SetRiskOverridesRequest, _policy_pb2.SetRiskOverridesResponse]  # type: ignore[assignment]
-    """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
-    classifier of this tenant's decisions tries them, in order, before the default tool table.
-    Other tenants are not affected. Requires `policies:write`.
+    """Replaces the caller's tenant's risk overrides and argument-trigger changes (empty lists
+    remove them): the risk classifier of this tenant's decisions tries the overrides, in order,
+    before the default tool table, and raises risk with the default argument triggers as
+    changed. Other tenants are not affected. Requires `policies:write`.
     """
     SetOperatorControl: _aio.UnaryUnaryMultiCallable[_policy_pb2.SetOperatorControlRequest, _policy_pb2.SetOperatorControlResponse]  # type: ignore[assignment]
     """Sets the operator control (kill switch) of the tenant or of a project; writes EMERGENCY_PAUSE
@@ -225,9 +227,10 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _policy_pb2.SetRiskOverridesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.SetRiskOverridesResponse, _abc.Awaitable[_policy_pb2.SetRiskOverridesResponse]]:
-        """Replaces the caller's tenant's risk overrides (an empty list removes them): the risk
-        classifier of this tenant's decisions tries them, in order, before the default tool table.
-        Other tenants are not affected. Requires `policies:write`.
+        """Replaces the caller's tenant's risk overrides and argument-trigger changes (empty lists
+        remove them): the risk classifier of this tenant's decisions tries the overrides, in order,
+        before the default tool table, and raises risk with the default argument triggers as
+        changed. Other tenants are not affected. Requires `policies:write`.
         """
 
     @_abc_1.abstractmethod
