@@ -254,16 +254,38 @@ async def test_offline_and_server_agree_on_every_case(tenant: TenantContext, gov
 
 async def test_risk_overrides_apply_diff_and_round_trip(ws: Workspace, tmp_path: Path) -> None:
     write_policies(ws)
-    (ws.files / "risk.yaml").write_text("kind: risk_overrides\noverrides:\n  - tool: payments.refund\n"
-                                        "    risk: MEDIUM\n    arguments_below: {amount: 50}\n")
+    risk = ws.files / "risk.yaml"
+    risk.write_text("kind: risk_overrides\noverrides:\n  - tool: payments.refund\n"
+                    "    risk: MEDIUM\n    arguments_below: {amount: 50}\n")
     out = ok(await ws.admin.arm("policy", "apply", "-f", str(ws.files))).stdout
     assert "~ update     (risk overrides)" in out and "+ override: payments.refund → MEDIUM when amount<50" in out
     got = (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
     assert got.revision == 1 and got.overrides[0].arguments_below == {"amount": 50}
     again = ok(await ws.admin.arm("policy", "apply", "-f", str(ws.files))).stdout
     assert "= unchanged  (risk overrides)" in again and "Nothing to do." in again
+
+    # Argument triggers: a rule-level diff, applied, then unchanged.
+    risk.write_text(risk.read_text() + "argument_triggers:\n  - label: production\n    risk: MEDIUM\n"
+                    "  - label: deploy\n    disabled: true\n"
+                    "  - {label: crown jewels, pattern: 'customers?[_ ]table', risk: CRITICAL}\n")
+    out = ok(await ws.admin.arm("policy", "apply", "-f", str(ws.files))).stdout
+    assert "+ trigger: production → MEDIUM" in out and "+ trigger: deploy disabled" in out, out
+    assert "+ trigger: crown jewels /customers?[_ ]table/ → CRITICAL" in out
+    got = (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
+    assert got.revision == 2 and [(t.label, t.risk, t.disabled) for t in got.argument_triggers] == [
+        ("production", 2, False), ("deploy", 0, True), ("crown jewels", 4, False)]
+    assert "= unchanged  (risk overrides)" in ok(await ws.admin.arm("policy", "apply", "-f", str(ws.files))).stdout
+
     exported = tmp_path / "exported.yaml"
     ok(await ws.admin.arm("policy", "export", "--out", str(exported)))
-    assert "kind: risk_overrides" in exported.read_text()
+    text = exported.read_text()
+    assert "kind: risk_overrides" in text and "argument_triggers:" in text and "label: crown jewels" in text
     assert "Nothing to do." in ok(await ws.admin.arm("policy", "apply", "-f", str(exported))).stdout
-    assert (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides.revision == 1
+    assert (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides.revision == 2
+
+    # A trigger the engine's limits refuse is a usage error naming the field; nothing is written.
+    risk.write_text("kind: risk_overrides\nargument_triggers:\n  - {label: mine, pattern: '(?<=a)b'}\n")
+    refused = await ws.admin.arm("policy", "apply", "-f", str(ws.files))
+    assert refused.exit_code == 2 and "risk.yaml#1.argument_triggers[0].pattern: is not an RE2" in refused.output, \
+        refused.output
+    assert (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides.revision == 2

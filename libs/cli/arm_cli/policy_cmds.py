@@ -59,15 +59,19 @@ class Action:
     risk: list[policy_pb2.RiskOverride] | None = None
     """For the tenant's risk overrides (name RISK_OVERRIDES): the wanted entries."""
     risk_live: list[policy_pb2.RiskOverride] | None = None
+    triggers: list[policy_pb2.ArgumentTrigger] = field(default_factory=list)
+    """For RISK_OVERRIDES: the wanted argument-trigger changes (and the live ones, for an undo)."""
+    triggers_live: list[policy_pb2.ArgumentTrigger] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        def overrides(v: list[policy_pb2.RiskOverride] | None) -> Any:
+        def overrides(v: list[Any] | None) -> Any:
             return None if v is None else [json_format.MessageToDict(o) for o in v]
         return {"kind": self.kind, "name": self.name, "envelope_id": self.envelope_id, "etag": self.etag,
                 "changes": self.changes,
                 "wanted": json_format.MessageToDict(self.wanted) if self.wanted is not None else None,
                 "live": json_format.MessageToDict(self.live) if self.live is not None else None,
-                "risk": overrides(self.risk), "risk_live": overrides(self.risk_live)}
+                "risk": overrides(self.risk), "risk_live": overrides(self.risk_live),
+                "triggers": overrides(self.triggers), "triggers_live": overrides(self.triggers_live)}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Action:
@@ -76,9 +80,12 @@ class Action:
 
         def overrides(v: Any) -> list[policy_pb2.RiskOverride] | None:
             return None if v is None else [json_format.ParseDict(o, policy_pb2.RiskOverride()) for o in v]
+
+        def triggers(v: Any) -> list[policy_pb2.ArgumentTrigger]:
+            return [json_format.ParseDict(t, policy_pb2.ArgumentTrigger()) for t in v or []]
         return Action(d["kind"], d["name"], d.get("envelope_id", ""), d.get("etag", ""), env(d.get("wanted")),
                       env(d.get("live")), list(d.get("changes") or []), overrides(d.get("risk")),
-                      overrides(d.get("risk_live")))
+                      overrides(d.get("risk_live")), triggers(d.get("triggers")), triggers(d.get("triggers_live")))
 
 
 class Scopes:
@@ -129,7 +136,7 @@ RISK_OVERRIDES = "(risk overrides)"
 
 
 async def plan(c: ArmClient, specs: list[pf.Spec], *, prune: bool,
-               risk: tuple[dict[str, Any], ...] | None = None) -> list[Action]:
+               risk: pf.RiskSpec | None = None) -> list[Action]:
     """What applying `specs` (and the risk overrides, when the files have them) would do, from
     the live envelopes read now (their etags kept)."""
     scopes = Scopes(c)
@@ -137,18 +144,11 @@ async def plan(c: ArmClient, specs: list[pf.Spec], *, prune: bool,
     out: list[Action] = []
     if risk is not None:
         cur = (await c.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
-        have_risk = pf.risk_overrides_from_proto(cur.overrides)
-        changes = []
-        if have_risk != risk:
-            def line(o: dict[str, Any]) -> str:
-                bounds = " ".join(f"{k}<{v:g}" for k, v in o["arguments_below"])
-                return f"{o['tool']} → {o['risk']}" + (f" when {bounds}" if bounds else "")
-            changes = [f"- override: {line(o)}" for o in have_risk if o not in risk] + [
-                f"+ override: {line(o)}" for o in risk if o not in have_risk]
-            if not changes:
-                changes = ["~ order of the overrides"]
+        changes = risk_changes(pf.risk_from_proto(cur), risk)
         out.append(Action("update" if changes else "unchanged", RISK_OVERRIDES, etag=cur.etag or "0",
-                          changes=changes, risk=pf.risk_overrides_to_proto(risk), risk_live=list(cur.overrides)))
+                          changes=changes, risk=pf.risk_overrides_to_proto(risk.overrides),
+                          risk_live=list(cur.overrides), triggers=pf.argument_triggers_to_proto(risk.triggers),
+                          triggers_live=list(cur.argument_triggers)))
     for spec in specs:
         wanted = pf.to_proto(spec, await scopes.scope_id(spec.scope))
         cur = live.get(spec.name)
@@ -171,6 +171,26 @@ async def plan(c: ArmClient, specs: list[pf.Spec], *, prune: bool,
     return out
 
 
+def risk_changes(have: pf.RiskSpec, want: pf.RiskSpec) -> list[str]:
+    """The plan lines of the risk overrides: entries removed (-) and added (+)."""
+    if have == want:
+        return []
+
+    def override(o: dict[str, Any]) -> str:
+        bounds = " ".join(f"{k}<{v:g}" for k, v in o["arguments_below"])
+        return f"{o['tool']} → {o['risk']}" + (f" when {bounds}" if bounds else "")
+
+    def trigger(t: dict[str, Any]) -> str:
+        if t["disabled"]:
+            return f"{t['label']} disabled"
+        return t["label"] + (f" /{t['pattern']}/" if t["pattern"] else "") + f" → {t['risk']}"
+    changes = [f"- override: {override(o)}" for o in have.overrides if o not in want.overrides] + [
+        f"+ override: {override(o)}" for o in want.overrides if o not in have.overrides]
+    changes += [f"- trigger: {trigger(t)}" for t in have.triggers if t not in want.triggers] + [
+        f"+ trigger: {trigger(t)}" for t in want.triggers if t not in have.triggers]
+    return changes or ["~ order of the overrides or triggers"]
+
+
 async def execute(c: ArmClient, actions: list[Action], reason: str) -> list[str]:
     """Applies the writes of a plan in order (updates, deactivations, then creates), each with the
     etag its plan read; on any failure undoes the writes already made and raises (a conflict as
@@ -183,7 +203,7 @@ async def execute(c: ArmClient, actions: list[Action], reason: str) -> list[str]
             rid = str(uuid.uuid4())
             if a.risk is not None:
                 rr = await c.policies.SetRiskOverrides(policy_pb2.SetRiskOverridesRequest(
-                    request_id=rid, overrides=a.risk, etag=a.etag, reason=reason))
+                    request_id=rid, overrides=a.risk, argument_triggers=a.triggers, etag=a.etag, reason=reason))
                 done.append((a, policy_pb2.PolicyEnvelope(etag=rr.risk_overrides.etag)))
                 continue
             if a.kind == "create":
@@ -222,7 +242,8 @@ async def _undo(c: ArmClient, done: list[tuple[Action, policy_pb2.PolicyEnvelope
         try:
             if a.risk is not None:
                 await c.policies.SetRiskOverrides(policy_pb2.SetRiskOverridesRequest(
-                    request_id=str(uuid.uuid4()), overrides=a.risk_live, etag=written.etag,
+                    request_id=str(uuid.uuid4()), overrides=a.risk_live, argument_triggers=a.triggers_live,
+                    etag=written.etag,
                     reason=f"undo: {reason}"))
             elif a.kind == "create":
                 await c.policies.DeactivatePolicyEnvelope(policy_pb2.DeactivatePolicyEnvelopeRequest(
@@ -261,7 +282,7 @@ def print_plan(actions: list[Action], fmt: Format) -> None:
               f"{counts['deactivate']} to deactivate, {counts['unchanged']} unchanged.", markup=False)
 
 
-def _load_all(path: Path) -> tuple[list[pf.Spec], tuple[dict[str, Any], ...] | None]:
+def _load_all(path: Path) -> tuple[list[pf.Spec], pf.RiskSpec | None]:
     try:
         return pf.load_all(path)
     except pf.FileError as exc:
@@ -307,13 +328,14 @@ def apply_cmd(ctx: typer.Context,
 def export_cmd(ctx: typer.Context,
                out: Annotated[Path | None, typer.Option("--out", help="File to write (default stdout)")] = None,
                ) -> None:
-    """Writes the live active envelopes (and the tenant's risk overrides) as policy files."""
-    async def go(c: ArmClient) -> tuple[list[pf.Spec], tuple[dict[str, Any], ...]]:
+    """Writes the live active envelopes (and the tenant's risk overrides and argument triggers) as
+    policy files."""
+    async def go(c: ArmClient) -> tuple[list[pf.Spec], pf.RiskSpec]:
         scopes = Scopes(c)
         envs = [e for e in await live_envelopes(c) if (e.active if e.HasField("active") else True)]
         envs.sort(key=lambda e: (e.scope, e.name))
         risk = (await c.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides
-        return [pf.from_proto(e, await scopes.ref(e)) for e in envs], pf.risk_overrides_from_proto(risk.overrides)
+        return [pf.from_proto(e, await scopes.ref(e)) for e in envs], pf.risk_from_proto(risk)
 
     specs, risk = call(ctx, go)
     text = pf.dump(specs, risk)

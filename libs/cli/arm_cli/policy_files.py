@@ -20,7 +20,8 @@ import yaml
 
 from arm.governance.v1 import policy_pb2
 from arm_engine import engine
-from arm_engine.risk import Risk, RiskOverride
+from arm_engine import limits
+from arm_engine.risk import ArgumentTrigger, Risk, RiskOverride, tenant_triggers
 
 EFFECTS = {"ALLOW": 1, "DENY": 2, "NEEDS_APPROVAL": 3}
 RISKS = {"LOW": 1, "MEDIUM": 2, "HIGH": 3, "CRITICAL": 4}
@@ -207,11 +208,30 @@ def parse_envelope(doc: Any, where: str) -> Spec:
 
 
 _OVERRIDE_KEYS = {"tool", "risk", "arguments_below"}
+_TRIGGER_KEYS = {"label", "pattern", "risk", "disabled"}
 
 
-def parse_risk_overrides(doc: dict[str, Any], where: str) -> tuple[dict[str, Any], ...]:
-    """`kind: risk_overrides` with `overrides: [{tool, risk, arguments_below: {name: bound}}]`."""
-    d = _keys(doc, {"kind", "overrides"}, where)
+@dataclass(frozen=True)
+class RiskSpec:
+    """The tenant's risk classification in normal form (`kind: risk_overrides`): tool-table
+    overrides `{tool, risk, arguments_below: ((name, bound), …)}` and argument-trigger changes
+    `{label, pattern, risk, disabled}` (risk "HIGH" when not given; "" when disabled)."""
+
+    overrides: tuple[dict[str, Any], ...] = ()
+    triggers: tuple[dict[str, Any], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.overrides or self.triggers)
+
+
+def _trigger(label: str, pattern: str, risk: str, disabled: bool) -> dict[str, Any]:
+    return {"label": label, "pattern": pattern, "risk": "" if disabled else (risk or "HIGH"), "disabled": disabled}
+
+
+def parse_risk_overrides(doc: dict[str, Any], where: str) -> RiskSpec:
+    """`kind: risk_overrides` with `overrides: [{tool, risk, arguments_below: {name: bound}}]` and
+    `argument_triggers: [{label, pattern, risk, disabled}]`."""
+    d = _keys(doc, {"kind", "overrides", "argument_triggers"}, where)
     items = d.get("overrides") or []
     if not isinstance(items, list):
         raise FileError(f"{where}.overrides: must be a list")
@@ -225,17 +245,51 @@ def parse_risk_overrides(doc: dict[str, Any], where: str) -> tuple[dict[str, Any
         out.append({"tool": o["tool"], "risk": _enum(o.get("risk"), RISKS, f"{w}.risk"),
                     "arguments_below": tuple(sorted((str(k), _number(v, f"{w}.arguments_below.{k}"))
                                                     for k, v in below.items()))})
-    return tuple(out)
+    raw_triggers = d.get("argument_triggers") or []
+    if not isinstance(raw_triggers, list):
+        raise FileError(f"{where}.argument_triggers: must be a list")
+    triggers = []
+    for i, raw in enumerate(raw_triggers):
+        w = f"{where}.argument_triggers[{i}]"
+        t = _keys(raw, _TRIGGER_KEYS, w)
+        disabled = t.get("disabled", False)
+        if not isinstance(disabled, bool):
+            raise FileError(f"{w}.disabled: must be true or false")
+        for key in ("label", "pattern"):
+            if not isinstance(t.get(key, ""), str):
+                raise FileError(f"{w}.{key}: must be a string")
+        risk = _enum(t.get("risk"), RISKS, f"{w}.risk", optional=True) or ""
+        triggers.append(_trigger(t.get("label", ""), t.get("pattern", ""), risk, disabled))
+    problems = limits.trigger_violations([ArgumentTrigger(t["label"], t["pattern"], Risk(RISKS[t["risk"]]) if
+                                                          t["risk"] else Risk.HIGH, t["disabled"]) for t in triggers])
+    if problems:  # the checks governance makes, offline
+        raise FileError("; ".join(f"{where}.argument_triggers{path}: {msg}" for path, msg in problems))
+    return RiskSpec(tuple(out), tuple(triggers))
 
 
-def risk_overrides_yaml(overrides: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+def risk_overrides_yaml(risk: RiskSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": "risk_overrides"}
     items = []
-    for o in overrides:
+    for o in risk.overrides:
         item: dict[str, Any] = {"tool": o["tool"], "risk": o["risk"]}
         if o["arguments_below"]:
             item["arguments_below"] = dict(o["arguments_below"])
         items.append(item)
-    return {"kind": "risk_overrides", "overrides": items}
+    if items:
+        out["overrides"] = items
+    triggers = []
+    for t in risk.triggers:
+        item = {"label": t["label"]}
+        if t["disabled"]:
+            item["disabled"] = True
+        else:
+            if t["pattern"]:
+                item["pattern"] = t["pattern"]
+            item["risk"] = t["risk"]
+        triggers.append(item)
+    if triggers:
+        out["argument_triggers"] = triggers
+    return out
 
 
 def risk_overrides_to_proto(overrides: tuple[dict[str, Any], ...]) -> list[policy_pb2.RiskOverride]:
@@ -243,13 +297,26 @@ def risk_overrides_to_proto(overrides: tuple[dict[str, Any], ...]) -> list[polic
                                     arguments_below=dict(o["arguments_below"])) for o in overrides]
 
 
-def risk_overrides_from_proto(overrides: Iterable[policy_pb2.RiskOverride]) -> tuple[dict[str, Any], ...]:
-    return tuple({"tool": o.tool, "risk": _name(RISKS, o.risk) or "UNSPECIFIED",
-                  "arguments_below": tuple(sorted(o.arguments_below.items()))} for o in overrides)
+def argument_triggers_to_proto(triggers: tuple[dict[str, Any], ...]) -> list[policy_pb2.ArgumentTrigger]:
+    return [policy_pb2.ArgumentTrigger(label=t["label"], pattern=t["pattern"],  # type: ignore[arg-type]
+                                       risk=RISKS.get(t["risk"], 0), disabled=t["disabled"]) for t in triggers]
 
 
-def risk_overrides_to_engine(overrides: tuple[dict[str, Any], ...]) -> tuple[RiskOverride, ...]:
-    return tuple(RiskOverride(o["tool"], Risk(RISKS[o["risk"]]), o["arguments_below"]) for o in overrides)
+def risk_from_proto(risk: policy_pb2.RiskOverrides) -> RiskSpec:
+    return RiskSpec(
+        tuple({"tool": o.tool, "risk": _name(RISKS, o.risk) or "UNSPECIFIED",
+               "arguments_below": tuple(sorted(o.arguments_below.items()))} for o in risk.overrides),
+        tuple(_trigger(t.label, t.pattern, _name(RISKS, t.risk) or "", t.disabled) for t in risk.argument_triggers))
+
+
+def risk_classifier(risk: RiskSpec | None) -> engine.Classifier:
+    """The classifier governance builds from the same overrides and triggers."""
+    if not risk:
+        return engine.DEFAULT_CLASSIFIER
+    return engine.Classifier(
+        overrides=tuple(RiskOverride(o["tool"], Risk(RISKS[o["risk"]]), o["arguments_below"]) for o in risk.overrides),
+        triggers=tenant_triggers(tuple(ArgumentTrigger(t["label"], t["pattern"], Risk(RISKS.get(t["risk"], 3)),
+                                                       t["disabled"]) for t in risk.triggers)))
 
 
 def policy_files(path: Path) -> list[Path]:
@@ -267,11 +334,11 @@ def load(path: Path) -> list[Spec]:
     return load_all(path)[0]
 
 
-def load_all(path: Path) -> tuple[list[Spec], tuple[dict[str, Any], ...] | None]:
+def load_all(path: Path) -> tuple[list[Spec], RiskSpec | None]:
     """The envelopes and the risk overrides (None: no `kind: risk_overrides` document) of the
     files under `path`."""
     out: list[Spec] = []
-    risk: tuple[dict[str, Any], ...] | None = None
+    risk: RiskSpec | None = None
     risk_where = ""
     seen: dict[str, str] = {}
     for f in policy_files(path):
@@ -295,7 +362,7 @@ def load_all(path: Path) -> tuple[list[Spec], tuple[dict[str, Any], ...] | None]
     return out, risk
 
 
-def dump(specs: Iterable[Spec], risk: tuple[dict[str, Any], ...] = ()) -> str:
+def dump(specs: Iterable[Spec], risk: RiskSpec | None = None) -> str:
     """The YAML text of envelopes, one document each (and the risk overrides, if any)."""
     docs = [s.to_yaml() for s in specs] + ([risk_overrides_yaml(risk)] if risk else [])
     return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, explicit_start=True)

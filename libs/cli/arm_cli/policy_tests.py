@@ -175,7 +175,7 @@ class Policies:
     """The policy files a test file runs against: envelopes and risk overrides."""
 
     specs: list[pf.Spec]
-    risk: tuple[dict[str, Any], ...]
+    risk: pf.RiskSpec
     classifier: engine.Classifier
 
 
@@ -193,9 +193,7 @@ def load_suite(path: Path) -> list[tuple[Policies, Case]]:
         root = (pol or default_root).resolve()
         if root not in cache:
             specs, risk = pf.load_all(root)
-            overrides = pf.risk_overrides_to_engine(risk or ())
-            cache[root] = Policies(specs, risk or (), engine.Classifier(overrides=overrides) if overrides
-                                   else engine.DEFAULT_CLASSIFIER)
+            cache[root] = Policies(specs, risk or pf.RiskSpec(), pf.risk_classifier(risk))
         out += [(cache[root], case) for case in cases]
     return out
 
@@ -251,7 +249,8 @@ async def run_server(path: Path, decisions: Any) -> list[CaseResult]:
             end += 1
         resp = await decisions.EvaluatePolicy(decision_pb2.EvaluatePolicyRequest(
             envelopes=[pf.to_proto(s, _label(s)) for s in policies.specs],
-            risk_overrides=pf.risk_overrides_to_proto(policies.risk),
+            risk_overrides=pf.risk_overrides_to_proto(policies.risk.overrides),
+            argument_triggers=pf.argument_triggers_to_proto(policies.risk.triggers),
             calls=[evaluation_call(case) for _, case in suite[start:end]]))
         out += [compare(case, _server_outcome(r)) for (_, case), r in zip(suite[start:end], resp.results, strict=True)]
         start = end
