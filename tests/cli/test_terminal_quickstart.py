@@ -30,6 +30,7 @@ async def test_the_terminal_quickstart_runs_as_written(tmp_path: Path) -> None:
     lines = quickstart_lines()
     assert 6 <= len(lines) <= 12, lines
     assert all(ln.startswith("arm ") or " arm " in ln for ln in lines), lines  # arm commands only
+    assert any(ln.startswith("arm policy apply -f examples/") for ln in lines), lines  # policy from files
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "examples" / "terminal", work / "examples" / "terminal")
     address = f"127.0.0.1:{free_port()}"
@@ -58,6 +59,8 @@ async def test_the_terminal_quickstart_runs_as_written(tmp_path: Path) -> None:
         assert len(checks) == 2
         assert re.search(r"^decision\s+NEEDS_APPROVAL\s*$", checks[0], re.M), checks[0]
         assert re.search(r"^decision\s+ALLOW\s*$", checks[1], re.M), checks[1]
+        applied = next(out for ln, out in zip(lines, outputs, strict=True) if ln.startswith("arm policy apply -f"))
+        assert "Plan: 2 to create, 0 to update" in applied and "Applied: 2 envelope(s) written." in applied, applied
         approved = next(out for ln, out in zip(lines, outputs, strict=True) if "approvals approve" in ln)
         assert "APPROVED" in approved and "bob@acme.example" in approved, approved
         verified = outputs[-1]
