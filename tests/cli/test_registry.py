@@ -77,6 +77,20 @@ async def test_projects_operators_roles_and_keys_by_name(terminal: Terminal, ten
     neither = await terminal.arm("keys", "create")
     assert neither.exit_code == 2
 
+    # A script keeps the shown-once secret out of the terminal: --key-file writes it 0600 (an
+    # existing file's looser mode too) and shows only where it went; `login --key-file` reads it.
+    key_file = tmp_path / "alice.key"
+    key_file.write_text("old")
+    key_file.chmod(0o644)
+    kept = ok(await terminal.arm("keys", "create", "--operator", email, "--key-file", str(key_file), "-o", "json"))
+    shown = json.loads(kept.stdout)
+    stored = key_file.read_text().strip()
+    assert shown["secret"] == f"written to {key_file}" and stored.startswith("arm_") and stored not in kept.output
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    bob = Terminal(tmp_path / "bob.yaml")
+    who = ok(await bob.arm("login", "--address", tenant.server.address, "--key-file", str(key_file), "-o", "json"))
+    assert op_id in json.loads(who.stdout)["actor"] and stored not in who.output
+
 
 async def test_template_version_from_a_file_promoted_to_approved(terminal: Terminal, tenant: TenantContext,
                                                                  governance: GovernanceServer,

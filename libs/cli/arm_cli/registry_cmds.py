@@ -125,6 +125,7 @@ def _keep(secret: str, path: Path | None) -> str:
     if path is None or not secret:
         return secret
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it before writing
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     return f"written to {path}"
@@ -239,8 +240,9 @@ def keys_create(ctx: typer.Context,
                 operator: Annotated[str, typer.Option(help="Operator e-mail (or id)")] = "",
                 instance: Annotated[str, typer.Option(help="Agent instance id")] = "",
                 name: Annotated[str, typer.Option(help="Display name")] = "",
-                output: Output = Format.table) -> None:
-    """An API key for an operator or an agent instance. The secret is shown once."""
+                key_file: KeyFile = None, output: Output = Format.table) -> None:
+    """An API key for an operator or an agent instance. The secret is shown once (or written to
+    --key-file, mode 0600, and not shown)."""
     if bool(operator) == bool(instance):
         raise typer.BadParameter("give exactly one of --operator and --instance", param_hint="--operator")
 
@@ -250,9 +252,11 @@ def keys_create(ctx: typer.Context,
             operator_id=op, instance_id=instance, display_name=name))
 
     r = call(ctx, create)
+    secret = _keep(r.secret, key_file)
     emit_object({"id": r.api_key.id, "operator": r.api_key.operator_id, "instance": r.api_key.instance_id,
-                 "secret": r.secret}, output, title="API key created", raw=as_dict(r))
-    sys.stderr.write("The secret is shown once: store it now.\n")
+                 "secret": secret}, output, title="API key created", raw=as_dict(r) if not key_file else None)
+    if not key_file:
+        sys.stderr.write("The secret is shown once: store it now.\n")
 
 
 # --- templates and versions --------------------------------------------------------------------
