@@ -47,6 +47,8 @@ async def test_projects_operators_roles_and_keys_by_name(terminal: Terminal, ten
     ok(await terminal.arm("projects", "create", "payments", "--name", "Payments"))
     projects = json.loads(ok(await terminal.arm("projects", "list", "-o", "json")).stdout)
     project_id = next(p["id"] for p in projects if p["slug"] == "payments")
+    twice = await terminal.arm("projects", "create", "payments")
+    assert twice.exit_code == 1 and "code:       ALREADY_EXISTS" in twice.stderr and "request id:" in twice.stderr
     email = f"alice-{secrets.token_hex(3)}@x.example"
     ok(await terminal.arm("operators", "create", email, "--name", "Alice"))
     assert email in ok(await terminal.arm("operators", "list")).stdout
@@ -76,6 +78,8 @@ async def test_projects_operators_roles_and_keys_by_name(terminal: Terminal, ten
     assert op_id in json.loads(who.stdout)["actor"]
     neither = await terminal.arm("keys", "create")
     assert neither.exit_code == 2
+    nobody = await terminal.arm("keys", "create", "--operator", "nobody@x.example")
+    assert nobody.exit_code == 1 and "code:       NOT_FOUND\n  reason:     OPERATOR_NOT_FOUND" in nobody.stderr
 
     # A script keeps the shown-once secret out of the terminal: --key-file writes it 0600 (an
     # existing file's looser mode too) and shows only where it went; `login --key-file` reads it.
@@ -99,6 +103,10 @@ async def test_template_version_from_a_file_promoted_to_approved(terminal: Termi
     ok(await terminal.arm("projects", "create", "billing"))
     ok(await terminal.arm("templates", "create", "billing-agent", "--project", "billing", "--name", "Billing"))
     assert "billing-agent" in ok(await terminal.arm("templates", "list", "--project", "billing")).stdout
+    no_project = await terminal.arm("templates", "create", "other-agent", "--project", "nope")
+    assert no_project.exit_code == 1 and "PROJECT_NOT_FOUND" in no_project.stderr
+    twice = await terminal.arm("templates", "create", "billing-agent", "--project", "billing")
+    assert twice.exit_code == 1 and "code:       ALREADY_EXISTS" in twice.stderr
     genome = tmp_path / "genome.yaml"
     genome.write_text(yaml.safe_dump({
         "model_config": {"provider": "openai", "model_id": "gpt-4.1", "temperature": 0.2, "max_tokens": 4096},
@@ -154,3 +162,5 @@ async def test_pause_and_resume_a_project_and_the_tenant(terminal: Terminal, ten
         await gov.close()
     missing = await terminal.arm("pause", "project", "nope")
     assert missing.exit_code == 1 and "PROJECT_NOT_FOUND" in missing.stderr
+    missing = await terminal.arm("resume", "project", "nope")
+    assert missing.exit_code == 1 and "code:       NOT_FOUND\n  reason:     PROJECT_NOT_FOUND" in missing.stderr

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import grpc
 import typer
 import yaml
 from google.protobuf import struct_pb2
@@ -53,7 +54,8 @@ async def pages(fetch: Callable[[str], Awaitable[Any]], field: str) -> list[Any]
 
 
 def _missing(what: str, name: str) -> NotFound:
-    return NotFound(f"no {what} named {name!r} in your tenant", reason=f"{what.upper()}_NOT_FOUND")
+    return NotFound(f"no {what} named {name!r} in your tenant", code=grpc.StatusCode.NOT_FOUND,
+                    reason=f"{what.upper()}_NOT_FOUND")
 
 
 async def project_id(c: ArmClient, slug: str) -> str:
