@@ -19,8 +19,7 @@ from typing import Any
 import yaml
 
 from arm.governance.v1 import policy_pb2
-from arm_engine import engine
-from arm_engine import limits
+from arm_engine import engine, limits
 from arm_engine.risk import ArgumentTrigger, Risk, RiskOverride, tenant_triggers
 
 EFFECTS = {"ALLOW": 1, "DENY": 2, "NEEDS_APPROVAL": 3}
