@@ -289,3 +289,11 @@ async def test_risk_overrides_apply_diff_and_round_trip(ws: Workspace, tmp_path:
     assert refused.exit_code == 2 and "risk.yaml#1.argument_triggers[0].pattern: is not an RE2" in refused.output, \
         refused.output
     assert (await ws.gov.policies.GetRiskOverrides(policy_pb2.GetRiskOverridesRequest())).risk_overrides.revision == 2
+
+
+async def test_the_quickstart_policies_pass_their_own_cases(tmp_path: Path) -> None:
+    examples = Path(__file__).parents[2] / "examples" / "terminal" / "policies"
+    term = Terminal(tmp_path / "none.yaml")
+    rows = json.loads(ok(await term.arm("policy", "test", str(examples), "-o", "json")).stdout)
+    assert len(rows) >= 4 and all(r["result"] == "pass" for r in rows)
+    assert [s.name for s in pf.load(examples)] == ["company-guardrails", "support-bot-tools"]
