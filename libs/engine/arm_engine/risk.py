@@ -1,8 +1,11 @@
 """Risk levels and the risk classifier of governance (SPEC §3 "Risk"): a configurable table of
-tool-name words, raised to HIGH when the call's arguments mention secrets or production.
+tool-name words, raised to HIGH when the call's arguments mention secrets or production. A tenant
+adds its own overrides of the table (`RiskOverride`) and changes the argument triggers
+(`ArgumentTrigger`, `tenant_triggers`).
 
-Pure: no I/O. The per-tool-name part is cached; the argument scan is one compiled regex over the
-strings of the arguments, with bounded depth and size.
+Pure: no I/O. The per-tool-name part is cached; the argument scan is one compiled regex per risk
+level the triggers raise to (one, HIGH, by default) over the strings of the arguments, with
+bounded depth and size.
 """
 
 from __future__ import annotations
@@ -313,7 +316,7 @@ class RiskOverride:
     case-insensitive); every `(argument, bound)` of `below` must hold — that argument (a top-level
     name, or a dotted path into nested objects such as `refund.amount`) is a number (not a bool)
     strictly below the bound — or the entry does not apply. The first
-    matching override wins; argument triggers still raise the result to HIGH."""
+    matching override wins; argument triggers still raise the result (to their level)."""
 
     tool: str
     risk: Risk
@@ -348,8 +351,8 @@ def _holds(arguments: Any, below: tuple[tuple[str, float], ...]) -> bool:
 
 class Classifier:
     """Classifies a tool call's risk from the tool name (configurable word table, cached) and its
-    arguments (raised to HIGH when they match an argument trigger: secrets, production,
-    destructive commands; configurable too)."""
+    arguments (raised when they match an argument trigger — secrets, production, destructive
+    commands — to HIGH, or to the level a tenant's trigger names; configurable too)."""
 
     __slots__ = ("_entries", "_words", "_word_hits", "_cache", "_levels", "_top", "unknown", "_overrides")
 
