@@ -27,7 +27,14 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import models, webhooks
 from arm_governance.models import OUTBOX
-from tests.conftest import GovernanceServer, TenantContext, make_tenant, new_database_spec, start_governance, stop_governance
+from tests.conftest import (
+    GovernanceServer,
+    TenantContext,
+    make_tenant,
+    new_database_spec,
+    start_governance,
+    stop_governance,
+)
 from tests.governance.test_approvals import active_instance
 from tests.helpers import approved_version, expect_failure, operator_key
 from tests.webhook_receiver import Receiver, assert_signed

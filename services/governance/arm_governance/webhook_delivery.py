@@ -21,6 +21,7 @@ row was marked sends that delivery again."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import webhooks_pb2 as wpb
@@ -109,7 +110,7 @@ class WebhookDispatcher:
             existing = set((await s.execute(select(d.id).where(d.id.in_([r["id"] for r in rows])))).scalars())
             fresh = [r for r in rows if r["id"] not in existing]
             if fresh:
-                await s.execute(models.WebhookDelivery.__table__.insert(), fresh)
+                await s.execute(insert(models.WebhookDelivery), fresh)
             return len(fresh)
 
         if await self.db.run(write):
@@ -183,12 +184,12 @@ class WebhookDispatcher:
         waits out the backoff) or when none is due."""
         try:
             while not self._stopping:
-                claimed = await self.db.run(lambda s: self._claim(s, webhook_id))
+                claimed = await self.db.run(functools.partial(self._claim, webhook_id=webhook_id))
                 if claimed is None:
                     return
                 status, error = await self._post(claimed)
                 ok = 200 <= status < 300
-                await self.db.run(lambda s, c=claimed, st=status, er=error, o=ok: self._mark(s, c, st, er, o))  # type: ignore[misc]
+                await self.db.run(functools.partial(self._mark, c=claimed, status=status, error=error, ok=ok))
                 if not ok:
                     return
         except asyncio.CancelledError:
@@ -229,7 +230,7 @@ class WebhookDispatcher:
                     status = resp.status_code
         except TimeoutError:
             return 0, f"no answer within {self.timeout_s:g} s"
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to get an answer is a failed attempt
             return 0, f"{type(exc).__name__}: {exc}"[:500]
         return status, "" if 200 <= status < 300 else f"HTTP {status}"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from cryptography.fernet import Fernet, InvalidToken
 from google.protobuf import json_format
 from sqlalchemy import delete, func, select
@@ -234,6 +235,11 @@ def _url(v: Violations, path: str, url: str) -> None:
         v.add(path, "must be an absolute http:// or https:// URL")
         return
     del port
+    try:
+        httpx.URL(url)  # what the dispatcher will send to
+    except Exception:  # noqa: BLE001 - httpx raises several kinds for URLs it cannot use
+        v.add(path, "must be an absolute http:// or https:// URL")
+        return
     if parts.scheme not in ("http", "https") or not parts.hostname:
         v.add(path, "must be an absolute http:// or https:// URL")
     elif parts.username is not None or parts.password is not None:
