@@ -5,6 +5,7 @@ each with a valid signature; the one accepted before the crash is not sent again
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter
 from pathlib import Path
@@ -72,14 +73,14 @@ async def test_pending_notifications_are_delivered_once_after_kill_9(
                 webhook_id=made.webhook.webhook_id, pending_only=True))).deliveries
             if not left:
                 break
-            await receiver.wait_for(lambda got: True)
+            await asyncio.sleep(0.05)
         assert not left
         got = receiver.snapshot()
         assert approvals_of(got) == want, "a notification was accepted twice, or never"
         accepted = [r for r in got if r.status == 200]
         assert len({r.delivery_id for r in accepted}) == len(accepted) == 4
         for r in got:
-            assert_signed(r, made.secret)  # the key file outlived the process: same secret after restart
+            assert_signed(r, made.secret)  # the stored secret still decrypts after the restart
         # The second approval's two notifications arrived in order.
         order = [r.json["type"] for r in accepted if r.json["approval"]["approval_id"] == second]
         assert order == ["approval.requested", "approval.cancelled"]

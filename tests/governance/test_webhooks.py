@@ -5,6 +5,7 @@ holds up no other tenant; the API validates, checks RBAC and tenancy, and is ide
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 from collections import Counter
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.fernet import Fernet
 from google.protobuf import struct_pb2
 from sqlalchemy import select, update
 
@@ -155,7 +157,7 @@ async def test_every_notification_arrives_once_signed_with_a_console_link(
         for _ in range(300):
             if not await pending(a.admin, made.webhook.webhook_id):
                 break
-            await receiver.wait_for(lambda got: True)
+            await asyncio.sleep(0.05)
         assert not await pending(a.admin, made.webhook.webhook_id)
         got = receiver.snapshot()
         assert seen(got) == expected and len({r.delivery_id for r in got}) == len(got) == 7
@@ -214,11 +216,20 @@ async def test_only_subscribed_events_and_a_failing_receiver_is_retried_until_2x
         for r in got:
             assert_signed(r, made.secret)
             assert r.json["type"] == "approval.decided"  # the request itself was not subscribed
-        [d] = (await t.admin.webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(
-            webhook_id=made.webhook.webhook_id))).deliveries
+        # The receiver answered; governance records it right after (wait for that, boundedly).
+        for _ in range(600):
+            [d] = (await t.admin.webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(
+                webhook_id=made.webhook.webhook_id))).deliveries
+            if d.HasField("deliver_time"):
+                break
+            await asyncio.sleep(0.05)
         assert (d.attempts, d.last_status, d.last_error) == (4, 204, "")
         assert d.HasField("deliver_time") and not d.HasField("next_attempt_time")
         assert d.delivery_id == got[0].delivery_id and d.approval_id == a.approval_id
+        # Delivered rows are pruned after a while (here: at once); undelivered ones never are.
+        assert await gov.component.webhooks.prune(older_than=timedelta(0)) >= 1
+        assert not (await t.admin.webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(
+            webhook_id=made.webhook.webhook_id))).deliveries
     finally:
         await t.close()
 
@@ -370,3 +381,30 @@ def test_secret_box_key_is_kept_outside_the_database(tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o777 == 0o600
     sealed = box.seal("whsec_x")
     assert webhooks.load_secret_box(config).open(sealed) == "whsec_x"  # the same key on restart
+
+
+async def test_a_secret_that_does_not_decrypt_fails_visibly_until_rotated(
+        gov: GovernanceServer, tenant: TenantContext, receiver: Receiver) -> None:
+    t = Setup(gov, tenant)
+    try:
+        made = await create(t.admin, receiver.start(), [E.WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED])
+        hook_id = made.webhook.webhook_id
+        foreign = webhooks.SecretBox(Fernet.generate_key()).seal("whsec_sealed_under_another_key_0000")
+
+        async def replace(s: Any) -> None:
+            await s.execute(update(models.Webhook).where(models.Webhook.id == hook_id).values(secret=foreign))
+        await gov.db.run(replace)
+        await t.request(await t.instance())
+        for _ in range(600):  # fanned out, then tried: boundedly
+            rows = await pending(t.admin, hook_id)
+            if rows and rows[0].attempts:
+                break
+            await asyncio.sleep(0.05)
+        [d] = rows
+        assert d.attempts >= 1 and "does not decrypt" in d.last_error and d.last_status == 0
+        assert not receiver.snapshot(), "sent without a valid signature"
+        rotated = await t.admin.webhooks.RotateWebhookSecret(wpb.RotateWebhookSecretRequest(webhook_id=hook_id))
+        [got] = await receiver.wait_for(lambda got: len(got) == 1)
+        assert_signed(got, rotated.secret)
+    finally:
+        await t.close()

@@ -188,8 +188,9 @@ class ServiceConfig:
     notifications link to `<console_url>/approvals/<approval_id>`."""
     webhook_secret_key_file: str | None = None
     """Fernet key (urlsafe base64 of 32 bytes) governance encrypts stored webhook secrets with
-    (`ARM_WEBHOOK_SECRET_KEY_FILE`); unset, one is generated at `<data_dir>/webhook-secret-key`
-    (development only; every replica needs the same key)."""
+    (`ARM_WEBHOOK_SECRET_KEY_FILE`); unset, one derived from `ARM_SERVICE_API_KEY`, or without
+    that one generated at `<data_dir>/webhook-secret-key` (development). Every replica needs the
+    same key."""
     webhook_timeout_s: float = 10.0
     """Seconds one webhook delivery attempt may take, connecting included (`ARM_WEBHOOK_TIMEOUT_S`,
     default 10)."""

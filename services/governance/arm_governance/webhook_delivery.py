@@ -16,11 +16,12 @@
    or failing receiver holds only its own worker, never another webhook's or tenant's.
 
 Receivers deduplicate on X-ARM-Delivery: a crash after the receiver answered 2xx but before the
-row was marked sends that delivery again."""
+row was marked sends that delivery again. Delivered rows are deleted after KEEP_DELIVERED."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import webhooks_pb2 as wpb
@@ -46,6 +47,9 @@ from arm_governance.webhooks import EVENT_NAMES, SecretBox, payload, signature_h
 log = logging.getLogger(__name__)
 MAX_WORKERS = 64
 MAX_WORKERS_PER_TENANT = 4
+KEEP_DELIVERED = timedelta(days=7)  # then delivered rows are deleted, in bounded batches
+PRUNE_EVERY_S = 600.0
+PRUNE_BATCH = 1000
 USER_AGENT = "ARM-Webhooks/1"
 
 
@@ -137,11 +141,16 @@ class WebhookDispatcher:
             await self._client.aclose()
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        pruned_at = loop.time()
         while not self._stopping:
             self._wake.clear()
             try:
                 for webhook_id, tenant_id in await self.db.read(self._due):
                     self._spawn(webhook_id, tenant_id)
+                if loop.time() - pruned_at >= PRUNE_EVERY_S:
+                    pruned_at = loop.time()
+                    await self.prune()
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable:
@@ -160,6 +169,24 @@ class WebhookDispatcher:
             select(d.webhook_id, d.tenant_id).where(and_(d.delivered_at.is_(None), d.next_attempt_at <= utcnow()))
             .group_by(d.webhook_id, d.tenant_id).order_by(func.min(d.position)).limit(4 * MAX_WORKERS))).all()
         return [(r.webhook_id, r.tenant_id) for r in rows]
+
+    async def prune(self, older_than: timedelta = KEEP_DELIVERED) -> int:
+        """Deletes delivered rows older than `older_than`, a batch per transaction; returns how many."""
+        d = models.WebhookDelivery
+        total = 0
+        cutoff = utcnow() - older_than
+
+        async def one(s: AsyncSession) -> int:
+            batch = select(d.position).where(d.delivered_at.is_not(None), d.delivered_at < cutoff).limit(PRUNE_BATCH)
+            result = await s.execute(delete(d).where(d.position.in_(batch.scalar_subquery()))
+                                     .execution_options(synchronize_session=False))
+            return rowcount(result)
+
+        while True:
+            n = await self.db.run(one)
+            total += n
+            if n < PRUNE_BATCH:
+                return total
 
     def _spawn(self, webhook_id: str, tenant_id: str) -> None:
         if (webhook_id in self._workers or len(self._workers) >= MAX_WORKERS
@@ -215,8 +242,13 @@ class WebhookDispatcher:
             .values(next_attempt_at=now + self.lease).execution_options(synchronize_session=False))
         if not rowcount(leased):  # another replica took it
             return None
-        return _Claimed(head.position, head.id, webhook_id, head.event_type, head.body, hook.url,
-                        self.box.open(hook.secret), head.attempts)
+        claimed = _Claimed(head.position, head.id, webhook_id, head.event_type, head.body, hook.url, "",
+                           head.attempts)
+        try:
+            return dataclasses.replace(claimed, secret=self.box.open(hook.secret))
+        except ValueError as exc:  # cannot sign: a failed attempt that says why, retried later
+            await self._mark(s, claimed, 0, str(exc), False)
+            return None
 
     async def _post(self, c: _Claimed) -> tuple[int, str]:
         """(HTTP status or 0, error text); the response body is not read."""

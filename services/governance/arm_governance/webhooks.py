@@ -12,6 +12,7 @@ decisions (docs/webhooks.md has the format and the signature).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -26,6 +27,8 @@ from urllib.parse import urlsplit
 
 import httpx
 from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from google.protobuf import json_format
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -114,13 +117,19 @@ class SecretBox:
         try:
             return self._fernet.decrypt(token).decode()
         except InvalidToken:
-            raise ValueError("the webhook secret does not decrypt with the configured key "
-                             "(ARM_WEBHOOK_SECRET_KEY_FILE changed?)") from None
+            raise ValueError("the webhook's secret does not decrypt with this governance's key "
+                             "(ARM_WEBHOOK_SECRET_KEY_FILE or ARM_SERVICE_API_KEY changed, or differs "
+                             "between replicas); rotate the webhook's secret") from None
 
 
 def load_secret_box(config: ServiceConfig) -> SecretBox:
-    """The key from ARM_WEBHOOK_SECRET_KEY_FILE, or (unset) one kept under the data dir,
-    generated on first start. The key is never logged."""
+    """The key from ARM_WEBHOOK_SECRET_KEY_FILE; unset, one derived from ARM_SERVICE_API_KEY
+    (HKDF-SHA256: every replica has that key, the database does not), else one kept under the
+    data dir, generated on first start (development). The key is never logged."""
+    if not config.webhook_secret_key_file and config.service_api_key:
+        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=b"arm webhook secret key v1").derive(config.service_api_key.encode())
+        return SecretBox(base64.urlsafe_b64encode(derived))
     if config.webhook_secret_key_file:
         path = Path(config.webhook_secret_key_file)
         try:
