@@ -408,3 +408,13 @@ async def test_a_secret_that_does_not_decrypt_fails_visibly_until_rotated(
         assert_signed(got, rotated.secret)
     finally:
         await t.close()
+
+
+def test_console_url_setting() -> None:
+    from arm_common.config import ConfigError, ServiceConfig
+    assert ServiceConfig.from_env("governance", {}).console_url == "http://127.0.0.1:8080"
+    assert ServiceConfig.from_env("governance", {"ARM_CONSOLE_URL": "https://arm.example.com/console/"}
+                                  ).console_url == "https://arm.example.com/console"
+    for bad in ("ftp://arm.example.com", "arm.example.com", "https://arm.example.com/?q=1"):
+        with pytest.raises(ConfigError, match="ARM_CONSOLE_URL"):
+            ServiceConfig.from_env("governance", {"ARM_CONSOLE_URL": bad})
