@@ -22,6 +22,7 @@ from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import audit_pb2, decision_pb2, policy_pb2
 from arm.governance.v1 import deployments_pb2 as dpb
+from arm.governance.v1 import webhooks_pb2 as wpb
 from arm.registry.v1 import agents_pb2
 from arm.telemetry.v1 import telemetry_pb2
 from arm_client import ArmClient
@@ -51,6 +52,7 @@ class Side:
     backfill_id: str
     record_id: str
     decision_id: str
+    webhook_id: str
 
 
 async def build_side(registry: RegistryServer, governance: GovernanceServer, telemetry: TelemetryServer,
@@ -78,8 +80,10 @@ async def build_side(registry: RegistryServer, governance: GovernanceServer, tel
         id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE))
     decided = await gov.decisions.Check(decision_pb2.CheckRequest(instance_id=inst.id, tool_name="fs.read"))
     assert decided.decision_id, decided
+    webhook = (await gov.webhooks.CreateWebhook(wpb.CreateWebhookRequest(webhook=wpb.Webhook(
+        url="https://example.invalid/hook", event_types=[wpb.WEBHOOK_EVENT_TYPE_APPROVAL_DECIDED])))).webhook
     return Side(ctx.tenant.id, ctx.admin, gov, tel, agents, inst, env, approval, dep, backfill.backfill_id, record,
-                decided.decision_id)
+                decided.decision_id, webhook.webhook_id)
 
 
 async def first_change_record(gov: ArmClient) -> str:
@@ -260,6 +264,15 @@ ROWS: list[tuple[str, Call, Callable[[Side], str]]] = [
     # AuditService
     ("GetChangeRecord", lambda b, a: b.gov.audit.GetChangeRecord(audit_pb2.GetChangeRecordRequest(
         record_id=a.record_id)), lambda a: a.record_id),
+    # WebhookService
+    ("GetWebhook", lambda b, a: b.gov.webhooks.GetWebhook(wpb.GetWebhookRequest(webhook_id=a.webhook_id)),
+     lambda a: a.webhook_id),
+    ("RotateWebhookSecret", lambda b, a: b.gov.webhooks.RotateWebhookSecret(wpb.RotateWebhookSecretRequest(
+        webhook_id=a.webhook_id)), lambda a: a.webhook_id),
+    ("DeleteWebhook", lambda b, a: b.gov.webhooks.DeleteWebhook(wpb.DeleteWebhookRequest(webhook_id=a.webhook_id)),
+     lambda a: a.webhook_id),
+    ("ListWebhookDeliveries", lambda b, a: b.gov.webhooks.ListWebhookDeliveries(wpb.ListWebhookDeliveriesRequest(
+        webhook_id=a.webhook_id)), lambda a: a.webhook_id),
     # TelemetryService
     ("QueryEvents(filter.instance_id)", lambda b, a: b.tel.telemetry.QueryEvents(telemetry_pb2.QueryEventsRequest(
         filter=telemetry_pb2.EventFilter(instance_id=a.instance.id))), lambda a: a.instance.id),
@@ -343,7 +356,8 @@ def test_the_table_covers_every_id_field_of_governance_and_telemetry() -> None:
     missing = []
     for service in ("arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
                     "arm.governance.v1.ApprovalService", "arm.governance.v1.DeploymentService",
-                    "arm.governance.v1.AuditService", "arm.telemetry.v1.TelemetryService"):
+                    "arm.governance.v1.AuditService", "arm.governance.v1.WebhookService",
+                    "arm.telemetry.v1.TelemetryService"):
         for m in pool.FindServiceByName(service).methods:
             ids = [f.name for f in m.input_type.fields if f.type == f.TYPE_STRING
                    and (f.name == "id" or f.name.endswith("_id")) and f.name not in not_references]
@@ -354,7 +368,9 @@ def test_the_table_covers_every_id_field_of_governance_and_telemetry() -> None:
                     "StartBackfill", "GetRunTrace", "VerifyChain", "GetEventStats",
                     # No stored row is looked up: envelope scope ids are labels, risk overrides
                     # are the caller's tenant's own (issue 12).
-                    "EvaluatePolicy", "SetRiskOverrides"}:
+                    "EvaluatePolicy", "SetRiskOverrides",
+                    # Names no id: a URL, event types and a secret (nested message, output ids).
+                    "CreateWebhook"}:
                 missing.append(m.name)
     assert not missing, f"RPCs taking ids without a cross-tenant row: {missing}"
 

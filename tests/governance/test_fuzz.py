@@ -14,7 +14,7 @@ from tests.conftest import require_backend
 
 SERVICES = fuzz.service_descriptors("arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
                                     "arm.governance.v1.ApprovalService", "arm.governance.v1.DeploymentService",
-                                    "arm.governance.v1.AuditService")
+                                    "arm.governance.v1.AuditService", "arm.governance.v1.WebhookService")
 METHODS = [m for s in SERVICES for m in fuzz.methods(s)]
 
 

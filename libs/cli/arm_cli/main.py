@@ -625,7 +625,7 @@ def audit_key(ctx: typer.Context,
 
 
 # The registry commands register themselves on `app`.
-from arm_cli import fleet_cmds, policy_cmds, quick_cmds, registry_cmds, telemetry_cmds  # noqa: E402,F401
+from arm_cli import fleet_cmds, policy_cmds, quick_cmds, registry_cmds, telemetry_cmds, webhook_cmds  # noqa: E402,F401
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from arm.governance.v1 import (
     decision_pb2_grpc,
     deployments_pb2_grpc,
     policy_pb2_grpc,
+    webhooks_pb2_grpc,
 )
 from arm.registry.v1 import access_pb2_grpc, agents_pb2_grpc, compat_pb2_grpc, tenancy_pb2_grpc
 from arm.telemetry.v1 import telemetry_pb2_grpc
@@ -22,7 +23,7 @@ from arm_common.tls import TlsSettings
 class ArmClient:
     """Raw typed stubs: `ArmClient("127.0.0.1:50051", key)`; registry: `.tenancy`, `.access`,
     `.agents`, `.compat`; governance: `.policies`, `.decisions`, `.approvals`, `.deployments`,
-    `.audit`; telemetry: `.telemetry`. Calls raise `grpc.aio.AioRpcError` (the runtime SDK, `Arm`,
+    `.audit`, `.webhooks`; telemetry: `.telemetry`. Calls raise `grpc.aio.AioRpcError` (the runtime SDK, `Arm`,
     maps them to typed errors). Without a key, calls go out unauthenticated (health checks, tests).
     With `settings`, each service gets its own address (one channel per distinct address)."""
 
@@ -57,6 +58,7 @@ class ArmClient:
         self.approvals = approvals_pb2_grpc.ApprovalServiceStub(governance)
         self.deployments = deployments_pb2_grpc.DeploymentServiceStub(governance)
         self.audit = audit_pb2_grpc.AuditServiceStub(governance)
+        self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(governance)
         self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(telemetry)
 
     async def close(self) -> None:

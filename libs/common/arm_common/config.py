@@ -112,6 +112,13 @@ def _database_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _console_url(env: Mapping[str, str]) -> str:
+    raw = (env.get("ARM_CONSOLE_URL") or "http://127.0.0.1:8080").rstrip("/")
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", raw):
+        raise ConfigError(f"ARM_CONSOLE_URL must be an http:// or https:// URL, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Settings of one service process (or of the all-in-one dev server)."""
@@ -176,6 +183,20 @@ class ServiceConfig:
     health_probe_s: float = 5.0
     """How often readiness probes the database and required peers (`ARM_HEALTH_PROBE_S`,
     default 5); health turns NOT_SERVING at once when a call meets a dead database."""
+    console_url: str = "http://127.0.0.1:8080"
+    """Where the web console serves (`ARM_CONSOLE_URL`, default http://127.0.0.1:8080): webhook
+    notifications link to `<console_url>/approvals/<approval_id>`."""
+    webhook_secret_key_file: str | None = None
+    """Fernet key (urlsafe base64 of 32 bytes) governance encrypts stored webhook secrets with
+    (`ARM_WEBHOOK_SECRET_KEY_FILE`); unset, one derived from `ARM_SERVICE_API_KEY`, or without
+    that one generated at `<data_dir>/webhook-secret-key` (development). Every replica needs the
+    same key."""
+    webhook_timeout_s: float = 10.0
+    """Seconds one webhook delivery attempt may take, connecting included (`ARM_WEBHOOK_TIMEOUT_S`,
+    default 10)."""
+    webhook_max_backoff_s: float = 600.0
+    """Longest wait between attempts of a failing delivery (`ARM_WEBHOOK_MAX_BACKOFF_S`, default
+    600); the wait doubles from 1 s up to it."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -216,4 +237,8 @@ class ServiceConfig:
             bootstrap_admin_key=env.get("ARM_BOOTSTRAP_ADMIN_KEY") or None,
             tls=TlsSettings.from_env(env),
             health_probe_s=_float(env, "ARM_HEALTH_PROBE_S", 5.0, minimum=0.01),
+            console_url=_console_url(env),
+            webhook_secret_key_file=env.get("ARM_WEBHOOK_SECRET_KEY_FILE") or None,
+            webhook_timeout_s=_float(env, "ARM_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
+            webhook_max_backoff_s=_float(env, "ARM_WEBHOOK_MAX_BACKOFF_S", 600.0, minimum=0.01),
         )

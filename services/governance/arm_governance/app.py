@@ -15,6 +15,7 @@ from arm.governance.v1 import (
     decision_pb2_grpc,
     deployments_pb2_grpc,
     policy_pb2_grpc,
+    webhooks_pb2_grpc,
 )
 from arm_common import migrations, roles, tls
 from arm_common.config import ConfigError, ServiceConfig
@@ -39,13 +40,15 @@ from arm_governance.policies import PolicyCache
 from arm_governance.policy_store import PolicyStore, RegistryLookup
 from arm_governance.registry_calls import RegistryAgents
 from arm_governance.servicers import DecisionServicer, PolicyServicer
+from arm_governance.webhook_delivery import WebhookDispatcher
+from arm_governance.webhooks import TOPIC_NOTIFICATION, WebhookServicer, WebhookStore, load_secret_box
 from arm_governance.workflow_servicers import ApprovalServicer, DeploymentServicer
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
             "arm.governance.v1.ApprovalService", "arm.governance.v1.DeploymentService",
-            "arm.governance.v1.AuditService"]
+            "arm.governance.v1.AuditService", "arm.governance.v1.WebhookService"]
 
 # What the application role may do to the audit tables (every other table: full DML). Without
 # UPDATE or DELETE, and owning nothing, it can neither edit records nor touch the triggers.
@@ -87,6 +90,15 @@ class GovernanceComponent:
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
                                    poll_interval_s=config.outbox_poll_s),
                        OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, op_events, poll_interval_s=config.outbox_poll_s)]
+        # Approval notifications: the relay fans each out to the tenant's webhooks
+        # (webhook_deliveries), the dispatcher POSTs those (arm_governance.webhook_delivery).
+        self.secret_box = load_secret_box(config)
+        self.webhooks = WebhookDispatcher(db, self.secret_box, console_url=config.console_url,
+                                          timeout_s=config.webhook_timeout_s,
+                                          max_backoff_s=config.webhook_max_backoff_s,
+                                          poll_s=config.outbox_poll_s)
+        self.relays.append(OutboxRelay(db, OUTBOX, TOPIC_NOTIFICATION, self.webhooks.fan_out,
+                                       poll_interval_s=config.outbox_poll_s))
         self.log = DecisionLog(db, self.relays)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
         self.store = PolicyStore(self.changes)
@@ -121,6 +133,8 @@ class GovernanceComponent:
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
             DeploymentServicer(self.db, DeploymentStore(self.approvals), registry, self.relays), server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, self.checkpoints), server)
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
+            WebhookServicer(self.db, WebhookStore(self.db, self.secret_box), self.relays), server)
         return list(SERVICES)
 
     async def start(self) -> None:
@@ -144,6 +158,7 @@ class GovernanceComponent:
         await self.log.start()
         for relay in self.relays:
             await relay.start()
+        await self.webhooks.start()
         await self.housekeeping.start()
         await self.sweeper.start()
         await self.checkpoints.start()
@@ -168,6 +183,7 @@ class GovernanceComponent:
         await self.checkpoints.stop()
         await self.sweeper.stop()
         await self.housekeeping.stop()
+        await self.webhooks.stop()
         for relay in self.relays:
             await relay.stop()
         await self.log.stop()

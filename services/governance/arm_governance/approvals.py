@@ -43,7 +43,7 @@ from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
-from arm_governance import models
+from arm_governance import models, webhooks
 from arm_governance.decisions import argument_digest
 from arm_governance.models import OUTBOX
 
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 CR = common_pb2.ChangeRecordType
 A = apb.ApprovalActionType
 S = apb.ApprovalStatus
+W = webhooks.E
 
 ESCALATE_EVERY = timedelta(minutes=30)
 MAX_TTL = timedelta(days=30)
@@ -354,6 +355,8 @@ class ApprovalStore:
                             f"{A.Name(msg.action_type).removeprefix('APPROVAL_ACTION_TYPE_')} approval requested",
                             reason=r.justification)
         await self._changed(s, msg.approval_id, rec)
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED, msg, _actor(p),
+                                            r.justification)
         return msg
 
     def _save(self, row: models.Approval, a: apb.Approval, now: datetime) -> None:
@@ -383,6 +386,7 @@ class ApprovalStore:
         rec = change_record(row.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_DECIDED, SYSTEM_ACTOR, a,
                             "approval expired (timeout, not a denial)", before=status_name(before))
         await self._changed(s, row.id, rec)
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_EXPIRED, a, SYSTEM_ACTOR)
         return True
 
     async def decide(self, s: AsyncSession, p: Principal, r: apb.DecideApprovalRequest) -> apb.Approval:
@@ -400,6 +404,7 @@ class ApprovalStore:
                             f"{verdict} by {p.actor_id}: approval {status_name(a.status)}",
                             before=status_name(before), reason=r.reason, payload={"verdict": verdict})
         await self._changed(s, row.id, rec)
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_DECIDED, a, _actor(p), r.reason)
         return a
 
     async def cancel(self, s: AsyncSession, p: Principal, r: apb.CancelApprovalRequest) -> apb.Approval:
@@ -417,6 +422,7 @@ class ApprovalStore:
         rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_CANCELLED, _actor(p), a,
                             "approval cancelled", before=status_name(before), reason=r.reason)
         await self._changed(s, row.id, rec)
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_CANCELLED, a, _actor(p), r.reason)
         return a
 
     async def list(self, p: Principal, r: apb.ListApprovalsRequest) -> apb.ListApprovalsResponse:
@@ -525,6 +531,8 @@ class ApprovalStore:
                                 before=status_name(before))
             await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=row.tenant_id,
                           message_id=rec.record_id, message=rec)
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_EXPIRED if kind == "expired"
+                                            else W.WEBHOOK_EVENT_TYPE_APPROVAL_ESCALATED, a, SYSTEM_ACTOR)
         await self._notify(s, approval_id)
         return kind
 

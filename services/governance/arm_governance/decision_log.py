@@ -29,6 +29,7 @@ from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
 from arm_governance.models import OUTBOX
+from arm_governance.webhooks import TOPIC_NOTIFICATION
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("arm.governance")
@@ -305,7 +306,10 @@ class DecisionLog:
             if approval["tool_call_id"] and key in existing:
                 item.response.approval_id = existing[key]
                 item.record["approval_id"] = existing[key]
-                item.messages = [m for m in item.messages if m[1] != item.approval_record]
+                # The existing approval was announced when it was made: no second
+                # APPROVAL_REQUESTED record, and no second notification.
+                item.messages = [m for m in item.messages
+                                 if m[1] != item.approval_record and m[0] != TOPIC_NOTIFICATION]
                 for topic, _, message in item.messages:
                     if topic == TOPIC_OP_EVENT:
                         message.payload.fields["approval_id"].string_value = existing[key]  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
 from arm_engine import engine
-from arm_governance import convert, limits, models
+from arm_governance import convert, limits, models, webhooks
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_log import DecisionLog, PendingDecision
 from arm_governance.policies import PolicyCache
@@ -359,6 +359,10 @@ class Decider:
             requested = self._requested_record(principal, resolved, approval_row, now)
             pending.approval_record = requested.record_id
             pending.messages.append((TOPIC_CHANGE_RECORD, requested.record_id, requested))
+            pending.messages.append(webhooks.notification_message(
+                webhooks.E.WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED,
+                approvals_pb2.Approval.FromString(approval_row["body"]), requested.actor,
+                "; ".join(r.message for r in result.reasons)))
         event = self._op_event(principal, request, resolved, result, decision_id, now)
         event.payload.fields["policy_epoch"].number_value = epoch
         if approval_id:  # the decision log swaps in an earlier approval of the same tool call

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from arm_common.tables import NAMING_CONVENTION, UtcDateTime, add_shared_tables
+from arm_common.tables import NAMING_CONVENTION, BigIntPK, UtcDateTime, add_shared_tables
 
 
 class Base(DeclarativeBase):
@@ -273,3 +273,43 @@ class AuditCheckpoint(Base):
     """The Merkle tree builder's state at `sequence` (JSON, arm_common.merkle.TreeBuilder.state):
     the next checkpoint's root is computed from it and the records since. Not signed; trusted
     only when its root equals the signed tree_root."""
+
+
+class Webhook(Base):
+    """A tenant's notification webhook (arm_governance.webhooks). The signing secret is kept
+    encrypted (`secret`, a Fernet token under the webhook secret key), never in the clear."""
+
+    __tablename__ = "webhooks"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str]]
+    description: Mapped[str] = mapped_column(Text, default="")
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    secret_hint: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    revision: Mapped[int] = mapped_column(Integer)
+
+
+class WebhookDelivery(Base):
+    """One notification to one webhook, retried until a 2xx answer. `id` is derived from the
+    event and the webhook, so the relay that fans an outbox message out writes each once."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_pending", "delivered_at", "next_attempt_at"),
+                      Index("ix_webhook_deliveries_webhook", "webhook_id", "position"))
+    position: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    webhook_id: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[int] = mapped_column(Integer)
+    approval_id: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # the JSON body, the same on every attempt
+    created_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+    last_status: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")

@@ -130,6 +130,14 @@ class _ChangeRecordTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Chan
     tool_name, tool_call_id, run_id). With the approval's APPROVAL_DECIDED records (who approved)
     it answers "who approved this call" from the trail alone.
     """
+    CHANGE_RECORD_TYPE_WEBHOOK_CREATED: _ChangeRecordType.ValueType  # 28
+    """A notification webhook was created (governance WebhookService; target = the webhook, after =
+    its URL and event types, never its secret).
+    """
+    CHANGE_RECORD_TYPE_WEBHOOK_UPDATED: _ChangeRecordType.ValueType  # 29
+    """A webhook's signing secret was rotated (the secret itself is never recorded)."""
+    CHANGE_RECORD_TYPE_WEBHOOK_DELETED: _ChangeRecordType.ValueType  # 30
+    """A webhook was deleted, with its undelivered notifications."""
 
 class ChangeRecordType(_ChangeRecordType, metaclass=_ChangeRecordTypeEnumTypeWrapper):
     """The kind of an audit change record (SPEC §3 "Change records")."""
@@ -170,6 +178,14 @@ actor = the caller of Check, payload.decision_id = the decision that consumed it
 tool_name, tool_call_id, run_id). With the approval's APPROVAL_DECIDED records (who approved)
 it answers "who approved this call" from the trail alone.
 """
+CHANGE_RECORD_TYPE_WEBHOOK_CREATED: ChangeRecordType.ValueType  # 28
+"""A notification webhook was created (governance WebhookService; target = the webhook, after =
+its URL and event types, never its secret).
+"""
+CHANGE_RECORD_TYPE_WEBHOOK_UPDATED: ChangeRecordType.ValueType  # 29
+"""A webhook's signing secret was rotated (the secret itself is never recorded)."""
+CHANGE_RECORD_TYPE_WEBHOOK_DELETED: ChangeRecordType.ValueType  # 30
+"""A webhook was deleted, with its undelivered notifications."""
 Global___ChangeRecordType: _TypeAlias = ChangeRecordType  # noqa: Y015
 
 @_typing.final
