@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from arm_client.connection import Settings
 from arm_common.config import ConfigError, settings
+
+log = logging.getLogger("arm_console")
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 MIN_SECRET_CHARS = 32
@@ -60,7 +63,10 @@ class ConsoleConfig:
         if secret and len(secret) < MIN_SECRET_CHARS:
             raise ConfigError(f"ARM_CONSOLE_SESSION_SECRET must be at least {MIN_SECRET_CHARS} characters")
         if not secret:
-            secret = dev_secret(Path(e.get("ARM_DATA_DIR") or ".arm") / "console-session-secret")
+            path = Path(e.get("ARM_DATA_DIR") or ".arm") / "console-session-secret"
+            secret = dev_secret(path)
+            log.warning("console session secret from %s (development only: set ARM_CONSOLE_SESSION_SECRET_FILE, "
+                        "the same for every console replica)", path)
         cert, key = e.get("ARM_CONSOLE_TLS_CERT_FILE") or None, e.get("ARM_CONSOLE_TLS_KEY_FILE") or None
         if bool(cert) != bool(key):
             raise ConfigError("ARM_CONSOLE_TLS_CERT_FILE and ARM_CONSOLE_TLS_KEY_FILE go together")

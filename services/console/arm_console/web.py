@@ -134,7 +134,8 @@ class Console:
         if session is None:
             raise SignInRequired()
         flash = None
-        raw = request.cookies.get(FLASH_COOKIE)
+        # A live region's refresh (console.js) leaves the one-time message to the page itself.
+        raw = None if request.headers.get("x-live-refresh") else request.cookies.get(FLASH_COOKIE)
         if raw:
             try:
                 data = json.loads(raw)

@@ -43,15 +43,22 @@
     var refresh = function () {
       if (busy) { again = true; return; }
       busy = true;
-      fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+      fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html", "X-Live-Refresh": "1" } })
         .then(function (r) { return r.ok ? r.text() : null; })
         .then(function (html) {
           if (!html) { return; }
           var doc = new DOMParser().parseFromString(html, "text/html");
           document.querySelectorAll("[data-live]").forEach(function (el) {
             var fresh = doc.getElementById(el.id);
-            if (fresh) { el.replaceWith(document.importNode(fresh, true)); }
+            if (!fresh) { return; }
+            // A form someone is filling in stays as it is.
+            var typing = el.contains(document.activeElement) && document.activeElement !== document.body;
+            var typed = Array.prototype.some.call(el.querySelectorAll("textarea, input:not([type=hidden])"),
+                                                  function (i) { return i.value !== ""; });
+            if (typing || typed) { return; }
+            el.replaceWith(document.importNode(fresh, true));
           });
+          document.body.setAttribute("data-live-updated", String(Date.now()));
           tick();
         })
         .catch(function () {})
