@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import secrets
 
-from arm.registry.v1 import agents_pb2
+from arm.registry.v1 import agents_pb2, tenancy_pb2
+from arm_console.views.directory import PAGE_SIZE
 from tests.conftest import TenantContext
 from tests.console.conftest import Ui
 from tests.helpers import approved_version, genome, walk_version
@@ -78,9 +79,27 @@ async def test_directory_shows_the_fleet_and_promotes_a_version(ui: Ui, tenant: 
     await ui.screenshot("directory-identities")
 
 
-async def test_directory_empty_states_say_what_to_do(ui: Ui, tenant: TenantContext) -> None:
+async def test_directory_empty_states_filters_and_pages(ui: Ui, tenant: TenantContext) -> None:
     await ui.sign_in(tenant.admin_key)
     await ui.goto("/directory/templates")
     assert "No agent templates" in await ui.page.inner_text("main")
     await ui.goto("/directory/instances")
     assert "arm instances create" in await ui.page.inner_text("main")
+    projects = [(await tenant.admin.tenancy.CreateProject(tenancy_pb2.CreateProjectRequest(
+        slug=f"p{i}-{secrets.token_hex(3)}", name=f"Project {i}"))).project for i in range(2)]
+    for i in range(PAGE_SIZE + 1):
+        await tenant.admin.agents.CreateAgentTemplate(agents_pb2.CreateAgentTemplateRequest(
+            project_id=projects[0].id, slug=f"bulk-{i}-{secrets.token_hex(3)}", name=f"Bulk {i}"))
+    await tenant.admin.agents.CreateAgentTemplate(agents_pb2.CreateAgentTemplateRequest(
+        project_id=projects[1].id, slug=f"lone-{secrets.token_hex(3)}", name="Lone"))
+    await ui.goto("/directory/templates")
+    rows = ui.page.get_by_test_id("templates").locator("tbody tr")
+    assert await rows.count() == PAGE_SIZE
+    await ui.page.get_by_test_id("next-page").click()
+    await ui.page.wait_for_url("**page=*")
+    assert await rows.count() == PAGE_SIZE + 2 - PAGE_SIZE
+    await ui.goto("/directory/templates")
+    await ui.page.locator("select[name=project]").select_option(projects[1].id)
+    await ui.page.get_by_role("button", name="Filter").click()
+    await ui.page.wait_for_url(f"**project={projects[1].id}")
+    assert [t.split("\n")[0] for t in await rows.all_inner_texts()] == ["Lone"]
