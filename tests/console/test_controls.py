@@ -14,6 +14,8 @@ NAV = ["Directory", "Policies", "Approvals", "Deployments", "Audit", "Telemetry"
 
 
 async def test_layout_lists_every_view_and_unbuilt_ones_say_so(ui: Ui, tenant: TenantContext) -> None:
+    await ui.goto("/signin")
+    await ui.screenshot("signin")
     await ui.sign_in(tenant.admin_key)
     await ui.goto("/directory/templates")
     assert [t.strip() for t in await ui.page.locator("nav.sidebar li a").all_inner_texts()] == NAV

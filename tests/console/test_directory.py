@@ -72,6 +72,11 @@ async def test_directory_shows_the_fleet_and_promotes_a_version(ui: Ui, tenant: 
     assert agents.environment.name in await drawer.inner_text()
     assert "never" not in await drawer.inner_text()  # it has a heartbeat
     await ui.screenshot("directory-instance")
+    await drawer.locator("#ireason").fill("maintenance window")
+    await drawer.get_by_role("button", name="Pause").click()
+    await ui.page.get_by_text("is now PAUSED").wait_for()
+    paused = (await admin.agents.GetAgentInstance(agents_pb2.GetAgentInstanceRequest(id=inst.id))).agent_instance
+    assert paused.state == agents_pb2.INSTANCE_STATE_PAUSED
 
     await ui.goto("/directory/identities")
     await ui.page.get_by_test_id("identities").get_by_text(identity.name).click()
