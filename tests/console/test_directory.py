@@ -4,6 +4,7 @@ genome, hash and integrity, instances, identities), and a version is promoted wi
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm_console.views.directory import PAGE_SIZE
@@ -62,6 +63,23 @@ async def test_directory_shows_the_fleet_and_promotes_a_version(ui: Ui, tenant: 
     assert after.state == agents_pb2.VERSION_STATE_APPROVED
     assert [b.strip() for b in await ui.page.get_by_test_id("drawer").locator("button[name=to_state]")
             .all_inner_texts()] == ["Deprecate"]
+
+    # A step the service refuses (here: the version moved on since the page was loaded) comes
+    # back to the page with the reason.
+    await admin.agents.TransitionAgentVersion(agents_pb2.TransitionAgentVersionRequest(
+        id=candidate.id, to_state=agents_pb2.VERSION_STATE_DEPRECATED, reason="elsewhere"))
+    asked: list[str] = []
+
+    async def accept(dialog: Any) -> None:  # destructive steps ask first
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    ui.page.once("dialog", accept)
+    await ui.page.get_by_test_id("drawer").get_by_role("button", name="Deprecate").click()
+    flash = ui.page.locator(".flash.error")
+    await flash.wait_for()
+    assert "Aborted" in await flash.inner_text() and "/directory/templates/" in ui.page.url
+    assert asked == [f"Deprecate version {candidate.number}?"]
 
     # Instances: state, environment, legacy id, last heartbeat, transitions.
     await ui.goto(f"/directory/instances?ref={legacy}")

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from starlette.applications import Starlette
@@ -22,13 +23,25 @@ from arm.registry.v1 import access_pb2
 from arm_console.config import ConsoleConfig
 from arm_console.sessions import PRESESSION_COOKIE, PRESESSION_TTL_S, SESSION_COOKIE
 from arm_console.views import VIEWS
-from arm_console.web import PACKAGE_DIR, Console, NavItem, Refused, SignInRequired, local_path, redirect
+from arm_console.web import (
+    PACKAGE_DIR,
+    Console,
+    NavItem,
+    Refused,
+    SignInRequired,
+    local_path,
+    redirect,
+    rpc_message,
+)
 
 log = logging.getLogger("arm_console")
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+REFUSALS = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED,
+            grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.OUT_OF_RANGE}
 
 
 class SecurityHeaders:
@@ -171,6 +184,13 @@ def create_app(config: ConsoleConfig) -> Starlette:
                 console.sessions.revoke(session)
                 await console.drop_client(session.sid)
             return await sign_in_required(request, exc)
+        if request.method == "POST" and code in REFUSALS:
+            # A form the service refused (a stale etag, a step the lifecycle does not allow, …):
+            # back to the page it came from, saying why.
+            back = urlsplit(request.headers.get("referer", ""))
+            origin_ok = not back.netloc or back.netloc == request.headers.get("host")
+            target = local_path(back.path + (f"?{back.query}" if back.query else ""), "/") if origin_ok else "/"
+            return redirect(target, ("error", rpc_message(exc)), secure=console.secure(request))
         if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and request.method == "GET":
             return await error_page(request, 404, "Not found",
                                     "Nothing with that id exists in your tenant. Check the link, or go back to the list.")
