@@ -191,7 +191,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
             origin_ok = not back.netloc or back.netloc == request.headers.get("host")
             target = local_path(back.path + (f"?{back.query}" if back.query else ""), "/") if origin_ok else "/"
             return redirect(target, ("error", rpc_message(exc)), secure=console.secure(request))
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and request.method == "GET":
+        if code == grpc.StatusCode.NOT_FOUND or (code == grpc.StatusCode.INVALID_ARGUMENT and request.method == "GET"):
             return await error_page(request, 404, "Not found",
                                     "Nothing with that id exists in your tenant. Check the link, or go back to the list.")
         if code == grpc.StatusCode.PERMISSION_DENIED:

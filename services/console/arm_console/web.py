@@ -3,12 +3,15 @@ checked for CSRF, flash messages, pagination links and gRPC errors turned into p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -28,7 +31,7 @@ from arm_console.sessions import PRESESSION_COOKIE, SESSION_COOKIE, Session, Ses
 
 log = logging.getLogger("arm_console")
 
-PACKAGE_DIR = __import__("pathlib").Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent
 FLASH_COOKIE = "arm_console_flash"
 MAX_CLIENTS = 256
 
@@ -163,13 +166,11 @@ class Console:
 
     def presession_token(self, request: Request) -> tuple[str, str]:
         """(nonce for the sign-in cookie, CSRF token bound to it)."""
-        import secrets
         nonce = request.cookies.get(PRESESSION_COOKIE) or secrets.token_urlsafe(18)
         return nonce, self.sessions.csrf_token(nonce)
 
 
 def _close_later(client: ArmClient) -> None:
-    import asyncio
     task = asyncio.get_running_loop().create_task(client.close())
     _background.add(task)
     task.add_done_callback(_background.discard)
