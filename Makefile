@@ -24,8 +24,8 @@ $(STAMP): requirements.lock requirements-dev.lock package.json package-lock.json
 	touch $@
 
 $(CHROMIUM):
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 setup: $(STAMP) $(CHROMIUM)
 
