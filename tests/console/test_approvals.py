@@ -6,6 +6,7 @@ waiting Check then turns ALLOW; the request moves to History."""
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -126,6 +127,12 @@ async def test_an_operator_request_is_denied_with_a_reason_and_kept_in_history(
     row = ui.page.locator(f"tr[data-approval='{asked.approval_id}']")
     assert "odd outbound traffic" in await row.inner_text()
     await ui.goto("/approvals?risk=HIGH")  # the filter leaves it out
+    assert await ui.page.locator(f"tr[data-approval='{asked.approval_id}']").count() == 0
+    created = asked.create_time.ToDatetime()
+    day, next_day = created.strftime("%Y-%m-%d"), (created + timedelta(days=1)).strftime("%Y-%m-%d")
+    await ui.goto(f"/approvals?from={day}&to={day}")
+    assert await ui.page.locator(f"tr[data-approval='{asked.approval_id}']").count() == 1
+    await ui.goto(f"/approvals?from={next_day}")
     assert await ui.page.locator(f"tr[data-approval='{asked.approval_id}']").count() == 0
     await ui.goto(f"/approvals/{asked.approval_id}")
     drawer = ui.page.get_by_test_id("drawer")

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -74,11 +75,20 @@ def _filters(request: Request, statuses: list[int]) -> approvals_pb2.ListApprova
     risk = q.get("risk", "")
     if risk and risk not in RISKS:
         raise Refused(f"Unknown risk {risk!r}.", 400)
-    return approvals_pb2.ListApprovalsRequest(
+    request = approvals_pb2.ListApprovalsRequest(
         statuses=statuses, instance_id=q.get("instance", "").strip(),
         action_type=approvals_pb2.ApprovalActionType.Value(f"APPROVAL_ACTION_TYPE_{action}") if action else 0,
         min_risk=common_pb2.RiskLevel.Value(f"RISK_LEVEL_{risk}") if risk else 0,
         page_size=PAGE_SIZE, page_token=q.get("page", ""))
+    # Dates (YYYY-MM-DD, UTC): from the start of `from` to the end of `to`.
+    for name, field, shift in (("from", "created_after", 0), ("to", "created_before", 1)):
+        if q.get(name):
+            try:
+                day = datetime.strptime(q[name], "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=shift)
+            except ValueError:
+                raise Refused(f"{name!r} must be a date like 2026-01-31.", 400) from None
+            getattr(request, field).FromDatetime(day)
+    return request
 
 
 async def _render(request: Request, tab: str) -> Response:
