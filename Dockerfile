@@ -2,6 +2,7 @@
 #   docker run IMAGE arm_registry            (serve)
 #   docker run IMAGE arm_registry migrate    (apply Alembic migrations, a separate step)
 #   docker run IMAGE arm_registry genkey     (print a fresh API key; nothing stored)
+#   docker run IMAGE arm_console             (the web console on :8080; see deploy/README.md)
 # It holds the runtime dependencies only (requirements.lock; the test/lint tools are in
 # requirements-dev.lock), runs as uid/gid 10001, and works on a read-only root filesystem: mount
 # /tmp as a tmpfs and, for arm_allinone, /data as a volume (see deploy/README.md).
@@ -19,8 +20,9 @@ FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa1849
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONPATH=/app/libs/proto:/app/libs/common:/app/libs/engine:/app/libs/client:/app/services/registry:/app/services/governance:/app/services/telemetry:/app/services/allinone:/app/services/gateway \
+    PYTHONPATH=/app/libs/proto:/app/libs/common:/app/libs/engine:/app/libs/client:/app/services/registry:/app/services/governance:/app/services/telemetry:/app/services/allinone:/app/services/gateway:/app/services/console \
     ARM_LISTEN=0.0.0.0:50051 \
+    ARM_CONSOLE_LISTEN=0.0.0.0:8080 \
     ARM_DATA_DIR=/data \
     TMPDIR=/tmp
 
@@ -42,5 +44,5 @@ RUN python -m compileall -q libs services deploy
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 8080
 ENTRYPOINT ["python", "-m"]

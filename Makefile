@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 # Source folders put on the venv's path (a .pth file), so `python -m arm_registry` etc. work.
-SRC_DIRS := libs/proto libs/common libs/engine libs/client libs/cli services/registry services/governance services/telemetry services/allinone services/gateway
+SRC_DIRS := libs/proto libs/common libs/engine libs/client libs/cli services/registry services/governance services/telemetry services/allinone services/gateway services/console
+# The console's browser tests drive Debian's chromium (Playwright with its executable path; no browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup run test proto proto-lint lint lock bench clean
 
@@ -20,9 +23,13 @@ $(STAMP): requirements.lock requirements-dev.lock package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(STAMP)
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-run: setup
+setup: $(STAMP) $(CHROMIUM)
+
+run: $(STAMP)
 	$(PY) -m arm_allinone
 
 test: setup

@@ -24,7 +24,10 @@ def free_port() -> int:
 
 
 def base_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without ARM_* / OTEL_* settings; the all-in-one server's
+    web console on a free port (its default, 8080, would collide between tests run in parallel)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARM_", "OTEL_"))}
+    env["ARM_CONSOLE_LISTEN"] = "127.0.0.1:0"
     env.update(extra)
     return env
 

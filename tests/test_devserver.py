@@ -41,6 +41,7 @@ async def test_dev_server_serves_registry_and_prints_admin_key(tmp_path: Path) -
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         key = key_file.read_text().strip()
         assert key in log.read_text() and "127.0.0.1:50051" in log.read_text()
+        await console_answers(log)
         async with ArmClient("127.0.0.1:50051", key) as client:
             tenants = (await client.tenancy.ListTenants(tenancy_pb2.ListTenantsRequest())).tenants
             assert [t.slug for t in tenants if t.system] == ["default"]
@@ -54,6 +55,31 @@ async def test_dev_server_serves_registry_and_prints_admin_key(tmp_path: Path) -
             assert sum(t.system for t in tenants) == 1
     finally:
         stop(proc, signal.SIGKILL)
+
+
+async def console_answers(log: Path, timeout_s: float = 30) -> str:
+    """The web console's URL as the dev server printed it (tests run it on a free port: see
+    base_env), once its sign-in page answers."""
+    import asyncio
+    import re
+
+    import httpx
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        match = re.search(r"web console: (http://127\.0\.0\.1:\d+)", log.read_text())
+        if match:
+            async with httpx.AsyncClient(base_url=match.group(1)) as web:
+                page = await web.get("/signin")
+                assert page.status_code == 200 and "API key" in page.text
+            return match.group(1)
+        assert loop.time() < deadline, f"no console URL printed:\n{log.read_text()}"
+        await asyncio.sleep(0.1)
+
+
+def test_the_console_listens_on_8080_by_default() -> None:
+    from arm_console.config import ConsoleConfig
+    assert ConsoleConfig.from_env({"ARM_CONSOLE_SESSION_SECRET": "x" * 40}).listen == "127.0.0.1:8080"
 
 
 def registry_env(spec: DatabaseSpec, port: int) -> dict[str, str]:
@@ -98,6 +124,7 @@ async def test_make_run_serves_on_the_default_address(tmp_path: Path) -> None:
         await wait_serving("127.0.0.1:50051", proc, log, timeout_s=300)
         assert REGISTRY_SERVICES <= await reflected_services("127.0.0.1:50051")
         assert "admin API key: arm_key_" in log.read_text()
+        await console_answers(log, timeout_s=30)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

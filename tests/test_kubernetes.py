@@ -174,3 +174,25 @@ async def test_probe_script_readiness_wants_serving_liveness_any_answer() -> Non
     finally:
         await host.stop(0)
     assert await _probe("--live", address) == 1  # nobody answers
+
+
+def test_the_console_is_deployed_without_a_key_of_its_own(manifests: list[dict[str, Any]]) -> None:
+    deployment = by_kind(manifests, "Deployment")["console"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and "initContainers" not in pod
+    (container,) = pod["containers"]
+    assert container["args"] == ["arm_console"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ARM_CONSOLE_LISTEN"] == "0.0.0.0:8080" and env["ARM_CONSOLE_SECURE_COOKIE"] == "true"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert "secret" in mounts[str(Path(env["ARM_CONSOLE_SESSION_SECRET_FILE"]).parent)]
+    assert "ARM_SERVICE_API_KEY_FILE" not in env and not any("DATABASE" in n for n in env)
+    spec = by_kind(manifests, "NetworkPolicy")["console"]["spec"]
+    assert [r["ports"] for r in spec["ingress"]] == [[{"port": 8080, "protocol": "TCP"}]]
+    peers = {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for r in spec["egress"] if "to" in r
+             for p in r["to"]}
+    assert peers == {"registry", "governance", "telemetry"}
+    assert by_kind(manifests, "Service")["console"]["spec"]["ports"][0]["port"] == 8080

@@ -63,7 +63,7 @@ class OnlyTheRuntimeLock:
             raise ModuleNotFoundError(f"{name} is not from requirements.lock", name=name)
         return None
 sys.meta_path.insert(0, OnlyTheRuntimeLock())
-roots = ["arm_common", "arm_client", "arm_registry", "arm_governance", "arm_telemetry", "arm_allinone", "arm_gateway",
+roots = ["arm_common", "arm_client", "arm_registry", "arm_governance", "arm_telemetry", "arm_allinone", "arm_gateway", "arm_console",
          "arm"]
 for root in roots:
     pkg = importlib.import_module(root)

@@ -1,5 +1,6 @@
 """`python -m arm_allinone` (what `make run` starts): migrates the SQLite databases, bootstraps
-the system tenant on first start, prints the address and the admin key, and serves."""
+the system tenant on first start, prints the address and the admin key, and serves, with the web
+console beside it (`ARM_CONSOLE_LISTEN`, default 127.0.0.1:8080; `off` leaves it out)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+from arm_client.connection import Settings
 from arm_common import logs, otel
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.event_feed import OpEventForwarder
 from arm_common.server import Host
+from arm_console.config import ConsoleConfig
+from arm_console.server import ConsoleServer
 from arm_governance import app as governance_app
 from arm_registry import app as registry_app
 from arm_telemetry import app as telemetry_app
@@ -76,7 +80,18 @@ async def main() -> int:
         print(f"ARM dev server listening on {address}", flush=True)
         print(f"admin API key: {admin_key}  (also in {key_file})", flush=True)
         print("services: registry, governance, telemetry", flush=True)
-        await host.serve_until_signal(config.shutdown_grace_s)
+        console = None
+        if os.environ.get("ARM_CONSOLE_LISTEN", "").lower() != "off":
+            # The web console beside it, calling this server's port with each signed-in user's key.
+            console = ConsoleServer(ConsoleConfig.from_env(services=Settings.from_env(address=address)))
+            await console.start()
+            print(f"web console: {console.url}  (sign in with an operator API key, e.g. the admin key above)",
+                  flush=True)
+        try:
+            await host.serve_until_signal(config.shutdown_grace_s)
+        finally:
+            if console is not None:
+                await console.stop()
         return 0
     finally:
         await registry_db.dispose()
