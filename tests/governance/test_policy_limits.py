@@ -21,7 +21,7 @@ from arm.governance.v1 import policy_pb2
 from arm_client import ArmClient
 from arm_engine import engine
 from arm_engine.engine import Effect, Envelope, Scope, ToolRule, compile_policy
-from arm_governance import limits
+from arm_governance.policy import limits
 from tests.conftest import TenantContext, make_tenant
 from tests.governance.test_policy_admin import (
     ALLOW,

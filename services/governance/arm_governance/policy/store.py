@@ -35,8 +35,9 @@ from arm_common.messages import struct, ts
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
-from arm_governance import limits, models
+from arm_governance import models
 from arm_governance.models import OUTBOX
+from arm_governance.policy import limits
 
 CR = common_pb2.ChangeRecordType
 MUTABLE = ("name", "description", "scope", "scope_id", "priority", "active", "mode", "tool_rules",

@@ -15,8 +15,8 @@ from arm_common.checkpoints import ALGORITHM, public_key_pem, raw_public_key, si
 from arm_common.errors import FieldViolation, InvalidArgument, Violations
 from arm_common.idempotency import run_idempotent
 from arm_common.server import Ctx
-from arm_governance.audit import MAX_APPEND, VALID_ACTORS, VALID_TYPES, AuditTrail, Filter, export_line
-from arm_governance.checkpointing import Checkpoints
+from arm_governance.audit.checkpoints import Checkpoints
+from arm_governance.audit.trail import MAX_APPEND, VALID_ACTORS, VALID_TYPES, AuditTrail, Filter, export_line
 from arm_governance.models import IDEMPOTENCY
 
 EXPORT_CHUNK = 500

@@ -27,13 +27,14 @@ from arm_common.messages import ts
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_engine import engine
-from arm_governance import convert, limits, models
-from arm_governance.agents import AgentDirectory
-from arm_governance.decision_reads import DecisionFilter, DecisionReader, export_line
-from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
+from arm_governance import convert, models
+from arm_governance.agent_cache import AgentDirectory
+from arm_governance.decisions.reads import DecisionFilter, DecisionReader, export_line
+from arm_governance.decisions.service import Decider, SpendBook, check_batch_limit, validate_check
 from arm_governance.models import IDEMPOTENCY
-from arm_governance.policies import PolicyCache
-from arm_governance.policy_store import (
+from arm_governance.policy import limits
+from arm_governance.policy.cache import PolicyCache
+from arm_governance.policy.store import (
     CR,
     PolicyStore,
     RegistryLookup,

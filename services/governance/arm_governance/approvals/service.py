@@ -44,7 +44,7 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
-from arm_governance.decisions import argument_digest
+from arm_governance.decisions.service import argument_digest
 from arm_governance.models import OUTBOX
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,12 @@ from arm_common.errors import (
 from arm_common.idempotency import run_idempotent
 from arm_common.outbox import OutboxRelay
 from arm_common.server import Ctx
-from arm_governance import approvals, deployments, models
-from arm_governance.agents import AgentDirectory
-from arm_governance.approvals import ApprovalStore, Subject
-from arm_governance.deployments import DeploymentStore
+from arm_governance import models
+from arm_governance.agent_cache import AgentDirectory
+from arm_governance.approvals import service as approvals
+from arm_governance.approvals.service import ApprovalStore, Subject
+from arm_governance.deployments import service as deployments
+from arm_governance.deployments.service import DeploymentStore
 from arm_governance.models import IDEMPOTENCY
 from arm_governance.registry_calls import RegistryAgents
 

@@ -38,7 +38,7 @@ from arm_common.messages import struct, ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
 from arm_governance import models
-from arm_governance.approvals import ApprovalStore
+from arm_governance.approvals.service import ApprovalStore
 from arm_governance.models import OUTBOX
 
 CR = common_pb2.ChangeRecordType

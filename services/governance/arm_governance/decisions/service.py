@@ -31,10 +31,11 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
 from arm_engine import engine
-from arm_governance import convert, limits, models
-from arm_governance.agents import AgentDirectory
-from arm_governance.decision_log import DecisionLog, PendingDecision
-from arm_governance.policies import PolicyCache
+from arm_governance import convert, models
+from arm_governance.agent_cache import AgentDirectory
+from arm_governance.decisions.log import DecisionLog, PendingDecision
+from arm_governance.policy import limits
+from arm_governance.policy.cache import PolicyCache
 
 MAX_ARGUMENT_BYTES = 64 * 1024
 TOOL_APPROVAL_TTL = timedelta(hours=1)
