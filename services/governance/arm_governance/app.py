@@ -28,16 +28,18 @@ from arm_common.remote_auth import RemoteAuthenticator
 from arm_common.tasks import cancel_and_wait
 from arm_governance.agent_cache import AgentDirectory
 from arm_governance.approvals.service import ApprovalStore, ApprovalSweeper
-from arm_governance.approvals.servicer import ApprovalServicer, DeploymentServicer
+from arm_governance.approvals.servicer import ApprovalServicer
 from arm_governance.audit.checkpoints import Checkpoints, load_signing_key
 from arm_governance.audit.servicer import AuditServicer
 from arm_governance.audit.trail import AuditTrail
 from arm_governance.decisions.log import DecisionLog
 from arm_governance.decisions.service import Approvals, Decider, SpendBook
+from arm_governance.decisions.servicer import DecisionServicer
 from arm_governance.deployments.service import DeploymentStore
+from arm_governance.deployments.servicer import DeploymentServicer
 from arm_governance.models import IDEMPOTENCY, OUTBOX
 from arm_governance.policy.cache import PolicyCache
-from arm_governance.policy.servicer import DecisionServicer, PolicyServicer
+from arm_governance.policy.servicer import PolicyServicer
 from arm_governance.policy.store import PolicyStore, RegistryLookup
 from arm_governance.registry_calls import RegistryAgents
 

@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 from opentelemetry import trace
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
@@ -195,6 +196,35 @@ class SpendBook:
             # decision reads again rather than letting a budget be overrun from the cache.
             self._cache.put(key, spend, [("instance", instance_id)])
         return spend
+
+
+    async def record(self, tenant_id: str, instance_id: str, legacy_agent_id: str,
+                     e: decision_pb2.SpendEntry, changes: Any) -> decision_pb2.ReportSpendResponse:
+        """ReportSpend's write: one ledger entry per (tenant, idempotency key); a repeat returns the
+        first entry with `duplicate`. A spend notice drops the cached totals everywhere."""
+        now = utcnow()
+        occurred = e.occur_time.ToDatetime(tzinfo=now.tzinfo) if e.HasField("occur_time") else now
+
+        async def write(s: AsyncSession) -> Any:
+            m = models.SpendEntry
+            row = (await s.execute(select(m).where(m.tenant_id == tenant_id,
+                                                   m.idempotency_key == e.idempotency_key))).scalar_one_or_none()
+            duplicate = row is not None
+            if row is None:
+                row = m(id=new_id("spd"), tenant_id=tenant_id, instance_id=instance_id,
+                        run_id=e.run_id, tool_call_id=e.tool_call_id, amount_usd=e.amount_usd,
+                        idempotency_key=e.idempotency_key, occurred_at=occurred, recorded_at=now)
+                s.add(row)
+                await changes.send(s, {"spend": instance_id})
+            return decision_pb2.ReportSpendResponse(entry=convert.spend_entry(row, legacy_agent_id),
+                                                    duplicate=duplicate)
+
+        try:
+            result = await self.db.run(write)
+        except IntegrityError:  # a concurrent report with the same key won: this one is its duplicate
+            result = await self.db.run(write)
+        self.invalidate(instance_id)
+        return result
 
 
 class Approvals:

@@ -21,7 +21,9 @@ comments and README.md ("Policy limits").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import re2
 
@@ -59,11 +61,14 @@ __all__ = [
     "MAX_RULES_PER_ENVELOPE",
     "MAX_TOOL_NAME",
     "TOOL_CHARS",
+    "MAX_ARGUMENT_BOUNDS",
+    "MAX_RISK_OVERRIDES",
     "arg_pattern",
     "glob_cost",
     "scope_totals",
     "tool_glob",
     "tool_name",
+    "validate_risk_overrides",
 ]
 
 _RE2_OPTIONS = re2.Options()
@@ -184,3 +189,22 @@ def worst_legal_rules(salt: int = 0) -> list[policy_pb2.ToolRule]:
         out.append(policy_pb2.ToolRule(tool=f"exact.s{salt}.n{len(out)}", effect=policy_pb2.DECISION_ALLOW))
         budget -= 1
     return out
+
+
+MAX_RISK_OVERRIDES = 100
+MAX_ARGUMENT_BOUNDS = 10
+
+def validate_risk_overrides(v: Violations, path: str, overrides: Any) -> None:
+    """RiskOverride entries: a tool glob within the policy limits, a risk, bounded numeric bounds."""
+    if len(overrides) > MAX_RISK_OVERRIDES:
+        v.add(path, f"must have at most {MAX_RISK_OVERRIDES} items")
+        return
+    for i, o in enumerate(overrides):
+        tool_glob(v, f"{path}[{i}].tool", o.tool)
+        if o.risk not in (1, 2, 3, 4):
+            v.add(f"{path}[{i}].risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
+        if len(o.arguments_below) > MAX_ARGUMENT_BOUNDS:
+            v.add(f"{path}[{i}].arguments_below", f"must have at most {MAX_ARGUMENT_BOUNDS} entries")
+        for name, bound in o.arguments_below.items():
+            if not name or len(name) > 100 or not math.isfinite(bound):
+                v.add(f"{path}[{i}].arguments_below[{name!r}]", "needs a name of 1-100 characters and a finite bound")
