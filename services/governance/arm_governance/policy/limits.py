@@ -3,7 +3,7 @@ one place (INVALID_ARGUMENT with field violations), so that no tenant's policy c
 slow on governance's event loop, for itself or for anyone else (issue 10, item 1).
 
 Where the cost goes, and what bounds it:
-- Tool globs are matched by RE2 sets (engine.py): one pass over the name per set, with work per
+- Tool globs are matched by RE2 sets (arm_engine.engine.globs): one pass over the name per set, with work per
   name character proportional to the glob positions alive at once. So the tool name's length, the
   number of rules a compiled policy holds (three scopes: tenant, project, version) and the
   literal characters after a glob's first wildcard (those are the positions that stay alive) are
