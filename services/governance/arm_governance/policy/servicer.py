@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import policy_pb2, policy_pb2_grpc
 from arm_common import pagination
 from arm_common import validation as val
-from arm_common.auth import current_api_key, current_principal
+from arm_common.auth import actor_of, current_api_key, current_principal
 from arm_common.db import Database
 from arm_common.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Violations
 from arm_common.ids import new_id
@@ -31,7 +31,6 @@ from arm_governance.policy.store import (
     CR,
     PolicyStore,
     RegistryLookup,
-    actor,
     check_scope_totals,
     validate_envelope,
 )
@@ -345,7 +344,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
             else:
                 self.store.check_etag(row, request.etag, required=False)
             row.mode, row.reason, row.updated_at = request.mode, request.reason, utcnow()
-            row.actor_type, row.actor_id, row.revision = actor(p).type, p.actor_id, row.revision + 1
+            row.actor_type, row.actor_id, row.revision = actor_of(p).type, p.actor_id, row.revision + 1
             await self.store.bump_epoch(s, p.tenant_id)
             after = convert.control_mode_name(request.mode)
             await self.store.record(
