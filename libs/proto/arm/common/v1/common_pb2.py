@@ -22,25 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61rm/common/v1/common.proto\x12\rarm.common.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x05\x41\x63tor\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.arm.common.v1.ActorType\x12\n\n\x02id\x18\x02 \x01(\t\"\xc2\x04\n\x0c\x43hangeRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12-\n\x04type\x18\x04 \x01(\x0e\x32\x1f.arm.common.v1.ChangeRecordType\x12#\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x14.arm.common.v1.Actor\x12\x13\n\x0btarget_type\x18\x06 \x01(\t\x12\x11\n\ttarget_id\x18\x07 \x01(\t\x12\x12\n\nproject_id\x18\x08 \x01(\t\x12\x13\n\x0btemplate_id\x18\t \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\x12\x0f\n\x07summary\x18\x0c \x01(\t\x12(\n\x07payload\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06\x62\x65\x66ore\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x61\x66ter\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12.\n\noccur_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brecord_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprev_hash\x18\x13 \x01(\t\x12\x0c\n\x04hash\x18\x14 \x01(\t\x12\x0e\n\x06source\x18\x15 \x01(\t*m\n\tActorType\x12\x1a\n\x16\x41\x43TOR_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43TOR_TYPE_OPERATOR\x10\x01\x12\x14\n\x10\x41\x43TOR_TYPE_AGENT\x10\x02\x12\x15\n\x11\x41\x43TOR_TYPE_SYSTEM\x10\x03*\x80\x01\n\tRiskLevel\x12\x1a\n\x16RISK_LEVEL_UNSPECIFIED\x10\x00\x12\x12\n\x0eRISK_LEVEL_LOW\x10\x01\x12\x15\n\x11RISK_LEVEL_MEDIUM\x10\x02\x12\x13\n\x0fRISK_LEVEL_HIGH\x10\x03\x12\x17\n\x13RISK_LEVEL_CRITICAL\x10\x04*\x96\t\n\x10\x43hangeRecordType\x12\"\n\x1e\x43HANGE_RECORD_TYPE_UNSPECIFIED\x10\x00\x12%\n!CHANGE_RECORD_TYPE_TENANT_CREATED\x10\x01\x12*\n&CHANGE_RECORD_TYPE_ENVIRONMENT_CREATED\x10\x02\x12&\n\"CHANGE_RECORD_TYPE_PROJECT_CREATED\x10\x03\x12\'\n#CHANGE_RECORD_TYPE_OPERATOR_CREATED\x10\x04\x12$\n CHANGE_RECORD_TYPE_ROLE_ASSIGNED\x10\x05\x12\'\n#CHANGE_RECORD_TYPE_TEMPLATE_CREATED\x10\x06\x12\'\n#CHANGE_RECORD_TYPE_TEMPLATE_UPDATED\x10\x07\x12&\n\"CHANGE_RECORD_TYPE_VERSION_CREATED\x10\x08\x12+\n\'CHANGE_RECORD_TYPE_VERSION_TRANSITIONED\x10\t\x12\'\n#CHANGE_RECORD_TYPE_INSTANCE_CREATED\x10\n\x12,\n(CHANGE_RECORD_TYPE_INSTANCE_TRANSITIONED\x10\x0b\x12\'\n#CHANGE_RECORD_TYPE_IDENTITY_UPDATED\x10\x0c\x12%\n!CHANGE_RECORD_TYPE_POLICY_CREATED\x10\r\x12%\n!CHANGE_RECORD_TYPE_POLICY_UPDATED\x10\x0e\x12&\n\"CHANGE_RECORD_TYPE_POLICY_ATTACHED\x10\x0f\x12$\n CHANGE_RECORD_TYPE_POLICY_DENIED\x10\x10\x12)\n%CHANGE_RECORD_TYPE_APPROVAL_REQUESTED\x10\x11\x12\'\n#CHANGE_RECORD_TYPE_APPROVAL_DECIDED\x10\x12\x12)\n%CHANGE_RECORD_TYPE_APPROVAL_CANCELLED\x10\x13\x12)\n%CHANGE_RECORD_TYPE_DEPLOYMENT_CREATED\x10\x14\x12+\n\'CHANGE_RECORD_TYPE_DEPLOYMENT_ACTIVATED\x10\x15\x12-\n)CHANGE_RECORD_TYPE_DEPLOYMENT_ROLLED_BACK\x10\x16\x12&\n\"CHANGE_RECORD_TYPE_EMERGENCY_PAUSE\x10\x17\x12(\n$CHANGE_RECORD_TYPE_TASK_TRANSITIONED\x10\x18\x12&\n\"CHANGE_RECORD_TYPE_BUDGET_EXCEEDED\x10\x19\x12\'\n#CHANGE_RECORD_TYPE_REGISTRY_UPDATED\x10\x1a\x12(\n$CHANGE_RECORD_TYPE_APPROVAL_CONSUMED\x10\x1b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61rm/common/v1/common.proto\x12\rarm.common.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x05\x41\x63tor\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.arm.common.v1.ActorType\x12\n\n\x02id\x18\x02 \x01(\t\"\xda\x04\n\x0c\x43hangeRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x16\n\x08sequence\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12-\n\x04type\x18\x04 \x01(\x0e\x32\x1f.arm.common.v1.ChangeRecordType\x12#\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x14.arm.common.v1.Actor\x12\x13\n\x0btarget_type\x18\x06 \x01(\t\x12\x11\n\ttarget_id\x18\x07 \x01(\t\x12\x12\n\nproject_id\x18\x08 \x01(\t\x12\x13\n\x0btemplate_id\x18\t \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\x12\x0f\n\x07summary\x18\x0c \x01(\t\x12(\n\x07payload\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06\x62\x65\x66ore\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x61\x66ter\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12.\n\noccur_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brecord_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x17\n\tprev_hash\x18\x13 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04hash\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0e\n\x06source\x18\x15 \x01(\t*m\n\tActorType\x12\x1a\n\x16\x41\x43TOR_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43TOR_TYPE_OPERATOR\x10\x01\x12\x14\n\x10\x41\x43TOR_TYPE_AGENT\x10\x02\x12\x15\n\x11\x41\x43TOR_TYPE_SYSTEM\x10\x03*\x80\x01\n\tRiskLevel\x12\x1a\n\x16RISK_LEVEL_UNSPECIFIED\x10\x00\x12\x12\n\x0eRISK_LEVEL_LOW\x10\x01\x12\x15\n\x11RISK_LEVEL_MEDIUM\x10\x02\x12\x13\n\x0fRISK_LEVEL_HIGH\x10\x03\x12\x17\n\x13RISK_LEVEL_CRITICAL\x10\x04*\x96\t\n\x10\x43hangeRecordType\x12\"\n\x1e\x43HANGE_RECORD_TYPE_UNSPECIFIED\x10\x00\x12%\n!CHANGE_RECORD_TYPE_TENANT_CREATED\x10\x01\x12*\n&CHANGE_RECORD_TYPE_ENVIRONMENT_CREATED\x10\x02\x12&\n\"CHANGE_RECORD_TYPE_PROJECT_CREATED\x10\x03\x12\'\n#CHANGE_RECORD_TYPE_OPERATOR_CREATED\x10\x04\x12$\n CHANGE_RECORD_TYPE_ROLE_ASSIGNED\x10\x05\x12\'\n#CHANGE_RECORD_TYPE_TEMPLATE_CREATED\x10\x06\x12\'\n#CHANGE_RECORD_TYPE_TEMPLATE_UPDATED\x10\x07\x12&\n\"CHANGE_RECORD_TYPE_VERSION_CREATED\x10\x08\x12+\n\'CHANGE_RECORD_TYPE_VERSION_TRANSITIONED\x10\t\x12\'\n#CHANGE_RECORD_TYPE_INSTANCE_CREATED\x10\n\x12,\n(CHANGE_RECORD_TYPE_INSTANCE_TRANSITIONED\x10\x0b\x12\'\n#CHANGE_RECORD_TYPE_IDENTITY_UPDATED\x10\x0c\x12%\n!CHANGE_RECORD_TYPE_POLICY_CREATED\x10\r\x12%\n!CHANGE_RECORD_TYPE_POLICY_UPDATED\x10\x0e\x12&\n\"CHANGE_RECORD_TYPE_POLICY_ATTACHED\x10\x0f\x12$\n CHANGE_RECORD_TYPE_POLICY_DENIED\x10\x10\x12)\n%CHANGE_RECORD_TYPE_APPROVAL_REQUESTED\x10\x11\x12\'\n#CHANGE_RECORD_TYPE_APPROVAL_DECIDED\x10\x12\x12)\n%CHANGE_RECORD_TYPE_APPROVAL_CANCELLED\x10\x13\x12)\n%CHANGE_RECORD_TYPE_DEPLOYMENT_CREATED\x10\x14\x12+\n\'CHANGE_RECORD_TYPE_DEPLOYMENT_ACTIVATED\x10\x15\x12-\n)CHANGE_RECORD_TYPE_DEPLOYMENT_ROLLED_BACK\x10\x16\x12&\n\"CHANGE_RECORD_TYPE_EMERGENCY_PAUSE\x10\x17\x12(\n$CHANGE_RECORD_TYPE_TASK_TRANSITIONED\x10\x18\x12&\n\"CHANGE_RECORD_TYPE_BUDGET_EXCEEDED\x10\x19\x12\'\n#CHANGE_RECORD_TYPE_REGISTRY_UPDATED\x10\x1a\x12(\n$CHANGE_RECORD_TYPE_APPROVAL_CONSUMED\x10\x1b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arm.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTORTYPE']._serialized_start=750
-  _globals['_ACTORTYPE']._serialized_end=859
-  _globals['_RISKLEVEL']._serialized_start=862
-  _globals['_RISKLEVEL']._serialized_end=990
-  _globals['_CHANGERECORDTYPE']._serialized_start=993
-  _globals['_CHANGERECORDTYPE']._serialized_end=2167
-  _globals['_ACTOR']._serialized_start=108
-  _globals['_ACTOR']._serialized_end=167
-  _globals['_CHANGERECORD']._serialized_start=170
-  _globals['_CHANGERECORD']._serialized_end=748
+  _globals['_CHANGERECORD'].fields_by_name['sequence']._loaded_options = None
+  _globals['_CHANGERECORD'].fields_by_name['sequence']._serialized_options = b'\342A\001\003'
+  _globals['_CHANGERECORD'].fields_by_name['record_time']._loaded_options = None
+  _globals['_CHANGERECORD'].fields_by_name['record_time']._serialized_options = b'\342A\001\003'
+  _globals['_CHANGERECORD'].fields_by_name['prev_hash']._loaded_options = None
+  _globals['_CHANGERECORD'].fields_by_name['prev_hash']._serialized_options = b'\342A\001\003'
+  _globals['_CHANGERECORD'].fields_by_name['hash']._loaded_options = None
+  _globals['_CHANGERECORD'].fields_by_name['hash']._serialized_options = b'\342A\001\003'
+  _globals['_ACTORTYPE']._serialized_start=807
+  _globals['_ACTORTYPE']._serialized_end=916
+  _globals['_RISKLEVEL']._serialized_start=919
+  _globals['_RISKLEVEL']._serialized_end=1047
+  _globals['_CHANGERECORDTYPE']._serialized_start=1050
+  _globals['_CHANGERECORDTYPE']._serialized_end=2224
+  _globals['_ACTOR']._serialized_start=141
+  _globals['_ACTOR']._serialized_end=200
+  _globals['_CHANGERECORD']._serialized_start=203
+  _globals['_CHANGERECORD']._serialized_end=805
 # @@protoc_insertion_point(module_scope)
