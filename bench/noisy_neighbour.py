@@ -133,7 +133,7 @@ async def agent_with_policy(reg_address: str, gov_address: str, key: str, worst:
             rules = [P.ToolRule(tool="a*a*a*" + "a" * i + "c", effect=P.DECISION_DENY) for i in range(100)]
             per_scope = [rules[k::3] for k in range(3)]
             try:  # today's limits refuse most of them: keep what a tenant may still write
-                from arm_governance import limits
+                from arm_governance.policy import limits
             except ImportError:  # the code before the fix: everything is accepted
                 pass
             else:
@@ -147,7 +147,7 @@ async def agent_with_policy(reg_address: str, gov_address: str, key: str, worst:
                                           mode=P.POLICY_MODE_ENFORCE, tool_rules=per_scope[k])
                          for k, (scope, scope_id) in enumerate(scopes)]
         elif worst:
-            from arm_governance import limits
+            from arm_governance.policy import limits
             envelopes = [P.PolicyEnvelope(name=f"worst-{salt}", scope=scope, scope_id=scope_id,
                                           mode=P.POLICY_MODE_ENFORCE, tool_rules=limits.worst_legal_rules(salt))
                          for salt, (scope, scope_id) in enumerate(scopes)]

@@ -14,7 +14,7 @@ from arm.telemetry.v1 import events_pb2
 from arm_common.auth import Principal
 from arm_common.messages import ts
 from arm_engine import engine
-from arm_governance.decisions import Decider
+from arm_governance.decisions.service import Decider
 
 PROVENANCE_KEYS = ("envelope_id", "envelope_revision", "scope", "scope_id", "rule_kind", "rule_index",
                    "rule_description", "policy_epoch")

@@ -19,7 +19,9 @@ PROTO_DIR = ROOT / "proto"
 
 
 def generate(out_dir: Path) -> None:
-    sources = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    # ARM's own contracts; proto/google holds vendored imports (field_behavior.proto), whose Python
+    # code comes from googleapis-common-protos.
+    sources = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "arm").rglob("*.proto"))
     generated = out_dir / "arm"
     if generated.exists():
         shutil.rmtree(generated)

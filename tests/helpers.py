@@ -10,10 +10,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from arm.registry.v1 import access_pb2, agents_pb2, tenancy_pb2
-from arm_client import ArmClient
+from arm_client import ArmClient, from_rpc_error
 
 
 @dataclass
@@ -28,20 +27,10 @@ class RpcFailure:
 
 
 def failure(exc: grpc.aio.AioRpcError) -> RpcFailure:
-    out = RpcFailure(exc.code(), exc.details() or "")
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    out.reason, out.metadata = info.reason, dict(info.metadata)
-                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    out.violations = {v.field: v.description for v in bad.field_violations}
-    return out
+    """The failure as tests compare it; the decoding is the SDK's (`arm_client.from_rpc_error`)."""
+    err = from_rpc_error(exc)
+    return RpcFailure(exc.code(), exc.details() or "", err.error_info.reason if err.error_info is not None else "",
+                      dict(err.metadata), {v.field: v.description for v in err.field_violations})
 
 
 async def expect_failure(call, code: grpc.StatusCode, reason: str | None = None) -> RpcFailure:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from arm_governance.webhooks import verify_signature
+from arm_governance.webhooks.service import verify_signature
 
 
 @dataclass

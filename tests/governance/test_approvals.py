@@ -28,7 +28,8 @@ from arm_common.errors import FailedPrecondition, PermissionDenied
 from arm_common.messages import ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
-from arm_governance import approvals, models
+from arm_governance import models
+from arm_governance.approvals import service as approvals
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant, new_database_spec, start_governance, stop_governance
 from tests.helpers import AgentSet, approved_version, expect_failure, operator_key

@@ -30,7 +30,9 @@ from arm_common.checkpoints import SigningKey, checkpoint_line, load_public_key,
 from arm_common.config import ServiceConfig
 from arm_common.errors import FailedPrecondition
 from arm_common.verify_audit import verify_export
-from arm_governance import audit, checkpointing, models
+from arm_governance import models
+from arm_governance.audit import checkpoints as checkpointing
+from arm_governance.audit import trail as audit
 from tests.conftest import (
     GovernanceServer,
     TenantContext,

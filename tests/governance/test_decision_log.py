@@ -19,8 +19,8 @@ from arm_common.outbox import TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_engine.engine import Spend
 from arm_governance import models
-from arm_governance.decision_log import DecisionLog, PendingDecision
-from arm_governance.decisions import SpendBook
+from arm_governance.decisions.log import DecisionLog, PendingDecision
+from arm_governance.decisions.service import SpendBook
 from tests.conftest import PG_URL
 
 

@@ -12,7 +12,7 @@ from arm_common.auth import Principal
 from arm_common.messages import struct, ts
 from arm_engine import engine
 from arm_governance import convert
-from arm_governance.decisions import Decider, argument_digest
+from arm_governance.decisions.service import Decider, argument_digest
 
 E, S, K = engine.Effect, engine.Scope, engine.RuleKind
 REASONS = (engine.Reason("LOCKED_RULE", "locked"), engine.Reason("RISK", "high risk"))

@@ -20,13 +20,15 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, struct_pb2, text_format, timestamp_pb2
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm_client import ArmClient
 from arm_common.auth import ACT_FOR_TENANT_HEADER
+from arm_engine import engine
+from arm_governance import convert
 from tests.helpers import AgentSet, approved_version, refused_within
 
 # --- Enum shorthands ----------------------------------------------------------------------------
@@ -111,6 +113,23 @@ class Spend:
     months_ago: int = 0
 
 
+def envelope_message(spec: Env, name: str, scope_id: str) -> policy_pb2.PolicyEnvelope:
+    """The envelope a spec describes, as CreatePolicyEnvelope takes it."""
+    env = policy_pb2.PolicyEnvelope(
+        name=name, scope=SCOPES[spec.scope], scope_id=scope_id, mode=spec.mode,
+        tool_rules=list(spec.rules), require_approval_at_risk=spec.require_approval_at_risk,
+        deny_at_risk=spec.deny_at_risk, default_effect=spec.default_effect)
+    if spec.priority is not None:
+        env.priority = spec.priority
+    if spec.active is not None:
+        env.active = spec.active
+    if spec.autonomy_tier is not None:
+        env.autonomy_tier = spec.autonomy_tier
+    if spec.budgets is not None:
+        env.budgets.CopyFrom(spec.budgets)
+    return env
+
+
 async def instance_in_state(admin: ArmClient, agents: AgentSet, state: int,
                             legacy_agent_id: str = "") -> agents_pb2.AgentInstance:
     """Creates an instance (PROVISIONING) and walks it to `state` through the registry API."""
@@ -151,19 +170,8 @@ class World:
                 "version": self.agents.version.id}[scope]
 
     async def envelope(self, spec: Env) -> policy_pb2.PolicyEnvelope:
-        env = policy_pb2.PolicyEnvelope(
-            name=f"env-{len(self.created)}-{secrets.token_hex(3)}", scope=SCOPES[spec.scope],
-            scope_id="" if spec.scope == "tenant" else self.scope_id(spec.scope), mode=spec.mode,
-            tool_rules=list(spec.rules), require_approval_at_risk=spec.require_approval_at_risk,
-            deny_at_risk=spec.deny_at_risk, default_effect=spec.default_effect)
-        if spec.priority is not None:
-            env.priority = spec.priority
-        if spec.active is not None:
-            env.active = spec.active
-        if spec.autonomy_tier is not None:
-            env.autonomy_tier = spec.autonomy_tier
-        if spec.budgets is not None:
-            env.budgets.CopyFrom(spec.budgets)
+        env = envelope_message(spec, f"env-{len(self.created)}-{secrets.token_hex(3)}",
+                               "" if spec.scope == "tenant" else self.scope_id(spec.scope))
         created = (await self.gov.policies.CreatePolicyEnvelope(
             policy_pb2.CreatePolicyEnvelopeRequest(envelope=env))).envelope
         assert created.revision == 1 and created.scope_id == self.scope_id(spec.scope)
@@ -511,10 +519,81 @@ def test_case_ids_are_unique() -> None:
     assert len(ids) == len(set(ids))
 
 
+# --- The evaluators: the pure engine and gRPC Check, each result compared whole ------------------
+
+# In the pure engine's world every id and name is a placeholder; the gRPC world's real ids and
+# names are replaced by the same placeholders, so that two results compare as whole messages.
+PLACEHOLDER_SCOPES = {"tenant": "<tenant>", "project": "<project>", "version": "<version>"}
+
+
+def engine_result(case: Case) -> decision_pb2.CheckResponse:
+    """The case decided by the pure engine (no server, no database), as Check would answer it
+    (`convert.result_fields`, the very conversion of the Check path)."""
+    envelopes = []
+    for i, spec in enumerate(case.envelopes):
+        msg = envelope_message(spec, f"<name{i}>", PLACEHOLDER_SCOPES[spec.scope])
+        msg.envelope_id, msg.revision = f"<env{i}>", 1
+        envelopes.append(convert.envelope_to_engine(msg))
+    policy = engine.compile_policy(envelopes, tenant_id="<tenant>", project_id="<project>", version_id="<version>")
+    agent = engine.Agent(
+        tenant_id="<tenant>", tenant_active=True, project_id="<project>", environment_id="<environment>",
+        environment_name="<environment>", environment_type="DEV", template_id="<template>",
+        version_id="<version>", instance_id="<instance>",
+        instance_state=agents_pb2.InstanceState.Name(case.state).removeprefix("INSTANCE_STATE_"),
+        version_state="APPROVED")
+    modes = dict.fromkeys(CONTROL_SCOPES, "NORMAL")
+    for scope, mode in case.controls:
+        modes[scope] = convert.control_mode_name(mode)
+    run = sum(e.amount for e in case.spend if case.run_id and e.run_id == case.run_id)
+    month = sum(e.amount for e in case.spend if not e.months_ago)
+    call = engine.Call(tool=case.tool, arguments=dict(case.args) if case.args is not None else None,
+                       declared_risk=engine.Risk(case.declared) if case.declared else None,
+                       estimated_cost_usd=case.cost, is_run_start=case.run_start)
+    result = engine.decide(policy, agent, call, controls=engine.Controls(modes["tenant"], modes["project"]),
+                           spend=engine.Spend(run_usd=run, day_usd=month, month_usd=month))
+    return convert.result_fields(result)
+
+
+def whole(resp: decision_pb2.CheckResponse, world: World | None = None) -> decision_pb2.CheckResponse:
+    """The decision of a CheckResponse, compared whole: the fields an evaluator decides (ids of the
+    call, times, the policy epoch and the approval created for it cleared), the world's ids and names
+    as placeholders."""
+    out = decision_pb2.CheckResponse()
+    out.CopyFrom(resp)
+    for name in ("decision_id", "decide_time", "approval_id", "request_id", "policy_epoch"):
+        out.ClearField(name)  # type: ignore[arg-type]
+    if world is None:
+        return out
+    text = text_format.MessageToString(out, as_utf8=True)
+    for i, env in enumerate(world.created):
+        text = text.replace(env.envelope_id, f"<env{i}>").replace(env.name, f"<name{i}>")
+    for scope, placeholder in PLACEHOLDER_SCOPES.items():
+        text = text.replace(world.scope_id(scope), placeholder)
+    text = text.replace(world.instance.id, "<instance>")
+    return text_format.Parse(text, decision_pb2.CheckResponse())
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_vector_engine(case: Case) -> None:
+    """Every case through the pure engine, in milliseconds: the expected answer."""
+    resp = engine_result(case)
+    got = (resp.decision, resp.step, resp.reasons[0].code if resp.reasons else "", resp.rule_kind,
+           resp.rule_index if resp.HasField("rule_index") else None,
+           int(resp.envelope_id.strip("<env>")) if resp.envelope_id else None)
+    want = case.expect
+    assert got == (want.decision, want.step, want.code, want.kind, want.index, want.env), resp
+    if want.risk:
+        assert resp.effective_risk == want.risk, resp
+    assert [(int(sr.envelope_id.strip("<env>")), sr.decision, sr.rule_kind) for sr in resp.shadow_results] == list(
+        case.shadow), resp
+
+
 @pytest.mark.parametrize("case", [
     pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.bug)] if c.bug else [])
     for c in CASES])
 async def test_vector(case: Case, tenant: Any, gov: ArmClient) -> None:
+    """Every case through gRPC Check on a real server: the expected answer, and the very result
+    the pure engine gives, compared whole (reasons, risk, rule description, shadows included)."""
     world = await World.build(tenant, gov, state=case.state)
     for spec in case.envelopes:
         await world.envelope(spec)
@@ -534,6 +613,7 @@ async def test_vector(case: Case, tenant: Any, gov: ArmClient) -> None:
         assert s.reasons, resp
         if s.decision == NO_DECISION:
             assert s.reasons[0].code == "NO_DECISION", resp
+    assert whole(resp, world) == whole(engine_result(case)), (whole(resp, world), whole(engine_result(case)))
 
 
 # --- Flows: the agent step, identity, and changes between Checks --------------------------------

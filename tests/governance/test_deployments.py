@@ -24,7 +24,7 @@ from arm_common.auth import Grant, Principal
 from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import models
-from arm_governance.deployments import DeploymentStore
+from arm_governance.deployments.service import DeploymentStore
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
 from tests.helpers import AgentSet, approved_version, expect_failure, genome, operator_key, walk_version

@@ -3,6 +3,7 @@ SPEC §3 "The decision", the risk classifier, and the compiled policy's bookkeep
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import replace
@@ -778,9 +779,10 @@ def test_decisions_do_not_depend_on_envelope_order() -> None:
 
 
 def test_the_memo_tables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from arm_engine import engine
-    monkeypatch.setattr(engine, "_PLAN_LIMIT", 3)
-    monkeypatch.setattr(engine, "_RESULT_LIMIT", 5)
+    compiling = importlib.import_module("arm_engine.engine.compile")
+    deciding = importlib.import_module("arm_engine.engine.decide")  # the module; `engine.decide` is the function
+    monkeypatch.setattr(compiling, "_PLAN_LIMIT", 3)
+    monkeypatch.setattr(deciding, "_RESULT_LIMIT", 5)
     envelopes = [env("v", Scope.VERSION, rule("db.*", DENY), rule("**", ALLOW, environments=("dev",)))]
     policy = compile_policy(envelopes, tenant_id=T, project_id=P, version_id=V)
     dev = replace(AGENT, environment_name="dev", environment_type="DEV")

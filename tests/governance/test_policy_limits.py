@@ -21,7 +21,8 @@ from arm.governance.v1 import policy_pb2
 from arm_client import ArmClient
 from arm_engine import engine
 from arm_engine.engine import Effect, Envelope, Scope, ToolRule, compile_policy
-from arm_governance import limits
+from arm_engine.engine import globs as engine_globs
+from arm_governance.policy import limits
 from tests.conftest import TenantContext, make_tenant
 from tests.governance.test_policy_admin import (
     ALLOW,
@@ -81,7 +82,7 @@ def test_glob_sets_agree_with_a_reference_matcher(globs: list[str], names: list[
     """Many globs in one policy (several RE2 sets when there are more than fit one), long names
     of few letters (where a backtracking matcher does the most work): one set match per name
     answers exactly what the reference says for every glob."""
-    matcher = engine._GlobSet(globs)
+    matcher = engine_globs._GlobSet(globs)
     assert not matcher._alone, "every glob went into an RE2 set"
     assert all(isinstance(s, re2.Set) for s, _ in matcher._sets)
     for name in names:
@@ -94,8 +95,8 @@ def test_many_globs_span_several_sets_and_keep_their_answers() -> None:
     rng = random.Random(7)
     globs = sorted({"".join(rng.choice(["a", "b", ".", "*", "**"]) for _ in range(rng.randint(1, 12)))
                     for _ in range(600)})
-    matcher = engine._GlobSet(globs)
-    assert len(matcher._sets) == -(-len(globs) // engine._GLOBS_PER_SET) > 1
+    matcher = engine_globs._GlobSet(globs)
+    assert len(matcher._sets) == -(-len(globs) // engine_globs._GLOBS_PER_SET) > 1
     for _ in range(50):
         name = "".join(rng.choice("ab.") for _ in range(rng.randint(0, 60)))
         assert matcher.match(name) == {matcher.ids[g] for g in globs if ref_glob(g, name)}
@@ -117,7 +118,7 @@ def test_the_old_pathological_glob_is_matched_by_re2_and_decides() -> None:
 def test_a_set_out_of_automaton_memory_falls_back_to_single_globs() -> None:
     """RE2 reports an exhausted set automaton as "no match"; the always-matching sentinel tells
     the two apart, and the globs are then matched one by one (still RE2) — never fail open."""
-    matcher = engine._GlobSet(["db.*", "**.write", "x"])
+    matcher = engine_globs._GlobSet(["db.*", "**.write", "x"])
     _rx_set, local = matcher._sets[0]
 
     class Exhausted:
@@ -142,9 +143,9 @@ def test_argument_pattern_set_agrees_with_one_search_per_pattern(patterns: list[
     data = text.encode()
     want = 0
     for i, p in enumerate(patterns):
-        if engine._compile_arg_pattern(p).search(data) is not None:
+        if engine_globs._compile_arg_pattern(p).search(data) is not None:
             want |= 1 << i
-    assert engine._PatternSet(patterns).match(data) == want
+    assert engine_globs._PatternSet(patterns).match(data) == want
 
 
 # --- Bounds at the edge -------------------------------------------------------------------------

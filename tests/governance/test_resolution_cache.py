@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from arm.registry.v1 import compat_pb2
 from arm.registry.v1.compat_pb2 import AgentChange, ResolvedAgent
-from arm_governance.agents import ResolutionCache
+from arm_governance.agent_cache import ResolutionCache
 from tests.unit._strategies import PROPERTY
 
 C = compat_pb2

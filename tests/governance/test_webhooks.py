@@ -27,7 +27,8 @@ from arm.governance.v1 import webhooks_pb2 as wpb
 from arm_client import ArmClient
 from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
-from arm_governance import models, webhooks
+from arm_governance import models
+from arm_governance.webhooks import service as webhooks
 from arm_governance.models import OUTBOX
 from tests.conftest import (
     GovernanceServer,

@@ -4,7 +4,8 @@
   approvals; configured from arguments or `ARM_ADDRESS`, `ARM_API_KEY`, `ARM_INSTANCE_ID` … (see
   `arm_client.connection.Settings`).
 - Typed errors (`arm_client.errors`): `ArmError` and its kinds, `ToolDenied`, `ApprovalPending`,
-  `ApprovalRejected`, `ApprovalExpired`, `GovernanceUnavailable`.
+  `ApprovalRejected`, `ApprovalExpired`, `GovernanceUnavailable`; `from_rpc_error` decodes any
+  failed call's `google.rpc` details (reason, metadata, field violations, retry delay).
 - `ArmClient`: the raw typed stubs of every service, for admin tools and tests."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from arm_client.errors import (
     ToolDenied,
     Unauthenticated,
     Unavailable,
+    from_rpc_error,
 )
 from arm_client.sdk import Arm, Authorization, Decision, Run, ToolOptions, current_run
 from arm_client.stubs import ArmClient, auth_interceptors
@@ -39,5 +41,5 @@ __all__ = [
     "Arm", "ArmClient", "ArmError", "ArmSync", "Authorization", "Decision", "FailedPrecondition",
     "FieldViolation", "GovernanceUnavailable", "InvalidArgument", "NotFound", "PermissionDenied", "Reason",
     "ResourceExhausted", "Run", "Settings", "ToolDenied", "ToolOptions", "Unauthenticated", "Unavailable",
-    "auth_interceptors", "current_run",
+    "auth_interceptors", "current_run", "from_rpc_error",
 ]

@@ -1,6 +1,8 @@
 """Typed exceptions of the SDK. Every failed call surfaces as an `ArmError` (never a bare
 `grpc.RpcError`) carrying the gRPC code, the server's `google.rpc.ErrorInfo` (reason and
-metadata), the `BadRequest` field violations, the `RetryInfo` delay and the request id; the
+metadata, the reason also decoded to the catalogue `arm.common.v1.ErrorReason`), the `BadRequest`
+field violations, the `RetryInfo` delay and the request id (`from_rpc_error` decodes any failed
+call, SDK-made or not); the
 outcomes of a governed call (`ToolDenied`, `ApprovalPending`, `ApprovalRejected`,
 `ApprovalExpired`, `GovernanceUnavailable`) are `ArmError`s too."""
 
@@ -11,6 +13,8 @@ from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
+from arm.common.v1 import error_reason_pb2
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,16 @@ class ArmError(Exception):
         self.field_violations = field_violations
         self.retry_delay_s = retry_delay_s
         self.request_id = request_id or self.metadata.get("request_id", "")
+
+    @property
+    def error_reason(self) -> error_reason_pb2.ErrorReason.ValueType:
+        """`reason` decoded against the contract's catalogue (`arm.common.v1.ErrorReason`, whose
+        comments say when each is raised); ERROR_REASON_UNSPECIFIED for a reason this client's
+        catalogue does not know (a newer server)."""
+        try:
+            return error_reason_pb2.ErrorReason.Value("ERROR_REASON_" + self.reason)
+        except ValueError:
+            return error_reason_pb2.ERROR_REASON_UNSPECIFIED
 
     def __str__(self) -> str:
         parts = [self.message]

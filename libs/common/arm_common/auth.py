@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from arm.common.v1 import common_pb2
 from arm_common.canonical import sha256_hex
 from arm_common.errors import PermissionDenied, Unauthenticated
 from arm_common.ids import new_id
@@ -149,3 +150,18 @@ def parse_api_key(full_key: str) -> str:
     if len(parts) != 4 or parts[0] != "arm" or parts[1] != "key" or not parts[2] or not parts[3]:
         raise Unauthenticated("the API key is malformed", reason="INVALID_API_KEY")
     return f"{parts[1]}_{parts[2]}"
+
+
+_ACTOR_TYPES = {"OPERATOR": common_pb2.ACTOR_TYPE_OPERATOR, "AGENT": common_pb2.ACTOR_TYPE_AGENT,
+                "SYSTEM": common_pb2.ACTOR_TYPE_SYSTEM}
+
+
+def actor_of(principal: Principal) -> common_pb2.Actor:
+    """Who the principal is, as change records and approvals name it. An actor type outside
+    OPERATOR / AGENT / SYSTEM is a programming error (ValueError), never recorded as SYSTEM: the
+    trail must not disguise who acted."""
+    try:
+        kind = _ACTOR_TYPES[principal.actor_type]
+    except KeyError:
+        raise ValueError(f"unknown actor type {principal.actor_type!r}") from None
+    return common_pb2.Actor(type=kind, id=principal.actor_id)

@@ -27,22 +27,25 @@ from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT, OutboxRelay
 from arm_common.remote_auth import RemoteAuthenticator
 from arm_common.tasks import cancel_and_wait
-from arm_governance.agents import AgentDirectory
-from arm_governance.approvals import ApprovalStore, ApprovalSweeper
-from arm_governance.audit import AuditTrail
-from arm_governance.audit_service import AuditServicer
-from arm_governance.checkpointing import Checkpoints, load_signing_key
-from arm_governance.decision_log import DecisionLog
-from arm_governance.decisions import Approvals, Decider, SpendBook
-from arm_governance.deployments import DeploymentStore
+from arm_governance.agent_cache import AgentDirectory
+from arm_governance.approvals.service import ApprovalStore, ApprovalSweeper
+from arm_governance.approvals.servicer import ApprovalServicer
+from arm_governance.audit.checkpoints import Checkpoints, load_signing_key
+from arm_governance.audit.servicer import AuditServicer
+from arm_governance.audit.trail import AuditTrail
+from arm_governance.decisions.log import DecisionLog
+from arm_governance.decisions.service import Approvals, Decider, SpendBook
+from arm_governance.decisions.servicer import DecisionServicer
+from arm_governance.deployments.service import DeploymentStore
+from arm_governance.deployments.servicer import DeploymentServicer
 from arm_governance.models import IDEMPOTENCY, OUTBOX
-from arm_governance.policies import PolicyCache
-from arm_governance.policy_store import PolicyStore, RegistryLookup
+from arm_governance.policy.cache import PolicyCache
+from arm_governance.policy.servicer import PolicyServicer
+from arm_governance.policy.store import PolicyStore, RegistryLookup
 from arm_governance.registry_calls import RegistryAgents
-from arm_governance.servicers import DecisionServicer, PolicyServicer
-from arm_governance.webhook_delivery import WebhookDispatcher
-from arm_governance.webhooks import TOPIC_NOTIFICATION, WebhookServicer, WebhookStore, load_secret_box
-from arm_governance.workflow_servicers import ApprovalServicer, DeploymentServicer
+from arm_governance.webhooks.delivery import WebhookDispatcher
+from arm_governance.webhooks.service import TOPIC_NOTIFICATION, WebhookStore, load_secret_box
+from arm_governance.webhooks.servicer import WebhookServicer
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -91,7 +94,7 @@ class GovernanceComponent:
                                    poll_interval_s=config.outbox_poll_s),
                        OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, op_events, poll_interval_s=config.outbox_poll_s)]
         # Approval notifications: the relay fans each out to the tenant's webhooks
-        # (webhook_deliveries), the dispatcher POSTs those (arm_governance.webhook_delivery).
+        # (webhook_deliveries), the dispatcher POSTs those (arm_governance.webhooks.delivery).
         self.secret_box = load_secret_box(config)
         self.webhooks = WebhookDispatcher(db, self.secret_box, console_url=config.console_url,
                                           timeout_s=config.webhook_timeout_s,

@@ -276,7 +276,7 @@ class AuditCheckpoint(Base):
 
 
 class Webhook(Base):
-    """A tenant's notification webhook (arm_governance.webhooks). The signing secret is kept
+    """A tenant's notification webhook (arm_governance.webhooks.service). The signing secret is kept
     encrypted (`secret`, a Fernet token under the webhook secret key), never in the clear."""
 
     __tablename__ = "webhooks"

@@ -8,9 +8,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from arm.common.v1 import common_pb2
 from arm.registry.v1 import access_pb2, compat_pb2
-from arm_common.auth import SCOPE_TENANT, Principal
+from arm_common.auth import SCOPE_TENANT, Principal, actor_of
 from arm_common.errors import FailedPrecondition
 from arm_common.ids import new_id
 from arm_common.tables import utcnow
@@ -28,8 +27,7 @@ class Access:
 
     def authenticate(self, p: Principal) -> access_pb2.AuthenticateResponse:
         out = access_pb2.Principal(
-            tenant_id=p.tenant_id, actor=common_pb2.Actor(
-                type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{p.actor_type}"), id=p.actor_id),
+            tenant_id=p.tenant_id, actor=actor_of(p),
             grants=[access_pb2.Grant(permission=g.permission,
                                      scope_type=access_pb2.RoleScopeType.Value(f"ROLE_SCOPE_TYPE_{g.scope_type}"),
                                      scope_id=g.scope_id) for g in p.grants],

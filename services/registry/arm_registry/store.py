@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
@@ -17,13 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm_common import pagination
-from arm_common.auth import Principal, hash_api_key, new_api_key, parse_api_key
+from arm_common.auth import Principal, actor_of, hash_api_key, new_api_key, parse_api_key
 from arm_common.canonical import canonical_json
+from arm_common.change_records import change_record
 from arm_common.db import Database, is_unique_violation
 from arm_common.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
-from arm_common.messages import struct
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay, enqueue
 from arm_common.tables import utcnow
@@ -35,12 +34,6 @@ R = TypeVar("R", bound=Message)
 T = TypeVar("T")
 
 CR = common_pb2.ChangeRecordType
-
-
-def actor_of(principal: Principal) -> common_pb2.Actor:
-    kind = {"OPERATOR": common_pb2.ACTOR_TYPE_OPERATOR, "AGENT": common_pb2.ACTOR_TYPE_AGENT}.get(
-        principal.actor_type, common_pb2.ACTOR_TYPE_SYSTEM)
-    return common_pb2.Actor(type=kind, id=principal.actor_id)
 
 
 class RegistryStore:
@@ -110,15 +103,11 @@ class RegistryStore:
                      before: dict[str, Any] | None = None, after: dict[str, Any] | None = None,
                      reason: str = "", tenant_id: str = "") -> None:
         """Writes a change record to the outbox in the caller's transaction."""
-        now = timestamp_pb2.Timestamp()
-        now.FromDatetime(utcnow())
-        rec = common_pb2.ChangeRecord(
-            record_id=new_id("chg"), tenant_id=tenant_id or principal.tenant_id, type=type_,  # type: ignore[arg-type]
-            actor=actor_of(principal), target_type=target_type, target_id=target_id,
-            project_id=project_id, template_id=template_id, version_id=version_id,
-            instance_id=instance_id, summary=summary, payload=struct(payload),
-            before=struct(before), after=struct(after), reason=reason,
-            occur_time=now, source="registry")
+        rec = change_record(
+            type_, tenant_id=tenant_id or principal.tenant_id, actor=actor_of(principal),
+            target_type=target_type, target_id=target_id, project_id=project_id, template_id=template_id,
+            version_id=version_id, instance_id=instance_id, summary=summary, payload=payload,
+            before=before, after=after, reason=reason, source="registry")
         await enqueue(session, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
                       message_id=rec.record_id, message=rec)
 

@@ -248,7 +248,7 @@ class ChangeRecord(_message.Message):
     tenant_id: _builtins.str
     """Tenant the record belongs to."""
     sequence: _builtins.int
-    """Per-tenant sequence number, 1, 2, 3 … (output only)."""
+    """Per-tenant sequence number, 1, 2, 3 …."""
     type: Global___ChangeRecordType.ValueType
     """What happened."""
     target_type: _builtins.str
@@ -268,9 +268,9 @@ class ChangeRecord(_message.Message):
     reason: _builtins.str
     """Reason given by the actor, if any."""
     prev_hash: _builtins.str
-    """Hash of the tenant's previous record; empty for the first (output only)."""
+    """Hash of the tenant's previous record; empty for the first."""
     hash: _builtins.str
-    """SHA-256 over this record's canonical form and prev_hash (output only)."""
+    """SHA-256 over this record's canonical form and prev_hash."""
     source: _builtins.str
     """Service that produced the record, e.g. "registry"."""
     @_builtins.property
@@ -295,7 +295,7 @@ class ChangeRecord(_message.Message):
 
     @_builtins.property
     def record_time(self) -> _timestamp_pb2.Timestamp:
-        """When governance appended it (output only)."""
+        """When governance appended it."""
 
     def __init__(
         self,

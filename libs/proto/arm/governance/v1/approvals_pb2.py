@@ -23,52 +23,83 @@ _sym_db = _symbol_database.Default()
 
 
 from arm.common.v1 import common_pb2 as arm_dot_common_dot_v1_dot_common__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!arm/governance/v1/approvals.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x10\x41pprovalDecision\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x33\n\x07verdict\x18\x02 \x01(\x0e\x32\".arm.governance.v1.ApprovalVerdict\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12/\n\x0b\x64\x65\x63ide_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x07\n\x08\x41pproval\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\nversion_id\x18\x05 \x01(\t\x12:\n\x0b\x61\x63tion_type\x18\x06 \x01(\x0e\x32%.arm.governance.v1.ApprovalActionType\x12\x11\n\ttarget_id\x18\x07 \x01(\t\x12\x11\n\ttool_name\x18\x08 \x01(\t\x12\x17\n\x0f\x61rgument_digest\x18\t \x01(\t\x12*\n\targuments\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x04risk\x18\x0b \x01(\x0e\x32\x18.arm.common.v1.RiskLevel\x12\x15\n\rjustification\x18\x0c \x01(\t\x12\x15\n\rrollback_plan\x18\r \x01(\t\x12\x1a\n\x12\x65stimated_cost_usd\x18\x0e \x01(\x01\x12\x18\n\x10\x65scalation_level\x18\x0f \x01(\x05\x12\x1a\n\x12required_decisions\x18\x10 \x01(\x05\x12\x36\n\tdecisions\x18\x11 \x03(\x0b\x32#.arm.governance.v1.ApprovalDecision\x12\x31\n\x06status\x18\x12 \x01(\x0e\x32!.arm.governance.v1.ApprovalStatus\x12/\n\x0b\x65xpire_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\trequester\x18\x14 \x01(\x0b\x32\x14.arm.common.v1.Actor\x12\x0e\n\x06run_id\x18\x15 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x16 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x17 \x01(\t\x12\x30\n\x0c\x63onsume_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x63\x61ncellation_reason\x18\x19 \x01(\t\x12/\n\x0b\x63reate_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cresolve_time\x18\x1c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x1d \x01(\t\"\xb7\x03\n\x16RequestApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12:\n\x0b\x61\x63tion_type\x18\x02 \x01(\x0e\x32%.arm.governance.v1.ApprovalActionType\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\nversion_id\x18\x05 \x01(\t\x12\x11\n\ttarget_id\x18\x06 \x01(\t\x12\x11\n\ttool_name\x18\x07 \x01(\t\x12*\n\targuments\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x04risk\x18\t \x01(\x0e\x32\x18.arm.common.v1.RiskLevel\x12\x15\n\rjustification\x18\n \x01(\t\x12\x15\n\rrollback_plan\x18\x0b \x01(\t\x12\x1a\n\x12\x65stimated_cost_usd\x18\x0c \x01(\x01\x12\x0e\n\x06run_id\x18\r \x01(\t\x12\x14\n\x0ctool_call_id\x18\x0e \x01(\t\x12&\n\x03ttl\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\"H\n\x17RequestApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\")\n\x12GetApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"D\n\x13GetApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\"\xd6\x02\n\x14ListApprovalsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0e\x32!.arm.governance.v1.ApprovalStatus\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12:\n\x0b\x61\x63tion_type\x18\x05 \x01(\x0e\x32%.arm.governance.v1.ApprovalActionType\x12*\n\x08min_risk\x18\x06 \x01(\x0e\x32\x18.arm.common.v1.RiskLevel\x12\x31\n\rcreated_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x15ListApprovalsResponse\x12.\n\tapprovals\x18\x01 \x03(\x0b\x32\x1b.arm.governance.v1.Approval\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x93\x01\n\x15\x44\x65\x63ideApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12\x33\n\x07verdict\x18\x03 \x01(\x0e\x32\".arm.governance.v1.ApprovalVerdict\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\"G\n\x16\x44\x65\x63ideApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\"^\n\x15\x43\x61ncelApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"G\n\x16\x43\x61ncelApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\"+\n\x14WatchApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"F\n\x15WatchApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval*\xd0\x02\n\x12\x41pprovalActionType\x12$\n APPROVAL_ACTION_TYPE_UNSPECIFIED\x10\x00\x12\'\n#APPROVAL_ACTION_TYPE_TOOL_EXECUTION\x10\x01\x12*\n&APPROVAL_ACTION_TYPE_VERSION_PROMOTION\x10\x02\x12.\n*APPROVAL_ACTION_TYPE_INSTANCE_REACTIVATION\x10\x03\x12,\n(APPROVAL_ACTION_TYPE_INSTANCE_QUARANTINE\x10\x04\x12.\n*APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION\x10\x05\x12\x31\n-APPROVAL_ACTION_TYPE_POLICY_AUTONOMY_INCREASE\x10\x06*\xe3\x01\n\x0e\x41pprovalStatus\x12\x1f\n\x1b\x41PPROVAL_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41PPROVAL_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x41PPROVAL_STATUS_ESCALATED\x10\x02\x12\x1c\n\x18\x41PPROVAL_STATUS_APPROVED\x10\x03\x12\x1a\n\x16\x41PPROVAL_STATUS_DENIED\x10\x04\x12\x1b\n\x17\x41PPROVAL_STATUS_EXPIRED\x10\x05\x12\x1d\n\x19\x41PPROVAL_STATUS_CANCELLED\x10\x06*l\n\x0f\x41pprovalVerdict\x12 \n\x1c\x41PPROVAL_VERDICT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41PPROVAL_VERDICT_APPROVE\x10\x01\x12\x19\n\x15\x41PPROVAL_VERDICT_DENY\x10\x02\x32\xf1\x04\n\x0f\x41pprovalService\x12h\n\x0fRequestApproval\x12).arm.governance.v1.RequestApprovalRequest\x1a*.arm.governance.v1.RequestApprovalResponse\x12\\\n\x0bGetApproval\x12%.arm.governance.v1.GetApprovalRequest\x1a&.arm.governance.v1.GetApprovalResponse\x12\x62\n\rListApprovals\x12\'.arm.governance.v1.ListApprovalsRequest\x1a(.arm.governance.v1.ListApprovalsResponse\x12\x65\n\x0e\x44\x65\x63ideApproval\x12(.arm.governance.v1.DecideApprovalRequest\x1a).arm.governance.v1.DecideApprovalResponse\x12\x65\n\x0e\x43\x61ncelApproval\x12(.arm.governance.v1.CancelApprovalRequest\x1a).arm.governance.v1.CancelApprovalResponse\x12\x64\n\rWatchApproval\x12\'.arm.governance.v1.WatchApprovalRequest\x1a(.arm.governance.v1.WatchApprovalResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!arm/governance/v1/approvals.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x10\x41pprovalDecision\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x33\n\x07verdict\x18\x02 \x01(\x0e\x32\".arm.governance.v1.ApprovalVerdict\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12/\n\x0b\x64\x65\x63ide_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x08\n\x08\x41pproval\x12\x19\n\x0b\x61pproval_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\nversion_id\x18\x05 \x01(\t\x12:\n\x0b\x61\x63tion_type\x18\x06 \x01(\x0e\x32%.arm.governance.v1.ApprovalActionType\x12\x11\n\ttarget_id\x18\x07 \x01(\t\x12\x11\n\ttool_name\x18\x08 \x01(\t\x12\x17\n\x0f\x61rgument_digest\x18\t \x01(\t\x12*\n\targuments\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x04risk\x18\x0b \x01(\x0e\x32\x18.arm.common.v1.RiskLevel\x12\x15\n\rjustification\x18\x0c \x01(\t\x12\x15\n\rrollback_plan\x18\r \x01(\t\x12\x1a\n\x12\x65stimated_cost_usd\x18\x0e \x01(\x01\x12\x1e\n\x10\x65scalation_level\x18\x0f \x01(\x05\x42\x04\xe2\x41\x01\x03\x12 \n\x12required_decisions\x18\x10 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12<\n\tdecisions\x18\x11 \x03(\x0b\x32#.arm.governance.v1.ApprovalDecisionB\x04\xe2\x41\x01\x03\x12\x37\n\x06status\x18\x12 \x01(\x0e\x32!.arm.governance.v1.ApprovalStatusB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12-\n\trequester\x18\x14 \x01(\x0b\x32\x14.arm.common.v1.ActorB\x04\xe2\x41\x01\x03\x12\x0e\n\x06run_id\x18\x15 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x16 \x01(\t\x12\x19\n\x0b\x64\x65\x63ision_id\x18\x17 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\x0c\x63onsume_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12!\n\x13\x63\x61ncellation_reason\x18\x19 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x36\n\x0cresolve_time\x18\x1c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\x1d \x01(\tB\x04\xe2\x41\x01\x03\"\xb7\x03\n\x16RequestApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12:\n\x0b\x61\x63tion_type\x18\x02 \x01(\x0e\x32%.arm.governance.v1.ApprovalActionType\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\nversion_id\x18\x05 \x01(\t\x12\x11\n\ttarget_id\x18\x06 \x01(\t\x12\x11\n\ttool_name\x18\x07 \x01(\t\x12*\n\targuments\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x04risk\x18\t \x01(\x0e\x32\x18.arm.common.v1.RiskLevel\x12\x15\n\rjustification\x18\n \x01(\t\x12\x15\n\rrollback_plan\x18\x0b \x01(\t\x12\x1a\n\x12\x65stimated_cost_usd\x18\x0c \x01(\x01\x12\x0e\n\x06run_id\x18\r \x01(\t\x12\x14\n\x0ctool_call_id\x18\x0e \x01(\t\x12&\n\x03ttl\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\"H\n\x17RequestApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\")\n\x12GetApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"D\n\x13GetApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\"\xd6\x02\n\x14ListApprovalsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0e\x32!.arm.governance.v1.ApprovalStatus\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12:\n\x0b\x61\x63tion_type\x18\x05 \x01(\x0e\x32%.arm.governance.v1.ApprovalActionType\x12*\n\x08min_risk\x18\x06 \x01(\x0e\x32\x18.arm.common.v1.RiskLevel\x12\x31\n\rcreated_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x15ListApprovalsResponse\x12.\n\tapprovals\x18\x01 \x03(\x0b\x32\x1b.arm.governance.v1.Approval\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x93\x01\n\x15\x44\x65\x63ideApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12\x33\n\x07verdict\x18\x03 \x01(\x0e\x32\".arm.governance.v1.ApprovalVerdict\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\"G\n\x16\x44\x65\x63ideApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\"^\n\x15\x43\x61ncelApprovalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"G\n\x16\x43\x61ncelApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\"+\n\x14WatchApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\"F\n\x15WatchApprovalResponse\x12-\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1b.arm.governance.v1.Approval*\xd0\x02\n\x12\x41pprovalActionType\x12$\n APPROVAL_ACTION_TYPE_UNSPECIFIED\x10\x00\x12\'\n#APPROVAL_ACTION_TYPE_TOOL_EXECUTION\x10\x01\x12*\n&APPROVAL_ACTION_TYPE_VERSION_PROMOTION\x10\x02\x12.\n*APPROVAL_ACTION_TYPE_INSTANCE_REACTIVATION\x10\x03\x12,\n(APPROVAL_ACTION_TYPE_INSTANCE_QUARANTINE\x10\x04\x12.\n*APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION\x10\x05\x12\x31\n-APPROVAL_ACTION_TYPE_POLICY_AUTONOMY_INCREASE\x10\x06*\xe3\x01\n\x0e\x41pprovalStatus\x12\x1f\n\x1b\x41PPROVAL_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41PPROVAL_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x41PPROVAL_STATUS_ESCALATED\x10\x02\x12\x1c\n\x18\x41PPROVAL_STATUS_APPROVED\x10\x03\x12\x1a\n\x16\x41PPROVAL_STATUS_DENIED\x10\x04\x12\x1b\n\x17\x41PPROVAL_STATUS_EXPIRED\x10\x05\x12\x1d\n\x19\x41PPROVAL_STATUS_CANCELLED\x10\x06*l\n\x0f\x41pprovalVerdict\x12 \n\x1c\x41PPROVAL_VERDICT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41PPROVAL_VERDICT_APPROVE\x10\x01\x12\x19\n\x15\x41PPROVAL_VERDICT_DENY\x10\x02\x32\xf1\x04\n\x0f\x41pprovalService\x12h\n\x0fRequestApproval\x12).arm.governance.v1.RequestApprovalRequest\x1a*.arm.governance.v1.RequestApprovalResponse\x12\\\n\x0bGetApproval\x12%.arm.governance.v1.GetApprovalRequest\x1a&.arm.governance.v1.GetApprovalResponse\x12\x62\n\rListApprovals\x12\'.arm.governance.v1.ListApprovalsRequest\x1a(.arm.governance.v1.ListApprovalsResponse\x12\x65\n\x0e\x44\x65\x63ideApproval\x12(.arm.governance.v1.DecideApprovalRequest\x1a).arm.governance.v1.DecideApprovalResponse\x12\x65\n\x0e\x43\x61ncelApproval\x12(.arm.governance.v1.CancelApprovalRequest\x1a).arm.governance.v1.CancelApprovalResponse\x12\x64\n\rWatchApproval\x12\'.arm.governance.v1.WatchApprovalRequest\x1a(.arm.governance.v1.WatchApprovalResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arm.governance.v1.approvals_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APPROVALACTIONTYPE']._serialized_start=2867
-  _globals['_APPROVALACTIONTYPE']._serialized_end=3203
-  _globals['_APPROVALSTATUS']._serialized_start=3206
-  _globals['_APPROVALSTATUS']._serialized_end=3433
-  _globals['_APPROVALVERDICT']._serialized_start=3435
-  _globals['_APPROVALVERDICT']._serialized_end=3543
-  _globals['_APPROVALDECISION']._serialized_start=180
-  _globals['_APPROVALDECISION']._serialized_end=337
-  _globals['_APPROVAL']._serialized_start=340
-  _globals['_APPROVAL']._serialized_end=1283
-  _globals['_REQUESTAPPROVALREQUEST']._serialized_start=1286
-  _globals['_REQUESTAPPROVALREQUEST']._serialized_end=1725
-  _globals['_REQUESTAPPROVALRESPONSE']._serialized_start=1727
-  _globals['_REQUESTAPPROVALRESPONSE']._serialized_end=1799
-  _globals['_GETAPPROVALREQUEST']._serialized_start=1801
-  _globals['_GETAPPROVALREQUEST']._serialized_end=1842
-  _globals['_GETAPPROVALRESPONSE']._serialized_start=1844
-  _globals['_GETAPPROVALRESPONSE']._serialized_end=1912
-  _globals['_LISTAPPROVALSREQUEST']._serialized_start=1915
-  _globals['_LISTAPPROVALSREQUEST']._serialized_end=2257
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=2259
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=2355
-  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=2358
-  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=2505
-  _globals['_DECIDEAPPROVALRESPONSE']._serialized_start=2507
-  _globals['_DECIDEAPPROVALRESPONSE']._serialized_end=2578
-  _globals['_CANCELAPPROVALREQUEST']._serialized_start=2580
-  _globals['_CANCELAPPROVALREQUEST']._serialized_end=2674
-  _globals['_CANCELAPPROVALRESPONSE']._serialized_start=2676
-  _globals['_CANCELAPPROVALRESPONSE']._serialized_end=2747
-  _globals['_WATCHAPPROVALREQUEST']._serialized_start=2749
-  _globals['_WATCHAPPROVALREQUEST']._serialized_end=2792
-  _globals['_WATCHAPPROVALRESPONSE']._serialized_start=2794
-  _globals['_WATCHAPPROVALRESPONSE']._serialized_end=2864
-  _globals['_APPROVALSERVICE']._serialized_start=3546
-  _globals['_APPROVALSERVICE']._serialized_end=4171
+  _globals['_APPROVAL'].fields_by_name['approval_id']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['approval_id']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['escalation_level']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['escalation_level']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['required_decisions']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['required_decisions']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['decisions']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['decisions']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['status']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['status']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['requester']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['requester']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['decision_id']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['decision_id']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['consume_time']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['consume_time']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['cancellation_reason']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['cancellation_reason']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['create_time']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['update_time']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['resolve_time']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['resolve_time']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVAL'].fields_by_name['etag']._loaded_options = None
+  _globals['_APPROVAL'].fields_by_name['etag']._serialized_options = b'\342A\001\003'
+  _globals['_APPROVALACTIONTYPE']._serialized_start=2990
+  _globals['_APPROVALACTIONTYPE']._serialized_end=3326
+  _globals['_APPROVALSTATUS']._serialized_start=3329
+  _globals['_APPROVALSTATUS']._serialized_end=3556
+  _globals['_APPROVALVERDICT']._serialized_start=3558
+  _globals['_APPROVALVERDICT']._serialized_end=3666
+  _globals['_APPROVALDECISION']._serialized_start=213
+  _globals['_APPROVALDECISION']._serialized_end=370
+  _globals['_APPROVAL']._serialized_start=373
+  _globals['_APPROVAL']._serialized_end=1406
+  _globals['_REQUESTAPPROVALREQUEST']._serialized_start=1409
+  _globals['_REQUESTAPPROVALREQUEST']._serialized_end=1848
+  _globals['_REQUESTAPPROVALRESPONSE']._serialized_start=1850
+  _globals['_REQUESTAPPROVALRESPONSE']._serialized_end=1922
+  _globals['_GETAPPROVALREQUEST']._serialized_start=1924
+  _globals['_GETAPPROVALREQUEST']._serialized_end=1965
+  _globals['_GETAPPROVALRESPONSE']._serialized_start=1967
+  _globals['_GETAPPROVALRESPONSE']._serialized_end=2035
+  _globals['_LISTAPPROVALSREQUEST']._serialized_start=2038
+  _globals['_LISTAPPROVALSREQUEST']._serialized_end=2380
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=2382
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=2478
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=2481
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=2628
+  _globals['_DECIDEAPPROVALRESPONSE']._serialized_start=2630
+  _globals['_DECIDEAPPROVALRESPONSE']._serialized_end=2701
+  _globals['_CANCELAPPROVALREQUEST']._serialized_start=2703
+  _globals['_CANCELAPPROVALREQUEST']._serialized_end=2797
+  _globals['_CANCELAPPROVALRESPONSE']._serialized_start=2799
+  _globals['_CANCELAPPROVALRESPONSE']._serialized_end=2870
+  _globals['_WATCHAPPROVALREQUEST']._serialized_start=2872
+  _globals['_WATCHAPPROVALREQUEST']._serialized_end=2915
+  _globals['_WATCHAPPROVALRESPONSE']._serialized_start=2917
+  _globals['_WATCHAPPROVALRESPONSE']._serialized_end=2987
+  _globals['_APPROVALSERVICE']._serialized_start=3669
+  _globals['_APPROVALSERVICE']._serialized_end=4294
 # @@protoc_insertion_point(module_scope)

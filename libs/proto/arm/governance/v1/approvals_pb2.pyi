@@ -191,9 +191,9 @@ class Approval(_message.Message):
     RESOLVE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     approval_id: _builtins.str
-    """Server-assigned id (output only)."""
+    """Server-assigned id."""
     tenant_id: _builtins.str
-    """Tenant (output only)."""
+    """Tenant."""
     project_id: _builtins.str
     """Project the action concerns."""
     instance_id: _builtins.str
@@ -221,52 +221,52 @@ class Approval(_message.Message):
     estimated_cost_usd: _builtins.float
     """Estimated cost of the action in US dollars."""
     escalation_level: _builtins.int
-    """0 at creation, +1 every 30 minutes unanswered (output only)."""
+    """0 at creation, +1 every 30 minutes unanswered."""
     required_decisions: _builtins.int
-    """Approving decisions needed: 2 for HIGH and CRITICAL risk, else 1 (output only)."""
+    """Approving decisions needed: 2 for HIGH and CRITICAL risk, else 1."""
     status: Global___ApprovalStatus.ValueType
-    """Current status (output only)."""
+    """Current status."""
     run_id: _builtins.str
     """Run of the tool call, for TOOL_EXECUTION."""
     tool_call_id: _builtins.str
     """Tool call id, for TOOL_EXECUTION; a second request for the same tool call returns the first."""
     decision_id: _builtins.str
-    """The logged decision that created the approval, if Check created it (output only)."""
+    """The logged decision that created the approval, if Check created it."""
     cancellation_reason: _builtins.str
-    """Reason given on cancellation (output only)."""
+    """Reason given on cancellation."""
     etag: _builtins.str
-    """Opaque version tag for optimistic concurrency (output only)."""
+    """Opaque version tag for optimistic concurrency."""
     @_builtins.property
     def arguments(self) -> _struct_pb2.Struct:
         """The tool call's arguments, shown to approvers."""
 
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalDecision]:
-        """Decisions made so far, oldest first (output only)."""
+        """Decisions made so far, oldest first."""
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the approval expires if still undecided (output only)."""
+        """When the approval expires if still undecided."""
 
     @_builtins.property
     def requester(self) -> _common_pb2.Actor:
-        """Who requested it (output only)."""
+        """Who requested it."""
 
     @_builtins.property
     def consume_time(self) -> _timestamp_pb2.Timestamp:
-        """When the grant was consumed by an allowed Check; absent while unused (output only)."""
+        """When the grant was consumed by an allowed Check; absent while unused."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was requested (output only)."""
+        """When it was requested."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When it last changed (output only)."""
+        """When it last changed."""
 
     @_builtins.property
     def resolve_time(self) -> _timestamp_pb2.Timestamp:
-        """When it reached a final status (output only)."""
+        """When it reached a final status."""
 
     def __init__(
         self,

@@ -381,9 +381,9 @@ class SpendEntry(_message.Message):
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     RECORD_TIME_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
-    """Server-assigned id (output only)."""
+    """Server-assigned id."""
     tenant_id: _builtins.str
-    """Tenant (output only)."""
+    """Tenant."""
     instance_id: _builtins.str
     """Agent instance that spent; in requests, this or `legacy_agent_id` is required."""
     legacy_agent_id: _builtins.str
@@ -404,7 +404,7 @@ class SpendEntry(_message.Message):
 
     @_builtins.property
     def record_time(self) -> _timestamp_pb2.Timestamp:
-        """When governance stored it (output only)."""
+        """When governance stored it."""
 
     def __init__(
         self,

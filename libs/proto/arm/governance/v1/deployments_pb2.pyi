@@ -109,9 +109,9 @@ class Deployment(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     deployment_id: _builtins.str
-    """Server-assigned id (output only)."""
+    """Server-assigned id."""
     tenant_id: _builtins.str
-    """Tenant (output only)."""
+    """Tenant."""
     template_id: _builtins.str
     """Agent template deployed."""
     environment_id: _builtins.str
@@ -119,9 +119,7 @@ class Deployment(_message.Message):
     target_version_id: _builtins.str
     """Agent version deployed; must be APPROVED at creation."""
     previous_version_id: _builtins.str
-    """Version of the template's ACTIVE deployment in the environment at creation; empty when none
-    (output only).
-    """
+    """Version of the template's ACTIVE deployment in the environment at creation; empty when none."""
     rollout_policy: Global___RolloutPolicy.ValueType
     """How it is rolled out."""
     canary_percent: _builtins.int
@@ -133,36 +131,36 @@ class Deployment(_message.Message):
     never negative.
     """
     status: Global___DeploymentStatus.ValueType
-    """Current status (output only)."""
+    """Current status."""
     rollback_of: _builtins.str
-    """Deployment this one rolled back, for a deployment created by RollbackDeployment (output only)."""
+    """Deployment this one rolled back, for a deployment created by RollbackDeployment."""
     approval_id: _builtins.str
-    """Approval that allowed activation in a PROD environment, if any (output only)."""
+    """Approval that allowed activation in a PROD environment, if any."""
     etag: _builtins.str
-    """Opaque version tag for optimistic concurrency (output only)."""
+    """Opaque version tag for optimistic concurrency."""
     @_builtins.property
     def created_by(self) -> _common_pb2.Actor:
-        """Who created it (output only)."""
+        """Who created it."""
 
     @_builtins.property
     def approved_by(self) -> _common_pb2.Actor:
-        """Who approved its activation, if an approval was needed (output only)."""
+        """Who approved its activation, if an approval was needed."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was created (output only)."""
+        """When it was created."""
 
     @_builtins.property
     def activate_time(self) -> _timestamp_pb2.Timestamp:
-        """When it became ACTIVE (output only)."""
+        """When it became ACTIVE."""
 
     @_builtins.property
     def retire_time(self) -> _timestamp_pb2.Timestamp:
-        """When it became RETIRED (output only)."""
+        """When it became RETIRED."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When it last changed (output only)."""
+        """When it last changed."""
 
     def __init__(
         self,

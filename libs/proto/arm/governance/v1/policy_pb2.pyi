@@ -389,9 +389,9 @@ class PolicyEnvelope(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     envelope_id: _builtins.str
-    """Server-assigned id (output only)."""
+    """Server-assigned id."""
     tenant_id: _builtins.str
-    """Tenant the envelope belongs to (output only)."""
+    """Tenant the envelope belongs to."""
     name: _builtins.str
     """Name, unique among the tenant's envelopes."""
     description: _builtins.str
@@ -411,9 +411,9 @@ class PolicyEnvelope(_message.Message):
     mode: Global___PolicyMode.ValueType
     """ENFORCE or SHADOW; UNSPECIFIED on create means ENFORCE."""
     revision: _builtins.int
-    """Revision number, 1 on create and +1 on every change (output only)."""
+    """Revision number, 1 on create and +1 on every change."""
     etag: _builtins.str
-    """Opaque version tag for optimistic concurrency (output only)."""
+    """Opaque version tag for optimistic concurrency."""
     require_approval_at_risk: _common_pb2.RiskLevel.ValueType
     """Calls at or above this effective risk need approval; UNSPECIFIED = no such rule."""
     deny_at_risk: _common_pb2.RiskLevel.ValueType
@@ -440,19 +440,19 @@ class PolicyEnvelope(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When revision 1 was created (output only)."""
+        """When revision 1 was created."""
 
     @_builtins.property
     def created_by(self) -> _common_pb2.Actor:
-        """Who created the envelope (output only)."""
+        """Who created the envelope."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the current revision was stored (output only)."""
+        """When the current revision was stored."""
 
     @_builtins.property
     def updated_by(self) -> _common_pb2.Actor:
-        """Who stored the current revision (output only)."""
+        """Who stored the current revision."""
 
     def __init__(
         self,
@@ -1259,7 +1259,7 @@ class OperatorControl(_message.Message):
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
-    """Tenant (output only)."""
+    """Tenant."""
     scope: Global___OperatorControlScope.ValueType
     """Tenant or project."""
     scope_id: _builtins.str
@@ -1269,14 +1269,14 @@ class OperatorControl(_message.Message):
     reason: _builtins.str
     """Reason given when it was last set."""
     etag: _builtins.str
-    """Opaque version tag for optimistic concurrency (output only)."""
+    """Opaque version tag for optimistic concurrency."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was last set (output only)."""
+        """When it was last set."""
 
     @_builtins.property
     def updated_by(self) -> _common_pb2.Actor:
-        """Who last set it (output only)."""
+        """Who last set it."""
 
     def __init__(
         self,
@@ -1586,11 +1586,11 @@ class RiskOverrides(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     ARGUMENT_TRIGGERS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
-    """Tenant (output only)."""
+    """Tenant."""
     revision: _builtins.int
-    """Revision, +1 on every change; 0 = never set (output only)."""
+    """Revision, +1 on every change; 0 = never set."""
     etag: _builtins.str
-    """Opaque version tag for optimistic concurrency (output only)."""
+    """Opaque version tag for optimistic concurrency."""
     @_builtins.property
     def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskOverride]:
         """The entries, the first matching one wins; at most 100."""

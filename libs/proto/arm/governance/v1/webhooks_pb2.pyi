@@ -84,9 +84,9 @@ class Webhook(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     webhook_id: _builtins.str
-    """Server-assigned id, `whk_…` (output only)."""
+    """Server-assigned id, `whk_…`."""
     tenant_id: _builtins.str
-    """The tenant it belongs to (output only)."""
+    """The tenant it belongs to."""
     url: _builtins.str
     """Where notifications are POSTed: an absolute http:// or https:// URL, at most 2048 characters,
     without user info (credentials belong in the signing secret, not the URL).
@@ -94,20 +94,20 @@ class Webhook(_message.Message):
     description: _builtins.str
     """Free text for people (e.g. "#approvals Slack relay"), at most 500 characters; empty = none."""
     secret_hint: _builtins.str
-    """The last four characters of the signing secret, to tell secrets apart (output only)."""
+    """The last four characters of the signing secret, to tell secrets apart."""
     etag: _builtins.str
-    """Revision for optimistic concurrency (output only); "1" on create."""
+    """Revision for optimistic concurrency; "1" on create."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___WebhookEventType.ValueType]:
         """The events delivered to it; at least one, each at most once."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was created (output only)."""
+        """When it was created."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was last changed: created or secret rotated (output only)."""
+        """When it was last changed: created or secret rotated."""
 
     def __init__(
         self,

@@ -24,37 +24,42 @@ _sym_db = _symbol_database.Default()
 
 from arm.registry.v1 import agents_pb2 as arm_dot_registry_dot_v1_dot_agents__pb2
 from arm.registry.v1 import tenancy_pb2 as arm_dot_registry_dot_v1_dot_tenancy__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61rm/registry/v1/compat.proto\x12\x0f\x61rm.registry.v1\x1a\x1c\x61rm/registry/v1/agents.proto\x1a\x1d\x61rm/registry/v1/tenancy.proto\"\xbb\x01\n\x0b\x41gentChange\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .arm.registry.v1.AgentChangeKind\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\x04 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\x05 \x01(\t\x12\x12\n\napi_key_id\x18\x06 \x01(\t\x12\x13\n\x0boperator_id\x18\x07 \x01(\t\"\x1a\n\x18WatchAgentChangesRequest\"I\n\x19WatchAgentChangesResponse\x12,\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1c.arm.registry.v1.AgentChange\"\x80\x03\n\rResolvedAgent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x15\n\rtenant_active\x18\x02 \x01(\x08\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12:\n\x10\x65nvironment_type\x18\x05 \x01(\x0e\x32 .arm.registry.v1.EnvironmentType\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12\x12\n\nversion_id\x18\x07 \x01(\t\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\t \x01(\t\x12\x36\n\x0einstance_state\x18\n \x01(\x0e\x32\x1e.arm.registry.v1.InstanceState\x12\x34\n\rversion_state\x18\x0b \x01(\x0e\x32\x1d.arm.registry.v1.VersionState\x12\x18\n\x10\x65nvironment_name\x18\x0c \x01(\t\"f\n\x16ResolveAgentRefRequest\x12\x15\n\x0binstance_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0flegacy_agent_id\x18\x02 \x01(\tH\x00\x12\x13\n\tagent_ref\x18\x03 \x01(\tH\x00\x42\x05\n\x03ref\"H\n\x17ResolveAgentRefResponse\x12-\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1e.arm.registry.v1.ResolvedAgent\"\xa3\x01\n#EnsureInstanceForLegacyAgentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x05 \x01(\t\x12\x15\n\rlegacy_status\x18\x06 \x01(\t\"\xdd\x01\n$EnsureInstanceForLegacyAgentResponse\x12\x36\n\x0e\x61gent_template\x18\x01 \x01(\x0b\x32\x1e.arm.registry.v1.AgentTemplate\x12\x34\n\ragent_version\x18\x02 \x01(\x0b\x32\x1d.arm.registry.v1.AgentVersion\x12\x36\n\x0e\x61gent_instance\x18\x03 \x01(\x0b\x32\x1e.arm.registry.v1.AgentInstance\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\"4\n\x19GetAgentByLegacyIdRequest\x12\x17\n\x0flegacy_agent_id\x18\x01 \x01(\t\"y\n\x1aGetAgentByLegacyIdResponse\x12\x36\n\x0e\x61gent_instance\x18\x01 \x01(\x0b\x32\x1e.arm.registry.v1.AgentInstance\x12\x15\n\rlegacy_status\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t*\xed\x01\n\x0f\x41gentChangeKind\x12!\n\x1d\x41GENT_CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41GENT_CHANGE_KIND_RESET\x10\x01\x12\x1e\n\x1a\x41GENT_CHANGE_KIND_INSTANCE\x10\x02\x12\x1d\n\x19\x41GENT_CHANGE_KIND_VERSION\x10\x03\x12\x1c\n\x18\x41GENT_CHANGE_KIND_TENANT\x10\x04\x12\x1d\n\x19\x41GENT_CHANGE_KIND_API_KEY\x10\x05\x12\x1e\n\x1a\x41GENT_CHANGE_KIND_OPERATOR\x10\x06\x32\xe0\x03\n\rCompatService\x12\x64\n\x0fResolveAgentRef\x12\'.arm.registry.v1.ResolveAgentRefRequest\x1a(.arm.registry.v1.ResolveAgentRefResponse\x12\x8b\x01\n\x1c\x45nsureInstanceForLegacyAgent\x12\x34.arm.registry.v1.EnsureInstanceForLegacyAgentRequest\x1a\x35.arm.registry.v1.EnsureInstanceForLegacyAgentResponse\x12m\n\x12GetAgentByLegacyId\x12*.arm.registry.v1.GetAgentByLegacyIdRequest\x1a+.arm.registry.v1.GetAgentByLegacyIdResponse\x12l\n\x11WatchAgentChanges\x12).arm.registry.v1.WatchAgentChangesRequest\x1a*.arm.registry.v1.WatchAgentChangesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61rm/registry/v1/compat.proto\x12\x0f\x61rm.registry.v1\x1a\x1c\x61rm/registry/v1/agents.proto\x1a\x1d\x61rm/registry/v1/tenancy.proto\x1a\x1fgoogle/api/field_behavior.proto\"\xc1\x01\n\x0b\x41gentChange\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .arm.registry.v1.AgentChangeKind\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\x04 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\x05 \x01(\t\x12\x12\n\napi_key_id\x18\x06 \x01(\t\x12\x13\n\x0boperator_id\x18\x07 \x01(\t\"\x1a\n\x18WatchAgentChangesRequest\"I\n\x19WatchAgentChangesResponse\x12,\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1c.arm.registry.v1.AgentChange\"\x86\x03\n\rResolvedAgent\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\rtenant_active\x18\x02 \x01(\x08\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12:\n\x10\x65nvironment_type\x18\x05 \x01(\x0e\x32 .arm.registry.v1.EnvironmentType\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12\x12\n\nversion_id\x18\x07 \x01(\t\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\t \x01(\t\x12\x36\n\x0einstance_state\x18\n \x01(\x0e\x32\x1e.arm.registry.v1.InstanceState\x12\x34\n\rversion_state\x18\x0b \x01(\x0e\x32\x1d.arm.registry.v1.VersionState\x12\x18\n\x10\x65nvironment_name\x18\x0c \x01(\t\"f\n\x16ResolveAgentRefRequest\x12\x15\n\x0binstance_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0flegacy_agent_id\x18\x02 \x01(\tH\x00\x12\x13\n\tagent_ref\x18\x03 \x01(\tH\x00\x42\x05\n\x03ref\"H\n\x17ResolveAgentRefResponse\x12-\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1e.arm.registry.v1.ResolvedAgent\"\xa3\x01\n#EnsureInstanceForLegacyAgentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x05 \x01(\t\x12\x15\n\rlegacy_status\x18\x06 \x01(\t\"\xdd\x01\n$EnsureInstanceForLegacyAgentResponse\x12\x36\n\x0e\x61gent_template\x18\x01 \x01(\x0b\x32\x1e.arm.registry.v1.AgentTemplate\x12\x34\n\ragent_version\x18\x02 \x01(\x0b\x32\x1d.arm.registry.v1.AgentVersion\x12\x36\n\x0e\x61gent_instance\x18\x03 \x01(\x0b\x32\x1e.arm.registry.v1.AgentInstance\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\"4\n\x19GetAgentByLegacyIdRequest\x12\x17\n\x0flegacy_agent_id\x18\x01 \x01(\t\"y\n\x1aGetAgentByLegacyIdResponse\x12\x36\n\x0e\x61gent_instance\x18\x01 \x01(\x0b\x32\x1e.arm.registry.v1.AgentInstance\x12\x15\n\rlegacy_status\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t*\xed\x01\n\x0f\x41gentChangeKind\x12!\n\x1d\x41GENT_CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41GENT_CHANGE_KIND_RESET\x10\x01\x12\x1e\n\x1a\x41GENT_CHANGE_KIND_INSTANCE\x10\x02\x12\x1d\n\x19\x41GENT_CHANGE_KIND_VERSION\x10\x03\x12\x1c\n\x18\x41GENT_CHANGE_KIND_TENANT\x10\x04\x12\x1d\n\x19\x41GENT_CHANGE_KIND_API_KEY\x10\x05\x12\x1e\n\x1a\x41GENT_CHANGE_KIND_OPERATOR\x10\x06\x32\xe0\x03\n\rCompatService\x12\x64\n\x0fResolveAgentRef\x12\'.arm.registry.v1.ResolveAgentRefRequest\x1a(.arm.registry.v1.ResolveAgentRefResponse\x12\x8b\x01\n\x1c\x45nsureInstanceForLegacyAgent\x12\x34.arm.registry.v1.EnsureInstanceForLegacyAgentRequest\x1a\x35.arm.registry.v1.EnsureInstanceForLegacyAgentResponse\x12m\n\x12GetAgentByLegacyId\x12*.arm.registry.v1.GetAgentByLegacyIdRequest\x1a+.arm.registry.v1.GetAgentByLegacyIdResponse\x12l\n\x11WatchAgentChanges\x12).arm.registry.v1.WatchAgentChangesRequest\x1a*.arm.registry.v1.WatchAgentChangesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arm.registry.v1.compat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTCHANGEKIND']._serialized_start=1536
-  _globals['_AGENTCHANGEKIND']._serialized_end=1773
-  _globals['_AGENTCHANGE']._serialized_start=111
-  _globals['_AGENTCHANGE']._serialized_end=298
-  _globals['_WATCHAGENTCHANGESREQUEST']._serialized_start=300
-  _globals['_WATCHAGENTCHANGESREQUEST']._serialized_end=326
-  _globals['_WATCHAGENTCHANGESRESPONSE']._serialized_start=328
-  _globals['_WATCHAGENTCHANGESRESPONSE']._serialized_end=401
-  _globals['_RESOLVEDAGENT']._serialized_start=404
-  _globals['_RESOLVEDAGENT']._serialized_end=788
-  _globals['_RESOLVEAGENTREFREQUEST']._serialized_start=790
-  _globals['_RESOLVEAGENTREFREQUEST']._serialized_end=892
-  _globals['_RESOLVEAGENTREFRESPONSE']._serialized_start=894
-  _globals['_RESOLVEAGENTREFRESPONSE']._serialized_end=966
-  _globals['_ENSUREINSTANCEFORLEGACYAGENTREQUEST']._serialized_start=969
-  _globals['_ENSUREINSTANCEFORLEGACYAGENTREQUEST']._serialized_end=1132
-  _globals['_ENSUREINSTANCEFORLEGACYAGENTRESPONSE']._serialized_start=1135
-  _globals['_ENSUREINSTANCEFORLEGACYAGENTRESPONSE']._serialized_end=1356
-  _globals['_GETAGENTBYLEGACYIDREQUEST']._serialized_start=1358
-  _globals['_GETAGENTBYLEGACYIDREQUEST']._serialized_end=1410
-  _globals['_GETAGENTBYLEGACYIDRESPONSE']._serialized_start=1412
-  _globals['_GETAGENTBYLEGACYIDRESPONSE']._serialized_end=1533
-  _globals['_COMPATSERVICE']._serialized_start=1776
-  _globals['_COMPATSERVICE']._serialized_end=2256
+  _globals['_AGENTCHANGE'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_AGENTCHANGE'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\003'
+  _globals['_RESOLVEDAGENT'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_RESOLVEDAGENT'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\003'
+  _globals['_AGENTCHANGEKIND']._serialized_start=1581
+  _globals['_AGENTCHANGEKIND']._serialized_end=1818
+  _globals['_AGENTCHANGE']._serialized_start=144
+  _globals['_AGENTCHANGE']._serialized_end=337
+  _globals['_WATCHAGENTCHANGESREQUEST']._serialized_start=339
+  _globals['_WATCHAGENTCHANGESREQUEST']._serialized_end=365
+  _globals['_WATCHAGENTCHANGESRESPONSE']._serialized_start=367
+  _globals['_WATCHAGENTCHANGESRESPONSE']._serialized_end=440
+  _globals['_RESOLVEDAGENT']._serialized_start=443
+  _globals['_RESOLVEDAGENT']._serialized_end=833
+  _globals['_RESOLVEAGENTREFREQUEST']._serialized_start=835
+  _globals['_RESOLVEAGENTREFREQUEST']._serialized_end=937
+  _globals['_RESOLVEAGENTREFRESPONSE']._serialized_start=939
+  _globals['_RESOLVEAGENTREFRESPONSE']._serialized_end=1011
+  _globals['_ENSUREINSTANCEFORLEGACYAGENTREQUEST']._serialized_start=1014
+  _globals['_ENSUREINSTANCEFORLEGACYAGENTREQUEST']._serialized_end=1177
+  _globals['_ENSUREINSTANCEFORLEGACYAGENTRESPONSE']._serialized_start=1180
+  _globals['_ENSUREINSTANCEFORLEGACYAGENTRESPONSE']._serialized_end=1401
+  _globals['_GETAGENTBYLEGACYIDREQUEST']._serialized_start=1403
+  _globals['_GETAGENTBYLEGACYIDREQUEST']._serialized_end=1455
+  _globals['_GETAGENTBYLEGACYIDRESPONSE']._serialized_start=1457
+  _globals['_GETAGENTBYLEGACYIDRESPONSE']._serialized_end=1578
+  _globals['_COMPATSERVICE']._serialized_start=1821
+  _globals['_COMPATSERVICE']._serialized_end=2301
 # @@protoc_insertion_point(module_scope)

@@ -110,7 +110,7 @@ class OpEvent(_message.Message):
     event_id: _builtins.str
     """Client-generated unique id; the deduplication key."""
     tenant_id: _builtins.str
-    """Tenant; set from the caller's API key (output only)."""
+    """Tenant; set from the caller's API key."""
     type: Global___OpEventType.ValueType
     """Kind of event."""
     project_id: _builtins.str
@@ -150,7 +150,7 @@ class OpEvent(_message.Message):
 
     @_builtins.property
     def receive_time(self) -> _timestamp_pb2.Timestamp:
-        """When telemetry stored it (output only)."""
+        """When telemetry stored it."""
 
     def __init__(
         self,

@@ -23,66 +23,73 @@ _sym_db = _symbol_database.Default()
 
 
 from arm.telemetry.v1 import events_pb2 as arm_dot_telemetry_dot_v1_dot_events__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n arm/telemetry/v1/telemetry.proto\x12\x10\x61rm.telemetry.v1\x1a\x1d\x61rm/telemetry/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\rRejectedEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xff\x01\n\x0b\x45ventFilter\x12,\n\x05types\x18\x01 \x03(\x0e\x32\x1d.arm.telemetry.v1.OpEventType\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\x04 \x01(\t\x12\x12\n\nproject_id\x18\x05 \x01(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x13IngestEventsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\"z\n\x14IngestEventsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x31\n\x08rejected\x18\x03 \x03(\x0b\x32\x1f.arm.telemetry.v1.RejectedEvent\"X\n\x19StreamIngestEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\"\x92\x01\n\x1aStreamIngestEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x31\n\x08rejected\x18\x04 \x03(\x0b\x32\x1f.arm.telemetry.v1.RejectedEvent\"j\n\x12QueryEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1d.arm.telemetry.v1.EventFilter\"Y\n\x13QueryEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x11TailEventsRequest\x12-\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1d.arm.telemetry.v1.EventFilter\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\"N\n\x12TailEventsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.arm.telemetry.v1.OpEvent\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"t\n\x14GetEventStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x0e\x45ventTypeCount\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.arm.telemetry.v1.OpEventType\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xb6\x01\n\x15GetEventStatsResponse\x12\x30\n\x06\x63ounts\x18\x01 \x03(\x0b\x32 .arm.telemetry.v1.EventTypeCount\x12\r\n\x05total\x18\x02 \x01(\x03\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x12GetRunTraceRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xd6\x01\n\x0bRunDecision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.arm.telemetry.v1.DecisionOutcome\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x06 \x01(\t\x12.\n\noccur_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x01\n\x13GetRunTraceResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\x12\x30\n\tdecisions\x18\x02 \x03(\x0b\x32\x1d.arm.telemetry.v1.RunDecision\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x1b\n\x19GetMigrationHealthRequest\"\xba\x01\n\x1aGetMigrationHealthResponse\x12\x14\n\x0ctotal_events\x18\x01 \x01(\x03\x12\x15\n\rlegacy_events\x18\x02 \x01(\x03\x12\x1e\n\x16missing_instance_count\x18\x03 \x01(\x03\x12\x1d\n\x15missing_version_count\x18\x04 \x01(\x03\x12\x30\n\x0c\x63ompute_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x03\n\x08\x42\x61\x63kfill\x12\x13\n\x0b\x62\x61\x63kfill_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.arm.telemetry.v1.BackfillState\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12\x17\n\x0fprocessed_count\x18\x05 \x01(\x03\x12\x15\n\rupdated_count\x18\x06 \x01(\x03\x12\x17\n\x0fremaining_count\x18\x07 \x01(\x03\x12\x18\n\x10unresolved_count\x18\x08 \x01(\x03\x12\x15\n\rerror_message\x18\t \x01(\t\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rcomplete_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x14StartBackfillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nfrom_start\x18\x02 \x01(\x08\"E\n\x15StartBackfillResponse\x12,\n\x08\x62\x61\x63kfill\x18\x01 \x01(\x0b\x32\x1a.arm.telemetry.v1.Backfill\"/\n\x18GetBackfillStatusRequest\x12\x13\n\x0b\x62\x61\x63kfill_id\x18\x01 \x01(\t\"I\n\x19GetBackfillStatusResponse\x12,\n\x08\x62\x61\x63kfill\x18\x01 \x01(\x0b\x32\x1a.arm.telemetry.v1.Backfill*\x8f\x01\n\x0f\x44\x65\x63isionOutcome\x12 \n\x1c\x44\x45\x43ISION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45\x43ISION_OUTCOME_ALLOW\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_OUTCOME_DENY\x10\x02\x12#\n\x1f\x44\x45\x43ISION_OUTCOME_NEEDS_APPROVAL\x10\x03*\xa0\x01\n\rBackfillState\x12\x1e\n\x1a\x42\x41\x43KFILL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KFILL_STATE_PENDING\x10\x01\x12\x1a\n\x16\x42\x41\x43KFILL_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x42\x41\x43KFILL_STATE_COMPLETED\x10\x03\x12\x19\n\x15\x42\x41\x43KFILL_STATE_FAILED\x10\x04\x32\x9c\x07\n\x10TelemetryService\x12]\n\x0cIngestEvents\x12%.arm.telemetry.v1.IngestEventsRequest\x1a&.arm.telemetry.v1.IngestEventsResponse\x12s\n\x12StreamIngestEvents\x12+.arm.telemetry.v1.StreamIngestEventsRequest\x1a,.arm.telemetry.v1.StreamIngestEventsResponse(\x01\x30\x01\x12Z\n\x0bQueryEvents\x12$.arm.telemetry.v1.QueryEventsRequest\x1a%.arm.telemetry.v1.QueryEventsResponse\x12Y\n\nTailEvents\x12#.arm.telemetry.v1.TailEventsRequest\x1a$.arm.telemetry.v1.TailEventsResponse0\x01\x12`\n\rGetEventStats\x12&.arm.telemetry.v1.GetEventStatsRequest\x1a\'.arm.telemetry.v1.GetEventStatsResponse\x12Z\n\x0bGetRunTrace\x12$.arm.telemetry.v1.GetRunTraceRequest\x1a%.arm.telemetry.v1.GetRunTraceResponse\x12o\n\x12GetMigrationHealth\x12+.arm.telemetry.v1.GetMigrationHealthRequest\x1a,.arm.telemetry.v1.GetMigrationHealthResponse\x12`\n\rStartBackfill\x12&.arm.telemetry.v1.StartBackfillRequest\x1a\'.arm.telemetry.v1.StartBackfillResponse\x12l\n\x11GetBackfillStatus\x12*.arm.telemetry.v1.GetBackfillStatusRequest\x1a+.arm.telemetry.v1.GetBackfillStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n arm/telemetry/v1/telemetry.proto\x12\x10\x61rm.telemetry.v1\x1a\x1d\x61rm/telemetry/v1/events.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\rRejectedEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xff\x01\n\x0b\x45ventFilter\x12,\n\x05types\x18\x01 \x03(\x0e\x32\x1d.arm.telemetry.v1.OpEventType\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\x04 \x01(\t\x12\x12\n\nproject_id\x18\x05 \x01(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x13IngestEventsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\"z\n\x14IngestEventsResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x05\x12\x31\n\x08rejected\x18\x03 \x03(\x0b\x32\x1f.arm.telemetry.v1.RejectedEvent\"X\n\x19StreamIngestEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\"\x92\x01\n\x1aStreamIngestEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x31\n\x08rejected\x18\x04 \x03(\x0b\x32\x1f.arm.telemetry.v1.RejectedEvent\"j\n\x12QueryEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1d.arm.telemetry.v1.EventFilter\"Y\n\x13QueryEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x11TailEventsRequest\x12-\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1d.arm.telemetry.v1.EventFilter\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\"N\n\x12TailEventsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.arm.telemetry.v1.OpEvent\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"t\n\x14GetEventStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x0e\x45ventTypeCount\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.arm.telemetry.v1.OpEventType\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xb6\x01\n\x15GetEventStatsResponse\x12\x30\n\x06\x63ounts\x18\x01 \x03(\x0b\x32 .arm.telemetry.v1.EventTypeCount\x12\r\n\x05total\x18\x02 \x01(\x03\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x12GetRunTraceRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xd6\x01\n\x0bRunDecision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.arm.telemetry.v1.DecisionOutcome\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x06 \x01(\t\x12.\n\noccur_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x01\n\x13GetRunTraceResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.arm.telemetry.v1.OpEvent\x12\x30\n\tdecisions\x18\x02 \x03(\x0b\x32\x1d.arm.telemetry.v1.RunDecision\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x1b\n\x19GetMigrationHealthRequest\"\xba\x01\n\x1aGetMigrationHealthResponse\x12\x14\n\x0ctotal_events\x18\x01 \x01(\x03\x12\x15\n\rlegacy_events\x18\x02 \x01(\x03\x12\x1e\n\x16missing_instance_count\x18\x03 \x01(\x03\x12\x1d\n\x15missing_version_count\x18\x04 \x01(\x03\x12\x30\n\x0c\x63ompute_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x03\n\x08\x42\x61\x63kfill\x12\x19\n\x0b\x62\x61\x63kfill_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.arm.telemetry.v1.BackfillState\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12\x17\n\x0fprocessed_count\x18\x05 \x01(\x03\x12\x15\n\rupdated_count\x18\x06 \x01(\x03\x12\x17\n\x0fremaining_count\x18\x07 \x01(\x03\x12\x18\n\x10unresolved_count\x18\x08 \x01(\x03\x12\x15\n\rerror_message\x18\t \x01(\t\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x31\n\rcomplete_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x14StartBackfillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nfrom_start\x18\x02 \x01(\x08\"E\n\x15StartBackfillResponse\x12,\n\x08\x62\x61\x63kfill\x18\x01 \x01(\x0b\x32\x1a.arm.telemetry.v1.Backfill\"/\n\x18GetBackfillStatusRequest\x12\x13\n\x0b\x62\x61\x63kfill_id\x18\x01 \x01(\t\"I\n\x19GetBackfillStatusResponse\x12,\n\x08\x62\x61\x63kfill\x18\x01 \x01(\x0b\x32\x1a.arm.telemetry.v1.Backfill*\x8f\x01\n\x0f\x44\x65\x63isionOutcome\x12 \n\x1c\x44\x45\x43ISION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45\x43ISION_OUTCOME_ALLOW\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_OUTCOME_DENY\x10\x02\x12#\n\x1f\x44\x45\x43ISION_OUTCOME_NEEDS_APPROVAL\x10\x03*\xa0\x01\n\rBackfillState\x12\x1e\n\x1a\x42\x41\x43KFILL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KFILL_STATE_PENDING\x10\x01\x12\x1a\n\x16\x42\x41\x43KFILL_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x42\x41\x43KFILL_STATE_COMPLETED\x10\x03\x12\x19\n\x15\x42\x41\x43KFILL_STATE_FAILED\x10\x04\x32\x9c\x07\n\x10TelemetryService\x12]\n\x0cIngestEvents\x12%.arm.telemetry.v1.IngestEventsRequest\x1a&.arm.telemetry.v1.IngestEventsResponse\x12s\n\x12StreamIngestEvents\x12+.arm.telemetry.v1.StreamIngestEventsRequest\x1a,.arm.telemetry.v1.StreamIngestEventsResponse(\x01\x30\x01\x12Z\n\x0bQueryEvents\x12$.arm.telemetry.v1.QueryEventsRequest\x1a%.arm.telemetry.v1.QueryEventsResponse\x12Y\n\nTailEvents\x12#.arm.telemetry.v1.TailEventsRequest\x1a$.arm.telemetry.v1.TailEventsResponse0\x01\x12`\n\rGetEventStats\x12&.arm.telemetry.v1.GetEventStatsRequest\x1a\'.arm.telemetry.v1.GetEventStatsResponse\x12Z\n\x0bGetRunTrace\x12$.arm.telemetry.v1.GetRunTraceRequest\x1a%.arm.telemetry.v1.GetRunTraceResponse\x12o\n\x12GetMigrationHealth\x12+.arm.telemetry.v1.GetMigrationHealthRequest\x1a,.arm.telemetry.v1.GetMigrationHealthResponse\x12`\n\rStartBackfill\x12&.arm.telemetry.v1.StartBackfillRequest\x1a\'.arm.telemetry.v1.StartBackfillResponse\x12l\n\x11GetBackfillStatus\x12*.arm.telemetry.v1.GetBackfillStatusRequest\x1a+.arm.telemetry.v1.GetBackfillStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arm.telemetry.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISIONOUTCOME']._serialized_start=2959
-  _globals['_DECISIONOUTCOME']._serialized_end=3102
-  _globals['_BACKFILLSTATE']._serialized_start=3105
-  _globals['_BACKFILLSTATE']._serialized_end=3265
-  _globals['_REJECTEDEVENT']._serialized_start=118
-  _globals['_REJECTEDEVENT']._serialized_end=199
-  _globals['_EVENTFILTER']._serialized_start=202
-  _globals['_EVENTFILTER']._serialized_end=457
-  _globals['_INGESTEVENTSREQUEST']._serialized_start=459
-  _globals['_INGESTEVENTSREQUEST']._serialized_end=543
-  _globals['_INGESTEVENTSRESPONSE']._serialized_start=545
-  _globals['_INGESTEVENTSRESPONSE']._serialized_end=667
-  _globals['_STREAMINGESTEVENTSREQUEST']._serialized_start=669
-  _globals['_STREAMINGESTEVENTSREQUEST']._serialized_end=757
-  _globals['_STREAMINGESTEVENTSRESPONSE']._serialized_start=760
-  _globals['_STREAMINGESTEVENTSRESPONSE']._serialized_end=906
-  _globals['_QUERYEVENTSREQUEST']._serialized_start=908
-  _globals['_QUERYEVENTSREQUEST']._serialized_end=1014
-  _globals['_QUERYEVENTSRESPONSE']._serialized_start=1016
-  _globals['_QUERYEVENTSRESPONSE']._serialized_end=1105
-  _globals['_TAILEVENTSREQUEST']._serialized_start=1107
-  _globals['_TAILEVENTSREQUEST']._serialized_end=1195
-  _globals['_TAILEVENTSRESPONSE']._serialized_start=1197
-  _globals['_TAILEVENTSRESPONSE']._serialized_end=1275
-  _globals['_GETEVENTSTATSREQUEST']._serialized_start=1277
-  _globals['_GETEVENTSTATSREQUEST']._serialized_end=1393
-  _globals['_EVENTTYPECOUNT']._serialized_start=1395
-  _globals['_EVENTTYPECOUNT']._serialized_end=1471
-  _globals['_GETEVENTSTATSRESPONSE']._serialized_start=1474
-  _globals['_GETEVENTSTATSRESPONSE']._serialized_end=1656
-  _globals['_GETRUNTRACEREQUEST']._serialized_start=1658
-  _globals['_GETRUNTRACEREQUEST']._serialized_end=1733
-  _globals['_RUNDECISION']._serialized_start=1736
-  _globals['_RUNDECISION']._serialized_end=1950
-  _globals['_GETRUNTRACERESPONSE']._serialized_start=1953
-  _globals['_GETRUNTRACERESPONSE']._serialized_end=2092
-  _globals['_GETMIGRATIONHEALTHREQUEST']._serialized_start=2094
-  _globals['_GETMIGRATIONHEALTHREQUEST']._serialized_end=2121
-  _globals['_GETMIGRATIONHEALTHRESPONSE']._serialized_start=2124
-  _globals['_GETMIGRATIONHEALTHRESPONSE']._serialized_end=2310
-  _globals['_BACKFILL']._serialized_start=2313
-  _globals['_BACKFILL']._serialized_end=2697
-  _globals['_STARTBACKFILLREQUEST']._serialized_start=2699
-  _globals['_STARTBACKFILLREQUEST']._serialized_end=2761
-  _globals['_STARTBACKFILLRESPONSE']._serialized_start=2763
-  _globals['_STARTBACKFILLRESPONSE']._serialized_end=2832
-  _globals['_GETBACKFILLSTATUSREQUEST']._serialized_start=2834
-  _globals['_GETBACKFILLSTATUSREQUEST']._serialized_end=2881
-  _globals['_GETBACKFILLSTATUSRESPONSE']._serialized_start=2883
-  _globals['_GETBACKFILLSTATUSRESPONSE']._serialized_end=2956
-  _globals['_TELEMETRYSERVICE']._serialized_start=3268
-  _globals['_TELEMETRYSERVICE']._serialized_end=4192
+  _globals['_BACKFILL'].fields_by_name['backfill_id']._loaded_options = None
+  _globals['_BACKFILL'].fields_by_name['backfill_id']._serialized_options = b'\342A\001\003'
+  _globals['_BACKFILL'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_BACKFILL'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\003'
+  _globals['_BACKFILL'].fields_by_name['update_time']._loaded_options = None
+  _globals['_BACKFILL'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_DECISIONOUTCOME']._serialized_start=3010
+  _globals['_DECISIONOUTCOME']._serialized_end=3153
+  _globals['_BACKFILLSTATE']._serialized_start=3156
+  _globals['_BACKFILLSTATE']._serialized_end=3316
+  _globals['_REJECTEDEVENT']._serialized_start=151
+  _globals['_REJECTEDEVENT']._serialized_end=232
+  _globals['_EVENTFILTER']._serialized_start=235
+  _globals['_EVENTFILTER']._serialized_end=490
+  _globals['_INGESTEVENTSREQUEST']._serialized_start=492
+  _globals['_INGESTEVENTSREQUEST']._serialized_end=576
+  _globals['_INGESTEVENTSRESPONSE']._serialized_start=578
+  _globals['_INGESTEVENTSRESPONSE']._serialized_end=700
+  _globals['_STREAMINGESTEVENTSREQUEST']._serialized_start=702
+  _globals['_STREAMINGESTEVENTSREQUEST']._serialized_end=790
+  _globals['_STREAMINGESTEVENTSRESPONSE']._serialized_start=793
+  _globals['_STREAMINGESTEVENTSRESPONSE']._serialized_end=939
+  _globals['_QUERYEVENTSREQUEST']._serialized_start=941
+  _globals['_QUERYEVENTSREQUEST']._serialized_end=1047
+  _globals['_QUERYEVENTSRESPONSE']._serialized_start=1049
+  _globals['_QUERYEVENTSRESPONSE']._serialized_end=1138
+  _globals['_TAILEVENTSREQUEST']._serialized_start=1140
+  _globals['_TAILEVENTSREQUEST']._serialized_end=1228
+  _globals['_TAILEVENTSRESPONSE']._serialized_start=1230
+  _globals['_TAILEVENTSRESPONSE']._serialized_end=1308
+  _globals['_GETEVENTSTATSREQUEST']._serialized_start=1310
+  _globals['_GETEVENTSTATSREQUEST']._serialized_end=1426
+  _globals['_EVENTTYPECOUNT']._serialized_start=1428
+  _globals['_EVENTTYPECOUNT']._serialized_end=1504
+  _globals['_GETEVENTSTATSRESPONSE']._serialized_start=1507
+  _globals['_GETEVENTSTATSRESPONSE']._serialized_end=1689
+  _globals['_GETRUNTRACEREQUEST']._serialized_start=1691
+  _globals['_GETRUNTRACEREQUEST']._serialized_end=1766
+  _globals['_RUNDECISION']._serialized_start=1769
+  _globals['_RUNDECISION']._serialized_end=1983
+  _globals['_GETRUNTRACERESPONSE']._serialized_start=1986
+  _globals['_GETRUNTRACERESPONSE']._serialized_end=2125
+  _globals['_GETMIGRATIONHEALTHREQUEST']._serialized_start=2127
+  _globals['_GETMIGRATIONHEALTHREQUEST']._serialized_end=2154
+  _globals['_GETMIGRATIONHEALTHRESPONSE']._serialized_start=2157
+  _globals['_GETMIGRATIONHEALTHRESPONSE']._serialized_end=2343
+  _globals['_BACKFILL']._serialized_start=2346
+  _globals['_BACKFILL']._serialized_end=2748
+  _globals['_STARTBACKFILLREQUEST']._serialized_start=2750
+  _globals['_STARTBACKFILLREQUEST']._serialized_end=2812
+  _globals['_STARTBACKFILLRESPONSE']._serialized_start=2814
+  _globals['_STARTBACKFILLRESPONSE']._serialized_end=2883
+  _globals['_GETBACKFILLSTATUSREQUEST']._serialized_start=2885
+  _globals['_GETBACKFILLSTATUSREQUEST']._serialized_end=2932
+  _globals['_GETBACKFILLSTATUSRESPONSE']._serialized_start=2934
+  _globals['_GETBACKFILLSTATUSRESPONSE']._serialized_end=3007
+  _globals['_TELEMETRYSERVICE']._serialized_start=3319
+  _globals['_TELEMETRYSERVICE']._serialized_end=4243
 # @@protoc_insertion_point(module_scope)

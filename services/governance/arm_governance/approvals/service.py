@@ -27,7 +27,8 @@ from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2 as apb
 from arm_common import pagination
 from arm_common import validation as val
-from arm_common.auth import Principal
+from arm_common.auth import Principal, actor_of
+from arm_common.change_records import change_record as build_change_record
 from arm_common.db import Database, rowcount
 from arm_common.errors import (
     Aborted,
@@ -38,13 +39,21 @@ from arm_common.errors import (
     Violations,
 )
 from arm_common.ids import new_id
-from arm_common.messages import struct, ts
+from arm_common.messages import ts
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
-from arm_governance import models, webhooks
-from arm_governance.decisions import argument_digest
+from arm_governance import models
+from arm_governance.webhooks import service as webhooks
+from arm_governance.approvals.rules import (
+    ESCALATE_EVERY,
+    MAX_TTL,
+    RISK_LEVELS,
+    default_ttl,
+    required_decisions,
+)
+from arm_governance.decisions.service import argument_digest
 from arm_governance.models import OUTBOX
 
 log = logging.getLogger(__name__)
@@ -53,16 +62,6 @@ A = apb.ApprovalActionType
 S = apb.ApprovalStatus
 W = webhooks.E
 
-ESCALATE_EVERY = timedelta(minutes=30)
-MAX_TTL = timedelta(days=30)
-DEFAULT_TTL: dict[int, timedelta] = {
-    A.APPROVAL_ACTION_TYPE_TOOL_EXECUTION: timedelta(hours=1),
-    A.APPROVAL_ACTION_TYPE_INSTANCE_REACTIVATION: timedelta(hours=12),
-    A.APPROVAL_ACTION_TYPE_INSTANCE_QUARANTINE: timedelta(hours=2),
-    A.APPROVAL_ACTION_TYPE_VERSION_PROMOTION: timedelta(hours=48),
-    A.APPROVAL_ACTION_TYPE_POLICY_AUTONOMY_INCREASE: timedelta(hours=72),
-}
-OTHER_TTL = timedelta(hours=24)  # DEPLOYMENT_ACTIVATION and anything added later
 OPEN = (S.APPROVAL_STATUS_PENDING, S.APPROVAL_STATUS_ESCALATED)
 FINAL = (S.APPROVAL_STATUS_APPROVED, S.APPROVAL_STATUS_DENIED, S.APPROVAL_STATUS_EXPIRED,
          S.APPROVAL_STATUS_CANCELLED)
@@ -74,15 +73,6 @@ TRANSITIONS: dict[int, tuple[int, ...]] = {
 # Who may read approvals besides an agent reading its own.
 READ_PERMISSIONS = ("approvals:request", "approvals:decide", "audit:read")
 _ACTIONS = set(A.values()) - {0}
-_RISKS = {1, 2, 3, 4}
-
-
-def default_ttl(action_type: int) -> timedelta:
-    return DEFAULT_TTL.get(action_type, OTHER_TTL)
-
-
-def required_decisions(risk: int) -> int:
-    return 2 if risk >= common_pb2.RISK_LEVEL_HIGH else 1
 
 
 def status_name(status: int) -> str:
@@ -183,26 +173,21 @@ def to_proto(row: models.Approval) -> apb.Approval:
     return a
 
 
-def _actor(p: Principal) -> common_pb2.Actor:
-    return common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{p.actor_type}"), id=p.actor_id)
-
-
 SYSTEM_ACTOR = common_pb2.Actor(type=common_pb2.ACTOR_TYPE_SYSTEM, id="approval-expiry")
 
 
 def change_record(tenant_id: str, type_: int, actor: common_pb2.Actor, a: apb.Approval, summary: str, *,
                   before: str = "", reason: str = "", payload: dict[str, Any] | None = None
                   ) -> common_pb2.ChangeRecord:
-    return common_pb2.ChangeRecord(
-        record_id=new_id("chg"), tenant_id=tenant_id, type=type_, actor=actor,  # type: ignore[arg-type]
-        target_type="approval", target_id=a.approval_id, project_id=a.project_id,
-        version_id=a.version_id, instance_id=a.instance_id, summary=summary, reason=reason,
-        before=struct({"status": before}) if before else None,
-        after=struct({"status": status_name(a.status), "decisions": len(a.decisions),
-                      "escalation_level": a.escalation_level}),
-        payload=struct({"action_type": A.Name(a.action_type), "target_id": a.target_id,
-                        "risk": common_pb2.RiskLevel.Name(a.risk), **(payload or {})}),
-        occur_time=ts(utcnow()), source="governance")
+    return build_change_record(
+        type_, tenant_id=tenant_id, actor=actor, target_type="approval", target_id=a.approval_id,
+        project_id=a.project_id, version_id=a.version_id, instance_id=a.instance_id, summary=summary,
+        reason=reason, before={"status": before} if before else None,
+        after={"status": status_name(a.status), "decisions": len(a.decisions),
+               "escalation_level": a.escalation_level},
+        payload={"action_type": A.Name(a.action_type), "target_id": a.target_id,
+                 "risk": common_pb2.RiskLevel.Name(a.risk), **(payload or {})},
+        source="governance")
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -211,7 +196,7 @@ def validate_request(r: apb.RequestApprovalRequest) -> None:
     v = Violations()
     val.standard_fields(v, r)
     val.enum_set(v, "action_type", r.action_type, _ACTIONS)
-    val.enum_set(v, "risk", r.risk, _RISKS)
+    val.enum_set(v, "risk", r.risk, RISK_LEVELS)
     for name in ("project_id", "instance_id", "version_id", "target_id"):
         val.resource_id(v, name, getattr(r, name), required_=False)
     val.optional(v, "tool_name", r.tool_name, 200)
@@ -247,7 +232,7 @@ def validate_list(r: apb.ListApprovalsRequest) -> None:
     val.resource_id(v, "instance_id", r.instance_id, required_=False)
     if r.action_type and r.action_type not in _ACTIONS:
         v.add("action_type", f"unknown enum value {r.action_type}")
-    if r.min_risk and r.min_risk not in _RISKS:
+    if r.min_risk and r.min_risk not in RISK_LEVELS:
         v.add("min_risk", f"unknown enum value {r.min_risk}")
     v.raise_if_any()
 
@@ -339,7 +324,7 @@ class ApprovalStore:
             justification=r.justification, rollback_plan=r.rollback_plan,
             estimated_cost_usd=r.estimated_cost_usd, escalation_level=0,
             required_decisions=required_decisions(r.risk), status=S.APPROVAL_STATUS_PENDING,
-            expire_time=ts(expires), requester=_actor(p), run_id=r.run_id, tool_call_id=r.tool_call_id,
+            expire_time=ts(expires), requester=actor_of(p), run_id=r.run_id, tool_call_id=r.tool_call_id,
             create_time=ts(now), update_time=ts(now), etag="1")
         s.add(models.Approval(
             id=msg.approval_id, tenant_id=p.tenant_id, project_id=msg.project_id,
@@ -351,11 +336,11 @@ class ApprovalStore:
             expires_at=expires, consumed_at=None, revision=1, target_id=r.target_id,
             escalate_at=now + ESCALATE_EVERY, resolved_at=None))
         await s.flush()
-        rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED, _actor(p), msg,
+        rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED, actor_of(p), msg,
                             f"{A.Name(msg.action_type).removeprefix('APPROVAL_ACTION_TYPE_')} approval requested",
                             reason=r.justification)
         await self._changed(s, msg.approval_id, rec)
-        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED, msg, _actor(p),
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED, msg, actor_of(p),
                                             r.justification)
         return msg
 
@@ -400,11 +385,11 @@ class ApprovalStore:
         a = decide(to_proto(row), p.actor_id, r.verdict, r.reason, now)
         self._save(row, a, now)
         verdict = apb.ApprovalVerdict.Name(r.verdict).removeprefix("APPROVAL_VERDICT_")
-        rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_DECIDED, _actor(p), a,
+        rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_DECIDED, actor_of(p), a,
                             f"{verdict} by {p.actor_id}: approval {status_name(a.status)}",
                             before=status_name(before), reason=r.reason, payload={"verdict": verdict})
         await self._changed(s, row.id, rec)
-        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_DECIDED, a, _actor(p), r.reason)
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_DECIDED, a, actor_of(p), r.reason)
         return a
 
     async def cancel(self, s: AsyncSession, p: Principal, r: apb.CancelApprovalRequest) -> apb.Approval:
@@ -419,10 +404,10 @@ class ApprovalStore:
         before = row.status
         a = cancel(to_proto(row), r.reason, now)
         self._save(row, a, now)
-        rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_CANCELLED, _actor(p), a,
+        rec = change_record(p.tenant_id, CR.CHANGE_RECORD_TYPE_APPROVAL_CANCELLED, actor_of(p), a,
                             "approval cancelled", before=status_name(before), reason=r.reason)
         await self._changed(s, row.id, rec)
-        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_CANCELLED, a, _actor(p), r.reason)
+        await webhooks.enqueue_notification(s, W.WEBHOOK_EVENT_TYPE_APPROVAL_CANCELLED, a, actor_of(p), r.reason)
         return a
 
     async def list(self, p: Principal, r: apb.ListApprovalsRequest) -> apb.ListApprovalsResponse:

@@ -42,7 +42,7 @@ from arm_common.outbox import OutboxMessage
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
-from arm_governance.webhooks import EVENT_NAMES, SecretBox, payload, signature_header
+from arm_governance.webhooks.service import EVENT_NAMES, SecretBox, payload, signature_header
 
 log = logging.getLogger(__name__)
 MAX_WORKERS = 64

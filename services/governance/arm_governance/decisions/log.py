@@ -29,7 +29,7 @@ from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
 from arm_governance.models import OUTBOX
-from arm_governance.webhooks import TOPIC_NOTIFICATION
+from arm_governance.webhooks.service import TOPIC_NOTIFICATION
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("arm.governance")

@@ -1,12 +1,12 @@
 """Notification webhooks: a tenant's HTTP(S) endpoints for approval requests, escalations and
 decisions (docs/webhooks.md has the format and the signature).
 
-- `WebhookStore` / `WebhookServicer`: create, read, rotate the secret of and delete webhooks
+- `WebhookStore` (its edge is `servicer.py`): create, read, rotate the secret of and delete webhooks
   (`operators:admin`, idempotent on request_id, change records through the outbox). The signing
   secret is shown once and stored encrypted (`SecretBox`, a Fernet key kept outside the database).
 - `enqueue_notification` / `notification_message`: in the transaction of the approval change, an
   `ApprovalNotification` goes into the outbox (topic `approval_notification`). Delivery (fan-out
-  per webhook, signed POSTs, retries) is `arm_governance.webhook_delivery`.
+  per webhook, signed POSTs, retries) is `arm_governance.webhooks.delivery`.
 - `signature_header` / `verify_signature`: the `X-ARM-Signature` scheme, `t=<unix>,v1=<hex>`
   where hex is HMAC-SHA256(secret, "<t>.<body>")."""
 
@@ -39,7 +39,8 @@ from arm.governance.v1 import webhooks_pb2 as wpb
 from arm.governance.v1 import webhooks_pb2_grpc
 from arm_common import pagination
 from arm_common import validation as val
-from arm_common.auth import Principal, current_principal
+from arm_common.auth import Principal, actor_of, current_principal
+from arm_common.change_records import change_record
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database
 from arm_common.errors import Aborted, NotFound, Violations
@@ -283,7 +284,7 @@ def validate_create(r: wpb.CreateWebhookRequest) -> None:
     v.raise_if_any()
 
 
-def _validate_id(r: Any, *, extra: bool = True) -> None:
+def validate_id(r: Any, *, extra: bool = True) -> None:
     v = Violations()
     if extra:
         val.standard_fields(v, r)
@@ -311,10 +312,6 @@ def _delivery_proto(row: models.WebhookDelivery) -> wpb.WebhookDelivery:
         next_attempt_time=None if row.delivered_at is not None else ts(row.next_attempt_at))
 
 
-def _actor(p: Principal) -> common_pb2.Actor:
-    return common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{p.actor_type}"), id=p.actor_id)
-
-
 def _hint(secret: str) -> str:
     return secret[-4:]
 
@@ -326,11 +323,10 @@ class WebhookStore:
 
     @staticmethod
     async def _record(s: AsyncSession, p: Principal, type_: int, row: models.Webhook, summary: str) -> None:
-        rec = common_pb2.ChangeRecord(
-            record_id=new_id("chg"), tenant_id=p.tenant_id, type=type_, actor=_actor(p),  # type: ignore[arg-type]
-            target_type="webhook", target_id=row.id, summary=summary,
-            after=struct({"url": row.url, "event_types": list(row.event_types), "secret_hint": row.secret_hint}),
-            occur_time=ts(utcnow()), source="governance")
+        rec = change_record(
+            type_, tenant_id=p.tenant_id, actor=actor_of(p), target_type="webhook", target_id=row.id,
+            summary=summary, source="governance",
+            after={"url": row.url, "event_types": list(row.event_types), "secret_hint": row.secret_hint})
         await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=p.tenant_id,
                       message_id=rec.record_id, message=rec)
 
@@ -430,71 +426,3 @@ class WebhookStore:
                                                      next_page_token=token)
 
         return await self.db.read(read)
-
-
-def _without_secret(response: Any) -> Any:
-    """What a replay of the request_id returns: the secret is shown once."""
-    kept = type(response)()
-    kept.CopyFrom(response)
-    kept.secret = ""
-    return kept
-
-
-class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
-    """The edge: validate, require `operators:admin`, one store call (writes idempotent)."""
-
-    def __init__(self, db: Database, store: WebhookStore, relays: list[OutboxRelay]) -> None:
-        self.db = db
-        self.store = store
-        self.relays = relays
-
-    async def _write(self, method: str, request: Any, response_type: Any, fn: Any, *,
-                     one_time_secret: bool = False) -> Any:
-        p = current_principal()
-        result = await run_idempotent(self.db, IDEMPOTENCY, tenant_id=p.tenant_id, method=method,
-                                      request=request, response_type=response_type, write=fn,
-                                      stored_form=_without_secret if one_time_secret else None)
-        for relay in self.relays:
-            relay.notify()
-        return result
-
-    @staticmethod
-    def _admin() -> Principal:
-        p = current_principal()
-        p.require(PERMISSION)
-        return p
-
-    async def CreateWebhook(self, request: wpb.CreateWebhookRequest, context: Ctx) -> Any:
-        validate_create(request)
-        p = self._admin()
-        return await self._write("CreateWebhook", request, wpb.CreateWebhookResponse,
-                                 lambda s: self.store.create(s, p, request), one_time_secret=True)
-
-    async def GetWebhook(self, request: wpb.GetWebhookRequest, context: Ctx) -> Any:
-        _validate_id(request, extra=False)
-        p = self._admin()
-        return wpb.GetWebhookResponse(webhook=await self.store.get(p, request.webhook_id))
-
-    async def ListWebhooks(self, request: wpb.ListWebhooksRequest, context: Ctx) -> Any:
-        v = Violations()
-        val.standard_fields(v, request)
-        v.raise_if_any()
-        p = self._admin()
-        return await self.store.list(p, request)
-
-    async def RotateWebhookSecret(self, request: wpb.RotateWebhookSecretRequest, context: Ctx) -> Any:
-        _validate_id(request)
-        p = self._admin()
-        return await self._write("RotateWebhookSecret", request, wpb.RotateWebhookSecretResponse,
-                                 lambda s: self.store.rotate(s, p, request), one_time_secret=True)
-
-    async def DeleteWebhook(self, request: wpb.DeleteWebhookRequest, context: Ctx) -> Any:
-        _validate_id(request)
-        p = self._admin()
-        return await self._write("DeleteWebhook", request, wpb.DeleteWebhookResponse,
-                                 lambda s: self.store.delete(s, p, request))
-
-    async def ListWebhookDeliveries(self, request: wpb.ListWebhookDeliveriesRequest, context: Ctx) -> Any:
-        _validate_id(request)
-        p = self._admin()
-        return await self.store.deliveries(p, request)

@@ -3,7 +3,7 @@ one place (INVALID_ARGUMENT with field violations), so that no tenant's policy c
 slow on governance's event loop, for itself or for anyone else (issue 10, item 1).
 
 Where the cost goes, and what bounds it:
-- Tool globs are matched by RE2 sets (engine.py): one pass over the name per set, with work per
+- Tool globs are matched by RE2 sets (arm_engine.engine.globs): one pass over the name per set, with work per
   name character proportional to the glob positions alive at once. So the tool name's length, the
   number of rules a compiled policy holds (three scopes: tenant, project, version) and the
   literal characters after a glob's first wildcard (those are the positions that stay alive) are
@@ -21,7 +21,9 @@ comments and README.md ("Policy limits").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import re2
 
@@ -42,6 +44,7 @@ from arm_engine.limits import (
     MAX_TOOL_NAME,
     TOOL_CHARS,
     glob_cost,
+    trigger_violations,
     wildcard_runs,
 )
 
@@ -59,11 +62,15 @@ __all__ = [
     "MAX_RULES_PER_ENVELOPE",
     "MAX_TOOL_NAME",
     "TOOL_CHARS",
+    "MAX_ARGUMENT_BOUNDS",
+    "MAX_RISK_OVERRIDES",
     "arg_pattern",
     "glob_cost",
     "scope_totals",
     "tool_glob",
     "tool_name",
+    "validate_argument_triggers",
+    "validate_risk_overrides",
 ]
 
 _RE2_OPTIONS = re2.Options()
@@ -184,3 +191,28 @@ def worst_legal_rules(salt: int = 0) -> list[policy_pb2.ToolRule]:
         out.append(policy_pb2.ToolRule(tool=f"exact.s{salt}.n{len(out)}", effect=policy_pb2.DECISION_ALLOW))
         budget -= 1
     return out
+
+
+MAX_RISK_OVERRIDES = 100
+MAX_ARGUMENT_BOUNDS = 10
+
+def validate_risk_overrides(v: Violations, path: str, overrides: Any) -> None:
+    """RiskOverride entries: a tool glob within the policy limits, a risk, bounded numeric bounds."""
+    if len(overrides) > MAX_RISK_OVERRIDES:
+        v.add(path, f"must have at most {MAX_RISK_OVERRIDES} items")
+        return
+    for i, o in enumerate(overrides):
+        tool_glob(v, f"{path}[{i}].tool", o.tool)
+        if o.risk not in (1, 2, 3, 4):
+            v.add(f"{path}[{i}].risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
+        if len(o.arguments_below) > MAX_ARGUMENT_BOUNDS:
+            v.add(f"{path}[{i}].arguments_below", f"must have at most {MAX_ARGUMENT_BOUNDS} entries")
+        for name, bound in o.arguments_below.items():
+            if not name or len(name) > 100 or not math.isfinite(bound):
+                v.add(f"{path}[{i}].arguments_below[{name!r}]", "needs a name of 1-100 characters and a finite bound")
+
+
+def validate_argument_triggers(v: Violations, path: str, triggers: Any) -> None:
+    """ArgumentTrigger entries: the engine's trigger limits (RE2 only, bounded count and size)."""
+    for where, problem in trigger_violations(triggers):
+        v.add(f"{path}{where}", problem)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 from opentelemetry import trace
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
@@ -21,8 +22,9 @@ from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
 from arm.telemetry.v1 import events_pb2
 from arm_common import otel
 from arm_common import validation as val
-from arm_common.auth import Principal
+from arm_common.auth import Principal, actor_of
 from arm_common.canonical import canonical_hash
+from arm_common.change_records import change_record
 from arm_common.db import Database, rowcount
 from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
 from arm_common.ids import new_id
@@ -31,15 +33,15 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
 from arm_engine import engine
-from arm_governance import convert, limits, models, webhooks
-from arm_governance.agents import AgentDirectory
-from arm_governance.decision_log import DecisionLog, PendingDecision
-from arm_governance.policies import PolicyCache
+from arm_governance import convert, models
+from arm_governance.webhooks import service as webhooks
+from arm_governance.agent_cache import AgentDirectory
+from arm_governance.approvals.rules import ESCALATE_EVERY, RISK_LEVELS, TOOL_APPROVAL_TTL, required_decisions
+from arm_governance.decisions.log import DecisionLog, PendingDecision
+from arm_governance.policy import limits
+from arm_governance.policy.cache import PolicyCache
 
 MAX_ARGUMENT_BYTES = 64 * 1024
-TOOL_APPROVAL_TTL = timedelta(hours=1)
-ESCALATE_EVERY = timedelta(minutes=30)  # see approvals.py
-_RISKS = set(range(0, 5))
 _OPEN = (approvals_pb2.APPROVAL_STATUS_PENDING, approvals_pb2.APPROVAL_STATUS_ESCALATED)
 
 
@@ -51,7 +53,7 @@ def validate_check(request: decision_pb2.CheckRequest, prefix: str = "") -> None
     else:
         val.resource_id(v, f"{prefix}{kind}", getattr(request, kind))
     limits.tool_name(v, f"{prefix}tool_name", request.tool_name)
-    if request.declared_risk not in _RISKS:
+    if request.declared_risk and request.declared_risk not in RISK_LEVELS:
         v.add(f"{prefix}declared_risk", f"unknown enum value {request.declared_risk}")
     if not math.isfinite(request.estimated_cost_usd) or request.estimated_cost_usd < 0:
         v.add(f"{prefix}estimated_cost_usd", "must be a finite number >= 0")
@@ -194,6 +196,35 @@ class SpendBook:
             # decision reads again rather than letting a budget be overrun from the cache.
             self._cache.put(key, spend, [("instance", instance_id)])
         return spend
+
+
+    async def record(self, tenant_id: str, instance_id: str, legacy_agent_id: str,
+                     e: decision_pb2.SpendEntry, changes: Any) -> decision_pb2.ReportSpendResponse:
+        """ReportSpend's write: one ledger entry per (tenant, idempotency key); a repeat returns the
+        first entry with `duplicate`. A spend notice drops the cached totals everywhere."""
+        now = utcnow()
+        occurred = e.occur_time.ToDatetime(tzinfo=now.tzinfo) if e.HasField("occur_time") else now
+
+        async def write(s: AsyncSession) -> Any:
+            m = models.SpendEntry
+            row = (await s.execute(select(m).where(m.tenant_id == tenant_id,
+                                                   m.idempotency_key == e.idempotency_key))).scalar_one_or_none()
+            duplicate = row is not None
+            if row is None:
+                row = m(id=new_id("spd"), tenant_id=tenant_id, instance_id=instance_id,
+                        run_id=e.run_id, tool_call_id=e.tool_call_id, amount_usd=e.amount_usd,
+                        idempotency_key=e.idempotency_key, occurred_at=occurred, recorded_at=now)
+                s.add(row)
+                await changes.send(s, {"spend": instance_id})
+            return decision_pb2.ReportSpendResponse(entry=convert.spend_entry(row, legacy_agent_id),
+                                                    duplicate=duplicate)
+
+        try:
+            result = await self.db.run(write)
+        except IntegrityError:  # a concurrent report with the same key won: this one is its duplicate
+            result = await self.db.run(write)
+        self.invalidate(instance_id)
+        return result
 
 
 class Approvals:
@@ -379,7 +410,7 @@ class Decider:
     def _approval_row(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                       result: engine.Result, approval_id: str, decision_id: str, digest: str,
                       args: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
-        required = 2 if result.risk >= engine.Risk.HIGH else 1
+        required = required_decisions(int(result.risk))
         expires = now + TOOL_APPROVAL_TTL
         body = approvals_pb2.Approval(
             approval_id=approval_id, tenant_id=principal.tenant_id, project_id=resolved.project_id,
@@ -389,8 +420,7 @@ class Decider:
             justification="; ".join(r.message for r in result.reasons),
             estimated_cost_usd=request.estimated_cost_usd, required_decisions=required,
             status=approvals_pb2.APPROVAL_STATUS_PENDING, expire_time=ts(expires),
-            requester=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
-                                       id=principal.actor_id),
+            requester=actor_of(principal),
             run_id=request.run_id, tool_call_id=request.tool_call_id, decision_id=decision_id,
             create_time=ts(now), update_time=ts(now), etag="1")
         return dict(
@@ -430,18 +460,15 @@ class Decider:
     @staticmethod
     def _requested_record(principal: Principal, resolved: Any, row: dict[str, Any],
                           now: datetime) -> common_pb2.ChangeRecord:
-        return common_pb2.ChangeRecord(
-            record_id=new_id("chg"), tenant_id=principal.tenant_id,
-            type=common_pb2.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED,
-            actor=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
-                                   id=principal.actor_id),
-            target_type="approval", target_id=row["id"], project_id=resolved.project_id,
+        return change_record(
+            common_pb2.CHANGE_RECORD_TYPE_APPROVAL_REQUESTED, tenant_id=principal.tenant_id,
+            actor=actor_of(principal), target_type="approval", target_id=row["id"], project_id=resolved.project_id,
             template_id=resolved.template_id, version_id=resolved.version_id,
             instance_id=resolved.instance_id, summary=f"TOOL_EXECUTION approval requested for {row['tool_name']}",
-            after=struct({"status": "PENDING", "decisions": 0, "escalation_level": 0}),
-            payload=struct({"action_type": "APPROVAL_ACTION_TYPE_TOOL_EXECUTION", "decision_id": row["decision_id"],
-                            "risk": common_pb2.RiskLevel.Name(row["risk"])}),
-            occur_time=ts(now), source="governance")
+            after={"status": "PENDING", "decisions": 0, "escalation_level": 0},
+            payload={"action_type": "APPROVAL_ACTION_TYPE_TOOL_EXECUTION", "decision_id": row["decision_id"],
+                     "risk": common_pb2.RiskLevel.Name(row["risk"])},
+            occur_time=now, source="governance")
 
     @staticmethod
     def _consumed_record(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
@@ -449,42 +476,34 @@ class Decider:
         """APPROVAL_CONSUMED: the ALLOW that used a grant up, linking the decision to the approval
         (whose APPROVAL_DECIDED records name who approved), so the trail alone answers "who
         approved this call"."""
-        return common_pb2.ChangeRecord(
-            record_id=new_id("chg"), tenant_id=principal.tenant_id,
-            type=common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED,
-            actor=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
-                                   id=principal.actor_id),
-            target_type="approval", target_id=request.approval_id, project_id=resolved.project_id,
-            template_id=resolved.template_id, version_id=resolved.version_id,
+        return change_record(
+            common_pb2.CHANGE_RECORD_TYPE_APPROVAL_CONSUMED, tenant_id=principal.tenant_id,
+            actor=actor_of(principal), target_type="approval", target_id=request.approval_id,
+            project_id=resolved.project_id, template_id=resolved.template_id, version_id=resolved.version_id,
             instance_id=resolved.instance_id,
             summary=f"approval {request.approval_id} used by decision {decision_id} to allow {request.tool_name}",
-            before=struct({"consumed": False}), after=struct({"consumed": True}),
-            payload=struct({"decision_id": decision_id, "tool_name": request.tool_name,
-                            "tool_call_id": request.tool_call_id, "run_id": request.run_id}),
-            occur_time=ts(now), source="governance")
+            before={"consumed": False}, after={"consumed": True},
+            payload={"decision_id": decision_id, "tool_name": request.tool_name,
+                     "tool_call_id": request.tool_call_id, "run_id": request.run_id},
+            occur_time=now, source="governance")
 
     @staticmethod
     def _denied_record(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                        result: engine.Result, decision_id: str, epoch: int,
                        now: datetime) -> common_pb2.ChangeRecord:
-        occurred = timestamp_pb2.Timestamp()
-        occurred.FromDatetime(now)
         kind = request.WhichOneof("agent") or "instance_id"
-        return common_pb2.ChangeRecord(
-            record_id=new_id("chg"), tenant_id=principal.tenant_id,
-            type=common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED,
-            actor=common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
-                                   id=principal.actor_id),
+        return change_record(
+            common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED, tenant_id=principal.tenant_id, actor=actor_of(principal),
             target_type="tool_call", target_id=request.tool_call_id or decision_id,
             project_id=resolved.project_id if resolved is not None else "",
             template_id=resolved.template_id if resolved is not None else "",
             version_id=resolved.version_id if resolved is not None else "",
             instance_id=resolved.instance_id if resolved is not None else "",
             summary=f"{request.tool_name} denied: {result.reasons[0].code if result.reasons else 'DENY'}",
-            payload=struct({**PROVENANCE.get(result), "decision_id": decision_id,
-                            "agent_ref": getattr(request, kind), "tool_name": request.tool_name,
-                            "reasons": [r.code for r in result.reasons], "policy_epoch": epoch}),
-            occur_time=occurred, source="governance")
+            payload={**PROVENANCE.get(result), "decision_id": decision_id,
+                     "agent_ref": getattr(request, kind), "tool_name": request.tool_name,
+                     "reasons": [r.code for r in result.reasons], "policy_epoch": epoch},
+            occur_time=now, source="governance")
 
 
 def check_batch_limit(n: int) -> None:

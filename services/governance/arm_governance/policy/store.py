@@ -19,7 +19,8 @@ from arm.common.v1 import common_pb2
 from arm.governance.v1 import policy_pb2
 from arm.registry.v1 import agents_pb2, agents_pb2_grpc, tenancy_pb2, tenancy_pb2_grpc
 from arm_common import validation as val
-from arm_common.auth import Principal
+from arm_common.auth import Principal, actor_of
+from arm_common.change_records import change_record
 from arm_common.db import is_unique_violation
 from arm_common.errors import (
     Aborted,
@@ -31,23 +32,18 @@ from arm_common.errors import (
     Violations,
 )
 from arm_common.ids import new_id
-from arm_common.messages import struct, ts
+from arm_common.messages import ts
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
-from arm_common.tables import utcnow
-from arm_governance import limits, models
+from arm_governance import models
+from arm_governance.approvals.rules import RISK_LEVELS
 from arm_governance.models import OUTBOX
+from arm_governance.policy import limits
 
 CR = common_pb2.ChangeRecordType
 MUTABLE = ("name", "description", "scope", "scope_id", "priority", "active", "mode", "tool_rules",
            "require_approval_at_risk", "deny_at_risk", "autonomy_tier", "budgets", "default_effect")
 _DECISIONS = {1, 2, 3}
-_RISKS = {1, 2, 3, 4}
-
-
-def actor(principal: Principal) -> common_pb2.Actor:
-    return common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{principal.actor_type}"),
-                            id=principal.actor_id)
 
 
 def validate_envelope(env: policy_pb2.PolicyEnvelope, prefix: str = "envelope.") -> None:
@@ -66,12 +62,12 @@ def validate_envelope(env: policy_pb2.PolicyEnvelope, prefix: str = "envelope.")
         path = f"{prefix}tool_rules[{i}]"
         if rule.effect not in _DECISIONS:
             v.add(f"{path}.effect", "must be ALLOW, DENY or NEEDS_APPROVAL")
-        if rule.when.min_risk and rule.when.min_risk not in _RISKS:
+        if rule.when.min_risk and rule.when.min_risk not in RISK_LEVELS:
             v.add(f"{path}.when.min_risk", f"unknown enum value {rule.when.min_risk}")
         val.optional(v, f"{path}.description", rule.description, 1000)
     for name in ("require_approval_at_risk", "deny_at_risk"):
         value = getattr(env, name)
-        if value and value not in _RISKS:
+        if value and value not in RISK_LEVELS:
             v.add(f"{prefix}{name}", f"unknown enum value {value}")
     if env.default_effect and env.default_effect not in _DECISIONS:
         v.add(f"{prefix}default_effect", f"unknown enum value {env.default_effect}")
@@ -142,12 +138,10 @@ class PolicyStore:
                      target_id: str, summary: str, reason: str = "", project_id: str = "",
                      version_id: str = "", before: dict[str, Any] | None = None,
                      after: dict[str, Any] | None = None, payload: dict[str, Any] | None = None) -> None:
-        rec = common_pb2.ChangeRecord(
-            record_id=new_id("chg"), tenant_id=principal.tenant_id, type=type_,  # type: ignore[arg-type]
-            actor=actor(principal), target_type=target_type, target_id=target_id,
-            project_id=project_id, version_id=version_id, summary=summary, reason=reason,
-            before=struct(before), after=struct(after), payload=struct(payload),
-            occur_time=ts(utcnow()), source="governance")
+        rec = change_record(
+            type_, tenant_id=principal.tenant_id, actor=actor_of(principal), target_type=target_type,
+            target_id=target_id, project_id=project_id, version_id=version_id, summary=summary,
+            reason=reason, before=before, after=after, payload=payload, source="governance")
         await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
                       message_id=rec.record_id, message=rec)
 
@@ -167,7 +161,7 @@ class PolicyStore:
         """Writes a new revision (the first, when row is None) and its history entry."""
         env.tenant_id = principal.tenant_id
         env.update_time.CopyFrom(ts(now))
-        env.updated_by.CopyFrom(actor(principal))
+        env.updated_by.CopyFrom(actor_of(principal))
         if not env.HasField("priority"):
             env.priority = 100
         if not env.HasField("active"):
@@ -178,7 +172,7 @@ class PolicyStore:
             env.envelope_id = new_id("pol")
             env.revision = 1
             env.create_time.CopyFrom(ts(now))
-            env.created_by.CopyFrom(actor(principal))
+            env.created_by.CopyFrom(actor_of(principal))
             row = models.PolicyEnvelope(id=env.envelope_id, tenant_id=principal.tenant_id, created_at=now)
             s.add(row)
         else:

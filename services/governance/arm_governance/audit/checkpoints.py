@@ -27,7 +27,7 @@ from arm_common.messages import ts
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
-from arm_governance.audit import AuditTrail, Filter
+from arm_governance.audit.trail import AuditTrail, Filter
 
 log = logging.getLogger(__name__)
 C = models.AuditCheckpoint

@@ -13,11 +13,10 @@ from arm_common import validation as val
 from arm_common.auth import current_principal
 from arm_common.checkpoints import ALGORITHM, public_key_pem, raw_public_key, signature_problem
 from arm_common.errors import FieldViolation, InvalidArgument, Violations
-from arm_common.idempotency import run_idempotent
 from arm_common.server import Ctx
-from arm_governance.audit import MAX_APPEND, VALID_ACTORS, VALID_TYPES, AuditTrail, Filter, export_line
-from arm_governance.checkpointing import Checkpoints
-from arm_governance.models import IDEMPOTENCY
+from arm_governance.audit.checkpoints import Checkpoints
+from arm_governance.audit.trail import MAX_APPEND, VALID_ACTORS, VALID_TYPES, AuditTrail, Filter, export_line
+from arm_governance.edge import idempotent_write
 
 EXPORT_CHUNK = 500
 MAX_KEPT_CHECKPOINTS = 10_000
@@ -75,9 +74,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                                                  any_tenant=p.system_tenant)
             return audit_pb2.AppendChangeRecordsResponse(results=results)
 
-        return await run_idempotent(self.trail.db, IDEMPOTENCY, tenant_id=p.tenant_id,
-                                    method="AppendChangeRecords", request=request,
-                                    response_type=audit_pb2.AppendChangeRecordsResponse, write=write)
+        return await idempotent_write(self.trail.db, p.tenant_id, "AppendChangeRecords", request,
+                                      audit_pb2.AppendChangeRecordsResponse, write)
 
     async def GetChangeRecord(self, request: audit_pb2.GetChangeRecordRequest, context: Ctx) -> Any:
         v = Violations()

@@ -24,7 +24,8 @@ from arm.governance.v1 import deployments_pb2 as dpb
 from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm_common import pagination
 from arm_common import validation as val
-from arm_common.auth import Principal
+from arm_common.auth import Principal, actor_of
+from arm_common.change_records import change_record
 from arm_common.errors import (
     Aborted,
     FailedPrecondition,
@@ -34,11 +35,11 @@ from arm_common.errors import (
     Violations,
 )
 from arm_common.ids import new_id
-from arm_common.messages import struct, ts
+from arm_common.messages import ts
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
 from arm_governance import models
-from arm_governance.approvals import ApprovalStore
+from arm_governance.approvals.service import ApprovalStore
 from arm_governance.models import OUTBOX
 
 CR = common_pb2.ChangeRecordType
@@ -48,10 +49,6 @@ _ROLLOUTS = {0, 1, 2, 3}
 
 def status_name(status: int) -> str:
     return D.Name(status).removeprefix("DEPLOYMENT_STATUS_")
-
-
-def _actor(p: Principal) -> common_pb2.Actor:
-    return common_pb2.Actor(type=common_pb2.ActorType.Value(f"ACTOR_TYPE_{p.actor_type}"), id=p.actor_id)
 
 
 def active_key(tenant_id: str, template_id: str, environment_id: str) -> str:
@@ -144,14 +141,13 @@ class DeploymentStore:
     async def record(s: AsyncSession, p: Principal, type_: int, d: dpb.Deployment, summary: str, *,
                      reason: str = "", before: dict[str, Any] | None = None,
                      payload: dict[str, Any] | None = None) -> None:
-        rec = common_pb2.ChangeRecord(
-            record_id=new_id("chg"), tenant_id=p.tenant_id, type=type_, actor=_actor(p),  # type: ignore[arg-type]
-            target_type="deployment", target_id=d.deployment_id, template_id=d.template_id,
-            version_id=d.target_version_id, summary=summary, reason=reason, before=struct(before),
-            after=struct({"status": status_name(d.status), "target_version_id": d.target_version_id,
-                          "previous_version_id": d.previous_version_id}),
-            payload=struct({"environment_id": d.environment_id, **(payload or {})}),
-            occur_time=ts(utcnow()), source="governance")
+        rec = change_record(
+            type_, tenant_id=p.tenant_id, actor=actor_of(p), target_type="deployment",
+            target_id=d.deployment_id, template_id=d.template_id, version_id=d.target_version_id,
+            summary=summary, reason=reason, before=before,
+            after={"status": status_name(d.status), "target_version_id": d.target_version_id,
+                   "previous_version_id": d.previous_version_id},
+            payload={"environment_id": d.environment_id, **(payload or {})}, source="governance")
         await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=p.tenant_id,
                       message_id=rec.record_id, message=rec)
 
@@ -194,7 +190,7 @@ class DeploymentStore:
             previous_version_id=current.target_version_id if current is not None else "",
             rollout_policy=src.rollout_policy or dpb.ROLLOUT_POLICY_ALL_AT_ONCE,
             canary_percent=src.canary_percent, batch_size=src.batch_size,
-            status=D.DEPLOYMENT_STATUS_PENDING, created_by=_actor(p))
+            status=D.DEPLOYMENT_STATUS_PENDING, created_by=actor_of(p))
         self._insert(s, p, d, version.project_id, now)
         await self.record(s, p, CR.CHANGE_RECORD_TYPE_DEPLOYMENT_CREATED, d,
                           f"deployment of version {version.number} created", reason=r.reason)
@@ -280,7 +276,7 @@ class DeploymentStore:
             template_id=row.template_id, environment_id=row.environment_id,
             target_version_id=row.previous_version_id, previous_version_id=row.target_version_id,
             rollout_policy=dpb.ROLLOUT_POLICY_ALL_AT_ONCE, status=D.DEPLOYMENT_STATUS_ACTIVE,
-            rollback_of=row.id, created_by=_actor(p), activate_time=ts(now))
+            rollback_of=row.id, created_by=actor_of(p), activate_time=ts(now))
         self._insert(s, p, new, row.project_id, now)
         return dpb.RollbackDeploymentResponse(deployment=new, rolled_back_deployment=old)
 

@@ -1,0 +1,1 @@
+"""Human approvals: the servicer, the lifecycle rules and the store."""

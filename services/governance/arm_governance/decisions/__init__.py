@@ -1,0 +1,1 @@
+"""The `Check` path: the decider, the group-committed decision log and its reads."""

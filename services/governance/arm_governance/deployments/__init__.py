@@ -1,0 +1,1 @@
+"""Deployments: promoting and rolling back agent versions per environment."""
