@@ -51,7 +51,7 @@ async def _lookups(page: Page) -> tuple[dict[str, agents_pb2.AgentTemplate], dic
 def _helpers(versions: dict[str, agents_pb2.AgentVersion]) -> dict[str, Any]:
     def vlabel(vid: str) -> str:
         return f"v{versions[vid].number}" if vid in versions else (vid[:12] + "…" if vid else "—")
-    return {"status": status, "vlabel": vlabel,
+    return {"dstatus": status, "vlabel": vlabel,
             "env_type": lambda t: enum_name(t, tenancy_pb2.EnvironmentType),
             "rollout": lambda r: enum_name(r, dpb.RolloutPolicy).replace("_", " ").lower() if r else "all at once"}
 
