@@ -1,15 +1,18 @@
 """Deployments in a real browser: the active version per template and environment and the history,
 made through the gRPC API; a pending deployment activated and an active one rolled back, each
-behind its confirmation page; another tenant's deployment is not found."""
+behind its confirmation page; in PROD, activation takes the id of an approved activation approval
+(refused, and said so, until it is approved); another tenant's deployment is not found."""
 
 from __future__ import annotations
 
+from arm.common.v1 import common_pb2
+from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import deployments_pb2 as dpb
-from arm.registry.v1 import agents_pb2
+from arm.registry.v1 import agents_pb2, tenancy_pb2
 from tests.conftest import TenantContext, make_tenant
 from tests.console.conftest import ConsoleStack, Ui
 from tests.console.view_helpers import active_agent, api, assert_not_found
-from tests.helpers import approved_version, genome, walk_version
+from tests.helpers import approved_version, genome, operator_key, walk_version
 
 
 async def test_deployments_activate_and_roll_back(ui: Ui, tenant: TenantContext, console: ConsoleStack,
@@ -102,3 +105,46 @@ async def test_deployments_empty_state_says_what_to_do(ui: Ui, tenant: TenantCon
     await ui.sign_in(tenant.admin_key)
     await ui.goto("/deployments")
     assert "arm deployments create" in await ui.page.inner_text("main")
+
+
+async def test_prod_activation_takes_the_approved_activation_approval(ui: Ui, tenant: TenantContext,
+                                                                      console: ConsoleStack) -> None:
+    client = api(console, tenant.admin_key)
+    _, approver_key = await operator_key(tenant.admin, "approver")
+    approver = api(console, approver_key)
+    try:
+        prod = await approved_version(client, tenancy_pb2.ENVIRONMENT_TYPE_PROD)
+        d = (await client.deployments.CreateDeployment(dpb.CreateDeploymentRequest(deployment=dpb.Deployment(
+            template_id=prod.template.id, environment_id=prod.environment.id,
+            target_version_id=prod.version.id)))).deployment
+        approval = (await client.approvals.RequestApproval(apb.RequestApprovalRequest(
+            action_type=apb.APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION, target_id=d.deployment_id,
+            risk=common_pb2.RISK_LEVEL_MEDIUM, justification="first PROD release"))).approval
+
+        async def activate_with(approval_id: str) -> None:
+            await ui.goto(f"/deployments?deployment={d.deployment_id}")
+            drawer = ui.page.get_by_test_id("drawer")
+            await drawer.locator("#approval_id").fill(approval_id)
+            await drawer.get_by_role("button", name="Activate…").click()
+            confirm = ui.page.get_by_test_id("confirm")
+            assert "PROD environment" in await confirm.inner_text()
+            await confirm.get_by_role("button", name="Yes, activate").click()
+
+        await ui.sign_in(tenant.admin_key)
+        # Not approved yet: refused, said so, and still pending.
+        await activate_with(approval.approval_id)
+        await ui.page.locator(".flash.error").wait_for()
+        assert "Failed precondition" in await ui.page.locator(".flash.error").inner_text()
+        assert "PENDING" in await ui.page.get_by_test_id("deployment-status").inner_text()
+        await ui.screenshot("deployments-prod-refused")
+        await approver.approvals.DecideApproval(apb.DecideApprovalRequest(
+            approval_id=approval.approval_id, verdict=apb.APPROVAL_VERDICT_APPROVE, reason="go"))
+        await activate_with(approval.approval_id)
+        await ui.page.get_by_text("Deployment activated.").wait_for()
+        assert approval.approval_id in await ui.page.get_by_test_id("drawer").inner_text()
+        done = (await client.deployments.GetDeployment(dpb.GetDeploymentRequest(deployment_id=d.deployment_id))
+                ).deployment
+        assert done.status == dpb.DEPLOYMENT_STATUS_ACTIVE and done.approval_id == approval.approval_id
+    finally:
+        await approver.close()
+        await client.close()
