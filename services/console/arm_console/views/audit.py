@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
+import grpc
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -81,18 +82,15 @@ async def export(request: Request) -> Response:
     page = await console.page(request)
     flt = record_filter(request)
     stream = page.client.audit.ExportChangeRecords(audit_pb2.ExportChangeRecordsRequest(filter=flt))
-    first = b""
-    # Read the first chunk before answering, so a refused call is an error page, not a broken file.
-    async for chunk in stream:
-        first = chunk.data
-        break
+    # The first chunk is read before answering, so a refused call is an error page, not a broken file.
+    first = await stream.read()
 
     async def body() -> AsyncIterator[bytes]:
+        chunk = first
         try:
-            if first:
-                yield first
-                async for chunk in stream:
-                    yield chunk.data
+            while chunk is not grpc.aio.EOF:
+                yield chunk.data
+                chunk = await stream.read()
         finally:
             stream.cancel()
 
