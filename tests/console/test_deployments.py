@@ -95,6 +95,24 @@ async def test_deployments_activate_and_roll_back(ui: Ui, tenant: TenantContext,
             template_id=theirs.template.id, environment_id=theirs.environment.id,
             target_version_id=theirs.version.id)))).deployment
         await assert_not_found(ui, f"/deployments?deployment={d.deployment_id}")
+        # Posted with this session's CSRF token, their id is not found either; without a token, refused.
+        token = await ui.page.locator("input[name=csrf_token]").first.input_value()
+        form = {"action": "activate", "reason": "x", "confirmed": "yes"}
+        for step in ("confirm", "apply"):
+            response = await ui.context.request.post(f"{ui.base}/deployments/{d.deployment_id}/{step}",
+                                                     form={**form, "csrf_token": token}, max_redirects=0)
+            if step == "apply":  # refused by the service: back to the deployment, which is not found
+                assert response.status == 303 and response.headers["location"].endswith(d.deployment_id)
+            else:
+                assert response.status == 404
+        response = await ui.context.request.post(f"{ui.base}/deployments/{after.deployment_id}/apply",
+                                                 form={**form, "action": "rollback"}, max_redirects=0)
+        assert response.status == 403
+        assert (await other_client.deployments.GetDeployment(dpb.GetDeploymentRequest(
+            deployment_id=d.deployment_id))).deployment.status == dpb.DEPLOYMENT_STATUS_PENDING
+        still_active = (await client.deployments.GetActiveDeployment(dpb.GetActiveDeploymentRequest(
+            template_id=agents.template.id, environment_id=agents.environment.id))).deployment
+        assert still_active.deployment_id == after.deployment_id
     finally:
         await other_client.close()
         await other.admin.close()

@@ -126,6 +126,13 @@ async def test_policies_envelopes_diff_effective_evaluate_simulate(ui: Ui, tenan
         await assert_not_found(ui, f"/policies/envelopes/{theirs.envelope_id}")
         await assert_not_found(ui, f"/policies?envelope={theirs.envelope_id}")
         await assert_not_found(ui, f"/policies/simulate?envelope={theirs.envelope_id}")
+        token = await ui.page.locator("input[name=csrf_token]").first.input_value()
+        posted = await ui.context.request.post(f"{ui.base}/policies/simulate", form={
+            "csrf_token": token, "envelope": theirs.envelope_id, "draft": "name: x\n", "hours": "24",
+            "limit": "10"})
+        assert posted.status == 404
+        refused = await ui.context.request.post(f"{ui.base}/policies/evaluate", form={"tool": "fs.read"})
+        assert refused.status == 403  # no CSRF token
     finally:
         await other_client.close()
         await other.admin.close()

@@ -16,12 +16,13 @@ from arm.governance.v1 import deployments_pb2 as dpb
 from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm_client.connection import new_request_id
 from arm_console.view import View
-from arm_console.views.shared import all_pages, console_of
+from arm_console.views.shared import all_pages, console_of, not_found
 from arm_console.web import Page, Refused, enum_name, redirect, rpc_message, url_with
 
 PAGE_SIZE = 25
 STATUSES = ["PENDING", "ACTIVE", "ROLLING_BACK", "RETIRED"]
 ACTIONS = {"activate": "Activate", "rollback": "Roll back"}
+NO_SUCH_DEPLOYMENT = "No deployment with that id exists in your tenant. Go back to Deployments and pick one from the list."
 
 
 def status(value: int) -> str:
@@ -102,8 +103,13 @@ async def confirm(request: Request) -> Response:
     console = console_of(request)
     page = await console.page(request)
     action, reason, approval = _form_values(await page.form())
-    d = (await page.client.deployments.GetDeployment(dpb.GetDeploymentRequest(
-        deployment_id=request.path_params["deployment_id"]))).deployment
+    try:
+        d = (await page.client.deployments.GetDeployment(dpb.GetDeploymentRequest(
+            deployment_id=request.path_params["deployment_id"]))).deployment
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            raise
+        return await not_found(console, page, NO_SUCH_DEPLOYMENT)
     templates, envs = await _lookups(page)
     env = envs.get(d.environment_id)
     prod = env is not None and env.type == tenancy_pb2.ENVIRONMENT_TYPE_PROD
@@ -144,7 +150,7 @@ async def apply(request: Request) -> Response:
                     f"instance{'' if rb.rebound_instance_count == 1 else 's'} rebound.")
             target = rb.deployment.deployment_id
     except grpc.aio.AioRpcError as exc:
-        if exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
+        if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
                               grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
             raise
         return redirect(back, ("error", rpc_message(exc)), secure=console.secure(request))

@@ -335,8 +335,14 @@ async def simulate(request: Request) -> Response:
         values["draft"] = str(form.get("draft", ""))
         replaced = None
         if values["envelope"]:
-            replaced = (await page.client.policies.GetPolicyEnvelope(policy_pb2.GetPolicyEnvelopeRequest(
-                envelope_id=values["envelope"]))).envelope
+            try:
+                replaced = (await page.client.policies.GetPolicyEnvelope(policy_pb2.GetPolicyEnvelopeRequest(
+                    envelope_id=values["envelope"]))).envelope
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise
+                return await not_found(console, page, "No policy envelope with that id exists in your tenant. "
+                                                      "Choose the draft's envelope from the list.")
         candidate = _candidate(values, replaced, errors)
         hours = _int(values["hours"], 1, 720, "Look back (hours)", errors)
         limit = _int(values["limit"], 1, 10000, "At most (decisions)", errors)
