@@ -89,6 +89,16 @@ async def test_policies_envelopes_diff_effective_evaluate_simulate(ui: Ui, tenan
     assert await decision_count(client, agent.instance.id) == before
     await ui.screenshot("policies-evaluate")
 
+    # A hypothetical agent of the project: the project's envelope decides fs.read.
+    await form.locator("#agent").fill("")
+    await form.locator("#tool").fill("fs.read")
+    await form.locator("#arguments").fill("{}")
+    await form.locator("select[name=project]").select_option(agent.agents.project.id)
+    await form.get_by_role("button", name="Evaluate").click()
+    text = await ui.page.get_by_test_id("evaluation").inner_text()
+    assert "ALLOW" in text and project_env.name in text, text
+    assert await decision_count(client, agent.instance.id) == before
+
     # A bad argument is explained, not a crash.
     await form.locator("#arguments").fill("[1, 2")
     await form.get_by_role("button", name="Evaluate").click()

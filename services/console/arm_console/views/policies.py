@@ -217,7 +217,7 @@ async def _stored_envelopes(page: Page) -> list[policy_pb2.PolicyEnvelope]:
 
 def _evaluate_defaults() -> dict[str, str]:
     return {"agent": "", "tool": "", "arguments": "{}", "declared_risk": "", "cost": "", "environment_type": "DEV",
-            "run_start": ""}
+            "project": "", "run_start": ""}
 
 
 async def evaluate(request: Request) -> Response:
@@ -255,6 +255,10 @@ async def evaluate(request: Request) -> Response:
         if values["environment_type"] not in ENV_TYPES:
             errors.append("Environment type: DEV, STAGING or PROD.")
         call.context.environment_type = values["environment_type"]
+        if values["project"] and not values["agent"]:
+            if values["project"] not in await page.project_names():
+                errors.append("Project: choose one of your tenant's projects.")
+            call.context.project = values["project"]  # its envelopes apply to the hypothetical agent
         if values["agent"]:
             instance = await _instance_by_ref(page, values["agent"])
             if instance is None:
@@ -277,7 +281,8 @@ async def evaluate(request: Request) -> Response:
     return await console.render(
         page, "policies/evaluate.html", active="policies", title="Policies", tab="evaluate", values=values,
         errors=errors, result=result, context=context, envelopes_by_id=names, envelope_count=len(stored),
-        cut=len(stored) > MAX_EVALUATION_ENVELOPES, risks=RISKS, env_types=ENV_TYPES, **_helpers())
+        cut=len(stored) > MAX_EVALUATION_ENVELOPES, risks=RISKS, env_types=ENV_TYPES,
+        projects=await page.project_names(), **_helpers())
 
 
 async def _agent_context(page: Page, instance: agents_pb2.AgentInstance, ctx: decision_pb2.EvaluationContext,
