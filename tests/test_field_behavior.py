@@ -11,7 +11,14 @@ from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 
 from arm.common.v1 import common_pb2
-from arm.governance.v1 import approvals_pb2, audit_pb2, decision_pb2, deployments_pb2, policy_pb2, webhooks_pb2
+from arm.governance.v1 import (
+    approvals_pb2,
+    audit_pb2,
+    decision_pb2,
+    deployments_pb2,
+    policy_pb2,
+    webhooks_pb2,
+)
 from arm.registry.v1 import access_pb2, agents_pb2, compat_pb2, tenancy_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
 

@@ -28,8 +28,8 @@ from arm_client import ArmClient
 from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import models
-from arm_governance.webhooks import service as webhooks
 from arm_governance.models import OUTBOX
+from arm_governance.webhooks import service as webhooks
 from tests.conftest import (
     GovernanceServer,
     TenantContext,

@@ -45,7 +45,6 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
-from arm_governance.webhooks import service as webhooks
 from arm_governance.approvals.rules import (
     ESCALATE_EVERY,
     MAX_TTL,
@@ -55,6 +54,7 @@ from arm_governance.approvals.rules import (
 )
 from arm_governance.decisions.service import argument_digest
 from arm_governance.models import OUTBOX
+from arm_governance.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
 CR = common_pb2.ChangeRecordType

@@ -34,12 +34,12 @@ from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
 from arm_engine import engine
 from arm_governance import convert, models
-from arm_governance.webhooks import service as webhooks
 from arm_governance.agent_cache import AgentDirectory
 from arm_governance.approvals.rules import ESCALATE_EVERY, RISK_LEVELS, TOOL_APPROVAL_TTL, required_decisions
 from arm_governance.decisions.log import DecisionLog, PendingDecision
 from arm_governance.policy import limits
 from arm_governance.policy.cache import PolicyCache
+from arm_governance.webhooks import service as webhooks
 
 MAX_ARGUMENT_BYTES = 64 * 1024
 _OPEN = (approvals_pb2.APPROVAL_STATUS_PENDING, approvals_pb2.APPROVAL_STATUS_ESCALATED)

@@ -36,22 +36,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import webhooks_pb2 as wpb
-from arm.governance.v1 import webhooks_pb2_grpc
 from arm_common import pagination
 from arm_common import validation as val
-from arm_common.auth import Principal, actor_of, current_principal
+from arm_common.auth import Principal, actor_of
 from arm_common.change_records import change_record
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database
 from arm_common.errors import Aborted, NotFound, Violations
-from arm_common.idempotency import run_idempotent
 from arm_common.ids import new_id
-from arm_common.messages import struct, ts
-from arm_common.outbox import TOPIC_CHANGE_RECORD, OutboxRelay, enqueue
-from arm_common.server import Ctx
+from arm_common.messages import ts
+from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
 from arm_common.tables import utcnow
 from arm_governance import models
-from arm_governance.models import IDEMPOTENCY, OUTBOX
+from arm_governance.models import OUTBOX
 
 log = logging.getLogger(__name__)
 E = wpb.WebhookEventType
