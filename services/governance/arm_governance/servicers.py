@@ -27,7 +27,7 @@ from arm_common.messages import ts
 from arm_common.server import Ctx
 from arm_common.tables import utcnow
 from arm_engine import engine
-from arm_governance import convert, limits, models
+from arm_governance import convert, denied_tools, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_reads import DecisionFilter, DecisionReader, export_line
 from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
@@ -635,6 +635,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 classifier=classifier)
             results.append(convert.result_fields(result))
         return decision_pb2.EvaluatePolicyResponse(results=results)
+
+    async def ListDeniedTools(self, request: decision_pb2.ListDeniedToolsRequest, context: Ctx) -> Any:
+        denied_tools.validate(request)
+        return await denied_tools.list_denied_tools(self.decider.agents, self.decider.policies, current_principal(),
+                                                    current_api_key(), request)
 
     async def ReportSpend(self, request: decision_pb2.ReportSpendRequest, context: Ctx) -> Any:
         _check_common(request)
