@@ -42,6 +42,8 @@ def test_a_full_config_is_read(tmp_path: Path) -> None:
     ({"upstreams": {"a": upstream()}, "call_timeout_s": 0}, "call_timeout_s"),
     ({"upstreams": {"a": upstream()}, "max_argument_bytes": 0}, "max_argument_bytes"),
     ({"upstreams": {"a": upstream()}, "http": {"port": "x"}}, "http.port"),
+    ({"upstreams": {"a": upstream()}, "hide_denied_tools": "yes"}, "hide_denied_tools"),
+    ({"upstreams": {"a": upstream()}, "policy_refresh_s": 0}, "policy_refresh_s"),
 ])
 def test_bad_configs_are_refused_naming_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as exc:
