@@ -19,7 +19,8 @@ def request(instance_id: str, *tools: tuple[str, int]) -> decision_pb2.ListDenie
         Q(tool_name=name, declared_risk=risk) for name, risk in tools])
 
 
-async def test_an_agent_key_learns_its_outright_denied_tools_and_the_etag_follows_policy(agent: Agent) -> None:
+async def test_an_agent_key_learns_its_outright_denied_tools_and_the_etag_follows_policy(
+        agent: Agent) -> None:  # noqa: F811  (the fixture)
     client = agent.governance.client(agent.key)
     try:
         tools = [("up.echo", common_pb2.RISK_LEVEL_LOW), ("up.delete", common_pb2.RISK_LEVEL_CRITICAL),
@@ -47,7 +48,7 @@ async def test_an_agent_key_learns_its_outright_denied_tools_and_the_etag_follow
         await client.close()
 
 
-async def test_only_its_own_instance_and_valid_input(agent: Agent) -> None:
+async def test_only_its_own_instance_and_valid_input(agent: Agent) -> None:  # noqa: F811  (the fixture)
     client = agent.governance.client(agent.key)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
