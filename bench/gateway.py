@@ -33,7 +33,42 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.sdk import agent_world, pct, spawn  # noqa: E402
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def agent_world(reg_address: str, key: str) -> tuple[str, str]:
+    """One ACTIVE agent instance in a fresh tenant, and its API key."""
+    from arm.registry.v1 import access_pb2, agents_pb2, tenancy_pb2
+    from arm_client import ArmClient
+    from tests.helpers import approved_version
+
+    async with ArmClient(reg_address, key) as system:
+        slug = f"bench-{secrets.token_hex(3)}"
+        t = await system.tenancy.CreateTenant(tenancy_pb2.CreateTenantRequest(
+            slug=slug, name="bench", admin_email=f"admin@{slug}.example", admin_name="Admin"))
+    async with ArmClient(reg_address, t.admin_api_key) as admin:
+        agents = await approved_version(admin)
+        inst = (await admin.agents.CreateAgentInstance(agents_pb2.CreateAgentInstanceRequest(
+            version_id=agents.version.id, environment_id=agents.environment.id, name="bench"))).agent_instance
+        await admin.agents.TransitionAgentInstance(agents_pb2.TransitionAgentInstanceRequest(
+            id=inst.id, to_state=agents_pb2.INSTANCE_STATE_ACTIVE))
+        agent_key = (await admin.access.CreateApiKey(access_pb2.CreateApiKeyRequest(instance_id=inst.id))).secret
+    return inst.id, agent_key
 
 
 async def sessions(url: str, n: int, stack: contextlib.AsyncExitStack) -> list[Any]:
@@ -63,7 +98,8 @@ async def measure(workers: list[Callable[[], Awaitable[None]]], until: float) ->
     return out
 
 
-async def bench(env: dict[str, str], direct_url: str, gateway_url: str, seconds: float, rounds: int) -> None:
+async def bench(env: dict[str, str], direct_url: str, gateway_url: str, seconds: float, rounds: int,
+                pids: dict[str, int]) -> None:
     from google.protobuf import struct_pb2
 
     from arm.governance.v1 import decision_pb2
@@ -99,12 +135,19 @@ async def bench(env: dict[str, str], direct_url: str, gateway_url: str, seconds:
             for workers in cases.values():  # warm up channels, caches, the JIT-less interpreter
                 await measure(workers, time.perf_counter() + 0.5)
             times: dict[str, list[float]] = {name: [] for name in cases}
+            cpu = {(name, proc): 0.0 for name in cases for proc in pids}
             for _ in range(rounds):
                 for name, workers in cases.items():
+                    before = {proc: cpu_seconds(pid) for proc, pid in pids.items()}
                     times[name] += await measure(workers, time.perf_counter() + seconds / rounds / len(cases))
+                    for proc, pid in pids.items():
+                        cpu[name, proc] += cpu_seconds(pid) - before[proc]
         p50 = {name: statistics.median(t) * 1000 for name, t in times.items()}
         for name, t in times.items():
-            print(f"{name:34} {n:>9} {len(t):>7} {p50[name]:8.2f} {pct(t, 0.99) * 1000:8.2f}")
+            # CPU per call of the gateway and the upstream processes: steadier than latency on a
+            # busy machine (a 10 ms clock tick, so read it over many calls).
+            used = "  ".join(f"{proc} CPU {cpu[name, proc] / len(t) * 1e6:6.0f} µs/call" for proc in pids)
+            print(f"{name:34} {n:>9} {len(t):>7} {p50[name]:8.2f} {pct(t, 0.99) * 1000:8.2f}   {used}")
         added = p50["through the gateway"] - p50["direct to the upstream"]
         ratio = added / p50["bare Check (raw stub)"]
         print(f"{'→ added by the gateway (p50)':34} {n:>9} {'':>7} {added:8.2f}  = {ratio:.2f}x bare Check p50 "
@@ -184,7 +227,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
                   f"gateway in their own processes; the MCP clients and the bare Check in this one")
             await bench({"ARM_GOVERNANCE_ADDRESS": addr["governance"], "ARM_API_KEY": agent_key,
                          "ARM_INSTANCE_ID": instance_id}, f"http://127.0.0.1:{up_port}/mcp",
-                        f"http://127.0.0.1:{gw_port}/mcp", args.seconds, args.rounds)
+                        f"http://127.0.0.1:{gw_port}/mcp", args.seconds, args.rounds,
+                        {"gateway": procs[1].pid, "upstream": procs[0].pid})
         finally:
             for p in reversed(procs):
                 if p.poll() is None:
