@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -263,3 +265,28 @@ async def test_governance_stopped_gives_error_results_and_the_gateway_serves_on(
         for approver in agent.approvers:
             await approver.close()
         await stop_governance(governance)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_upstream_killed_mid_call(transport: str, agent: Agent, tmp_path: Path) -> None:
+    """SIGKILL to the stdio upstream while a call hangs in it: the call's client gets an error
+    result at once (not after call_timeout_s), and the next call reaches a new upstream process."""
+    calls = tmp_path / "calls.jsonl"
+    pids = Path(f"{calls}.pid")
+    async with client(transport, agent, tmp_path, calls) as c:
+        hanging = asyncio.create_task(c.session.call_tool("up.hang", {}))
+        with anyio.fail_after(30):
+            while [x["tool"] for x in upstream_calls(calls)] != ["hang"]:
+                await asyncio.sleep(0.05)
+        first = int(pids.read_text().split()[0])
+        os.kill(first, signal.SIGKILL)
+        with anyio.fail_after(30):  # call_timeout_s is 60: an answer before it is the death noticed
+            killed = await hanging
+        assert killed.is_error and 'upstream server "up" failed' in text(killed)
+        after = await c.session.call_tool("up.echo", {"text": "new process"})
+        assert text(after) == "echo: new process"
+        assert len(set(pids.read_text().split())) == 2
+    events = await run_trace(agent, run_id_of(tmp_path / "gateway.log"))
+    assert [EV.Name(e.type).removeprefix("OP_EVENT_TYPE_") for e in events] == [
+        "RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_FAILED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED",
+        "RUN_COMPLETED"]
