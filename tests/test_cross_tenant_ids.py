@@ -228,6 +228,9 @@ ROWS: list[tuple[str, Call, Callable[[Side], str]]] = [
     ("ExportDecisions(instance_id)", lambda b, a: first(b.gov.decisions.ExportDecisions(
         decision_pb2.ExportDecisionsRequest(filter=decision_pb2.DecisionFilter(instance_id=a.instance.id)))),
      lambda a: a.instance.id),
+    ("ListDeniedTools(instance_id)", lambda b, a: b.gov.decisions.ListDeniedTools(
+        decision_pb2.ListDeniedToolsRequest(instance_id=a.instance.id, tools=[
+            decision_pb2.ToolQuery(tool_name="fs.read")])), lambda a: a.instance.id),
     ("GetApproval", lambda b, a: b.gov.approvals.GetApproval(apb.GetApprovalRequest(
         approval_id=a.approval.approval_id)), lambda a: a.approval.approval_id),
     ("ListApprovals(instance_id)", lambda b, a: b.gov.approvals.ListApprovals(apb.ListApprovalsRequest(

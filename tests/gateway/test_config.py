@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ def test_a_full_config_is_read(tmp_path: Path) -> None:
     ({"upstreams": {"a": upstream()}, "call_timeout_s": 0}, "call_timeout_s"),
     ({"upstreams": {"a": upstream()}, "max_argument_bytes": 0}, "max_argument_bytes"),
     ({"upstreams": {"a": upstream()}, "http": {"port": "x"}}, "http.port"),
+    ({"upstreams": {"a": upstream()}, "hide_denied_tools": "yes"}, "hide_denied_tools"),
+    ({"upstreams": {"a": upstream()}, "policy_refresh_s": 0}, "policy_refresh_s"),
 ])
 def test_bad_configs_are_refused_naming_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -56,3 +59,33 @@ def test_unreadable_or_invalid_files(tmp_path: Path) -> None:
     bad.write_text("upstreams: [")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
+
+
+def blocks(lang: str) -> list[str]:
+    parts = DOC.read_text().split(f"```{lang}\n")[1:]
+    return [p.split("```", 1)[0] for p in parts]
+
+
+def test_the_documented_config_is_what_the_gateway_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/gateway.md's configuration example is valid and means what its comments say."""
+    (yaml_text,) = blocks("yaml")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml_text.replace("/run/secrets/search-agent.key", str(tmp_path / "search.key")))
+    (tmp_path / "search.key").write_text("search-key\n")
+    monkeypatch.setenv("FILES_AGENT_KEY", "files-key")
+    cfg = load_config(path)
+    files, search = cfg.upstreams
+    assert (cfg.http_port, cfg.hide_denied_tools, cfg.policy_refresh_s, cfg.approval_wait_s) == (8765, True, 10, 30)
+    assert (files.prefix, files.command, files.agent.api_key, files.risk_of("move_file")) == (
+        "files", "npx", "files-key", "CRITICAL")
+    assert (search.prefix, search.url, search.agent.api_key, search.risk) == (
+        "search", "http://127.0.0.1:9000/mcp", "search-key", "MEDIUM")
+
+
+def test_the_documented_client_configs_are_json() -> None:
+    configs = [json.loads(b) for b in blocks("json")]
+    assert configs[0]["mcpServers"]["arm-gateway"]["args"][:2] == ["-m", "arm_gateway"]
+    assert configs[1]["servers"]["arm-gateway-http"]["url"].endswith("/mcp")

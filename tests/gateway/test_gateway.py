@@ -40,7 +40,8 @@ def upstream_calls(path: Path) -> list[dict[str, Any]]:
 
 
 def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, url: str = "",
-                 governance_address: str = "", http_port: int = 0, call_timeout_s: float = 60.0) -> Path:
+                 governance_address: str = "", http_port: int = 0, call_timeout_s: float = 60.0,
+                 extra: dict[str, Any] | None = None) -> Path:
     key_file = tmp / "agent.key"
     key_file.write_text(agent.key + "\n")
     serve: dict[str, Any] = {"url": url} if url else {
@@ -50,7 +51,7 @@ def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, u
                 "governance_address": governance_address or agent.governance.address,
                 "telemetry_address": agent.telemetry.address},
         "approval_wait_s": approval_wait_s, "call_timeout_s": call_timeout_s,
-        **({"http": {"port": http_port}} if http_port else {}),
+        **({"http": {"port": http_port}} if http_port else {}), **(extra or {}),
         "upstreams": {"up": {
             **serve, "agent": {"instance_id": agent.instance_id, "api_key_file": str(key_file)},
             "risk": "LOW", "tools": {"delete": {"risk": "CRITICAL"}, "pay": {"risk": "HIGH"}}}},

@@ -1,5 +1,6 @@
 """A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: five tools, each call
-appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it)."""
+appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it), its
+pid appended to UPSTREAM_CALLS.pid at each start."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolReques
 
 
 async def main() -> None:
+    with open(os.environ["UPSTREAM_CALLS"] + ".pid", "a") as f:  # every start, so a test can kill it
+        f.write(f"{os.getpid()}\n")
     server: Server[Any] = Server("test-upstream", on_list_tools=list_tools, on_call_tool=call_tool)
     if len(sys.argv) == 3 and sys.argv[1] == "--http":  # streamable HTTP on 127.0.0.1:<port>/mcp
         config = uvicorn.Config(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[2]),

@@ -7,6 +7,8 @@
     approval_wait_s: 30                   # how long a call waits for an approval (default 30)
     call_timeout_s: 300                   # how long a forwarded call may take (default 300)
     max_argument_bytes: 262144            # larger arguments (as JSON) are refused, unchecked
+    hide_denied_tools: false              # leave tools the policy denies outright out of tools/list
+    policy_refresh_s: 10                  # how often hidden tools are recomputed (with hide_denied_tools)
     upstreams:
       files:                              # tools appear as "files.<tool>" (or "<prefix>.<tool>")
         command: python                   # a stdio server …
@@ -75,6 +77,10 @@ class GatewayConfig:
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     """Serve clients over streamable HTTP on this port (None: over stdio)."""
+    hide_denied_tools: bool = False
+    """Leave the tools that the agent's policy denies whatever the arguments out of tools/list."""
+    policy_refresh_s: float = 10.0
+    """How often the hidden tools are recomputed; clients are sent tools/list_changed on a change."""
 
 
 def _str(d: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
@@ -167,9 +173,15 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     max_bytes = raw.get("max_argument_bytes", 256 * 1024)
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
         raise ConfigError("max_argument_bytes: a number of bytes > 0 is required")
+    hide = raw.get("hide_denied_tools", False)
+    if not isinstance(hide, bool):
+        raise ConfigError("hide_denied_tools: true or false is required")
+    refresh = raw.get("policy_refresh_s", 10.0)
+    if not isinstance(refresh, int | float) or isinstance(refresh, bool) or refresh <= 0:
+        raise ConfigError("policy_refresh_s: a number of seconds > 0 is required")
     return GatewayConfig(tuple(upstreams), float(wait), arm.get("registry_address"), arm.get("governance_address"),
                          arm.get("telemetry_address"), arm.get("address"), max_bytes, float(call_timeout), host,
-                         port)
+                         port, hide, float(refresh))
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -1,6 +1,10 @@
 """The gateway: an MCP server to its client, an MCP client to each configured upstream.
 
-- `tools/list` is the union of the upstreams' tools, each named `<prefix>.<tool>`.
+- `tools/list` is the union of the upstreams' tools, each named `<prefix>.<tool>`. With
+  `hide_denied_tools`, the tools that the agent's policy denies whatever the arguments
+  (governance's `ListDeniedTools`) are left out; they are recomputed every `policy_refresh_s`
+  and whenever an upstream's tools change, and connected clients are sent
+  `notifications/tools/list_changed` when the list changes (they list again).
 - Every `tools/call` is a `Check` for the upstream's ARM agent (tool `<prefix>.<tool>`, the
   arguments, the upstream's declared risk, the session's run id, a fresh tool call id):
   ALLOW forwards the call and returns the upstream's result unchanged; DENY returns a tool error
@@ -9,7 +13,8 @@
   it and forwarded once; still open → an error result naming the approval id and telling the
   model it may retry later. The approval is remembered per (tool, canonical arguments) for the
   session, so a retry of the same call picks the same approval up instead of opening another.
-- Arguments larger than `max_argument_bytes` (as JSON) are refused at the gateway, unchecked.
+- Arguments larger than `max_argument_bytes` (as JSON), or that do not match the tool's input
+  schema, are refused at the gateway, unchecked: an error result saying why.
 - Governance unreachable fails closed: an error result, the upstream is not called. An upstream
   that fails, dies or takes longer than `call_timeout_s` gives an error result (TOOL_CALL_FAILED).
 - Events (through each agent's `Arm` event sender): the session is a run (RUN_STARTED …
@@ -19,7 +24,8 @@
 Clients connect over stdio (one client, the process's) or streamable HTTP (`http:` in the
 config; any number of sessions, each its own run, served concurrently).
 An upstream whose call failed is reconnected (a stdio server restarted) for the next call.
-Not built yet (issue 15): hiding denied tools."""
+Not built: change notifications to clients of the 2026-07-28 protocol era (`subscriptions/listen`);
+handshake-era clients (the SDKs' `initialize`) get them."""
 
 from __future__ import annotations
 
@@ -27,25 +33,30 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
+import jsonschema
 import mcp_types as types
 import uvicorn
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.context import ServerRequestContext
-from mcp.server.lowlevel import Server
+from mcp.server.lowlevel import NotificationOptions, Server
+from mcp.server.models import InitializationOptions
+from mcp.server.session import ServerSession
 from mcp.server.stdio import stdio_server
 
 from arm.governance.v1 import approvals_pb2 as apb
+from arm.governance.v1 import decision_pb2
 from arm.telemetry.v1 import events_pb2
 from arm_client import Arm
 from arm_client.errors import (
@@ -55,7 +66,7 @@ from arm_client.errors import (
     ArmError,
     GovernanceUnavailable,
 )
-from arm_client.sdk import OPEN_STATUSES, Decision
+from arm_client.sdk import OPEN_STATUSES, Decision, risk_level
 from arm_gateway.config import GatewayConfig, UpstreamConfig
 
 log = logging.getLogger("arm_gateway")
@@ -63,6 +74,8 @@ log = logging.getLogger("arm_gateway")
 EV = events_pb2
 RECONNECT_WAIT_S = 30.0
 """How long a call waits for an upstream that is being reconnected before failing."""
+DENIED_TOOLS_BATCH = 500
+"""Tools per ListDeniedTools request (governance's limit)."""
 
 
 def canonical(arguments: Mapping[str, Any] | None) -> str:
@@ -86,6 +99,10 @@ class Upstream:
     tools: list[types.Tool] = field(default_factory=list)
     ready: anyio.Event = field(default_factory=anyio.Event)
     broken: anyio.Event = field(default_factory=anyio.Event)
+    on_tools_changed: Callable[[], None] | None = None
+    """Called when a reconnection finds other tools than before."""
+    validators: dict[str, Any] = field(default_factory=dict)
+    """Per tool, a JSON Schema validator of its input schema (None: the schema is unusable)."""
 
     def transport(self) -> contextlib.AbstractAsyncContextManager[Any]:
         uc = self.config
@@ -102,13 +119,17 @@ class Upstream:
             try:
                 async with self.transport() as (read, write), ClientSession(read, write) as session:
                     await session.initialize()
-                    self.tools = await list_all_tools(session)
+                    tools = await list_all_tools(session)
+                    changed = [t.model_dump() for t in tools] != [t.model_dump() for t in self.tools]
+                    self.tools, self.validators = tools, {}
                     self.session = session
                     log.info("upstream %s: connected, %d tools", self.config.name, len(self.tools))
                     self.ready.set()
                     if first:
                         first = False
                         task_status.started()
+                    elif changed and self.on_tools_changed is not None:
+                        self.on_tools_changed()
                     backoff = 0.1
                     await self.broken.wait()
             except Exception as exc:
@@ -122,6 +143,28 @@ class Upstream:
             if self.broken.is_set():
                 self.broken = anyio.Event()
 
+    def argument_error(self, tool: str, arguments: dict[str, Any]) -> str | None:
+        """Why the arguments do not match the tool's input schema; None when they do (or the
+        upstream's schema is not a usable JSON Schema: then the upstream judges)."""
+        if tool not in self.validators:
+            schema = next((t.input_schema for t in self.tools if t.name == tool), None)
+            try:
+                cls = jsonschema.validators.validator_for(schema)
+                cls.check_schema(schema)
+                self.validators[tool] = cls(schema)
+            except (jsonschema.SchemaError, TypeError) as exc:
+                log.warning("upstream %s: tool %s has an unusable input schema (%s); arguments are not "
+                            "checked against it", self.config.name, tool, exc)
+                self.validators[tool] = None
+        validator = self.validators[tool]
+        if validator is None:
+            return None
+        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+        if error is None:
+            return None
+        where = "/".join(str(p) for p in error.absolute_path)
+        return f"{error.message}" + (f" (at {where})" if where else "")
+
     def restart(self) -> None:
         """Marks the connection broken after a failed call: the supervisor reconnects."""
         if self.ready.is_set():
@@ -130,12 +173,14 @@ class Upstream:
             log.warning("upstream %s: a call failed; restarting the connection", self.config.name)
 
 
-@dataclass
+@dataclass(eq=False)
 class GatewaySession:
     """One client session: its run id and the approvals it is waiting for, per call."""
 
     run_id: str
     pending: dict[tuple[str, str], str] = field(default_factory=dict)
+    notifier: ServerSession | None = None
+    """The MCP session of its latest request: its connection-scoped channel carries list_changed."""
     started: float = field(default_factory=time.perf_counter)
     ended: bool = False
 
@@ -149,25 +194,37 @@ class Gateway:
         self.by_prefix = {up.config.prefix: up for up in upstreams}
         self.arms: list[Arm] = list({id(up.arm): up.arm for up in upstreams}.values())
         self._fallback: GatewaySession | None = None
-        self.server: Server[Any] = Server("arm-gateway", on_list_tools=self.list_tools, on_call_tool=self.call_tool)
+        self.sessions: set[GatewaySession] = set()
+        """The connected client sessions (list_changed goes to each)."""
+        self.hidden: dict[str, str] = {}
+        """Prefixed tool name → why it is hidden (with hide_denied_tools)."""
+        self.upstream_changed = anyio.Event()
+        """Set when an upstream's tools changed (after a reconnection)."""
+        for up in upstreams:
+            up.on_tools_changed = self.tools_changed
+        self.server: Server[Any] = _Server("arm-gateway", on_list_tools=self.list_tools, on_call_tool=self.call_tool)
 
     def session_of(self, ctx: ServerRequestContext[Any]) -> GatewaySession:
         """The client session (MCP connection) the request belongs to; its run starts with its
         first request and completes when the connection is torn down."""
-        connection = getattr(ctx.session, "_connection", None)  # mcp 2.x: the per-connection state
+        connection = _connection_of(ctx)
         state: dict[str, Any] | None = getattr(connection, "state", None)
         if connection is None or state is None:
             if self._fallback is None:
                 self._fallback = self.start_session()
-            return self._fallback
-        session = state.get("arm_gateway")
-        if session is None:
-            session = state["arm_gateway"] = self.start_session()
-            connection.exit_stack.callback(self.end_session, session)
-        return session  # type: ignore[no-any-return]
+            session = self._fallback
+        else:
+            found: GatewaySession | None = state.get("arm_gateway")
+            if found is None:
+                found = state["arm_gateway"] = self.start_session()
+                connection.exit_stack.callback(self.end_session, found)
+            session = found
+        session.notifier = ctx.session
+        return session
 
     def start_session(self) -> GatewaySession:
         session = GatewaySession(run_id=f"mcp-{secrets.token_hex(8)}")
+        self.sessions.add(session)
         for arm in self.arms:  # the session is a run of each agent the gateway acts as
             arm.emit(EV.OP_EVENT_TYPE_RUN_STARTED, run_id=session.run_id, payload={"name": "mcp-gateway-session"})
         log.info("client session started: run id %s", session.run_id)
@@ -177,6 +234,7 @@ class Gateway:
         if session.ended:
             return
         session.ended = True
+        self.sessions.discard(session)
         duration_ms = (time.perf_counter() - session.started) * 1000
         for arm in self.arms:
             arm.emit(EV.OP_EVENT_TYPE_RUN_COMPLETED, run_id=session.run_id,
@@ -188,7 +246,64 @@ class Gateway:
         self.session_of(ctx)
         tools = [tool.model_copy(update={"name": f"{up.config.prefix}.{tool.name}"})
                  for up in self.upstreams for tool in up.tools]
+        if self.config.hide_denied_tools:
+            tools = [t for t in tools if t.name not in self.hidden]
         return types.ListToolsResult(tools=tools)
+
+    # --- hidden tools -----------------------------------------------------------------------------
+
+    def tools_changed(self) -> None:
+        self.upstream_changed.set()
+
+    async def denied_tools(self) -> dict[str, str]:
+        """Asks governance, per agent, which of its upstreams' tools its policy denies whatever
+        the arguments. Raises ArmError when governance cannot answer."""
+        hidden: dict[str, str] = {}
+        for arm in self.arms:
+            queries = [decision_pb2.ToolQuery(tool_name=f"{up.config.prefix}.{t.name}",
+                                              declared_risk=risk_level(up.config.risk_of(t.name)))  # type: ignore[arg-type]
+                       for up in self.upstreams if up.arm is arm for t in up.tools]
+            for i in range(0, len(queries), DENIED_TOOLS_BATCH):
+                resp = await arm.call(arm.stubs.decisions.ListDeniedTools, decision_pb2.ListDeniedToolsRequest(
+                    instance_id=arm.settings.instance_id, tools=queries[i:i + DENIED_TOOLS_BATCH]))
+                for d in resp.denied:
+                    hidden[d.tool_name] = "; ".join(f"{r.code}: {r.message}" for r in d.reasons)
+        return hidden
+
+    async def refresh_hidden(self) -> bool:
+        """Recomputes the hidden tools. Governance unreachable: the previous ones are kept
+        (calls still fail closed). Returns whether they changed."""
+        try:
+            hidden = await self.denied_tools()
+        except ArmError as exc:
+            log.warning("hidden tools not refreshed: %s", exc)
+            return False
+        if hidden == self.hidden:
+            return False
+        log.info("hidden tools now: %s", ", ".join(sorted(hidden)) or "none")
+        self.hidden = hidden
+        return True
+
+    async def tools_list_changed(self) -> None:
+        """Tells every connected client that tools/list changed (they list again)."""
+        for session in list(self.sessions):
+            if session.notifier is not None:
+                try:
+                    await session.notifier.send_tool_list_changed()
+                except Exception as exc:  # a client that went away: its session ends on its own
+                    log.info("run %s: tools/list_changed not sent: %s", session.run_id, exc)
+
+    async def watch_tools(self) -> None:
+        """Sends tools/list_changed when the list changes: an upstream's tools changed, or (with
+        hide_denied_tools, recomputed every `policy_refresh_s`) the hidden tools did."""
+        while True:
+            with anyio.move_on_after(self.config.policy_refresh_s if self.config.hide_denied_tools else math.inf):
+                await self.upstream_changed.wait()
+            upstream = self.upstream_changed.is_set()
+            self.upstream_changed = anyio.Event()
+            hidden = self.config.hide_denied_tools and await self.refresh_hidden()
+            if upstream or hidden:
+                await self.tools_list_changed()
 
     async def call_tool(self, ctx: ServerRequestContext[Any],
                         params: types.CallToolRequestParams) -> types.CallToolResult:
@@ -205,6 +320,10 @@ class Gateway:
         if len(key[1].encode()) > self.config.max_argument_bytes:
             return error_result(f'The call to "{name}" was not run: its arguments are {len(key[1].encode())} '
                                 f"bytes as JSON, more than this gateway accepts ({self.config.max_argument_bytes}).")
+        bad = up.argument_error(tool, arguments)
+        if bad is not None:
+            return error_result(f'The call to "{name}" was not run: its arguments do not match the tool\'s input '
+                                f"schema: {bad}. Fix the arguments (see tools/list) and call again.")
         started = time.perf_counter()
         tcid = f"tc-{secrets.token_hex(8)}"
         risk = up.config.risk_of(tool)
@@ -329,6 +448,9 @@ async def connected(config: GatewayConfig) -> AsyncIterator[Gateway]:
         for up in upstreams:
             await supervisors.start(up.keep_connected)
         gateway = Gateway(config, upstreams)
+        if config.hide_denied_tools:
+            await gateway.refresh_hidden()  # before the first tools/list
+        supervisors.start_soon(gateway.watch_tools)
         try:
             yield gateway
         finally:
@@ -348,7 +470,10 @@ async def serve_http(config: GatewayConfig) -> None:
     SIGTERM / SIGINT; each MCP session is its own run."""
     async with connected(config) as gateway:
         assert config.http_port is not None
-        app = gateway.server.streamable_http_app(host=config.http_host)
+        # Plain JSON answers to POSTs rather than an SSE stream per call: the gateway sends no
+        # request-scoped messages, and it costs about a third less of the gateway's CPU per call
+        # (bench/gateway.py). Notifications (tools/list_changed) ride the session's GET stream.
+        app = gateway.server.streamable_http_app(host=config.http_host, json_response=True)
         server = _HttpServer(uvicorn.Config(app, host=config.http_host, port=config.http_port,
                                             log_level="warning", lifespan="on"))
         loop = asyncio.get_running_loop()
@@ -357,6 +482,26 @@ async def serve_http(config: GatewayConfig) -> None:
         log.info("serving MCP over streamable HTTP at http://%s:%d/mcp", config.http_host, config.http_port)
         await server.serve()
     log.info("stopped; events flushed")
+
+
+def _connection_of(ctx: ServerRequestContext[Any]) -> Any:
+    """The MCP connection (`mcp.server.connection.Connection`: per-connection `state` and
+    `exit_stack`) the request came in on. mcp 2.3 documents these as the place for per-connection
+    state and cleanup but hands lowlevel handlers no public way to reach them
+    (`ServerRequestContext` has no `connection` yet; the SDK's own TODO L54), so this reads the
+    per-request session's reference; None (all requests one session) if the SDK moves it."""
+    return getattr(ctx.session, "_connection", None)
+
+
+class _Server(Server[Any]):
+    """Advertises `tools.listChanged` on every transport (the streamable HTTP manager builds the
+    initialization options itself, with no notification options)."""
+
+    def create_initialization_options(self, notification_options: NotificationOptions | None = None,
+                                      experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+                                      extensions: dict[str, dict[str, Any]] | None = None) -> InitializationOptions:
+        return super().create_initialization_options(notification_options or NotificationOptions(tools_changed=True),
+                                                     experimental_capabilities, extensions)
 
 
 class _HttpServer(uvicorn.Server):

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from ..risk import Classifier, Risk
 from .compile import CompiledPolicy, compile_policy, effective_rules
-from .decide import decide
+from .decide import decide, denied_outright
 from .globs import arg_pattern_error, glob_matches
 from .types import (
     DEFAULT_CLASSIFIER,
@@ -102,6 +102,7 @@ __all__ = [
     "arg_pattern_error",
     "compile_policy",
     "decide",
+    "denied_outright",
     "effective_rules",
     "glob_matches",
 ]

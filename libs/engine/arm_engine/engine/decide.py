@@ -417,6 +417,44 @@ def decide(policy: CompiledPolicy, agent: Agent | None, call: Call, *,
                       _declared_or(call, HIGH), Step.AGENT)
 
 
+# --- Denied outright (ListDeniedTools) ------------------------------------------------------------
+
+OUTRIGHT_MAX_PATTERNS = 8
+"""More argument patterns than this on one tool's rules: it is never reported denied outright
+(2^n combinations would be evaluated)."""
+
+
+def denied_outright(policy: CompiledPolicy, agent: Agent, tool: str,
+                    declared_risk: Risk | None = None) -> Result | None:
+    """The DENY that the policy (locked rules, enforced envelopes, baseline: steps 4-6) gives
+    every call of `tool` by `agent`, whatever its arguments; None when some call could be allowed
+    or need approval. "Whatever its arguments" is taken conservatively: every effective risk from
+    the declared one (LOW when none) up, and every combination of the tool's argument-pattern
+    matches. Agent and version state, kill switches, budgets and approvals are not considered
+    (they change at run time; `decide` still applies them). The result is the one at the
+    declared risk with no pattern matching."""
+    plan = policy._plans.get(tool) or policy._plan(tool)
+    bits = [bit for bit, _rx in plan.patterns]
+    if len(bits) > OUTRIGHT_MAX_PATTERNS:
+        return None
+    envn, envt = agent.environment_name.lower(), agent.environment_type.lower()
+    first: Result | None = None
+    for risk in Risk:
+        if declared_risk is not None and risk < declared_risk:
+            continue
+        for combo in range(1 << len(bits)):
+            mask = 0
+            for i, bit in enumerate(bits):
+                if combo & (1 << i):
+                    mask |= bit
+            hit = _enforced(policy, plan, risk, envn, envt, mask, None, 0.0)
+            if hit.effect is not DENY:
+                return None
+            if first is None:
+                first = _result(hit, risk, ())
+    return first
+
+
 def _declared_or(call: Any, default: Risk) -> Risk:
     declared = getattr(call, "declared_risk", None)
     try:

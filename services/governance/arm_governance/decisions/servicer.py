@@ -20,6 +20,7 @@ from arm_common.errors import FieldViolation, InvalidArgument, NotFound, Permiss
 from arm_common.server import Ctx
 from arm_engine import engine
 from arm_governance import convert
+from arm_governance.decisions import denied_tools
 from arm_governance.decisions.reads import DecisionFilter, DecisionReader, export_line
 from arm_governance.decisions.service import Decider, SpendBook, check_batch_limit, validate_check
 from arm_governance.edge import check_common
@@ -111,6 +112,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         p, key = current_principal(), current_api_key()
         results = await asyncio.gather(*(self.decider.check(p, key, item) for item in request.checks))
         return decision_pb2.CheckBatchResponse(results=results, request_id=request.request_id)
+
+    async def ListDeniedTools(self, request: decision_pb2.ListDeniedToolsRequest, context: Ctx) -> Any:
+        denied_tools.validate(request)
+        return await denied_tools.list_denied_tools(self.decider.agents, self.decider.policies, current_principal(),
+                                                    current_api_key(), request)
 
     async def GetDecision(self, request: decision_pb2.GetDecisionRequest, context: Ctx) -> Any:
         v = Violations()

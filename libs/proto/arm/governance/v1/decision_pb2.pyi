@@ -956,3 +956,134 @@ class EvaluatePolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluatePolicyResponse: _TypeAlias = EvaluatePolicyResponse  # noqa: Y015
+
+@_typing.final
+class ToolQuery(_message.Message):
+    """One tool asked about in ListDeniedTools."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    DECLARED_RISK_FIELD_NUMBER: _builtins.int
+    tool_name: _builtins.str
+    """Tool name, as in CheckRequest.tool_name; required, at most 200 characters, no NUL."""
+    declared_risk: _common_pb2.RiskLevel.ValueType
+    """Risk the caller will declare when it checks calls of this tool; UNSPECIFIED = not declared."""
+    def __init__(
+        self,
+        *,
+        tool_name: _builtins.str = ...,
+        declared_risk: _common_pb2.RiskLevel.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_risk", b"declared_risk", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolQuery: _TypeAlias = ToolQuery  # noqa: Y015
+
+@_typing.final
+class ListDeniedToolsRequest(_message.Message):
+    """Request of ListDeniedTools."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LEGACY_AGENT_ID_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """An agent instance id."""
+    legacy_agent_id: _builtins.str
+    """A legacy agent id (older platform)."""
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolQuery]:
+        """The tools: 1 to 500, names unique."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        legacy_agent_id: _builtins.str = ...,
+        tools: _abc.Iterable[Global___ToolQuery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "instance_id", b"instance_id", "legacy_agent_id", b"legacy_agent_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "instance_id", b"instance_id", "legacy_agent_id", b"legacy_agent_id", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_agent: _TypeAlias = _typing.Literal["instance_id", "legacy_agent_id"]  # noqa: Y015
+    _WhichOneofArgType_agent: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_agent) -> _WhichOneofReturnType_agent | None: ...
+
+Global___ListDeniedToolsRequest: _TypeAlias = ListDeniedToolsRequest  # noqa: Y015
+
+@_typing.final
+class DeniedTool(_message.Message):
+    """A tool its policy denies whatever the arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    RULE_DESCRIPTION_FIELD_NUMBER: _builtins.int
+    tool_name: _builtins.str
+    """The tool name as asked."""
+    rule_description: _builtins.str
+    """Human description of the deciding rule, e.g. "up.delete → DENY"."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.Reason]:
+        """Why (the deciding reason first), as Check would answer at the declared risk."""
+
+    def __init__(
+        self,
+        *,
+        tool_name: _builtins.str = ...,
+        reasons: _abc.Iterable[_policy_pb2.Reason] | None = ...,
+        rule_description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasons", b"reasons", "rule_description", b"rule_description", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeniedTool: _TypeAlias = DeniedTool  # noqa: Y015
+
+@_typing.final
+class ListDeniedToolsResponse(_message.Message):
+    """Response of ListDeniedTools. A tool is listed when locked rules, enforced envelopes and the
+    baseline (Check's steps 4-6) deny it at every effective risk from its declared risk up and
+    under every combination of argument-pattern matches. Agent and version state, kill switches,
+    budgets and approvals are not considered: they change at run time, and Check still refuses
+    those calls.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DENIED_FIELD_NUMBER: _builtins.int
+    POLICY_EPOCH_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    policy_epoch: _builtins.int
+    """The tenant's policy epoch the answer was computed at."""
+    etag: _builtins.str
+    """Opaque; equal etags mean equal answers for the same tools (it covers the epoch and the
+    agent's project, version and environment).
+    """
+    @_builtins.property
+    def denied(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeniedTool]:
+        """The denied tools, in request order; tools not listed may be allowed or need approval."""
+
+    def __init__(
+        self,
+        *,
+        denied: _abc.Iterable[Global___DeniedTool] | None = ...,
+        policy_epoch: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denied", b"denied", "etag", b"etag", "policy_epoch", b"policy_epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeniedToolsResponse: _TypeAlias = ListDeniedToolsResponse  # noqa: Y015

@@ -70,6 +70,11 @@ class DecisionServiceStub:
                 request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyRequest.SerializeToString,
                 response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyResponse.FromString,
                 _registered_method=True)
+        self.ListDeniedTools = channel.unary_unary(
+                '/arm.governance.v1.DecisionService/ListDeniedTools',
+                request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -130,6 +135,17 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeniedTools(self, request, context):
+        """Of the tools given, those the agent's policy denies whatever the call's arguments (so a
+        gateway can hide them), with the policy epoch and an etag that changes whenever the answer
+        may. An agent key may ask about its own instance only (else PERMISSION_DENIED
+        NOT_YOUR_AGENT); other keys about any instance of their tenant. Nothing is logged. Requires
+        `decisions:check`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +183,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.EvaluatePolicy,
                     request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyRequest.FromString,
                     response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyResponse.SerializeToString,
+            ),
+            'ListDeniedTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeniedTools,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +380,33 @@ class DecisionService:
             '/arm.governance.v1.DecisionService/EvaluatePolicy',
             arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyRequest.SerializeToString,
             arm_dot_governance_dot_v1_dot_decision__pb2.EvaluatePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeniedTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.DecisionService/ListDeniedTools',
+            arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

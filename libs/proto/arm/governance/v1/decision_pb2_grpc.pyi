@@ -58,6 +58,13 @@ class DecisionServiceStub:
     and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
     stored envelope is read (`arm policy test --server`). Requires `policies:read`.
     """
+    ListDeniedTools: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ListDeniedToolsRequest, _decision_pb2.ListDeniedToolsResponse]
+    """Of the tools given, those the agent's policy denies whatever the call's arguments (so a
+    gateway can hide them), with the policy epoch and an etag that changes whenever the answer
+    may. An agent key may ask about its own instance only (else PERMISSION_DENIED
+    NOT_YOUR_AGENT); other keys about any instance of their tenant. Nothing is logged. Requires
+    `decisions:check`.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -86,6 +93,13 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
     and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
     stored envelope is read (`arm policy test --server`). Requires `policies:read`.
+    """
+    ListDeniedTools: _aio.UnaryUnaryMultiCallable[_decision_pb2.ListDeniedToolsRequest, _decision_pb2.ListDeniedToolsResponse]  # type: ignore[assignment]
+    """Of the tools given, those the agent's policy denies whatever the call's arguments (so a
+    gateway can hide them), with the policy epoch and an etag that changes whenever the answer
+    may. An agent key may ask about its own instance only (else PERMISSION_DENIED
+    NOT_YOUR_AGENT); other keys about any instance of their tenant. Nothing is logged. Requires
+    `decisions:check`.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,6 +168,19 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Decides hypothetical calls of a hypothetical agent under the envelopes given, with the engine
         and risk classifier `Check` uses; nothing is logged, no approval is created, no agent, spend or
         stored envelope is read (`arm policy test --server`). Requires `policies:read`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeniedTools(
+        self,
+        request: _decision_pb2.ListDeniedToolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.ListDeniedToolsResponse, _abc.Awaitable[_decision_pb2.ListDeniedToolsResponse]]:
+        """Of the tools given, those the agent's policy denies whatever the call's arguments (so a
+        gateway can hide them), with the policy epoch and an etag that changes whenever the answer
+        may. An agent key may ask about its own instance only (else PERMISSION_DENIED
+        NOT_YOUR_AGENT); other keys about any instance of their tenant. Nothing is logged. Requires
+        `decisions:check`.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
