@@ -757,7 +757,7 @@ async def test_policy_changes_apply_on_next_check(tenant: Any, gov: ArmClient) -
     assert again.policy_epoch > denied.policy_epoch
 
 
-UPDATE_BUG = ("BUG: policy_store.py:200 PolicyStore.apply_mask reads FieldDescriptor.label, which "
+UPDATE_BUG = ("BUG: policy/store.py PolicyStore.apply_mask reads FieldDescriptor.label, which "
               "protobuf 7.36.2 (requirements.lock) no longer has: every UpdatePolicyEnvelope fails "
               "with INTERNAL (AttributeError) instead of storing a new revision")
 

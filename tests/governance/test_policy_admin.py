@@ -31,11 +31,11 @@ TENANT, PROJECT, VERSION = (policy_pb2.POLICY_SCOPE_TENANT, policy_pb2.POLICY_SC
 ENFORCE, SHADOW = policy_pb2.POLICY_MODE_ENFORCE, policy_pb2.POLICY_MODE_SHADOW
 CR = common_pb2.ChangeRecordType
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-SIMULATE_BUG = ("BUG: servicers.py:282-288 SimulatePolicy returns DecisionRecord ORM rows out of db.read(), "
+SIMULATE_BUG = ("BUG: policy/servicer.py SimulatePolicy returns DecisionRecord ORM rows out of db.read(), "
                 "whose session is rolled back (arm_common/db.py Database.read), so convert.py:128 `row.agent` "
                 "raises DetachedInstanceError: SimulatePolicy fails with INTERNAL whenever the tenant has any "
                 "logged decision in the lookback window")
-UPDATE_BUG = ("BUG: policy_store.py:200 PolicyStore.apply_mask reads FieldDescriptor.label, which "
+UPDATE_BUG = ("BUG: policy/store.py PolicyStore.apply_mask reads FieldDescriptor.label, which "
               "protobuf 7.36.2 (requirements.lock) no longer has: every UpdatePolicyEnvelope that "
               "passes the etag check fails with INTERNAL (AttributeError)")
 
