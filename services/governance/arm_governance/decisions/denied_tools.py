@@ -14,8 +14,8 @@ from arm_common.auth import Principal
 from arm_common.errors import NotFound, PermissionDenied, Violations
 from arm_engine import engine
 from arm_governance import convert
-from arm_governance.policy import limits
 from arm_governance.agent_cache import AgentDirectory
+from arm_governance.policy import limits
 from arm_governance.policy.cache import PolicyCache
 
 MAX_TOOLS = 500
