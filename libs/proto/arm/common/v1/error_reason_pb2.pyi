@@ -248,6 +248,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION, registry; e.g. f'evaluations are recorded in TESTING, the version is {row.state}'."""
     ERROR_REASON_WATCH_UNAVAILABLE: _ErrorReason.ValueType  # 112
     """FAILED_PRECONDITION, registry; e.g. change notices are not enabled."""
+    ERROR_REASON_WEBHOOK_NOT_FOUND: _ErrorReason.ValueType  # 113
+    """NOT_FOUND, governance; e.g. webhook '…' not found."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the catalogue of every `google.rpc.ErrorInfo.reason` ARM sends (domain
@@ -485,4 +487,6 @@ ERROR_REASON_VERSION_NOT_IN_TESTING: ErrorReason.ValueType  # 111
 """FAILED_PRECONDITION, registry; e.g. f'evaluations are recorded in TESTING, the version is {row.state}'."""
 ERROR_REASON_WATCH_UNAVAILABLE: ErrorReason.ValueType  # 112
 """FAILED_PRECONDITION, registry; e.g. change notices are not enabled."""
+ERROR_REASON_WEBHOOK_NOT_FOUND: ErrorReason.ValueType  # 113
+"""NOT_FOUND, governance; e.g. webhook '…' not found."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
