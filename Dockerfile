@@ -20,7 +20,7 @@ FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa1849
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONPATH=/app/libs/proto:/app/libs/common:/app/libs/engine:/app/libs/client:/app/services/registry:/app/services/governance:/app/services/telemetry:/app/services/allinone:/app/services/gateway:/app/services/console \
+    PYTHONPATH=/app/libs/proto:/app/libs/common:/app/libs/engine:/app/libs/client:/app/libs/cli:/app/services/registry:/app/services/governance:/app/services/telemetry:/app/services/allinone:/app/services/gateway:/app/services/console \
     ARM_LISTEN=0.0.0.0:50051 \
     ARM_CONSOLE_LISTEN=0.0.0.0:8080 \
     ARM_DATA_DIR=/data \

@@ -109,6 +109,15 @@ def test_dockerfile_installs_only_the_runtime_lock_pins_its_base_and_runs_as_non
     assert uid.isdigit() and int(uid) > 0
 
 
+def test_dockerfile_puts_every_source_folder_of_the_makefile_on_the_path() -> None:
+    """The image imports what a checkout imports: its PYTHONPATH is the Makefile's SRC_DIRS (the
+    console, for one, imports the CLI's policy-file library)."""
+    src_dirs = re.search(r"^SRC_DIRS := (.*)$", (ROOT / "Makefile").read_text(), re.M)
+    path = re.search(r"PYTHONPATH=(\S+)", (ROOT / "Dockerfile").read_text())
+    assert src_dirs is not None and path is not None
+    assert path.group(1).split(":") == [f"/app/{d}" for d in src_dirs.group(1).split()]
+
+
 def test_compose_mints_and_provisions_the_keys_in_one_go() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
