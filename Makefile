@@ -9,7 +9,7 @@ SRC_DIRS := libs/proto libs/common libs/engine libs/client libs/cli services/reg
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test proto proto-lint lint lock bench clean
+.PHONY: setup run test proto proto-lint lint lock bench bench-peers clean
 
 # Development installs both locks: requirements-dev.lock starts with `-r requirements.lock`.
 $(STAMP): requirements.lock requirements-dev.lock package.json package-lock.json Makefile
@@ -60,6 +60,12 @@ lock:
 	    "# \`make lock\` from requirements-dev.in. \`make setup\` installs this file (runtime + dev); the image" \
 	    "# installs requirements.lock only." "-r requirements.lock"; \
 	  $(LOCK_VENV)/bin/pip freeze --all --exclude pip --exclude setuptools | grep -vxiF -f requirements.lock; } > requirements-dev.lock
+
+# The peers check_grpc.py measures beside Check (Cerbos's PDP from npm, pinned by
+# bench/peers/package-lock.json): installed here only, never by `make setup`, so tests need no download.
+bench-peers: setup
+	npm ci --prefix bench/peers --no-audit --no-fund
+	$(PY) bench/check_grpc.py --cerbos --workers 1
 
 bench: setup
 	$(PY) bench/engine.py

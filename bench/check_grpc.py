@@ -7,7 +7,13 @@ its own process. Each configuration is measured at 1 and at 64 calls in flight; 
 N governance processes serve one port (SO_REUSEPORT) and the load generator opens one channel
 per worker so the kernel spreads connections over them.
 
-  .venv/bin/python bench/check_grpc.py [--postgres URL] [--seconds 5] [--workers 1 2] [--tools a,b]
+With `--cerbos` (or when bench/peers/node_modules holds it: `make bench-peers` installs it with
+`npm ci`), Cerbos's PDP from the npm package @cerbos/cerbos-linux-x64 serves the same ten-case
+policy as scoped resource policies (bench/peers/cerbos/) and is loaded by the same load generator
+through its gRPC CheckResources; before measuring, each of the ten tools is asked of both and
+the run stops unless every decision agrees.
+
+  .venv/bin/python bench/check_grpc.py [--postgres URL] [--seconds 5] [--workers 1 2] [--tools a,b] [--cerbos]
 
 Prints figures; asserts nothing."""
 
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,6 +41,9 @@ from arm.governance.v1 import decision_pb2, policy_pb2  # noqa: E402
 from arm.registry.v1 import agents_pb2  # noqa: E402
 
 ECHO_METHOD = "/bench.Echo/Echo"
+PEERS = ROOT / "bench" / "peers"
+CERBOS_BIN = PEERS / "node_modules" / "@cerbos" / "cerbos-linux-x64" / "cerbos-linux-x64"
+CERBOS_SCOPE = "acme.proj.ver"  # tenant acme, project proj, version ver: bench/peers/cerbos/*.yaml
 
 
 # --- processes spawned by this script --------------------------------------------------------
@@ -65,13 +75,46 @@ TOOLS = ("fs.read", "web.search", "db.write", "payments.send", "git.push", "docs
          "shell.exec", "email.send", "deploy.prod", "kb.query")
 
 
+def cerbos_request(tool: str, risk: int, principal: str) -> Any:
+    """Cerbos's question for one call: may agent `principal` `call` tool `tool` (kind `tool`, in
+    the version's scope, with the risk ARM rated it), and else `request_approval` for it."""
+    from cerbos.engine.v1 import engine_pb2
+    from cerbos.request.v1 import request_pb2
+    from google.protobuf import struct_pb2
+
+    return request_pb2.CheckResourcesRequest(
+        request_id="bench", principal=engine_pb2.Principal(id=principal, roles=["agent"]),
+        resources=[request_pb2.CheckResourcesRequest.ResourceEntry(
+            actions=["call", "request_approval"],
+            resource=engine_pb2.Resource(kind="tool", id=tool, scope=CERBOS_SCOPE,
+                                         attr={"risk": struct_pb2.Value(number_value=risk)}))])
+
+
+def cerbos_decision(response: Any) -> str:
+    """ARM's decision name for Cerbos's answer: `call` allowed is ALLOW, else `request_approval`
+    allowed is NEEDS_APPROVAL, else DENY."""
+    from cerbos.effect.v1 import effect_pb2
+
+    actions = response.results[0].actions
+    if actions["call"] == effect_pb2.EFFECT_ALLOW:
+        return "ALLOW"
+    return "NEEDS_APPROVAL" if actions["request_approval"] == effect_pb2.EFFECT_ALLOW else "DENY"
+
+
+def cerbos_stub(channel: grpc.aio.Channel) -> Any:
+    from cerbos.svc.v1 import svc_pb2_grpc
+
+    return svc_pb2_grpc.CerbosServiceStub(channel).CheckResources
+
+
 async def load(address: str, key: str, instance: str, in_flight: int, seconds: float,
                channels: int, echo: bool, client_interceptors: bool = False,
-               tools: tuple[str, ...] = TOOLS) -> dict[str, float]:
+               tools: tuple[str, ...] = TOOLS, cerbos_risks: dict[str, int] | None = None) -> dict[str, float]:
     """Runs `in_flight` concurrent callers for `seconds`; returns calls/s, p50 and p99 in ms.
     Echo and Check clients are the same: no client interceptors, the key sent as call metadata.
     `client_interceptors` instead adds the key through arm_client's grpc.aio client
-    interceptors (how the load generator worked until 2026-11-24), for comparison."""
+    interceptors (how the load generator worked until 2026-11-24), for comparison.
+    With `cerbos_risks` (tool -> risk), the calls are Cerbos CheckResources instead."""
     from arm_client import auth_interceptors
 
     chans = [grpc.aio.insecure_channel(address, interceptors=auth_interceptors(key) if client_interceptors else None,
@@ -80,9 +123,14 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
     metadata = None if client_interceptors else (("authorization", f"Bearer {key}"),)
     requests = [decision_pb2.CheckRequest(instance_id=instance, tool_name=t, run_id="bench-run",
                                           arguments=None) for t in tools]
+    if cerbos_risks is not None:
+        metadata = None
+        requests = [cerbos_request(t, cerbos_risks[t], instance or "agent") for t in tools]
     calls = []
     for ch in chans:
-        if echo:
+        if cerbos_risks is not None:
+            calls.append(cerbos_stub(ch))
+        elif echo:
             calls.append(ch.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None))
         else:
             from arm.governance.v1 import decision_pb2_grpc
@@ -117,6 +165,42 @@ async def load(address: str, key: str, instance: str, in_flight: int, seconds: f
 
 # --- orchestration ---------------------------------------------------------------------------
 
+def start_cerbos(grpc_port: int, http_port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Cerbos's PDP on the policies of bench/peers/cerbos (disk store, no audit log: its default),
+    from the npm package that `make bench-peers` installs."""
+    if not CERBOS_BIN.exists():
+        raise SystemExit(f"{CERBOS_BIN} is missing: run `make bench-peers` (or `npm ci --prefix bench/peers`)")
+    return subprocess.Popen([str(CERBOS_BIN), "server", f"--set=server.grpcListenAddr=127.0.0.1:{grpc_port}",
+                             f"--set=server.httpListenAddr=127.0.0.1:{http_port}", "--set=storage.driver=disk",
+                             f"--set=storage.disk.directory={PEERS / 'cerbos'}",
+                             "--set=storage.disk.watchForChanges=false"],
+                            env={**os.environ, "CERBOS_NO_TELEMETRY": "1"}, cwd=PEERS,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+async def compare_decisions(gov_address: str, key: str, instance: str, cerbos_address: str,
+                            tools: tuple[str, ...]) -> dict[str, int]:
+    """Asks ARM's Check and then Cerbos about each tool (Cerbos with the risk ARM rated the
+    call); returns tool -> risk, or stops the run when a decision differs."""
+    from arm.governance.v1 import decision_pb2_grpc
+
+    risks: dict[str, int] = {}
+    rows = []
+    async with grpc.aio.insecure_channel(gov_address) as arm_ch, grpc.aio.insecure_channel(cerbos_address) as c_ch:
+        check, cerbos = decision_pb2_grpc.DecisionServiceStub(arm_ch).Check, cerbos_stub(c_ch)
+        for tool in tools:
+            answer = await check(decision_pb2.CheckRequest(instance_id=instance, tool_name=tool, run_id="bench-run"),
+                                 metadata=(("authorization", f"Bearer {key}"),))
+            risks[tool] = answer.effective_risk
+            rows.append((tool, policy_pb2.Decision.Name(answer.decision).removeprefix("DECISION_"),
+                         cerbos_decision(await cerbos(cerbos_request(tool, answer.effective_risk, instance)))))
+    print("# decisions, ARM / Cerbos: " + ", ".join(f"{t} {a}" + ("" if a == c else f" / {c} (DIFFERS)")
+                                                  for t, a, c in rows))
+    if any(a != c for _, a, c in rows):
+        raise SystemExit("ARM and Cerbos decide differently: the two policies are not the same")
+    return risks
+
+
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=open(log, "ab"),  # noqa: SIM115
                             stderr=subprocess.STDOUT)
@@ -149,13 +233,14 @@ def postgres_cpu_seconds() -> float:
 
 def run_load(address: str, key: str, instance: str, in_flight: int, seconds: float, channels: int,
              echo: bool, server_pids: list[int], client_interceptors: bool = False,
-             tools: tuple[str, ...] = TOOLS) -> dict[str, float]:
+             tools: tuple[str, ...] = TOOLS, cerbos_risks: dict[str, int] | None = None) -> dict[str, float]:
     """Runs the load generator; adds the servers' CPU microseconds per call (warm-up included)."""
     cpu0, pg0 = cpu_seconds(server_pids), postgres_cpu_seconds()
     out = subprocess.run([sys.executable, __file__, "--load", address, "--key", key, "--instance", instance,
                           "--in-flight", str(in_flight), "--seconds", str(seconds),
                           "--channels", str(channels), "--tools", ",".join(tools)] + (["--echo"] if echo else [])
-                         + (["--client-interceptors"] if client_interceptors else []),
+                         + (["--client-interceptors"] if client_interceptors else [])
+                         + (["--cerbos-risks", json.dumps(cerbos_risks)] if cerbos_risks is not None else []),
                          check=True, capture_output=True, text=True, cwd=ROOT)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     result["cpu_us"] = (cpu_seconds(server_pids) - cpu0) / max(1, result["all_calls"]) * 1e6
@@ -224,6 +309,12 @@ async def orchestrate(args: argparse.Namespace) -> None:
                             "--postgres", args.postgres, "--table", f"{schemas['governance']}_floor"],
                            base_env(), log))
         floor_pid = procs[-1].pid
+        use_cerbos = CERBOS_BIN.exists() if args.cerbos is None else args.cerbos
+        if use_cerbos:
+            cerbos_port = free_port()
+            procs.append(start_cerbos(cerbos_port, free_port(), log))
+            cerbos_pid = procs[-1].pid
+            await wait_serving(f"127.0.0.1:{cerbos_port}", procs[-1], log)
         if args.echo_interceptor:
             icpt_port = free_port()
             procs.append(spawn([__file__, "--echo-server", str(icpt_port), "--with-interceptor"], base_env(), log))
@@ -249,6 +340,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 print(f"{'echo + pass-through interceptor':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
                       f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}")
         instance = None
+        risks: dict[str, int] | None = None
+        tools = tuple(args.tools.split(","))
         for workers in args.workers:
             gov_port = free_port()
             gov_env = base_env(ARM_GOVERNANCE_LISTEN=f"127.0.0.1:{gov_port}", ARM_LOG_LEVEL="WARNING",
@@ -263,6 +356,9 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 await wait_serving(f"127.0.0.1:{gov_port}", p, log)
             if instance is None:
                 instance = await setup_world(f"127.0.0.1:{reg_port}", key, f"127.0.0.1:{gov_port}")
+                if use_cerbos:
+                    risks = await compare_decisions(f"127.0.0.1:{gov_port}", key, instance,
+                                                    f"127.0.0.1:{cerbos_port}", tools)
             for n, old_client in [(n, old) for n in (1, 64) for old in (False, True)
                                   if not old or args.compare_client]:
                 spy = None
@@ -275,7 +371,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                          *(["--native"] if args.profile_native else ["--nonblocking"]), "--format", "raw",
                          "-o", f"{args.profile}-w{workers}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False,
-                             [p.pid for p in gov_procs], old_client, tuple(args.tools.split(",")))
+                             [p.pid for p in gov_procs], old_client, tools)
                 if spy is not None:
                     spy.wait(60)
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
@@ -288,6 +384,15 @@ async def orchestrate(args: argparse.Namespace) -> None:
             for p in gov_procs:
                 p.terminate()
                 p.wait(30)
+        if use_cerbos and risks is not None:
+            for n in (1, 64):
+                r = run_load(f"127.0.0.1:{cerbos_port}", key, instance or "", n, args.seconds, 1, False,
+                             [cerbos_pid], tools=tools, cerbos_risks=risks)
+                print(f"{'Cerbos 0.55 PDP (peer, no log)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
+                      f" {r['p99_ms']:>7.2f} {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}"
+                      f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
+                      f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50;"
+                      f" {r['calls_per_s'] / floor[n]['calls_per_s']:.2f}x / {r['p50_ms'] / floor[n]['p50_ms']:.2f}x floor)")
         conn = await asyncpg.connect(args.postgres)
         mix = await conn.fetch(f'SELECT decision, count(*) AS n FROM "{schemas["governance"]}".decisions GROUP BY 1')
         await conn.close()
@@ -319,6 +424,8 @@ def main() -> None:
                         help="also measure Check with the key added by client interceptors (the old load generator)")
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help="comma-separated tool names the load generator rotates (default: the ten of the mix)")
+    parser.add_argument("--cerbos", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure Cerbos's PDP with the same policy (default: when bench/peers is installed)")
     parser.add_argument("--profile", help="py-spy raw samples of governance to PREFIX-wN.txt (see --profile-at)")
     parser.add_argument("--profile-at", type=int, choices=(1, 64), default=64,
                         help="with --profile, the number of calls in flight to sample at (default 64)")
@@ -332,12 +439,14 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--channels", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cerbos-risks", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
         asyncio.run(echo_server(args.echo_server, args.with_interceptor))
     elif args.load:
         result = asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
-                                  args.channels, args.echo, args.client_interceptors, tuple(args.tools.split(","))))
+                                  args.channels, args.echo, args.client_interceptors, tuple(args.tools.split(",")),
+                                  json.loads(args.cerbos_risks) if args.cerbos_risks else None))
         print(json.dumps(result))
     else:
         asyncio.run(orchestrate(args))

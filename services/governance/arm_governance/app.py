@@ -90,8 +90,11 @@ class GovernanceComponent:
         if op_events is None and config.telemetry_address:
             op_events = OpEventForwarder(config.telemetry_address, config.service_api_key, config.tls)
         self.op_events = op_events
+        # Change records (APPROVAL_REQUESTED, POLICY_DENIED, ...) go to the local audit trail in
+        # passes of two transactions each, whatever their size: at most four passes a second
+        # lets a pass carry what many decisions wrote instead of one record per pass.
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
-                                   poll_interval_s=config.outbox_poll_s),
+                                   poll_interval_s=config.outbox_poll_s, min_interval_s=0.25),
                        OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, op_events, poll_interval_s=config.outbox_poll_s)]
         # Approval notifications: the relay fans each out to the tenant's webhooks
         # (webhook_deliveries), the dispatcher POSTs those (arm_governance.webhooks.delivery).
