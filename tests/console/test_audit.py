@@ -13,6 +13,7 @@ from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2, policy_pb2
 from arm.registry.v1 import tenancy_pb2
 from arm_client import ArmClient
+from arm_console.views import audit as audit_view
 from tests.conftest import TenantContext, make_tenant
 from tests.console.conftest import ConsoleStack, Ui
 from tests.console.view_helpers import api, assert_not_found
@@ -32,7 +33,8 @@ async def wait_for_record(client: ArmClient, type_: int, target_id: str) -> comm
 
 
 async def test_audit_filters_verifies_and_exports(ui: Ui, tenant: TenantContext, console: ConsoleStack,
-                                                  system_admin) -> None:  # type: ignore[no-untyped-def]
+                                                  system_admin, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(audit_view, "VERIFY_TTL_S", 3600.0)  # the kept verification outlives a slow test
     client = api(console, tenant.admin_key)
     project = (await client.tenancy.CreateProject(tenancy_pb2.CreateProjectRequest(
         slug=f"p-{secrets.token_hex(4)}", name="Payments"))).project
@@ -77,6 +79,21 @@ async def test_audit_filters_verifies_and_exports(ui: Ui, tenant: TenantContext,
     before = (day - timedelta(days=1)).isoformat()
     await ui.goto(f"/audit?target={env.envelope_id}&from={before}&to={before}")
     assert "No change records match these filters" in await ui.page.inner_text("main")
+
+    # The verification is kept for the session (VerifyChain reads the whole trail); "Verify now"
+    # runs it again and the newer records count.
+    await ui.goto("/audit")
+    checked = (await client.audit.VerifyChain(audit_pb2.VerifyChainRequest())).records_checked
+    later = (await client.tenancy.CreateProject(tenancy_pb2.CreateProjectRequest(
+        slug=f"p-{secrets.token_hex(4)}", name="Later"))).project
+    await wait_for_record(client, CR.CHANGE_RECORD_TYPE_PROJECT_CREATED, later.id)
+    now_checked = (await client.audit.VerifyChain(audit_pb2.VerifyChainRequest())).records_checked
+    assert now_checked > checked
+    await ui.goto("/audit")
+    assert f"{now_checked} records checked" not in await ui.page.get_by_test_id("chain").inner_text()
+    await ui.page.get_by_test_id("verify-now").click()
+    await ui.page.wait_for_url("**/audit")
+    assert f"{now_checked} records checked" in await ui.page.get_by_test_id("chain").inner_text()
 
     # Export of the filtered trail: JSON lines, the same records as the API's export.
     await ui.goto(f"/audit?type=PROJECT_CREATED&target={project.id}")
