@@ -62,9 +62,18 @@ lock:
 	  $(LOCK_VENV)/bin/pip freeze --all --exclude pip --exclude setuptools | grep -vxiF -f requirements.lock; } > requirements-dev.lock
 
 # The peers check_grpc.py measures beside Check (Cerbos's PDP from npm, pinned by
-# bench/peers/package-lock.json): installed here only, never by `make setup`, so tests need no download.
+# bench/peers/package-lock.json; its Python gRPC client pinned by bench/peers/requirements.txt):
+# installed here only, never by `make setup`, so tests need no download and .venv never holds
+# `cerbos`. The client goes to bench/peers/.python (check_grpc.py --cerbos puts it on sys.path);
+# of the google/ files it ships, only google/api/expr (which googleapis-common-protos lacks) is
+# kept, so the venv's googleapis-common-protos files are the ones imported.
+PEERS_PY := bench/peers/.python
 bench-peers: setup
 	npm ci --prefix bench/peers --no-audit --no-fund
+	rm -rf $(PEERS_PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(PEERS_PY) -r bench/peers/requirements.txt
+	mv $(PEERS_PY)/google/api/expr $(PEERS_PY)/google-api-expr && rm -rf $(PEERS_PY)/google
+	mkdir -p $(PEERS_PY)/google/api && mv $(PEERS_PY)/google-api-expr $(PEERS_PY)/google/api/expr
 	$(PY) bench/check_grpc.py --cerbos --workers 1
 
 bench: setup

@@ -7,11 +7,13 @@ its own process. Each configuration is measured at 1 and at 64 calls in flight; 
 N governance processes serve one port (SO_REUSEPORT) and the load generator opens one channel
 per worker so the kernel spreads connections over them.
 
-With `--cerbos` (or when bench/peers/node_modules holds it: `make bench-peers` installs it with
-`npm ci`), Cerbos's PDP from the npm package @cerbos/cerbos-linux-x64 serves the same ten-case
-policy as scoped resource policies (bench/peers/cerbos/) and is loaded by the same load generator
-through its gRPC CheckResources; before measuring, each of the ten tools is asked of both and
-the run stops unless every decision agrees.
+With `--cerbos` (or when bench/peers holds it: `make bench-peers` installs it), Cerbos's PDP
+from the npm package @cerbos/cerbos-linux-x64 serves the same ten-case policy as scoped resource
+policies (bench/peers/cerbos/) and is loaded by the same load generator through its gRPC
+CheckResources; before measuring, each of the ten tools is asked of both and the run stops
+unless every decision agrees. Cerbos's gRPC client (the PyPI package `cerbos`, pinned by
+bench/peers/requirements.txt) is not in .venv: `make bench-peers` installs it into
+bench/peers/.python, which this script puts on sys.path only when it measures Cerbos.
 
   .venv/bin/python bench/check_grpc.py [--postgres URL] [--seconds 5] [--workers 1 2] [--tools a,b] [--cerbos]
 
@@ -43,6 +45,7 @@ from arm.registry.v1 import agents_pb2  # noqa: E402
 ECHO_METHOD = "/bench.Echo/Echo"
 PEERS = ROOT / "bench" / "peers"
 CERBOS_BIN = PEERS / "node_modules" / "@cerbos" / "cerbos-linux-x64" / "cerbos-linux-x64"
+CERBOS_CLIENT = PEERS / ".python"  # `make bench-peers`: pip install --no-deps --target (not .venv)
 CERBOS_SCOPE = "acme.proj.ver"  # tenant acme, project proj, version ver: bench/peers/cerbos/*.yaml
 
 
@@ -73,6 +76,16 @@ async def echo_server(port: int, interceptor: bool = False) -> None:
 
 TOOLS = ("fs.read", "web.search", "db.write", "payments.send", "git.push", "docs.get",
          "shell.exec", "email.send", "deploy.prod", "kb.query")
+
+
+def use_cerbos_client() -> None:
+    """Puts Cerbos's gRPC client (bench/peers/.python) on sys.path, after .venv's site-packages,
+    so the venv's googleapis-common-protos files win over any copy the client brought."""
+    if not (CERBOS_CLIENT / "cerbos" / "svc" / "v1" / "svc_pb2_grpc.py").exists():
+        raise SystemExit(f"Cerbos's Python gRPC client is not installed in {CERBOS_CLIENT}: run `make bench-peers` "
+                         "(it installs bench/peers/requirements.txt there, never into .venv)")
+    if str(CERBOS_CLIENT) not in sys.path:
+        sys.path.append(str(CERBOS_CLIENT))
 
 
 def cerbos_request(tool: str, risk: int, principal: str) -> Any:
@@ -309,8 +322,9 @@ async def orchestrate(args: argparse.Namespace) -> None:
                             "--postgres", args.postgres, "--table", f"{schemas['governance']}_floor"],
                            base_env(), log))
         floor_pid = procs[-1].pid
-        use_cerbos = CERBOS_BIN.exists() if args.cerbos is None else args.cerbos
+        use_cerbos = CERBOS_BIN.exists() and CERBOS_CLIENT.exists() if args.cerbos is None else args.cerbos
         if use_cerbos:
+            use_cerbos_client()
             cerbos_port = free_port()
             procs.append(start_cerbos(cerbos_port, free_port(), log))
             cerbos_pid = procs[-1].pid
@@ -444,11 +458,15 @@ def main() -> None:
     if args.echo_server:
         asyncio.run(echo_server(args.echo_server, args.with_interceptor))
     elif args.load:
+        if args.cerbos_risks:
+            use_cerbos_client()
         result = asyncio.run(load(args.load, args.key, args.instance, args.in_flight, args.seconds,
                                   args.channels, args.echo, args.client_interceptors, tuple(args.tools.split(",")),
                                   json.loads(args.cerbos_risks) if args.cerbos_risks else None))
         print(json.dumps(result))
     else:
+        if args.cerbos:
+            use_cerbos_client()  # before any server starts: a missing client stops the run at once
         asyncio.run(orchestrate(args))
 
 
