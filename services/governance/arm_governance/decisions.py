@@ -333,7 +333,15 @@ class Decider:
     async def _log(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                    agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
                    args: dict[str, Any] | None, now: datetime) -> decision_pb2.CheckResponse:
-        decision_id = new_id("dec")
+        return await self.log.append(self.pending(principal, request, resolved, agent_bytes, result, epoch,
+                                                  digest, args, now, new_id("dec")))
+
+    def pending(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
+                agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
+                args: dict[str, Any] | None, now: datetime, decision_id: str) -> PendingDecision:
+        """What logging one decision writes (the decision row, its opEvent, a POLICY_DENIED or
+        APPROVAL_CONSUMED record, a NEEDS_APPROVAL's approval); also used for the decisions
+        runtimes make locally (local_decisions.py)."""
         approval_row = None
         # An ALLOW from a grant names the approval it used up; a NEEDS_APPROVAL from a presented
         # approval still open names that approval (no new one).
@@ -370,7 +378,7 @@ class Decider:
         elif granted and result.effect == engine.Effect.ALLOW:
             consumed = self._consumed_record(principal, request, resolved, decision_id, now)
             pending.messages.append((TOPIC_CHANGE_RECORD, consumed.record_id, consumed))
-        return await self.log.append(pending)
+        return pending
 
     def _approval_row(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                       result: engine.Result, approval_id: str, decision_id: str, digest: str,

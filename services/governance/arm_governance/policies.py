@@ -14,6 +14,7 @@ from arm.governance.v1 import policy_pb2
 from arm_common.db import Database
 from arm_common.notify import ChangeChannel
 from arm_engine import engine
+from arm_engine.risk import RiskOverride
 from arm_governance import convert, models
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ class TenantPolicies:
     controls: dict[tuple[int, str], int]  # (control scope, scope id) -> OperatorControlMode
     classifier: engine.Classifier | None = None
     """The tenant's risk overrides on the default classifier; None = none set."""
+    risk_overrides: tuple[RiskOverride, ...] = ()
+    """The entries of `classifier` (sent to runtimes deciding locally)."""
     _compiled: dict[tuple[str, str], tuple[engine.CompiledPolicy, bool]] = field(default_factory=dict)
     _controls: dict[str, engine.Controls] = field(default_factory=dict)
 
@@ -87,7 +90,7 @@ class PolicyCache:
             models.RiskOverrides.tenant_id == tenant_id))).scalar_one_or_none()
         overrides = convert.risk_overrides_to_engine(policy_pb2.RiskOverrides.FromString(body).overrides) if body else ()
         classifier = engine.Classifier(overrides=overrides) if overrides else None
-        return TenantPolicies(tenant_id, epoch, envelopes, controls, classifier)
+        return TenantPolicies(tenant_id, epoch, envelopes, controls, classifier, overrides)
 
     def invalidate(self, tenant_id: str | None) -> None:
         self._generation += 1

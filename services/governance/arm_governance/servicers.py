@@ -31,6 +31,7 @@ from arm_governance import convert, limits, models
 from arm_governance.agents import AgentDirectory
 from arm_governance.decision_reads import DecisionFilter, DecisionReader, export_line
 from arm_governance.decisions import Decider, SpendBook, check_batch_limit, validate_check
+from arm_governance.local_decisions import LocalDecisionRpcs
 from arm_governance.models import IDEMPOTENCY
 from arm_governance.policies import PolicyCache
 from arm_governance.policy_store import (
@@ -551,7 +552,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return await self.db.read(read)
 
 
-class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
+class DecisionServicer(LocalDecisionRpcs, decision_pb2_grpc.DecisionServiceServicer):
     def __init__(self, db: Database, decider: Decider, spend: SpendBook, changes: Any) -> None:
         self.db = db
         self.decider = decider
