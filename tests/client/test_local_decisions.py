@@ -201,7 +201,8 @@ async def test_local_and_remote_decisions_agree(agent: Agent, tmp_path: Path) ->
                                                 instance_id=agent.instance_id, tool_call_id=f"tc-{compared}")
             if args is not None:
                 request.arguments.update(args)
-            mine = await local.decide(request)
+            decided = await local.decide(request)
+            mine = decided[0] if decided is not None else None
             theirs = await agent.admin.decisions.Check(request)
             compared += 1
             if mine is None:

@@ -34,6 +34,7 @@ import grpc
 from google.protobuf import json_format
 
 from arm.governance.v1 import decision_pb2
+from arm_client.errors import Reason
 from arm_common.decision_inputs import (
     agent_from_message,
     control_mode_name,
@@ -44,6 +45,7 @@ from arm_common.decision_inputs import (
 from arm_engine import engine
 
 log = logging.getLogger(__name__)
+_FROM_REQUEST: Any = object()
 
 
 class Spool:
@@ -66,7 +68,7 @@ class Spool:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, "
+        conn.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
                      "body BLOB NOT NULL)")
         self._conn = conn
         return int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])
@@ -109,18 +111,21 @@ class Spool:
             self._conn.execute("BEGIN")
             self._conn.executemany("INSERT OR IGNORE INTO spool (id, body) VALUES (?, ?)", rows)
 
-    async def oldest(self, limit: int) -> list[tuple[int, bytes]]:
+    async def after(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """The oldest decisions after `seq`: (seq, LocalDecision bytes)."""
         def read() -> list[tuple[int, bytes]]:
             assert self._conn is not None
-            return self._conn.execute("SELECT seq, body FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            return self._conn.execute("SELECT seq, body FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
+                                      (seq, limit)).fetchall()
         return await asyncio.get_running_loop().run_in_executor(self._executor, read)
 
-    async def acknowledge(self, last_seq: int, count: int) -> None:
+    async def acknowledge(self, first_seq: int, last_seq: int, count: int) -> None:
+        """Deletes a shipped batch (seqs first..last; the spool only grows above them)."""
         def delete() -> None:
             assert self._conn is not None
             with self._conn:
                 self._conn.execute("BEGIN")
-                self._conn.execute("DELETE FROM spool WHERE seq <= ?", (last_seq,))
+                self._conn.execute("DELETE FROM spool WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
         await asyncio.get_running_loop().run_in_executor(self._executor, delete)
         self.pending = max(0, self.pending - count)
 
@@ -159,18 +164,34 @@ def _compile(inputs: decision_pb2.DecisionInputs, default: engine.Classifier) ->
                    inputs.budgets_apply)
 
 
-class _ResponseBytes:
-    """Per engine result (the engine memoises them), its CheckResponse part serialized once."""
+@dataclass(frozen=True)
+class ResultParts:
+    """What a response says that depends on the engine's result alone, built once per result."""
+
+    response: bytes
+    """The CheckResponse part, serialized."""
+    decision: str
+    reasons: tuple[Reason, ...]
+    risk: str
+
+
+_EFFECTS = {engine.Effect.ALLOW: "ALLOW", engine.Effect.DENY: "DENY", engine.Effect.NEEDS_APPROVAL: "NEEDS_APPROVAL"}
+
+
+class _ResultParts:
+    """Per engine result (the engine memoises them, so few distinct objects recur), its parts."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[engine.Result, bytes]] = {}
+        self._entries: dict[int, tuple[engine.Result, ResultParts]] = {}
 
-    def get(self, result: engine.Result) -> bytes:
+    def get(self, result: engine.Result) -> ResultParts:
         entry = self._entries.get(id(result))
         if entry is None or entry[0] is not result:
             if len(self._entries) >= 4096:
                 self._entries.clear()
-            entry = self._entries[id(result)] = (result, result_fields(result).SerializeToString())
+            parts = ResultParts(result_fields(result).SerializeToString(), _EFFECTS[result.effect],
+                                tuple(Reason(r.code, r.message) for r in result.reasons), result.risk.name)
+            entry = self._entries[id(result)] = (result, parts)
         return entry[1]
 
 
@@ -178,7 +199,7 @@ class LocalDecider:
     """Subscribes, decides, spools and ships for one agent instance (see the module)."""
 
     def __init__(self, decisions_stub: Any, inputs_stub: Any, instance_id: str, *, spool_dir: str | Path,
-                 stale_after_s: float = 3.0, max_spool: int = 100_000, ship_batch: int = 1000,
+                 stale_after_s: float = 3.0, max_spool: int = 100_000, ship_batch: int = 1000, ship_in_flight: int = 2,
                  heartbeat_ms: int = 500, metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple) -> None:
         if not instance_id:
             raise ValueError("local decisions need the agent's instance id (instance_id= or ARM_INSTANCE_ID)")
@@ -189,13 +210,14 @@ class LocalDecider:
         self.stale_after_s = stale_after_s
         self.max_spool = max_spool
         self.ship_batch = ship_batch
+        self.ship_in_flight = ship_in_flight
         self.heartbeat_ms = heartbeat_ms
         self.metadata = metadata
         self._inputs: _Inputs | None = None
         self._heard = -1e18  # monotonic time of the stream's last message
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._responses = _ResponseBytes()
+        self._parts = _ResultParts()
         self._prefix = "dec_" + secrets.token_hex(6)
         self._seq = 0
         self.shipped = 0
@@ -246,16 +268,20 @@ class LocalDecider:
 
     # --- deciding -------------------------------------------------------------------------------
 
-    async def decide(self, request: decision_pb2.CheckRequest) -> decision_pb2.CheckResponse | None:
-        """The logged-locally response to `request` (which names this instance, no approval, no
-        request id), or None when governance's Check must decide it."""
+    async def decide(self, request: decision_pb2.CheckRequest, arguments: Any = _FROM_REQUEST
+                     ) -> tuple[decision_pb2.CheckResponse, ResultParts] | None:
+        """The response to `request` (which names this instance, no approval, no request id),
+        spooled, and its result's parts; None when governance's Check must decide it.
+        `arguments`: the request's arguments as the engine sees them on the server (the JSON of
+        the Struct: numbers as floats), when the caller has them at hand."""
         inputs = self._inputs
         if (inputs is None or inputs.budgets_apply or request.approval_id
                 or time.monotonic() - self._heard > self.stale_after_s or self.spool.pending >= self.max_spool):
             self.remote += 1
             return None
-        args = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else None
-        call = engine.Call(tool=request.tool_name, arguments=args,
+        if arguments is _FROM_REQUEST:
+            arguments = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else None
+        call = engine.Call(tool=request.tool_name, arguments=arguments,
                            declared_risk=engine.Risk(request.declared_risk) if request.declared_risk else None,
                            estimated_cost_usd=request.estimated_cost_usd, is_run_start=request.is_run_start)
         result = engine.decide(inputs.policy, inputs.agent, call, controls=inputs.controls,
@@ -265,43 +291,63 @@ class LocalDecider:
             return None
         self._seq += 1
         decision_id = f"{self._prefix}{self._seq:010d}"
-        response = decision_pb2.CheckResponse.FromString(self._responses.get(result))
+        parts = self._parts.get(result)
+        response = decision_pb2.CheckResponse.FromString(parts.response)
         response.decision_id = decision_id
         response.policy_epoch = inputs.epoch
         response.decide_time.GetCurrentTime()
         body = decision_pb2.LocalDecision(decision_id=decision_id, request=request, response=response)
         await self.spool.append(decision_id, body.SerializeToString())
         self.local += 1
-        return response
+        return response, parts
 
     # --- shipping -------------------------------------------------------------------------------
 
     async def _ship(self) -> None:
+        """Ships the spool oldest first, up to `ship_in_flight` batches at a time (governance
+        logs one while the next is read and sent); a batch is deleted from the spool only once
+        governance acknowledged it, and a failed one is retried (with backoff) until it is."""
+        cursor = 0  # the last seq handed to a batch
+        slots = asyncio.Semaphore(self.ship_in_flight)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await slots.acquire()
+                rows = await self.spool.after(cursor, self.ship_batch)
+                if not rows:
+                    slots.release()
+                    self.spool.appended.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.spool.appended.wait(), 0.5)
+                    continue
+                cursor = rows[-1][0]
+                task = asyncio.create_task(self._ship_batch(rows, slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _ship_batch(self, rows: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
+        # A RecordLocalDecisionsRequest is its LocalDecisions as field 1: concatenate them.
+        request = decision_pb2.RecordLocalDecisionsRequest.FromString(
+            b"".join(b"\x0a" + _varint(len(body)) + body for _, body in rows))
         delay = 0.05
-        while True:
-            rows = await self.spool.oldest(self.ship_batch)
-            if not rows:
-                self.spool.appended.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.spool.appended.wait(), 0.5)
-                continue
-            # A RecordLocalDecisionsRequest is its LocalDecisions as field 1: concatenate them.
-            raw = b"".join(b"\x0a" + _varint(len(body)) + body for _, body in rows)
-            try:
-                await self.stub.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest.FromString(raw),
-                                                     timeout=30, metadata=self.metadata())
-            except asyncio.CancelledError:
-                raise
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                log.warning("shipping %d local decisions failed (%s); they stay in the spool, retrying",
-                            len(rows), getattr(code, "name", code))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.05
-            await self.spool.acknowledge(rows[-1][0], len(rows))
+        try:
+            while True:
+                try:
+                    await self.stub.RecordLocalDecisions(request, timeout=30, metadata=self.metadata())
+                    break
+                except grpc.RpcError as exc:
+                    code = exc.code() if hasattr(exc, "code") else None
+                    log.warning("shipping %d local decisions failed (%s); they stay in the spool, retrying",
+                                len(rows), getattr(code, "name", code))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            await self.spool.acknowledge(rows[0][0], rows[-1][0], len(rows))
             self.shipped += len(rows)
+        finally:
+            slots.release()
 
     async def drain(self, timeout_s: float) -> bool:
         """Waits until governance acknowledged every spooled decision; False on timeout."""

@@ -468,19 +468,22 @@ class Arm:
         await self._ensure_started()
         run = _current_run.get()
         tcid = tool_call_id or f"tc-{secrets.token_hex(8)}"
+        plain = jsonable(arguments) if arguments is not None else None  # what the Struct holds
         req = decision_pb2.CheckRequest(
-            tool_name=tool, arguments=to_struct(arguments), declared_risk=risk_level(risk),  # type: ignore[arg-type]
+            tool_name=tool, arguments=to_struct(plain), declared_risk=risk_level(risk),  # type: ignore[arg-type]
             estimated_cost_usd=cost_usd, run_id=run_id if run_id is not None else (run.run_id if run else ""),
             tool_call_id=tcid, approval_id=approval_id or "", context=to_struct(context),
             is_run_start=is_run_start, **self._agent_ref())
         if self._local is not None and not approval_id:
             try:
-                local = await self._local.decide(req)
+                local = await self._local.decide(req, plain)
             except SpoolError:
                 log.exception("local decision not durable; asking governance")
                 local = None
             if local is not None:
-                return Decision.from_response(local, tcid)
+                resp, parts = local
+                return Decision(parts.decision, resp.decision_id, parts.reasons, "",
+                                tcid, parts.risk, resp)
         request_id = req.request_id = new_request_id()
         try:
             resp = await self.stubs.decisions.Check(req, timeout=timeout_s or self.settings.timeout_s,

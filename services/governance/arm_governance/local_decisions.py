@@ -38,7 +38,7 @@ from arm_common.outbox import enqueue_many
 from arm_engine import engine
 from arm_governance import convert, models
 from arm_governance.decision_log import DecisionLog, PendingDecision
-from arm_governance.decisions import Decider, argument_digest, validate_check
+from arm_governance.decisions import Decider, validate_check
 from arm_governance.models import OUTBOX
 
 MAX_BATCH = 1000
@@ -122,6 +122,7 @@ class LocalDecisions:
     def __init__(self, decider: Decider, changes: Any) -> None:
         self.decider = decider
         self.changes = changes
+        self._results: dict[bytes, engine.Result] = {}
 
     # --- WatchDecisionInputs --------------------------------------------------------------------
 
@@ -198,6 +199,21 @@ class LocalDecisions:
 
     # --- RecordLocalDecisions -------------------------------------------------------------------
 
+    def _result(self, resp: decision_pb2.CheckResponse) -> engine.Result:
+        """The engine result a response states, one object per distinct result: the decision
+        path's per-result caches (response bytes, opEvent payload, provenance) key on identity."""
+        part = decision_pb2.CheckResponse()
+        part.CopyFrom(resp)
+        for name in ("decision_id", "decide_time", "policy_epoch", "request_id", "approval_id"):
+            part.ClearField(name)  # type: ignore[arg-type]
+        key = part.SerializeToString(deterministic=True)
+        result = self._results.get(key)
+        if result is None:
+            if len(self._results) >= 4096:
+                self._results.clear()
+            result = self._results[key] = result_from_response(part)
+        return result
+
     async def record(self, request: decision_pb2.RecordLocalDecisionsRequest
                      ) -> decision_pb2.RecordLocalDecisionsResponse:
         validate_record(request)
@@ -211,10 +227,10 @@ class LocalDecisions:
         batch: list[PendingDecision] = []
         for item in request.decisions:
             req, resp = item.request, item.response
-            args = convert.arguments(req)
+            # The argument digest binds approvals only: a local decision creates none.
             batch.append(self.decider.pending(
-                p, req, resolved, agent_bytes, result_from_response(resp), resp.policy_epoch,
-                argument_digest(args), args, resp.decide_time.ToDatetime(tzinfo=UTC), item.decision_id))
+                p, req, resolved, agent_bytes, self._result(resp), resp.policy_epoch, "", None,
+                resp.decide_time.ToDatetime(tzinfo=UTC), item.decision_id))
         try:
             recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
         except IntegrityError:
