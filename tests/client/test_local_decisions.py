@@ -218,28 +218,37 @@ async def test_local_and_remote_decisions_agree(agent: Agent, tmp_path: Path) ->
 # --- kill switch, stream loss -----------------------------------------------------------------
 
 async def test_kill_switch_stops_local_allows_in_every_runtime(agent: Agent, tmp_path: Path) -> None:
+    """Three `Arm`s and an `ArmSync` (its own loop and thread) subscribed for one instance."""
     runtimes = [agent.arm(local_decisions=True, local_spool_dir=str(tmp_path / str(i))) for i in range(3)]
-    for arm in runtimes:
-        assert await arm.wait_local_ready()
-        decision = await arm.check("files.read", risk="LOW")
+    sync = agent.arm_sync(local_decisions=True, local_spool_dir=str(tmp_path / "sync"))
+    assert await asyncio.to_thread(sync.submit, sync.arm.wait_local_ready())
+    checks: list[Callable[[], Awaitable[Any]]] = [
+        *(lambda arm=arm: arm.check("files.read", risk="LOW") for arm in runtimes),
+        lambda: asyncio.to_thread(sync.check, "files.read", risk="LOW")]
+    runtimes.append(sync.arm)
+    for arm, check in zip(runtimes, checks, strict=True):
+        if arm is not sync.arm:  # (the ArmSync's was awaited on its own loop above)
+            assert await arm.wait_local_ready()
+        decision = await check()
         assert decision.allowed and arm.local is not None and arm.local.local == 1
     await agent.admin.policies.SetOperatorControl(policy_pb2.SetOperatorControlRequest(
         scope=policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT, mode=policy_pb2.OPERATOR_CONTROL_MODE_PAUSED,
         reason="stop everything"))
     try:
-        for arm in runtimes:
-            async def stopped(arm: Arm = arm) -> bool:
-                decision = await arm.check("files.read", risk="LOW")
-                return decision.denied and decision.response is not None \
-                    and decision.response.step == decision_pb2.DECISION_STEP_KILL_SWITCH
+        for arm, check in zip(runtimes, checks, strict=True):
+            async def stopped(check: Callable[[], Awaitable[Any]] = check) -> bool:
+                decision = await check()
+                return bool(decision.denied and decision.response is not None
+                            and decision.response.step == decision_pb2.DECISION_STEP_KILL_SWITCH)
             await until(stopped, "a paused tenant's runtime stops allowing locally")
             assert arm.local is not None and arm.local.remote == 0  # decided locally, as DENY
     finally:
         await agent.admin.policies.SetOperatorControl(policy_pb2.SetOperatorControlRequest(
             scope=policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT, mode=policy_pb2.OPERATOR_CONTROL_MODE_NORMAL,
             reason="resume"))
-    for arm in runtimes:
+    for arm in runtimes[:-1]:
         assert arm.local is not None and await arm.local.drain(60)
+    assert await asyncio.to_thread(sync.submit, sync.arm.local.drain(60))  # type: ignore[union-attr]
     # Every local decision, the DENYs included, is in the log with its POLICY_DENIED record.
     d = models.DecisionRecord
 

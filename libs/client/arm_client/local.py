@@ -296,8 +296,12 @@ class LocalDecider:
         response.decision_id = decision_id
         response.policy_epoch = inputs.epoch
         response.decide_time.GetCurrentTime()
-        body = decision_pb2.LocalDecision(decision_id=decision_id, request=request, response=response)
-        await self.spool.append(decision_id, body.SerializeToString())
+        # A LocalDecision's bytes (fields 1-3), without copying the request into a new message.
+        request_bytes, response_bytes = request.SerializeToString(), response.SerializeToString()
+        body = b"".join((b"\x0a", _varint(len(decision_id)), decision_id.encode(),
+                         b"\x12", _varint(len(request_bytes)), request_bytes,
+                         b"\x1a", _varint(len(response_bytes)), response_bytes))
+        await self.spool.append(decision_id, body)
         self.local += 1
         return response, parts
 
