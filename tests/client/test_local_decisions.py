@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,8 @@ from sqlalchemy import func, select
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm_client import Arm, GovernanceUnavailable
 from arm_governance import models
-from tests.client.conftest import Agent
+from tests.client.conftest import Agent, make_agent
+from tests.helpers import expect_failure
 from tests.processes import base_env, spawn
 
 EXAMPLES = max(2, int(os.environ.get("ARM_FUZZ_EXAMPLES", "12")))
@@ -373,3 +376,58 @@ async def test_kill_9_mid_burst_loses_no_decision(agent: Agent, tmp_path: Path) 
 
 def _acted_on(log: Path) -> list[str]:
     return re.findall(r"^ACTED (dec_\w+)\n", log.read_text(), re.MULTILINE)
+
+
+# --- the RPCs' edges ----------------------------------------------------------------------------
+
+def _decision(instance_id: str, **response: Any) -> decision_pb2.LocalDecision:
+    resp = decision_pb2.CheckResponse(**{"decision": policy_pb2.DECISION_ALLOW, "effective_risk": 1,
+                                         "step": decision_pb2.DECISION_STEP_BASELINE, **response})
+    resp.decide_time.GetCurrentTime()
+    return decision_pb2.LocalDecision(
+        decision_id=f"dec_{secrets.token_hex(12)}", response=resp,
+        request=decision_pb2.CheckRequest(instance_id=instance_id, tool_name="files.read", tool_call_id="tc-1"))
+
+
+async def test_record_local_decisions_validates_checks_the_caller_and_is_idempotent(agent: Agent) -> None:
+    client = agent.governance.client(agent.key)
+    good = _decision(agent.instance_id)
+    first = await client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(decisions=[good]))
+    again = await client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(
+        decisions=[good, good]))
+    assert (first.recorded, first.duplicates, again.recorded, again.duplicates) == (1, 0, 0, 2)
+    assert await logged_counts(agent, [good.decision_id]) == {good.decision_id: 1}
+
+    bad = _decision(agent.instance_id, decision=policy_pb2.DECISION_NEEDS_APPROVAL)
+    bad.decision_id = "not-an-id"
+    bad.request.approval_id = "apr_1"
+    got = await expect_failure(client.decisions.RecordLocalDecisions(
+        decision_pb2.RecordLocalDecisionsRequest(decisions=[good, bad])), grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FIELDS")
+    assert {"decisions[1].decision_id", "decisions[1].response.decision",
+            "decisions[1].request.approval_id"} <= set(got.violations)
+    await expect_failure(client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest()),
+                         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELDS")
+
+    # Another agent's key, or an operator's, may not record (nor watch) this instance's decisions.
+    other = await make_agent(agent.tenant, agent.governance, agent.telemetry)
+    try:
+        for key in (other.key, agent.tenant.admin_key):
+            c = agent.governance.client(key)
+            await expect_failure(c.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(
+                decisions=[_decision(agent.instance_id)])), grpc.StatusCode.PERMISSION_DENIED)
+            stream = c.decisions.WatchDecisionInputs(decision_pb2.WatchDecisionInputsRequest(
+                instance_id=agent.instance_id))
+            await expect_failure(_first(stream), grpc.StatusCode.PERMISSION_DENIED)
+            await c.close()
+    finally:
+        await other.admin.close()
+        for approver in other.approvers:
+            await approver.close()
+    await client.close()
+
+
+async def _first(stream: Any) -> Any:
+    async for message in stream:
+        return message
+    return None

@@ -46,6 +46,11 @@ DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,64}")
 _LOCAL_EFFECTS = (policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _CLOCK_SKEW = timedelta(minutes=5)
+_STEPS = frozenset(int(x) for x in engine.Step) - {int(engine.Step.APPROVAL_GRANT)}
+_RISKS = frozenset(int(x) for x in engine.Risk)
+_SCOPES = frozenset(int(x) for x in engine.Scope)
+_RULE_KINDS = frozenset(int(x) for x in engine.RuleKind)
+_EFFECTS = frozenset(int(x) for x in engine.Effect)
 
 
 def _own_instance(p: Principal, instance_id: str) -> None:
@@ -90,20 +95,20 @@ def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> None:
         r = item.response
         if r.decision not in _LOCAL_EFFECTS:
             v.add(f"{at}response.decision", "must be ALLOW or DENY (NEEDS_APPROVAL is decided by Check)")
-        if r.step not in engine.Step.__members__.values() or r.step == engine.Step.APPROVAL_GRANT:
+        if r.step not in _STEPS:
             v.add(f"{at}response.step", "must be a decision step other than APPROVAL_GRANT")
-        if r.effective_risk not in engine.Risk.__members__.values() or not r.effective_risk:
+        if r.effective_risk not in _RISKS:
             v.add(f"{at}response.effective_risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
-        if r.scope and r.scope not in engine.Scope.__members__.values():
+        if r.scope and r.scope not in _SCOPES:
             v.add(f"{at}response.scope", f"unknown enum value {r.scope}")
-        if r.rule_kind and r.rule_kind not in engine.RuleKind.__members__.values():
+        if r.rule_kind and r.rule_kind not in _RULE_KINDS:
             v.add(f"{at}response.rule_kind", f"unknown enum value {r.rule_kind}")
         for j, s in enumerate(r.shadow_results):
-            if s.scope not in engine.Scope.__members__.values():
+            if s.scope not in _SCOPES:
                 v.add(f"{at}response.shadow_results[{j}].scope", f"unknown enum value {s.scope}")
-            if s.decision and s.decision not in engine.Effect.__members__.values():
+            if s.decision and s.decision not in _EFFECTS:
                 v.add(f"{at}response.shadow_results[{j}].decision", f"unknown enum value {s.decision}")
-            if s.rule_kind and s.rule_kind not in engine.RuleKind.__members__.values():
+            if s.rule_kind and s.rule_kind not in _RULE_KINDS:
                 v.add(f"{at}response.shadow_results[{j}].rule_kind", f"unknown enum value {s.rule_kind}")
         if not r.HasField("decide_time"):
             v.add(f"{at}response.decide_time", "is required")
