@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from arm.governance.v1 import decision_pb2, policy_pb2
-from arm_client import Arm, GovernanceUnavailable
+from arm.registry.v1 import access_pb2
+from arm_client import Arm, ArmError, GovernanceUnavailable
 from arm_governance import models
 from tests.client.conftest import Agent, make_agent
 from tests.helpers import expect_failure
@@ -431,3 +432,24 @@ async def _first(stream: Any) -> Any:
     async for message in stream:
         return message
     return None
+
+
+async def test_a_revoked_key_ends_the_inputs_stream(agent: Agent, tmp_path: Path) -> None:
+    """The stream outlives its authentication: revoking the key ends it, so the runtime stops
+    deciding locally (and Check refuses the key)."""
+    created = await agent.tenant.admin.access.CreateApiKey(access_pb2.CreateApiKeyRequest(
+        instance_id=agent.instance_id))
+    arm = Arm(env={**agent.env(), "ARM_API_KEY": created.secret}, local_decisions=True,
+              local_spool_dir=str(tmp_path), local_stale_after_s=0.5, local_heartbeat_ms=100, close_timeout_s=0.1)
+    try:
+        assert await arm.wait_local_ready()
+        local = arm.local
+        assert local is not None
+        assert (await arm.check("files.read", risk="LOW")).allowed and local.local == 1
+        await agent.tenant.admin.access.RevokeApiKey(access_pb2.RevokeApiKeyRequest(id=created.api_key.id))
+        await until(lambda: _async(not local.live), "the revoked key's inputs stream ends")
+        with pytest.raises(ArmError):
+            await arm.check("files.read", risk="LOW")
+        assert local.local == 1
+    finally:
+        await arm.close()

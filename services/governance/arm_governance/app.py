@@ -113,8 +113,9 @@ class GovernanceComponent:
         self.decider = Decider(self.agents, self.cache, self.log, self.spend, Approvals(self.db))
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(
             PolicyServicer(self.db, self.store, self.cache, self.agents, RegistryLookup(self.channel)), server)
-        decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-            DecisionServicer(self.db, self.decider, self.spend, self.changes), server)
+        decisions = DecisionServicer(self.db, self.decider, self.spend, self.changes)
+        decisions.authenticator = self.authenticator  # WatchDecisionInputs re-checks its caller's key
+        decision_pb2_grpc.add_DecisionServiceServicer_to_server(decisions, server)
         registry = RegistryAgents(self.channel)
         approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(
             ApprovalServicer(self.db, self.approvals, self.agents, registry, self.relays), server)

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import compat_pb2
 from arm_common import validation as val
-from arm_common.auth import Principal, current_api_key, current_principal
+from arm_common.auth import Authenticator, Principal, current_api_key, current_principal
 from arm_common.db import driver_connection
 from arm_common.decision_inputs import envelope_from_engine, result_from_response, risk_overrides_from_engine
 from arm_common.errors import InvalidArgument, NotFound, PermissionDenied, Violations
@@ -124,9 +124,10 @@ def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> None:
 class LocalDecisions:
     """The two RPCs' logic, on the decision path's caches and log."""
 
-    def __init__(self, decider: Decider, changes: Any) -> None:
+    def __init__(self, decider: Decider, changes: Any, authenticator: Authenticator | None = None) -> None:
         self.decider = decider
         self.changes = changes
+        self.authenticator = authenticator
         self._results: dict[bytes, engine.Result] = {}
 
     # --- WatchDecisionInputs --------------------------------------------------------------------
@@ -184,6 +185,10 @@ class LocalDecisions:
             sent = b""
             while True:
                 wake.clear()
+                if self.authenticator is not None:
+                    # The stream outlives its authentication: a key revoked (or a tenant
+                    # deactivated) since ends it here, at the next change or heartbeat.
+                    await self.authenticator.authenticate(api_key)
                 inputs = await self.inputs(p, api_key, request.instance_id)
                 data = inputs.SerializeToString(deterministic=True)
                 now = timestamp_pb2.Timestamp()
@@ -274,12 +279,13 @@ class LocalDecisionRpcs:
 
     decider: Decider
     changes: Any
+    authenticator: Authenticator | None = None  # set by the wiring (app.py)
     _local: LocalDecisions | None = None
 
     @property
     def local(self) -> LocalDecisions:
         if self._local is None:
-            self._local = LocalDecisions(self.decider, self.changes)
+            self._local = LocalDecisions(self.decider, self.changes, self.authenticator)
         return self._local
 
     async def WatchDecisionInputs(self, request: decision_pb2.WatchDecisionInputsRequest,
