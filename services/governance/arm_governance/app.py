@@ -17,6 +17,7 @@ from arm.governance.v1 import (
     policy_pb2_grpc,
 )
 from arm_common import migrations, roles, tls
+from arm_common.auth import Authenticator
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.event_feed import OpEventForwarder
@@ -95,6 +96,7 @@ class GovernanceComponent:
         self.agents: AgentDirectory | None = None
         self._follower: asyncio.Task[None] | None = None
         self.authenticator = RemoteAuthenticator(self.channel, config.auth_cache_ttl_s) if self.channel else None
+        self.stream_authenticator: Authenticator | None = None
         # Ready while its database and the registry (agent resolution, authentication) answer;
         # a registry in this same process is covered by its own database probe.
         probes: list[Probe] = [DatabaseProbe(db)]
@@ -114,7 +116,8 @@ class GovernanceComponent:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(
             PolicyServicer(self.db, self.store, self.cache, self.agents, RegistryLookup(self.channel)), server)
         decisions = DecisionServicer(self.db, self.decider, self.spend, self.changes)
-        decisions.authenticator = self.authenticator  # WatchDecisionInputs re-checks its caller's key
+        # WatchDecisionInputs re-checks its caller's key (the all-in-one server's is the registry's).
+        decisions.authenticator = self.stream_authenticator or self.authenticator
         decision_pb2_grpc.add_DecisionServiceServicer_to_server(decisions, server)
         registry = RegistryAgents(self.channel)
         approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(
