@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import access_pb2
 from arm_client import Arm, ArmError, GovernanceUnavailable
+from arm_client.local import Spool, SpoolError
 from arm_governance import models
 from tests.client.conftest import Agent, make_agent
 from tests.helpers import expect_failure
@@ -373,6 +374,36 @@ async def test_kill_9_mid_burst_loses_no_decision(agent: Agent, tmp_path: Path) 
     assert restart.returncode == 0, (tmp_path / "replay.log").read_text()
     counts = await logged_counts(agent, ids)
     assert counts == dict.fromkeys(ids, 1), f"{len(ids) - len(counts)} of {len(ids)} acted-on decisions not logged"
+
+
+async def test_spool_reads_back_what_a_crash_left_up_to_a_torn_tail_and_is_one_process_s(tmp_path: Path) -> None:
+    """The spool's file format on its own (kill -9 is the test above): records written are read
+    back on open, a torn record at a segment's end (a power loss mid-write) ends that segment
+    without losing the records before it, a second process cannot open the same spool, and
+    acknowledged segments are deleted."""
+    first = Spool(tmp_path / "s", segment_bytes=64)
+    await first.open()
+    bodies = [f"decision {i}".encode() * 3 for i in range(5)]
+    for body in bodies:
+        first.append(body)
+    assert first.pending == 5 and len(list((tmp_path / "s").glob("*.log"))) > 1  # rolled
+    second = Spool(tmp_path / "s")
+    with pytest.raises(SpoolError, match="in use"):
+        await second.open()
+    await first.close()
+    last = max((tmp_path / "s").glob("*.log"))
+    with last.open("ab") as f:
+        f.write(b"\x40\x00\x00\x00\x01\x02\x03\x04torn")
+    again = Spool(tmp_path / "s")
+    await again.open()
+    try:
+        records = again.take(100)
+        assert [body for _, body in records] == bodies and again.pending == 5
+        again.acknowledge(records)
+        assert again.pending == 0
+        assert len(list((tmp_path / "s").glob("*.log"))) == 1  # only the new, active segment
+    finally:
+        await again.close()
 
 
 def _acted_on(log: Path) -> list[str]:

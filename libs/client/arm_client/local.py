@@ -4,11 +4,13 @@ the engine library governance uses (`arm_engine`), from the inputs governance st
 instance, version and tenant state, risk overrides, whether budgets apply; a new snapshot on
 every change, heartbeats in between).
 
-Every local decision is appended to a durable spool before it is returned (so before the tool
-runs): a SQLite file in WAL mode with synchronous=FULL, one writer thread, one commit (one fsync)
-for all the decisions that arrived while the previous commit ran. A background task ships the
-spool to governance (`RecordLocalDecisions`, idempotent on the decision id) and deletes what
-governance acknowledged; on start the spool is shipped first, so a crash loses no decision.
+Every local decision is appended to a spool before it is returned (so before the tool runs):
+one write() of its record to an append-only segment file, so a crash of the runtime process
+(kill -9 included) loses no decision; the file is fdatasync'ed in the background every
+`fsync_interval_ms` (default 5), so a power loss or kernel crash loses at most the decisions of
+that last window (see `Spool`). A background task ships the spool to governance
+(`RecordLocalDecisions`, idempotent on the decision id) and deletes segments governance
+acknowledged; on start the spool is read back and shipped first.
 
 `decide` answers None — "ask governance's Check" — for what is not decided locally: a call
 presenting an approval (grants), a NEEDS_APPROVAL (Check creates the approval), an agent a
@@ -21,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
-import sqlite3
+import struct
 import time
+import zlib
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,99 +49,203 @@ from arm_common.decision_inputs import (
 )
 from arm_engine import engine
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock against a second process on the spool
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 _FROM_REQUEST: Any = object()
+_RECORD = struct.Struct("<II")  # a spool record's header: the body's length, its CRC-32
 
 
 class Spool:
-    """The durable spool of decisions not yet acknowledged by governance (see the module)."""
+    """The durable spool of decisions governance has not acknowledged yet (see the module).
 
-    def __init__(self, path: Path) -> None:
+    A directory of append-only segment files (`<n>.log`, n increasing). A record is a 4-byte
+    length, the CRC-32 of the body, and the body (a `LocalDecision`'s bytes); `append` hands it to
+    the OS with one `write()` on the calling thread before it returns, so a crash of the process
+    (kill -9 included) loses nothing. A background task `fdatasync`s the active segment every
+    `fsync_interval_s` when something was written since its last sync: a power loss (or a kernel
+    crash) loses at most the records written since the last sync that completed. A segment is
+    deleted once every record in it was acknowledged; on open every segment left is read back
+    (up to a torn or corrupt tail, which only a power loss leaves) and shipped first, then
+    appends go to a new segment. Governance skips decision ids it already logged, so a record
+    shipped twice (its segment outlived its acknowledgment) is logged once."""
+
+    def __init__(self, path: Path, *, fsync_interval_s: float = 0.005, segment_bytes: int = 16 << 20) -> None:
+        if not fsync_interval_s > 0:
+            raise ValueError("fsync_interval_s must be > 0")
         self.path = path
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="arm-spool")
-        self._conn: sqlite3.Connection | None = None
-        self._batch: list[tuple[str, bytes]] = []
-        self._batch_done: asyncio.Future[None] | None = None
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self.fsync_interval_s = fsync_interval_s
+        self.segment_bytes = segment_bytes
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="arm-spool-sync")
+        self._lock_fd = -1
+        self._fd = -1
+        self._segment = 0
+        self._segment_size = 0
+        self._counts: dict[int, int] = {}  # segment -> records not acknowledged yet
+        self._queue: deque[tuple[int, bytes]] = deque()  # (segment, body) not handed to shipping yet
+        self._written = 0  # bytes appended to the active segment ...
+        self._synced = 0  # ... and of those, made durable by fdatasync
+        self._retired: list[int] = []  # rolled segments' fds, synced and closed by the sync task
+        self._dir_dirty = False
+        self._syncer: asyncio.Task[None] | None = None
         self.pending = 0
-        """Decisions in the file governance has not acknowledged."""
+        """Decisions in the spool governance has not acknowledged."""
+        self.syncs = 0
+        """fdatasyncs made (the background task)."""
         self.appended = asyncio.Event()
 
-    def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
-                     "body BLOB NOT NULL)")
-        self._conn = conn
-        return int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])
+    def _read_segment(self, segment: int) -> list[bytes]:
+        data = (self.path / f"{segment:012d}.log").read_bytes()
+        bodies, at = [], 0
+        while at + _RECORD.size <= len(data):
+            size, crc = _RECORD.unpack_from(data, at)
+            body = data[at + _RECORD.size:at + _RECORD.size + size]
+            if len(body) < size or zlib.crc32(body) != crc:
+                log.warning("decision spool %s: segment %d ends in a torn record (after %d records); "
+                            "the records before it are shipped", self.path, segment, len(bodies))
+                break
+            bodies.append(body)
+            at += _RECORD.size + size
+        return bodies
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.pending = await loop.run_in_executor(self._executor, self._open)
-        self._writer = asyncio.create_task(self._write_loop(), name="arm-spool-writer")
-
-    async def append(self, decision_id: str, body: bytes) -> None:
-        """Returns once the decision is committed to the file (fsynced)."""
-        if self._batch_done is None:
-            self._batch_done = asyncio.get_running_loop().create_future()
-            self._wake.set()
-        done = self._batch_done
-        self._batch.append((decision_id, body))
-        await done
-
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, done = self._batch, self._batch_done
-            self._batch, self._batch_done = [], None
-            if done is None:
-                continue
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        if fcntl is not None:
             try:
-                await loop.run_in_executor(self._executor, self._insert, batch)
-            except Exception as exc:  # noqa: BLE001 - every waiter of the batch learns it
-                done.set_exception(SpoolError(f"the decision spool {self.path} could not be written: {exc}"))
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self._lock_fd)
+                raise SpoolError(f"the decision spool {self.path} is in use by another process") from None
+        segments = sorted(int(p.stem) for p in self.path.glob("*.log") if p.stem.isdigit())
+        for segment in segments:
+            bodies = self._read_segment(segment)
+            if not bodies:
+                (self.path / f"{segment:012d}.log").unlink()
                 continue
-            self.pending += len(batch)
-            done.set_result(None)
+            self._counts[segment] = len(bodies)
+            self._queue.extend((segment, body) for body in bodies)
+        self.pending = len(self._queue)
+        self._segment = segments[-1] if segments else 0
+        self._roll()
+        self._syncer = asyncio.create_task(self._sync_loop(), name="arm-spool-sync")
+        if self.pending:
             self.appended.set()
 
-    def _insert(self, rows: list[tuple[str, bytes]]) -> None:
-        assert self._conn is not None
-        with self._conn:  # one transaction: one WAL commit, one fsync
-            self._conn.execute("BEGIN")
-            self._conn.executemany("INSERT OR IGNORE INTO spool (id, body) VALUES (?, ?)", rows)
+    def _roll(self) -> None:
+        """Appends go to a new segment from now on (the old one is synced and closed in the background)."""
+        if self._fd >= 0:
+            self._retired.append(self._fd)
+            if not self._counts.get(self._segment):
+                self._counts.pop(self._segment, None)
+                self._retired_empty(self._segment)
+        self._segment += 1
+        self._fd = os.open(self.path / f"{self._segment:012d}.log",
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        self._segment_size = 0
+        self._written = self._synced = 0
+        self._dir_dirty = True
 
-    async def after(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
-        """The oldest decisions after `seq`: (seq, LocalDecision bytes)."""
-        def read() -> list[tuple[int, bytes]]:
-            assert self._conn is not None
-            return self._conn.execute("SELECT seq, body FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
-                                      (seq, limit)).fetchall()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, read)
+    def _retired_empty(self, segment: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / f"{segment:012d}.log").unlink()
 
-    async def acknowledge(self, first_seq: int, last_seq: int, count: int) -> None:
-        """Deletes a shipped batch (seqs first..last; the spool only grows above them)."""
-        def delete() -> None:
-            assert self._conn is not None
-            with self._conn:
-                self._conn.execute("BEGIN")
-                self._conn.execute("DELETE FROM spool WHERE seq BETWEEN ? AND ?", (first_seq, last_seq))
-        await asyncio.get_running_loop().run_in_executor(self._executor, delete)
-        self.pending = max(0, self.pending - count)
+    def append(self, body: bytes) -> None:
+        """Hands the record to the OS (one write(); no fsync: see the class). Raises SpoolError
+        when it could not be written (the decision must not be used)."""
+        if self._fd < 0:
+            raise SpoolError(f"the decision spool {self.path} is not open")
+        record = _RECORD.pack(len(body), zlib.crc32(body)) + body
+        try:
+            if self._segment_size >= self.segment_bytes:
+                self._roll()
+            written = os.write(self._fd, record)
+            while written < len(record):  # a short write (rare: a signal, a full disk) continues
+                written += os.write(self._fd, record[written:])
+        except OSError as exc:
+            raise SpoolError(f"the decision spool {self.path} could not be written: {exc}") from exc
+        self._segment_size += len(record)
+        self._written += len(record)
+        self._counts[self._segment] = self._counts.get(self._segment, 0) + 1
+        self._queue.append((self._segment, body))
+        self.pending += 1
+        if not self.appended.is_set():
+            self.appended.set()
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.fsync_interval_s)
+            try:
+                await self._sync(loop)
+            except OSError:
+                log.exception("decision spool %s: fdatasync failed (retrying)", self.path)
+
+    async def _sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        retired, self._retired = self._retired, []
+        for fd in retired:
+            await loop.run_in_executor(self._executor, _sync_close, fd)
+        if self._dir_dirty:
+            self._dir_dirty = False
+            await loop.run_in_executor(self._executor, _sync_dir, str(self.path))
+        if self._written != self._synced:
+            target, fd = self._written, self._fd
+            await loop.run_in_executor(self._executor, os.fdatasync, fd)
+            self.syncs += 1
+            if fd == self._fd:
+                self._synced = target
+
+    def take(self, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` of the oldest records not handed out yet: (segment, body)."""
+        queue = self._queue
+        n = min(limit, len(queue))
+        return [queue.popleft() for _ in range(n)]
+
+    def acknowledge(self, records: list[tuple[int, bytes]]) -> None:
+        """Governance logged these records: a segment all acknowledged (and rolled) is deleted."""
+        for segment, _ in records:
+            left = self._counts[segment] - 1
+            if left or segment == self._segment:
+                self._counts[segment] = left
+            else:
+                del self._counts[segment]
+                self._retired_empty(segment)
+        self.pending = max(0, self.pending - len(records))
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        if self._syncer is not None:
+            self._syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-        if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+                await self._syncer
+        loop = asyncio.get_running_loop()
+        if self._fd >= 0:
+            self._retired.append(self._fd)
+            self._fd = -1
+            self._written = self._synced = 0
+        with contextlib.suppress(OSError):
+            await self._sync(loop)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         self._executor.shutdown(wait=True)
+
+
+def _sync_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SpoolError(RuntimeError):
@@ -151,6 +260,8 @@ class _Inputs:
     classifier: engine.Classifier
     epoch: int
     budgets_apply: bool
+    epoch_field: bytes
+    """CheckResponse.policy_epoch (field 15) encoded, appended to every response of the epoch."""
 
 
 def _compile(inputs: decision_pb2.DecisionInputs, default: engine.Classifier) -> _Inputs:
@@ -161,7 +272,7 @@ def _compile(inputs: decision_pb2.DecisionInputs, default: engine.Classifier) ->
     return _Inputs(agent, policy, engine.Controls(control_mode_name(inputs.tenant_control),
                                                   control_mode_name(inputs.project_control)),
                    engine.Classifier(overrides=overrides) if overrides else default, inputs.policy_epoch,
-                   inputs.budgets_apply)
+                   inputs.budgets_apply, b"\x78" + _varint(inputs.policy_epoch) if inputs.policy_epoch else b"")
 
 
 @dataclass(frozen=True)
@@ -175,6 +286,7 @@ class ResultParts:
     risk: str
 
 
+_RISKS = {int(r): r for r in engine.Risk}
 _EFFECTS = {engine.Effect.ALLOW: "ALLOW", engine.Effect.DENY: "DENY", engine.Effect.NEEDS_APPROVAL: "NEEDS_APPROVAL"}
 
 
@@ -200,13 +312,14 @@ class LocalDecider:
 
     def __init__(self, decisions_stub: Any, inputs_stub: Any, instance_id: str, *, spool_dir: str | Path,
                  stale_after_s: float = 3.0, max_spool: int = 100_000, ship_batch: int = 1000, ship_in_flight: int = 2,
-                 heartbeat_ms: int = 500, metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple) -> None:
+                 heartbeat_ms: int = 500, fsync_interval_ms: float = 5.0,
+                 metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple) -> None:
         if not instance_id:
             raise ValueError("local decisions need the agent's instance id (instance_id= or ARM_INSTANCE_ID)")
         self.stub = decisions_stub  # RecordLocalDecisions
         self.inputs_stub = inputs_stub  # WatchDecisionInputs, on a channel of its own
         self.instance_id = instance_id
-        self.spool = Spool(Path(spool_dir) / f"decisions-{instance_id}.sqlite")
+        self.spool = Spool(Path(spool_dir) / f"decisions-{instance_id}", fsync_interval_s=fsync_interval_ms / 1000)
         self.stale_after_s = stale_after_s
         self.max_spool = max_spool
         self.ship_batch = ship_batch
@@ -220,6 +333,7 @@ class LocalDecider:
         self._parts = _ResultParts()
         self._prefix = "dec_" + secrets.token_hex(6)
         self._seq = 0
+        self._yielded = 0.0  # monotonic time decide() last let the event loop run
         self.shipped = 0
         self.local = 0
         self.remote = 0
@@ -282,28 +396,35 @@ class LocalDecider:
         if arguments is _FROM_REQUEST:
             arguments = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else None
         call = engine.Call(tool=request.tool_name, arguments=arguments,
-                           declared_risk=engine.Risk(request.declared_risk) if request.declared_risk else None,
+                           declared_risk=(_RISKS.get(request.declared_risk) or engine.Risk(request.declared_risk))
+                           if request.declared_risk else None,
                            estimated_cost_usd=request.estimated_cost_usd, is_run_start=request.is_run_start)
         result = engine.decide(inputs.policy, inputs.agent, call, controls=inputs.controls,
                                classifier=inputs.classifier)
-        if result.effect == engine.Effect.NEEDS_APPROVAL:
+        if result.effect is engine.Effect.NEEDS_APPROVAL:
             self.remote += 1
             return None
         self._seq += 1
         decision_id = f"{self._prefix}{self._seq:010d}"
         parts = self._parts.get(result)
-        response = decision_pb2.CheckResponse.FromString(parts.response)
-        response.decision_id = decision_id
-        response.policy_epoch = inputs.epoch
-        response.decide_time.GetCurrentTime()
+        # The response's bytes: the result's (cached) + decision_id, policy_epoch, decide_time.
+        now = time.time_ns()
+        stamp = b"\x08" + _varint(now // 1_000_000_000) + b"\x10" + _varint(now % 1_000_000_000)
+        response_bytes = b"".join((parts.response, b"\x6a", _varint(len(decision_id)), decision_id.encode(),
+                                   inputs.epoch_field, b"\x8a\x01", _varint(len(stamp)), stamp))
         # A LocalDecision's bytes (fields 1-3), without copying the request into a new message.
-        request_bytes, response_bytes = request.SerializeToString(), response.SerializeToString()
-        body = b"".join((b"\x0a", _varint(len(decision_id)), decision_id.encode(),
-                         b"\x12", _varint(len(request_bytes)), request_bytes,
-                         b"\x1a", _varint(len(response_bytes)), response_bytes))
-        await self.spool.append(decision_id, body)
+        request_bytes = request.SerializeToString()
+        self.spool.append(b"".join((b"\x0a", _varint(len(decision_id)), decision_id.encode(),
+                                    b"\x12", _varint(len(request_bytes)), request_bytes,
+                                    b"\x1a", _varint(len(response_bytes)), response_bytes)))
         self.local += 1
-        return response, parts
+        clock = time.monotonic()
+        if clock - self._yielded > 0.001:
+            # The record is already with the OS; a caller deciding in a tight loop still lets
+            # the spool's fsync task and shipping run at least every millisecond.
+            self._yielded = clock
+            await asyncio.sleep(0)
+        return decision_pb2.CheckResponse.FromString(response_bytes), parts
 
     # --- shipping -------------------------------------------------------------------------------
 
@@ -311,31 +432,29 @@ class LocalDecider:
         """Ships the spool oldest first, up to `ship_in_flight` batches at a time (governance
         logs one while the next is read and sent); a batch is deleted from the spool only once
         governance acknowledged it, and a failed one is retried (with backoff) until it is."""
-        cursor = 0  # the last seq handed to a batch
         slots = asyncio.Semaphore(self.ship_in_flight)
         running: set[asyncio.Task[None]] = set()
         try:
             while True:
                 await slots.acquire()
-                rows = await self.spool.after(cursor, self.ship_batch)
-                if not rows:
+                records = self.spool.take(self.ship_batch)
+                if not records:
                     slots.release()
                     self.spool.appended.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.spool.appended.wait(), 0.5)
                     continue
-                cursor = rows[-1][0]
-                task = asyncio.create_task(self._ship_batch(rows, slots))
+                task = asyncio.create_task(self._ship_batch(records, slots))
                 running.add(task)
                 task.add_done_callback(running.discard)
         finally:
             for task in running:
                 task.cancel()
 
-    async def _ship_batch(self, rows: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
+    async def _ship_batch(self, records: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
         # A RecordLocalDecisionsRequest is its LocalDecisions as field 1: concatenate them.
         request = decision_pb2.RecordLocalDecisionsRequest.FromString(
-            b"".join(b"\x0a" + _varint(len(body)) + body for _, body in rows))
+            b"".join(b"\x0a" + _varint(len(body)) + body for _, body in records))
         delay = 0.05
         try:
             while True:
@@ -345,11 +464,11 @@ class LocalDecider:
                 except grpc.RpcError as exc:
                     code = exc.code() if hasattr(exc, "code") else None
                     log.warning("shipping %d local decisions failed (%s); they stay in the spool, retrying",
-                                len(rows), getattr(code, "name", code))
+                                len(records), getattr(code, "name", code))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
-            await self.spool.acknowledge(rows[0][0], rows[-1][0], len(rows))
-            self.shipped += len(rows)
+            self.spool.acknowledge(records)
+            self.shipped += len(records)
         finally:
             slots.release()
 

@@ -317,6 +317,9 @@ class Arm:
             `Check` (shipping down or behind).
         local_inputs_address: where the inputs stream connects (its own channel); default the
             governance address.
+        local_fsync_interval_ms: how often the spool is fdatasync'ed in the background. A
+            decision's record is written to the spool file before `check` returns, so a crash
+            of this process loses none; a power loss loses at most this window's decisions.
     """
 
     def __init__(self, address: str | None = None, api_key: str | None = None, *,
@@ -329,7 +332,7 @@ class Arm:
                  settings: Settings | None = None, local_decisions: bool = False,
                  local_spool_dir: str | None = None, local_stale_after_s: float = 3.0,
                  local_max_spool: int = 100_000, local_heartbeat_ms: int = 500,
-                 local_inputs_address: str | None = None) -> None:
+                 local_inputs_address: str | None = None, local_fsync_interval_ms: float = 5.0) -> None:
         self.settings = settings or Settings.from_env(
             env, address=address, registry_address=registry_address, governance_address=governance_address,
             telemetry_address=telemetry_address, api_key=api_key, instance_id=instance_id,
@@ -354,7 +357,8 @@ class Arm:
                 raise ValueError("local_decisions=True needs the agent's instance id (instance_id= or ARM_INSTANCE_ID)")
             self._inputs_address = local_inputs_address or self.settings.governance_address
             self._local_options = dict(spool_dir=spool_dir, stale_after_s=local_stale_after_s,
-                                       max_spool=local_max_spool, heartbeat_ms=local_heartbeat_ms)
+                                       max_spool=local_max_spool, heartbeat_ms=local_heartbeat_ms,
+                                       fsync_interval_ms=local_fsync_interval_ms)
         atexit.register(_flush_at_exit, weakref.ref(self))
 
     # --- connection ------------------------------------------------------------------------------
