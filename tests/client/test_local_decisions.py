@@ -440,6 +440,14 @@ async def test_record_local_decisions_validates_checks_the_caller_and_is_idempot
             "decisions[1].request.approval_id"} <= set(got.violations)
     await expect_failure(client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest()),
                          grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELDS")
+    # What the generic edge check names (checked here per item, each distinct result part once).
+    odd = _decision(agent.instance_id, scope_id="a\x00b")
+    odd.request.arguments.update({"k\x00": 1, "n": float("nan")})
+    odd.response.decide_time.seconds = 253_402_300_800
+    got = await expect_failure(client.decisions.RecordLocalDecisions(
+        decision_pb2.RecordLocalDecisionsRequest(decisions=[good, odd, odd])), grpc.StatusCode.INVALID_ARGUMENT)
+    assert {"decisions[1].request.arguments", "decisions[1].request.arguments.n", "decisions[1].response.scope_id",
+            "decisions[2].response.scope_id", "decisions[1].response.decide_time"} <= set(got.violations), got.violations
 
     # Another agent's key, or an operator's, may not record (nor watch) this instance's decisions.
     other = await make_agent(agent.tenant, agent.governance, agent.telemetry)

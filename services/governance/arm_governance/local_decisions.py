@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import compat_pb2
+from arm_common import edge
 from arm_common import validation as val
 from arm_common.auth import Authenticator, Principal, current_api_key, current_principal
 from arm_common.db import driver_connection
@@ -68,7 +69,59 @@ def validate_watch(request: decision_pb2.WatchDecisionInputsRequest) -> None:
     v.raise_if_any()
 
 
-def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> None:
+# The generic edge check (arm_common.edge) would walk every LocalDecision of a batch; the parts of
+# a response that depend on the engine's result alone recur, so validate_record checks each
+# distinct one once (with the same field paths) and the request of every item.
+edge.validated_per_item(decision_pb2.LocalDecision.DESCRIPTOR.full_name)
+_PER_DECISION = ("decision_id", "decide_time", "policy_epoch", "request_id", "approval_id")
+_PART_CHECKS: dict[bytes, list[tuple[str, str]]] = {}
+
+
+def result_key(response: decision_pb2.CheckResponse) -> bytes:
+    """The response without what differs per decision, serialized: one per distinct result."""
+    part = decision_pb2.CheckResponse()
+    part.CopyFrom(response)
+    for name in _PER_DECISION:
+        part.ClearField(name)  # type: ignore[arg-type]
+    return part.SerializeToString(deterministic=True)
+
+
+def _part_checks(key: bytes) -> list[tuple[str, str]]:
+    """What is wrong with a response's result part: (path below `response`, description)."""
+    checks = _PART_CHECKS.get(key)
+    if checks is not None:
+        return checks
+    r = decision_pb2.CheckResponse.FromString(key)
+    v = Violations()
+    v.items.extend(edge.violations(r))
+    if r.decision not in _LOCAL_EFFECTS:
+        v.add("decision", "must be ALLOW or DENY (NEEDS_APPROVAL is decided by Check)")
+    if r.step not in _STEPS:
+        v.add("step", "must be a decision step other than APPROVAL_GRANT")
+    if r.effective_risk not in _RISKS:
+        v.add("effective_risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
+    if r.scope and r.scope not in _SCOPES:
+        v.add("scope", f"unknown enum value {r.scope}")
+    if r.rule_kind and r.rule_kind not in _RULE_KINDS:
+        v.add("rule_kind", f"unknown enum value {r.rule_kind}")
+    for j, s in enumerate(r.shadow_results):
+        if s.scope not in _SCOPES:
+            v.add(f"shadow_results[{j}].scope", f"unknown enum value {s.scope}")
+        if s.decision and s.decision not in _EFFECTS:
+            v.add(f"shadow_results[{j}].decision", f"unknown enum value {s.decision}")
+        if s.rule_kind and s.rule_kind not in _RULE_KINDS:
+            v.add(f"shadow_results[{j}].rule_kind", f"unknown enum value {s.rule_kind}")
+    if len(r.reasons) > 50:
+        v.add("", "must be at most 64 KiB with at most 50 reasons")
+    checks = [(item.field, item.description) for item in v.items]
+    if len(_PART_CHECKS) >= 4096:
+        _PART_CHECKS.clear()
+    _PART_CHECKS[key] = checks
+    return checks
+
+
+def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> list[bytes]:
+    """Raises InvalidArgument naming every bad field; returns each response's `result_key`."""
     v = Violations()
     n = len(request.decisions)
     if not 1 <= n <= MAX_BATCH:
@@ -76,49 +129,47 @@ def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> None:
         v.raise_if_any()
     instance = request.decisions[0].request.instance_id
     latest = datetime.now(UTC) + _CLOCK_SKEW
+    keys = []
     for i, item in enumerate(request.decisions):
         at = f"decisions[{i}]."
         if not DECISION_ID.fullmatch(item.decision_id):
             v.add(f"{at}decision_id", 'must be "dec_" then 16 to 64 letters, digits, "_" or "-"')
-        if item.request.WhichOneof("agent") != "instance_id":
+        req = item.request
+        v.items.extend(edge.violations(req, f"{at}request"))
+        if req.WhichOneof("agent") != "instance_id":
             v.add(f"{at}request.instance_id", "is required (local decisions are made for an instance)")
-        elif item.request.instance_id != instance:
+        elif req.instance_id != instance:
             v.add(f"{at}request.instance_id", "all decisions of a batch must be of one instance")
-        if item.request.approval_id:
+        if req.approval_id:
             v.add(f"{at}request.approval_id", "must be empty: grants are decided by Check")
-        if item.request.request_id:
+        if req.request_id:
             v.add(f"{at}request.request_id", "must be empty: the decision id is the idempotency key")
         try:
-            validate_check(item.request, f"{at}request.")
+            validate_check(req, f"{at}request.")
         except InvalidArgument as exc:
             v.items.extend(exc.violations)
         r = item.response
-        if r.decision not in _LOCAL_EFFECTS:
-            v.add(f"{at}response.decision", "must be ALLOW or DENY (NEEDS_APPROVAL is decided by Check)")
-        if r.step not in _STEPS:
-            v.add(f"{at}response.step", "must be a decision step other than APPROVAL_GRANT")
-        if r.effective_risk not in _RISKS:
-            v.add(f"{at}response.effective_risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
-        if r.scope and r.scope not in _SCOPES:
-            v.add(f"{at}response.scope", f"unknown enum value {r.scope}")
-        if r.rule_kind and r.rule_kind not in _RULE_KINDS:
-            v.add(f"{at}response.rule_kind", f"unknown enum value {r.rule_kind}")
-        for j, s in enumerate(r.shadow_results):
-            if s.scope not in _SCOPES:
-                v.add(f"{at}response.shadow_results[{j}].scope", f"unknown enum value {s.scope}")
-            if s.decision and s.decision not in _EFFECTS:
-                v.add(f"{at}response.shadow_results[{j}].decision", f"unknown enum value {s.decision}")
-            if s.rule_kind and s.rule_kind not in _RULE_KINDS:
-                v.add(f"{at}response.shadow_results[{j}].rule_kind", f"unknown enum value {s.rule_kind}")
+        key = result_key(r)
+        keys.append(key)
+        for field, description in _part_checks(key):
+            v.add(f"{at}response.{field}" if field else f"{at}response", description)
+        for name in ("request_id", "approval_id"):
+            if "\x00" in getattr(r, name):
+                v.add(f"{at}response.{name}", "must not contain NUL characters")
         if not r.HasField("decide_time"):
             v.add(f"{at}response.decide_time", "is required")
-        elif r.decide_time.ToDatetime(tzinfo=UTC) > latest:
-            v.add(f"{at}response.decide_time", "must not be in the future")
+        else:
+            bad = edge.violations(r.decide_time, f"{at}response.decide_time")
+            if bad:
+                v.items.extend(bad)
+            elif r.decide_time.ToDatetime(tzinfo=UTC) > latest:
+                v.add(f"{at}response.decide_time", "must not be in the future")
         if r.policy_epoch < 0:
             v.add(f"{at}response.policy_epoch", "must be >= 0")
-        if len(r.reasons) > 50 or r.ByteSize() > 64 * 1024:
+        if len(key) > 64 * 1024:
             v.add(f"{at}response", "must be at most 64 KiB with at most 50 reasons")
     v.raise_if_any()
+    return keys
 
 
 class LocalDecisions:
@@ -209,24 +260,20 @@ class LocalDecisions:
 
     # --- RecordLocalDecisions -------------------------------------------------------------------
 
-    def _result(self, resp: decision_pb2.CheckResponse) -> engine.Result:
-        """The engine result a response states, one object per distinct result: the decision
-        path's per-result caches (response bytes, opEvent payload, provenance) key on identity."""
-        part = decision_pb2.CheckResponse()
-        part.CopyFrom(resp)
-        for name in ("decision_id", "decide_time", "policy_epoch", "request_id", "approval_id"):
-            part.ClearField(name)  # type: ignore[arg-type]
-        key = part.SerializeToString(deterministic=True)
+    def _result(self, key: bytes) -> engine.Result:
+        """The engine result a response states (its `result_key`), one object per distinct
+        result: the decision path's per-result caches (response bytes, opEvent payload,
+        provenance) key on identity."""
         result = self._results.get(key)
         if result is None:
             if len(self._results) >= 4096:
                 self._results.clear()
-            result = self._results[key] = result_from_response(part)
+            result = self._results[key] = result_from_response(decision_pb2.CheckResponse.FromString(key))
         return result
 
     async def record(self, request: decision_pb2.RecordLocalDecisionsRequest
                      ) -> decision_pb2.RecordLocalDecisionsResponse:
-        validate_record(request)
+        keys = validate_record(request)
         p = current_principal()
         instance_id = request.decisions[0].request.instance_id
         _own_instance(p, instance_id)
@@ -235,11 +282,11 @@ class LocalDecisions:
             raise NotFound.of("agent_instance", instance_id)
         agent_bytes = resolved.SerializeToString()
         batch: list[PendingDecision] = []
-        for item in request.decisions:
+        for item, key in zip(request.decisions, keys, strict=True):
             req, resp = item.request, item.response
             # The argument digest binds approvals only: a local decision creates none.
             batch.append(self.decider.pending(
-                p, req, resolved, agent_bytes, self._result(resp), resp.policy_epoch, "", None,
+                p, req, resolved, agent_bytes, self._result(key), resp.policy_epoch, "", None,
                 resp.decide_time.ToDatetime(tzinfo=UTC), item.decision_id))
         try:
             recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
