@@ -1,13 +1,12 @@
 """Local decisions benchmark (issue 16 part 2): decisions per second one runtime process makes with
-`Arm(local_decisions=True)` — the engine in process, each decision committed to the durable spool
-(SQLite WAL, group fsync) before it is returned — at 64 and at 1 in flight, with p50/p99; and
+`Arm(local_decisions=True)` — the engine in process, each decision written to the spool file
+(handed to the OS; fdatasync'ed in the background every 5 ms) before it is returned — at 64 and at 1 in flight, with p50/p99; and
 whether shipping (`RecordLocalDecisions`) keeps up into governance on PostgreSQL.
 
 Registry and governance run as their own processes on PostgreSQL with `check_grpc.py`'s policy
-set (`setup_world`); the runtime is this process. The reference, in the same run: the peers'
-figure when `bench/peers` exists (Cerbos's PDP, built by issue 16 part 1), else ARM's own remote
-`Check` through `check_grpc.py`'s load generator (its own process) at 64 and at 1 in flight —
-Cerbos itself is measured by `bench/peers`.
+set (`setup_world`); the runtime is this process. The reference, in the same run: Cerbos's PDP
+when bench/check_grpc.py provides it (see `cerbos_reference`), else ARM's own remote `Check`
+through `check_grpc.py`'s load generator (its own process) at 64 and at 1 in flight.
 
   .venv/bin/python bench/sdk_local.py [--postgres URL] [--seconds 5] [--spool-dir DIR]
 
@@ -74,7 +73,7 @@ async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, second
     made = local.local - local_before
     shipped_during = local.shipped - shipped_before
     backlog = local.spool.pending
-    compute = decide_compute(local) if in_flight == 1 else 0.0
+    compute = await decide_compute(local) if in_flight == 1 else 0.0
     t0 = time.perf_counter()
     drained = await local.drain(300)
     drain_s = time.perf_counter() - t0
@@ -85,48 +84,60 @@ async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, second
             "backlog": backlog, "drain_s": drain_s, "drained": drained, "compute_us": compute}
 
 
-def decide_compute(local: Any) -> float:
-    """p50 of what a local decision costs before its durable append: the engine on the streamed
-    inputs, the response and the spool record built and serialized (no fsync)."""
+async def decide_compute(local: Any) -> float:
+    """p50 of `LocalDecider.decide` alone (no `Arm.check` around it: request building, the
+    Decision): the engine on the streamed inputs, the response and spool record built, the
+    record written to the spool file."""
     from arm.governance.v1 import decision_pb2
-    from arm_engine import engine
 
-    inputs = local._inputs
+    instance = local._inputs.agent.instance_id
     times = []
     for i in range(20_000):
-        t0 = time.perf_counter()
         tool = TOOLS[i % len(TOOLS)]
         args = {"path": f"/srv/{tool}"}
-        request = decision_pb2.CheckRequest(tool_name=tool, instance_id=inputs.agent.instance_id,
-                                            declared_risk=1, tool_call_id=f"tc-{i}")
+        request = decision_pb2.CheckRequest(tool_name=tool, instance_id=instance, declared_risk=1,
+                                            tool_call_id=f"tc-{i}")
         request.arguments.update(args)
-        result = engine.decide(inputs.policy, inputs.agent, engine.Call(tool=tool, arguments=args,
-                                                                        declared_risk=engine.Risk.LOW),
-                               controls=inputs.controls, classifier=inputs.classifier)
-        parts = local._parts.get(result)
-        response = decision_pb2.CheckResponse.FromString(parts.response)
-        response.decision_id = f"dec_{i:020d}"
-        response.decide_time.GetCurrentTime()
-        decision_pb2.LocalDecision(decision_id=response.decision_id, request=request,
-                                   response=response).SerializeToString()
+        t0 = time.perf_counter()
+        assert await local.decide(request, args) is not None
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
 
 
-def peers_reference(seconds: float) -> bool:
-    """Runs bench/peers (issue 16 part 1) when it exists and prints its figures."""
-    peers = ROOT / "bench" / "peers"
-    if not peers.exists():
+async def cerbos_reference(gov_address: str, key: str, instance: str, seconds: float, log: Any,
+                           pids: list[int]) -> bool:
+    """The Cerbos reference (issue 16 part 1), the hook the integrator wires. It runs when
+    bench/check_grpc.py provides Cerbos (branch `perfcheck`: `start_cerbos(grpc_port, http_port,
+    log)` starting the PDP binary `CERBOS_BIN` from the npm package @cerbos/cerbos-linux-x64 that
+    `make bench-peers` installs into bench/peers/node_modules, on the policies of
+    bench/peers/cerbos/; `compare_decisions(gov_address, key, instance, cerbos_address, tools)`
+    checking both decide TOOLS alike and returning tool -> risk; `run_load(...,
+    cerbos_risks=risks)` driving CheckResources with the same load generator) and the binary is
+    installed; it prints Cerbos's rows at 64 and 1 in flight and returns True. Otherwise it
+    returns False and the reference is ARM's own remote Check. Not run in this tree (no
+    bench/peers here)."""
+    import check_grpc
+
+    from tests.processes import free_port, wait_serving
+
+    needed = ("start_cerbos", "compare_decisions", "CERBOS_BIN")
+    if not all(hasattr(check_grpc, name) for name in needed) or not check_grpc.CERBOS_BIN.exists():
         return False
-    for name in ("cerbos.py", "run.py", "__main__.py"):
-        script = peers / name
-        if script.exists():
-            out = subprocess.run([sys.executable, str(script), "--seconds", str(seconds)], cwd=ROOT,
-                                 capture_output=True, text=True)
-            print(f"## reference: bench/peers/{name}")
-            print(out.stdout.rstrip() or out.stderr.rstrip())
-            return True
-    return False
+    port = free_port()
+    proc = check_grpc.start_cerbos(port, free_port(), log)
+    try:
+        await wait_serving(f"127.0.0.1:{port}", proc, log)
+        risks = await check_grpc.compare_decisions(gov_address, key, instance, f"127.0.0.1:{port}", TOOLS)
+        print("## reference: Cerbos's PDP (bench/peers, check_grpc.py's load generator, its own process)")
+        for in_flight in (64, 1):
+            r = run_load(f"127.0.0.1:{port}", key, instance, in_flight, seconds, 1, False, [proc.pid, *pids],
+                         tools=TOOLS, cerbos_risks=risks)  # type: ignore[call-arg]
+            print(f"{'Cerbos PDP':28} {in_flight:>3} in flight {r['calls_per_s']:>9.0f}/s  "
+                  f"p50 {r['p50_ms'] * 1000:>8.0f} µs  p99 {r['p99_ms'] * 1000:>8.0f} µs")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return True
 
 
 async def orchestrate(args: argparse.Namespace) -> None:
@@ -168,7 +179,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
               f"processes, the runtime in this one; spool in {spool_dir}; tools {','.join(TOOLS)}")
         if args.skip_reference:
             pass
-        elif not peers_reference(args.seconds):
+        elif not await cerbos_reference(addr["governance"], agent_key, instance, args.seconds, log,
+                                        [p.pid for p in procs]):
             print("## reference: ARM's remote Check (check_grpc.py's load generator, its own process); "
                   "Cerbos is measured by bench/peers (not in this tree)")
             for in_flight in (64, 1):
@@ -191,8 +203,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
                   f"p50 {r['p50_us']:>8.0f} µs  p99 {r['p99_us']:>8.0f} µs  runtime CPU {r['cpu_us']:.0f} µs/decision  "
                   f"({r['local']:.0f} local, {r['remote']:.0f} via Check)")
             if r["compute_us"]:
-                print(f"{'':28} of which before the durable append (engine, response, spool record): "
-                      f"p50 {r['compute_us']:.1f} µs (in-process loop)")
+                print(f"{'':28} LocalDecider.decide alone (engine, response, spool write; no Arm.check "
+                      f"around it): p50 {r['compute_us']:.1f} µs")
             print(f"{'':28} shipping: {r['shipped_per_s']:.0f}/s during the run, backlog at its end "
                   f"{r['backlog']:.0f}, drained in {r['drain_s']:.1f} s ({'all' if r['drained'] else 'NOT all'} logged)")
         conn = await asyncpg.connect(args.postgres)

@@ -334,6 +334,7 @@ class LocalDecider:
         self._prefix = "dec_" + secrets.token_hex(6)
         self._seq = 0
         self._yielded = 0.0  # monotonic time decide() last let the event loop run
+        self._second, self._second_field = 0, b""  # decide_time.seconds, encoded, for this second
         self.shipped = 0
         self.local = 0
         self.remote = 0
@@ -408,13 +409,17 @@ class LocalDecider:
         decision_id = f"{self._prefix}{self._seq:010d}"
         parts = self._parts.get(result)
         # The response's bytes: the result's (cached) + decision_id, policy_epoch, decide_time.
-        now = time.time_ns()
-        stamp = b"\x08" + _varint(now // 1_000_000_000) + b"\x10" + _varint(now % 1_000_000_000)
-        response_bytes = b"".join((parts.response, b"\x6a", _varint(len(decision_id)), decision_id.encode(),
-                                   inputs.epoch_field, b"\x8a\x01", _varint(len(stamp)), stamp))
+        seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+        if seconds != self._second:
+            self._second, self._second_field = seconds, b"\x08" + _varint(seconds)
+        stamp = self._second_field + b"\x10" + _encode_varint(nanos) if nanos else self._second_field
+        encoded_id = decision_id.encode()
+        id_field = _SMALL_VARINTS[len(encoded_id)] + encoded_id
+        response_bytes = b"".join((parts.response, b"\x6a", id_field, inputs.epoch_field,
+                                   b"\x8a\x01", _SMALL_VARINTS[len(stamp)], stamp))
         # A LocalDecision's bytes (fields 1-3), without copying the request into a new message.
         request_bytes = request.SerializeToString()
-        self.spool.append(b"".join((b"\x0a", _varint(len(decision_id)), decision_id.encode(),
+        self.spool.append(b"".join((b"\x0a", id_field,
                                     b"\x12", _varint(len(request_bytes)), request_bytes,
                                     b"\x1a", _varint(len(response_bytes)), response_bytes)))
         self.local += 1
@@ -492,7 +497,7 @@ class LocalDecider:
         await self.spool.close()
 
 
-def _varint(n: int) -> bytes:
+def _encode_varint(n: int) -> bytes:
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -502,3 +507,10 @@ def _varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL_VARINTS = [_encode_varint(n) for n in range(1 << 14)]  # lengths and small numbers: 1-2 bytes
+
+
+def _varint(n: int) -> bytes:
+    return _SMALL_VARINTS[n] if n < 16384 else _encode_varint(n)

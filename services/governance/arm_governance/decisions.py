@@ -474,6 +474,15 @@ class Decider:
         occurred = timestamp_pb2.Timestamp()
         occurred.FromDatetime(now)
         kind = request.WhichOneof("agent") or "instance_id"
+        # Payload: the provenance and reason codes (cached per result, as the opEvent's), then
+        # decision_id, agent_ref, tool_name, policy_epoch.
+        payload = struct_pb2.Struct()
+        payload.MergeFromString(_PAYLOAD_FIELDS.get(result))
+        fields = payload.fields
+        fields["decision_id"].string_value = decision_id
+        fields["agent_ref"].string_value = getattr(request, kind)
+        fields["tool_name"].string_value = request.tool_name
+        fields["policy_epoch"].number_value = epoch
         return common_pb2.ChangeRecord(
             record_id=new_id("chg"), tenant_id=principal.tenant_id,
             type=common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED,
@@ -485,10 +494,7 @@ class Decider:
             version_id=resolved.version_id if resolved is not None else "",
             instance_id=resolved.instance_id if resolved is not None else "",
             summary=f"{request.tool_name} denied: {result.reasons[0].code if result.reasons else 'DENY'}",
-            payload=struct({**PROVENANCE.get(result), "decision_id": decision_id,
-                            "agent_ref": getattr(request, kind), "tool_name": request.tool_name,
-                            "reasons": [r.code for r in result.reasons], "policy_epoch": epoch}),
-            occur_time=occurred, source="governance")
+            payload=payload, occur_time=occurred, source="governance")
 
 
 def check_batch_limit(n: int) -> None:
