@@ -120,18 +120,19 @@ async def cerbos_reference(gov_address: str, key: str, instance: str, seconds: f
 
     from tests.processes import free_port, wait_serving
 
+    peers: Any = check_grpc  # the attributes below exist on branch perfcheck only
     needed = ("start_cerbos", "compare_decisions", "CERBOS_BIN")
-    if not all(hasattr(check_grpc, name) for name in needed) or not check_grpc.CERBOS_BIN.exists():
+    if not all(hasattr(peers, name) for name in needed) or not peers.CERBOS_BIN.exists():
         return False
     port = free_port()
-    proc = check_grpc.start_cerbos(port, free_port(), log)
+    proc = peers.start_cerbos(port, free_port(), log)
     try:
         await wait_serving(f"127.0.0.1:{port}", proc, log)
-        risks = await check_grpc.compare_decisions(gov_address, key, instance, f"127.0.0.1:{port}", TOOLS)
+        risks = await peers.compare_decisions(gov_address, key, instance, f"127.0.0.1:{port}", TOOLS)
         print("## reference: Cerbos's PDP (bench/peers, check_grpc.py's load generator, its own process)")
         for in_flight in (64, 1):
-            r = run_load(f"127.0.0.1:{port}", key, instance, in_flight, seconds, 1, False, [proc.pid, *pids],
-                         tools=TOOLS, cerbos_risks=risks)  # type: ignore[call-arg]
+            r = peers.run_load(f"127.0.0.1:{port}", key, instance, in_flight, seconds, 1, False,
+                               [proc.pid, *pids], tools=TOOLS, cerbos_risks=risks)
             print(f"{'Cerbos PDP':28} {in_flight:>3} in flight {r['calls_per_s']:>9.0f}/s  "
                   f"p50 {r['p50_ms'] * 1000:>8.0f} µs  p99 {r['p99_ms'] * 1000:>8.0f} µs")
     finally:

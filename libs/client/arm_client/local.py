@@ -99,7 +99,8 @@ class Spool:
 
     def _read_segment(self, segment: int) -> list[bytes]:
         data = (self.path / f"{segment:012d}.log").read_bytes()
-        bodies, at = [], 0
+        bodies: list[bytes] = []
+        at = 0
         while at + _RECORD.size <= len(data):
             size, crc = _RECORD.unpack_from(data, at)
             body = data[at + _RECORD.size:at + _RECORD.size + size]
