@@ -306,8 +306,8 @@ class Arm:
         event_batch_size, flush_interval_s: how events are batched.
         close_timeout_s: how long `close` (and interpreter exit) waits for queued events.
         local_decisions: decide calls in this process with governance's engine, from the inputs
-            governance streams (`WatchDecisionInputs`), each decision spooled durably before it
-            is returned and shipped in the background (see `arm_client.local`); what is not
+            governance streams (`WatchDecisionInputs`), each decision written to the spool
+            before it is returned and shipped in the background (see `arm_client.local`); what is not
             decided locally (approvals, grants, budgets, a stale stream, a full spool) goes to
             `Check`. Needs the agent's instance id and its own agent key.
         local_spool_dir: the spool's directory (default `ARM_SPOOL_DIR`, else `.arm/spool`).
