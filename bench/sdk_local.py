@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from check_grpc import run_load, setup_world, spawn  # noqa: E402
+from check_grpc import cpu_seconds, run_load, setup_world, spawn  # noqa: E402
 
 # Decided locally under setup_world's policy (ALLOW, and a locked DENY); NEEDS_APPROVAL tools
 # (payments.send, shell.exec, deploy.prod) go to Check by design and are left out.
@@ -42,7 +42,8 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, seconds: float) -> dict[str, float]:
+async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, seconds: float,
+                     gov_pid: int) -> dict[str, float]:
     from arm_client import Arm
 
     arm = Arm(env=env, local_decisions=True, local_spool_dir=spool_dir, close_timeout_s=120,
@@ -74,14 +75,15 @@ async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, second
     shipped_during = local.shipped - shipped_before
     backlog = local.spool.pending
     compute = await decide_compute(local) if in_flight == 1 else 0.0
-    t0 = time.perf_counter()
+    t0, gov_cpu0 = time.perf_counter(), cpu_seconds([gov_pid])
     drained = await local.drain(300)
-    drain_s = time.perf_counter() - t0
+    drain_s, gov_cpu = time.perf_counter() - t0, cpu_seconds([gov_pid]) - gov_cpu0
     await arm.close()
     return {"per_s": len(latencies) / elapsed, "p50_us": statistics.median(latencies) * 1e6,
             "p99_us": pct(latencies, 0.99) * 1e6, "local": made, "remote": local.remote - remote_before,
             "cpu_us": cpu / max(1, len(latencies)) * 1e6, "shipped_per_s": shipped_during / elapsed,
-            "backlog": backlog, "drain_s": drain_s, "drained": drained, "compute_us": compute}
+            "backlog": backlog, "drain_s": drain_s, "drained": drained, "compute_us": compute,
+            "gov_us": gov_cpu / max(1, backlog) * 1e6}
 
 
 async def decide_compute(local: Any) -> float:
@@ -196,7 +198,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 import cProfile
                 profiler = cProfile.Profile()
                 profiler.enable()
-            r = await local_rate(env, spool_dir, in_flight, args.seconds)
+            r = await local_rate(env, spool_dir, in_flight, args.seconds, procs[1].pid)
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile_runtime)
@@ -207,7 +209,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 print(f"{'':28} LocalDecider.decide alone (engine, response, spool write; no Arm.check "
                       f"around it): p50 {r['compute_us']:.1f} µs")
             print(f"{'':28} shipping: {r['shipped_per_s']:.0f}/s during the run, backlog at its end "
-                  f"{r['backlog']:.0f}, drained in {r['drain_s']:.1f} s ({'all' if r['drained'] else 'NOT all'} logged)")
+                  f"{r['backlog']:.0f}, drained in {r['drain_s']:.1f} s ({'all' if r['drained'] else 'NOT all'} logged; "
+                  f"governance CPU {r['gov_us']:.0f} µs per drained decision)")
         conn = await asyncpg.connect(args.postgres)
         n = await conn.fetchval(f'SELECT count(*) FROM "{schemas["governance"]}".decisions')
         await conn.close()

@@ -47,6 +47,7 @@ DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,64}")
 _LOCAL_EFFECTS = (policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _CLOCK_SKEW = timedelta(minutes=5)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # decide_time as a datetime: what ToDatetime(tzinfo=UTC) gives
 _STEPS = frozenset(int(x) for x in engine.Step) - {int(engine.Step.APPROVAL_GRANT)}
 _RISKS = frozenset(int(x) for x in engine.Risk)
 _SCOPES = frozenset(int(x) for x in engine.Scope)
@@ -128,7 +129,7 @@ def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> list[b
         v.add("decisions", f"must hold 1 to {MAX_BATCH} decisions")
         v.raise_if_any()
     instance = request.decisions[0].request.instance_id
-    latest = datetime.now(UTC) + _CLOCK_SKEW
+    latest = int((datetime.now(UTC) + _CLOCK_SKEW).timestamp())
     keys = []
     for i, item in enumerate(request.decisions):
         at = f"decisions[{i}]."
@@ -162,7 +163,7 @@ def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> list[b
             bad = edge.violations(r.decide_time, f"{at}response.decide_time")
             if bad:
                 v.items.extend(bad)
-            elif r.decide_time.ToDatetime(tzinfo=UTC) > latest:
+            elif r.decide_time.seconds > latest:  # (whole seconds: the skew allowed is minutes)
                 v.add(f"{at}response.decide_time", "must not be in the future")
         if r.policy_epoch < 0:
             v.add(f"{at}response.policy_epoch", "must be >= 0")
@@ -287,7 +288,8 @@ class LocalDecisions:
             # The argument digest binds approvals only: a local decision creates none.
             batch.append(self.decider.pending(
                 p, req, resolved, agent_bytes, self._result(key), resp.policy_epoch, "", None,
-                resp.decide_time.ToDatetime(tzinfo=UTC), item.decision_id))
+                _EPOCH + timedelta(seconds=resp.decide_time.seconds, microseconds=resp.decide_time.nanos // 1000),
+                item.decision_id))
         try:
             recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
         except IntegrityError:
