@@ -78,6 +78,8 @@ async def test_a_deny_names_its_envelope_revision_and_rule_everywhere(
     assert len(records) == 1, records
     record = json_format.MessageToDict(records[0].payload)
     assert {k: record.get(k) for k in expected} == expected, record
+    assert (record["agent_ref"], record["tool_name"], record["reasons"]) == (
+        instance_id, "shell.exec", [r.code for r in denied.reasons]), record
 
     # The decision log's read API says the same.
     got = (await gov.decisions.GetDecision(decision_pb2.GetDecisionRequest(

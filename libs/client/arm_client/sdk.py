@@ -36,6 +36,7 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -49,9 +50,9 @@ import grpc
 from google.protobuf import struct_pb2
 
 from arm.common.v1 import common_pb2
-from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
+from arm.governance.v1 import approvals_pb2, decision_pb2, decision_pb2_grpc, policy_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
-from arm_client.connection import Settings, new_request_id, target
+from arm_client.connection import Settings, new_request_id, open_channel, target
 from arm_client.errors import (
     ApprovalExpired,
     ApprovalPending,
@@ -65,6 +66,7 @@ from arm_client.errors import (
     from_rpc_error,
 )
 from arm_client.events import EventSender
+from arm_client.local import LocalDecider, SpoolError
 from arm_client.stubs import ArmClient
 
 log = logging.getLogger("arm_client")
@@ -303,6 +305,21 @@ class Arm:
             in `events_dropped` and logged.
         event_batch_size, flush_interval_s: how events are batched.
         close_timeout_s: how long `close` (and interpreter exit) waits for queued events.
+        local_decisions: decide calls in this process with governance's engine, from the inputs
+            governance streams (`WatchDecisionInputs`), each decision written to the spool
+            before it is returned and shipped in the background (see `arm_client.local`); what is not
+            decided locally (approvals, grants, budgets, a stale stream, a full spool) goes to
+            `Check`. Needs the agent's instance id and its own agent key.
+        local_spool_dir: the spool's directory (default `ARM_SPOOL_DIR`, else `.arm/spool`).
+        local_stale_after_s: how long without a message on the inputs stream (heartbeats come
+            every `local_heartbeat_ms`) before calls go to `Check` instead.
+        local_max_spool: decisions governance has not acknowledged yet beyond which calls go to
+            `Check` (shipping down or behind).
+        local_inputs_address: where the inputs stream connects (its own channel); default the
+            governance address.
+        local_fsync_interval_ms: how often the spool is fdatasync'ed in the background. A
+            decision's record is written to the spool file before `check` returns, so a crash
+            of this process loses none; a power loss loses at most this window's decisions.
     """
 
     def __init__(self, address: str | None = None, api_key: str | None = None, *,
@@ -312,7 +329,10 @@ class Arm:
                  fail_open: bool = False, approval_timeout_s: float = DEFAULT_APPROVAL_TIMEOUT_S,
                  event_queue_size: int = 10_000, event_batch_size: int = 500, flush_interval_s: float = 0.25,
                  close_timeout_s: float = 5.0, env: Mapping[str, str] | None = None,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, local_decisions: bool = False,
+                 local_spool_dir: str | None = None, local_stale_after_s: float = 3.0,
+                 local_max_spool: int = 100_000, local_heartbeat_ms: int = 500,
+                 local_inputs_address: str | None = None, local_fsync_interval_ms: float = 5.0) -> None:
         self.settings = settings or Settings.from_env(
             env, address=address, registry_address=registry_address, governance_address=governance_address,
             telemetry_address=telemetry_address, api_key=api_key, instance_id=instance_id,
@@ -329,6 +349,16 @@ class Arm:
         self._last_us = 0
         self._event_prefix = f"ev-{secrets.token_hex(6)}"
         self._event_seq = itertools.count(1)
+        self._local: LocalDecider | None = None
+        self._local_options: dict[str, Any] | None = None
+        if local_decisions:
+            spool_dir = local_spool_dir or (env if env is not None else os.environ).get("ARM_SPOOL_DIR") or ".arm/spool"
+            if not self.settings.instance_id:
+                raise ValueError("local_decisions=True needs the agent's instance id (instance_id= or ARM_INSTANCE_ID)")
+            self._inputs_address = local_inputs_address or self.settings.governance_address
+            self._local_options = dict(spool_dir=spool_dir, stale_after_s=local_stale_after_s,
+                                       max_spool=local_max_spool, heartbeat_ms=local_heartbeat_ms,
+                                       fsync_interval_ms=local_fsync_interval_ms)
         atexit.register(_flush_at_exit, weakref.ref(self))
 
     # --- connection ------------------------------------------------------------------------------
@@ -344,6 +374,25 @@ class Arm:
     async def _ensure_started(self) -> None:
         if self._sender._task is None and not self._closed:
             self._sender.start()
+        if self._local_options is not None and self._local is None and not self._closed:
+            self._inputs_channel = open_channel(self._inputs_address, self.settings)
+            self._local = LocalDecider(self.stubs.decisions, decision_pb2_grpc.DecisionServiceStub(self._inputs_channel),
+                                       self.settings.instance_id, **self._local_options)
+            await self._local.start()
+
+    async def wait_local_ready(self, timeout_s: float = 10.0) -> bool:
+        """With `local_decisions`: waits until governance's inputs arrived (calls are decided
+        locally from then on); False on timeout."""
+        await self._ensure_started()
+        if self._local is None:
+            raise ValueError("this Arm was made without local_decisions=True")
+        return await self._local.wait_ready(timeout_s)
+
+    @property
+    def local(self) -> LocalDecider | None:
+        """The local decider (`local_decisions=True`): its counters `local`, `remote`,
+        `shipped`, its spool (`spool.pending`) and `drain(timeout_s)`."""
+        return self._local
 
     async def __aenter__(self) -> Arm:
         await self._ensure_started()
@@ -379,6 +428,9 @@ class Arm:
         elif self._sender.pending():
             self._sender.start()
             await self._sender.close(self.close_timeout_s)
+        if self._local is not None:
+            await self._local.close(self.close_timeout_s)
+            await self._inputs_channel.close()
         if self._stubs is not None:
             await self._stubs.close()
 
@@ -420,12 +472,23 @@ class Arm:
         await self._ensure_started()
         run = _current_run.get()
         tcid = tool_call_id or f"tc-{secrets.token_hex(8)}"
-        request_id = new_request_id()
+        plain = jsonable(arguments) if arguments is not None else None  # what the Struct holds
         req = decision_pb2.CheckRequest(
-            tool_name=tool, arguments=to_struct(arguments), declared_risk=risk_level(risk),  # type: ignore[arg-type]
+            tool_name=tool, arguments=to_struct(plain), declared_risk=risk_level(risk),  # type: ignore[arg-type]
             estimated_cost_usd=cost_usd, run_id=run_id if run_id is not None else (run.run_id if run else ""),
             tool_call_id=tcid, approval_id=approval_id or "", context=to_struct(context),
-            is_run_start=is_run_start, request_id=request_id, **self._agent_ref())
+            is_run_start=is_run_start, **self._agent_ref())
+        if self._local is not None and not approval_id:
+            try:
+                local = await self._local.decide(req, plain)
+            except SpoolError:
+                log.exception("local decision not durable; asking governance")
+                local = None
+            if local is not None:
+                resp, parts = local
+                return Decision(parts.decision, resp.decision_id, parts.reasons, "",
+                                tcid, parts.risk, resp)
+        request_id = req.request_id = new_request_id()
         try:
             resp = await self.stubs.decisions.Check(req, timeout=timeout_s or self.settings.timeout_s,
                                                     metadata=(("x-request-id", request_id),))

@@ -7,8 +7,8 @@ array order kept, numbers written as JavaScript's `Number.prototype.toString` wr
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+from json.encoder import encode_basestring  # what json.dumps(s, ensure_ascii=False) calls, in C
 from typing import Any
 
 
@@ -64,7 +64,7 @@ def _encode(value: Any, out: list[str]) -> None:
     elif isinstance(value, (int, float)):
         out.append(js_number(value))
     elif isinstance(value, str):
-        out.append(json.dumps(value, ensure_ascii=False))
+        out.append(encode_basestring(value))
     elif isinstance(value, dict):
         out.append("{")
         for i, key in enumerate(sorted(value)):
@@ -72,7 +72,7 @@ def _encode(value: Any, out: list[str]) -> None:
                 raise TypeError(f"object keys must be strings, got {type(key).__name__}")
             if i:
                 out.append(",")
-            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(encode_basestring(key))
             out.append(":")
             _encode(value[key], out)
         out.append("}")

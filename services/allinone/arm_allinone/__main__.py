@@ -69,6 +69,7 @@ async def main() -> int:
         op_events = OpEventForwarder(None, admin_key, config.tls)
         governance = governance_app.GovernanceComponent(governance_db, governance_config,
                                                         in_process_registry=True, op_events=op_events)
+        governance.stream_authenticator = registry.authenticator
         telemetry = telemetry_app.TelemetryComponent(
             telemetry_db, dataclasses.replace(ServiceConfig.from_env("telemetry"), service_api_key=admin_key),
             in_process_registry=True, in_process_governance=True)

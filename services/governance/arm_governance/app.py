@@ -18,6 +18,7 @@ from arm.governance.v1 import (
     webhooks_pb2_grpc,
 )
 from arm_common import migrations, roles, tls
+from arm_common.auth import Authenticator
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, open_database
 from arm_common.event_feed import OpEventForwarder
@@ -113,6 +114,7 @@ class GovernanceComponent:
         self.agents: AgentDirectory | None = None
         self._follower: asyncio.Task[None] | None = None
         self.authenticator = RemoteAuthenticator(self.channel, config.auth_cache_ttl_s) if self.channel else None
+        self.stream_authenticator: Authenticator | None = None
         # Ready while its database and the registry (agent resolution, authentication) answer;
         # a registry in this same process is covered by its own database probe.
         probes: list[Probe] = [DatabaseProbe(db)]
@@ -131,8 +133,10 @@ class GovernanceComponent:
         self.decider = Decider(self.agents, self.cache, self.log, self.spend, Approvals(self.db))
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(
             PolicyServicer(self.db, self.store, self.cache, self.agents, RegistryLookup(self.channel)), server)
-        decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-            DecisionServicer(self.db, self.decider, self.spend, self.changes), server)
+        decisions = DecisionServicer(self.db, self.decider, self.spend, self.changes)
+        # WatchDecisionInputs re-checks its caller's key (the all-in-one server's is the registry's).
+        decisions.authenticator = self.stream_authenticator or self.authenticator
+        decision_pb2_grpc.add_DecisionServiceServicer_to_server(decisions, server)
         registry = RegistryAgents(self.channel)
         approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(
             ApprovalServicer(self.db, self.approvals, self.agents, registry, self.relays), server)

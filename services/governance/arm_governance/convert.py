@@ -10,69 +10,19 @@ from google.protobuf import json_format
 
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2, compat_pb2, tenancy_pb2
+from arm_common.decision_inputs import (  # shared with the SDK's local decisions
+    argument_triggers_to_engine,
+    control_mode_name,
+    envelope_to_engine,
+    result_fields,
+    risk_classifier,
+    risk_overrides_to_engine,
+)
 from arm_common.messages import ts
 from arm_engine import engine
-from arm_engine.risk import ArgumentTrigger, RiskOverride, tenant_triggers
 
-_CONTROL_NAMES = {policy_pb2.OPERATOR_CONTROL_MODE_NORMAL: "NORMAL",
-                  policy_pb2.OPERATOR_CONTROL_MODE_PAUSED: "PAUSED",
-                  policy_pb2.OPERATOR_CONTROL_MODE_DRAINING: "DRAINING",
-                  policy_pb2.OPERATOR_CONTROL_MODE_QUARANTINED: "QUARANTINED"}
-
-
-
-
-def control_mode_name(mode: int | None) -> str:
-    return _CONTROL_NAMES.get(mode or policy_pb2.OPERATOR_CONTROL_MODE_NORMAL, "NORMAL")
-
-
-def _risk(value: int) -> engine.Risk | None:
-    return engine.Risk(value) if value else None
-
-
-def envelope_to_engine(env: policy_pb2.PolicyEnvelope) -> engine.Envelope:
-    budgets = None
-    if env.HasField("budgets"):
-        b = env.budgets
-        budgets = engine.Budgets(
-            per_run_usd=b.per_run_usd if b.HasField("per_run_usd") else None,
-            daily_usd=b.daily_usd if b.HasField("daily_usd") else None,
-            monthly_usd=b.monthly_usd if b.HasField("monthly_usd") else None)
-    return engine.Envelope(
-        id=env.envelope_id, name=env.name, revision=env.revision, scope=engine.Scope(env.scope),
-        scope_id=env.scope_id, priority=env.priority if env.HasField("priority") else 100,
-        active=env.active if env.HasField("active") else True,
-        shadow=env.mode == policy_pb2.POLICY_MODE_SHADOW,
-        tool_rules=tuple(engine.ToolRule(
-            tool=r.tool, effect=engine.Effect(r.effect), locked=r.locked,
-            min_risk=_risk(r.when.min_risk), environments=tuple(r.when.environments),
-            arg_patterns=tuple(r.when.arg_patterns), description=r.description) for r in env.tool_rules),
-        require_approval_at_risk=_risk(env.require_approval_at_risk),
-        deny_at_risk=_risk(env.deny_at_risk),
-        autonomy_tier=env.autonomy_tier if env.HasField("autonomy_tier") else None,
-        budgets=budgets,
-        default_effect=engine.Effect(env.default_effect) if env.default_effect else None)
-
-
-def risk_overrides_to_engine(overrides: Any) -> tuple[RiskOverride, ...]:
-    """The engine's entries of `RiskOverride` messages (validated on write)."""
-    return tuple(RiskOverride(o.tool, engine.Risk(o.risk), tuple(sorted(o.arguments_below.items())))
-                 for o in overrides)
-
-
-def argument_triggers_to_engine(triggers: Any) -> tuple[ArgumentTrigger, ...]:
-    """The engine's entries of `ArgumentTrigger` messages (validated on write)."""
-    return tuple(ArgumentTrigger(t.label, t.pattern, engine.Risk(t.risk or engine.Risk.HIGH), t.disabled)
-                 for t in triggers)
-
-
-def risk_classifier(overrides: Any, triggers: Any) -> engine.Classifier | None:
-    """The classifier of a tenant's `RiskOverride` and `ArgumentTrigger` messages; None when both
-    are empty (the default classifier)."""
-    if not overrides and not triggers:
-        return None
-    return engine.Classifier(overrides=risk_overrides_to_engine(overrides),
-                             triggers=tenant_triggers(argument_triggers_to_engine(triggers)))
+__all__ = ["argument_triggers_to_engine", "control_mode_name", "envelope_to_engine", "result_fields", "risk_classifier",
+           "risk_overrides_to_engine"]
 
 
 def agent_to_engine(agent: compat_pb2.ResolvedAgent) -> engine.Agent:
@@ -87,27 +37,6 @@ def agent_to_engine(agent: compat_pb2.ResolvedAgent) -> engine.Agent:
 
 def arguments(request: decision_pb2.CheckRequest) -> dict[str, Any] | None:
     return json_format.MessageToDict(request.arguments) if request.HasField("arguments") else None
-
-
-def result_fields(result: engine.Result) -> decision_pb2.CheckResponse:
-    """The part of a CheckResponse that depends on the result alone."""
-    resp = decision_pb2.CheckResponse(
-        decision=int(result.effect), effective_risk=int(result.risk), step=int(result.step),
-        scope=int(result.scope) if result.scope else 0, scope_id=result.scope_id,
-        envelope_id=result.envelope_id, envelope_revision=result.envelope_revision,
-        rule_kind=int(result.rule_kind) if result.rule_kind else 0,
-        rule_description=result.rule_description,
-        reasons=[policy_pb2.Reason(code=r.code, message=r.message) for r in result.reasons],
-        shadow_results=[decision_pb2.ShadowResult(
-            envelope_id=sr.envelope_id, envelope_revision=sr.envelope_revision, scope=int(sr.scope),
-            scope_id=sr.scope_id, decision=int(sr.effect) if sr.effect else 0,
-            reasons=[policy_pb2.Reason(code=r.code, message=r.message) for r in sr.reasons],
-            rule_kind=int(sr.rule_kind) if sr.rule_kind else 0, rule_description=sr.rule_description,
-            **({"rule_index": sr.rule_index} if sr.rule_index is not None else {}))
-            for sr in result.shadow])
-    if result.rule_index is not None:
-        resp.rule_index = result.rule_index
-    return resp
 
 
 class ResultCache:

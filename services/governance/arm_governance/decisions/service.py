@@ -364,7 +364,15 @@ class Decider:
     async def _log(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                    agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
                    args: dict[str, Any] | None, now: datetime) -> decision_pb2.CheckResponse:
-        decision_id = new_id("dec")
+        return await self.log.append(self.pending(principal, request, resolved, agent_bytes, result, epoch,
+                                                  digest, args, now, new_id("dec")))
+
+    def pending(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
+                agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
+                args: dict[str, Any] | None, now: datetime, decision_id: str) -> PendingDecision:
+        """What logging one decision writes (the decision row, its opEvent, a POLICY_DENIED or
+        APPROVAL_CONSUMED record, a NEEDS_APPROVAL's approval); also used for the decisions
+        runtimes make locally (local_decisions.py)."""
         approval_row = None
         # An ALLOW from a grant names the approval it used up; a NEEDS_APPROVAL from a presented
         # approval still open names that approval (no new one).
@@ -405,7 +413,7 @@ class Decider:
         elif granted and result.effect == engine.Effect.ALLOW:
             consumed = self._consumed_record(principal, request, resolved, decision_id, now)
             pending.messages.append((TOPIC_CHANGE_RECORD, consumed.record_id, consumed))
-        return await self.log.append(pending)
+        return pending
 
     def _approval_row(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                       result: engine.Result, approval_id: str, decision_id: str, digest: str,
@@ -492,6 +500,15 @@ class Decider:
                        result: engine.Result, decision_id: str, epoch: int,
                        now: datetime) -> common_pb2.ChangeRecord:
         kind = request.WhichOneof("agent") or "instance_id"
+        # Payload: the provenance and reason codes (cached per result, as the opEvent's), then
+        # decision_id, agent_ref, tool_name, policy_epoch.
+        payload = struct_pb2.Struct()
+        payload.MergeFromString(_PAYLOAD_FIELDS.get(result))
+        fields = payload.fields
+        fields["decision_id"].string_value = decision_id
+        fields["agent_ref"].string_value = getattr(request, kind)
+        fields["tool_name"].string_value = request.tool_name
+        fields["policy_epoch"].number_value = epoch
         return change_record(
             common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED, tenant_id=principal.tenant_id, actor=actor_of(principal),
             target_type="tool_call", target_id=request.tool_call_id or decision_id,
@@ -500,10 +517,7 @@ class Decider:
             version_id=resolved.version_id if resolved is not None else "",
             instance_id=resolved.instance_id if resolved is not None else "",
             summary=f"{request.tool_name} denied: {result.reasons[0].code if result.reasons else 'DENY'}",
-            payload={**PROVENANCE.get(result), "decision_id": decision_id,
-                     "agent_ref": getattr(request, kind), "tool_name": request.tool_name,
-                     "reasons": [r.code for r in result.reasons], "policy_epoch": epoch},
-            occur_time=now, source="governance")
+            payload=payload, occur_time=now, source="governance")
 
 
 def check_batch_limit(n: int) -> None:

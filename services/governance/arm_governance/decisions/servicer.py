@@ -21,6 +21,7 @@ from arm_common.server import Ctx
 from arm_engine import engine
 from arm_governance import convert
 from arm_governance.decisions import denied_tools
+from arm_governance.decisions.local import LocalDecisionRpcs
 from arm_governance.decisions.reads import DecisionFilter, DecisionReader, export_line
 from arm_governance.decisions.service import Decider, SpendBook, check_batch_limit, validate_check
 from arm_governance.edge import check_common
@@ -93,7 +94,7 @@ def evaluation_inputs(request: decision_pb2.EvaluatePolicyRequest
 
 
 
-class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
+class DecisionServicer(LocalDecisionRpcs, decision_pb2_grpc.DecisionServiceServicer):
     def __init__(self, db: Database, decider: Decider, spend: SpendBook, changes: Any) -> None:
         self.db = db
         self.decider = decider

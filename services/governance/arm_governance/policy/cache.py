@@ -28,6 +28,9 @@ class TenantPolicies:
     classifier: engine.Classifier | None = None
     """The tenant's risk overrides and argument-trigger changes on the default classifier; None =
     none set."""
+    risk: policy_pb2.RiskOverrides = field(default_factory=policy_pb2.RiskOverrides)
+    """The stored overrides and triggers `classifier` is built from (sent to runtimes deciding
+    locally)."""
     _compiled: dict[tuple[str, str], tuple[engine.CompiledPolicy, bool]] = field(default_factory=dict)
     _controls: dict[str, engine.Controls] = field(default_factory=dict)
 
@@ -88,7 +91,7 @@ class PolicyCache:
             models.RiskOverrides.tenant_id == tenant_id))).scalar_one_or_none()
         risk = policy_pb2.RiskOverrides.FromString(body) if body else policy_pb2.RiskOverrides()
         classifier = convert.risk_classifier(risk.overrides, risk.argument_triggers)
-        return TenantPolicies(tenant_id, epoch, envelopes, controls, classifier)
+        return TenantPolicies(tenant_id, epoch, envelopes, controls, classifier, risk)
 
     def invalidate(self, tenant_id: str | None) -> None:
         self._generation += 1

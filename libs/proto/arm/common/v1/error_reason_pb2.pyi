@@ -250,6 +250,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION, registry; e.g. change notices are not enabled."""
     ERROR_REASON_WEBHOOK_NOT_FOUND: _ErrorReason.ValueType  # 113
     """NOT_FOUND, governance; e.g. webhook '…' not found."""
+    ERROR_REASON_DECISION_ID_TAKEN: _ErrorReason.ValueType  # 114
+    """INVALID_ARGUMENT, governance; e.g. a decision id is taken (RecordLocalDecisions: the id is
+    another tenant's decision).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the catalogue of every `google.rpc.ErrorInfo.reason` ARM sends (domain
@@ -489,4 +493,8 @@ ERROR_REASON_WATCH_UNAVAILABLE: ErrorReason.ValueType  # 112
 """FAILED_PRECONDITION, registry; e.g. change notices are not enabled."""
 ERROR_REASON_WEBHOOK_NOT_FOUND: ErrorReason.ValueType  # 113
 """NOT_FOUND, governance; e.g. webhook '…' not found."""
+ERROR_REASON_DECISION_ID_TAKEN: ErrorReason.ValueType  # 114
+"""INVALID_ARGUMENT, governance; e.g. a decision id is taken (RecordLocalDecisions: the id is
+another tenant's decision).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

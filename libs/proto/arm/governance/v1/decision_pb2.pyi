@@ -1087,3 +1087,279 @@ class ListDeniedToolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDeniedToolsResponse: _TypeAlias = ListDeniedToolsResponse  # noqa: Y015
+
+@_typing.final
+class WatchDecisionInputsRequest(_message.Message):
+    """Request of WatchDecisionInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The agent instance whose inputs to watch: the caller's own. Required."""
+    heartbeat_interval_ms: _builtins.int
+    """How often a heartbeat is sent while nothing changes, in milliseconds; 0 = 1000. At least
+    100, at most 60000 (else INVALID_ARGUMENT).
+    """
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        heartbeat_interval_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDecisionInputsRequest: _TypeAlias = WatchDecisionInputsRequest  # noqa: Y015
+
+@_typing.final
+class DecisionAgent(_message.Message):
+    """The agent as the decision path resolves it (the engine's view of the instance)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ACTIVE_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_NAME_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_TYPE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    INSTANCE_STATE_FIELD_NUMBER: _builtins.int
+    VERSION_STATE_FIELD_NUMBER: _builtins.int
+    LEGACY_AGENT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Tenant of the instance."""
+    tenant_active: _builtins.bool
+    """Whether the tenant is active."""
+    project_id: _builtins.str
+    """Project of the instance."""
+    environment_id: _builtins.str
+    """Environment of the instance."""
+    environment_name: _builtins.str
+    """Its name, matched by `when.environments`."""
+    environment_type: _builtins.str
+    """DEV, STAGING or PROD."""
+    template_id: _builtins.str
+    """Template of the version."""
+    version_id: _builtins.str
+    """Version the instance runs."""
+    instance_id: _builtins.str
+    """The instance."""
+    instance_state: _builtins.str
+    """PROVISIONING, ACTIVE, PAUSED, READONLY, DRAINING, QUARANTINED or RETIRED."""
+    version_state: _builtins.str
+    """DRAFT, TESTING, CANDIDATE, APPROVED, DEPRECATED or RETIRED."""
+    legacy_agent_id: _builtins.str
+    """The instance's legacy agent id, if any."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        tenant_active: _builtins.bool = ...,
+        project_id: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
+        environment_name: _builtins.str = ...,
+        environment_type: _builtins.str = ...,
+        template_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        instance_state: _builtins.str = ...,
+        version_state: _builtins.str = ...,
+        legacy_agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "environment_name", b"environment_name", "environment_type", b"environment_type", "instance_id", b"instance_id", "instance_state", b"instance_state", "legacy_agent_id", b"legacy_agent_id", "project_id", b"project_id", "template_id", b"template_id", "tenant_active", b"tenant_active", "tenant_id", b"tenant_id", "version_id", b"version_id", "version_state", b"version_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionAgent: _TypeAlias = DecisionAgent  # noqa: Y015
+
+@_typing.final
+class DecisionInputs(_message.Message):
+    """Everything `Check` decides one agent's calls from, except grants and spend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    TENANT_CONTROL_FIELD_NUMBER: _builtins.int
+    PROJECT_CONTROL_FIELD_NUMBER: _builtins.int
+    RISK_OVERRIDES_FIELD_NUMBER: _builtins.int
+    POLICY_EPOCH_FIELD_NUMBER: _builtins.int
+    BUDGETS_APPLY_FIELD_NUMBER: _builtins.int
+    ARGUMENT_TRIGGERS_FIELD_NUMBER: _builtins.int
+    tenant_control: _policy_pb2.OperatorControlMode.ValueType
+    """The tenant's operator control."""
+    project_control: _policy_pb2.OperatorControlMode.ValueType
+    """The project's operator control."""
+    policy_epoch: _builtins.int
+    """The tenant's policy epoch these inputs are at."""
+    budgets_apply: _builtins.bool
+    """Whether a budget applies to the agent: then a call's headroom is not known locally and every
+    call is decided by Check.
+    """
+    @_builtins.property
+    def agent(self) -> Global___DecisionAgent:
+        """The agent."""
+
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.PolicyEnvelope]:
+        """The active envelopes of the agent's scope chain (tenant, its project, its version),
+        enforced and SHADOW.
+        """
+
+    @_builtins.property
+    def risk_overrides(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.RiskOverride]:
+        """The tenant's risk overrides on the default classifier."""
+
+    @_builtins.property
+    def argument_triggers(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.ArgumentTrigger]:
+        """The tenant's changes to the default argument triggers (see SetRiskOverrides)."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___DecisionAgent | None = ...,
+        envelopes: _abc.Iterable[_policy_pb2.PolicyEnvelope] | None = ...,
+        tenant_control: _policy_pb2.OperatorControlMode.ValueType = ...,
+        project_control: _policy_pb2.OperatorControlMode.ValueType = ...,
+        risk_overrides: _abc.Iterable[_policy_pb2.RiskOverride] | None = ...,
+        policy_epoch: _builtins.int = ...,
+        budgets_apply: _builtins.bool = ...,
+        argument_triggers: _abc.Iterable[_policy_pb2.ArgumentTrigger] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "argument_triggers", b"argument_triggers", "budgets_apply", b"budgets_apply", "envelopes", b"envelopes", "policy_epoch", b"policy_epoch", "project_control", b"project_control", "risk_overrides", b"risk_overrides", "tenant_control", b"tenant_control"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionInputs: _TypeAlias = DecisionInputs  # noqa: Y015
+
+@_typing.final
+class WatchDecisionInputsResponse(_message.Message):
+    """Response of WatchDecisionInputs: a snapshot, or a heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inputs(self) -> Global___DecisionInputs:
+        """The inputs; set on the first message and after every change, unset on a heartbeat."""
+
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp:
+        """When the message was sent."""
+
+    def __init__(
+        self,
+        *,
+        inputs: Global___DecisionInputs | None = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "send_time", b"send_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "send_time", b"send_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDecisionInputsResponse: _TypeAlias = WatchDecisionInputsResponse  # noqa: Y015
+
+@_typing.final
+class LocalDecision(_message.Message):
+    """One decision made locally."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    """The decision's id, chosen by the runtime ("dec_" then 16 to 64 letters, digits, "_" or "-");
+    the idempotency key. Required.
+    """
+    @_builtins.property
+    def request(self) -> Global___CheckRequest:
+        """The call as a Check would have asked it; `instance_id` must be the caller's. `approval_id`
+        must be empty.
+        """
+
+    @_builtins.property
+    def response(self) -> Global___CheckResponse:
+        """What was decided: ALLOW or DENY, with the step, risk, deciding envelope and reasons, as
+        Check answers them.
+        """
+
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        request: Global___CheckRequest | None = ...,
+        response: Global___CheckResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "request", b"request", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalDecision: _TypeAlias = LocalDecision  # noqa: Y015
+
+@_typing.final
+class RecordLocalDecisionsRequest(_message.Message):
+    """Request of RecordLocalDecisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalDecision]:
+        """The decisions, 1 to 1000; all of one instance."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___LocalDecision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordLocalDecisionsRequest: _TypeAlias = RecordLocalDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class RecordLocalDecisionsResponse(_message.Message):
+    """Response of RecordLocalDecisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.int
+    """Decisions logged by this call."""
+    duplicates: _builtins.int
+    """Decisions already logged earlier (skipped)."""
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordLocalDecisionsResponse: _TypeAlias = RecordLocalDecisionsResponse  # noqa: Y015

@@ -75,6 +75,16 @@ class DecisionServiceStub:
                 request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsRequest.SerializeToString,
                 response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsResponse.FromString,
                 _registered_method=True)
+        self.WatchDecisionInputs = channel.unary_stream(
+                '/arm.governance.v1.DecisionService/WatchDecisionInputs',
+                request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.WatchDecisionInputsRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.WatchDecisionInputsResponse.FromString,
+                _registered_method=True)
+        self.RecordLocalDecisions = channel.unary_unary(
+                '/arm.governance.v1.DecisionService/RecordLocalDecisions',
+                request_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.RecordLocalDecisionsRequest.SerializeToString,
+                response_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.RecordLocalDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -146,6 +156,28 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchDecisionInputs(self, request, context):
+        """The compiled policy inputs of one agent instance, for deciding its calls in its own process
+        (the SDK's local decisions): a full snapshot first, then a new snapshot after every change
+        to them (envelopes of its scope chain, operator controls, instance, version and tenant
+        state, risk overrides, budgets), and a heartbeat in between. Only the instance's own agent
+        key may watch it (PERMISSION_DENIED NOT_YOUR_AGENT otherwise); needs `decisions:check`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordLocalDecisions(self, request, context):
+        """Logs decisions an agent runtime made locally from WatchDecisionInputs: each one reaches the
+        decision log, the opEvents and (for a DENY) a POLICY_DENIED record exactly as a remote Check
+        would. Idempotent on `decision_id`: a decision already logged is skipped. Only ALLOW and DENY
+        are made locally (NEEDS_APPROVAL and grants are decided by Check). Only the instance's own
+        agent key may record its decisions; needs `decisions:check`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +220,16 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.ListDeniedTools,
                     request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsRequest.FromString,
                     response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsResponse.SerializeToString,
+            ),
+            'WatchDecisionInputs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchDecisionInputs,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.WatchDecisionInputsRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.WatchDecisionInputsResponse.SerializeToString,
+            ),
+            'RecordLocalDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordLocalDecisions,
+                    request_deserializer=arm_dot_governance_dot_v1_dot_decision__pb2.RecordLocalDecisionsRequest.FromString,
+                    response_serializer=arm_dot_governance_dot_v1_dot_decision__pb2.RecordLocalDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +449,60 @@ class DecisionService:
             '/arm.governance.v1.DecisionService/ListDeniedTools',
             arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsRequest.SerializeToString,
             arm_dot_governance_dot_v1_dot_decision__pb2.ListDeniedToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDecisionInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/arm.governance.v1.DecisionService/WatchDecisionInputs',
+            arm_dot_governance_dot_v1_dot_decision__pb2.WatchDecisionInputsRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_decision__pb2.WatchDecisionInputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordLocalDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.governance.v1.DecisionService/RecordLocalDecisions',
+            arm_dot_governance_dot_v1_dot_decision__pb2.RecordLocalDecisionsRequest.SerializeToString,
+            arm_dot_governance_dot_v1_dot_decision__pb2.RecordLocalDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

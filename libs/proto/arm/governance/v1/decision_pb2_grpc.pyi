@@ -65,6 +65,20 @@ class DecisionServiceStub:
     NOT_YOUR_AGENT); other keys about any instance of their tenant. Nothing is logged. Requires
     `decisions:check`.
     """
+    WatchDecisionInputs: _grpc.UnaryStreamMultiCallable[_decision_pb2.WatchDecisionInputsRequest, _decision_pb2.WatchDecisionInputsResponse]
+    """The compiled policy inputs of one agent instance, for deciding its calls in its own process
+    (the SDK's local decisions): a full snapshot first, then a new snapshot after every change
+    to them (envelopes of its scope chain, operator controls, instance, version and tenant
+    state, risk overrides, budgets), and a heartbeat in between. Only the instance's own agent
+    key may watch it (PERMISSION_DENIED NOT_YOUR_AGENT otherwise); needs `decisions:check`.
+    """
+    RecordLocalDecisions: _grpc.UnaryUnaryMultiCallable[_decision_pb2.RecordLocalDecisionsRequest, _decision_pb2.RecordLocalDecisionsResponse]
+    """Logs decisions an agent runtime made locally from WatchDecisionInputs: each one reaches the
+    decision log, the opEvents and (for a DENY) a POLICY_DENIED record exactly as a remote Check
+    would. Idempotent on `decision_id`: a decision already logged is skipped. Only ALLOW and DENY
+    are made locally (NEEDS_APPROVAL and grants are decided by Check). Only the instance's own
+    agent key may record its decisions; needs `decisions:check`.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -100,6 +114,20 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     may. An agent key may ask about its own instance only (else PERMISSION_DENIED
     NOT_YOUR_AGENT); other keys about any instance of their tenant. Nothing is logged. Requires
     `decisions:check`.
+    """
+    WatchDecisionInputs: _aio.UnaryStreamMultiCallable[_decision_pb2.WatchDecisionInputsRequest, _decision_pb2.WatchDecisionInputsResponse]  # type: ignore[assignment]
+    """The compiled policy inputs of one agent instance, for deciding its calls in its own process
+    (the SDK's local decisions): a full snapshot first, then a new snapshot after every change
+    to them (envelopes of its scope chain, operator controls, instance, version and tenant
+    state, risk overrides, budgets), and a heartbeat in between. Only the instance's own agent
+    key may watch it (PERMISSION_DENIED NOT_YOUR_AGENT otherwise); needs `decisions:check`.
+    """
+    RecordLocalDecisions: _aio.UnaryUnaryMultiCallable[_decision_pb2.RecordLocalDecisionsRequest, _decision_pb2.RecordLocalDecisionsResponse]  # type: ignore[assignment]
+    """Logs decisions an agent runtime made locally from WatchDecisionInputs: each one reaches the
+    decision log, the opEvents and (for a DENY) a POLICY_DENIED record exactly as a remote Check
+    would. Idempotent on `decision_id`: a decision already logged is skipped. Only ALLOW and DENY
+    are made locally (NEEDS_APPROVAL and grants are decided by Check). Only the instance's own
+    agent key may record its decisions; needs `decisions:check`.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -181,6 +209,32 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
         may. An agent key may ask about its own instance only (else PERMISSION_DENIED
         NOT_YOUR_AGENT); other keys about any instance of their tenant. Nothing is logged. Requires
         `decisions:check`.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchDecisionInputs(
+        self,
+        request: _decision_pb2.WatchDecisionInputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_decision_pb2.WatchDecisionInputsResponse], _abc.AsyncIterator[_decision_pb2.WatchDecisionInputsResponse]]:
+        """The compiled policy inputs of one agent instance, for deciding its calls in its own process
+        (the SDK's local decisions): a full snapshot first, then a new snapshot after every change
+        to them (envelopes of its scope chain, operator controls, instance, version and tenant
+        state, risk overrides, budgets), and a heartbeat in between. Only the instance's own agent
+        key may watch it (PERMISSION_DENIED NOT_YOUR_AGENT otherwise); needs `decisions:check`.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordLocalDecisions(
+        self,
+        request: _decision_pb2.RecordLocalDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.RecordLocalDecisionsResponse, _abc.Awaitable[_decision_pb2.RecordLocalDecisionsResponse]]:
+        """Logs decisions an agent runtime made locally from WatchDecisionInputs: each one reaches the
+        decision log, the opEvents and (for a DENY) a POLICY_DENIED record exactly as a remote Check
+        would. Idempotent on `decision_id`: a decision already logged is skipped. Only ALLOW and DENY
+        are made locally (NEEDS_APPROVAL and grants are decided by Check). Only the instance's own
+        agent key may record its decisions; needs `decisions:check`.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

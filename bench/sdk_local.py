@@ -1,0 +1,242 @@
+"""Local decisions benchmark (issue 16 part 2): decisions per second one runtime process makes with
+`Arm(local_decisions=True)` — the engine in process, each decision written to the spool file
+(handed to the OS; fdatasync'ed in the background every 5 ms) before it is returned — at 64 and at 1 in flight, with p50/p99; and
+whether shipping (`RecordLocalDecisions`) keeps up into governance on PostgreSQL.
+
+Registry and governance run as their own processes on PostgreSQL with `check_grpc.py`'s policy
+set (`setup_world`); the runtime is this process. The reference, in the same run: Cerbos's PDP
+when bench/check_grpc.py provides it (see `cerbos_reference`), else ARM's own remote `Check`
+through `check_grpc.py`'s load generator (its own process) at 64 and at 1 in flight.
+
+  .venv/bin/python bench/sdk_local.py [--postgres URL] [--seconds 5] [--spool-dir DIR]
+
+Prints figures; asserts nothing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from check_grpc import cpu_seconds, run_load, setup_world, spawn  # noqa: E402
+
+# Decided locally under setup_world's policy (ALLOW, and a locked DENY); NEEDS_APPROVAL tools
+# (payments.send, shell.exec, deploy.prod) go to Check by design and are left out.
+TOOLS = ("fs.read", "web.search", "git.push", "docs.get", "kb.query", "db.drop_table")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, seconds: float,
+                     gov_pid: int) -> dict[str, float]:
+    from arm_client import Arm
+
+    arm = Arm(env=env, local_decisions=True, local_spool_dir=spool_dir, close_timeout_s=120,
+              local_max_spool=10_000_000)
+    assert await arm.wait_local_ready(30), "no decision inputs"
+    local = arm.local
+    assert local is not None
+    args = [{"path": f"/srv/{t}"} for t in TOOLS]
+    latencies: list[float] = []
+    deadline = 0.0
+
+    async def worker(n: int) -> None:
+        i = n
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            await arm.check(TOOLS[i % len(TOOLS)], args[i % len(TOOLS)], risk="LOW")
+            latencies.append(time.perf_counter() - t0)
+            i += 1
+
+    deadline = time.perf_counter() + 1.0  # warm-up
+    await asyncio.gather(*(worker(n) for n in range(in_flight)))
+    latencies.clear()
+    local_before, remote_before, shipped_before = local.local, local.remote, local.shipped
+    started, cpu0 = time.perf_counter(), time.process_time()
+    deadline = started + seconds
+    await asyncio.gather(*(worker(n) for n in range(in_flight)))
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    made = local.local - local_before
+    shipped_during = local.shipped - shipped_before
+    backlog = local.spool.pending
+    compute = await decide_compute(local) if in_flight == 1 else 0.0
+    t0, gov_cpu0 = time.perf_counter(), cpu_seconds([gov_pid])
+    drained = await local.drain(300)
+    drain_s, gov_cpu = time.perf_counter() - t0, cpu_seconds([gov_pid]) - gov_cpu0
+    await arm.close()
+    return {"per_s": len(latencies) / elapsed, "p50_us": statistics.median(latencies) * 1e6,
+            "p99_us": pct(latencies, 0.99) * 1e6, "local": made, "remote": local.remote - remote_before,
+            "cpu_us": cpu / max(1, len(latencies)) * 1e6, "shipped_per_s": shipped_during / elapsed,
+            "backlog": backlog, "drain_s": drain_s, "drained": drained, "compute_us": compute,
+            "gov_us": gov_cpu / max(1, backlog) * 1e6}
+
+
+async def decide_compute(local: Any) -> float:
+    """p50 of `LocalDecider.decide` alone (no `Arm.check` around it: request building, the
+    Decision): the engine on the streamed inputs, the response and spool record built, the
+    record written to the spool file."""
+    from arm.governance.v1 import decision_pb2
+
+    instance = local._inputs.agent.instance_id
+    times = []
+    for i in range(20_000):
+        tool = TOOLS[i % len(TOOLS)]
+        args = {"path": f"/srv/{tool}"}
+        request = decision_pb2.CheckRequest(tool_name=tool, instance_id=instance, declared_risk=1,
+                                            tool_call_id=f"tc-{i}")
+        request.arguments.update(args)
+        t0 = time.perf_counter()
+        assert await local.decide(request, args) is not None
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+async def cerbos_reference(gov_address: str, key: str, instance: str, seconds: float, log: Any,
+                           pids: list[int]) -> bool:
+    """The Cerbos reference (issue 16 part 1), the hook the integrator wires. It runs when
+    bench/check_grpc.py provides Cerbos (branch `perfcheck`: `start_cerbos(grpc_port, http_port,
+    log)` starting the PDP binary `CERBOS_BIN` from the npm package @cerbos/cerbos-linux-x64 that
+    `make bench-peers` installs into bench/peers/node_modules, on the policies of
+    bench/peers/cerbos/; `compare_decisions(gov_address, key, instance, cerbos_address, tools)`
+    checking both decide TOOLS alike and returning tool -> risk; `run_load(...,
+    cerbos_risks=risks)` driving CheckResources with the same load generator) and the binary is
+    installed; it prints Cerbos's rows at 64 and 1 in flight and returns True. Otherwise it
+    returns False and the reference is ARM's own remote Check. Not run in this tree (no
+    bench/peers here)."""
+    import check_grpc
+
+    from tests.processes import free_port, wait_serving
+
+    peers: Any = check_grpc  # the attributes below exist on branch perfcheck only
+    needed = ("start_cerbos", "compare_decisions", "CERBOS_BIN")
+    if not all(hasattr(peers, name) for name in needed) or not peers.CERBOS_BIN.exists():
+        return False
+    port = free_port()
+    proc = peers.start_cerbos(port, free_port(), log)
+    try:
+        await wait_serving(f"127.0.0.1:{port}", proc, log)
+        risks = await peers.compare_decisions(gov_address, key, instance, f"127.0.0.1:{port}", TOOLS)
+        print("## reference: Cerbos's PDP (bench/peers, check_grpc.py's load generator, its own process)")
+        for in_flight in (64, 1):
+            r = peers.run_load(f"127.0.0.1:{port}", key, instance, in_flight, seconds, 1, False,
+                               [proc.pid, *pids], tools=TOOLS, cerbos_risks=risks)
+            print(f"{'Cerbos PDP':28} {in_flight:>3} in flight {r['calls_per_s']:>9.0f}/s  "
+                  f"p50 {r['p50_ms'] * 1000:>8.0f} µs  p99 {r['p99_ms'] * 1000:>8.0f} µs")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return True
+
+
+async def orchestrate(args: argparse.Namespace) -> None:
+    import asyncpg
+
+    from arm.registry.v1 import access_pb2
+    from arm_client import ArmClient
+    from tests.processes import base_env, free_port, wait_serving
+    tmp = Path(tempfile.mkdtemp(prefix="arm-bench-local-"))
+    suffix = secrets.token_hex(4)
+    schemas = {s: f"bench_loc_{s[:3]}_{suffix}" for s in ("registry", "governance")}
+    procs: list[subprocess.Popen[bytes]] = []
+    log = tmp / "services.log"
+    try:
+        addr = {s: f"127.0.0.1:{free_port()}" for s in schemas}
+        reg_env = base_env(ARM_REGISTRY_LISTEN=addr["registry"], ARM_LOG_LEVEL="WARNING",
+                           ARM_REGISTRY_DATABASE_URL=args.postgres, ARM_DATABASE_SCHEMA=schemas["registry"])
+        for cmd in (["migrate"], ["bootstrap"]):
+            subprocess.run([sys.executable, "-m", "arm_registry", *cmd], env=reg_env, cwd=ROOT, check=True,
+                           stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        key = log.read_text().split("(shown once): ")[1].split()[0]
+        procs.append(spawn(["-m", "arm_registry"], reg_env, log))
+        await wait_serving(addr["registry"], procs[-1], log)
+        gov_env = base_env(ARM_GOVERNANCE_LISTEN=addr["governance"], ARM_GOVERNANCE_DATABASE_URL=args.postgres,
+                           ARM_LOG_LEVEL="WARNING", ARM_DATABASE_SCHEMA=schemas["governance"],
+                           ARM_REGISTRY_ADDRESS=addr["registry"], ARM_SERVICE_API_KEY=key)
+        subprocess.run([sys.executable, "-m", "arm_governance", "migrate"], env=gov_env, cwd=ROOT, check=True,
+                       stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        profile = ["-m", "cProfile", "-o", args.profile_governance] if args.profile_governance else []
+        procs.append(spawn([*profile, "-m", "arm_governance"], gov_env, log))
+        await wait_serving(addr["governance"], procs[-1], log)
+        instance = await setup_world(addr["registry"], key, addr["governance"])
+        async with ArmClient(addr["registry"], key) as reg:
+            agent_key = (await reg.access.CreateApiKey(access_pb2.CreateApiKeyRequest(instance_id=instance))).secret
+        env = {"ARM_REGISTRY_ADDRESS": addr["registry"], "ARM_GOVERNANCE_ADDRESS": addr["governance"],
+               "ARM_TELEMETRY_ADDRESS": addr["governance"], "ARM_API_KEY": agent_key, "ARM_INSTANCE_ID": instance}
+        spool_dir = args.spool_dir or str(tmp / "spool")
+        print(f"# {os.cpu_count()} cores; PostgreSQL {args.postgres}; registry and governance in their own "
+              f"processes, the runtime in this one; spool in {spool_dir}; tools {','.join(TOOLS)}")
+        if args.skip_reference:
+            pass
+        elif not await cerbos_reference(addr["governance"], agent_key, instance, args.seconds, log,
+                                        [p.pid for p in procs]):
+            print("## reference: ARM's remote Check (check_grpc.py's load generator, its own process); "
+                  "Cerbos is measured by bench/peers (not in this tree)")
+            for in_flight in (64, 1):
+                r = run_load(addr["governance"], agent_key, instance, in_flight, args.seconds, 1, False,
+                             [p.pid for p in procs], tools=TOOLS)
+                print(f"{'remote Check':28} {in_flight:>3} in flight {r['calls_per_s']:>9.0f}/s  "
+                      f"p50 {r['p50_ms'] * 1000:>8.0f} µs  p99 {r['p99_ms'] * 1000:>8.0f} µs")
+        print("## local decisions (durable spool), this process")
+        for in_flight in (64, 1):
+            profiler = None
+            if args.profile_runtime and in_flight == 64:
+                import cProfile
+                profiler = cProfile.Profile()
+                profiler.enable()
+            r = await local_rate(env, spool_dir, in_flight, args.seconds, procs[1].pid)
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile_runtime)
+            print(f"{'Arm.check, local':28} {in_flight:>3} in flight {r['per_s']:>9.0f}/s  "
+                  f"p50 {r['p50_us']:>8.0f} µs  p99 {r['p99_us']:>8.0f} µs  runtime CPU {r['cpu_us']:.0f} µs/decision  "
+                  f"({r['local']:.0f} local, {r['remote']:.0f} via Check)")
+            if r["compute_us"]:
+                print(f"{'':28} LocalDecider.decide alone (engine, response, spool write; no Arm.check "
+                      f"around it): p50 {r['compute_us']:.1f} µs")
+            print(f"{'':28} shipping: {r['shipped_per_s']:.0f}/s during the run, backlog at its end "
+                  f"{r['backlog']:.0f}, drained in {r['drain_s']:.1f} s ({'all' if r['drained'] else 'NOT all'} logged; "
+                  f"governance CPU {r['gov_us']:.0f} µs per drained decision)")
+        conn = await asyncpg.connect(args.postgres)
+        n = await conn.fetchval(f'SELECT count(*) FROM "{schemas["governance"]}".decisions')
+        await conn.close()
+        print(f"decision log rows in governance: {n}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)
+        conn = await asyncpg.connect(args.postgres)
+        for schema in schemas.values():
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--postgres", default=os.environ.get("ARM_TEST_POSTGRES_URL",
+                                                             "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--spool-dir", default="")
+    parser.add_argument("--profile-governance", default="", help="cProfile governance's process to this file")
+    parser.add_argument("--profile-runtime", default="", help="cProfile this process (64 in flight) to this file")
+    parser.add_argument("--skip-reference", action="store_true", help="no reference rows (profiling runs)")
+    asyncio.run(orchestrate(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Decisions made in the agent runtime (the SDK's `local_decisions=True`), governance's side.
+
+`WatchDecisionInputs` streams to an agent the inputs `Check` decides its calls from — built from
+the same in-memory caches `Check` reads (agent resolution, the tenant's compiled policies) —
+and a fresh snapshot whenever the change feeds that invalidate those caches say something of
+the agent's may have changed: a tenant notice (envelopes, operator controls, risk overrides, the
+epoch; on every replica via LISTEN/NOTIFY) or an agent change from the registry's
+WatchAgentChanges (instance, version, tenant state). Between changes it sends heartbeats, so the
+runtime knows its inputs are current.
+
+`RecordLocalDecisions` logs what the runtime decided: each decision is built by the decision
+path's own `Decider.pending` (the decision row, its opEvent, a DENY's POLICY_DENIED record) and
+a batch is written in one transaction (one multi-row statement on PostgreSQL, as the decision
+log's group commit), skipping decision ids already logged."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from google.protobuf import timestamp_pb2
+from sqlalchemy import Table, select
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from arm.governance.v1 import decision_pb2, policy_pb2
+from arm.registry.v1 import compat_pb2
+from arm_common import edge
+from arm_common import validation as val
+from arm_common.auth import Authenticator, Principal, current_api_key, current_principal
+from arm_common.db import driver_connection
+from arm_common.decision_inputs import envelope_from_engine, result_from_response
+from arm_common.errors import InvalidArgument, NotFound, PermissionDenied, Violations
+from arm_common.outbox import enqueue_many
+from arm_engine import engine
+from arm_governance import convert, models
+from arm_governance.decisions.log import DecisionLog, PendingDecision
+from arm_governance.decisions.service import Decider, validate_check
+from arm_governance.models import OUTBOX
+
+MAX_BATCH = 1000
+DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,64}")
+_LOCAL_EFFECTS = (policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY)
+_DECISIONS = cast(Table, models.DecisionRecord.__table__)
+_CLOCK_SKEW = timedelta(minutes=5)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # decide_time as a datetime: what ToDatetime(tzinfo=UTC) gives
+_STEPS = frozenset(int(x) for x in engine.Step) - {int(engine.Step.APPROVAL_GRANT)}
+_RISKS = frozenset(int(x) for x in engine.Risk)
+_SCOPES = frozenset(int(x) for x in engine.Scope)
+_RULE_KINDS = frozenset(int(x) for x in engine.RuleKind)
+_EFFECTS = frozenset(int(x) for x in engine.Effect)
+
+
+def _own_instance(p: Principal, instance_id: str) -> None:
+    p.require("decisions:check")
+    if not p.is_agent or p.actor_id != instance_id:
+        raise PermissionDenied("only the instance's own agent key may decide its calls locally",
+                               reason="NOT_YOUR_AGENT", metadata={"instance_id": instance_id})
+
+
+def validate_watch(request: decision_pb2.WatchDecisionInputsRequest) -> None:
+    v = Violations()
+    val.resource_id(v, "instance_id", request.instance_id)
+    if request.heartbeat_interval_ms and not 100 <= request.heartbeat_interval_ms <= 60_000:
+        v.add("heartbeat_interval_ms", "must be 0 (1000) or 100 to 60000")
+    v.raise_if_any()
+
+
+# The generic edge check (arm_common.edge) would walk every LocalDecision of a batch; the parts of
+# a response that depend on the engine's result alone recur, so validate_record checks each
+# distinct one once (with the same field paths) and the request of every item.
+edge.validated_per_item(decision_pb2.LocalDecision.DESCRIPTOR.full_name)
+_PER_DECISION = ("decision_id", "decide_time", "policy_epoch", "request_id", "approval_id")
+_PART_CHECKS: dict[bytes, list[tuple[str, str]]] = {}
+
+
+def result_key(response: decision_pb2.CheckResponse) -> bytes:
+    """The response without what differs per decision, serialized: one per distinct result."""
+    part = decision_pb2.CheckResponse()
+    part.CopyFrom(response)
+    for name in _PER_DECISION:
+        part.ClearField(name)  # type: ignore[arg-type]
+    return part.SerializeToString(deterministic=True)
+
+
+def _part_checks(key: bytes) -> list[tuple[str, str]]:
+    """What is wrong with a response's result part: (path below `response`, description)."""
+    checks = _PART_CHECKS.get(key)
+    if checks is not None:
+        return checks
+    r = decision_pb2.CheckResponse.FromString(key)
+    v = Violations()
+    v.items.extend(edge.violations(r))
+    if r.decision not in _LOCAL_EFFECTS:
+        v.add("decision", "must be ALLOW or DENY (NEEDS_APPROVAL is decided by Check)")
+    if r.step not in _STEPS:
+        v.add("step", "must be a decision step other than APPROVAL_GRANT")
+    if r.effective_risk not in _RISKS:
+        v.add("effective_risk", "must be LOW, MEDIUM, HIGH or CRITICAL")
+    if r.scope and r.scope not in _SCOPES:
+        v.add("scope", f"unknown enum value {r.scope}")
+    if r.rule_kind and r.rule_kind not in _RULE_KINDS:
+        v.add("rule_kind", f"unknown enum value {r.rule_kind}")
+    for j, s in enumerate(r.shadow_results):
+        if s.scope not in _SCOPES:
+            v.add(f"shadow_results[{j}].scope", f"unknown enum value {s.scope}")
+        if s.decision and s.decision not in _EFFECTS:
+            v.add(f"shadow_results[{j}].decision", f"unknown enum value {s.decision}")
+        if s.rule_kind and s.rule_kind not in _RULE_KINDS:
+            v.add(f"shadow_results[{j}].rule_kind", f"unknown enum value {s.rule_kind}")
+    if len(r.reasons) > 50:
+        v.add("", "must be at most 64 KiB with at most 50 reasons")
+    checks = [(item.field, item.description) for item in v.items]
+    if len(_PART_CHECKS) >= 4096:
+        _PART_CHECKS.clear()
+    _PART_CHECKS[key] = checks
+    return checks
+
+
+def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> list[bytes]:
+    """Raises InvalidArgument naming every bad field; returns each response's `result_key`."""
+    v = Violations()
+    n = len(request.decisions)
+    if not 1 <= n <= MAX_BATCH:
+        v.add("decisions", f"must hold 1 to {MAX_BATCH} decisions")
+        v.raise_if_any()
+    instance = request.decisions[0].request.instance_id
+    latest = int((datetime.now(UTC) + _CLOCK_SKEW).timestamp())
+    keys = []
+    for i, item in enumerate(request.decisions):
+        at = f"decisions[{i}]."
+        if not DECISION_ID.fullmatch(item.decision_id):
+            v.add(f"{at}decision_id", 'must be "dec_" then 16 to 64 letters, digits, "_" or "-"')
+        req = item.request
+        v.items.extend(edge.violations(req, f"{at}request"))
+        if req.WhichOneof("agent") != "instance_id":
+            v.add(f"{at}request.instance_id", "is required (local decisions are made for an instance)")
+        elif req.instance_id != instance:
+            v.add(f"{at}request.instance_id", "all decisions of a batch must be of one instance")
+        if req.approval_id:
+            v.add(f"{at}request.approval_id", "must be empty: grants are decided by Check")
+        if req.request_id:
+            v.add(f"{at}request.request_id", "must be empty: the decision id is the idempotency key")
+        try:
+            validate_check(req, f"{at}request.")
+        except InvalidArgument as exc:
+            v.items.extend(exc.violations)
+        r = item.response
+        key = result_key(r)
+        keys.append(key)
+        for field, description in _part_checks(key):
+            v.add(f"{at}response.{field}" if field else f"{at}response", description)
+        for name in ("request_id", "approval_id"):
+            if "\x00" in getattr(r, name):
+                v.add(f"{at}response.{name}", "must not contain NUL characters")
+        if not r.HasField("decide_time"):
+            v.add(f"{at}response.decide_time", "is required")
+        else:
+            bad = edge.violations(r.decide_time, f"{at}response.decide_time")
+            if bad:
+                v.items.extend(bad)
+            elif r.decide_time.seconds > latest:  # (whole seconds: the skew allowed is minutes)
+                v.add(f"{at}response.decide_time", "must not be in the future")
+        if r.policy_epoch < 0:
+            v.add(f"{at}response.policy_epoch", "must be >= 0")
+        if len(key) > 64 * 1024:
+            v.add(f"{at}response", "must be at most 64 KiB with at most 50 reasons")
+    v.raise_if_any()
+    return keys
+
+
+class LocalDecisions:
+    """The two RPCs' logic, on the decision path's caches and log."""
+
+    def __init__(self, decider: Decider, changes: Any, authenticator: Authenticator | None = None) -> None:
+        self.decider = decider
+        self.changes = changes
+        self.authenticator = authenticator
+        self._results: dict[bytes, engine.Result] = {}
+
+    # --- WatchDecisionInputs --------------------------------------------------------------------
+
+    async def inputs(self, p: Principal, api_key: str, instance_id: str) -> decision_pb2.DecisionInputs:
+        resolved = await self.decider.agents.resolve(api_key, p.tenant_id, "instance_id", instance_id)
+        if resolved is None:
+            raise NotFound.of("agent_instance", instance_id)
+        tenant = await self.decider.policies.tenant(p.tenant_id)
+        agent = convert.agent_to_engine(resolved)
+        _, budgets_apply = tenant.compiled(agent.project_id, agent.version_id)
+        chain = {(engine.Scope.TENANT, p.tenant_id), (engine.Scope.PROJECT, agent.project_id),
+                 (engine.Scope.VERSION, agent.version_id)}
+        controls = tenant.controls
+        return decision_pb2.DecisionInputs(
+            agent=decision_pb2.DecisionAgent(
+                tenant_id=agent.tenant_id, tenant_active=agent.tenant_active, project_id=agent.project_id,
+                environment_id=agent.environment_id, environment_name=agent.environment_name,
+                environment_type=agent.environment_type, template_id=agent.template_id,
+                version_id=agent.version_id, instance_id=agent.instance_id, instance_state=agent.instance_state,
+                version_state=agent.version_state, legacy_agent_id=resolved.legacy_agent_id),
+            envelopes=[envelope_from_engine(e) for e in tenant.envelopes if (e.scope, e.scope_id) in chain],
+            tenant_control=controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT, p.tenant_id), 0),  # type: ignore[arg-type]
+            project_control=controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT, agent.project_id), 0),  # type: ignore[arg-type]
+            risk_overrides=tenant.risk.overrides, argument_triggers=tenant.risk.argument_triggers,
+            policy_epoch=tenant.epoch, budgets_apply=budgets_apply)
+
+    async def watch(self, request: decision_pb2.WatchDecisionInputsRequest
+                    ) -> AsyncIterator[decision_pb2.WatchDecisionInputsResponse]:
+        validate_watch(request)
+        p = current_principal()
+        _own_instance(p, request.instance_id)
+        api_key = current_api_key()
+        interval = (request.heartbeat_interval_ms or 1000) / 1000
+        wake = asyncio.Event()
+        tenant_id = p.tenant_id
+
+        def on_agent(change: compat_pb2.AgentChange) -> None:
+            if change.kind == compat_pb2.AGENT_CHANGE_KIND_RESET or change.tenant_id == tenant_id:
+                wake.set()
+
+        queue = self.changes.subscribe()
+
+        async def follow() -> None:
+            while True:
+                notice = await queue.get()
+                if notice.get("reset") or notice.get("tenant") == tenant_id:
+                    # The service's own follower drops the cache too, but maybe after we reload.
+                    self.decider.policies.invalidate(None if notice.get("reset") else tenant_id)
+                    wake.set()
+
+        follower = asyncio.create_task(follow(), name="watch-decision-inputs")
+        self.decider.agents.on_change.append(on_agent)
+        try:
+            sent = b""
+            while True:
+                wake.clear()
+                if self.authenticator is not None:
+                    # The stream outlives its authentication: a key revoked (or a tenant
+                    # deactivated) since ends it here, at the next change or heartbeat.
+                    await self.authenticator.authenticate(api_key)
+                inputs = await self.inputs(p, api_key, request.instance_id)
+                data = inputs.SerializeToString(deterministic=True)
+                now = timestamp_pb2.Timestamp()
+                now.GetCurrentTime()
+                if data != sent:
+                    sent = data
+                    yield decision_pb2.WatchDecisionInputsResponse(inputs=inputs, send_time=now)
+                else:
+                    yield decision_pb2.WatchDecisionInputsResponse(send_time=now)
+                try:
+                    await asyncio.wait_for(wake.wait(), interval)
+                except TimeoutError:
+                    pass
+        finally:
+            self.decider.agents.on_change.remove(on_agent)
+            self.changes.unsubscribe(queue)
+            follower.cancel()
+
+    # --- RecordLocalDecisions -------------------------------------------------------------------
+
+    def _result(self, key: bytes) -> engine.Result:
+        """The engine result a response states (its `result_key`), one object per distinct
+        result: the decision path's per-result caches (response bytes, opEvent payload,
+        provenance) key on identity."""
+        result = self._results.get(key)
+        if result is None:
+            if len(self._results) >= 4096:
+                self._results.clear()
+            result = self._results[key] = result_from_response(decision_pb2.CheckResponse.FromString(key))
+        return result
+
+    async def record(self, request: decision_pb2.RecordLocalDecisionsRequest
+                     ) -> decision_pb2.RecordLocalDecisionsResponse:
+        keys = validate_record(request)
+        p = current_principal()
+        instance_id = request.decisions[0].request.instance_id
+        _own_instance(p, instance_id)
+        resolved = await self.decider.agents.resolve(current_api_key(), p.tenant_id, "instance_id", instance_id)
+        if resolved is None:
+            raise NotFound.of("agent_instance", instance_id)
+        agent_bytes = resolved.SerializeToString()
+        batch: list[PendingDecision] = []
+        for item, key in zip(request.decisions, keys, strict=True):
+            req, resp = item.request, item.response
+            # The argument digest binds approvals only: a local decision creates none.
+            batch.append(self.decider.pending(
+                p, req, resolved, agent_bytes, self._result(key), resp.policy_epoch, "", None,
+                _EPOCH + timedelta(seconds=resp.decide_time.seconds, microseconds=resp.decide_time.nanos // 1000),
+                item.decision_id))
+        try:
+            recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
+        except IntegrityError:
+            # A concurrent call logged some of these ids first: now they are skipped.
+            recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
+        for relay in self.decider.log.relays:
+            if relay.topic in topics:
+                relay.notify()
+        return decision_pb2.RecordLocalDecisionsResponse(recorded=recorded, duplicates=len(batch) - recorded)
+
+    async def _write(self, s: AsyncSession, tenant_id: str, batch: list[PendingDecision]) -> tuple[int, set[str]]:
+        d = models.DecisionRecord
+        ids = [item.record["id"] for item in batch]
+        logged = {row.id: row.tenant_id for row in (await s.execute(
+            select(d.id, d.tenant_id).where(d.id.in_(ids)))).all()}
+        if any(tenant != tenant_id for tenant in logged.values()):
+            raise InvalidArgument("a decision id is taken", reason="DECISION_ID_TAKEN")
+        fresh: list[PendingDecision] = []
+        seen = set(logged)
+        for item in batch:
+            if item.record["id"] not in seen:
+                seen.add(item.record["id"])
+                fresh.append(item)
+        decisions, messages = DecisionLog._rows(fresh)
+        if self.decider.log.db.is_postgres:
+            await DecisionLog._execute_pg(await driver_connection(s), [], decisions, messages)
+        else:
+            if decisions:
+                await s.execute(sa_insert(_DECISIONS), decisions)
+            await enqueue_many(s, OUTBOX, messages)
+        return len(fresh), {row["topic"] for row in messages}
+
+
+class LocalDecisionRpcs:
+    """The two RPCs, mixed into DecisionServicer (which holds `decider` and `changes`)."""
+
+    decider: Decider
+    changes: Any
+    authenticator: Authenticator | None = None  # set by the wiring (app.py)
+    _local: LocalDecisions | None = None
+
+    @property
+    def local(self) -> LocalDecisions:
+        if self._local is None:
+            self._local = LocalDecisions(self.decider, self.changes, self.authenticator)
+        return self._local
+
+    async def WatchDecisionInputs(self, request: decision_pb2.WatchDecisionInputsRequest,
+                                  context: Any) -> AsyncIterator[decision_pb2.WatchDecisionInputsResponse]:
+        async for message in self.local.watch(request):
+            yield message
+
+    async def RecordLocalDecisions(self, request: decision_pb2.RecordLocalDecisionsRequest, context: Any) -> Any:
+        return await self.local.record(request)
