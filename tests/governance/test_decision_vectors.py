@@ -340,6 +340,20 @@ LAYERING = [
     Case("deny-at-risk-before-approval-at-risk", E(DENY, S_ENVELOPE, "RISK_AT_OR_ABOVE_DENY_THRESHOLD", 0,
                                                    K_DENY_RISK, risk=HIGH),
          tool="k8s.deploy", envelopes=(Env("project", require_approval_at_risk=MEDIUM, deny_at_risk=HIGH),)),
+    Case("deny-at-risk-by-declared-risk", E(DENY, S_ENVELOPE, "RISK_AT_OR_ABOVE_DENY_THRESHOLD", 0,
+                                            K_DENY_RISK, risk=CRITICAL),
+         declared=CRITICAL, envelopes=(Env("project", deny_at_risk=HIGH),)),
+    Case("deny-at-risk-not-reached", baseline(MEDIUM), tool="fs.write", envelopes=(Env("project", deny_at_risk=HIGH),)),
+    Case("deny-at-risk-equal-approval-threshold-denies", E(DENY, S_ENVELOPE, "RISK_AT_OR_ABOVE_DENY_THRESHOLD", 0,
+                                                           K_DENY_RISK, risk=HIGH),
+         tool="k8s.deploy", envelopes=(Env("project", require_approval_at_risk=HIGH, deny_at_risk=HIGH),)),
+    Case("risk-rules-before-the-tier", E(NA, S_ENVELOPE, "RISK_AT_OR_ABOVE_APPROVAL_THRESHOLD", 0,
+                                         K_APPROVAL_RISK, risk=LOW),
+         envelopes=(Env("project", require_approval_at_risk=LOW, autonomy_tier=0),)),
+    Case("tier-before-default-effect", E(NA, S_ENVELOPE, "AUTONOMY_TIER_REQUIRES_APPROVAL", 0, K_TIER, risk=HIGH),
+         tool="k8s.deploy", envelopes=(Env("project", autonomy_tier=1, default_effect=ALLOW),)),
+    Case("tier-passes-default-effect-decides", E(ALLOW, S_ENVELOPE, "DEFAULT_EFFECT", 0, K_DEFAULT, risk=MEDIUM),
+         tool="fs.write", envelopes=(Env("project", autonomy_tier=1, default_effect=ALLOW),)),
     Case("below-risk-thresholds-falls-to-baseline", baseline(LOW),
          envelopes=(Env("project", require_approval_at_risk=MEDIUM, deny_at_risk=HIGH),)),
     Case("tool-rule-before-risk-rules", tool_hit(ALLOW, 0, risk=HIGH), tool="k8s.deploy",
@@ -406,9 +420,9 @@ RISK = [
 # Baseline for calls no envelope decides, with an envelope present that has no opinion.
 QUIET = (Env("version", (rule("other.tool", DENY),)), Env("tenant", (rule("another.*", DENY),)))
 BASELINES = [
-    Case(f"baseline-unmatched-{common_pb2.RiskLevel.Name(r).removeprefix('RISK_LEVEL_').lower()}",
-         baseline(r), envelopes=QUIET, declared=r)
-    for r in (LOW, MEDIUM, HIGH, CRITICAL)
+    Case(f"baseline-{what}-{common_pb2.RiskLevel.Name(r).removeprefix('RISK_LEVEL_').lower()}",
+         baseline(r), envelopes=envelopes, declared=r)
+    for r in (LOW, MEDIUM, HIGH, CRITICAL) for what, envelopes in (("unmatched", QUIET), ("no-envelopes", ()))
 ]
 
 
@@ -426,7 +440,7 @@ def tier_case(tier: int, risk: int) -> Case:
                 declared=risk if risk > LOW else 0)
 
 
-TIERS = [tier_case(t, r) for t in (0, 1, 2, 3, 4, 5, 9) for r in (LOW, HIGH, CRITICAL)]
+TIERS = [tier_case(t, r) for t in (0, 1, 2, 3, 4, 5, 9) for r in (LOW, MEDIUM, HIGH, CRITICAL)]
 
 
 def over(env: int, step: int = S_ENVELOPE) -> Expect:
@@ -479,6 +493,8 @@ KILL = [
          tool="fs.write", state=I_READONLY),
     Case("instance-readonly-declared-medium-denied", E(DENY, S_KILL, "INSTANCE_READONLY", risk=MEDIUM),
          declared=MEDIUM, state=I_READONLY),
+    Case("instance-readonly-declared-high-denied", E(DENY, S_KILL, "INSTANCE_READONLY", risk=HIGH),
+         declared=HIGH, state=I_READONLY),
     Case("instance-draining-run-start-denied", E(DENY, S_KILL, "INSTANCE_DRAINING"), state=I_DRAINING,
          run_start=True),
     Case("instance-draining-running-work-allowed", baseline(LOW), state=I_DRAINING),
@@ -495,6 +511,9 @@ KILL = [
          controls=(("project", C_DRAINING),), run_start=True),
     Case("project-draining-running-work-allowed", baseline(LOW), controls=(("project", C_DRAINING),)),
     Case("tenant-control-normal-allows", baseline(LOW), controls=(("tenant", C_NORMAL),)),
+    Case("active-run-start-allowed", baseline(LOW), run_start=True),
+    Case("tenant-control-before-project-control", E(DENY, S_KILL, "TENANT_PAUSED"),
+         controls=(("tenant", C_PAUSED), ("project", C_QUARANTINED))),
     Case("kill-switch-beats-version-allow", E(DENY, S_KILL, "PROJECT_PAUSED"), controls=(("project", C_PAUSED),),
          envelopes=(Env("version", (rule("**", ALLOW),)),)),
 ]

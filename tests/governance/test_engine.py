@@ -123,35 +123,16 @@ def test_live_version_states_pass(state: str) -> None:
 
 # --- 2. Kill switches ---------------------------------------------------------------------------
 
+# Kill-switch answers live in the shared table (test_decision_vectors.py KILL, through the engine
+# and through gRPC Check); here only what gRPC cannot send: spellings and unknown values.
 KILL_VECTORS = [
     # (controls, instance state, tool, declared risk, is_run_start, expected code or None = passes)
-    (Controls(tenant_mode="PAUSED"), "ACTIVE", LOW_TOOL, None, False, "TENANT_PAUSED"),
-    (Controls(tenant_mode="QUARANTINED"), "ACTIVE", LOW_TOOL, None, False, "TENANT_QUARANTINED"),
-    (Controls(project_mode="PAUSED"), "ACTIVE", LOW_TOOL, None, False, "PROJECT_PAUSED"),
-    (Controls(project_mode="QUARANTINED"), "ACTIVE", LOW_TOOL, None, False, "PROJECT_QUARANTINED"),
-    (Controls(tenant_mode="DRAINING"), "ACTIVE", LOW_TOOL, None, True, "TENANT_DRAINING"),
-    (Controls(tenant_mode="DRAINING"), "ACTIVE", LOW_TOOL, None, False, None),
-    (Controls(project_mode="DRAINING"), "ACTIVE", LOW_TOOL, None, True, "PROJECT_DRAINING"),
-    (Controls(project_mode="DRAINING"), "ACTIVE", LOW_TOOL, None, False, None),
     (Controls(tenant_mode="OPERATOR_CONTROL_MODE_PAUSED"), "ACTIVE", LOW_TOOL, None, False,
      "TENANT_PAUSED"),
     (Controls(tenant_mode="HALF_OPEN"), "ACTIVE", LOW_TOOL, None, False, "TENANT_CONTROL_UNKNOWN"),
-    (Controls(tenant_mode="PAUSED", project_mode="QUARANTINED"), "ACTIVE", LOW_TOOL, None, False,
-     "TENANT_PAUSED"),
-    (Controls(), "PAUSED", LOW_TOOL, None, False, "INSTANCE_PAUSED"),
-    (Controls(), "QUARANTINED", LOW_TOOL, None, False, "INSTANCE_QUARANTINED"),
-    (Controls(), "PROVISIONING", LOW_TOOL, None, False, "INSTANCE_PROVISIONING"),
-    (Controls(), "RETIRED", LOW_TOOL, None, False, "INSTANCE_RETIRED"),
     (Controls(), "INSTANCE_STATE_RETIRED", LOW_TOOL, None, False, "INSTANCE_RETIRED"),
-    (Controls(), "READONLY", LOW_TOOL, None, False, None),
-    (Controls(), "READONLY", MEDIUM_TOOL, None, False, "INSTANCE_READONLY"),
-    (Controls(), "READONLY", LOW_TOOL, HIGH, False, "INSTANCE_READONLY"),
-    (Controls(), "DRAINING", LOW_TOOL, None, True, "INSTANCE_DRAINING"),
-    (Controls(), "DRAINING", LOW_TOOL, None, False, None),
     (Controls(), "SLEEPING", LOW_TOOL, None, False, "INSTANCE_STATE_UNKNOWN"),
-    (Controls(), "ACTIVE", LOW_TOOL, None, True, None),
 ]
-
 
 @pytest.mark.parametrize(("controls", "state", "tool", "declared", "run_start", "code"),
                          KILL_VECTORS)
@@ -463,74 +444,8 @@ def test_glob_matches(glob: str, tool: str, matches: bool) -> None:
 
 # --- 5b–f. Risk rules, tiers, budgets, default --------------------------------------------------
 
-RISK_VECTORS = [
-    pytest.param(dict(deny_at_risk=HIGH), HIGH_TOOL, None, DENY,
-                 "RISK_AT_OR_ABOVE_DENY_THRESHOLD", RuleKind.DENY_AT_RISK, id="deny at HIGH"),
-    pytest.param(dict(deny_at_risk=HIGH), LOW_TOOL, CRITICAL, DENY,
-                 "RISK_AT_OR_ABOVE_DENY_THRESHOLD", RuleKind.DENY_AT_RISK,
-                 id="deny at HIGH, declared CRITICAL"),
-    pytest.param(dict(deny_at_risk=HIGH), MEDIUM_TOOL, None, ALLOW, "BASELINE_MEDIUM", None,
-                 id="deny threshold not reached"),
-    pytest.param(dict(require_approval_at_risk=MEDIUM), MEDIUM_TOOL, None, NA,
-                 "RISK_AT_OR_ABOVE_APPROVAL_THRESHOLD", RuleKind.REQUIRE_APPROVAL_AT_RISK,
-                 id="approval at MEDIUM"),
-    pytest.param(dict(require_approval_at_risk=MEDIUM), LOW_TOOL, None, ALLOW, "BASELINE_LOW",
-                 None, id="approval threshold not reached"),
-    pytest.param(dict(require_approval_at_risk=HIGH, deny_at_risk=HIGH), HIGH_TOOL, None, DENY,
-                 "RISK_AT_OR_ABOVE_DENY_THRESHOLD", RuleKind.DENY_AT_RISK,
-                 id="deny threshold before approval threshold"),
-    pytest.param(dict(require_approval_at_risk=LOW, autonomy_tier=0), LOW_TOOL, None, NA,
-                 "RISK_AT_OR_ABOVE_APPROVAL_THRESHOLD", RuleKind.REQUIRE_APPROVAL_AT_RISK,
-                 id="risk rules before the tier"),
-    pytest.param(dict(default_effect=DENY), LOW_TOOL, None, DENY, "DEFAULT_EFFECT",
-                 RuleKind.DEFAULT_EFFECT, id="default effect"),
-    pytest.param(dict(default_effect=ALLOW, autonomy_tier=1), HIGH_TOOL, None, NA,
-                 "AUTONOMY_TIER_REQUIRES_APPROVAL", RuleKind.AUTONOMY_TIER,
-                 id="tier before default"),
-    pytest.param(dict(default_effect=ALLOW, autonomy_tier=1), MEDIUM_TOOL, None, ALLOW,
-                 "DEFAULT_EFFECT", RuleKind.DEFAULT_EFFECT, id="tier passes, default decides"),
-]
-
-
-@pytest.mark.parametrize(("fields", "tool", "declared", "effect", "code", "kind"), RISK_VECTORS)
-def test_risk_rules_and_default(fields: dict[str, Any], tool: str, declared: Risk | None,
-                                effect: Effect, code: str, kind: RuleKind | None) -> None:
-    result = run([env("p", Scope.PROJECT, **fields)], Call(tool, declared_risk=declared))
-    expect(result, effect, Step.BASELINE if kind is None else Step.ENVELOPE, code,
-           "" if kind is None else "p", kind)
-
-
-def test_a_tool_rule_comes_before_the_risk_rules() -> None:
-    envelopes = [env("p", Scope.PROJECT, rule("k8s.*", ALLOW), deny_at_risk=HIGH)]
-    expect(run(envelopes, HIGH_TOOL), ALLOW, Step.ENVELOPE, "TOOL_RULE_MATCHED", "p",
-           RuleKind.TOOL_RULE, 0)
-
-
-# Expected answer of an envelope holding only `autonomy_tier`, per tier and risk (None: no
-# opinion, so the baseline decides).
-TIER_TABLE: dict[int, dict[Risk, Effect | None]] = {
-    0: {LOW: NA, MEDIUM: NA, HIGH: NA, CRITICAL: NA},
-    1: {LOW: None, MEDIUM: None, HIGH: NA, CRITICAL: NA},
-    2: {LOW: None, MEDIUM: None, HIGH: None, CRITICAL: NA},
-    3: {LOW: None, MEDIUM: None, HIGH: None, CRITICAL: None},
-    4: {LOW: None, MEDIUM: None, HIGH: None, CRITICAL: None},
-    5: {LOW: None, MEDIUM: None, HIGH: None, CRITICAL: None},
-}
-BASELINE = {LOW: ALLOW, MEDIUM: ALLOW, HIGH: NA, CRITICAL: DENY}
-
-
-@pytest.mark.parametrize("tier", sorted(TIER_TABLE))
-@pytest.mark.parametrize("risk", list(Risk))
-def test_autonomy_tiers(tier: int, risk: Risk) -> None:
-    result = run([env("v", Scope.VERSION, autonomy_tier=tier)], Call(LOW_TOOL, declared_risk=risk))
-    assert result.risk is risk
-    if TIER_TABLE[tier][risk] is None:
-        expect(result, BASELINE[risk], Step.BASELINE, f"BASELINE_{risk.name}")
-    else:
-        expect(result, NA, Step.ENVELOPE, "AUTONOMY_TIER_REQUIRES_APPROVAL", "v",
-               RuleKind.AUTONOMY_TIER)
-
-
+# Risk rules, tiers and the default effect: the shared table (test_decision_vectors.py LAYERING and
+# TIERS). Here only the tiers gRPC does not carry.
 @pytest.mark.parametrize("tier", [-1, 6, 99])
 @pytest.mark.parametrize("risk", list(Risk))
 def test_an_out_of_range_tier_needs_approval(tier: int, risk: Risk) -> None:
@@ -611,15 +526,7 @@ def test_the_budget_sentence_gives_the_figures() -> None:
     assert "$10.00" in result.reasons[0].message
 
 
-# --- 6. Baseline --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("risk", list(Risk))
-@pytest.mark.parametrize("envelopes", [[], [env("v", Scope.VERSION, rule("other.*", DENY))]],
-                         ids=["no envelopes", "no opinion"])
-def test_baseline(risk: Risk, envelopes: list[Envelope]) -> None:
-    result = run(envelopes, Call(LOW_TOOL, declared_risk=risk))
-    expect(result, BASELINE[risk], Step.BASELINE, f"BASELINE_{risk.name}")
+# --- 6. Baseline: the shared table (test_decision_vectors.py BASELINES) -----------------------
 
 
 # --- Shadow -------------------------------------------------------------------------------------
