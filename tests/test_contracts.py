@@ -60,12 +60,13 @@ def _query_code(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-        found += [f"line {node.lineno}: imports {n}" for n in names if n.split(".")[0] == "sqlalchemy"]
+        line = getattr(node, "lineno", 0)
+        found += [f"line {line}: imports {n}" for n in names if n.split(".")[0] == "sqlalchemy"]
         if isinstance(node, ast.Call):
             f = node.func
             name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
             if name in ("select", "execute", "scalars", "scalar"):
-                found.append(f"line {node.lineno}: calls {name}(")
+                found.append(f"line {line}: calls {name}(")
     return found
 
 

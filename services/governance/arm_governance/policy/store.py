@@ -5,7 +5,7 @@ drops its compiled policies for that tenant when the write commits."""
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -370,7 +370,7 @@ class PolicyStore:
 
     @staticmethod
     async def recent_decisions(s: AsyncSession, tenant_id: str, candidate: policy_pb2.PolicyEnvelope,
-                               lookback: timedelta, limit: int) -> Sequence[Any]:
+                               lookback: timedelta, limit: int) -> list[Any]:
         """Up to `limit` decisions of the last `lookback`, newest first, of agents the candidate's
         scope covers (the rows a simulation replays)."""
         d = models.DecisionRecord
@@ -380,7 +380,7 @@ class PolicyStore:
             q = q.where(d.project_id == candidate.scope_id)
         elif candidate.scope == policy_pb2.POLICY_SCOPE_VERSION:
             q = q.where(d.version_id == candidate.scope_id)
-        return (await s.execute(q.order_by(d.decided_at.desc()).limit(limit))).all()
+        return list((await s.execute(q.order_by(d.decided_at.desc()).limit(limit))).all())
 
     # operator controls
 
