@@ -6,7 +6,10 @@ telemetry."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import grpc
+import pytest
 from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 
@@ -21,6 +24,7 @@ from arm.governance.v1 import (
 )
 from arm.registry.v1 import access_pb2, agents_pb2, compat_pb2, tenancy_pb2
 from arm.telemetry.v1 import events_pb2, telemetry_pb2
+from tests.helpers import expect_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES: list[FileDescriptor] = [m.DESCRIPTOR for m in (
@@ -72,3 +76,40 @@ def test_requests_mark_the_resource_id_required() -> None:
            and "id" in m.fields_by_name and m.full_name.startswith("arm.registry.")]
     assert got and all(REQUIRED in behaviors(next(x for x in messages() if x.full_name == n).fields_by_name["id"])
                        for n in got), got
+
+
+# (client attribute, RPC, request) sent empty: the server refuses it INVALID_ARGUMENT and names a
+# field the contract marks REQUIRED (a sample of the governance RPCs whose requests carry one).
+EMPTY_REQUESTS = [
+    ("policies", "CreatePolicyEnvelope", policy_pb2.CreatePolicyEnvelopeRequest),
+    ("policies", "GetPolicyEnvelope", policy_pb2.GetPolicyEnvelopeRequest),
+    ("policies", "UpdatePolicyEnvelope", policy_pb2.UpdatePolicyEnvelopeRequest),
+    ("policies", "DeactivatePolicyEnvelope", policy_pb2.DeactivatePolicyEnvelopeRequest),
+    ("policies", "GetPolicyEnvelopeRevision", policy_pb2.GetPolicyEnvelopeRevisionRequest),
+    ("policies", "ListPolicyEnvelopeRevisions", policy_pb2.ListPolicyEnvelopeRevisionsRequest),
+    ("policies", "SimulatePolicy", policy_pb2.SimulatePolicyRequest),
+    ("policies", "SetOperatorControl", policy_pb2.SetOperatorControlRequest),
+    ("policies", "GetOperatorControl", policy_pb2.GetOperatorControlRequest),
+    ("approvals", "GetApproval", approvals_pb2.GetApprovalRequest),
+    ("approvals", "DecideApproval", approvals_pb2.DecideApprovalRequest),
+    ("approvals", "CancelApproval", approvals_pb2.CancelApprovalRequest),
+    ("deployments", "GetDeployment", deployments_pb2.GetDeploymentRequest),
+    ("deployments", "ActivateDeployment", deployments_pb2.ActivateDeploymentRequest),
+    ("deployments", "RollbackDeployment", deployments_pb2.RollbackDeploymentRequest),
+    ("deployments", "GetActiveDeployment", deployments_pb2.GetActiveDeploymentRequest),
+    ("deployments", "CreateDeployment", deployments_pb2.CreateDeploymentRequest),
+]
+
+
+@pytest.mark.parametrize(("stub", "rpc", "request_type"), EMPTY_REQUESTS, ids=[r for _, r, _ in EMPTY_REQUESTS])
+async def test_the_server_refuses_a_request_without_its_required_fields(governance: Any, tenant: Any, stub: str,
+                                                                       rpc: str, request_type: Any) -> None:
+    required = [f.name for f in request_type.DESCRIPTOR.fields if REQUIRED in behaviors(f)]
+    assert required, f"{request_type.DESCRIPTOR.full_name} marks no field REQUIRED"
+    client = governance.client(tenant.admin_key)
+    try:
+        got = await expect_failure(getattr(getattr(client, stub), rpc)(request_type()), grpc.StatusCode.INVALID_ARGUMENT)
+    finally:
+        await client.close()
+    named = {path.split(".")[0].split("[")[0] for path in got.violations}
+    assert named & set(required), (got.violations, required)
