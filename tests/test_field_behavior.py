@@ -1,10 +1,12 @@
 """Field rules are in the contract (`google.api.field_behavior`), not in prose: no proto comment
 says "(output only)" any more, and every server-set timestamp and server-assigned id of a resource
 is OUTPUT_ONLY, every resource id a request names is REQUIRED, across registry, governance and
-telemetry."""
+telemetry; REQUIRED marks what the servers refuse when empty (the registry's exactly, governance's
+as a sample through the server, telemetry's event fields)."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,57 @@ def test_requests_mark_the_resource_id_required() -> None:
            and "id" in m.fields_by_name and m.full_name.startswith("arm.registry.")]
     assert got and all(REQUIRED in behaviors(next(x for x in messages() if x.full_name == n).fields_by_name["id"])
                        for n in got), got
+
+
+# The registry's servicers validate with rule tables (`check(request, ("id", "id"), ...)`); these
+# kinds refuse an empty value.
+REFUSES_EMPTY = {"id", "name", "slug", "email", "enum"}
+
+
+def registry_checked_required() -> set[tuple[str, str]]:
+    """(request message, field) for every rule a registry servicer method checks on every call
+    (a `check(request, ...)` statement at the top of the method, not under an `if`)."""
+    out: set[tuple[str, str]] = set()
+    tree = ast.parse((ROOT / "services" / "registry" / "arm_registry" / "servicers.py").read_text())
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.AsyncFunctionDef) or len(fn.args.args) < 2:
+            continue
+        ann = fn.args.args[1].annotation
+        if not (isinstance(ann, ast.Attribute) and ann.attr.endswith("Request")):
+            continue
+        lists = {st.targets[0].id: st.value.elts for st in fn.body if isinstance(st, ast.Assign)
+                 and isinstance(st.value, ast.List) and isinstance(st.targets[0], ast.Name)}
+        for st in fn.body:
+            call = st.value if isinstance(st, ast.Expr) else None
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "check"
+                    and isinstance(call.args[0], ast.Name) and call.args[0].id == "request"):
+                continue
+            rules: list[ast.expr] = []
+            for a in call.args[1:]:
+                rules += lists.get(a.value.id, []) if isinstance(a, ast.Starred) and isinstance(a.value, ast.Name) else [a]
+            for r in rules:
+                if isinstance(r, ast.Tuple) and all(isinstance(e, ast.Constant) for e in r.elts):
+                    kind, name = (e.value for e in r.elts)  # type: ignore[attr-defined]
+                    if kind in REFUSES_EMPTY:
+                        out.add((ann.attr, name))
+    return out
+
+
+def test_registry_requests_mark_exactly_the_fields_the_server_requires() -> None:
+    """REQUIRED in the registry's request messages is what its servicers refuse when empty, both
+    ways (fields required only together with another are not REQUIRED; their comments say so)."""
+    checked = registry_checked_required()
+    assert len(checked) > 40, checked
+    marked = {(m.name, f.name) for m in messages() if m.full_name.startswith("arm.registry.")
+              and m.name.endswith("Request") for f in m.fields if REQUIRED in behaviors(f)}
+    assert sorted(checked - marked) == [], "checked by the server, not REQUIRED in the contract"
+    assert sorted(marked - checked) == [], "REQUIRED in the contract, not checked by the server"
+
+
+def test_telemetry_marks_what_ingest_and_reads_require() -> None:
+    event = events_pb2.OpEvent.DESCRIPTOR
+    assert [f.name for f in event.fields if REQUIRED in behaviors(f)] == ["event_id", "type", "occur_time"]
+    assert REQUIRED in behaviors(telemetry_pb2.GetRunTraceRequest.DESCRIPTOR.fields_by_name["run_id"])
 
 
 # (client attribute, RPC, request) sent empty: the server refuses it INVALID_ARGUMENT and names a
