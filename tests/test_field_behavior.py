@@ -151,6 +151,12 @@ EMPTY_REQUESTS = [
     ("deployments", "RollbackDeployment", deployments_pb2.RollbackDeploymentRequest),
     ("deployments", "GetActiveDeployment", deployments_pb2.GetActiveDeploymentRequest),
     ("deployments", "CreateDeployment", deployments_pb2.CreateDeploymentRequest),
+    ("decisions", "Check", decision_pb2.CheckRequest),
+    ("decisions", "GetDecision", decision_pb2.GetDecisionRequest),
+    ("decisions", "ReportSpend", decision_pb2.ReportSpendRequest),
+    ("audit", "GetChangeRecord", audit_pb2.GetChangeRecordRequest),
+    ("audit", "GetInclusionProof", audit_pb2.GetInclusionProofRequest),
+    ("audit", "AppendChangeRecords", audit_pb2.AppendChangeRecordsRequest),
 ]
 
 
