@@ -325,11 +325,30 @@ LAYERING = [
     Case("locked-shadow-rule-has-no-force", baseline(LOW), envelopes=(
         Env("tenant", (rule("fs.read", DENY, locked=True),), mode=SHADOW),),
          shadow=((0, DENY, K_TOOL),)),
+    Case("locked-deny-beats-locked-needs-approval", E(DENY, S_LOCKED, "LOCKED_RULE_MATCHED", 1, K_TOOL, 0),
+         tool="db.write", envelopes=(Env("tenant", (rule("db.*", NA, locked=True),)),
+                                     Env("project", (rule("db.*", DENY, locked=True),)))),
+    Case("locked-rule-applies-over-a-more-specific-rule-of-its-envelope",
+         E(DENY, S_LOCKED, "LOCKED_RULE_MATCHED", 0, K_TOOL, 0), tool="deploy.staging",
+         envelopes=(Env("tenant", (rule("deploy.**", DENY, locked=True), rule("deploy.staging", ALLOW))),)),
+    Case("locked-at-version-scope-has-no-special-force", tool_hit(ALLOW, 0), tool="db.write", envelopes=(
+        Env("version", (rule("db.write", ALLOW),), priority=200),
+        Env("version", (rule("db.*", DENY, locked=True),)))),
+    Case("locked-rule-of-an-inactive-envelope-is-ignored", tool_hit(ALLOW, 0), tool="db.write", envelopes=(
+        Env("version", (rule("db.write", ALLOW),)), Env("tenant", (rule("db.*", DENY, locked=True),), active=False))),
+    Case("locked-rule-whose-condition-fails-does-not-apply", tool_hit(ALLOW, 0), tool="db.write", envelopes=(
+        Env("version", (rule("db.write", ALLOW),)),
+        Env("tenant", (rule("db.*", DENY, locked=True, min_risk=HIGH),)))),
     Case("higher-priority-envelope-first", tool_hit(ALLOW, 0), envelopes=(
         Env("version", (rule("fs.read", ALLOW),), priority=200),
         Env("version", (rule("fs.read", DENY),), priority=100))),
     Case("equal-priority-strictest-wins", tool_hit(NA, 1), envelopes=(
         Env("version", (rule("fs.read", ALLOW),)), Env("version", (rule("fs.read", NA),)))),
+    Case("equal-priority-deny-beats-all", tool_hit(DENY, 0), tool="db.read", envelopes=(
+        Env("project", (rule("db.*", DENY),)), Env("project", (rule("db.*", NA),)),
+        Env("project", (rule("db.*", ALLOW),)))),
+    Case("priority-group-without-opinion-falls-through", tool_hit(ALLOW, 1), tool="db.read", envelopes=(
+        Env("project", (rule("web.*", DENY),), priority=200), Env("project", (rule("db.*", ALLOW),)))),
     Case("inactive-envelope-is-ignored", baseline(LOW), envelopes=(
         Env("version", (rule("fs.read", DENY),), active=False),)),
     Case("default-effect-when-nothing-matched", E(DENY, S_ENVELOPE, "DEFAULT_EFFECT", 0, K_DEFAULT),
@@ -389,6 +408,24 @@ GLOBS = [
          envelopes=(Env("version", (rule("db.*", DENY), rule("fs.read.*", DENY))),)),
     Case("glob-matches-case-insensitively", tool_hit(DENY, 0, 2), tool="DB.Write",
          envelopes=(Env("version", GLOB_RULES),)),
+    Case("glob-rule-names-match-case-insensitively", tool_hit(DENY, 0, 0), tool="db.write",
+         envelopes=(Env("version", (rule("DB.Write", DENY), rule("**", ALLOW))),)),
+    Case("glob-star-alone-matches-one-segment-only", tool_hit(ALLOW, 0, 1), tool="db.read",
+         envelopes=(Env("version", (rule("*", DENY), rule("**", ALLOW))),)),
+    Case("glob-star-alone-matches-a-one-segment-name", tool_hit(DENY, 0, 0), tool="shell",
+         envelopes=(Env("version", (rule("*", DENY), rule("**", ALLOW))),)),
+    Case("glob-more-literal-characters-win", tool_hit(NA, 0, 0), tool="db.write",
+         envelopes=(Env("version", (rule("*.write", NA), rule("db.*", ALLOW))),)),
+    Case("glob-specificity-tie-goes-to-the-strictest", tool_hit(DENY, 0, 1), tool="ab.cd",
+         envelopes=(Env("version", (rule("ab.*", ALLOW), rule("*.cd", DENY))),)),
+    Case("glob-full-tie-goes-to-the-first-rule", tool_hit(NA, 0, 0), tool="ab.cd",
+         envelopes=(Env("version", (rule("ab.*", NA), rule("*.cd", NA))),)),
+    Case("glob-star-in-the-middle", tool_hit(DENY, 0, 0), tool="github.pr.merge",
+         envelopes=(Env("version", (rule("github.*.merge", DENY), rule("github.**", ALLOW))),)),
+    Case("glob-min-risk-not-reached-next-rule-decides", tool_hit(ALLOW, 0, 1), tool="db.write",
+         envelopes=(Env("version", (rule("db.write", DENY, min_risk=HIGH), rule("db.*", ALLOW))),)),
+    Case("glob-min-risk-reached-unknown-tool-is-medium", tool_hit(DENY, 0, 0), tool="db.write",
+         envelopes=(Env("version", (rule("db.write", DENY, min_risk=MEDIUM), rule("db.*", ALLOW))),)),
 ]
 
 RISK = [
