@@ -58,7 +58,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p = current_principal()
         p.require("policies:read")
 
-        envelope = await self.db.read(lambda s: self.store.get_envelope(s, p.tenant_id, request.envelope_id))
+        envelope = await self.store.get_envelope(p.tenant_id, request.envelope_id)
         return policy_pb2.GetPolicyEnvelopeResponse(envelope=envelope)
 
     async def ListPolicyEnvelopes(self, request: policy_pb2.ListPolicyEnvelopesRequest, context: Ctx) -> Any:
@@ -72,7 +72,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
                    "active": int(request.active) + 1 if request.HasField("active") else 0}
         after = pagination.decode_token(request.page_token, filters)
 
-        return await self.db.read(lambda s: self.store.list_envelopes(s, p.tenant_id, request, size, after, filters))
+        return await self.store.list_envelopes(p.tenant_id, request, size, after, filters)
 
     async def _check_scope_filter(self, scope: int, scope_id: str) -> None:
         """NOT_FOUND unless `scope_id` names the caller's tenant or a project or version of it."""
@@ -122,8 +122,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p = current_principal()
         p.require("policies:read")
 
-        revision = await self.db.read(
-            lambda s: self.store.get_revision(s, p.tenant_id, request.envelope_id, request.revision))
+        revision = await self.store.get_revision(p.tenant_id, request.envelope_id, request.revision)
         return policy_pb2.GetPolicyEnvelopeRevisionResponse(envelope_revision=revision)
 
     async def ListPolicyEnvelopeRevisions(self, request: policy_pb2.ListPolicyEnvelopeRevisionsRequest, context: Ctx) -> Any:
@@ -137,8 +136,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         filters = {"envelope": request.envelope_id}
         after = pagination.decode_token(request.page_token, filters)
 
-        return await self.db.read(
-            lambda s: self.store.list_revisions(s, p.tenant_id, request.envelope_id, size, after, filters))
+        return await self.store.list_revisions(p.tenant_id, request.envelope_id, size, after, filters)
 
     async def GetEffectivePolicy(self, request: policy_pb2.GetEffectivePolicyRequest, context: Ctx) -> Any:
         kind = request.WhichOneof("agent")
@@ -187,11 +185,11 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         await self.lookup.check_scope(current_api_key(), candidate.scope, candidate.scope_id)
         tenant = await self.cache.tenant(p.tenant_id)
         if request.candidate.envelope_id:  # replaces an envelope of the caller's tenant
-            await self.db.read(lambda s: self.store.get_row(s, p.tenant_id, candidate.envelope_id))
+            await self.store.get_envelope(p.tenant_id, candidate.envelope_id)
         envelopes = [e for e in tenant.envelopes if e.id != candidate.envelope_id]
         envelopes.append(convert.envelope_to_engine(candidate))
 
-        rows = await self.db.read(lambda s: self.store.recent_decisions(s, p.tenant_id, candidate, lookback, limit + 1))
+        rows = await self.store.recent_decisions(p.tenant_id, candidate, lookback, limit + 1)
         return convert.simulate(rows[:limit], envelopes, tenant, truncated=len(rows) > limit)
 
     # operator controls
@@ -217,7 +215,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p = current_principal()
         p.require("policies:read")
 
-        overrides = await self.db.read(lambda s: self.store.get_risk_overrides(s, p.tenant_id))
+        overrides = await self.store.get_risk_overrides(p.tenant_id)
         return policy_pb2.GetRiskOverridesResponse(risk_overrides=overrides)
 
     async def SetRiskOverrides(self, request: policy_pb2.SetRiskOverridesRequest, context: Ctx) -> Any:
@@ -243,8 +241,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p.require("policies:read")
         scope_id = self.store.control_key(p, request.scope, request.scope_id)
 
-        found = await self.db.read(
-            lambda s: self.store.get_operator_control(s, p.tenant_id, request.scope, scope_id))
+        found = await self.store.get_operator_control(p.tenant_id, request.scope, scope_id)
         if found is not None:
             return policy_pb2.GetOperatorControlResponse(control=found)
         if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT:
@@ -262,5 +259,4 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         filters = {"mode": request.mode}
         after = pagination.decode_token(request.page_token, filters)
 
-        return await self.db.read(
-            lambda s: self.store.list_operator_controls(s, p.tenant_id, request.mode, size, after, filters))
+        return await self.store.list_operator_controls(p.tenant_id, request.mode, size, after, filters)

@@ -23,7 +23,7 @@ from arm_common import pagination
 from arm_common import validation as val
 from arm_common.auth import Principal, actor_of
 from arm_common.change_records import change_record
-from arm_common.db import is_unique_violation
+from arm_common.db import Database, is_unique_violation
 from arm_common.errors import (
     Aborted,
     AlreadyExists,
@@ -121,8 +121,45 @@ class RegistryLookup:
 
 
 class PolicyStore:
-    def __init__(self, changes: ChangeChannel) -> None:
+    """Envelopes, revisions, operator controls and risk overrides of a tenant. The reads own their
+    session; the writes take the session of the caller's idempotent write (`edge.Writes`), and
+    private `_x(s, ...)` methods are what both combine."""
+
+    def __init__(self, db: Database, changes: ChangeChannel) -> None:
+        self.db = db
         self.changes = changes
+
+    # reads: each owns its session
+
+    async def get_envelope(self, tenant_id: str, envelope_id: str) -> policy_pb2.PolicyEnvelope:
+        return await self.db.read(lambda s: self._get_envelope(s, tenant_id, envelope_id))
+
+    async def list_envelopes(self, tenant_id: str, request: policy_pb2.ListPolicyEnvelopesRequest, size: int,
+                             after: Any, filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopesResponse:
+        return await self.db.read(lambda s: self._list_envelopes(s, tenant_id, request, size, after, filters))
+
+    async def get_revision(self, tenant_id: str, envelope_id: str, revision: int) -> policy_pb2.PolicyEnvelopeRevision:
+        return await self.db.read(lambda s: self._get_revision(s, tenant_id, envelope_id, revision))
+
+    async def list_revisions(self, tenant_id: str, envelope_id: str, size: int, after: Any,
+                             filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopeRevisionsResponse:
+        return await self.db.read(lambda s: self._list_revisions(s, tenant_id, envelope_id, size, after, filters))
+
+    async def recent_decisions(self, tenant_id: str, candidate: policy_pb2.PolicyEnvelope, lookback: timedelta,
+                               limit: int) -> list[Any]:
+        return await self.db.read(lambda s: self._recent_decisions(s, tenant_id, candidate, lookback, limit))
+
+    async def get_risk_overrides(self, tenant_id: str) -> policy_pb2.RiskOverrides:
+        return await self.db.read(lambda s: self._get_risk_overrides(s, tenant_id))
+
+    async def get_operator_control(self, tenant_id: str, scope: int, scope_id: str) -> policy_pb2.OperatorControl | None:
+        return await self.db.read(lambda s: self._get_operator_control(s, tenant_id, scope, scope_id))
+
+    async def list_operator_controls(self, tenant_id: str, mode: int, size: int, after: Any,
+                                     filters: dict[str, Any]) -> policy_pb2.ListOperatorControlsResponse:
+        return await self.db.read(lambda s: self._list_operator_controls(s, tenant_id, mode, size, after, filters))
+
+    # writes and what they combine: each takes the caller's session
 
     async def bump_epoch(self, s: AsyncSession, tenant_id: str) -> int:
         # Insert-if-missing first, so two first writers of a tenant cannot both insert the row
@@ -148,7 +185,7 @@ class PolicyStore:
         await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
                       message_id=rec.record_id, message=rec)
 
-    async def get_row(self, s: AsyncSession, tenant_id: str, envelope_id: str, *,
+    async def _get_row(self, s: AsyncSession, tenant_id: str, envelope_id: str, *,
                       for_update: bool = False) -> models.PolicyEnvelope:
         q = select(models.PolicyEnvelope).where(models.PolicyEnvelope.id == envelope_id,
                                                 models.PolicyEnvelope.tenant_id == tenant_id)
@@ -271,11 +308,11 @@ class PolicyStore:
                                  "mode": saved.mode})
         return policy_pb2.CreatePolicyEnvelopeResponse(envelope=saved)
 
-    async def get_envelope(self, s: AsyncSession, tenant_id: str, envelope_id: str) -> policy_pb2.PolicyEnvelope:
-        return policy_pb2.PolicyEnvelope.FromString((await self.get_row(s, tenant_id, envelope_id)).body)
+    async def _get_envelope(self, s: AsyncSession, tenant_id: str, envelope_id: str) -> policy_pb2.PolicyEnvelope:
+        return policy_pb2.PolicyEnvelope.FromString((await self._get_row(s, tenant_id, envelope_id)).body)
 
     @staticmethod
-    async def list_envelopes(s: AsyncSession, tenant_id: str, request: policy_pb2.ListPolicyEnvelopesRequest,
+    async def _list_envelopes(s: AsyncSession, tenant_id: str, request: policy_pb2.ListPolicyEnvelopesRequest,
                              size: int, after: Any, filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopesResponse:
         m = models.PolicyEnvelope
         q = select(m).where(m.tenant_id == tenant_id)
@@ -298,7 +335,7 @@ class PolicyStore:
     async def update(self, s: AsyncSession, principal: Principal, request: policy_pb2.UpdatePolicyEnvelopeRequest,
                      check_scope: Callable[[int, str], Awaitable[None]]) -> policy_pb2.UpdatePolicyEnvelopeResponse:
         """The envelope with `request`'s mask applied; `check_scope` checks a new scope id."""
-        row = await self.get_row(s, principal.tenant_id, request.envelope.envelope_id, for_update=True)
+        row = await self._get_row(s, principal.tenant_id, request.envelope.envelope_id, for_update=True)
         self.check_etag(row, request.etag, required=True)
         current = policy_pb2.PolicyEnvelope.FromString(row.body)
         merged = self.apply_mask(current, request.envelope, request.update_mask)
@@ -320,7 +357,7 @@ class PolicyStore:
 
     async def deactivate(self, s: AsyncSession, principal: Principal,
                          request: policy_pb2.DeactivatePolicyEnvelopeRequest) -> policy_pb2.DeactivatePolicyEnvelopeResponse:
-        row = await self.get_row(s, principal.tenant_id, request.envelope_id, for_update=True)
+        row = await self._get_row(s, principal.tenant_id, request.envelope_id, for_update=True)
         self.check_etag(row, request.etag, required=False)
         env = policy_pb2.PolicyEnvelope.FromString(row.body)
         was_active = env.active
@@ -341,7 +378,7 @@ class PolicyStore:
             envelope=policy_pb2.PolicyEnvelope.FromString(row.body), create_time=ts(row.created_at),
             created_by=policy_pb2.PolicyEnvelope.FromString(row.body).updated_by, reason=row.reason)
 
-    async def get_revision(self, s: AsyncSession, tenant_id: str, envelope_id: str,
+    async def _get_revision(self, s: AsyncSession, tenant_id: str, envelope_id: str,
                            revision: int) -> policy_pb2.PolicyEnvelopeRevision:
         r = models.PolicyEnvelopeRevision
         row = (await s.execute(select(r).where(r.envelope_id == envelope_id, r.revision == revision,
@@ -352,9 +389,9 @@ class PolicyStore:
                            metadata={"envelope_id": envelope_id, "revision": str(revision)})
         return self._revision(row)
 
-    async def list_revisions(self, s: AsyncSession, tenant_id: str, envelope_id: str, size: int, after: Any,
+    async def _list_revisions(self, s: AsyncSession, tenant_id: str, envelope_id: str, size: int, after: Any,
                              filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopeRevisionsResponse:
-        await self.get_row(s, tenant_id, envelope_id)
+        await self._get_row(s, tenant_id, envelope_id)
         r = models.PolicyEnvelopeRevision
         q = select(r).where(r.envelope_id == envelope_id, r.tenant_id == tenant_id)
         if after is not None:
@@ -369,7 +406,7 @@ class PolicyStore:
             next_page_token=pagination.encode_token(page[-1].revision, filters) if more and page else "")
 
     @staticmethod
-    async def recent_decisions(s: AsyncSession, tenant_id: str, candidate: policy_pb2.PolicyEnvelope,
+    async def _recent_decisions(s: AsyncSession, tenant_id: str, candidate: policy_pb2.PolicyEnvelope,
                                lookback: timedelta, limit: int) -> list[Any]:
         """Up to `limit` decisions of the last `lookback`, newest first, of agents the candidate's
         scope covers (the rows a simulation replays)."""
@@ -409,7 +446,7 @@ class PolicyStore:
         return policy_pb2.SetOperatorControlResponse(control=convert.control(row))
 
     @staticmethod
-    async def get_operator_control(s: AsyncSession, tenant_id: str, scope: int,
+    async def _get_operator_control(s: AsyncSession, tenant_id: str, scope: int,
                                    scope_id: str) -> policy_pb2.OperatorControl | None:
         """The control set at (scope, scope_id), None when none is."""
         c = models.OperatorControl
@@ -418,7 +455,7 @@ class PolicyStore:
         return None if row is None else convert.control(row)
 
     @staticmethod
-    async def list_operator_controls(s: AsyncSession, tenant_id: str, mode: int, size: int, after: Any,
+    async def _list_operator_controls(s: AsyncSession, tenant_id: str, mode: int, size: int, after: Any,
                                      filters: dict[str, Any]) -> policy_pb2.ListOperatorControlsResponse:
         c = models.OperatorControl
         q = select(c).where(c.tenant_id == tenant_id)
@@ -438,7 +475,7 @@ class PolicyStore:
     # risk overrides
 
     @staticmethod
-    async def get_risk_overrides(s: AsyncSession, tenant_id: str) -> policy_pb2.RiskOverrides:
+    async def _get_risk_overrides(s: AsyncSession, tenant_id: str) -> policy_pb2.RiskOverrides:
         row = (await s.execute(select(models.RiskOverrides).where(
             models.RiskOverrides.tenant_id == tenant_id))).scalar_one_or_none()
         return _risk_overrides(tenant_id, row)
