@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import filecmp
 import shutil
 import subprocess
@@ -48,6 +49,35 @@ def test_services_never_import_each_other() -> None:
     result = subprocess.run([lint_imports, "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broken" in result.stdout and "0 broken" in result.stdout
+
+
+GOVERNANCE = ROOT / "services" / "governance" / "arm_governance"
+
+
+def _query_code(path: Path) -> list[str]:
+    """Where a module imports SQLAlchemy or builds or runs a query (`select(`, `.execute(`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        line = getattr(node, "lineno", 0)
+        found += [f"line {line}: imports {n}" for n in names if n.split(".")[0] == "sqlalchemy"]
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if name in ("select", "execute", "scalars", "scalar"):
+                found.append(f"line {line}: calls {name}(")
+    return found
+
+
+def test_governance_servicers_hold_no_queries() -> None:
+    """A governance servicer validates, checks permissions, makes one call into its domain's
+    store or service layer and converts; the queries live beneath it."""
+    servicers = sorted(GOVERNANCE.glob("*/servicer.py"))
+    assert len(servicers) >= 6, servicers
+    offences = {str(p.relative_to(GOVERNANCE)): q for p in servicers if (q := _query_code(p))}
+    assert not offences, offences
+    assert _query_code(GOVERNANCE / "policy" / "store.py"), "the check finds queries where they are"
 
 
 @pytest.mark.parametrize("service", ["registry", "governance", "telemetry"])

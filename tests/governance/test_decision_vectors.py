@@ -325,11 +325,30 @@ LAYERING = [
     Case("locked-shadow-rule-has-no-force", baseline(LOW), envelopes=(
         Env("tenant", (rule("fs.read", DENY, locked=True),), mode=SHADOW),),
          shadow=((0, DENY, K_TOOL),)),
+    Case("locked-deny-beats-locked-needs-approval", E(DENY, S_LOCKED, "LOCKED_RULE_MATCHED", 1, K_TOOL, 0),
+         tool="db.write", envelopes=(Env("tenant", (rule("db.*", NA, locked=True),)),
+                                     Env("project", (rule("db.*", DENY, locked=True),)))),
+    Case("locked-rule-applies-over-a-more-specific-rule-of-its-envelope",
+         E(DENY, S_LOCKED, "LOCKED_RULE_MATCHED", 0, K_TOOL, 0), tool="deploy.staging",
+         envelopes=(Env("tenant", (rule("deploy.**", DENY, locked=True), rule("deploy.staging", ALLOW))),)),
+    Case("locked-at-version-scope-has-no-special-force", tool_hit(ALLOW, 0), tool="db.write", envelopes=(
+        Env("version", (rule("db.write", ALLOW),), priority=200),
+        Env("version", (rule("db.*", DENY, locked=True),)))),
+    Case("locked-rule-of-an-inactive-envelope-is-ignored", tool_hit(ALLOW, 0), tool="db.write", envelopes=(
+        Env("version", (rule("db.write", ALLOW),)), Env("tenant", (rule("db.*", DENY, locked=True),), active=False))),
+    Case("locked-rule-whose-condition-fails-does-not-apply", tool_hit(ALLOW, 0), tool="db.write", envelopes=(
+        Env("version", (rule("db.write", ALLOW),)),
+        Env("tenant", (rule("db.*", DENY, locked=True, min_risk=HIGH),)))),
     Case("higher-priority-envelope-first", tool_hit(ALLOW, 0), envelopes=(
         Env("version", (rule("fs.read", ALLOW),), priority=200),
         Env("version", (rule("fs.read", DENY),), priority=100))),
     Case("equal-priority-strictest-wins", tool_hit(NA, 1), envelopes=(
         Env("version", (rule("fs.read", ALLOW),)), Env("version", (rule("fs.read", NA),)))),
+    Case("equal-priority-deny-beats-all", tool_hit(DENY, 0), tool="db.read", envelopes=(
+        Env("project", (rule("db.*", DENY),)), Env("project", (rule("db.*", NA),)),
+        Env("project", (rule("db.*", ALLOW),)))),
+    Case("priority-group-without-opinion-falls-through", tool_hit(ALLOW, 1), tool="db.read", envelopes=(
+        Env("project", (rule("web.*", DENY),), priority=200), Env("project", (rule("db.*", ALLOW),)))),
     Case("inactive-envelope-is-ignored", baseline(LOW), envelopes=(
         Env("version", (rule("fs.read", DENY),), active=False),)),
     Case("default-effect-when-nothing-matched", E(DENY, S_ENVELOPE, "DEFAULT_EFFECT", 0, K_DEFAULT),
@@ -340,6 +359,20 @@ LAYERING = [
     Case("deny-at-risk-before-approval-at-risk", E(DENY, S_ENVELOPE, "RISK_AT_OR_ABOVE_DENY_THRESHOLD", 0,
                                                    K_DENY_RISK, risk=HIGH),
          tool="k8s.deploy", envelopes=(Env("project", require_approval_at_risk=MEDIUM, deny_at_risk=HIGH),)),
+    Case("deny-at-risk-by-declared-risk", E(DENY, S_ENVELOPE, "RISK_AT_OR_ABOVE_DENY_THRESHOLD", 0,
+                                            K_DENY_RISK, risk=CRITICAL),
+         declared=CRITICAL, envelopes=(Env("project", deny_at_risk=HIGH),)),
+    Case("deny-at-risk-not-reached", baseline(MEDIUM), tool="fs.write", envelopes=(Env("project", deny_at_risk=HIGH),)),
+    Case("deny-at-risk-equal-approval-threshold-denies", E(DENY, S_ENVELOPE, "RISK_AT_OR_ABOVE_DENY_THRESHOLD", 0,
+                                                           K_DENY_RISK, risk=HIGH),
+         tool="k8s.deploy", envelopes=(Env("project", require_approval_at_risk=HIGH, deny_at_risk=HIGH),)),
+    Case("risk-rules-before-the-tier", E(NA, S_ENVELOPE, "RISK_AT_OR_ABOVE_APPROVAL_THRESHOLD", 0,
+                                         K_APPROVAL_RISK, risk=LOW),
+         envelopes=(Env("project", require_approval_at_risk=LOW, autonomy_tier=0),)),
+    Case("tier-before-default-effect", E(NA, S_ENVELOPE, "AUTONOMY_TIER_REQUIRES_APPROVAL", 0, K_TIER, risk=HIGH),
+         tool="k8s.deploy", envelopes=(Env("project", autonomy_tier=1, default_effect=ALLOW),)),
+    Case("tier-passes-default-effect-decides", E(ALLOW, S_ENVELOPE, "DEFAULT_EFFECT", 0, K_DEFAULT, risk=MEDIUM),
+         tool="fs.write", envelopes=(Env("project", autonomy_tier=1, default_effect=ALLOW),)),
     Case("below-risk-thresholds-falls-to-baseline", baseline(LOW),
          envelopes=(Env("project", require_approval_at_risk=MEDIUM, deny_at_risk=HIGH),)),
     Case("tool-rule-before-risk-rules", tool_hit(ALLOW, 0, risk=HIGH), tool="k8s.deploy",
@@ -375,6 +408,24 @@ GLOBS = [
          envelopes=(Env("version", (rule("db.*", DENY), rule("fs.read.*", DENY))),)),
     Case("glob-matches-case-insensitively", tool_hit(DENY, 0, 2), tool="DB.Write",
          envelopes=(Env("version", GLOB_RULES),)),
+    Case("glob-rule-names-match-case-insensitively", tool_hit(DENY, 0, 0), tool="db.write",
+         envelopes=(Env("version", (rule("DB.Write", DENY), rule("**", ALLOW))),)),
+    Case("glob-star-alone-matches-one-segment-only", tool_hit(ALLOW, 0, 1), tool="db.read",
+         envelopes=(Env("version", (rule("*", DENY), rule("**", ALLOW))),)),
+    Case("glob-star-alone-matches-a-one-segment-name", tool_hit(DENY, 0, 0), tool="shell",
+         envelopes=(Env("version", (rule("*", DENY), rule("**", ALLOW))),)),
+    Case("glob-more-literal-characters-win", tool_hit(NA, 0, 0), tool="db.write",
+         envelopes=(Env("version", (rule("*.write", NA), rule("db.*", ALLOW))),)),
+    Case("glob-specificity-tie-goes-to-the-strictest", tool_hit(DENY, 0, 1), tool="ab.cd",
+         envelopes=(Env("version", (rule("ab.*", ALLOW), rule("*.cd", DENY))),)),
+    Case("glob-full-tie-goes-to-the-first-rule", tool_hit(NA, 0, 0), tool="ab.cd",
+         envelopes=(Env("version", (rule("ab.*", NA), rule("*.cd", NA))),)),
+    Case("glob-star-in-the-middle", tool_hit(DENY, 0, 0), tool="github.pr.merge",
+         envelopes=(Env("version", (rule("github.*.merge", DENY), rule("github.**", ALLOW))),)),
+    Case("glob-min-risk-not-reached-next-rule-decides", tool_hit(ALLOW, 0, 1), tool="db.write",
+         envelopes=(Env("version", (rule("db.write", DENY, min_risk=HIGH), rule("db.*", ALLOW))),)),
+    Case("glob-min-risk-reached-unknown-tool-is-medium", tool_hit(DENY, 0, 0), tool="db.write",
+         envelopes=(Env("version", (rule("db.write", DENY, min_risk=MEDIUM), rule("db.*", ALLOW))),)),
 ]
 
 RISK = [
@@ -406,9 +457,9 @@ RISK = [
 # Baseline for calls no envelope decides, with an envelope present that has no opinion.
 QUIET = (Env("version", (rule("other.tool", DENY),)), Env("tenant", (rule("another.*", DENY),)))
 BASELINES = [
-    Case(f"baseline-unmatched-{common_pb2.RiskLevel.Name(r).removeprefix('RISK_LEVEL_').lower()}",
-         baseline(r), envelopes=QUIET, declared=r)
-    for r in (LOW, MEDIUM, HIGH, CRITICAL)
+    Case(f"baseline-{what}-{common_pb2.RiskLevel.Name(r).removeprefix('RISK_LEVEL_').lower()}",
+         baseline(r), envelopes=envelopes, declared=r)
+    for r in (LOW, MEDIUM, HIGH, CRITICAL) for what, envelopes in (("unmatched", QUIET), ("no-envelopes", ()))
 ]
 
 
@@ -426,7 +477,7 @@ def tier_case(tier: int, risk: int) -> Case:
                 declared=risk if risk > LOW else 0)
 
 
-TIERS = [tier_case(t, r) for t in (0, 1, 2, 3, 4, 5, 9) for r in (LOW, HIGH, CRITICAL)]
+TIERS = [tier_case(t, r) for t in (0, 1, 2, 3, 4, 5, 9) for r in (LOW, MEDIUM, HIGH, CRITICAL)]
 
 
 def over(env: int, step: int = S_ENVELOPE) -> Expect:
@@ -479,6 +530,8 @@ KILL = [
          tool="fs.write", state=I_READONLY),
     Case("instance-readonly-declared-medium-denied", E(DENY, S_KILL, "INSTANCE_READONLY", risk=MEDIUM),
          declared=MEDIUM, state=I_READONLY),
+    Case("instance-readonly-declared-high-denied", E(DENY, S_KILL, "INSTANCE_READONLY", risk=HIGH),
+         declared=HIGH, state=I_READONLY),
     Case("instance-draining-run-start-denied", E(DENY, S_KILL, "INSTANCE_DRAINING"), state=I_DRAINING,
          run_start=True),
     Case("instance-draining-running-work-allowed", baseline(LOW), state=I_DRAINING),
@@ -495,6 +548,9 @@ KILL = [
          controls=(("project", C_DRAINING),), run_start=True),
     Case("project-draining-running-work-allowed", baseline(LOW), controls=(("project", C_DRAINING),)),
     Case("tenant-control-normal-allows", baseline(LOW), controls=(("tenant", C_NORMAL),)),
+    Case("active-run-start-allowed", baseline(LOW), run_start=True),
+    Case("tenant-control-before-project-control", E(DENY, S_KILL, "TENANT_PAUSED"),
+         controls=(("tenant", C_PAUSED), ("project", C_QUARANTINED))),
     Case("kill-switch-beats-version-allow", E(DENY, S_KILL, "PROJECT_PAUSED"), controls=(("project", C_PAUSED),),
          envelopes=(Env("version", (rule("**", ALLOW),)),)),
 ]

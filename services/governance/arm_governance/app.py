@@ -108,7 +108,7 @@ class GovernanceComponent:
                                        poll_interval_s=config.outbox_poll_s))
         self.log = DecisionLog(db, self.relays)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
-        self.store = PolicyStore(self.changes)
+        self.store = PolicyStore(db, self.changes)
         self.approvals = ApprovalStore(db, self.changes)
         self.sweeper = ApprovalSweeper(self.approvals, config.approval_sweep_s)
         self.agents: AgentDirectory | None = None

@@ -34,6 +34,11 @@ def require_somewhere(p: Principal, permission: str) -> None:
         p.require(permission)
 
 
+# The session a store method takes, named here so that the servicers, which only hand it on,
+# need not import SQLAlchemy (a test keeps them free of it).
+Session = AsyncSession
+
+
 async def idempotent_write(db: Database, tenant_id: str, method: str, request: Message,
                            response_type: type[R], write: Callable[[AsyncSession], Awaitable[R]]) -> R:
     """`write` in one transaction, once per (tenant, method, request_id): a retry gets the first

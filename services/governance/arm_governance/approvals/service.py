@@ -285,6 +285,13 @@ class ApprovalStore:
                       message_id=rec.record_id, message=rec)
         await self._notify(s, approval_id)
 
+    @staticmethod
+    async def check_exists(s: AsyncSession, tenant_id: str, approval_id: str) -> None:
+        """NOT_FOUND unless the approval is one of the tenant's (whoever it is for)."""
+        a = models.Approval
+        if (await s.execute(select(a.id).where(a.id == approval_id, a.tenant_id == tenant_id))).first() is None:
+            raise NotFound.of("approval", approval_id)
+
     async def row(self, s: AsyncSession, p: Principal, approval_id: str, *,
                   for_update: bool = False) -> models.Approval:
         """The approval of the caller's tenant; an agent sees only its own instance's."""

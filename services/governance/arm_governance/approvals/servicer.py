@@ -6,9 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import approvals_pb2_grpc
 from arm_common import validation as val
@@ -23,12 +20,12 @@ from arm_common.errors import (
 )
 from arm_common.outbox import OutboxRelay
 from arm_common.server import Ctx
-from arm_governance import models
 from arm_governance.agent_cache import AgentDirectory
 from arm_governance.approvals import service as approvals
 from arm_governance.approvals.service import ApprovalStore, Subject
 from arm_governance.deployments.service import DeploymentStore
-from arm_governance.edge import Writes, require_somewhere
+from arm_governance.edge import Session, Writes, require_somewhere
+from arm_governance.policy.store import PolicyStore
 from arm_governance.registry_calls import RegistryAgents
 
 A = apb.ApprovalActionType
@@ -85,17 +82,13 @@ class ApprovalServicer(Writes, approvals_pb2_grpc.ApprovalServiceServicer):
         envelope, a version (VERSION_PROMOTION) or an instance (the other types)."""
         t = r.action_type
         if t == A.APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION:
-            async def deployment(s: AsyncSession) -> tuple[str, str]:
+            async def deployment(s: Session) -> tuple[str, str]:
                 row = await DeploymentStore.row(s, p.tenant_id, r.target_id)
                 return row.project_id, row.target_version_id
             d_project, d_version = await self.db.read(deployment)
             return project or d_project, version or d_version
         if t == A.APPROVAL_ACTION_TYPE_POLICY_AUTONOMY_INCREASE:
-            async def envelope(s: AsyncSession) -> None:
-                e = models.PolicyEnvelope
-                if (await s.execute(select(e.id).where(e.id == r.target_id, e.tenant_id == p.tenant_id))).first() is None:
-                    raise NotFound.of("policy_envelope", r.target_id)
-            await self.db.read(envelope)
+            await self.db.read(lambda s: PolicyStore.check_exists(s, p.tenant_id, r.target_id))
             return project, version
         if t == A.APPROVAL_ACTION_TYPE_VERSION_PROMOTION:
             if r.target_id not in (r.version_id, version):
@@ -117,7 +110,7 @@ class ApprovalServicer(Writes, approvals_pb2_grpc.ApprovalServiceServicer):
         p.require("approvals:request")
         subject = await self._subject(request)
 
-        async def write(s: AsyncSession) -> Any:
+        async def write(s: Session) -> Any:
             return apb.RequestApprovalResponse(approval=await self.store.request(s, p, request, subject))
 
         return await self._write("RequestApproval", request, apb.RequestApprovalResponse, write)
@@ -146,7 +139,7 @@ class ApprovalServicer(Writes, approvals_pb2_grpc.ApprovalServiceServicer):
         # A verdict that comes too late first records EXPIRED (committed), then is refused.
         await self.store.expire_if_due(p, request.approval_id)
 
-        async def write(s: AsyncSession) -> Any:
+        async def write(s: Session) -> Any:
             return apb.DecideApprovalResponse(approval=await self.store.decide(s, p, request))
 
         return await self._write("DecideApproval", request, apb.DecideApprovalResponse, write)
@@ -155,7 +148,7 @@ class ApprovalServicer(Writes, approvals_pb2_grpc.ApprovalServiceServicer):
         approvals.validate_cancel(request)
         p = current_principal()
 
-        async def write(s: AsyncSession) -> Any:
+        async def write(s: Session) -> Any:
             return apb.CancelApprovalResponse(approval=await self.store.cancel(s, p, request))
 
         return await self._write("CancelApproval", request, apb.CancelApprovalResponse, write)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from arm.governance.v1 import audit_pb2, audit_pb2_grpc
 from arm_common import merkle, pagination
 from arm_common import validation as val
@@ -16,7 +14,7 @@ from arm_common.errors import FieldViolation, InvalidArgument, Violations
 from arm_common.server import Ctx
 from arm_governance.audit.checkpoints import Checkpoints
 from arm_governance.audit.trail import MAX_APPEND, VALID_ACTORS, VALID_TYPES, AuditTrail, Filter, export_line
-from arm_governance.edge import idempotent_write
+from arm_governance.edge import Session, idempotent_write
 
 EXPORT_CHUNK = 500
 MAX_KEPT_CHECKPOINTS = 10_000
@@ -69,7 +67,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         p.require("audit:write")
         records = list(request.records)
 
-        async def write(s: AsyncSession) -> Any:
+        async def write(s: Session) -> Any:
             results = await self.trail.append_in(s, records, caller_tenant=p.tenant_id,
                                                  any_tenant=p.system_tenant)
             return audit_pb2.AppendChangeRecordsResponse(results=results)

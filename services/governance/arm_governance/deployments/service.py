@@ -103,6 +103,16 @@ class DeploymentStore:
     def __init__(self, approvals: ApprovalStore) -> None:
         self.approvals = approvals
 
+    @classmethod
+    async def activation_environment(cls, s: AsyncSession, tenant_id: str,
+                                     request: dpb.ActivateDeploymentRequest) -> str:
+        """The environment the deployment activates in; NOT_FOUND unless the deployment, and the
+        approval when one is named, are the tenant's."""
+        row = await cls.row(s, tenant_id, request.deployment_id)
+        if request.approval_id:
+            await ApprovalStore.check_exists(s, tenant_id, request.approval_id)
+        return row.environment_id
+
     @staticmethod
     async def row(s: AsyncSession, tenant_id: str, deployment_id: str, *,
                   for_update: bool = False) -> models.Deployment:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from arm.governance.v1 import deployments_pb2 as dpb
 from arm.governance.v1 import deployments_pb2_grpc
 from arm.registry.v1 import agents_pb2
@@ -19,10 +16,9 @@ from arm_common.errors import (
 )
 from arm_common.outbox import OutboxRelay
 from arm_common.server import Ctx
-from arm_governance import models
 from arm_governance.deployments import service as deployments
 from arm_governance.deployments.service import DeploymentStore
-from arm_governance.edge import Writes, require_somewhere
+from arm_governance.edge import Session, Writes, require_somewhere
 from arm_governance.registry_calls import RegistryAgents
 
 
@@ -44,7 +40,7 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
         if version.template_id != request.deployment.template_id:  # NOT_FOUND outside the tenant
             await self.registry.template(key, request.deployment.template_id)
 
-        async def write(s: AsyncSession) -> Any:
+        async def write(s: Session) -> Any:
             return dpb.CreateDeploymentResponse(deployment=await self.store.create(s, p, request, version))
 
         return await self._write("CreateDeployment", request, dpb.CreateDeploymentResponse, write)
@@ -54,7 +50,7 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
         p = current_principal()
         p.require("registry:read")
 
-        async def read(s: AsyncSession) -> Any:
+        async def read(s: Session) -> Any:
             row = await self.store.row(s, p.tenant_id, request.deployment_id)
             return dpb.GetDeploymentResponse(deployment=deployments.to_proto(row))
 
@@ -75,28 +71,17 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
         p = current_principal()
         require_somewhere(p, "deployments:activate")
 
-        async def environment_id(s: AsyncSession) -> str:
-            row = await self.store.row(s, p.tenant_id, request.deployment_id)
-            if request.approval_id:  # named: must be an approval of the caller's tenant
-                a = models.Approval
-                if (await s.execute(select(a.id).where(a.id == request.approval_id,
-                                                       a.tenant_id == p.tenant_id))).first() is None:
-                    raise NotFound.of("approval", request.approval_id)
-            return row.environment_id
-
-        env = await self.registry.environment(current_api_key(), await self.db.read(environment_id))
-
-        async def write(s: AsyncSession) -> Any:
-            return await self.store.activate(s, p, request, env)
-
-        return await self._write("ActivateDeployment", request, dpb.ActivateDeploymentResponse, write)
+        environment_id = await self.db.read(lambda s: self.store.activation_environment(s, p.tenant_id, request))
+        env = await self.registry.environment(current_api_key(), environment_id)
+        return await self._write("ActivateDeployment", request, dpb.ActivateDeploymentResponse,
+                                 lambda s: self.store.activate(s, p, request, env))
 
     async def RollbackDeployment(self, request: dpb.RollbackDeploymentRequest, context: Ctx) -> Any:
         deployments.validate_id_request(request, "deployment_id")
         p = current_principal()
         require_somewhere(p, "deployments:write")
 
-        async def previous(s: AsyncSession) -> str:
+        async def previous(s: Session) -> str:
             return (await self.store.row(s, p.tenant_id, request.deployment_id)).previous_version_id
 
         # Refused before anything changes when the registry would refuse to rebind to it.
@@ -126,7 +111,7 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
         p = current_principal()
         p.require("registry:read")
 
-        async def read(s: AsyncSession) -> Any:
+        async def read(s: Session) -> Any:
             row = await self.store.active_row(s, p.tenant_id, request.template_id, request.environment_id)
             if row is None:
                 raise NotFound(f"template {request.template_id} has no ACTIVE deployment in environment "

@@ -6,59 +6,24 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from google.protobuf import json_format
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from arm.governance.v1 import policy_pb2, policy_pb2_grpc
 from arm_common import pagination
 from arm_common import validation as val
-from arm_common.auth import actor_of, current_api_key, current_principal
+from arm_common.auth import current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import Aborted, FieldViolation, InvalidArgument, NotFound, Violations
+from arm_common.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from arm_common.ids import new_id
-from arm_common.messages import ts
 from arm_common.server import Ctx
-from arm_common.tables import utcnow
 from arm_engine import engine
-from arm_governance import convert, models
+from arm_governance import convert
 from arm_governance.agent_cache import AgentDirectory
 from arm_governance.edge import Writes, check_common
 from arm_governance.policy import limits
 from arm_governance.policy.cache import PolicyCache
 from arm_governance.policy.limits import validate_argument_triggers, validate_risk_overrides
-from arm_governance.policy.store import (
-    CR,
-    PolicyStore,
-    RegistryLookup,
-    check_scope_totals,
-    validate_envelope,
-)
+from arm_governance.policy.store import PolicyStore, RegistryLookup, validate_envelope
 
 MAX_LOOKBACK = timedelta(days=30)
-
-
-
-def _triggers_record(triggers: Any) -> dict[str, Any]:
-    """The argument triggers part of a risk-overrides change record (absent when none)."""
-    return {"argument_triggers": [json_format.MessageToDict(t) for t in triggers]} if triggers else {}
-
-
-def _stored_triggers(row: Any) -> dict[str, Any]:
-    return _triggers_record(policy_pb2.RiskOverrides.FromString(row.body).argument_triggers) if row.body else {}
-
-
-def _risk_summary(request: policy_pb2.SetRiskOverridesRequest) -> str:
-    summary = f"risk overrides: {len(request.overrides)} entries"
-    return summary + (f", {len(request.argument_triggers)} argument triggers" if request.argument_triggers else "")
-
-
-def _risk_overrides(tenant_id: str, row: Any) -> policy_pb2.RiskOverrides:
-    out = policy_pb2.RiskOverrides(tenant_id=tenant_id)
-    if row is not None:
-        out.MergeFromString(row.body)
-        out.tenant_id, out.revision, out.etag = tenant_id, row.revision, str(row.revision)
-    return out
 
 
 class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
@@ -83,18 +48,8 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         self.store.scope_fields(p, env)
         await self.lookup.check_scope(current_api_key(), env.scope, env.scope_id)
 
-        async def write(s: AsyncSession) -> Any:
-            now = utcnow()
-            saved = await self.store.save(s, p, env, None, request.reason, now)
-            await check_scope_totals(s, p.tenant_id, saved)
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_POLICY_CREATED, target_type="policy_envelope",
-                                    target_id=saved.envelope_id, reason=request.reason,
-                                    summary=f"policy {saved.name} created at {policy_pb2.PolicyScope.Name(saved.scope)}",
-                                    after={"revision": saved.revision, "scope": saved.scope, "scope_id": saved.scope_id,
-                                           "mode": saved.mode})
-            return policy_pb2.CreatePolicyEnvelopeResponse(envelope=saved)
-
-        return await self._write("CreatePolicyEnvelope", request, policy_pb2.CreatePolicyEnvelopeResponse, write)
+        return await self._write("CreatePolicyEnvelope", request, policy_pb2.CreatePolicyEnvelopeResponse,
+                                 lambda s: self.store.create(s, p, env, request.reason))
 
     async def GetPolicyEnvelope(self, request: policy_pb2.GetPolicyEnvelopeRequest, context: Ctx) -> Any:
         v = Violations()
@@ -103,11 +58,8 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p = current_principal()
         p.require("policies:read")
 
-        async def read(s: AsyncSession) -> Any:
-            row = await self.store.get_row(s, p.tenant_id, request.envelope_id)
-            return policy_pb2.GetPolicyEnvelopeResponse(envelope=policy_pb2.PolicyEnvelope.FromString(row.body))
-
-        return await self.db.read(read)
+        envelope = await self.store.get_envelope(p.tenant_id, request.envelope_id)
+        return policy_pb2.GetPolicyEnvelopeResponse(envelope=envelope)
 
     async def ListPolicyEnvelopes(self, request: policy_pb2.ListPolicyEnvelopesRequest, context: Ctx) -> Any:
         check_common(request)
@@ -120,26 +72,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
                    "active": int(request.active) + 1 if request.HasField("active") else 0}
         after = pagination.decode_token(request.page_token, filters)
 
-        async def read(s: AsyncSession) -> Any:
-            m = models.PolicyEnvelope
-            q = select(m).where(m.tenant_id == p.tenant_id)
-            if request.scope:
-                q = q.where(m.scope == request.scope)
-            if request.scope_id:
-                q = q.where(m.scope_id == request.scope_id)
-            if request.mode:
-                q = q.where(m.mode == request.mode)
-            if request.HasField("active"):
-                q = q.where(m.active.is_(request.active))
-            if after is not None:
-                q = q.where(m.id > str(after))
-            rows = (await s.execute(q.order_by(m.id).limit(size + 1))).scalars().all()
-            page, more = pagination.split_page(rows, size)
-            return policy_pb2.ListPolicyEnvelopesResponse(
-                envelopes=[policy_pb2.PolicyEnvelope.FromString(r.body) for r in page],
-                next_page_token=pagination.encode_token(page[-1].id, filters) if more and page else "")
-
-        return await self.db.read(read)
+        return await self.store.list_envelopes(p.tenant_id, request, size, after, filters)
 
     async def _check_scope_filter(self, scope: int, scope_id: str) -> None:
         """NOT_FOUND unless `scope_id` names the caller's tenant or a project or version of it."""
@@ -163,28 +96,11 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p.require("policies:write")
         api_key = current_api_key()
 
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get_row(s, p.tenant_id, request.envelope.envelope_id, for_update=True)
-            self.store.check_etag(row, request.etag, required=True)
-            current = policy_pb2.PolicyEnvelope.FromString(row.body)
-            merged = self.store.apply_mask(current, request.envelope, request.update_mask)
-            validate_envelope(merged)
-            self.store.scope_fields(p, merged)
-            moved = (merged.scope, merged.scope_id) != (current.scope, current.scope_id)
-            if moved:
-                await self.lookup.check_scope(api_key, merged.scope, merged.scope_id)
-            saved = await self.store.save(s, p, merged, row, request.reason, utcnow())
-            await check_scope_totals(s, p.tenant_id, saved)
-            kind = CR.CHANGE_RECORD_TYPE_POLICY_ATTACHED if moved else CR.CHANGE_RECORD_TYPE_POLICY_UPDATED
-            await self.store.record(s, p, kind, target_type="policy_envelope", target_id=saved.envelope_id,
-                                    reason=request.reason, summary=f"policy {saved.name} revision {saved.revision}",
-                                    before={"revision": current.revision, "scope": current.scope,
-                                            "scope_id": current.scope_id, "active": current.active},
-                                    after={"revision": saved.revision, "scope": saved.scope,
-                                           "scope_id": saved.scope_id, "active": saved.active})
-            return policy_pb2.UpdatePolicyEnvelopeResponse(envelope=saved)
+        async def check_scope(scope: int, scope_id: str) -> None:
+            await self.lookup.check_scope(api_key, scope, scope_id)
 
-        return await self._write("UpdatePolicyEnvelope", request, policy_pb2.UpdatePolicyEnvelopeResponse, write)
+        return await self._write("UpdatePolicyEnvelope", request, policy_pb2.UpdatePolicyEnvelopeResponse,
+                                 lambda s: self.store.update(s, p, request, check_scope))
 
     async def DeactivatePolicyEnvelope(self, request: policy_pb2.DeactivatePolicyEnvelopeRequest, context: Ctx) -> Any:
         check_common(request)
@@ -194,27 +110,8 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p = current_principal()
         p.require("policies:write")
 
-        async def write(s: AsyncSession) -> Any:
-            row = await self.store.get_row(s, p.tenant_id, request.envelope_id, for_update=True)
-            self.store.check_etag(row, request.etag, required=False)
-            env = policy_pb2.PolicyEnvelope.FromString(row.body)
-            was_active = env.active
-            env.active = False
-            saved = await self.store.save(s, p, env, row, request.reason, utcnow())
-            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="policy_envelope",
-                                    target_id=saved.envelope_id, reason=request.reason,
-                                    summary=f"policy {saved.name} deactivated",
-                                    before={"active": was_active}, after={"active": False, "revision": saved.revision})
-            return policy_pb2.DeactivatePolicyEnvelopeResponse(envelope=saved)
-
-        return await self._write("DeactivatePolicyEnvelope", request,
-                                 policy_pb2.DeactivatePolicyEnvelopeResponse, write)
-
-    def _revision(self, row: models.PolicyEnvelopeRevision) -> policy_pb2.PolicyEnvelopeRevision:
-        return policy_pb2.PolicyEnvelopeRevision(
-            envelope_id=row.envelope_id, revision=row.revision,
-            envelope=policy_pb2.PolicyEnvelope.FromString(row.body), create_time=ts(row.created_at),
-            created_by=policy_pb2.PolicyEnvelope.FromString(row.body).updated_by, reason=row.reason)
+        return await self._write("DeactivatePolicyEnvelope", request, policy_pb2.DeactivatePolicyEnvelopeResponse,
+                                 lambda s: self.store.deactivate(s, p, request))
 
     async def GetPolicyEnvelopeRevision(self, request: policy_pb2.GetPolicyEnvelopeRevisionRequest, context: Ctx) -> Any:
         v = Violations()
@@ -225,18 +122,8 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p = current_principal()
         p.require("policies:read")
 
-        async def read(s: AsyncSession) -> Any:
-            r = models.PolicyEnvelopeRevision
-            row = (await s.execute(select(r).where(r.envelope_id == request.envelope_id,
-                                                   r.revision == request.revision,
-                                                   r.tenant_id == p.tenant_id))).scalar_one_or_none()
-            if row is None:
-                raise NotFound(f"policy envelope {request.envelope_id!r} has no revision {request.revision}",
-                               reason="POLICY_REVISION_NOT_FOUND",
-                               metadata={"envelope_id": request.envelope_id, "revision": str(request.revision)})
-            return policy_pb2.GetPolicyEnvelopeRevisionResponse(envelope_revision=self._revision(row))
-
-        return await self.db.read(read)
+        revision = await self.store.get_revision(p.tenant_id, request.envelope_id, request.revision)
+        return policy_pb2.GetPolicyEnvelopeRevisionResponse(envelope_revision=revision)
 
     async def ListPolicyEnvelopeRevisions(self, request: policy_pb2.ListPolicyEnvelopeRevisionsRequest, context: Ctx) -> Any:
         check_common(request)
@@ -249,22 +136,7 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         filters = {"envelope": request.envelope_id}
         after = pagination.decode_token(request.page_token, filters)
 
-        async def read(s: AsyncSession) -> Any:
-            await self.store.get_row(s, p.tenant_id, request.envelope_id)
-            r = models.PolicyEnvelopeRevision
-            q = select(r).where(r.envelope_id == request.envelope_id, r.tenant_id == p.tenant_id)
-            if after is not None:
-                if not isinstance(after, int):
-                    raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
-                                          violations=[FieldViolation("page_token", "is malformed")])
-                q = q.where(r.revision < after)
-            rows = (await s.execute(q.order_by(r.revision.desc()).limit(size + 1))).scalars().all()
-            page, more = pagination.split_page(rows, size)
-            return policy_pb2.ListPolicyEnvelopeRevisionsResponse(
-                envelope_revisions=[self._revision(row) for row in page],
-                next_page_token=pagination.encode_token(page[-1].revision, filters) if more and page else "")
-
-        return await self.db.read(read)
+        return await self.store.list_revisions(p.tenant_id, request.envelope_id, size, after, filters)
 
     async def GetEffectivePolicy(self, request: policy_pb2.GetEffectivePolicyRequest, context: Ctx) -> Any:
         kind = request.WhichOneof("agent")
@@ -313,22 +185,11 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         await self.lookup.check_scope(current_api_key(), candidate.scope, candidate.scope_id)
         tenant = await self.cache.tenant(p.tenant_id)
         if request.candidate.envelope_id:  # replaces an envelope of the caller's tenant
-            await self.db.read(lambda s: self.store.get_row(s, p.tenant_id, candidate.envelope_id))
+            await self.store.get_envelope(p.tenant_id, candidate.envelope_id)
         envelopes = [e for e in tenant.envelopes if e.id != candidate.envelope_id]
         envelopes.append(convert.envelope_to_engine(candidate))
 
-        async def read(s: AsyncSession) -> Any:
-            d = models.DecisionRecord
-            q = select(d.id, d.decided_at, d.instance_id, d.tool_name, d.decision, d.request, d.agent).where(
-                d.tenant_id == p.tenant_id, d.decided_at >= utcnow() - lookback, d.agent != b"")
-            # Only decisions of agents the candidate's scope covers.
-            if candidate.scope == policy_pb2.POLICY_SCOPE_PROJECT:
-                q = q.where(d.project_id == candidate.scope_id)
-            elif candidate.scope == policy_pb2.POLICY_SCOPE_VERSION:
-                q = q.where(d.version_id == candidate.scope_id)
-            return (await s.execute(q.order_by(d.decided_at.desc()).limit(limit + 1))).all()
-
-        rows = await self.db.read(read)
+        rows = await self.store.recent_decisions(p.tenant_id, candidate, lookback, limit + 1)
         return convert.simulate(rows[:limit], envelopes, tenant, truncated=len(rows) > limit)
 
     # operator controls
@@ -347,40 +208,15 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT:
             await self.lookup.check_scope(current_api_key(), policy_pb2.POLICY_SCOPE_PROJECT, scope_id)
 
-        async def write(s: AsyncSession) -> Any:
-            c = models.OperatorControl
-            row = (await s.execute(select(c).where(c.tenant_id == p.tenant_id, c.scope == request.scope,
-                                                   c.scope_id == scope_id).with_for_update())).scalar_one_or_none()
-            before = convert.control_mode_name(row.mode if row else None)
-            if row is None:
-                row = c(tenant_id=p.tenant_id, scope=request.scope, scope_id=scope_id, revision=0)
-                s.add(row)
-            else:
-                self.store.check_etag(row, request.etag, required=False)
-            row.mode, row.reason, row.updated_at = request.mode, request.reason, utcnow()
-            row.actor_type, row.actor_id, row.revision = actor_of(p).type, p.actor_id, row.revision + 1
-            await self.store.bump_epoch(s, p.tenant_id)
-            after = convert.control_mode_name(request.mode)
-            await self.store.record(
-                s, p, CR.CHANGE_RECORD_TYPE_EMERGENCY_PAUSE, target_type=(
-                    "tenant" if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT else "project"),
-                target_id=scope_id, reason=request.reason,
-                project_id=scope_id if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT else "",
-                summary=f"kill switch {before} → {after}", before={"mode": before}, after={"mode": after})
-            return policy_pb2.SetOperatorControlResponse(control=convert.control(row))
-
-        return await self._write("SetOperatorControl", request, policy_pb2.SetOperatorControlResponse, write)
+        return await self._write("SetOperatorControl", request, policy_pb2.SetOperatorControlResponse,
+                                 lambda s: self.store.set_operator_control(s, p, request, scope_id))
 
     async def GetRiskOverrides(self, request: policy_pb2.GetRiskOverridesRequest, context: Ctx) -> Any:
         p = current_principal()
         p.require("policies:read")
 
-        async def read(s: AsyncSession) -> Any:
-            row = (await s.execute(select(models.RiskOverrides).where(
-                models.RiskOverrides.tenant_id == p.tenant_id))).scalar_one_or_none()
-            return policy_pb2.GetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
-
-        return await self.db.read(read)
+        overrides = await self.store.get_risk_overrides(p.tenant_id)
+        return policy_pb2.GetRiskOverridesResponse(risk_overrides=overrides)
 
     async def SetRiskOverrides(self, request: policy_pb2.SetRiskOverridesRequest, context: Ctx) -> Any:
         check_common(request)
@@ -392,34 +228,8 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p = current_principal()
         p.require("policies:write")
 
-        async def write(s: AsyncSession) -> Any:
-            m = models.RiskOverrides
-            row = (await s.execute(select(m).where(m.tenant_id == p.tenant_id).with_for_update())).scalar_one_or_none()
-            if row is None:
-                if request.etag and request.etag != "0":
-                    raise Aborted(f"etag {request.etag!r} does not match the current 0; re-read and retry",
-                                  reason="ETAG_MISMATCH", metadata={"current_etag": "0"})
-                row = m(tenant_id=p.tenant_id, revision=0)
-                s.add(row)
-                before: list[dict[str, Any]] = []
-            else:
-                self.store.check_etag(row, request.etag, required=False)
-                before = [json_format.MessageToDict(o) for o in policy_pb2.RiskOverrides.FromString(row.body).overrides]
-            before_triggers = _stored_triggers(row)
-            row.body = policy_pb2.RiskOverrides(overrides=request.overrides,
-                                                argument_triggers=request.argument_triggers).SerializeToString()
-            row.revision, row.updated_at = row.revision + 1, utcnow()
-            await s.flush()
-            await self.store.bump_epoch(s, p.tenant_id)
-            await self.store.record(
-                s, p, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="risk_overrides", target_id=p.tenant_id,
-                reason=request.reason, summary=_risk_summary(request),
-                before={"overrides": before, **before_triggers},
-                after={"overrides": [json_format.MessageToDict(o) for o in request.overrides],
-                       **_triggers_record(request.argument_triggers)})
-            return policy_pb2.SetRiskOverridesResponse(risk_overrides=_risk_overrides(p.tenant_id, row))
-
-        return await self._write("SetRiskOverrides", request, policy_pb2.SetRiskOverridesResponse, write)
+        return await self._write("SetRiskOverrides", request, policy_pb2.SetRiskOverridesResponse,
+                                 lambda s: self.store.set_risk_overrides(s, p, request))
 
     async def GetOperatorControl(self, request: policy_pb2.GetOperatorControlRequest, context: Ctx) -> Any:
         v = Violations()
@@ -431,15 +241,9 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         p.require("policies:read")
         scope_id = self.store.control_key(p, request.scope, request.scope_id)
 
-        async def read(s: AsyncSession) -> Any:
-            c = models.OperatorControl
-            row = (await s.execute(select(c).where(c.tenant_id == p.tenant_id, c.scope == request.scope,
-                                                   c.scope_id == scope_id))).scalar_one_or_none()
-            return None if row is None else policy_pb2.GetOperatorControlResponse(control=convert.control(row))
-
-        found = await self.db.read(read)
+        found = await self.store.get_operator_control(p.tenant_id, request.scope, scope_id)
         if found is not None:
-            return found
+            return policy_pb2.GetOperatorControlResponse(control=found)
         if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT:
             # No control set: the default answers only for a project of the caller's tenant.
             await self.lookup.check_scope(current_api_key(), policy_pb2.POLICY_SCOPE_PROJECT, scope_id)
@@ -455,20 +259,4 @@ class PolicyServicer(Writes, policy_pb2_grpc.PolicyServiceServicer):
         filters = {"mode": request.mode}
         after = pagination.decode_token(request.page_token, filters)
 
-        async def read(s: AsyncSession) -> Any:
-            c = models.OperatorControl
-            q = select(c).where(c.tenant_id == p.tenant_id)
-            if request.mode:
-                q = q.where(c.mode == request.mode)
-            if after is not None:
-                if not (isinstance(after, list) and len(after) == 2):
-                    raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
-                                          violations=[FieldViolation("page_token", "is malformed")])
-                q = q.where((c.scope > after[0]) | ((c.scope == after[0]) & (c.scope_id > str(after[1]))))
-            rows = (await s.execute(q.order_by(c.scope, c.scope_id).limit(size + 1))).scalars().all()
-            page, more = pagination.split_page(rows, size)
-            token = pagination.encode_token([page[-1].scope, page[-1].scope_id], filters) if more and page else ""
-            return policy_pb2.ListOperatorControlsResponse(controls=[convert.control(r) for r in page],
-                                                           next_page_token=token)
-
-        return await self.db.read(read)
+        return await self.store.list_operator_controls(p.tenant_id, request.mode, size, after, filters)

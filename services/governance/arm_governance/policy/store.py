@@ -5,11 +5,12 @@ drops its compiled policies for that tenant when the write commits."""
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, json_format
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -18,10 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import policy_pb2
 from arm.registry.v1 import agents_pb2, agents_pb2_grpc, tenancy_pb2, tenancy_pb2_grpc
+from arm_common import pagination
 from arm_common import validation as val
 from arm_common.auth import Principal, actor_of
 from arm_common.change_records import change_record
-from arm_common.db import is_unique_violation
+from arm_common.db import Database, is_unique_violation
 from arm_common.errors import (
     Aborted,
     AlreadyExists,
@@ -35,7 +37,8 @@ from arm_common.ids import new_id
 from arm_common.messages import ts
 from arm_common.notify import ChangeChannel
 from arm_common.outbox import TOPIC_CHANGE_RECORD, enqueue
-from arm_governance import models
+from arm_common.tables import utcnow
+from arm_governance import convert, models
 from arm_governance.approvals.rules import RISK_LEVELS
 from arm_governance.models import OUTBOX
 from arm_governance.policy import limits
@@ -118,8 +121,45 @@ class RegistryLookup:
 
 
 class PolicyStore:
-    def __init__(self, changes: ChangeChannel) -> None:
+    """Envelopes, revisions, operator controls and risk overrides of a tenant. The reads own their
+    session; the writes take the session of the caller's idempotent write (`edge.Writes`), and
+    private `_x(s, ...)` methods are what both combine."""
+
+    def __init__(self, db: Database, changes: ChangeChannel) -> None:
+        self.db = db
         self.changes = changes
+
+    # reads: each owns its session
+
+    async def get_envelope(self, tenant_id: str, envelope_id: str) -> policy_pb2.PolicyEnvelope:
+        return await self.db.read(lambda s: self._get_envelope(s, tenant_id, envelope_id))
+
+    async def list_envelopes(self, tenant_id: str, request: policy_pb2.ListPolicyEnvelopesRequest, size: int,
+                             after: Any, filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopesResponse:
+        return await self.db.read(lambda s: self._list_envelopes(s, tenant_id, request, size, after, filters))
+
+    async def get_revision(self, tenant_id: str, envelope_id: str, revision: int) -> policy_pb2.PolicyEnvelopeRevision:
+        return await self.db.read(lambda s: self._get_revision(s, tenant_id, envelope_id, revision))
+
+    async def list_revisions(self, tenant_id: str, envelope_id: str, size: int, after: Any,
+                             filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopeRevisionsResponse:
+        return await self.db.read(lambda s: self._list_revisions(s, tenant_id, envelope_id, size, after, filters))
+
+    async def recent_decisions(self, tenant_id: str, candidate: policy_pb2.PolicyEnvelope, lookback: timedelta,
+                               limit: int) -> list[Any]:
+        return await self.db.read(lambda s: self._recent_decisions(s, tenant_id, candidate, lookback, limit))
+
+    async def get_risk_overrides(self, tenant_id: str) -> policy_pb2.RiskOverrides:
+        return await self.db.read(lambda s: self._get_risk_overrides(s, tenant_id))
+
+    async def get_operator_control(self, tenant_id: str, scope: int, scope_id: str) -> policy_pb2.OperatorControl | None:
+        return await self.db.read(lambda s: self._get_operator_control(s, tenant_id, scope, scope_id))
+
+    async def list_operator_controls(self, tenant_id: str, mode: int, size: int, after: Any,
+                                     filters: dict[str, Any]) -> policy_pb2.ListOperatorControlsResponse:
+        return await self.db.read(lambda s: self._list_operator_controls(s, tenant_id, mode, size, after, filters))
+
+    # writes and what they combine: each takes the caller's session
 
     async def bump_epoch(self, s: AsyncSession, tenant_id: str) -> int:
         # Insert-if-missing first, so two first writers of a tenant cannot both insert the row
@@ -145,7 +185,7 @@ class PolicyStore:
         await enqueue(s, OUTBOX, topic=TOPIC_CHANGE_RECORD, tenant_id=rec.tenant_id,
                       message_id=rec.record_id, message=rec)
 
-    async def get_row(self, s: AsyncSession, tenant_id: str, envelope_id: str, *,
+    async def _get_row(self, s: AsyncSession, tenant_id: str, envelope_id: str, *,
                       for_update: bool = False) -> models.PolicyEnvelope:
         q = select(models.PolicyEnvelope).where(models.PolicyEnvelope.id == envelope_id,
                                                 models.PolicyEnvelope.tenant_id == tenant_id)
@@ -155,6 +195,13 @@ class PolicyStore:
         if row is None:
             raise NotFound.of("policy_envelope", envelope_id)
         return row
+
+    @staticmethod
+    async def check_exists(s: AsyncSession, tenant_id: str, envelope_id: str) -> None:
+        """NOT_FOUND unless the envelope is one of the tenant's (its body is not read)."""
+        e = models.PolicyEnvelope
+        if (await s.execute(select(e.id).where(e.id == envelope_id, e.tenant_id == tenant_id))).first() is None:
+            raise NotFound.of("policy_envelope", envelope_id)
 
     async def save(self, s: AsyncSession, principal: Principal, env: policy_pb2.PolicyEnvelope,
                    row: models.PolicyEnvelope | None, reason: str, now: datetime) -> policy_pb2.PolicyEnvelope:
@@ -247,3 +294,238 @@ class PolicyStore:
                 raise NotFound.of("tenant", scope_id)
             return principal.tenant_id
         return scope_id
+
+    # envelopes
+
+    async def create(self, s: AsyncSession, principal: Principal, envelope: policy_pb2.PolicyEnvelope,
+                     reason: str) -> policy_pb2.CreatePolicyEnvelopeResponse:
+        saved = await self.save(s, principal, envelope, None, reason, utcnow())
+        await check_scope_totals(s, principal.tenant_id, saved)
+        await self.record(s, principal, CR.CHANGE_RECORD_TYPE_POLICY_CREATED, target_type="policy_envelope",
+                          target_id=saved.envelope_id, reason=reason,
+                          summary=f"policy {saved.name} created at {policy_pb2.PolicyScope.Name(saved.scope)}",
+                          after={"revision": saved.revision, "scope": saved.scope, "scope_id": saved.scope_id,
+                                 "mode": saved.mode})
+        return policy_pb2.CreatePolicyEnvelopeResponse(envelope=saved)
+
+    async def _get_envelope(self, s: AsyncSession, tenant_id: str, envelope_id: str) -> policy_pb2.PolicyEnvelope:
+        return policy_pb2.PolicyEnvelope.FromString((await self._get_row(s, tenant_id, envelope_id)).body)
+
+    @staticmethod
+    async def _list_envelopes(s: AsyncSession, tenant_id: str, request: policy_pb2.ListPolicyEnvelopesRequest,
+                             size: int, after: Any, filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopesResponse:
+        m = models.PolicyEnvelope
+        q = select(m).where(m.tenant_id == tenant_id)
+        if request.scope:
+            q = q.where(m.scope == request.scope)
+        if request.scope_id:
+            q = q.where(m.scope_id == request.scope_id)
+        if request.mode:
+            q = q.where(m.mode == request.mode)
+        if request.HasField("active"):
+            q = q.where(m.active.is_(request.active))
+        if after is not None:
+            q = q.where(m.id > str(after))
+        rows = (await s.execute(q.order_by(m.id).limit(size + 1))).scalars().all()
+        page, more = pagination.split_page(rows, size)
+        return policy_pb2.ListPolicyEnvelopesResponse(
+            envelopes=[policy_pb2.PolicyEnvelope.FromString(r.body) for r in page],
+            next_page_token=pagination.encode_token(page[-1].id, filters) if more and page else "")
+
+    async def update(self, s: AsyncSession, principal: Principal, request: policy_pb2.UpdatePolicyEnvelopeRequest,
+                     check_scope: Callable[[int, str], Awaitable[None]]) -> policy_pb2.UpdatePolicyEnvelopeResponse:
+        """The envelope with `request`'s mask applied; `check_scope` checks a new scope id."""
+        row = await self._get_row(s, principal.tenant_id, request.envelope.envelope_id, for_update=True)
+        self.check_etag(row, request.etag, required=True)
+        current = policy_pb2.PolicyEnvelope.FromString(row.body)
+        merged = self.apply_mask(current, request.envelope, request.update_mask)
+        validate_envelope(merged)
+        self.scope_fields(principal, merged)
+        moved = (merged.scope, merged.scope_id) != (current.scope, current.scope_id)
+        if moved:
+            await check_scope(merged.scope, merged.scope_id)
+        saved = await self.save(s, principal, merged, row, request.reason, utcnow())
+        await check_scope_totals(s, principal.tenant_id, saved)
+        kind = CR.CHANGE_RECORD_TYPE_POLICY_ATTACHED if moved else CR.CHANGE_RECORD_TYPE_POLICY_UPDATED
+        await self.record(s, principal, kind, target_type="policy_envelope", target_id=saved.envelope_id,
+                          reason=request.reason, summary=f"policy {saved.name} revision {saved.revision}",
+                          before={"revision": current.revision, "scope": current.scope,
+                                  "scope_id": current.scope_id, "active": current.active},
+                          after={"revision": saved.revision, "scope": saved.scope,
+                                 "scope_id": saved.scope_id, "active": saved.active})
+        return policy_pb2.UpdatePolicyEnvelopeResponse(envelope=saved)
+
+    async def deactivate(self, s: AsyncSession, principal: Principal,
+                         request: policy_pb2.DeactivatePolicyEnvelopeRequest) -> policy_pb2.DeactivatePolicyEnvelopeResponse:
+        row = await self._get_row(s, principal.tenant_id, request.envelope_id, for_update=True)
+        self.check_etag(row, request.etag, required=False)
+        env = policy_pb2.PolicyEnvelope.FromString(row.body)
+        was_active = env.active
+        env.active = False
+        saved = await self.save(s, principal, env, row, request.reason, utcnow())
+        await self.record(s, principal, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="policy_envelope",
+                          target_id=saved.envelope_id, reason=request.reason,
+                          summary=f"policy {saved.name} deactivated",
+                          before={"active": was_active}, after={"active": False, "revision": saved.revision})
+        return policy_pb2.DeactivatePolicyEnvelopeResponse(envelope=saved)
+
+    # revisions
+
+    @staticmethod
+    def _revision(row: models.PolicyEnvelopeRevision) -> policy_pb2.PolicyEnvelopeRevision:
+        return policy_pb2.PolicyEnvelopeRevision(
+            envelope_id=row.envelope_id, revision=row.revision,
+            envelope=policy_pb2.PolicyEnvelope.FromString(row.body), create_time=ts(row.created_at),
+            created_by=policy_pb2.PolicyEnvelope.FromString(row.body).updated_by, reason=row.reason)
+
+    async def _get_revision(self, s: AsyncSession, tenant_id: str, envelope_id: str,
+                           revision: int) -> policy_pb2.PolicyEnvelopeRevision:
+        r = models.PolicyEnvelopeRevision
+        row = (await s.execute(select(r).where(r.envelope_id == envelope_id, r.revision == revision,
+                                               r.tenant_id == tenant_id))).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"policy envelope {envelope_id!r} has no revision {revision}",
+                           reason="POLICY_REVISION_NOT_FOUND",
+                           metadata={"envelope_id": envelope_id, "revision": str(revision)})
+        return self._revision(row)
+
+    async def _list_revisions(self, s: AsyncSession, tenant_id: str, envelope_id: str, size: int, after: Any,
+                             filters: dict[str, Any]) -> policy_pb2.ListPolicyEnvelopeRevisionsResponse:
+        await self._get_row(s, tenant_id, envelope_id)
+        r = models.PolicyEnvelopeRevision
+        q = select(r).where(r.envelope_id == envelope_id, r.tenant_id == tenant_id)
+        if after is not None:
+            if not isinstance(after, int):
+                raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
+                                      violations=[FieldViolation("page_token", "is malformed")])
+            q = q.where(r.revision < after)
+        rows = (await s.execute(q.order_by(r.revision.desc()).limit(size + 1))).scalars().all()
+        page, more = pagination.split_page(rows, size)
+        return policy_pb2.ListPolicyEnvelopeRevisionsResponse(
+            envelope_revisions=[self._revision(row) for row in page],
+            next_page_token=pagination.encode_token(page[-1].revision, filters) if more and page else "")
+
+    @staticmethod
+    async def _recent_decisions(s: AsyncSession, tenant_id: str, candidate: policy_pb2.PolicyEnvelope,
+                               lookback: timedelta, limit: int) -> list[Any]:
+        """Up to `limit` decisions of the last `lookback`, newest first, of agents the candidate's
+        scope covers (the rows a simulation replays)."""
+        d = models.DecisionRecord
+        q = select(d.id, d.decided_at, d.instance_id, d.tool_name, d.decision, d.request, d.agent).where(
+            d.tenant_id == tenant_id, d.decided_at >= utcnow() - lookback, d.agent != b"")
+        if candidate.scope == policy_pb2.POLICY_SCOPE_PROJECT:
+            q = q.where(d.project_id == candidate.scope_id)
+        elif candidate.scope == policy_pb2.POLICY_SCOPE_VERSION:
+            q = q.where(d.version_id == candidate.scope_id)
+        return list((await s.execute(q.order_by(d.decided_at.desc()).limit(limit))).all())
+
+    # operator controls
+
+    async def set_operator_control(self, s: AsyncSession, principal: Principal,
+                                   request: policy_pb2.SetOperatorControlRequest,
+                                   scope_id: str) -> policy_pb2.SetOperatorControlResponse:
+        c = models.OperatorControl
+        row = (await s.execute(select(c).where(c.tenant_id == principal.tenant_id, c.scope == request.scope,
+                                               c.scope_id == scope_id).with_for_update())).scalar_one_or_none()
+        before = convert.control_mode_name(row.mode if row else None)
+        if row is None:
+            row = c(tenant_id=principal.tenant_id, scope=request.scope, scope_id=scope_id, revision=0)
+            s.add(row)
+        else:
+            self.check_etag(row, request.etag, required=False)
+        row.mode, row.reason, row.updated_at = request.mode, request.reason, utcnow()
+        row.actor_type, row.actor_id, row.revision = actor_of(principal).type, principal.actor_id, row.revision + 1
+        await self.bump_epoch(s, principal.tenant_id)
+        after = convert.control_mode_name(request.mode)
+        await self.record(
+            s, principal, CR.CHANGE_RECORD_TYPE_EMERGENCY_PAUSE, target_type=(
+                "tenant" if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT else "project"),
+            target_id=scope_id, reason=request.reason,
+            project_id=scope_id if request.scope == policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT else "",
+            summary=f"kill switch {before} → {after}", before={"mode": before}, after={"mode": after})
+        return policy_pb2.SetOperatorControlResponse(control=convert.control(row))
+
+    @staticmethod
+    async def _get_operator_control(s: AsyncSession, tenant_id: str, scope: int,
+                                   scope_id: str) -> policy_pb2.OperatorControl | None:
+        """The control set at (scope, scope_id), None when none is."""
+        c = models.OperatorControl
+        row = (await s.execute(select(c).where(c.tenant_id == tenant_id, c.scope == scope,
+                                               c.scope_id == scope_id))).scalar_one_or_none()
+        return None if row is None else convert.control(row)
+
+    @staticmethod
+    async def _list_operator_controls(s: AsyncSession, tenant_id: str, mode: int, size: int, after: Any,
+                                     filters: dict[str, Any]) -> policy_pb2.ListOperatorControlsResponse:
+        c = models.OperatorControl
+        q = select(c).where(c.tenant_id == tenant_id)
+        if mode:
+            q = q.where(c.mode == mode)
+        if after is not None:
+            if not (isinstance(after, list) and len(after) == 2):
+                raise InvalidArgument("page_token is malformed", reason="INVALID_PAGE_TOKEN",
+                                      violations=[FieldViolation("page_token", "is malformed")])
+            q = q.where((c.scope > after[0]) | ((c.scope == after[0]) & (c.scope_id > str(after[1]))))
+        rows = (await s.execute(q.order_by(c.scope, c.scope_id).limit(size + 1))).scalars().all()
+        page, more = pagination.split_page(rows, size)
+        token = pagination.encode_token([page[-1].scope, page[-1].scope_id], filters) if more and page else ""
+        return policy_pb2.ListOperatorControlsResponse(controls=[convert.control(r) for r in page],
+                                                       next_page_token=token)
+
+    # risk overrides
+
+    @staticmethod
+    async def _get_risk_overrides(s: AsyncSession, tenant_id: str) -> policy_pb2.RiskOverrides:
+        row = (await s.execute(select(models.RiskOverrides).where(
+            models.RiskOverrides.tenant_id == tenant_id))).scalar_one_or_none()
+        return _risk_overrides(tenant_id, row)
+
+    async def set_risk_overrides(self, s: AsyncSession, principal: Principal,
+                                 request: policy_pb2.SetRiskOverridesRequest) -> policy_pb2.SetRiskOverridesResponse:
+        m = models.RiskOverrides
+        row = (await s.execute(select(m).where(m.tenant_id == principal.tenant_id).with_for_update())).scalar_one_or_none()
+        if row is None:
+            if request.etag and request.etag != "0":
+                raise Aborted(f"etag {request.etag!r} does not match the current 0; re-read and retry",
+                              reason="ETAG_MISMATCH", metadata={"current_etag": "0"})
+            row = m(tenant_id=principal.tenant_id, revision=0)
+            s.add(row)
+            before: list[dict[str, Any]] = []
+        else:
+            self.check_etag(row, request.etag, required=False)
+            before = [json_format.MessageToDict(o) for o in policy_pb2.RiskOverrides.FromString(row.body).overrides]
+        before_triggers = _stored_triggers(row)
+        row.body = policy_pb2.RiskOverrides(overrides=request.overrides,
+                                            argument_triggers=request.argument_triggers).SerializeToString()
+        row.revision, row.updated_at = row.revision + 1, utcnow()
+        await s.flush()
+        await self.bump_epoch(s, principal.tenant_id)
+        await self.record(
+            s, principal, CR.CHANGE_RECORD_TYPE_POLICY_UPDATED, target_type="risk_overrides",
+            target_id=principal.tenant_id, reason=request.reason, summary=_risk_summary(request),
+            before={"overrides": before, **before_triggers},
+            after={"overrides": [json_format.MessageToDict(o) for o in request.overrides],
+                   **_triggers_record(request.argument_triggers)})
+        return policy_pb2.SetRiskOverridesResponse(risk_overrides=_risk_overrides(principal.tenant_id, row))
+
+
+def _triggers_record(triggers: Any) -> dict[str, Any]:
+    """The argument triggers part of a risk-overrides change record (absent when none)."""
+    return {"argument_triggers": [json_format.MessageToDict(t) for t in triggers]} if triggers else {}
+
+
+def _stored_triggers(row: Any) -> dict[str, Any]:
+    return _triggers_record(policy_pb2.RiskOverrides.FromString(row.body).argument_triggers) if row.body else {}
+
+
+def _risk_summary(request: policy_pb2.SetRiskOverridesRequest) -> str:
+    summary = f"risk overrides: {len(request.overrides)} entries"
+    return summary + (f", {len(request.argument_triggers)} argument triggers" if request.argument_triggers else "")
+
+
+def _risk_overrides(tenant_id: str, row: Any) -> policy_pb2.RiskOverrides:
+    out = policy_pb2.RiskOverrides(tenant_id=tenant_id)
+    if row is not None:
+        out.MergeFromString(row.body)
+        out.tenant_id, out.revision, out.etag = tenant_id, row.revision, str(row.revision)
+    return out

@@ -23,66 +23,73 @@ _sym_db = _symbol_database.Default()
 
 
 from arm.common.v1 import common_pb2 as arm_dot_common_dot_v1_dot_common__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61rm/governance/v1/audit.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x01\n\x0f\x41uditCheckpoint\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12-\n\tsign_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x11\n\ttree_root\x18\x07 \x01(\t\"\x8a\x02\n\x12\x43hangeRecordFilter\x12.\n\x05types\x18\x01 \x03(\x0e\x32\x1f.arm.common.v1.ChangeRecordType\x12\x13\n\x0btarget_type\x18\x02 \x01(\t\x12\x11\n\ttarget_id\x18\x03 \x01(\t\x12,\n\nactor_type\x18\x04 \x01(\x0e\x32\x18.arm.common.v1.ActorType\x12\x10\n\x08\x61\x63tor_id\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x1a\x41ppendChangeRecordsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x07records\x18\x02 \x03(\x0b\x32\x1b.arm.common.v1.ChangeRecord\"\x9f\x01\n\x18\x41ppendChangeRecordResult\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.arm.governance.v1.AppendStatus\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"[\n\x1b\x41ppendChangeRecordsResponse\x12<\n\x07results\x18\x01 \x03(\x0b\x32+.arm.governance.v1.AppendChangeRecordResult\"+\n\x16GetChangeRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"F\n\x17GetChangeRecordResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.arm.common.v1.ChangeRecord\"\x8e\x01\n\x18ListChangeRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.arm.governance.v1.ChangeRecordFilter\x12\x14\n\x0cnewest_first\x18\x04 \x01(\x08\"b\n\x19ListChangeRecordsResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.arm.common.v1.ChangeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x12VerifyChainRequest\x12\x37\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\".arm.governance.v1.AuditCheckpoint\"\x82\x02\n\x13VerifyChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1d\n\x15\x66irst_broken_sequence\x18\x03 \x01(\x03\x12-\n\x06reason\x18\x04 \x01(\x0e\x32\x1d.arm.governance.v1.ChainBreak\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x15\n\rlast_sequence\x18\x06 \x01(\x03\x12\x11\n\tlast_hash\x18\x07 \x01(\t\x12\x1b\n\x13\x63heckpoints_checked\x18\x08 \x01(\x05\x12 \n\x18last_checkpoint_sequence\x18\t \x01(\x03\"S\n\x1a\x45xportChangeRecordsRequest\x12\x35\n\x06\x66ilter\x18\x01 \x01(\x0b\x32%.arm.governance.v1.ChangeRecordFilter\"A\n\x1b\x45xportChangeRecordsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0crecord_count\x18\x02 \x01(\x05\"\x19\n\x17\x43reateCheckpointRequest\"c\n\x18\x43reateCheckpointResponse\x12\x36\n\ncheckpoint\x18\x01 \x01(\x0b\x32\".arm.governance.v1.AuditCheckpoint\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"?\n\x16ListCheckpointsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x17ListCheckpointsResponse\x12\x37\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\".arm.governance.v1.AuditCheckpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\x19GetAuditSigningKeyRequest\"k\n\x1aGetAuditSigningKeyResponse\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x04 \x01(\t\"@\n\x18GetInclusionProofRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x03\"~\n\x19GetInclusionProofResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.arm.common.v1.ChangeRecord\x12\x12\n\nleaf_index\x18\x02 \x01(\x03\x12\x11\n\ttree_size\x18\x03 \x01(\x03\x12\r\n\x05proof\x18\x04 \x03(\t\"E\n\x1aGetConsistencyProofRequest\x12\x12\n\nfirst_size\x18\x01 \x01(\x03\x12\x13\n\x0bsecond_size\x18\x02 \x01(\x03\",\n\x1bGetConsistencyProofResponse\x12\r\n\x05proof\x18\x01 \x03(\t*\x82\x01\n\x0c\x41ppendStatus\x12\x1d\n\x19\x41PPEND_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PPEND_STATUS_APPENDED\x10\x01\x12\x1b\n\x17\x41PPEND_STATUS_DUPLICATE\x10\x02\x12\x1a\n\x16\x41PPEND_STATUS_REJECTED\x10\x03*\xd3\x01\n\nChainBreak\x12\x1b\n\x17\x43HAIN_BREAK_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HAIN_BREAK_HASH_MISMATCH\x10\x01\x12\"\n\x1e\x43HAIN_BREAK_PREV_HASH_MISMATCH\x10\x02\x12\x1c\n\x18\x43HAIN_BREAK_SEQUENCE_GAP\x10\x03\x12#\n\x1f\x43HAIN_BREAK_CHECKPOINT_MISMATCH\x10\x04\x12\"\n\x1e\x43HAIN_BREAK_CHECKPOINT_INVALID\x10\x05\x32\xe4\x08\n\x0c\x41uditService\x12t\n\x13\x41ppendChangeRecords\x12-.arm.governance.v1.AppendChangeRecordsRequest\x1a..arm.governance.v1.AppendChangeRecordsResponse\x12h\n\x0fGetChangeRecord\x12).arm.governance.v1.GetChangeRecordRequest\x1a*.arm.governance.v1.GetChangeRecordResponse\x12n\n\x11ListChangeRecords\x12+.arm.governance.v1.ListChangeRecordsRequest\x1a,.arm.governance.v1.ListChangeRecordsResponse\x12\\\n\x0bVerifyChain\x12%.arm.governance.v1.VerifyChainRequest\x1a&.arm.governance.v1.VerifyChainResponse\x12v\n\x13\x45xportChangeRecords\x12-.arm.governance.v1.ExportChangeRecordsRequest\x1a..arm.governance.v1.ExportChangeRecordsResponse0\x01\x12k\n\x10\x43reateCheckpoint\x12*.arm.governance.v1.CreateCheckpointRequest\x1a+.arm.governance.v1.CreateCheckpointResponse\x12h\n\x0fListCheckpoints\x12).arm.governance.v1.ListCheckpointsRequest\x1a*.arm.governance.v1.ListCheckpointsResponse\x12q\n\x12GetAuditSigningKey\x12,.arm.governance.v1.GetAuditSigningKeyRequest\x1a-.arm.governance.v1.GetAuditSigningKeyResponse\x12n\n\x11GetInclusionProof\x12+.arm.governance.v1.GetInclusionProofRequest\x1a,.arm.governance.v1.GetInclusionProofResponse\x12t\n\x13GetConsistencyProof\x12-.arm.governance.v1.GetConsistencyProofRequest\x1a..arm.governance.v1.GetConsistencyProofResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61rm/governance/v1/audit.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x01\n\x0f\x41uditCheckpoint\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12-\n\tsign_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x11\n\ttree_root\x18\x07 \x01(\t\"\x8a\x02\n\x12\x43hangeRecordFilter\x12.\n\x05types\x18\x01 \x03(\x0e\x32\x1f.arm.common.v1.ChangeRecordType\x12\x13\n\x0btarget_type\x18\x02 \x01(\t\x12\x11\n\ttarget_id\x18\x03 \x01(\t\x12,\n\nactor_type\x18\x04 \x01(\x0e\x32\x18.arm.common.v1.ActorType\x12\x10\n\x08\x61\x63tor_id\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x1a\x41ppendChangeRecordsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x07records\x18\x02 \x03(\x0b\x32\x1b.arm.common.v1.ChangeRecordB\x04\xe2\x41\x01\x02\"\x9f\x01\n\x18\x41ppendChangeRecordResult\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.arm.governance.v1.AppendStatus\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"[\n\x1b\x41ppendChangeRecordsResponse\x12<\n\x07results\x18\x01 \x03(\x0b\x32+.arm.governance.v1.AppendChangeRecordResult\"1\n\x16GetChangeRecordRequest\x12\x17\n\trecord_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x17GetChangeRecordResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.arm.common.v1.ChangeRecord\"\x8e\x01\n\x18ListChangeRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.arm.governance.v1.ChangeRecordFilter\x12\x14\n\x0cnewest_first\x18\x04 \x01(\x08\"b\n\x19ListChangeRecordsResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.arm.common.v1.ChangeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x12VerifyChainRequest\x12\x37\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\".arm.governance.v1.AuditCheckpoint\"\x82\x02\n\x13VerifyChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1d\n\x15\x66irst_broken_sequence\x18\x03 \x01(\x03\x12-\n\x06reason\x18\x04 \x01(\x0e\x32\x1d.arm.governance.v1.ChainBreak\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x15\n\rlast_sequence\x18\x06 \x01(\x03\x12\x11\n\tlast_hash\x18\x07 \x01(\t\x12\x1b\n\x13\x63heckpoints_checked\x18\x08 \x01(\x05\x12 \n\x18last_checkpoint_sequence\x18\t \x01(\x03\"S\n\x1a\x45xportChangeRecordsRequest\x12\x35\n\x06\x66ilter\x18\x01 \x01(\x0b\x32%.arm.governance.v1.ChangeRecordFilter\"A\n\x1b\x45xportChangeRecordsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0crecord_count\x18\x02 \x01(\x05\"\x19\n\x17\x43reateCheckpointRequest\"c\n\x18\x43reateCheckpointResponse\x12\x36\n\ncheckpoint\x18\x01 \x01(\x0b\x32\".arm.governance.v1.AuditCheckpoint\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"?\n\x16ListCheckpointsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x17ListCheckpointsResponse\x12\x37\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\".arm.governance.v1.AuditCheckpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\x19GetAuditSigningKeyRequest\"k\n\x1aGetAuditSigningKeyResponse\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x04 \x01(\t\"F\n\x18GetInclusionProofRequest\x12\x17\n\trecord_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\ttree_size\x18\x02 \x01(\x03\"~\n\x19GetInclusionProofResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.arm.common.v1.ChangeRecord\x12\x12\n\nleaf_index\x18\x02 \x01(\x03\x12\x11\n\ttree_size\x18\x03 \x01(\x03\x12\r\n\x05proof\x18\x04 \x03(\t\"E\n\x1aGetConsistencyProofRequest\x12\x12\n\nfirst_size\x18\x01 \x01(\x03\x12\x13\n\x0bsecond_size\x18\x02 \x01(\x03\",\n\x1bGetConsistencyProofResponse\x12\r\n\x05proof\x18\x01 \x03(\t*\x82\x01\n\x0c\x41ppendStatus\x12\x1d\n\x19\x41PPEND_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PPEND_STATUS_APPENDED\x10\x01\x12\x1b\n\x17\x41PPEND_STATUS_DUPLICATE\x10\x02\x12\x1a\n\x16\x41PPEND_STATUS_REJECTED\x10\x03*\xd3\x01\n\nChainBreak\x12\x1b\n\x17\x43HAIN_BREAK_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43HAIN_BREAK_HASH_MISMATCH\x10\x01\x12\"\n\x1e\x43HAIN_BREAK_PREV_HASH_MISMATCH\x10\x02\x12\x1c\n\x18\x43HAIN_BREAK_SEQUENCE_GAP\x10\x03\x12#\n\x1f\x43HAIN_BREAK_CHECKPOINT_MISMATCH\x10\x04\x12\"\n\x1e\x43HAIN_BREAK_CHECKPOINT_INVALID\x10\x05\x32\xe4\x08\n\x0c\x41uditService\x12t\n\x13\x41ppendChangeRecords\x12-.arm.governance.v1.AppendChangeRecordsRequest\x1a..arm.governance.v1.AppendChangeRecordsResponse\x12h\n\x0fGetChangeRecord\x12).arm.governance.v1.GetChangeRecordRequest\x1a*.arm.governance.v1.GetChangeRecordResponse\x12n\n\x11ListChangeRecords\x12+.arm.governance.v1.ListChangeRecordsRequest\x1a,.arm.governance.v1.ListChangeRecordsResponse\x12\\\n\x0bVerifyChain\x12%.arm.governance.v1.VerifyChainRequest\x1a&.arm.governance.v1.VerifyChainResponse\x12v\n\x13\x45xportChangeRecords\x12-.arm.governance.v1.ExportChangeRecordsRequest\x1a..arm.governance.v1.ExportChangeRecordsResponse0\x01\x12k\n\x10\x43reateCheckpoint\x12*.arm.governance.v1.CreateCheckpointRequest\x1a+.arm.governance.v1.CreateCheckpointResponse\x12h\n\x0fListCheckpoints\x12).arm.governance.v1.ListCheckpointsRequest\x1a*.arm.governance.v1.ListCheckpointsResponse\x12q\n\x12GetAuditSigningKey\x12,.arm.governance.v1.GetAuditSigningKeyRequest\x1a-.arm.governance.v1.GetAuditSigningKeyResponse\x12n\n\x11GetInclusionProof\x12+.arm.governance.v1.GetInclusionProofRequest\x1a,.arm.governance.v1.GetInclusionProofResponse\x12t\n\x13GetConsistencyProof\x12-.arm.governance.v1.GetConsistencyProofRequest\x1a..arm.governance.v1.GetConsistencyProofResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arm.governance.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APPENDSTATUS']._serialized_start=2516
-  _globals['_APPENDSTATUS']._serialized_end=2646
-  _globals['_CHAINBREAK']._serialized_start=2649
-  _globals['_CHAINBREAK']._serialized_end=2860
-  _globals['_AUDITCHECKPOINT']._serialized_start=114
-  _globals['_AUDITCHECKPOINT']._serialized_end=288
-  _globals['_CHANGERECORDFILTER']._serialized_start=291
-  _globals['_CHANGERECORDFILTER']._serialized_end=557
-  _globals['_APPENDCHANGERECORDSREQUEST']._serialized_start=559
-  _globals['_APPENDCHANGERECORDSREQUEST']._serialized_end=653
-  _globals['_APPENDCHANGERECORDRESULT']._serialized_start=656
-  _globals['_APPENDCHANGERECORDRESULT']._serialized_end=815
-  _globals['_APPENDCHANGERECORDSRESPONSE']._serialized_start=817
-  _globals['_APPENDCHANGERECORDSRESPONSE']._serialized_end=908
-  _globals['_GETCHANGERECORDREQUEST']._serialized_start=910
-  _globals['_GETCHANGERECORDREQUEST']._serialized_end=953
-  _globals['_GETCHANGERECORDRESPONSE']._serialized_start=955
-  _globals['_GETCHANGERECORDRESPONSE']._serialized_end=1025
-  _globals['_LISTCHANGERECORDSREQUEST']._serialized_start=1028
-  _globals['_LISTCHANGERECORDSREQUEST']._serialized_end=1170
-  _globals['_LISTCHANGERECORDSRESPONSE']._serialized_start=1172
-  _globals['_LISTCHANGERECORDSRESPONSE']._serialized_end=1270
-  _globals['_VERIFYCHAINREQUEST']._serialized_start=1272
-  _globals['_VERIFYCHAINREQUEST']._serialized_end=1349
-  _globals['_VERIFYCHAINRESPONSE']._serialized_start=1352
-  _globals['_VERIFYCHAINRESPONSE']._serialized_end=1610
-  _globals['_EXPORTCHANGERECORDSREQUEST']._serialized_start=1612
-  _globals['_EXPORTCHANGERECORDSREQUEST']._serialized_end=1695
-  _globals['_EXPORTCHANGERECORDSRESPONSE']._serialized_start=1697
-  _globals['_EXPORTCHANGERECORDSRESPONSE']._serialized_end=1762
-  _globals['_CREATECHECKPOINTREQUEST']._serialized_start=1764
-  _globals['_CREATECHECKPOINTREQUEST']._serialized_end=1789
-  _globals['_CREATECHECKPOINTRESPONSE']._serialized_start=1791
-  _globals['_CREATECHECKPOINTRESPONSE']._serialized_end=1890
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1892
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1955
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1957
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2064
-  _globals['_GETAUDITSIGNINGKEYREQUEST']._serialized_start=2066
-  _globals['_GETAUDITSIGNINGKEYREQUEST']._serialized_end=2093
-  _globals['_GETAUDITSIGNINGKEYRESPONSE']._serialized_start=2095
-  _globals['_GETAUDITSIGNINGKEYRESPONSE']._serialized_end=2202
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=2204
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=2268
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=2270
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=2396
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=2398
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=2467
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=2469
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=2513
-  _globals['_AUDITSERVICE']._serialized_start=2863
-  _globals['_AUDITSERVICE']._serialized_end=3987
+  _globals['_APPENDCHANGERECORDSREQUEST'].fields_by_name['records']._loaded_options = None
+  _globals['_APPENDCHANGERECORDSREQUEST'].fields_by_name['records']._serialized_options = b'\342A\001\002'
+  _globals['_GETCHANGERECORDREQUEST'].fields_by_name['record_id']._loaded_options = None
+  _globals['_GETCHANGERECORDREQUEST'].fields_by_name['record_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['record_id']._loaded_options = None
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['record_id']._serialized_options = b'\342A\001\002'
+  _globals['_APPENDSTATUS']._serialized_start=2567
+  _globals['_APPENDSTATUS']._serialized_end=2697
+  _globals['_CHAINBREAK']._serialized_start=2700
+  _globals['_CHAINBREAK']._serialized_end=2911
+  _globals['_AUDITCHECKPOINT']._serialized_start=147
+  _globals['_AUDITCHECKPOINT']._serialized_end=321
+  _globals['_CHANGERECORDFILTER']._serialized_start=324
+  _globals['_CHANGERECORDFILTER']._serialized_end=590
+  _globals['_APPENDCHANGERECORDSREQUEST']._serialized_start=592
+  _globals['_APPENDCHANGERECORDSREQUEST']._serialized_end=692
+  _globals['_APPENDCHANGERECORDRESULT']._serialized_start=695
+  _globals['_APPENDCHANGERECORDRESULT']._serialized_end=854
+  _globals['_APPENDCHANGERECORDSRESPONSE']._serialized_start=856
+  _globals['_APPENDCHANGERECORDSRESPONSE']._serialized_end=947
+  _globals['_GETCHANGERECORDREQUEST']._serialized_start=949
+  _globals['_GETCHANGERECORDREQUEST']._serialized_end=998
+  _globals['_GETCHANGERECORDRESPONSE']._serialized_start=1000
+  _globals['_GETCHANGERECORDRESPONSE']._serialized_end=1070
+  _globals['_LISTCHANGERECORDSREQUEST']._serialized_start=1073
+  _globals['_LISTCHANGERECORDSREQUEST']._serialized_end=1215
+  _globals['_LISTCHANGERECORDSRESPONSE']._serialized_start=1217
+  _globals['_LISTCHANGERECORDSRESPONSE']._serialized_end=1315
+  _globals['_VERIFYCHAINREQUEST']._serialized_start=1317
+  _globals['_VERIFYCHAINREQUEST']._serialized_end=1394
+  _globals['_VERIFYCHAINRESPONSE']._serialized_start=1397
+  _globals['_VERIFYCHAINRESPONSE']._serialized_end=1655
+  _globals['_EXPORTCHANGERECORDSREQUEST']._serialized_start=1657
+  _globals['_EXPORTCHANGERECORDSREQUEST']._serialized_end=1740
+  _globals['_EXPORTCHANGERECORDSRESPONSE']._serialized_start=1742
+  _globals['_EXPORTCHANGERECORDSRESPONSE']._serialized_end=1807
+  _globals['_CREATECHECKPOINTREQUEST']._serialized_start=1809
+  _globals['_CREATECHECKPOINTREQUEST']._serialized_end=1834
+  _globals['_CREATECHECKPOINTRESPONSE']._serialized_start=1836
+  _globals['_CREATECHECKPOINTRESPONSE']._serialized_end=1935
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1937
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2000
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=2002
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=2109
+  _globals['_GETAUDITSIGNINGKEYREQUEST']._serialized_start=2111
+  _globals['_GETAUDITSIGNINGKEYREQUEST']._serialized_end=2138
+  _globals['_GETAUDITSIGNINGKEYRESPONSE']._serialized_start=2140
+  _globals['_GETAUDITSIGNINGKEYRESPONSE']._serialized_end=2247
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=2249
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=2319
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=2321
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=2447
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=2449
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=2518
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=2520
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=2564
+  _globals['_AUDITSERVICE']._serialized_start=2914
+  _globals['_AUDITSERVICE']._serialized_end=4038
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#arm/governance/v1/deployments.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x05\n\nDeployment\x12\x1b\n\rdeployment_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x19\n\x11target_version_id\x18\x05 \x01(\t\x12!\n\x13previous_version_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x38\n\x0erollout_policy\x18\x07 \x01(\x0e\x32 .arm.governance.v1.RolloutPolicy\x12\x16\n\x0e\x63\x61nary_percent\x18\x08 \x01(\x05\x12\x12\n\nbatch_size\x18\t \x01(\x05\x12\x39\n\x06status\x18\n \x01(\x0e\x32#.arm.governance.v1.DeploymentStatusB\x04\xe2\x41\x01\x03\x12\x19\n\x0brollback_of\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x61pproval_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\ncreated_by\x18\r \x01(\x0b\x32\x14.arm.common.v1.ActorB\x04\xe2\x41\x01\x03\x12/\n\x0b\x61pproved_by\x18\x0e \x01(\x0b\x32\x14.arm.common.v1.ActorB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\ractivate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bretire_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\x13 \x01(\tB\x04\xe2\x41\x01\x03\"p\n\x17\x43reateDeploymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\ndeployment\x18\x02 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\x18\x43reateDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\"-\n\x14GetDeploymentRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"J\n\x15GetDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\"\xa3\x01\n\x16ListDeploymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x35\n\x08statuses\x18\x05 \x03(\x0e\x32#.arm.governance.v1.DeploymentStatus\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.arm.governance.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x19\x41\x63tivateDeploymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x8a\x01\n\x1a\x41\x63tivateDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\x12\x39\n\x12retired_deployment\x18\x02 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\"d\n\x19RollbackDeploymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xae\x01\n\x1aRollbackDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\x12=\n\x16rolled_back_deployment\x18\x02 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\x12\x1e\n\x16rebound_instance_count\x18\x03 \x01(\x05\"I\n\x1aGetActiveDeploymentRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\"P\n\x1bGetActiveDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment*\x86\x01\n\rRolloutPolicy\x12\x1e\n\x1aROLLOUT_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aROLLOUT_POLICY_ALL_AT_ONCE\x10\x01\x12\x19\n\x15ROLLOUT_POLICY_CANARY\x10\x02\x12\x1a\n\x16ROLLOUT_POLICY_ROLLING\x10\x03*\xb5\x01\n\x10\x44\x65ploymentStatus\x12!\n\x1d\x44\x45PLOYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45PLOYMENT_STATUS_PENDING\x10\x01\x12\x1c\n\x18\x44\x45PLOYMENT_STATUS_ACTIVE\x10\x02\x12\"\n\x1e\x44\x45PLOYMENT_STATUS_ROLLING_BACK\x10\x03\x12\x1d\n\x19\x44\x45PLOYMENT_STATUS_RETIRED\x10\x04\x32\xaa\x05\n\x11\x44\x65ploymentService\x12k\n\x10\x43reateDeployment\x12*.arm.governance.v1.CreateDeploymentRequest\x1a+.arm.governance.v1.CreateDeploymentResponse\x12\x62\n\rGetDeployment\x12\'.arm.governance.v1.GetDeploymentRequest\x1a(.arm.governance.v1.GetDeploymentResponse\x12h\n\x0fListDeployments\x12).arm.governance.v1.ListDeploymentsRequest\x1a*.arm.governance.v1.ListDeploymentsResponse\x12q\n\x12\x41\x63tivateDeployment\x12,.arm.governance.v1.ActivateDeploymentRequest\x1a-.arm.governance.v1.ActivateDeploymentResponse\x12q\n\x12RollbackDeployment\x12,.arm.governance.v1.RollbackDeploymentRequest\x1a-.arm.governance.v1.RollbackDeploymentResponse\x12t\n\x13GetActiveDeployment\x12-.arm.governance.v1.GetActiveDeploymentRequest\x1a..arm.governance.v1.GetActiveDeploymentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#arm/governance/v1/deployments.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x05\n\nDeployment\x12\x1b\n\rdeployment_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x19\n\x11target_version_id\x18\x05 \x01(\t\x12!\n\x13previous_version_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x38\n\x0erollout_policy\x18\x07 \x01(\x0e\x32 .arm.governance.v1.RolloutPolicy\x12\x16\n\x0e\x63\x61nary_percent\x18\x08 \x01(\x05\x12\x12\n\nbatch_size\x18\t \x01(\x05\x12\x39\n\x06status\x18\n \x01(\x0e\x32#.arm.governance.v1.DeploymentStatusB\x04\xe2\x41\x01\x03\x12\x19\n\x0brollback_of\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x61pproval_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\ncreated_by\x18\r \x01(\x0b\x32\x14.arm.common.v1.ActorB\x04\xe2\x41\x01\x03\x12/\n\x0b\x61pproved_by\x18\x0e \x01(\x0b\x32\x14.arm.common.v1.ActorB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x37\n\ractivate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bretire_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\x13 \x01(\tB\x04\xe2\x41\x01\x03\"v\n\x17\x43reateDeploymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x37\n\ndeployment\x18\x02 \x01(\x0b\x32\x1d.arm.governance.v1.DeploymentB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\x18\x43reateDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\"3\n\x14GetDeploymentRequest\x12\x1b\n\rdeployment_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"J\n\x15GetDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\"\xa3\x01\n\x16ListDeploymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x35\n\x08statuses\x18\x05 \x03(\x0e\x32#.arm.governance.v1.DeploymentStatus\"f\n\x17ListDeploymentsResponse\x12\x32\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1d.arm.governance.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x7f\n\x19\x41\x63tivateDeploymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\rdeployment_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x61pproval_id\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x8a\x01\n\x1a\x41\x63tivateDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\x12\x39\n\x12retired_deployment\x18\x02 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\"j\n\x19RollbackDeploymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\rdeployment_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xae\x01\n\x1aRollbackDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\x12=\n\x16rolled_back_deployment\x18\x02 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment\x12\x1e\n\x16rebound_instance_count\x18\x03 \x01(\x05\"U\n\x1aGetActiveDeploymentRequest\x12\x19\n\x0btemplate_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x65nvironment_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"P\n\x1bGetActiveDeploymentResponse\x12\x31\n\ndeployment\x18\x01 \x01(\x0b\x32\x1d.arm.governance.v1.Deployment*\x86\x01\n\rRolloutPolicy\x12\x1e\n\x1aROLLOUT_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aROLLOUT_POLICY_ALL_AT_ONCE\x10\x01\x12\x19\n\x15ROLLOUT_POLICY_CANARY\x10\x02\x12\x1a\n\x16ROLLOUT_POLICY_ROLLING\x10\x03*\xb5\x01\n\x10\x44\x65ploymentStatus\x12!\n\x1d\x44\x45PLOYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45PLOYMENT_STATUS_PENDING\x10\x01\x12\x1c\n\x18\x44\x45PLOYMENT_STATUS_ACTIVE\x10\x02\x12\"\n\x1e\x44\x45PLOYMENT_STATUS_ROLLING_BACK\x10\x03\x12\x1d\n\x19\x44\x45PLOYMENT_STATUS_RETIRED\x10\x04\x32\xaa\x05\n\x11\x44\x65ploymentService\x12k\n\x10\x43reateDeployment\x12*.arm.governance.v1.CreateDeploymentRequest\x1a+.arm.governance.v1.CreateDeploymentResponse\x12\x62\n\rGetDeployment\x12\'.arm.governance.v1.GetDeploymentRequest\x1a(.arm.governance.v1.GetDeploymentResponse\x12h\n\x0fListDeployments\x12).arm.governance.v1.ListDeploymentsRequest\x1a*.arm.governance.v1.ListDeploymentsResponse\x12q\n\x12\x41\x63tivateDeployment\x12,.arm.governance.v1.ActivateDeploymentRequest\x1a-.arm.governance.v1.ActivateDeploymentResponse\x12q\n\x12RollbackDeployment\x12,.arm.governance.v1.RollbackDeploymentRequest\x1a-.arm.governance.v1.RollbackDeploymentResponse\x12t\n\x13GetActiveDeployment\x12-.arm.governance.v1.GetActiveDeploymentRequest\x1a..arm.governance.v1.GetActiveDeploymentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,36 +60,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYMENT'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_DEPLOYMENT'].fields_by_name['etag']._loaded_options = None
   _globals['_DEPLOYMENT'].fields_by_name['etag']._serialized_options = b'\342A\001\003'
-  _globals['_ROLLOUTPOLICY']._serialized_start=2169
-  _globals['_ROLLOUTPOLICY']._serialized_end=2303
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=2306
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=2487
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['deployment']._loaded_options = None
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['deployment']._serialized_options = b'\342A\001\002'
+  _globals['_GETDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._loaded_options = None
+  _globals['_GETDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._serialized_options = b'\342A\001\002'
+  _globals['_ACTIVATEDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._loaded_options = None
+  _globals['_ACTIVATEDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._serialized_options = b'\342A\001\002'
+  _globals['_ROLLBACKDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._loaded_options = None
+  _globals['_ROLLBACKDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETACTIVEDEPLOYMENTREQUEST'].fields_by_name['template_id']._loaded_options = None
+  _globals['_GETACTIVEDEPLOYMENTREQUEST'].fields_by_name['template_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETACTIVEDEPLOYMENTREQUEST'].fields_by_name['environment_id']._loaded_options = None
+  _globals['_GETACTIVEDEPLOYMENTREQUEST'].fields_by_name['environment_id']._serialized_options = b'\342A\001\002'
+  _globals['_ROLLOUTPOLICY']._serialized_start=2205
+  _globals['_ROLLOUTPOLICY']._serialized_end=2339
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=2342
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=2523
   _globals['_DEPLOYMENT']._serialized_start=153
   _globals['_DEPLOYMENT']._serialized_end=880
   _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=882
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=994
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=996
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1073
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1075
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1120
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1122
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1196
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1199
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1362
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1364
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1466
-  _globals['_ACTIVATEDEPLOYMENTREQUEST']._serialized_start=1468
-  _globals['_ACTIVATEDEPLOYMENTREQUEST']._serialized_end=1589
-  _globals['_ACTIVATEDEPLOYMENTRESPONSE']._serialized_start=1592
-  _globals['_ACTIVATEDEPLOYMENTRESPONSE']._serialized_end=1730
-  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_start=1732
-  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_end=1832
-  _globals['_ROLLBACKDEPLOYMENTRESPONSE']._serialized_start=1835
-  _globals['_ROLLBACKDEPLOYMENTRESPONSE']._serialized_end=2009
-  _globals['_GETACTIVEDEPLOYMENTREQUEST']._serialized_start=2011
-  _globals['_GETACTIVEDEPLOYMENTREQUEST']._serialized_end=2084
-  _globals['_GETACTIVEDEPLOYMENTRESPONSE']._serialized_start=2086
-  _globals['_GETACTIVEDEPLOYMENTRESPONSE']._serialized_end=2166
-  _globals['_DEPLOYMENTSERVICE']._serialized_start=2490
-  _globals['_DEPLOYMENTSERVICE']._serialized_end=3172
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=1000
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=1002
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1079
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1081
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1132
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1134
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1208
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1211
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1374
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1376
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1478
+  _globals['_ACTIVATEDEPLOYMENTREQUEST']._serialized_start=1480
+  _globals['_ACTIVATEDEPLOYMENTREQUEST']._serialized_end=1607
+  _globals['_ACTIVATEDEPLOYMENTRESPONSE']._serialized_start=1610
+  _globals['_ACTIVATEDEPLOYMENTRESPONSE']._serialized_end=1748
+  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_start=1750
+  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_end=1856
+  _globals['_ROLLBACKDEPLOYMENTRESPONSE']._serialized_start=1859
+  _globals['_ROLLBACKDEPLOYMENTRESPONSE']._serialized_end=2033
+  _globals['_GETACTIVEDEPLOYMENTREQUEST']._serialized_start=2035
+  _globals['_GETACTIVEDEPLOYMENTREQUEST']._serialized_end=2120
+  _globals['_GETACTIVEDEPLOYMENTRESPONSE']._serialized_start=2122
+  _globals['_GETACTIVEDEPLOYMENTRESPONSE']._serialized_end=2202
+  _globals['_DEPLOYMENTSERVICE']._serialized_start=2526
+  _globals['_DEPLOYMENTSERVICE']._serialized_end=3208
 # @@protoc_insertion_point(module_scope)

@@ -1315,7 +1315,9 @@ class SetOperatorControlRequest(_message.Message):
     scope: Global___OperatorControlScope.ValueType
     """Tenant or project."""
     scope_id: _builtins.str
-    """Project id for PROJECT scope; for TENANT scope empty or the caller's tenant id."""
+    """Project id for PROJECT scope (required together with scope = PROJECT); for TENANT scope
+    empty or the caller's tenant id.
+    """
     mode: Global___OperatorControlMode.ValueType
     """New mode."""
     reason: _builtins.str
@@ -1375,7 +1377,7 @@ class GetOperatorControlRequest(_message.Message):
     scope: Global___OperatorControlScope.ValueType
     """Tenant or project."""
     scope_id: _builtins.str
-    """Project id for PROJECT scope (a project of the caller's tenant, NOT_FOUND otherwise, even
+    """Project id for PROJECT scope, required together with it (a project of the caller's tenant, NOT_FOUND otherwise, even
     when no control is set); for TENANT scope empty or the caller's tenant id.
     """
     def __init__(

@@ -27,19 +27,25 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61rm/telemetry/v1/events.proto\x12\x10\x61rm.telemetry.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x03\n\x07OpEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x04type\x18\x03 \x01(\x0e\x32\x1d.arm.telemetry.v1.OpEventType\x12.\n\noccur_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nproject_id\x18\x05 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x06 \x01(\t\x12\x13\n\x0btemplate_id\x18\x07 \x01(\t\x12\x12\n\nversion_id\x18\x08 \x01(\t\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\n \x01(\t\x12\x0e\n\x06run_id\x18\x0b \x01(\t\x12\x14\n\x0ctool_call_id\x18\x0c \x01(\t\x12\x0f\n\x07task_id\x18\r \x01(\t\x12\x17\n\x0fworkflow_run_id\x18\x0e \x01(\t\x12\x18\n\x10\x63hange_record_id\x18\x0f \x01(\t\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12(\n\x07payload\x18\x11 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x0creceive_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03*\xb2\x04\n\x0bOpEventType\x12\x1d\n\x19OP_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19OP_EVENT_TYPE_RUN_STARTED\x10\x01\x12\x1a\n\x16OP_EVENT_TYPE_RUN_STEP\x10\x02\x12\x1f\n\x1bOP_EVENT_TYPE_RUN_COMPLETED\x10\x03\x12\x1c\n\x18OP_EVENT_TYPE_RUN_FAILED\x10\x04\x12#\n\x1fOP_EVENT_TYPE_TOOL_CALL_STARTED\x10\x05\x12%\n!OP_EVENT_TYPE_TOOL_CALL_COMPLETED\x10\x06\x12#\n\x1fOP_EVENT_TYPE_TOOL_CALL_BLOCKED\x10\x07\x12\'\n#OP_EVENT_TYPE_WORKFLOW_STEP_STARTED\x10\x08\x12)\n%OP_EVENT_TYPE_WORKFLOW_STEP_COMPLETED\x10\t\x12&\n\"OP_EVENT_TYPE_WORKFLOW_STEP_FAILED\x10\n\x12\x1b\n\x17OP_EVENT_TYPE_HEARTBEAT\x10\x0b\x12\x1b\n\x17OP_EVENT_TYPE_COST_TICK\x10\x0c\x12\x1e\n\x1aOP_EVENT_TYPE_MESSAGE_SENT\x10\r\x12\x1f\n\x1bOP_EVENT_TYPE_DECISION_MADE\x10\x0e\x12\"\n\x1eOP_EVENT_TYPE_TOOL_CALL_FAILED\x10\x0f\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61rm/telemetry/v1/events.proto\x12\x10\x61rm.telemetry.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x04\n\x07OpEvent\x12\x16\n\x08\x65vent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x31\n\x04type\x18\x03 \x01(\x0e\x32\x1d.arm.telemetry.v1.OpEventTypeB\x04\xe2\x41\x01\x02\x12\x34\n\noccur_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x12\n\nproject_id\x18\x05 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x06 \x01(\t\x12\x13\n\x0btemplate_id\x18\x07 \x01(\t\x12\x12\n\nversion_id\x18\x08 \x01(\t\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\x17\n\x0flegacy_agent_id\x18\n \x01(\t\x12\x0e\n\x06run_id\x18\x0b \x01(\t\x12\x14\n\x0ctool_call_id\x18\x0c \x01(\t\x12\x0f\n\x07task_id\x18\r \x01(\t\x12\x17\n\x0fworkflow_run_id\x18\x0e \x01(\t\x12\x18\n\x10\x63hange_record_id\x18\x0f \x01(\t\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12(\n\x07payload\x18\x11 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x0creceive_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03*\xb2\x04\n\x0bOpEventType\x12\x1d\n\x19OP_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19OP_EVENT_TYPE_RUN_STARTED\x10\x01\x12\x1a\n\x16OP_EVENT_TYPE_RUN_STEP\x10\x02\x12\x1f\n\x1bOP_EVENT_TYPE_RUN_COMPLETED\x10\x03\x12\x1c\n\x18OP_EVENT_TYPE_RUN_FAILED\x10\x04\x12#\n\x1fOP_EVENT_TYPE_TOOL_CALL_STARTED\x10\x05\x12%\n!OP_EVENT_TYPE_TOOL_CALL_COMPLETED\x10\x06\x12#\n\x1fOP_EVENT_TYPE_TOOL_CALL_BLOCKED\x10\x07\x12\'\n#OP_EVENT_TYPE_WORKFLOW_STEP_STARTED\x10\x08\x12)\n%OP_EVENT_TYPE_WORKFLOW_STEP_COMPLETED\x10\t\x12&\n\"OP_EVENT_TYPE_WORKFLOW_STEP_FAILED\x10\n\x12\x1b\n\x17OP_EVENT_TYPE_HEARTBEAT\x10\x0b\x12\x1b\n\x17OP_EVENT_TYPE_COST_TICK\x10\x0c\x12\x1e\n\x1aOP_EVENT_TYPE_MESSAGE_SENT\x10\r\x12\x1f\n\x1bOP_EVENT_TYPE_DECISION_MADE\x10\x0e\x12\"\n\x1eOP_EVENT_TYPE_TOOL_CALL_FAILED\x10\x0f\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arm.telemetry.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_OPEVENT'].fields_by_name['event_id']._loaded_options = None
+  _globals['_OPEVENT'].fields_by_name['event_id']._serialized_options = b'\342A\001\002'
   _globals['_OPEVENT'].fields_by_name['tenant_id']._loaded_options = None
   _globals['_OPEVENT'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\003'
+  _globals['_OPEVENT'].fields_by_name['type']._loaded_options = None
+  _globals['_OPEVENT'].fields_by_name['type']._serialized_options = b'\342A\001\002'
+  _globals['_OPEVENT'].fields_by_name['occur_time']._loaded_options = None
+  _globals['_OPEVENT'].fields_by_name['occur_time']._serialized_options = b'\342A\001\002'
   _globals['_OPEVENT'].fields_by_name['receive_time']._loaded_options = None
   _globals['_OPEVENT'].fields_by_name['receive_time']._serialized_options = b'\342A\001\003'
-  _globals['_OPEVENTTYPE']._serialized_start=649
-  _globals['_OPEVENTTYPE']._serialized_end=1211
+  _globals['_OPEVENTTYPE']._serialized_start=667
+  _globals['_OPEVENTTYPE']._serialized_end=1229
   _globals['_OPEVENT']._serialized_start=148
-  _globals['_OPEVENT']._serialized_end=646
+  _globals['_OPEVENT']._serialized_end=664
 # @@protoc_insertion_point(module_scope)

@@ -108,7 +108,9 @@ class OpEvent(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     RECEIVE_TIME_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Client-generated unique id; the deduplication key."""
+    """Client-generated unique id; the deduplication key. An event without it (or without `type` or
+    `occur_time`) is rejected alone (MISSING_EVENT_ID, ...), the rest of the batch is stored.
+    """
     tenant_id: _builtins.str
     """Tenant; set from the caller's API key."""
     type: Global___OpEventType.ValueType
