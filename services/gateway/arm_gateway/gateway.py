@@ -43,7 +43,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx2
 import jsonschema
 import mcp_types as types
 import uvicorn
@@ -77,9 +76,6 @@ RECONNECT_WAIT_S = 30.0
 """How long a call waits for an upstream that is being reconnected before failing."""
 DENIED_TOOLS_BATCH = 500
 """Tools per ListDeniedTools request (governance's limit)."""
-SSE_DRAIN_S = 0.05
-"""How long closing an upstream's event-stream answer waits for the server to end it (see
-`_KeepAliveTransport`)."""
 
 
 def canonical(arguments: Mapping[str, Any] | None) -> str:
@@ -108,18 +104,11 @@ class Upstream:
     validators: dict[str, Any] = field(default_factory=dict)
     """Per tool, a JSON Schema validator of its input schema (None: the schema is unusable)."""
 
-    @contextlib.asynccontextmanager
-    async def transport(self) -> AsyncIterator[Any]:
+    def transport(self) -> contextlib.AbstractAsyncContextManager[Any]:
         uc = self.config
-        if not uc.url:
-            async with stdio_client(StdioServerParameters(command=uc.command, args=list(uc.args),
-                                                          env=uc.env or None)) as streams:
-                yield streams
-            return
-        # The SDK's timeouts (30 s, 300 s to read a stream), and connections kept for the next call.
-        async with httpx2.AsyncClient(timeout=httpx2.Timeout(30.0, read=300.0), transport=_KeepAliveTransport()) \
-                as client, streamable_http_client(uc.url, http_client=client) as streams:
-            yield streams
+        if uc.url:
+            return streamable_http_client(uc.url)
+        return stdio_client(StdioServerParameters(command=uc.command, args=list(uc.args), env=uc.env or None))
 
     async def keep_connected(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connects, and reconnects whenever a call marks the connection broken. The first
@@ -513,48 +502,6 @@ class _Server(Server[Any]):
                                       extensions: dict[str, dict[str, Any]] | None = None) -> InitializationOptions:
         return super().create_initialization_options(notification_options or NotificationOptions(tools_changed=True),
                                                      experimental_capabilities, extensions)
-
-
-class _KeepAliveTransport(httpx2.AsyncBaseTransport):
-    """httpx's transport, except that closing an event-stream answer first reads what is left
-    of it, for up to `SSE_DRAIN_S`. The SDK's client closes a POST's event stream as soon as the
-    response to its request has come, before the server's end of the stream: httpx then has to
-    drop the connection, so every upstream call (most MCP servers answer POSTs with an event
-    stream) opened a new TCP connection. The server ends such a stream right after the response,
-    so reading on to its end lets the connection serve the next call; this took about a third
-    of the gateway's CPU per call (bench/gateway.py). A stream still open after `SSE_DRAIN_S`
-    is closed as before."""
-
-    def __init__(self) -> None:
-        self._inner = httpx2.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        response = await self._inner.handle_async_request(request)
-        if request.method == "POST" and response.headers.get("content-type", "").startswith("text/event-stream"):
-            response.stream = _DrainedStream(response.stream)  # type: ignore[arg-type]
-        return response
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class _DrainedStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            with anyio.move_on_after(SSE_DRAIN_S):
-                async for _ in self._inner:
-                    pass
-        except Exception as exc:  # the connection failed meanwhile: it is closed below anyway
-            log.debug("draining an upstream event stream: %s", exc)
-        finally:
-            await self._inner.aclose()
 
 
 class _HttpServer(uvicorn.Server):
