@@ -326,7 +326,7 @@ async def test_an_interrupted_rollback_resumes(world: World) -> None:
     caller = Principal(tenant_id=world.tenant.tenant.id, actor_type="OPERATOR",
                        actor_id=world.tenant.admin_operator_id, api_key_id="k",
                        grants=(Grant("deployments:write"),))
-    store = DeploymentStore(world.governance.component.approvals)
+    store = DeploymentStore(world.governance.db, world.governance.component.approvals)
     begun = await world.governance.db.run(lambda s: store.begin_rollback(
         s, caller, dpb.RollbackDeploymentRequest(deployment_id=second.deployment_id)))
     assert (await world.get(second.deployment_id)).status == D.DEPLOYMENT_STATUS_ROLLING_BACK

@@ -141,7 +141,7 @@ class GovernanceComponent:
         approvals_pb2_grpc.add_ApprovalServiceServicer_to_server(
             ApprovalServicer(self.db, self.approvals, self.agents, registry, self.relays), server)
         deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
-            DeploymentServicer(self.db, DeploymentStore(self.approvals), registry, self.relays), server)
+            DeploymentServicer(self.db, DeploymentStore(self.db, self.approvals), registry, self.relays), server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, self.checkpoints), server)
         webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
             WebhookServicer(self.db, WebhookStore(self.db, self.secret_box), self.relays), server)

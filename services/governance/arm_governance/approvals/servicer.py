@@ -82,10 +82,8 @@ class ApprovalServicer(Writes, approvals_pb2_grpc.ApprovalServiceServicer):
         envelope, a version (VERSION_PROMOTION) or an instance (the other types)."""
         t = r.action_type
         if t == A.APPROVAL_ACTION_TYPE_DEPLOYMENT_ACTIVATION:
-            async def deployment(s: Session) -> tuple[str, str]:
-                row = await DeploymentStore.row(s, p.tenant_id, r.target_id)
-                return row.project_id, row.target_version_id
-            d_project, d_version = await self.db.read(deployment)
+            d_project, d_version = await self.db.read(
+                lambda s: DeploymentStore.project_and_version(s, p.tenant_id, r.target_id))
             return project or d_project, version or d_version
         if t == A.APPROVAL_ACTION_TYPE_POLICY_AUTONOMY_INCREASE:
             await self.db.read(lambda s: PolicyStore.check_exists(s, p.tenant_id, r.target_id))

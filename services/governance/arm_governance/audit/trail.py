@@ -135,7 +135,8 @@ class Filter:
 
 
 class AuditTrail:
-    """Appends and reads one database's change records."""
+    """Appends and reads one database's change records. The reads and `append` own their session;
+    `append_in` takes the session of the caller's idempotent write; private `_x(s, ...)` combine."""
 
     def __init__(self, db: Database) -> None:
         self.db = db

@@ -26,6 +26,7 @@ from arm_common import pagination
 from arm_common import validation as val
 from arm_common.auth import Principal, actor_of
 from arm_common.change_records import change_record
+from arm_common.db import Database
 from arm_common.errors import (
     Aborted,
     FailedPrecondition,
@@ -100,22 +101,58 @@ def validate_list(r: dpb.ListDeploymentsRequest) -> None:
 
 
 class DeploymentStore:
-    def __init__(self, approvals: ApprovalStore) -> None:
+    """Deployments of a tenant. The reads own their session and return messages; the writes take
+    the session of the caller's idempotent write (`edge.Writes`), and private `_x(s, ...)` methods
+    are what both combine."""
+
+    def __init__(self, db: Database, approvals: ApprovalStore) -> None:
+        self.db = db
         self.approvals = approvals
 
-    @classmethod
-    async def activation_environment(cls, s: AsyncSession, tenant_id: str,
-                                     request: dpb.ActivateDeploymentRequest) -> str:
+    # reads: each owns its session
+
+    async def get(self, tenant_id: str, deployment_id: str) -> dpb.Deployment:
+        async def read(s: AsyncSession) -> dpb.Deployment:
+            return to_proto(await self._row(s, tenant_id, deployment_id))
+        return await self.db.read(read)
+
+    async def get_active(self, tenant_id: str, template_id: str, environment_id: str) -> dpb.Deployment:
+        """The template's ACTIVE deployment in the environment; NOT_FOUND NO_ACTIVE_DEPLOYMENT
+        when there is none."""
+        async def read(s: AsyncSession) -> dpb.Deployment:
+            row = await self._active_row(s, tenant_id, template_id, environment_id)
+            if row is None:
+                raise NotFound(f"template {template_id} has no ACTIVE deployment in environment "
+                               f"{environment_id}", reason="NO_ACTIVE_DEPLOYMENT",
+                               metadata={"template_id": template_id, "environment_id": environment_id})
+            return to_proto(row)
+        return await self.db.read(read)
+
+    async def list(self, p: Principal, r: dpb.ListDeploymentsRequest) -> dpb.ListDeploymentsResponse:
+        return await self.db.read(lambda s: self._list(s, p, r))
+
+    async def activation_environment(self, tenant_id: str, request: dpb.ActivateDeploymentRequest) -> str:
         """The environment the deployment activates in; NOT_FOUND unless the deployment, and the
         approval when one is named, are the tenant's."""
-        row = await cls.row(s, tenant_id, request.deployment_id)
-        if request.approval_id:
-            await ApprovalStore.check_exists(s, tenant_id, request.approval_id)
-        return row.environment_id
+        async def read(s: AsyncSession) -> str:
+            row = await self._row(s, tenant_id, request.deployment_id)
+            if request.approval_id:
+                await ApprovalStore.check_exists(s, tenant_id, request.approval_id)
+            return row.environment_id
+        return await self.db.read(read)
+
+    @classmethod
+    async def project_and_version(cls, s: AsyncSession, tenant_id: str, deployment_id: str) -> tuple[str, str]:
+        """The deployment's project and target version; NOT_FOUND unless it is the tenant's. Takes
+        the caller's session, as `ApprovalStore.check_exists` does, for other domains' checks."""
+        row = await cls._row(s, tenant_id, deployment_id)
+        return row.project_id, row.target_version_id
+
+    # writes and what they combine: each takes the caller's session
 
     @staticmethod
-    async def row(s: AsyncSession, tenant_id: str, deployment_id: str, *,
-                  for_update: bool = False) -> models.Deployment:
+    async def _row(s: AsyncSession, tenant_id: str, deployment_id: str, *,
+                   for_update: bool = False) -> models.Deployment:
         q = select(models.Deployment).where(models.Deployment.id == deployment_id,
                                             models.Deployment.tenant_id == tenant_id)
         if for_update:
@@ -126,8 +163,8 @@ class DeploymentStore:
         return row
 
     @staticmethod
-    async def active_row(s: AsyncSession, tenant_id: str, template_id: str, environment_id: str, *,
-                         for_update: bool = False) -> models.Deployment | None:
+    async def _active_row(s: AsyncSession, tenant_id: str, template_id: str, environment_id: str, *,
+                          for_update: bool = False) -> models.Deployment | None:
         q = select(models.Deployment).where(
             models.Deployment.active_key == active_key(tenant_id, template_id, environment_id))
         if for_update:
@@ -148,7 +185,7 @@ class DeploymentStore:
         row.body = d.SerializeToString()
 
     @staticmethod
-    async def record(s: AsyncSession, p: Principal, type_: int, d: dpb.Deployment, summary: str, *,
+    async def _record(s: AsyncSession, p: Principal, type_: int, d: dpb.Deployment, summary: str, *,
                      reason: str = "", before: dict[str, Any] | None = None,
                      payload: dict[str, Any] | None = None) -> None:
         rec = change_record(
@@ -193,7 +230,7 @@ class DeploymentStore:
                                      reason="VERSION_NOT_APPROVED",
                                      metadata={"version_id": version.id, "version_state": state})
         now = utcnow()
-        current = await self.active_row(s, p.tenant_id, src.template_id, src.environment_id)
+        current = await self._active_row(s, p.tenant_id, src.template_id, src.environment_id)
         d = dpb.Deployment(
             template_id=src.template_id, environment_id=src.environment_id,
             target_version_id=src.target_version_id,
@@ -202,7 +239,7 @@ class DeploymentStore:
             canary_percent=src.canary_percent, batch_size=src.batch_size,
             status=D.DEPLOYMENT_STATUS_PENDING, created_by=actor_of(p))
         self._insert(s, p, d, version.project_id, now)
-        await self.record(s, p, CR.CHANGE_RECORD_TYPE_DEPLOYMENT_CREATED, d,
+        await self._record(s, p, CR.CHANGE_RECORD_TYPE_DEPLOYMENT_CREATED, d,
                           f"deployment of version {version.number} created", reason=r.reason)
         return d
 
@@ -210,7 +247,7 @@ class DeploymentStore:
 
     async def activate(self, s: AsyncSession, p: Principal, r: dpb.ActivateDeploymentRequest,
                        environment: tenancy_pb2.Environment) -> dpb.ActivateDeploymentResponse:
-        row = await self.row(s, p.tenant_id, r.deployment_id, for_update=True)
+        row = await self._row(s, p.tenant_id, r.deployment_id, for_update=True)
         p.require("deployments:activate", project_id=row.project_id, environment_id=row.environment_id)
         if r.etag and r.etag != str(row.revision):
             raise Aborted(f"etag {r.etag!r} does not match the current {row.revision}; re-read and retry",
@@ -234,7 +271,7 @@ class DeploymentStore:
             d.approved_by.CopyFrom(common_pb2.Actor(type=common_pb2.ACTOR_TYPE_OPERATOR, id=approver))
         now = utcnow()
         retired = None
-        current = await self.active_row(s, p.tenant_id, row.template_id, row.environment_id, for_update=True)
+        current = await self._active_row(s, p.tenant_id, row.template_id, row.environment_id, for_update=True)
         if current is not None:
             retired = to_proto(current)
             retired.status = D.DEPLOYMENT_STATUS_RETIRED
@@ -245,7 +282,7 @@ class DeploymentStore:
         d.status = D.DEPLOYMENT_STATUS_ACTIVE
         d.activate_time.CopyFrom(ts(now))
         self._save(row, d, now)
-        await self.record(s, p, CR.CHANGE_RECORD_TYPE_DEPLOYMENT_ACTIVATED, d, "deployment activated",
+        await self._record(s, p, CR.CHANGE_RECORD_TYPE_DEPLOYMENT_ACTIVATED, d, "deployment activated",
                           reason=r.reason, before={"status": "PENDING"},
                           payload={"retired_deployment_id": retired.deployment_id if retired else "",
                                    "approval_id": d.approval_id})
@@ -260,7 +297,7 @@ class DeploymentStore:
                              ) -> dpb.RollbackDeploymentResponse:
         """Step 1: ACTIVE → ROLLING_BACK plus the ACTIVE successor; on a ROLLING_BACK deployment
         (an interrupted rollback) returns the successor made then."""
-        row = await self.row(s, p.tenant_id, r.deployment_id, for_update=True)
+        row = await self._row(s, p.tenant_id, r.deployment_id, for_update=True)
         p.require("deployments:write", project_id=row.project_id, environment_id=row.environment_id)
         if r.etag and r.etag != str(row.revision):
             raise Aborted(f"etag {r.etag!r} does not match the current {row.revision}; re-read and retry",
@@ -293,15 +330,15 @@ class DeploymentStore:
     async def finish_rollback(self, s: AsyncSession, p: Principal, r: dpb.RollbackDeploymentRequest,
                               successor_id: str, rebound: int) -> dpb.RollbackDeploymentResponse:
         """Step 3: ROLLING_BACK → RETIRED and DEPLOYMENT_ROLLED_BACK."""
-        row = await self.row(s, p.tenant_id, r.deployment_id, for_update=True)
-        successor = await self.row(s, p.tenant_id, successor_id)
+        row = await self._row(s, p.tenant_id, r.deployment_id, for_update=True)
+        successor = await self._row(s, p.tenant_id, successor_id)
         old = to_proto(row)
         if row.status == D.DEPLOYMENT_STATUS_ROLLING_BACK:
             now = utcnow()
             old.status = D.DEPLOYMENT_STATUS_RETIRED
             old.retire_time.CopyFrom(ts(now))
             self._save(row, old, now)
-            await self.record(s, p, CR.CHANGE_RECORD_TYPE_DEPLOYMENT_ROLLED_BACK, old,
+            await self._record(s, p, CR.CHANGE_RECORD_TYPE_DEPLOYMENT_ROLLED_BACK, old,
                               "deployment rolled back", reason=r.reason, before={"status": "ACTIVE"},
                               payload={"new_deployment_id": successor_id,
                                        "rolled_back_to_version_id": successor.target_version_id,
@@ -309,9 +346,7 @@ class DeploymentStore:
         return dpb.RollbackDeploymentResponse(deployment=to_proto(successor), rolled_back_deployment=old,
                                               rebound_instance_count=rebound)
 
-    # --- reads ---------------------------------------------------------------------------------
-
-    async def list(self, s: AsyncSession, p: Principal, r: dpb.ListDeploymentsRequest) -> dpb.ListDeploymentsResponse:
+    async def _list(self, s: AsyncSession, p: Principal, r: dpb.ListDeploymentsRequest) -> dpb.ListDeploymentsResponse:
         size = pagination.page_size(r.page_size)
         filters = {"template": r.template_id, "environment": r.environment_id, "statuses": sorted(r.statuses)}
         after = pagination.decode_time_id_token(r.page_token, filters)

@@ -10,10 +10,7 @@ from arm.governance.v1 import deployments_pb2_grpc
 from arm.registry.v1 import agents_pb2
 from arm_common.auth import current_api_key, current_principal
 from arm_common.db import Database
-from arm_common.errors import (
-    FailedPrecondition,
-    NotFound,
-)
+from arm_common.errors import FailedPrecondition
 from arm_common.outbox import OutboxRelay
 from arm_common.server import Ctx
 from arm_governance.deployments import service as deployments
@@ -49,12 +46,7 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
         deployments.validate_id_request(request, "deployment_id")
         p = current_principal()
         p.require("registry:read")
-
-        async def read(s: Session) -> Any:
-            row = await self.store.row(s, p.tenant_id, request.deployment_id)
-            return dpb.GetDeploymentResponse(deployment=deployments.to_proto(row))
-
-        return await self.db.read(read)
+        return dpb.GetDeploymentResponse(deployment=await self.store.get(p.tenant_id, request.deployment_id))
 
     async def ListDeployments(self, request: dpb.ListDeploymentsRequest, context: Ctx) -> Any:
         deployments.validate_list(request)
@@ -64,14 +56,14 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
             await self.registry.template(current_api_key(), request.template_id)
         if request.environment_id:
             await self.registry.environment(current_api_key(), request.environment_id)
-        return await self.db.read(lambda s: self.store.list(s, p, request))
+        return await self.store.list(p, request)
 
     async def ActivateDeployment(self, request: dpb.ActivateDeploymentRequest, context: Ctx) -> Any:
         deployments.validate_id_request(request, "deployment_id")
         p = current_principal()
         require_somewhere(p, "deployments:activate")
 
-        environment_id = await self.db.read(lambda s: self.store.activation_environment(s, p.tenant_id, request))
+        environment_id = await self.store.activation_environment(p.tenant_id, request)
         env = await self.registry.environment(current_api_key(), environment_id)
         return await self._write("ActivateDeployment", request, dpb.ActivateDeploymentResponse,
                                  lambda s: self.store.activate(s, p, request, env))
@@ -81,11 +73,8 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
         p = current_principal()
         require_somewhere(p, "deployments:write")
 
-        async def previous(s: Session) -> str:
-            return (await self.store.row(s, p.tenant_id, request.deployment_id)).previous_version_id
-
         # Refused before anything changes when the registry would refuse to rebind to it.
-        previous_id = await self.db.read(previous)
+        previous_id = (await self.store.get(p.tenant_id, request.deployment_id)).previous_version_id
         if previous_id:
             version = await self.registry.version(current_api_key(), previous_id)
             if version.state not in (agents_pb2.VERSION_STATE_APPROVED, agents_pb2.VERSION_STATE_DEPRECATED):
@@ -110,14 +99,5 @@ class DeploymentServicer(Writes, deployments_pb2_grpc.DeploymentServiceServicer)
         deployments.validate_id_request(request, "template_id", "environment_id")
         p = current_principal()
         p.require("registry:read")
-
-        async def read(s: Session) -> Any:
-            row = await self.store.active_row(s, p.tenant_id, request.template_id, request.environment_id)
-            if row is None:
-                raise NotFound(f"template {request.template_id} has no ACTIVE deployment in environment "
-                               f"{request.environment_id}", reason="NO_ACTIVE_DEPLOYMENT",
-                               metadata={"template_id": request.template_id,
-                                         "environment_id": request.environment_id})
-            return dpb.GetActiveDeploymentResponse(deployment=deployments.to_proto(row))
-
-        return await self.db.read(read)
+        return dpb.GetActiveDeploymentResponse(deployment=await self.store.get_active(
+            p.tenant_id, request.template_id, request.environment_id))

@@ -314,6 +314,9 @@ def _hint(secret: str) -> str:
 
 
 class WebhookStore:
+    """Webhooks of a tenant. The reads own their session and return messages; the writes take the
+    session of the caller's idempotent write (`edge.Writes`); private `_x(s, ...)` combine."""
+
     def __init__(self, db: Database, box: SecretBox) -> None:
         self.db = db
         self.box = box
@@ -328,7 +331,7 @@ class WebhookStore:
                       message_id=rec.record_id, message=rec)
 
     @staticmethod
-    async def row(s: AsyncSession, tenant_id: str, webhook_id: str, *, for_update: bool = False) -> models.Webhook:
+    async def _row(s: AsyncSession, tenant_id: str, webhook_id: str, *, for_update: bool = False) -> models.Webhook:
         q = select(models.Webhook).where(models.Webhook.id == webhook_id, models.Webhook.tenant_id == tenant_id)
         if for_update:
             q = q.with_for_update()
@@ -357,7 +360,7 @@ class WebhookStore:
 
     async def get(self, p: Principal, webhook_id: str) -> wpb.Webhook:
         async def read(s: AsyncSession) -> wpb.Webhook:
-            return to_proto(await self.row(s, p.tenant_id, webhook_id))
+            return to_proto(await self._row(s, p.tenant_id, webhook_id))
         return await self.db.read(read)
 
     async def list(self, p: Principal, r: wpb.ListWebhooksRequest) -> wpb.ListWebhooksResponse:
@@ -378,7 +381,7 @@ class WebhookStore:
 
     async def rotate(self, s: AsyncSession, p: Principal,
                      r: wpb.RotateWebhookSecretRequest) -> wpb.RotateWebhookSecretResponse:
-        row = await self.row(s, p.tenant_id, r.webhook_id, for_update=True)
+        row = await self._row(s, p.tenant_id, r.webhook_id, for_update=True)
         if r.etag and r.etag != str(row.revision):
             raise Aborted(f"etag {r.etag!r} does not match the current {row.revision}; re-read and retry",
                           reason="ETAG_MISMATCH", metadata={"current_etag": str(row.revision)})
@@ -392,7 +395,7 @@ class WebhookStore:
         return wpb.RotateWebhookSecretResponse(webhook=to_proto(row), secret=secret)
 
     async def delete(self, s: AsyncSession, p: Principal, r: wpb.DeleteWebhookRequest) -> wpb.DeleteWebhookResponse:
-        row = await self.row(s, p.tenant_id, r.webhook_id, for_update=True)
+        row = await self._row(s, p.tenant_id, r.webhook_id, for_update=True)
         d = models.WebhookDelivery
         dropped = (await s.execute(select(func.count()).select_from(d).where(
             d.webhook_id == row.id, d.delivered_at.is_(None)))).scalar_one()
@@ -410,7 +413,7 @@ class WebhookStore:
         d = models.WebhookDelivery
 
         async def read(s: AsyncSession) -> wpb.ListWebhookDeliveriesResponse:
-            await self.row(s, p.tenant_id, r.webhook_id)
+            await self._row(s, p.tenant_id, r.webhook_id)
             q = select(d).where(d.webhook_id == r.webhook_id, d.tenant_id == p.tenant_id)
             if r.pending_only:
                 q = q.where(d.delivered_at.is_(None))

@@ -356,7 +356,7 @@ class RequestApprovalRequest(_message.Message):
     tool_name: _builtins.str
     """Tool to be called; required for TOOL_EXECUTION."""
     risk: _common_pb2.RiskLevel.ValueType
-    """Risk of the action; required."""
+    """Risk of the action."""
     justification: _builtins.str
     """Why the action is needed."""
     rollback_plan: _builtins.str

@@ -844,7 +844,7 @@ class EvaluationCall(_message.Message):
     IS_RUN_START_FIELD_NUMBER: _builtins.int
     GRANT_STATUS_FIELD_NUMBER: _builtins.int
     tool_name: _builtins.str
-    """Tool name; required, at most 200 characters."""
+    """Tool name, at most 200 characters."""
     declared_risk: _common_pb2.RiskLevel.ValueType
     """Risk declared by the caller; UNSPECIFIED = not declared."""
     estimated_cost_usd: _builtins.float
@@ -1285,7 +1285,7 @@ class LocalDecision(_message.Message):
     RESPONSE_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     """The decision's id, chosen by the runtime ("dec_" then 16 to 64 letters, digits, "_" or "-");
-    the idempotency key. Required.
+    the idempotency key.
     """
     @_builtins.property
     def request(self) -> Global___CheckRequest:
@@ -1296,7 +1296,7 @@ class LocalDecision(_message.Message):
     @_builtins.property
     def response(self) -> Global___CheckResponse:
         """What was decided: ALLOW or DENY, with the step, risk, deciding envelope and reasons, as
-        Check answers them.
+        Check answers them; `decide_time` is required.
         """
 
     def __init__(

@@ -290,7 +290,7 @@ class ToolRule(_message.Message):
     costs 3 and `github.*` 2. More is INVALID_ARGUMENT.
     """
     effect: Global___Decision.ValueType
-    """Effect when the rule matches; UNSPECIFIED is rejected."""
+    """Effect when the rule matches: ALLOW, DENY or NEEDS_APPROVAL."""
     locked: _builtins.bool
     """At TENANT or PROJECT scope, a matching locked DENY or NEEDS_APPROVAL rule cannot be loosened
     by lower scopes.
@@ -1508,9 +1508,9 @@ class RiskOverride(_message.Message):
     RISK_FIELD_NUMBER: _builtins.int
     ARGUMENTS_BELOW_FIELD_NUMBER: _builtins.int
     tool: _builtins.str
-    """Tool glob, with the syntax of ToolRule.tool; required."""
+    """Tool glob, with the syntax of ToolRule.tool."""
     risk: _common_pb2.RiskLevel.ValueType
-    """The risk it sets; required."""
+    """The risk it sets: LOW, MEDIUM, HIGH or CRITICAL."""
     @_builtins.property
     def arguments_below(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Numeric bounds: the entry applies only when every named argument is a number strictly below

@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n arm/governance/v1/webhooks.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a!arm/governance/v1/approvals.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x07Webhook\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x38\n\x0b\x65vent_types\x18\x04 \x03(\x0e\x32#.arm.governance.v1.WebhookEventType\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x19\n\x0bsecret_hint\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\t \x01(\tB\x04\xe2\x41\x01\x03\"g\n\x14\x43reateWebhookRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07webhook\x18\x02 \x01(\x0b\x32\x1a.arm.governance.v1.Webhook\x12\x0e\n\x06secret\x18\x03 \x01(\t\"T\n\x15\x43reateWebhookResponse\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x1a.arm.governance.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"-\n\x11GetWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"A\n\x12GetWebhookResponse\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x1a.arm.governance.v1.Webhook\"<\n\x13ListWebhooksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x14ListWebhooksResponse\x12,\n\x08webhooks\x18\x01 \x03(\x0b\x32\x1a.arm.governance.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x1aRotateWebhookSecretRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"Z\n\x1bRotateWebhookSecretResponse\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x1a.arm.governance.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"D\n\x14\x44\x65leteWebhookRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"3\n\x15\x44\x65leteWebhookResponse\x12\x1a\n\x12\x64ropped_deliveries\x18\x01 \x01(\x03\"\xb1\x03\n\x0fWebhookDelivery\x12\x19\n\x0b\x64\x65livery_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12=\n\nevent_type\x18\x04 \x01(\x0e\x32#.arm.governance.v1.WebhookEventTypeB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x61pproval_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0blast_status\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlast_error\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x36\n\x0c\x64\x65liver_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"u\n\x1cListWebhookDeliveriesRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x14\n\x0cpending_only\x18\x04 \x01(\x08\"p\n\x1dListWebhookDeliveriesResponse\x12\x36\n\ndeliveries\x18\x01 \x03(\x0b\x32\".arm.governance.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xf5\x01\n\x14\x41pprovalNotification\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x37\n\nevent_type\x18\x02 \x01(\x0e\x32#.arm.governance.v1.WebhookEventType\x12.\n\noccur_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08\x61pproval\x18\x04 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\x12#\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x14.arm.common.v1.Actor\x12\x0e\n\x06reason\x18\x06 \x01(\t*\x89\x02\n\x10WebhookEventType\x12\"\n\x1eWEBHOOK_EVENT_TYPE_UNSPECIFIED\x10\x00\x12)\n%WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED\x10\x01\x12)\n%WEBHOOK_EVENT_TYPE_APPROVAL_ESCALATED\x10\x02\x12\'\n#WEBHOOK_EVENT_TYPE_APPROVAL_DECIDED\x10\x03\x12\'\n#WEBHOOK_EVENT_TYPE_APPROVAL_EXPIRED\x10\x04\x12)\n%WEBHOOK_EVENT_TYPE_APPROVAL_CANCELLED\x10\x05\x32\x86\x05\n\x0eWebhookService\x12\x62\n\rCreateWebhook\x12\'.arm.governance.v1.CreateWebhookRequest\x1a(.arm.governance.v1.CreateWebhookResponse\x12Y\n\nGetWebhook\x12$.arm.governance.v1.GetWebhookRequest\x1a%.arm.governance.v1.GetWebhookResponse\x12_\n\x0cListWebhooks\x12&.arm.governance.v1.ListWebhooksRequest\x1a\'.arm.governance.v1.ListWebhooksResponse\x12t\n\x13RotateWebhookSecret\x12-.arm.governance.v1.RotateWebhookSecretRequest\x1a..arm.governance.v1.RotateWebhookSecretResponse\x12\x62\n\rDeleteWebhook\x12\'.arm.governance.v1.DeleteWebhookRequest\x1a(.arm.governance.v1.DeleteWebhookResponse\x12z\n\x15ListWebhookDeliveries\x12/.arm.governance.v1.ListWebhookDeliveriesRequest\x1a\x30.arm.governance.v1.ListWebhookDeliveriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n arm/governance/v1/webhooks.proto\x12\x11\x61rm.governance.v1\x1a\x1a\x61rm/common/v1/common.proto\x1a!arm/governance/v1/approvals.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\x02\n\x07Webhook\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\ttenant_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03url\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12>\n\x0b\x65vent_types\x18\x04 \x03(\x0e\x32#.arm.governance.v1.WebhookEventTypeB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x19\n\x0bsecret_hint\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\t \x01(\tB\x04\xe2\x41\x01\x03\"m\n\x14\x43reateWebhookRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x07webhook\x18\x02 \x01(\x0b\x32\x1a.arm.governance.v1.WebhookB\x04\xe2\x41\x01\x02\x12\x0e\n\x06secret\x18\x03 \x01(\t\"T\n\x15\x43reateWebhookResponse\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x1a.arm.governance.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"-\n\x11GetWebhookRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"A\n\x12GetWebhookResponse\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x1a.arm.governance.v1.Webhook\"<\n\x13ListWebhooksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x14ListWebhooksResponse\x12,\n\x08webhooks\x18\x01 \x03(\x0b\x32\x1a.arm.governance.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x1aRotateWebhookSecretRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"Z\n\x1bRotateWebhookSecretResponse\x12+\n\x07webhook\x18\x01 \x01(\x0b\x32\x1a.arm.governance.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"D\n\x14\x44\x65leteWebhookRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"3\n\x15\x44\x65leteWebhookResponse\x12\x1a\n\x12\x64ropped_deliveries\x18\x01 \x01(\x03\"\xb1\x03\n\x0fWebhookDelivery\x12\x19\n\x0b\x64\x65livery_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nwebhook_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12=\n\nevent_type\x18\x04 \x01(\x0e\x32#.arm.governance.v1.WebhookEventTypeB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x61pproval_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0blast_status\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlast_error\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x36\n\x0c\x64\x65liver_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"u\n\x1cListWebhookDeliveriesRequest\x12\x18\n\nwebhook_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x14\n\x0cpending_only\x18\x04 \x01(\x08\"p\n\x1dListWebhookDeliveriesResponse\x12\x36\n\ndeliveries\x18\x01 \x03(\x0b\x32\".arm.governance.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xf5\x01\n\x14\x41pprovalNotification\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x37\n\nevent_type\x18\x02 \x01(\x0e\x32#.arm.governance.v1.WebhookEventType\x12.\n\noccur_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08\x61pproval\x18\x04 \x01(\x0b\x32\x1b.arm.governance.v1.Approval\x12#\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32\x14.arm.common.v1.Actor\x12\x0e\n\x06reason\x18\x06 \x01(\t*\x89\x02\n\x10WebhookEventType\x12\"\n\x1eWEBHOOK_EVENT_TYPE_UNSPECIFIED\x10\x00\x12)\n%WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED\x10\x01\x12)\n%WEBHOOK_EVENT_TYPE_APPROVAL_ESCALATED\x10\x02\x12\'\n#WEBHOOK_EVENT_TYPE_APPROVAL_DECIDED\x10\x03\x12\'\n#WEBHOOK_EVENT_TYPE_APPROVAL_EXPIRED\x10\x04\x12)\n%WEBHOOK_EVENT_TYPE_APPROVAL_CANCELLED\x10\x05\x32\x86\x05\n\x0eWebhookService\x12\x62\n\rCreateWebhook\x12\'.arm.governance.v1.CreateWebhookRequest\x1a(.arm.governance.v1.CreateWebhookResponse\x12Y\n\nGetWebhook\x12$.arm.governance.v1.GetWebhookRequest\x1a%.arm.governance.v1.GetWebhookResponse\x12_\n\x0cListWebhooks\x12&.arm.governance.v1.ListWebhooksRequest\x1a\'.arm.governance.v1.ListWebhooksResponse\x12t\n\x13RotateWebhookSecret\x12-.arm.governance.v1.RotateWebhookSecretRequest\x1a..arm.governance.v1.RotateWebhookSecretResponse\x12\x62\n\rDeleteWebhook\x12\'.arm.governance.v1.DeleteWebhookRequest\x1a(.arm.governance.v1.DeleteWebhookResponse\x12z\n\x15ListWebhookDeliveries\x12/.arm.governance.v1.ListWebhookDeliveriesRequest\x1a\x30.arm.governance.v1.ListWebhookDeliveriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOK'].fields_by_name['webhook_id']._serialized_options = b'\342A\001\003'
   _globals['_WEBHOOK'].fields_by_name['tenant_id']._loaded_options = None
   _globals['_WEBHOOK'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\003'
+  _globals['_WEBHOOK'].fields_by_name['url']._loaded_options = None
+  _globals['_WEBHOOK'].fields_by_name['url']._serialized_options = b'\342A\001\002'
+  _globals['_WEBHOOK'].fields_by_name['event_types']._loaded_options = None
+  _globals['_WEBHOOK'].fields_by_name['event_types']._serialized_options = b'\342A\001\002'
   _globals['_WEBHOOK'].fields_by_name['secret_hint']._loaded_options = None
   _globals['_WEBHOOK'].fields_by_name['secret_hint']._serialized_options = b'\342A\001\003'
   _globals['_WEBHOOK'].fields_by_name['create_time']._loaded_options = None
@@ -47,6 +51,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOK'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_WEBHOOK'].fields_by_name['etag']._loaded_options = None
   _globals['_WEBHOOK'].fields_by_name['etag']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEWEBHOOKREQUEST'].fields_by_name['webhook']._loaded_options = None
+  _globals['_CREATEWEBHOOKREQUEST'].fields_by_name['webhook']._serialized_options = b'\342A\001\002'
   _globals['_GETWEBHOOKREQUEST'].fields_by_name['webhook_id']._loaded_options = None
   _globals['_GETWEBHOOKREQUEST'].fields_by_name['webhook_id']._serialized_options = b'\342A\001\002'
   _globals['_ROTATEWEBHOOKSECRETREQUEST'].fields_by_name['webhook_id']._loaded_options = None
@@ -77,38 +83,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOKDELIVERY'].fields_by_name['next_attempt_time']._serialized_options = b'\342A\001\003'
   _globals['_LISTWEBHOOKDELIVERIESREQUEST'].fields_by_name['webhook_id']._loaded_options = None
   _globals['_LISTWEBHOOKDELIVERIESREQUEST'].fields_by_name['webhook_id']._serialized_options = b'\342A\001\002'
-  _globals['_WEBHOOKEVENTTYPE']._serialized_start=2197
-  _globals['_WEBHOOKEVENTTYPE']._serialized_end=2462
+  _globals['_WEBHOOKEVENTTYPE']._serialized_start=2215
+  _globals['_WEBHOOKEVENTTYPE']._serialized_end=2480
   _globals['_WEBHOOK']._serialized_start=185
-  _globals['_WEBHOOK']._serialized_end=494
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=496
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=599
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=601
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=685
-  _globals['_GETWEBHOOKREQUEST']._serialized_start=687
-  _globals['_GETWEBHOOKREQUEST']._serialized_end=732
-  _globals['_GETWEBHOOKRESPONSE']._serialized_start=734
-  _globals['_GETWEBHOOKRESPONSE']._serialized_end=799
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=801
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=861
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=863
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=956
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=958
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1062
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1064
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1154
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1156
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1224
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=1226
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=1277
-  _globals['_WEBHOOKDELIVERY']._serialized_start=1280
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1713
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1715
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1832
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1834
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1946
-  _globals['_APPROVALNOTIFICATION']._serialized_start=1949
-  _globals['_APPROVALNOTIFICATION']._serialized_end=2194
-  _globals['_WEBHOOKSERVICE']._serialized_start=2465
-  _globals['_WEBHOOKSERVICE']._serialized_end=3111
+  _globals['_WEBHOOK']._serialized_end=506
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=508
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=617
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=619
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=703
+  _globals['_GETWEBHOOKREQUEST']._serialized_start=705
+  _globals['_GETWEBHOOKREQUEST']._serialized_end=750
+  _globals['_GETWEBHOOKRESPONSE']._serialized_start=752
+  _globals['_GETWEBHOOKRESPONSE']._serialized_end=817
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=819
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=879
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=881
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=974
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=976
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1080
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1082
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1172
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1174
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1242
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=1244
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=1295
+  _globals['_WEBHOOKDELIVERY']._serialized_start=1298
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1731
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1733
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1850
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1852
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1964
+  _globals['_APPROVALNOTIFICATION']._serialized_start=1967
+  _globals['_APPROVALNOTIFICATION']._serialized_end=2212
+  _globals['_WEBHOOKSERVICE']._serialized_start=2483
+  _globals['_WEBHOOKSERVICE']._serialized_end=3129
 # @@protoc_insertion_point(module_scope)
