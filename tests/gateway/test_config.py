@@ -89,3 +89,22 @@ def test_the_documented_client_configs_are_json() -> None:
     configs = [json.loads(b) for b in blocks("json")]
     assert configs[0]["mcpServers"]["arm-gateway"]["args"][:2] == ["-m", "arm_gateway"]
     assert configs[1]["servers"]["arm-gateway-http"]["url"].endswith("/mcp")
+
+
+def test_an_upstream_that_does_not_start_is_one_clear_line_and_exit_code_1(tmp_path: Path) -> None:
+    """A newcomer's first mistake (a wrong command, a variable the stdio upstream does not get):
+    the gateway does not start, and says which upstream and why in one line, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps({"arm": {"governance_address": "127.0.0.1:9"}, "upstreams": {"docs": {
+        "command": sys.executable, "args": ["-c", "import sys; sys.exit(3)"],
+        "agent": {"instance_id": "ins_x", "api_key_env": "GW_TEST_KEY"}}}}))
+    done = subprocess.run([sys.executable, "-m", "arm_gateway", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "GW_TEST_KEY": "arm_key_x_y"}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("arm_gateway: ")]
+    assert len(lines) == 1 and "upstream 'docs'" in lines[0] and "did not start" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]

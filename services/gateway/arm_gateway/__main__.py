@@ -9,7 +9,7 @@ import logging
 import sys
 
 from arm_gateway.config import ConfigError, load_config
-from arm_gateway.gateway import serve_http, serve_stdio
+from arm_gateway.gateway import UpstreamStartError, serve_http, serve_stdio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"arm_gateway: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve_stdio(config) if config.http_port is None else serve_http(config))
+    try:
+        asyncio.run(serve_stdio(config) if config.http_port is None else serve_http(config))
+    except (UpstreamStartError, BaseExceptionGroup) as exc:
+        failed = _start_errors(exc)
+        if not failed:
+            raise
+        for error in failed:  # one line each, not the task groups' tracebacks
+            print(f"arm_gateway: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _start_errors(exc: BaseException) -> list[UpstreamStartError]:
+    """The upstreams that did not start, however deep the task groups nested them."""
+    if isinstance(exc, UpstreamStartError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        return [e for inner in exc.exceptions for e in _start_errors(inner)]
+    return []
 
 
 if __name__ == "__main__":

@@ -71,6 +71,22 @@ from arm_gateway.config import GatewayConfig, UpstreamConfig
 
 log = logging.getLogger("arm_gateway")
 
+
+class UpstreamStartError(Exception):
+    """An upstream could not be connected when the gateway started (the gateway does not start)."""
+
+    def __init__(self, name: str, where: str, cause: BaseException) -> None:
+        super().__init__(f"upstream {name!r} ({where}) did not start: {_leaf(cause)}. Check its command or URL; a "
+                         "stdio upstream gets only a default environment, so give the variables it needs in `env:`.")
+        self.name = name
+
+
+def _leaf(exc: BaseException) -> str:
+    """The innermost error of an exception group, as "Type: message"."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
 EV = events_pb2
 RECONNECT_WAIT_S = 30.0
 """How long a call waits for an upstream that is being reconnected before failing."""
@@ -134,7 +150,8 @@ class Upstream:
                     await self.broken.wait()
             except Exception as exc:
                 if first:
-                    raise
+                    uc = self.config
+                    raise UpstreamStartError(uc.name, uc.url or " ".join([uc.command, *uc.args]), exc) from exc
                 log.warning("upstream %s: reconnecting failed (%s); retrying in %.1fs", self.config.name, exc, backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
