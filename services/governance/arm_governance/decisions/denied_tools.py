@@ -11,10 +11,11 @@ import hashlib
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm_common import validation as val
 from arm_common.auth import Principal
-from arm_common.errors import NotFound, PermissionDenied, Violations
+from arm_common.errors import NotFound, Violations
 from arm_engine import engine
 from arm_governance import convert
 from arm_governance.agent_cache import AgentDirectory
+from arm_governance.decisions.service import resolve_caller_agent
 from arm_governance.policy import limits
 from arm_governance.policy.cache import PolicyCache
 
@@ -46,19 +47,10 @@ async def list_denied_tools(agents: AgentDirectory, policies: PolicyCache, princ
                             request: decision_pb2.ListDeniedToolsRequest) -> decision_pb2.ListDeniedToolsResponse:
     """The answer for a validated request (see `validate`), for the caller's tenant only."""
     principal.require("decisions:check")
-    kind = request.WhichOneof("agent")
-    assert kind is not None
-    ref = getattr(request, kind)
-    try:
-        resolved = await agents.resolve(api_key, principal.tenant_id, kind, ref)
-    except PermissionDenied:
-        if not principal.is_agent:
-            raise
-        resolved = None  # the registry hides other agents from an agent key
-    if principal.is_agent and (resolved is None or resolved.instance_id != principal.actor_id):
-        raise PermissionDenied("an agent key may only ask about its own instance",
-                               reason="NOT_YOUR_AGENT", metadata={kind: ref})
+    resolved = await resolve_caller_agent(agents, principal, api_key, request)
     if resolved is None:
+        kind = request.WhichOneof("agent")
+        ref = getattr(request, kind)
         raise NotFound(f"no agent {ref!r}", reason="AGENT_NOT_FOUND", metadata={kind: ref})
     agent = convert.agent_to_engine(resolved)
     tenant = await policies.tenant(principal.tenant_id)

@@ -308,18 +308,7 @@ class Decider:
     async def _check(self, principal: Principal, api_key: str,
                      request: decision_pb2.CheckRequest) -> decision_pb2.CheckResponse:
         principal.require("decisions:check")
-        kind = request.WhichOneof("agent")
-        assert kind is not None
-        ref = getattr(request, kind)
-        try:
-            resolved = await self.agents.resolve(api_key, principal.tenant_id, kind, ref)
-        except PermissionDenied:
-            if not principal.is_agent:
-                raise
-            resolved = None  # the registry hides other agents from an agent key
-        if principal.is_agent and (resolved is None or resolved.instance_id != principal.actor_id):
-            raise PermissionDenied("an agent key may only ask about its own instance",
-                                   reason="NOT_YOUR_AGENT", metadata={kind: ref})
+        resolved = await resolve_caller_agent(self.agents, principal, api_key, request)
         tenant = await self.policies.tenant(principal.tenant_id)
         now = utcnow()
         args = convert.arguments(request)
@@ -518,6 +507,25 @@ class Decider:
             instance_id=resolved.instance_id if resolved is not None else "",
             summary=f"{request.tool_name} denied: {result.reasons[0].code if result.reasons else 'DENY'}",
             payload=payload, occur_time=now, source="governance")
+
+
+async def resolve_caller_agent(agents: AgentDirectory, principal: Principal, api_key: str, request: Any) -> Any:
+    """The agent a request names (its `agent` oneof) as the registry resolves it for the caller;
+    None when unknown. An agent key may only name its own instance (else PERMISSION_DENIED
+    NOT_YOUR_AGENT, whether or not the other agent exists)."""
+    kind = request.WhichOneof("agent")
+    assert kind is not None
+    ref = getattr(request, kind)
+    try:
+        resolved = await agents.resolve(api_key, principal.tenant_id, kind, ref)
+    except PermissionDenied:
+        if not principal.is_agent:
+            raise
+        resolved = None  # the registry hides other agents from an agent key
+    if principal.is_agent and (resolved is None or resolved.instance_id != principal.actor_id):
+        raise PermissionDenied("an agent key may only ask about its own instance",
+                               reason="NOT_YOUR_AGENT", metadata={kind: ref})
+    return resolved
 
 
 def check_batch_limit(n: int) -> None:
