@@ -20,7 +20,7 @@ from arm_common import logs, otel, roles
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.db import Database, unreachable_at_start
 from arm_common.migrations import SchemaNotReady
-from arm_common.server import Host
+from arm_common.server import Host, stop_on_signal
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,9 @@ async def _main(cmds: ServiceCommands, command: str) -> int:
         host = Host([component], component.authenticator, config.listen, service_name=f"arm-{cmds.service}",
                     share_port=config.share_port, tls_settings=config.tls)
         port = await host.start()
+        stop = stop_on_signal()  # before the line a supervisor waits for
         log.info("%s serving on %s (port %d)", cmds.service, config.listen, port)
-        await host.serve_until_signal(config.shutdown_grace_s)
+        await host.serve_until_signal(config.shutdown_grace_s, stop)
         return 0
     finally:
         await db.dispose()

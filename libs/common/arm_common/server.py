@@ -218,12 +218,22 @@ class Host:
         for component in reversed(self.components):
             await component.stop()
 
-    async def serve_until_signal(self, grace: float) -> None:
-        """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def serve_until_signal(self, grace: float, stop: asyncio.Event | None = None) -> None:
+        """Serves until SIGTERM or SIGINT (`stop`, from `stop_on_signal()` called before the
+        process announced itself, or handlers installed now), then shuts down gracefully."""
+        if stop is None:
+            stop = stop_on_signal()
         await stop.wait()
         log.info("shutting down (grace %.1fs)", grace)
         await self.stop(grace)
+
+
+def stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT. Call it before a process prints that it is listening:
+    a supervisor (or test) that signals as soon as it reads the line gets a graceful stop, not the
+    default handler's kill."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -15,7 +15,7 @@ from arm_client.connection import Settings
 from arm_common import logs, otel
 from arm_common.config import ConfigError, ServiceConfig
 from arm_common.event_feed import OpEventForwarder
-from arm_common.server import Host
+from arm_common.server import Host, stop_on_signal
 from arm_console.config import ConsoleConfig
 from arm_console.server import ConsoleServer
 from arm_governance import app as governance_app
@@ -76,6 +76,7 @@ async def main() -> int:
         host = Host([registry, governance, telemetry], registry.authenticator, config.listen,
                     service_name="arm-allinone", share_port=config.share_port, tls_settings=config.tls)
         port = await host.start()
+        stop = stop_on_signal()  # before the lines a supervisor waits for
         address = f"{config.listen.rpartition(':')[0]}:{port}"
         op_events.address = address
         print(f"ARM dev server listening on {address}", flush=True)
@@ -89,7 +90,7 @@ async def main() -> int:
             print(f"web console: {console.url}  (sign in with an operator API key, e.g. the admin key above)",
                   flush=True)
         try:
-            await host.serve_until_signal(config.shutdown_grace_s)
+            await host.serve_until_signal(config.shutdown_grace_s, stop)
         finally:
             if console is not None:
                 await console.stop()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 from arm_common import logs
 from arm_common.config import ConfigError
+from arm_common.server import stop_on_signal
 from arm_console.config import ConsoleConfig
 from arm_console.server import ConsoleServer
 
@@ -16,11 +16,8 @@ async def main() -> int:
     config = ConsoleConfig.from_env()
     server = ConsoleServer(config)
     await server.start()
+    stop = stop_on_signal()  # before the line a supervisor waits for
     print(f"ARM console: {server.url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
     return 0
