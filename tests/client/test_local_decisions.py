@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
@@ -220,6 +221,77 @@ async def test_local_and_remote_decisions_agree(agent: Agent, tmp_path: Path) ->
             assert comparable(mine) == comparable(theirs), (tool, args, declared)
     assert locally and compared > locally, "the corpus never exercised both paths"
     del remote_arm
+    assert await local.drain(60)
+
+
+async def test_budgets_are_decided_locally_from_the_streamed_spend(agent: Agent, tmp_path: Path) -> None:
+    """A budget applies: the runtime decides from the ledger totals governance streams for the
+    instance (UTC day, month, per run), renewed on every spend governance records, and agrees
+    with Check on either side of each limit; a snapshot of another UTC day, or a run an
+    incomplete snapshot does not list, goes to Check."""
+    await agent.admin.policies.CreatePolicyEnvelope(policy_pb2.CreatePolicyEnvelopeRequest(
+        envelope=policy_pb2.PolicyEnvelope(
+            name="budgets", scope=policy_pb2.POLICY_SCOPE_VERSION, scope_id=agent.agents.version.id,
+            mode=policy_pb2.POLICY_MODE_ENFORCE, active=True, default_effect=policy_pb2.DECISION_ALLOW,
+            budgets=policy_pb2.Budgets(per_run_usd=5, daily_usd=20, monthly_usd=1000))))
+    arm = agent.arm(local_decisions=True, local_spool_dir=str(tmp_path))
+    assert await arm.wait_local_ready()
+    local = arm.local
+    assert local is not None
+
+    def spent(day_usd: float, run_usd: dict[str, float]) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            inputs = local._inputs
+            return (inputs is not None and inputs.spend is not None and inputs.spend.day_usd == day_usd
+                    and dict(inputs.spend.run_usd) == run_usd)
+        return check
+
+    async def report(amount: float, run_id: str) -> None:
+        await agent.admin.decisions.ReportSpend(decision_pb2.ReportSpendRequest(entry=decision_pb2.SpendEntry(
+            instance_id=agent.instance_id, run_id=run_id, amount_usd=amount,
+            idempotency_key=secrets.token_hex(8))))
+
+    async def both(cost: float, run_id: str) -> decision_pb2.CheckResponse | None:
+        """The local answer (None: Check's to give), after asserting it is Check's."""
+        request = decision_pb2.CheckRequest(tool_name="search.web", instance_id=agent.instance_id,
+                                            estimated_cost_usd=cost, run_id=run_id, tool_call_id="tc")
+        decided = await local.decide(request)
+        theirs = await agent.admin.decisions.Check(request)
+        if decided is not None:
+            assert comparable(decided[0]) == comparable(theirs), (cost, run_id)
+            return decided[0]
+        return None
+
+    await until(spent(0.0, {}), "the runtime received the budgets' (empty) spend")
+    answer = await both(4.5, "r1")
+    assert answer is not None and answer.decision == policy_pb2.DECISION_ALLOW
+    await report(4.0, "r1")
+    await until(spent(4.0, {"r1": 4.0}), "the recorded spend reached the runtime")
+    for cost, run_id, effect in [(2.0, "r1", policy_pb2.DECISION_DENY),  # over the run's $5
+                                 (1.0, "r1", policy_pb2.DECISION_ALLOW),  # exactly at it
+                                 (2.0, "r2", policy_pb2.DECISION_ALLOW)]:  # a run with no spend
+        answer = await both(cost, run_id)
+        assert answer is not None and answer.decision == effect, (cost, run_id, answer)
+    await report(15.0, "r2")
+    await until(spent(19.0, {"r1": 4.0, "r2": 15.0}), "the second spend reached the runtime")
+    answer = await both(2.0, "r3")  # over the day's $20
+    assert answer is not None and answer.decision == policy_pb2.DECISION_DENY
+    assert answer.reasons[0].code == "BUDGET_EXCEEDED" and "daily" in answer.reasons[0].message, answer
+
+    inputs = local._inputs
+    assert inputs is not None and inputs.spend is not None
+    other_day = decision_pb2.AgentSpend()
+    other_day.CopyFrom(inputs.spend)
+    other_day.day = "2000-01-01"
+    incomplete = decision_pb2.AgentSpend()
+    incomplete.CopyFrom(inputs.spend)
+    incomplete.runs_complete = False
+    local._inputs = dataclasses.replace(inputs, spend=other_day)
+    assert await both(0.5, "r1") is None
+    local._inputs = dataclasses.replace(inputs, spend=incomplete)
+    assert await both(0.5, "r9") is None  # not listed: its spend is not known here
+    answer = await both(0.5, "r1")  # listed
+    assert answer is not None and answer.decision == policy_pb2.DECISION_ALLOW
     assert await local.drain(60)
 
 

@@ -1,7 +1,7 @@
 """Local decisions (`Arm(..., local_decisions=True)`): the runtime decides its own tool calls with
 the engine library governance uses (`arm_engine`), from the inputs governance streams to it
 (`DecisionService.WatchDecisionInputs`: envelopes of its scope chain, operator controls,
-instance, version and tenant state, risk overrides, whether budgets apply; a new snapshot on
+instance, version and tenant state, risk overrides, budgets' spend totals; a new snapshot on
 every change, heartbeats in between).
 
 Every local decision is appended to a spool before it is returned (so before the tool runs):
@@ -13,8 +13,10 @@ that last window (see `Spool`). A background task ships the spool to governance
 acknowledged; on start the spool is read back and shipped first.
 
 `decide` answers None — "ask governance's Check" — for what is not decided locally: a call
-presenting an approval (grants), a NEEDS_APPROVAL (Check creates the approval), an agent a
-budget applies to (its headroom is not known locally), inputs not heard from for longer than
+presenting an approval (grants), a NEEDS_APPROVAL (Check creates the approval), a call of an
+agent a budget applies to whose headroom is not known locally (the inputs carry the instance's
+ledger totals for the UTC day, month and its runs, renewed on every spend governance records:
+the call's day must be theirs and its run listed, or the list complete), inputs not heard from for longer than
 `stale_after_s` (the stream is down), and a spool holding `max_spool` decisions governance has not
 acknowledged yet (shipping is down or behind)."""
 
@@ -263,6 +265,22 @@ class _Inputs:
     budgets_apply: bool
     epoch_field: bytes
     """CheckResponse.policy_epoch (field 15) encoded, appended to every response of the epoch."""
+    spend: decision_pb2.AgentSpend | None = None
+    """The instance's ledger totals, when a budget applies (else None)."""
+
+    def spend_for(self, run_id: str, today: str) -> engine.Spend | None:
+        """The totals Check would read for a call of `run_id` on the UTC day `today`; None when
+        they are not known here (no snapshot, another day, a run the snapshot does not list)."""
+        spend = self.spend
+        if spend is None or spend.day != today:
+            return None
+        run_usd = 0.0
+        if run_id:
+            listed = spend.run_usd.get(run_id)
+            if listed is None and not spend.runs_complete:
+                return None
+            run_usd = listed or 0.0
+        return engine.Spend(run_usd=run_usd, day_usd=spend.day_usd, month_usd=spend.month_usd)
 
 
 def _compile(inputs: decision_pb2.DecisionInputs, default: engine.Classifier) -> _Inputs:
@@ -273,7 +291,8 @@ def _compile(inputs: decision_pb2.DecisionInputs, default: engine.Classifier) ->
     return _Inputs(agent, policy, engine.Controls(control_mode_name(inputs.tenant_control),
                                                   control_mode_name(inputs.project_control)),
                    classifier, inputs.policy_epoch,
-                   inputs.budgets_apply, b"\x78" + _varint(inputs.policy_epoch) if inputs.policy_epoch else b"")
+                   inputs.budgets_apply, b"\x78" + _varint(inputs.policy_epoch) if inputs.policy_epoch else b"",
+                   inputs.spend if inputs.budgets_apply and inputs.HasField("spend") else None)
 
 
 @dataclass(frozen=True)
@@ -336,6 +355,7 @@ class LocalDecider:
         self._seq = 0
         self._yielded = 0.0  # monotonic time decide() last let the event loop run
         self._second, self._second_field = 0, b""  # decide_time.seconds, encoded, for this second
+        self._day, self._day_ends = "", 0.0  # the UTC day and when it ends (epoch seconds)
         self.shipped = 0
         self.local = 0
         self.remote = 0
@@ -391,17 +411,24 @@ class LocalDecider:
         `arguments`: the request's arguments as the engine sees them on the server (the JSON of
         the Struct: numbers as floats), when the caller has them at hand."""
         inputs = self._inputs
-        if (inputs is None or inputs.budgets_apply or request.approval_id
+        if (inputs is None or request.approval_id
                 or time.monotonic() - self._heard > self.stale_after_s or self.spool.pending >= self.max_spool):
             self.remote += 1
             return None
+        spend = engine.NO_SPEND
+        if inputs.budgets_apply:
+            known = inputs.spend_for(request.run_id, self._today())
+            if known is None:
+                self.remote += 1
+                return None
+            spend = known
         if arguments is _FROM_REQUEST:
             arguments = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else None
         call = engine.Call(tool=request.tool_name, arguments=arguments,
                            declared_risk=(_RISKS.get(request.declared_risk) or engine.Risk(request.declared_risk))
                            if request.declared_risk else None,
                            estimated_cost_usd=request.estimated_cost_usd, is_run_start=request.is_run_start)
-        result = engine.decide(inputs.policy, inputs.agent, call, controls=inputs.controls,
+        result = engine.decide(inputs.policy, inputs.agent, call, controls=inputs.controls, spend=spend,
                                classifier=inputs.classifier)
         if result.effect is engine.Effect.NEEDS_APPROVAL:
             self.remote += 1
@@ -431,6 +458,14 @@ class LocalDecider:
             self._yielded = clock
             await asyncio.sleep(0)
         return decision_pb2.CheckResponse.FromString(response_bytes), parts
+
+    def _today(self) -> str:
+        """The UTC day, "YYYY-MM-DD" (formatted once a day)."""
+        now = time.time()
+        if now >= self._day_ends:
+            self._day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            self._day_ends = (now // 86400 + 1) * 86400
+        return self._day
 
     # --- shipping -------------------------------------------------------------------------------
 

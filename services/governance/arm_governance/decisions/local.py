@@ -36,6 +36,7 @@ from arm_common.db import driver_connection
 from arm_common.decision_inputs import envelope_from_engine, result_from_response
 from arm_common.errors import InvalidArgument, NotFound, PermissionDenied, Violations
 from arm_common.outbox import enqueue_many
+from arm_common.tables import utcnow
 from arm_engine import engine
 from arm_governance import convert, models
 from arm_governance.decisions.log import DecisionLog, PendingDecision
@@ -205,7 +206,9 @@ class LocalDecisions:
             tenant_control=controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_TENANT, p.tenant_id), 0),  # type: ignore[arg-type]
             project_control=controls.get((policy_pb2.OPERATOR_CONTROL_SCOPE_PROJECT, agent.project_id), 0),  # type: ignore[arg-type]
             risk_overrides=tenant.risk.overrides, argument_triggers=tenant.risk.argument_triggers,
-            policy_epoch=tenant.epoch, budgets_apply=budgets_apply)
+            policy_epoch=tenant.epoch, budgets_apply=budgets_apply,
+            spend=await self.decider.spend.snapshot(p.tenant_id, agent.instance_id, utcnow())
+            if budgets_apply else None)
 
     async def watch(self, request: decision_pb2.WatchDecisionInputsRequest
                     ) -> AsyncIterator[decision_pb2.WatchDecisionInputsResponse]:
@@ -229,6 +232,9 @@ class LocalDecisions:
                 if notice.get("reset") or notice.get("tenant") == tenant_id:
                     # The service's own follower drops the cache too, but maybe after we reload.
                     self.decider.policies.invalidate(None if notice.get("reset") else tenant_id)
+                    wake.set()
+                elif notice.get("spend") == request.instance_id:
+                    self.decider.spend.invalidate(request.instance_id)
                     wake.set()
 
         follower = asyncio.create_task(follow(), name="watch-decision-inputs")

@@ -150,6 +150,10 @@ class _AgentForms:
         return entry[1], entry[2]
 
 
+MAX_SNAPSHOT_RUNS = 1000
+"""Runs listed in a local-decision spend snapshot; a runtime asks Check for the calls of others."""
+
+
 class SpendBook:
     """Spend totals per instance for budget checks, cached until a spend notice."""
 
@@ -157,14 +161,18 @@ class SpendBook:
         self.db = db
         # (tenant, instance, run, day, month) → totals; tagged by instance.
         self._cache: TaggedCache[tuple[str, str, str, str, str], engine.Spend] = TaggedCache(limit)
+        self._snapshots: TaggedCache[tuple[str, str, str, str, str], decision_pb2.AgentSpend] = TaggedCache(
+            max(1, limit // 10))
         self._generation = 0  # bumped by every spend notice: totals read across one are not cached
 
     def invalidate(self, instance_id: str | None) -> None:
         self._generation += 1
         if instance_id is None:
             self._cache.clear()
+            self._snapshots.clear()
         else:
             self._cache.drop_tagged(("instance", instance_id))
+            self._snapshots.drop_tagged(("instance", instance_id))
 
     async def totals(self, tenant_id: str, instance_id: str, run_id: str, now: datetime) -> engine.Spend:
         day = now.strftime("%Y-%m-%d")
@@ -197,6 +205,34 @@ class SpendBook:
             self._cache.put(key, spend, [("instance", instance_id)])
         return spend
 
+    async def snapshot(self, tenant_id: str, instance_id: str, now: datetime) -> decision_pb2.AgentSpend:
+        """The instance's totals for the runtime's local decisions (`DecisionInputs.spend`): its
+        UTC day's and month's, as `totals` reads them, and every run's (up to MAX_SNAPSHOT_RUNS,
+        most recently spent first). Cached like `totals`, until a spend notice or the next day."""
+        day = now.strftime("%Y-%m-%d")
+        key = (tenant_id, instance_id, "\x00runs", day, "")
+        _, hit = self._snapshots.get(key)
+        if hit is not None:
+            return hit
+        generation = self._generation
+        totals = await self.totals(tenant_id, instance_id, "", now)
+        e = models.SpendEntry
+
+        async def read(s: AsyncSession) -> list[tuple[str, float]]:
+            rows = await s.execute(
+                select(e.run_id, func.sum(e.amount_usd)).where(
+                    e.tenant_id == tenant_id, e.instance_id == instance_id, e.run_id != "")
+                .group_by(e.run_id).order_by(func.max(e.occurred_at).desc(), e.run_id)
+                .limit(MAX_SNAPSHOT_RUNS + 1))
+            return [(run, float(total)) for run, total in rows]
+
+        runs = await self.db.read(read)
+        spend = decision_pb2.AgentSpend(day=day, day_usd=totals.day_usd, month_usd=totals.month_usd,
+                                        run_usd=dict(runs[:MAX_SNAPSHOT_RUNS]),
+                                        runs_complete=len(runs) <= MAX_SNAPSHOT_RUNS)
+        if generation == self._generation:
+            self._snapshots.put(key, spend, [("instance", instance_id)])
+        return spend
 
     async def record(self, tenant_id: str, instance_id: str, legacy_agent_id: str,
                      e: decision_pb2.SpendEntry, changes: Any) -> decision_pb2.ReportSpendResponse:

@@ -1196,6 +1196,7 @@ class DecisionInputs(_message.Message):
     POLICY_EPOCH_FIELD_NUMBER: _builtins.int
     BUDGETS_APPLY_FIELD_NUMBER: _builtins.int
     ARGUMENT_TRIGGERS_FIELD_NUMBER: _builtins.int
+    SPEND_FIELD_NUMBER: _builtins.int
     tenant_control: _policy_pb2.OperatorControlMode.ValueType
     """The tenant's operator control."""
     project_control: _policy_pb2.OperatorControlMode.ValueType
@@ -1203,8 +1204,8 @@ class DecisionInputs(_message.Message):
     policy_epoch: _builtins.int
     """The tenant's policy epoch these inputs are at."""
     budgets_apply: _builtins.bool
-    """Whether a budget applies to the agent: then a call's headroom is not known locally and every
-    call is decided by Check.
+    """Whether a budget applies to the agent: then a call is decided locally only with `spend`
+    current for its UTC day and its run, else by Check.
     """
     @_builtins.property
     def agent(self) -> Global___DecisionAgent:
@@ -1224,6 +1225,12 @@ class DecisionInputs(_message.Message):
     def argument_triggers(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.ArgumentTrigger]:
         """The tenant's changes to the default argument triggers (see SetRiskOverrides)."""
 
+    @_builtins.property
+    def spend(self) -> Global___AgentSpend:
+        """The instance's spend that budgets are checked against; set when `budgets_apply`. A new
+        snapshot follows every spend the ledger records for the instance, and the UTC day's end.
+        """
+
     def __init__(
         self,
         *,
@@ -1235,14 +1242,79 @@ class DecisionInputs(_message.Message):
         policy_epoch: _builtins.int = ...,
         budgets_apply: _builtins.bool = ...,
         argument_triggers: _abc.Iterable[_policy_pb2.ArgumentTrigger] | None = ...,
+        spend: Global___AgentSpend | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "spend", b"spend"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "argument_triggers", b"argument_triggers", "budgets_apply", b"budgets_apply", "envelopes", b"envelopes", "policy_epoch", b"policy_epoch", "project_control", b"project_control", "risk_overrides", b"risk_overrides", "tenant_control", b"tenant_control"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "argument_triggers", b"argument_triggers", "budgets_apply", b"budgets_apply", "envelopes", b"envelopes", "policy_epoch", b"policy_epoch", "project_control", b"project_control", "risk_overrides", b"risk_overrides", "spend", b"spend", "tenant_control", b"tenant_control"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecisionInputs: _TypeAlias = DecisionInputs  # noqa: Y015
+
+@_typing.final
+class AgentSpend(_message.Message):
+    """Ledger totals of one instance, as Check reads them for its budgets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RunUsdEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DAY_FIELD_NUMBER: _builtins.int
+    DAY_USD_FIELD_NUMBER: _builtins.int
+    MONTH_USD_FIELD_NUMBER: _builtins.int
+    RUN_USD_FIELD_NUMBER: _builtins.int
+    RUNS_COMPLETE_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """The UTC day `day_usd` covers, "YYYY-MM-DD" (`month_usd` covers its month)."""
+    day_usd: _builtins.float
+    """Spent on that UTC day, in US dollars."""
+    month_usd: _builtins.float
+    """Spent in that UTC calendar month, in US dollars."""
+    runs_complete: _builtins.bool
+    """Whether `run_usd` lists every run with spend: then a run not listed has spent nothing;
+    otherwise a call of a run not listed is decided by Check.
+    """
+    @_builtins.property
+    def run_usd(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Spent per run (all time), for the instance's runs with spend, most recent first; at most
+        1000 runs.
+        """
+
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        day_usd: _builtins.float = ...,
+        month_usd: _builtins.float = ...,
+        run_usd: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        runs_complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "day_usd", b"day_usd", "month_usd", b"month_usd", "run_usd", b"run_usd", "runs_complete", b"runs_complete"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentSpend: _TypeAlias = AgentSpend  # noqa: Y015
 
 @_typing.final
 class WatchDecisionInputsResponse(_message.Message):
