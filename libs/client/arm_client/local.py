@@ -330,13 +330,16 @@ class _ResultParts:
 class LocalDecider:
     """Subscribes, decides, spools and ships for one agent instance (see the module)."""
 
-    def __init__(self, decisions_stub: Any, inputs_stub: Any, instance_id: str, *, spool_dir: str | Path,
+    def __init__(self, governance: grpc.aio.Channel, inputs_stub: Any, instance_id: str, *, spool_dir: str | Path,
                  stale_after_s: float = 3.0, max_spool: int = 100_000, ship_batch: int = 1000, ship_in_flight: int = 2,
                  heartbeat_ms: int = 500, fsync_interval_ms: float = 5.0,
                  metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple) -> None:
         if not instance_id:
             raise ValueError("local decisions need the agent's instance id (instance_id= or ARM_INSTANCE_ID)")
-        self.stub = decisions_stub  # RecordLocalDecisions
+        # RecordLocalDecisions taking the request's serialized bytes.
+        self.record = governance.unary_unary(
+            "/arm.governance.v1.DecisionService/RecordLocalDecisions", request_serializer=None,
+            response_deserializer=decision_pb2.RecordLocalDecisionsResponse.FromString)
         self.inputs_stub = inputs_stub  # WatchDecisionInputs, on a channel of its own
         self.instance_id = instance_id
         self.spool = Spool(Path(spool_dir) / f"decisions-{instance_id}", fsync_interval_s=fsync_interval_ms / 1000)
@@ -493,14 +496,14 @@ class LocalDecider:
                 task.cancel()
 
     async def _ship_batch(self, records: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
-        # A RecordLocalDecisionsRequest is its LocalDecisions as field 1: concatenate them.
-        request = decision_pb2.RecordLocalDecisionsRequest.FromString(
-            b"".join(b"\x0a" + _varint(len(body)) + body for _, body in records))
+        # A RecordLocalDecisionsRequest is its LocalDecisions as field 1: their concatenation is
+        # the request's wire form, sent as it is (no parsing and re-serializing per decision).
+        request = b"".join(b"\x0a" + _varint(len(body)) + body for _, body in records)
         delay = 0.05
         try:
             while True:
                 try:
-                    await self.stub.RecordLocalDecisions(request, timeout=30, metadata=self.metadata())
+                    await self.record(request, timeout=30, metadata=self.metadata())
                     break
                 except grpc.RpcError as exc:
                     code = exc.code() if hasattr(exc, "code") else None

@@ -376,7 +376,8 @@ class Arm:
             self._sender.start()
         if self._local_options is not None and self._local is None and not self._closed:
             self._inputs_channel = open_channel(self._inputs_address, self.settings)
-            self._local = LocalDecider(self.stubs.decisions, decision_pb2_grpc.DecisionServiceStub(self._inputs_channel),
+            self._local = LocalDecider(self.stubs.governance_channel,
+                                       decision_pb2_grpc.DecisionServiceStub(self._inputs_channel),
                                        self.settings.instance_id, **self._local_options)
             await self._local.start()
 

@@ -49,6 +49,7 @@ class ArmClient:
         governance = channel(settings.governance_address)
         telemetry = channel(settings.telemetry_address)
         self.channel = registry
+        self.governance_channel = governance
         self.tenancy = tenancy_pb2_grpc.TenancyServiceStub(registry)
         self.access = access_pb2_grpc.AccessServiceStub(registry)
         self.agents = agents_pb2_grpc.AgentServiceStub(registry)
