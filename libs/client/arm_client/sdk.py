@@ -120,11 +120,12 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def to_struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+def to_struct(value: Mapping[str, Any] | None, *, plain: bool = False) -> struct_pb2.Struct | None:
+    """The Struct of `value`; `plain`: it is already what `jsonable` returns."""
     if value is None:
         return None
     out = struct_pb2.Struct()
-    out.update(jsonable(value))
+    out.update(value if plain else jsonable(value))
     return out
 
 
@@ -475,7 +476,7 @@ class Arm:
         tcid = tool_call_id or f"tc-{secrets.token_hex(8)}"
         plain = jsonable(arguments) if arguments is not None else None  # what the Struct holds
         req = decision_pb2.CheckRequest(
-            tool_name=tool, arguments=to_struct(plain), declared_risk=risk_level(risk),  # type: ignore[arg-type]
+            tool_name=tool, arguments=to_struct(plain, plain=True), declared_risk=risk_level(risk),  # type: ignore[arg-type]
             estimated_cost_usd=cost_usd, run_id=run_id if run_id is not None else (run.run_id if run else ""),
             tool_call_id=tcid, approval_id=approval_id or "", context=to_struct(context),
             is_run_start=is_run_start, **self._agent_ref())
