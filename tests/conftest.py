@@ -191,7 +191,8 @@ class GovernanceServer:
 async def start_governance(spec: DatabaseSpec, registry: RegistryServer,
                            extra_env: dict[str, str] | None = None) -> GovernanceServer:
     env = {"ARM_GOVERNANCE_LISTEN": "127.0.0.1:0", "ARM_REGISTRY_ADDRESS": registry.address,
-           "ARM_SERVICE_API_KEY": registry.admin_key, **spec.env("governance"), **(extra_env or {})}
+           "ARM_SERVICE_API_KEY": registry.admin_key, "ARM_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+           **spec.env("governance"), **(extra_env or {})}
     config = ServiceConfig.from_env("governance", env)
     db = governance_app.database(config)
     await governance_app.migrate(db)

@@ -27,7 +27,7 @@ async def test_pending_notifications_are_delivered_once_after_kill_9(
     spec = new_database_spec(registry.backend, tmp_path, "governance")
     port = free_port()
     env = governance_env(spec, port, registry)
-    env.update(ARM_DATA_DIR=str(tmp_path), ARM_WEBHOOK_MAX_BACKOFF_S="0.3", ARM_WEBHOOK_TIMEOUT_S="2",
+    env.update(ARM_DATA_DIR=str(tmp_path), ARM_WEBHOOK_MAX_BACKOFF_S="0.3", ARM_WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32", ARM_WEBHOOK_TIMEOUT_S="2",
                ARM_OUTBOX_POLL_S="0.1", ARM_CONSOLE_URL="http://console.test:8080")
     log = tmp_path / "gov.log"
     assert spawn("arm_governance", "migrate", env=env, log=log).wait(60) == 0

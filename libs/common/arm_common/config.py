@@ -3,6 +3,7 @@ A bad value fails fast with a message naming the variable."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -80,6 +81,22 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[Network, ...]:
+    """Comma-separated CIDRs (or single addresses)."""
+    out: list[Network] = []
+    for part in (p.strip() for p in (env.get(name) or "").split(",")):
+        if part:
+            try:
+                out.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ConfigError(f"{name}: {part!r} is not a network (a CIDR such as 10.0.0.0/8) "
+                                  "or an address") from None
+    return tuple(out)
 
 
 def _workers(env: Mapping[str, str], share_port: bool) -> int:
@@ -197,6 +214,10 @@ class ServiceConfig:
     webhook_max_backoff_s: float = 600.0
     """Longest wait between attempts of a failing delivery (`ARM_WEBHOOK_MAX_BACKOFF_S`, default
     600); the wait doubles from 1 s up to it."""
+    webhook_allowed_networks: tuple[Network, ...] = ()
+    """Networks webhook deliveries may reach besides public addresses (`ARM_WEBHOOK_ALLOWED_NETWORKS`,
+    comma-separated CIDRs; default none: loopback, private, link-local and reserved addresses are
+    refused, so a tenant's webhook cannot reach into governance's own network)."""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -241,4 +262,5 @@ class ServiceConfig:
             webhook_secret_key_file=env.get("ARM_WEBHOOK_SECRET_KEY_FILE") or None,
             webhook_timeout_s=_float(env, "ARM_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
             webhook_max_backoff_s=_float(env, "ARM_WEBHOOK_MAX_BACKOFF_S", 600.0, minimum=0.01),
+            webhook_allowed_networks=_networks(env, "ARM_WEBHOOK_ALLOWED_NETWORKS"),
         )

@@ -19,6 +19,7 @@ from arm_common.server import Host, stop_on_signal
 from arm_console.config import ConsoleConfig
 from arm_console.server import ConsoleServer
 from arm_governance import app as governance_app
+from arm_governance.webhooks.egress import LOOPBACK
 from arm_registry import app as registry_app
 from arm_telemetry import app as telemetry_app
 
@@ -65,6 +66,9 @@ async def main() -> int:
         # follow the registry's agent changes.
         governance_config = dataclasses.replace(ServiceConfig.from_env("governance"),
                                                 service_api_key=admin_key)
+        if not os.environ.get("ARM_WEBHOOK_ALLOWED_NETWORKS"):
+            # A development server: webhooks may reach a receiver on this machine.
+            governance_config = dataclasses.replace(governance_config, webhook_allowed_networks=LOOPBACK)
         # Governance's opEvents go to the telemetry hosted here, once the address is known.
         op_events = OpEventForwarder(None, admin_key, config.tls)
         governance = governance_app.GovernanceComponent(governance_db, governance_config,

@@ -45,6 +45,7 @@ from arm_governance.policy.servicer import PolicyServicer
 from arm_governance.policy.store import PolicyStore, RegistryLookup
 from arm_governance.registry_calls import RegistryAgents
 from arm_governance.webhooks.delivery import WebhookDispatcher
+from arm_governance.webhooks.egress import EgressPolicy
 from arm_governance.webhooks.service import TOPIC_NOTIFICATION, WebhookStore, load_secret_box
 from arm_governance.webhooks.servicer import WebhookServicer
 
@@ -100,8 +101,9 @@ class GovernanceComponent:
         # Approval notifications: the relay fans each out to the tenant's webhooks
         # (webhook_deliveries), the dispatcher POSTs those (arm_governance.webhooks.delivery).
         self.secret_box = load_secret_box(config)
+        self.egress = EgressPolicy(config.webhook_allowed_networks)
         self.webhooks = WebhookDispatcher(db, self.secret_box, console_url=config.console_url,
-                                          timeout_s=config.webhook_timeout_s,
+                                          egress=self.egress, timeout_s=config.webhook_timeout_s,
                                           max_backoff_s=config.webhook_max_backoff_s,
                                           poll_s=config.outbox_poll_s)
         self.relays.append(OutboxRelay(db, OUTBOX, TOPIC_NOTIFICATION, self.webhooks.fan_out,
@@ -144,7 +146,7 @@ class GovernanceComponent:
             DeploymentServicer(self.db, DeploymentStore(self.db, self.approvals), registry, self.relays), server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, self.checkpoints), server)
         webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
-            WebhookServicer(self.db, WebhookStore(self.db, self.secret_box), self.relays), server)
+            WebhookServicer(self.db, WebhookStore(self.db, self.secret_box), self.relays, self.egress), server)
         return list(SERVICES)
 
     async def start(self) -> None:

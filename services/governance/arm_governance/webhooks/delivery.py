@@ -42,6 +42,7 @@ from arm_common.outbox import OutboxMessage
 from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
+from arm_governance.webhooks.egress import EgressPolicy
 from arm_governance.webhooks.service import EVENT_NAMES, SecretBox, payload, signature_header
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,10 @@ class _Claimed:
 
 
 class WebhookDispatcher:
-    def __init__(self, db: Database, box: SecretBox, *, console_url: str, timeout_s: float = 10.0,
-                 max_backoff_s: float = 600.0, poll_s: float = 1.0) -> None:
+    def __init__(self, db: Database, box: SecretBox, *, console_url: str, egress: EgressPolicy | None = None,
+                 timeout_s: float = 10.0, max_backoff_s: float = 600.0, poll_s: float = 1.0) -> None:
         self.db = db
+        self.egress = egress or EgressPolicy()
         self.box = box
         self.console_url = console_url
         self.timeout_s = timeout_s
@@ -127,6 +129,7 @@ class WebhookDispatcher:
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), follow_redirects=False,
+                                         transport=self.egress.transport(),
                                          headers={"user-agent": USER_AGENT})
         self._task = asyncio.create_task(self._loop(), name="webhook-dispatcher")
 

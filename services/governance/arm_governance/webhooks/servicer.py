@@ -15,6 +15,7 @@ from arm_common.idempotency import run_idempotent
 from arm_common.outbox import OutboxRelay
 from arm_common.server import Ctx
 from arm_governance.models import IDEMPOTENCY
+from arm_governance.webhooks.egress import EgressPolicy
 from arm_governance.webhooks.service import PERMISSION, WebhookStore, validate_create, validate_id
 
 
@@ -29,10 +30,12 @@ def _without_secret(response: Any) -> Any:
 class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     """The edge: validate, require `operators:admin`, one store call (writes idempotent)."""
 
-    def __init__(self, db: Database, store: WebhookStore, relays: list[OutboxRelay]) -> None:
+    def __init__(self, db: Database, store: WebhookStore, relays: list[OutboxRelay],
+                 egress: EgressPolicy | None = None) -> None:
         self.db = db
         self.store = store
         self.relays = relays
+        self.egress = egress or EgressPolicy()
 
     async def _write(self, method: str, request: Any, response_type: Any, fn: Any, *,
                      one_time_secret: bool = False) -> Any:
@@ -52,6 +55,11 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
 
     async def CreateWebhook(self, request: wpb.CreateWebhookRequest, context: Ctx) -> Any:
         validate_create(request)
+        refusal = self.egress.literal_refusal(request.webhook.url)
+        if refusal is not None:
+            v = Violations()
+            v.add("webhook.url", refusal)
+            v.raise_if_any()
         p = self._admin()
         return await self._write("CreateWebhook", request, wpb.CreateWebhookResponse,
                                  lambda s: self.store.create(s, p, request), one_time_secret=True)
