@@ -82,7 +82,7 @@ def test_requests_mark_the_resource_id_required() -> None:
 
 # The registry's servicers validate with rule tables (`check(request, ("id", "id"), ...)`); these
 # kinds refuse an empty value.
-REFUSES_EMPTY = {"id", "name", "slug", "email", "enum"}
+REFUSES_EMPTY = {"id", "name", "slug", "email", "enum", "session_ttl"}
 
 
 def registry_checked_required() -> set[tuple[str, str]]:

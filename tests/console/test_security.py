@@ -5,7 +5,9 @@ the key is never in a page, a cookie in clear, a URL or a log line."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import re
@@ -19,10 +21,11 @@ from cryptography.fernet import Fernet
 
 from arm.governance.v1 import policy_pb2
 from arm.registry.v1 import access_pb2, agents_pb2
-from arm_console.sessions import SESSION_COOKIE, _derive
+from arm_console.server import ConsoleServer
+from arm_console.sessions import SESSION_COOKIE, SessionCodec, _derive
 from tests.conftest import RegistryServer, TenantContext, make_tenant
 from tests.console.conftest import ConsoleStack, Ui, new_ui
-from tests.helpers import approved_version
+from tests.helpers import approved_version, operator_key
 
 
 def csrf_of(html: str) -> str:
@@ -172,6 +175,55 @@ async def test_forged_altered_foreign_expired_and_signed_out_cookies_are_refused
             assert (await c.get("/directory/templates")).status_code == 303
     finally:
         await client.aclose()
+
+
+async def until_signed_out(client: httpx.AsyncClient, what: str) -> None:
+    """Bounded wait: the services refuse a revoked key at once in their own process, and within
+    their auth cache's lifetime (a change notice, or ARM_AUTH_CACHE_TTL_S) elsewhere."""
+    deadline = time.monotonic() + 30
+    while True:
+        resp = await client.get("/directory/templates")
+        if resp.status_code == 303 and resp.headers["location"].startswith("/signin"):
+            return
+        assert resp.status_code == 200, resp.text
+        assert time.monotonic() < deadline, f"still signed in 30 s after {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_signing_out_on_one_replica_ends_the_session_on_every_replica(
+        console: ConsoleStack, tenant: TenantContext) -> None:
+    """The session holds a key made for it (CreateSessionKey), not the operator's: signing out
+    revokes that key, so a copy of the cookie stops working on another replica sharing the secret
+    too; the operator's own key keeps working; and revoking the operator's key ends its sessions."""
+    other = ConsoleServer(dataclasses.replace(console.server.config, listen="127.0.0.1:0"))
+    await other.start()
+    op_id, key = await operator_key(tenant.admin, "admin")
+    client = await signed_in(console, key)
+    try:
+        cookie = client.cookies[SESSION_COOKIE]
+        config = console.server.config
+        session = SessionCodec(config.session_secret, config.session_ttl_s).read(cookie.strip("\""))
+        assert session is not None and session.api_key != key and session.actor_id == op_id
+        async with httpx.AsyncClient(base_url=other.url, cookies={SESSION_COOKIE: cookie}) as copy:
+            assert (await copy.get("/directory/templates")).status_code == 200
+            page = await client.get("/directory/templates")
+            assert (await client.post("/signout", data={"csrf_token": csrf_of(page.text)})).status_code == 303
+            await until_signed_out(copy, "signing out on the other replica")
+        async with console.registry.client(key) as own:  # the operator's key is untouched
+            assert (await own.access.Authenticate(access_pb2.AuthenticateRequest())).principal.actor.id == op_id
+        # Revoking the operator's key ends the sessions made with it.
+        second = await signed_in(ConsoleStack(console.registry, console.governance, console.telemetry, other), key)
+        try:
+            assert (await second.get("/directory/templates")).status_code == 200
+            keys = (await tenant.admin.access.ListApiKeys(access_pb2.ListApiKeysRequest(operator_id=op_id))).api_keys
+            parent = next(k.id for k in keys if not k.parent_key_id)
+            await tenant.admin.access.RevokeApiKey(access_pb2.RevokeApiKeyRequest(id=parent))
+            await until_signed_out(second, "revoking the operator's key")
+        finally:
+            await second.aclose()
+    finally:
+        await client.aclose()
+        await other.stop()
 
 
 async def test_cross_site_and_tokenless_posts_are_refused(console: ConsoleStack, tenant: TenantContext) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from google.protobuf import duration_pb2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -132,6 +134,12 @@ def create_app(config: ConsoleConfig) -> Starlette:
             with contextlib.suppress(grpc.aio.AioRpcError):  # a key without operators:read still signs in
                 op = (await client.access.GetOperator(access_pb2.GetOperatorRequest(id=principal.actor.id))).operator
                 name = op.name or op.email or name
+            # The session holds a key of its own, made from the operator's and revoked at sign-out
+            # (so on every replica, and with the operator's key), never the operator's key itself.
+            ttl = duration_pb2.Duration()
+            ttl.FromTimedelta(timedelta(seconds=config.session_ttl_s))
+            session_key = (await client.access.CreateSessionKey(access_pb2.CreateSessionKeyRequest(
+                ttl=ttl, display_name="web console session"))).secret
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                               grpc.StatusCode.INVALID_ARGUMENT):
@@ -142,7 +150,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
             return await signin_page(request, "The registry could not be reached. Try again shortly.", 503)
         finally:
             await client.close()
-        session, cookie = console.sessions.new_session(key, principal.tenant_id, principal.actor.id, name)
+        session, cookie = console.sessions.new_session(session_key, principal.tenant_id, principal.actor.id, name)
         log.info("console sign-in: operator %s of tenant %s", principal.actor.id, principal.tenant_id)
         next_path = form.get("next")
         response = RedirectResponse(local_path(next_path if isinstance(next_path, str) else None, VIEWS[0].path),
@@ -155,6 +163,12 @@ def create_app(config: ConsoleConfig) -> Starlette:
     async def signout(request: Request) -> Response:
         page = await console.page(request)
         await page.form()
+        try:  # the session's key: refused from now on by every service, whichever replica is asked
+            await console.client_for(page.session).access.RevokeCallerKey(access_pb2.RevokeCallerKeyRequest())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:  # else revoked or expired already
+                log.warning("console sign-out could not revoke the session key: %s %s", exc.code().name,
+                            exc.details())
         console.sessions.revoke(page.session)
         await console.drop_client(page.session.sid)
         response = redirect("/signin", ("info", "You are signed out."), secure=console.secure(request))

@@ -1,11 +1,14 @@
 """Sessions and CSRF tokens.
 
-A sign-in exchanges an API key for a session cookie. The cookie is a Fernet token (the
-`cryptography` library: AES-128-CBC encrypted, HMAC-SHA256 signed, time-stamped) holding the
-session id, the key and who it belongs to: the key is never readable from the cookie, a cookie
-changed by one bit is refused, and one older than the session lifetime is refused. Any console
-replica sharing the secret reads it. Signing out forgets the session id in this process (the
-cookie is also cleared), so a copy of the cookie taken before stops working here too.
+A sign-in exchanges an operator's API key for a session key of the same operator (the
+registry's CreateSessionKey: it expires with the session and is revoked with the operator's key)
+and that for a session cookie. The cookie is a Fernet token (the `cryptography` library:
+AES-128-CBC encrypted, HMAC-SHA256 signed, time-stamped) holding the session id, the session key
+and who it belongs to: the key is never readable from the cookie, a cookie changed by one bit is
+refused, and one older than the session lifetime is refused. Any console replica sharing the
+secret reads it. Signing out revokes the session key (RevokeCallerKey: a copy of the cookie
+taken before stops working on every replica, once the services refuse the key) and forgets the
+session id in this process at once.
 
 CSRF tokens are bound to the session id (itsdangerous, signed with a key derived from the same
 secret): a form posted without the token of the current session is refused. The sign-in form,

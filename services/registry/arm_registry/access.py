@@ -3,14 +3,15 @@ records of each operation, and the authenticator's cache drops after a change of
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.registry.v1 import access_pb2, compat_pb2
 from arm_common.auth import SCOPE_TENANT, Principal, actor_of
-from arm_common.errors import FailedPrecondition
+from arm_common.errors import FailedPrecondition, PermissionDenied
 from arm_common.ids import new_id
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
@@ -233,19 +234,73 @@ class Access:
                              ) -> access_pb2.RevokeApiKeyResponse:
         p.require("operators:admin")
 
+        dropped: list[str] = []
+
         async def write(s: AsyncSession) -> access_pb2.RevokeApiKeyResponse:
             row = await self.store.get(s, models.ApiKey, request.id, p.tenant_id, "api_key",
                                        for_update=True)
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-                await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_API_KEY, p.tenant_id,
-                                               api_key_id=row.id)
-                await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
-                                        target_type="api_key", target_id=row.id,
-                                        summary="API key revoked")
+            dropped[:] = await self._revoke(s, p, row, "API key revoked")
             return access_pb2.RevokeApiKeyResponse(api_key=convert.api_key(row))
 
         result = await self.store.write(p, "RevokeApiKey", request, access_pb2.RevokeApiKeyResponse,
                                         write)
-        self._dropped(compat_pb2.AGENT_CHANGE_KIND_API_KEY, p, api_key_id=request.id)
+        for key_id in dropped or [request.id]:
+            self._dropped(compat_pb2.AGENT_CHANGE_KIND_API_KEY, p, api_key_id=key_id)
+        return result
+
+    async def _revoke(self, s: AsyncSession, p: Principal, row: models.ApiKey, summary: str) -> list[str]:
+        """Revokes the key and the session keys made from it; the ids revoked now."""
+        now = utcnow()
+        revoked = []
+        children = (await s.execute(select(models.ApiKey).where(
+            models.ApiKey.tenant_id == row.tenant_id, models.ApiKey.parent_key_id == row.id,
+            models.ApiKey.revoked_at.is_(None)).with_for_update())).scalars().all()
+        for key in ([row] if row.revoked_at is None else []) + list(children):
+            key.revoked_at = now
+            revoked.append(key.id)
+            await self.store.agent_changed(s, compat_pb2.AGENT_CHANGE_KIND_API_KEY, row.tenant_id,
+                                           api_key_id=key.id)
+            await self.store.record(s, p, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED, target_type="api_key",
+                                    target_id=key.id, summary=summary if key is row else
+                                    f"session key revoked with the key it was made from ({row.id})")
+        return revoked
+
+    # session keys
+
+    async def create_session_key(self, p: Principal, request: access_pb2.CreateSessionKeyRequest,
+                                 ttl_s: float) -> access_pb2.CreateSessionKeyResponse:
+        """A key of the caller's own operator, expiring after `ttl_s` and no later than the
+        caller's key; its parent is the caller's key (or, for a session key, that key's parent)."""
+        if p.actor_type != "OPERATOR" or p.acting_for_tenant:
+            raise PermissionDenied("session keys are for operators' own keys", reason="OPERATOR_KEY_REQUIRED")
+        expires = utcnow() + timedelta(seconds=ttl_s)
+        if p.key_expires_at is not None:
+            expires = min(expires, datetime.fromtimestamp(p.key_expires_at, UTC))
+
+        async def write(s: AsyncSession) -> access_pb2.CreateSessionKeyResponse:
+            caller = await self.store.get(s, models.ApiKey, p.api_key_id, p.tenant_id, "api_key")
+            row, secret = await self.store.create_key_row(
+                s, p, p.tenant_id, operator_id=p.actor_id, display_name=request.display_name or "session",
+                expires_at=expires)
+            row.parent_key_id = caller.parent_key_id or caller.id
+            return access_pb2.CreateSessionKeyResponse(api_key=convert.api_key(row), secret=secret)
+
+        def without_secret(resp: access_pb2.CreateSessionKeyResponse) -> access_pb2.CreateSessionKeyResponse:
+            return access_pb2.CreateSessionKeyResponse(api_key=resp.api_key)
+
+        return await self.store.write(p, "CreateSessionKey", request, access_pb2.CreateSessionKeyResponse,
+                                      write, without_secret)
+
+    async def revoke_caller_key(self, p: Principal, request: access_pb2.RevokeCallerKeyRequest
+                                ) -> access_pb2.RevokeCallerKeyResponse:
+        dropped: list[str] = []
+
+        async def write(s: AsyncSession) -> access_pb2.RevokeCallerKeyResponse:
+            row = await self.store.get(s, models.ApiKey, p.api_key_id, p.tenant_id, "api_key", for_update=True)
+            dropped[:] = await self._revoke(s, p, row, "API key revoked by its holder")
+            return access_pb2.RevokeCallerKeyResponse(api_key=convert.api_key(row))
+
+        result = await self.store.write(p, "RevokeCallerKey", request, access_pb2.RevokeCallerKeyResponse, write)
+        for key_id in dropped or [p.api_key_id]:
+            self._dropped(compat_pb2.AGENT_CHANGE_KIND_API_KEY, p, api_key_id=key_id)
         return result

@@ -77,7 +77,7 @@ def api_key(row: models.ApiKey) -> access_pb2.ApiKey:
         id=row.id, tenant_id=row.tenant_id, operator_id=row.operator_id or "",
         instance_id=row.instance_id or "", display_name=row.display_name,
         create_time=ts(row.created_at), expire_time=ts(row.expires_at),
-        revoke_time=ts(row.revoked_at))
+        revoke_time=ts(row.revoked_at), parent_key_id=row.parent_key_id or "")
 
 
 def template(row: models.AgentTemplate) -> agents_pb2.AgentTemplate:

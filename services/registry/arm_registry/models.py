@@ -105,6 +105,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    parent_key_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    """For a session key (CreateSessionKey): the key it was made from; revoked with it."""
 
 
 class AgentTemplate(Stamped, Base):

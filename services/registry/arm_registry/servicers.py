@@ -183,6 +183,14 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
         check(request, ("id", "id"))
         return await self.access.revoke_api_key(current_principal(), request)
 
+    async def CreateSessionKey(self, request: access_pb2.CreateSessionKeyRequest, context: Ctx) -> Any:
+        check(request, ("session_ttl", "ttl"), ("name?", "display_name"))
+        return await self.access.create_session_key(current_principal(), request,
+                                                    request.ttl.ToTimedelta().total_seconds())
+
+    async def RevokeCallerKey(self, request: access_pb2.RevokeCallerKeyRequest, context: Ctx) -> Any:
+        return await self.access.revoke_caller_key(current_principal(), request)
+
 
 class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
     def __init__(self, agents: Agents) -> None:

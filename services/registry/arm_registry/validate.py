@@ -14,12 +14,13 @@ VERSION_STATES = set(agents_pb2.VersionState.values()) - {0}
 INSTANCE_STATES = set(agents_pb2.InstanceState.values()) - {0}
 EVAL_STATUSES = set(agents_pb2.EvalStatus.values()) - {0}
 SCOPE_TYPES = set(access_pb2.RoleScopeType.values())
+MAX_SESSION_TTL_S = 30 * 86400
 
 
 def check(request: Message, *rules: tuple[str, str], prefix: str = "") -> None:
     """Validates `request` with the shared checks plus the given (kind, field) rules.
     kinds: id (required id), id? (optional id), name, name?, text?, slug, email, enum, enum?,
-    list, long? (up to 200,000 characters). `prefix` names a nested message, e.g.
+    list, long? (up to 200,000 characters), session_ttl (a required Duration, 1 s to 30 days). `prefix` names a nested message, e.g.
     "agent_identity.", in the field violations."""
     v = Violations()
     val.standard_fields(v, request)
@@ -51,6 +52,10 @@ def check(request: Message, *rules: tuple[str, str], prefix: str = "") -> None:
             val.enum_set(v, field, value, set(enum_values) - {0})
         elif kind == "list":
             val.string_list(v, field, list(value))
+        elif kind == "session_ttl":
+            seconds = value.ToTimedelta().total_seconds() if request.HasField(name) else 0.0
+            if not 1 <= seconds <= MAX_SESSION_TTL_S:
+                v.add(field, "is required: from 1 second to 30 days")
         else:  # pragma: no cover - a programming error in a rule table
             raise ValueError(kind)
     v.raise_if_any()

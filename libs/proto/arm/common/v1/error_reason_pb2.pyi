@@ -254,6 +254,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT, governance; e.g. a decision id is taken (RecordLocalDecisions: the id is
     another tenant's decision).
     """
+    ERROR_REASON_OPERATOR_KEY_REQUIRED: _ErrorReason.ValueType  # 115
+    """PERMISSION_DENIED, registry; e.g. session keys are for operators' own keys (CreateSessionKey
+    with an agent's or a service's key).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the catalogue of every `google.rpc.ErrorInfo.reason` ARM sends (domain
@@ -496,5 +500,9 @@ ERROR_REASON_WEBHOOK_NOT_FOUND: ErrorReason.ValueType  # 113
 ERROR_REASON_DECISION_ID_TAKEN: ErrorReason.ValueType  # 114
 """INVALID_ARGUMENT, governance; e.g. a decision id is taken (RecordLocalDecisions: the id is
 another tenant's decision).
+"""
+ERROR_REASON_OPERATOR_KEY_REQUIRED: ErrorReason.ValueType  # 115
+"""PERMISSION_DENIED, registry; e.g. session keys are for operators' own keys (CreateSessionKey
+with an agent's or a service's key).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

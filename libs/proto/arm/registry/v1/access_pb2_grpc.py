@@ -110,6 +110,16 @@ class AccessServiceStub:
                 request_serializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.CreateSessionKey = channel.unary_unary(
+                '/arm.registry.v1.AccessService/CreateSessionKey',
+                request_serializer=arm_dot_registry_dot_v1_dot_access__pb2.CreateSessionKeyRequest.SerializeToString,
+                response_deserializer=arm_dot_registry_dot_v1_dot_access__pb2.CreateSessionKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeCallerKey = channel.unary_unary(
+                '/arm.registry.v1.AccessService/RevokeCallerKey',
+                request_serializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeCallerKeyRequest.SerializeToString,
+                response_deserializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeCallerKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AccessServiceServicer:
@@ -216,7 +226,24 @@ class AccessServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Revokes an API key.
+        """Revokes an API key, and the session keys made from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSessionKey(self, request, context):
+        """Creates a key for the calling operator itself, for one sign-in session (the web console
+        keeps it instead of the operator's own key): the same operator, so the same roles, expiring
+        after `ttl` and never after the key it is made from; revoking that key revokes it too.
+        Needs no permission (an operator key only); the secret is returned once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCallerKey(self, request, context):
+        """Revokes the key this call is made with (signing out). Needs no permission.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -299,6 +326,16 @@ def add_AccessServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'CreateSessionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSessionKey,
+                    request_deserializer=arm_dot_registry_dot_v1_dot_access__pb2.CreateSessionKeyRequest.FromString,
+                    response_serializer=arm_dot_registry_dot_v1_dot_access__pb2.CreateSessionKeyResponse.SerializeToString,
+            ),
+            'RevokeCallerKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCallerKey,
+                    request_deserializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeCallerKeyRequest.FromString,
+                    response_serializer=arm_dot_registry_dot_v1_dot_access__pb2.RevokeCallerKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -707,6 +744,60 @@ class AccessService:
             '/arm.registry.v1.AccessService/RevokeApiKey',
             arm_dot_registry_dot_v1_dot_access__pb2.RevokeApiKeyRequest.SerializeToString,
             arm_dot_registry_dot_v1_dot_access__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSessionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.registry.v1.AccessService/CreateSessionKey',
+            arm_dot_registry_dot_v1_dot_access__pb2.CreateSessionKeyRequest.SerializeToString,
+            arm_dot_registry_dot_v1_dot_access__pb2.CreateSessionKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCallerKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arm.registry.v1.AccessService/RevokeCallerKey',
+            arm_dot_registry_dot_v1_dot_access__pb2.RevokeCallerKeyRequest.SerializeToString,
+            arm_dot_registry_dot_v1_dot_access__pb2.RevokeCallerKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

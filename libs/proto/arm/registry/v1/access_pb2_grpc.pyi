@@ -66,7 +66,15 @@ class AccessServiceStub:
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_access_pb2.ListApiKeysRequest, _access_pb2.ListApiKeysResponse]
     """Lists API keys (never their secrets)."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_access_pb2.RevokeApiKeyRequest, _access_pb2.RevokeApiKeyResponse]
-    """Revokes an API key."""
+    """Revokes an API key, and the session keys made from it."""
+    CreateSessionKey: _grpc.UnaryUnaryMultiCallable[_access_pb2.CreateSessionKeyRequest, _access_pb2.CreateSessionKeyResponse]
+    """Creates a key for the calling operator itself, for one sign-in session (the web console
+    keeps it instead of the operator's own key): the same operator, so the same roles, expiring
+    after `ttl` and never after the key it is made from; revoking that key revokes it too.
+    Needs no permission (an operator key only); the secret is returned once.
+    """
+    RevokeCallerKey: _grpc.UnaryUnaryMultiCallable[_access_pb2.RevokeCallerKeyRequest, _access_pb2.RevokeCallerKeyResponse]
+    """Revokes the key this call is made with (signing out). Needs no permission."""
 
 @_typing.type_check_only
 class AccessServiceAsyncStub(AccessServiceStub):
@@ -104,7 +112,15 @@ class AccessServiceAsyncStub(AccessServiceStub):
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_access_pb2.ListApiKeysRequest, _access_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists API keys (never their secrets)."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_access_pb2.RevokeApiKeyRequest, _access_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
-    """Revokes an API key."""
+    """Revokes an API key, and the session keys made from it."""
+    CreateSessionKey: _aio.UnaryUnaryMultiCallable[_access_pb2.CreateSessionKeyRequest, _access_pb2.CreateSessionKeyResponse]  # type: ignore[assignment]
+    """Creates a key for the calling operator itself, for one sign-in session (the web console
+    keeps it instead of the operator's own key): the same operator, so the same roles, expiring
+    after `ttl` and never after the key it is made from; revoking that key revokes it too.
+    Needs no permission (an operator key only); the secret is returned once.
+    """
+    RevokeCallerKey: _aio.UnaryUnaryMultiCallable[_access_pb2.RevokeCallerKeyRequest, _access_pb2.RevokeCallerKeyResponse]  # type: ignore[assignment]
+    """Revokes the key this call is made with (signing out). Needs no permission."""
 
 class AccessServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves operators, roles and keys of the caller's tenant."""
@@ -229,6 +245,26 @@ class AccessServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _access_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_access_pb2.RevokeApiKeyResponse, _abc.Awaitable[_access_pb2.RevokeApiKeyResponse]]:
-        """Revokes an API key."""
+        """Revokes an API key, and the session keys made from it."""
+
+    @_abc_1.abstractmethod
+    def CreateSessionKey(
+        self,
+        request: _access_pb2.CreateSessionKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_access_pb2.CreateSessionKeyResponse, _abc.Awaitable[_access_pb2.CreateSessionKeyResponse]]:
+        """Creates a key for the calling operator itself, for one sign-in session (the web console
+        keeps it instead of the operator's own key): the same operator, so the same roles, expiring
+        after `ttl` and never after the key it is made from; revoking that key revokes it too.
+        Needs no permission (an operator key only); the secret is returned once.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeCallerKey(
+        self,
+        request: _access_pb2.RevokeCallerKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_access_pb2.RevokeCallerKeyResponse, _abc.Awaitable[_access_pb2.RevokeCallerKeyResponse]]:
+        """Revokes the key this call is made with (signing out). Needs no permission."""
 
 def add_AccessServiceServicer_to_server(servicer: AccessServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
