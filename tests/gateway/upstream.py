@@ -1,5 +1,5 @@
 """A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: five tools, each call
-appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it), its
+(its tool, arguments and JSON-RPC request id) appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it), its
 pid appended to UPSTREAM_CALLS.pid at each start."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ TOOLS = [
 ]
 
 
-def record(name: str, arguments: dict[str, Any]) -> None:
+def record(name: str, arguments: dict[str, Any], request_id: Any) -> None:
     with open(os.environ["UPSTREAM_CALLS"], "a") as f:
-        f.write(json.dumps({"tool": name, "arguments": arguments}) + "\n")
+        f.write(json.dumps({"tool": name, "arguments": arguments, "request_id": request_id}) + "\n")
 
 
 async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
@@ -40,7 +40,7 @@ async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequ
 
 async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
     args = params.arguments or {}
-    record(params.name, args)
+    record(params.name, args, ctx.request_id)
     if params.name == "echo":
         text = str(args.get("text", ""))
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"echo: {text}")],
