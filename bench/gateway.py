@@ -168,9 +168,9 @@ async def bench(env: dict[str, str], direct_url: str, gateway_urls: dict[str, st
 
 
 @contextlib.asynccontextmanager
-async def services(postgres: str, tmp: Path) -> AsyncIterator[tuple[dict[str, str], str]]:
+async def services(postgres: str, tmp: Path) -> AsyncIterator[tuple[dict[str, str], str, int]]:
     """Registry, governance and telemetry on PostgreSQL (own schemas, dropped after); yields the
-    addresses and the system key."""
+    addresses, the system key and governance's pid."""
     import asyncpg
 
     from tests.processes import base_env, free_port, wait_serving
@@ -198,7 +198,7 @@ async def services(postgres: str, tmp: Path) -> AsyncIterator[tuple[dict[str, st
                                stdout=out, stderr=subprocess.STDOUT)
             procs.append(spawn(["-m", f"arm_{name}"], env, log))
             await wait_serving(addr[name], procs[-1], log)
-        yield addr, key
+        yield addr, key, procs[1].pid
     finally:
         for p in procs:
             if p.poll() is None:
@@ -215,7 +215,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
     from tests.processes import free_port
     tmp = Path(tempfile.mkdtemp(prefix="arm-bench-gateway-"))
     procs: list[subprocess.Popen[bytes]] = []
-    async with services(args.postgres, tmp) as (addr, key):
+    async with services(args.postgres, tmp) as (addr, key, governance_pid):
         try:
             instance_id, agent_key = await agent_world(addr["registry"], key)
             (tmp / "agent.key").write_text(agent_key)
@@ -225,7 +225,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                                tmp / "upstream.log"))
             await accepting(up_port, procs[-1], tmp / "upstream.log")
             urls: dict[str, str] = {}
-            pids = {"upstream": procs[0].pid}
+            pids = {"governance": governance_pid, "upstream": procs[0].pid}
             for variant in args.variants.split(","):
                 gw_port = free_port()
                 config = {"arm": {"registry_address": addr["registry"], "governance_address": addr["governance"],

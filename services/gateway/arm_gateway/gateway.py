@@ -15,8 +15,15 @@
   session, so a retry of the same call picks the same approval up instead of opening another.
 - Arguments larger than `max_argument_bytes` (as JSON), or that do not match the tool's input
   schema, are refused at the gateway, unchecked: an error result saying why.
-- Governance unreachable fails closed: an error result, the upstream is not called. An upstream
+- With `local_decisions` (the default) the `Arm` decides calls in the gateway's process with
+  governance's engine and its streamed inputs, spooling each ALLOW / DENY and shipping it to
+  governance, which logs it as a `Check`; approvals, grants, budgets and a stale stream go to
+  `Check` (README, "Local decisions"). The answers, texts and events are the same either way.
+- Governance unreachable fails closed: an error result, the upstream is not called (deciding
+  locally: once the inputs stream has been silent for `local_stale_after_s`, 3 s). An upstream
   that fails, dies or takes longer than `call_timeout_s` gives an error result (TOOL_CALL_FAILED).
+- A streamable HTTP upstream's calls are direct POSTs beside the SDK's session
+  (`direct_http_calls`, arm_gateway.direct); a stdio upstream's go through the session.
 - Events (through each agent's `Arm` event sender): the session is a run (RUN_STARTED …
   RUN_COMPLETED); each call sends TOOL_CALL_STARTED and TOOL_CALL_COMPLETED / TOOL_CALL_FAILED
   when forwarded, TOOL_CALL_BLOCKED when refused, with durations.
