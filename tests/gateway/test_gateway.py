@@ -329,6 +329,10 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, age
             denied = await session.call_tool("up.delete", {"path": "x"})
             assert denied.is_error and "BASELINE_CRITICAL" in text(denied)
             assert upstream_calls(calls)[1:] == [{"tool": "echo", "arguments": {"text": "over http"}}]
+            # A log message, a ping and an elicitation on the call's stream before its answer: the
+            # ping answered, the elicitation refused (the gateway's client offers none), as the SDK does.
+            chatty = await session.call_tool("up.echo", {"text": "chatty"})
+            assert text(chatty) == "echo: chatty (pinged; elicitation refused)", text(chatty)
 
             crashed = await session.call_tool("up.crash", {})
             assert crashed.is_error and 'upstream server "up" failed' in text(crashed)
@@ -348,9 +352,9 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, age
             assert "Session not found" in text(stale)  # the new process's 404, as a JSON-RPC error
             await recovered("after the restart")
         gated = upstream_calls(calls, with_ids=True)[1:]
-        assert [c["tool"] for c in gated] == ["echo", "crash", "echo", "hang", "echo", "echo"]
+        assert [c["tool"] for c in gated] == ["echo", "echo", "crash", "echo", "hang", "echo", "echo"]
         assert [c["arguments"].get("text") for c in gated if c["tool"] == "echo"] == [
-            "over http", "after the crash", "after the hang", "after the restart"]
+            "over http", "chatty", "after the crash", "after the hang", "after the restart"]
         # Direct POSTs carry the gateway's own request ids; the SDK's are integers.
         assert all(str(c["request_id"]).startswith("arm-gw-") == direct for c in gated)
     finally:

@@ -145,7 +145,7 @@ async def test_hidden_tools_follow_policy_changes(transport: str, agent: Agent, 
         await c.notified(LIST_CHANGED)
         assert await c.names() == ["up.crash", "up.delete", "up.hang", "up.pay"]
 
-        # A hidden tool called anyway is still decided by Check (denied), never forwarded.
+        # A hidden tool called anyway is still decided (denied), never forwarded.
         hidden = await c.session.call_tool("up.echo", {"text": "hi"})
         assert hidden.is_error and "TOOL_RULE_MATCHED" in text(hidden)
         shown = await c.session.call_tool("up.delete", {"path": "/tmp/x"})

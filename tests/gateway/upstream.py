@@ -15,6 +15,8 @@ import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
 
 TOOLS = [
     types.Tool(name="echo", description="Echoes its text.",
@@ -43,6 +45,8 @@ async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolReques
     record(params.name, args, ctx.request_id)
     if params.name == "echo":
         text = str(args.get("text", ""))
+        if text == "chatty":  # request-scoped traffic on the call's stream before the answer
+            text = await chatter(ctx)
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"echo: {text}")],
                                     structured_content={"echoed": text, "length": len(text)})
     if params.name == "delete":
@@ -54,6 +58,20 @@ async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolReques
     if params.name == "pay":
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"paid {args.get('amount')} to {args.get('to')}")])
     return types.CallToolResult(content=[types.TextContent(type="text", text="no such tool")], is_error=True)
+
+
+async def chatter(ctx: ServerRequestContext[Any]) -> str:
+    """A log message, a ping and an elicitation, each sent on the call's own stream."""
+    related = ServerMessageMetadata(related_request_id=ctx.request_id)
+    await ctx.session.send_log_message("info", "working on it", related_request_id=ctx.request_id)
+    await ctx.session.send_request(types.PingRequest(), types.EmptyResult, metadata=related)
+    try:
+        await ctx.session.send_request(types.ElicitRequest(params=types.ElicitRequestFormParams(
+            message="Sure?", requested_schema={"type": "object", "properties": {}})), types.ElicitResult,
+            metadata=related)
+    except MCPError:
+        return "chatty (pinged; elicitation refused)"
+    return "chatty (pinged; elicitation answered)"
 
 
 async def main() -> None:
