@@ -292,10 +292,13 @@ async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Pa
     assert traces[other] == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED", "RUN_COMPLETED"]
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-post", "sdk-session"])
-async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, agent: Agent, tmp_path: Path) -> None:
-    """A streamable HTTP upstream, its calls sent as direct POSTs beside the SDK's session (the
-    default) or through the session: the upstream's result unchanged; an upstream that dies
+@pytest.mark.parametrize(("direct", "json_answers"), [(True, False), (True, True), (False, False)],
+                         ids=["direct-post", "direct-post-json-upstream", "sdk-session"])
+async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, json_answers: bool, agent: Agent,
+                                                               tmp_path: Path) -> None:
+    """A streamable HTTP upstream (answering with event streams, or plain JSON), its calls sent
+    as direct POSTs beside the SDK's session (the default) or through the session: the
+    upstream's result unchanged; an upstream that dies
     mid-call, hangs past call_timeout_s, or was restarted behind the gateway's back (its session
     gone: 404) gives an error result, and the next calls reach it again."""
     calls = tmp_path / "calls.jsonl"
@@ -304,7 +307,8 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, age
 
     async def start() -> subprocess.Popen[bytes]:
         with (tmp_path / "upstream.log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, str(UPSTREAM), "--http", str(port)], stdout=log,
+            proc = subprocess.Popen([sys.executable, str(UPSTREAM), "--http", str(port),
+                                     *(["--json"] if json_answers else [])], stdout=log,
                                     stderr=subprocess.STDOUT, env={**os.environ, "UPSTREAM_CALLS": str(calls)})
         await accepting(port, proc, tmp_path / "upstream.log")
         return proc
@@ -331,8 +335,9 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, age
             assert upstream_calls(calls)[1:] == [{"tool": "echo", "arguments": {"text": "over http"}}]
             # A log message, a ping and an elicitation on the call's stream before its answer: the
             # ping answered, the elicitation refused (the gateway's client offers none), as the SDK does.
-            chatty = await session.call_tool("up.echo", {"text": "chatty"})
-            assert text(chatty) == "echo: chatty (pinged; elicitation refused)", text(chatty)
+            if not json_answers:  # (a JSON answer has no stream to carry them)
+                chatty = await session.call_tool("up.echo", {"text": "chatty"})
+                assert text(chatty) == "echo: chatty (pinged; elicitation refused)", text(chatty)
 
             crashed = await session.call_tool("up.crash", {})
             assert crashed.is_error and 'upstream server "up" failed' in text(crashed)
@@ -352,9 +357,11 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, age
             assert "Session not found" in text(stale)  # the new process's 404, as a JSON-RPC error
             await recovered("after the restart")
         gated = upstream_calls(calls, with_ids=True)[1:]
-        assert [c["tool"] for c in gated] == ["echo", "echo", "crash", "echo", "hang", "echo", "echo"]
+        chatty_calls = [] if json_answers else ["chatty"]
+        assert [c["tool"] for c in gated] == ["echo", *["echo"] * len(chatty_calls), "crash", "echo", "hang", "echo",
+                                              "echo"]
         assert [c["arguments"].get("text") for c in gated if c["tool"] == "echo"] == [
-            "over http", "chatty", "after the crash", "after the hang", "after the restart"]
+            "over http", *chatty_calls, "after the crash", "after the hang", "after the restart"]
         # Direct POSTs carry the gateway's own request ids; the SDK's are integers.
         assert all(str(c["request_id"]).startswith("arm-gw-") == direct for c in gated)
     finally:

@@ -1,4 +1,4 @@
-"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: five tools, each call
+"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`, answering with event streams, or plain JSON with `--json`) for the gateway's tests: five tools, each call
 (its tool, arguments and JSON-RPC request id) appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it), its
 pid appended to UPSTREAM_CALLS.pid at each start."""
 
@@ -78,9 +78,9 @@ async def main() -> None:
     with open(os.environ["UPSTREAM_CALLS"] + ".pid", "a") as f:  # every start, so a test can kill it
         f.write(f"{os.getpid()}\n")
     server: Server[Any] = Server("test-upstream", on_list_tools=list_tools, on_call_tool=call_tool)
-    if len(sys.argv) == 3 and sys.argv[1] == "--http":  # streamable HTTP on 127.0.0.1:<port>/mcp
-        config = uvicorn.Config(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[2]),
-                                log_level="warning")
+    if len(sys.argv) >= 3 and sys.argv[1] == "--http":  # streamable HTTP on 127.0.0.1:<port>/mcp
+        app = server.streamable_http_app(json_response="--json" in sys.argv[3:])  # else event streams
+        config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
         await uvicorn.Server(config).serve()
         return
     async with stdio_server() as (read, write):
