@@ -339,6 +339,20 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, jso
                 chatty = await session.call_tool("up.echo", {"text": "chatty"})
                 assert text(chatty) == "echo: chatty (pinged; elicitation refused)", text(chatty)
 
+            # A call the client gives up on: the upstream is told (notifications/cancelled) and
+            # stops it, and the connection goes on.
+            hanging = asyncio.create_task(session.call_tool("up.hang", {}))
+            with anyio.fail_after(30):
+                while not (hung_calls := [c for c in upstream_calls(calls, with_ids=True) if c["tool"] == "hang"]):
+                    await asyncio.sleep(0.05)
+            hanging.cancel()
+            cancelled = Path(f"{calls}.cancelled")
+            with anyio.fail_after(30):
+                while not cancelled.exists() or not cancelled.read_text():
+                    await asyncio.sleep(0.05)
+            assert [json.loads(line) for line in cancelled.read_text().splitlines()] == [hung_calls[0]["request_id"]]
+            assert text(await session.call_tool("up.echo", {"text": "after the cancel"})) == "echo: after the cancel"
+
             crashed = await session.call_tool("up.crash", {})
             assert crashed.is_error and 'upstream server "up" failed' in text(crashed)
             upstream.wait(30)
@@ -358,10 +372,10 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, jso
             await recovered("after the restart")
         gated = upstream_calls(calls, with_ids=True)[1:]
         chatty_calls = [] if json_answers else ["chatty"]
-        assert [c["tool"] for c in gated] == ["echo", *["echo"] * len(chatty_calls), "crash", "echo", "hang", "echo",
-                                              "echo"]
+        assert [c["tool"] for c in gated] == ["echo", *["echo"] * len(chatty_calls), "hang", "echo", "crash", "echo",
+                                              "hang", "echo", "echo"]
         assert [c["arguments"].get("text") for c in gated if c["tool"] == "echo"] == [
-            "over http", *chatty_calls, "after the crash", "after the hang", "after the restart"]
+            "over http", *chatty_calls, "after the cancel", "after the crash", "after the hang", "after the restart"]
         # Direct POSTs carry the gateway's own request ids; the SDK's are integers.
         assert all(str(c["request_id"]).startswith("arm-gw-") == direct for c in gated)
     finally:

@@ -51,8 +51,12 @@ async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolReques
                                     structured_content={"echoed": text, "length": len(text)})
     if params.name == "delete":
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"deleted {args.get('path')}")])
-    if params.name == "hang":  # never answers
-        await anyio.sleep_forever()
+    if params.name == "hang":  # never answers; its cancellation is appended to UPSTREAM_CALLS.cancelled
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with open(os.environ["UPSTREAM_CALLS"] + ".cancelled", "a") as f:
+                f.write(json.dumps(ctx.request_id) + "\n")
     if params.name == "crash":  # dies mid-call, answering nothing
         os._exit(3)
     if params.name == "pay":

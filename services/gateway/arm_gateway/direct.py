@@ -12,7 +12,8 @@ output schema by the session (`validate_tool_result`), as `ClientSession.call_to
 
 Failures raise `MCPError` as the SDK would for the same answer (a JSON-RPC error, a 404 once a
 session exists: "Session terminated", a timeout), or the HTTP client's own errors; the gateway
-treats them as before (error result, the connection restarted). A server request inside the
+treats them as before (error result, the connection restarted). A call that times out or that
+the caller cancels is followed, as in the SDK, by a `notifications/cancelled` for it. A server request inside the
 call's stream (ping, sampling, elicitation, roots) is answered as the SDK's default callbacks
 would: `ping` with an empty result, the others with an error. A redirect is not followed here:
 the call goes through the SDK (which follows same-origin ones) and so do later calls."""
@@ -36,11 +37,14 @@ from mcp_types import (
     METHOD_NOT_FOUND,
     REQUEST_TIMEOUT,
     JSONRPCError,
+    JSONRPCNotification,
     JSONRPCRequest,
     JSONRPCResponse,
     jsonrpc_message_adapter,
 )
 
+CANCEL_WRITE_S = 2.0
+"""How long the courtesy notifications/cancelled of a timed-out or cancelled call may take."""
 DRAIN_S = 0.2
 """After the answer, how long the rest of an event stream is read (the server ends it right
 after the answer; read to its end the connection is kept for the next call)."""
@@ -85,12 +89,20 @@ class DirectCalls:
         headers = self._headers(session)
         answer: JSONRPCResponse | JSONRPCError | None = None
         with anyio.move_on_after(timeout_s) as scope:
-            async with self.client.stream("POST", self.url, content=body.model_dump_json(by_alias=True,
-                                          exclude_unset=True), headers=headers) as response:
-                if response.is_redirect:
-                    self.usable = False
-                    return None
-                answer = await self._answer(response, request_id, headers)
+            try:
+                async with self.client.stream("POST", self.url, content=body.model_dump_json(
+                        by_alias=True, exclude_unset=True), headers=headers) as response:
+                    if response.is_redirect:
+                        self.usable = False
+                        return None
+                    answer = await self._answer(response, request_id, headers)
+            except anyio.get_cancelled_exc_class():
+                # Timed out, or the caller (the gateway's client) cancelled: as the SDK does, a
+                # courtesy notifications/cancelled so that the upstream stops the work.
+                reason = "timed out" if scope.cancel_called else "caller cancelled"
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_WRITE_S):
+                    await self._cancel(request_id, reason, headers)
+                raise
         if scope.cancelled_caught:
             raise MCPError(REQUEST_TIMEOUT, "Request 'tools/call' timed out")  # the SDK's words
         if isinstance(answer, JSONRPCError):
@@ -142,6 +154,16 @@ class DirectCalls:
             async for _ in events:
                 pass
         return answer
+
+    async def _cancel(self, request_id: str, reason: str, headers: dict[str, str]) -> None:
+        params = types.CancelledNotificationParams(request_id=request_id, reason=reason)
+        notice = JSONRPCNotification(jsonrpc="2.0", method="notifications/cancelled",
+                                     params=params.model_dump(by_alias=True, mode="json", exclude_none=True))
+        try:
+            await self.client.post(self.url, content=notice.model_dump_json(by_alias=True, exclude_unset=True),
+                                   headers=headers)
+        except httpx2.HTTPError:
+            pass  # the upstream is gone: nothing to stop
 
     async def _refuse(self, request: JSONRPCRequest, headers: dict[str, str]) -> None:
         """Answers a server request made inside the call as the SDK's default callbacks do."""
