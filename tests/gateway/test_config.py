@@ -112,8 +112,10 @@ def test_an_upstream_that_does_not_start_is_one_clear_line_and_exit_code_1(tmp_p
         "command": sys.executable, "args": ["-c", "import sys; sys.exit(3)"],
         "agent": {"instance_id": "ins_x", "api_key_env": "GW_TEST_KEY"}}}}))
     done = subprocess.run([sys.executable, "-m", "arm_gateway", "--config", str(config)], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "GW_TEST_KEY": "arm_key_x_y"}, stdin=subprocess.DEVNULL)
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "GW_TEST_KEY": "arm_key_x_y", "ARM_SPOOL_DIR": str(tmp_path / "spool")})
     assert done.returncode == 1, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("arm_gateway: ")]
     assert len(lines) == 1 and "upstream 'docs'" in lines[0] and "did not start" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert (tmp_path / "spool" / "decisions-ins_x").is_dir()  # local decisions (the default) spool in ARM_SPOOL_DIR
