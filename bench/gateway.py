@@ -7,11 +7,13 @@ Added latency of an allowed call (`up.echo`, LOW → ALLOW) through the gateway 
 call made to the upstream directly, at 1 and at 16 sessions in flight (each session one call at a
 time), measured in alternating rounds with a bare `Check` (the raw stub from this process) so
 drift on a shared machine hits all alike. Target: p50 added ≤ 1.5× the bare Check's p50.
+Several gateway configurations (`--variants`, see VARIANTS) run side by side, each its own
+process in front of the same upstream, measured in the same rounds.
 
-  .venv/bin/python bench/gateway.py [--postgres URL] [--seconds 6] [--rounds 3] [--profile]
+  .venv/bin/python bench/gateway.py [--postgres URL] [--seconds 8] [--rounds 3] [--variants check,local] [--profile]
 
-`--profile` runs the gateway under cProfile and prints its top functions after. Prints figures;
-asserts nothing."""
+`--profile` runs the gateways under cProfile and prints their top functions after. Prints
+figures; asserts nothing."""
 
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "check": {"local_decisions": False, "direct_http_calls": False},  # as before both levers
+    "local": {"local_decisions": True, "direct_http_calls": False},  # decided in the gateway's process
+    "local+direct": {"local_decisions": True, "direct_http_calls": True},  # and a direct POST upstream (the default)
+}
+"""The gateway configurations measured side by side (each its own process, same upstream)."""
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -98,7 +108,7 @@ async def measure(workers: list[Callable[[], Awaitable[None]]], until: float) ->
     return out
 
 
-async def bench(env: dict[str, str], direct_url: str, gateway_url: str, seconds: float, rounds: int,
+async def bench(env: dict[str, str], direct_url: str, gateway_urls: dict[str, str], seconds: float, rounds: int,
                 pids: dict[str, int]) -> None:
     from google.protobuf import struct_pb2
 
@@ -129,9 +139,10 @@ async def bench(env: dict[str, str], direct_url: str, gateway_url: str, seconds:
     for n in (1, 16):
         async with contextlib.AsyncExitStack() as stack:
             direct = [tool_worker(s, "echo") for s in await sessions(direct_url, n, stack)]
-            gated = [tool_worker(s, "up.echo") for s in await sessions(gateway_url, n, stack)]
             checks = [check_worker() for _ in range(n)]
-            cases = {"bare Check (raw stub)": checks, "direct to the upstream": direct, "through the gateway": gated}
+            cases = {"bare Check (raw stub)": checks, "direct to the upstream": direct}
+            for variant, url in gateway_urls.items():
+                cases[f"gateway: {variant}"] = [tool_worker(s, "up.echo") for s in await sessions(url, n, stack)]
             for workers in cases.values():  # warm up channels, caches, the JIT-less interpreter
                 await measure(workers, time.perf_counter() + 0.5)
             times: dict[str, list[float]] = {name: [] for name in cases}
@@ -148,17 +159,18 @@ async def bench(env: dict[str, str], direct_url: str, gateway_url: str, seconds:
             # busy machine (a 10 ms clock tick, so read it over many calls).
             used = "  ".join(f"{proc} CPU {cpu[name, proc] / len(t) * 1e6:6.0f} µs/call" for proc in pids)
             print(f"{name:34} {n:>9} {len(t):>7} {p50[name]:8.2f} {pct(t, 0.99) * 1000:8.2f}   {used}")
-        added = p50["through the gateway"] - p50["direct to the upstream"]
-        ratio = added / p50["bare Check (raw stub)"]
-        print(f"{'→ added by the gateway (p50)':34} {n:>9} {'':>7} {added:8.2f}  = {ratio:.2f}x bare Check p50 "
-              f"(target ≤ 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
+        for variant in gateway_urls:
+            added = p50[f"gateway: {variant}"] - p50["direct to the upstream"]
+            ratio = added / p50["bare Check (raw stub)"]
+            print(f"{'→ added, ' + variant:34} {n:>9} {'':>7} {added:8.2f}  = {ratio:.2f}x bare Check p50 "
+                  f"(target ≤ 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
     await bare.close()
 
 
 @contextlib.asynccontextmanager
-async def services(postgres: str, tmp: Path) -> AsyncIterator[tuple[dict[str, str], str]]:
+async def services(postgres: str, tmp: Path) -> AsyncIterator[tuple[dict[str, str], str, int]]:
     """Registry, governance and telemetry on PostgreSQL (own schemas, dropped after); yields the
-    addresses and the system key."""
+    addresses, the system key and governance's pid."""
     import asyncpg
 
     from tests.processes import base_env, free_port, wait_serving
@@ -186,7 +198,7 @@ async def services(postgres: str, tmp: Path) -> AsyncIterator[tuple[dict[str, st
                                stdout=out, stderr=subprocess.STDOUT)
             procs.append(spawn(["-m", f"arm_{name}"], env, log))
             await wait_serving(addr[name], procs[-1], log)
-        yield addr, key
+        yield addr, key, procs[1].pid
     finally:
         for p in procs:
             if p.poll() is None:
@@ -203,7 +215,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
     from tests.processes import free_port
     tmp = Path(tempfile.mkdtemp(prefix="arm-bench-gateway-"))
     procs: list[subprocess.Popen[bytes]] = []
-    async with services(args.postgres, tmp) as (addr, key):
+    async with services(args.postgres, tmp) as (addr, key, governance_pid):
         try:
             instance_id, agent_key = await agent_world(addr["registry"], key)
             (tmp / "agent.key").write_text(agent_key)
@@ -212,23 +224,30 @@ async def orchestrate(args: argparse.Namespace) -> None:
             procs.append(spawn([str(ROOT / "tests" / "gateway" / "upstream.py"), "--http", str(up_port)], env,
                                tmp / "upstream.log"))
             await accepting(up_port, procs[-1], tmp / "upstream.log")
-            config = {"arm": {"registry_address": addr["registry"], "governance_address": addr["governance"],
-                              "telemetry_address": addr["telemetry"]},
-                      "http": {"port": gw_port},
-                      "upstreams": {"up": {"url": f"http://127.0.0.1:{up_port}/mcp", "risk": "LOW", "agent": {
-                          "instance_id": instance_id, "api_key_file": str(tmp / "agent.key")}}}}
-            (tmp / "gateway.yaml").write_text(json.dumps(config))
-            gateway = ["-m", "arm_gateway", "--config", str(tmp / "gateway.yaml")]
-            if args.profile:
-                gateway = ["-m", "cProfile", "-o", str(tmp / "gateway.prof"), *gateway]
-            procs.append(spawn(gateway, dict(os.environ), tmp / "gateway.log"))
-            await accepting(gw_port, procs[-1], tmp / "gateway.log")
-            print(f"# {os.cpu_count()} cores; PostgreSQL; registry, governance, telemetry, the upstream and the "
-                  f"gateway in their own processes; the MCP clients and the bare Check in this one")
+            urls: dict[str, str] = {}
+            pids = {"governance": governance_pid, "upstream": procs[0].pid}
+            for variant in args.variants.split(","):
+                gw_port = free_port()
+                config = {"arm": {"registry_address": addr["registry"], "governance_address": addr["governance"],
+                                  "telemetry_address": addr["telemetry"]},
+                          "http": {"port": gw_port}, **VARIANTS[variant], "spool_dir": str(tmp / f"spool-{variant}"),
+                          "upstreams": {"up": {"url": f"http://127.0.0.1:{up_port}/mcp", "risk": "LOW", "agent": {
+                              "instance_id": instance_id, "api_key_file": str(tmp / "agent.key")}}}}
+                (tmp / f"gateway-{variant}.yaml").write_text(json.dumps(config))
+                gateway = ["-m", "arm_gateway", "--config", str(tmp / f"gateway-{variant}.yaml")]
+                if args.profile:
+                    gateway = ["-m", "cProfile", "-o", str(tmp / f"gateway-{variant}.prof"), *gateway]
+                procs.append(spawn(gateway, dict(os.environ), tmp / f"gateway-{variant}.log"))
+                await accepting(gw_port, procs[-1], tmp / f"gateway-{variant}.log")
+                urls[variant] = f"http://127.0.0.1:{gw_port}/mcp"
+                pids[f"gw:{variant}"] = procs[-1].pid
+            print(f"# {os.cpu_count()} cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+                  f"PostgreSQL; registry, governance, telemetry, the upstream and each gateway in their own "
+                  f"processes; the MCP clients and the bare Check in this one")
             await bench({"ARM_GOVERNANCE_ADDRESS": addr["governance"], "ARM_API_KEY": agent_key,
                          "ARM_INSTANCE_ID": instance_id}, f"http://127.0.0.1:{up_port}/mcp",
-                        f"http://127.0.0.1:{gw_port}/mcp", args.seconds, args.rounds,
-                        {"gateway": procs[1].pid, "upstream": procs[0].pid})
+                        urls, args.seconds, args.rounds, pids)
+            print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         finally:
             for p in reversed(procs):
                 if p.poll() is None:
@@ -236,16 +255,20 @@ async def orchestrate(args: argparse.Namespace) -> None:
                     p.wait(30)
     if args.profile:
         import pstats
-        pstats.Stats(str(tmp / "gateway.prof")).sort_stats("cumulative").print_stats(40)
+        for variant in args.variants.split(","):
+            print(f"# gateway: {variant}")
+            pstats.Stats(str(tmp / f"gateway-{variant}.prof")).sort_stats("cumulative").print_stats(40)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--postgres", default=os.environ.get("ARM_TEST_POSTGRES_URL",
                                                              "postgresql://postgres@127.0.0.1:5432/test"))
-    parser.add_argument("--seconds", type=float, default=6.0, help="per concurrency level, over all cases")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level, over all cases")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="profile the gateway (cProfile)")
+    parser.add_argument("--profile", action="store_true", help="profile the gateways (cProfile)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"the gateways to measure, side by side (of {', '.join(VARIANTS)})")
     asyncio.run(orchestrate(parser.parse_args()))
 
 

@@ -27,6 +27,10 @@ def test_a_full_config_is_read(tmp_path: Path) -> None:
     assert (files.risk_of("rm"), files.risk_of("ls")) == ("CRITICAL", "LOW")
     assert (web.prefix, web.url, web.agent.api_key, web.risk) == ("w", "http://h/mcp", "secret-key", "MEDIUM")
     assert cfg.approval_wait_s == 5 and cfg.governance_address == "g:1"
+    assert cfg.local_decisions and cfg.spool_path({}) == str(Path.home() / ".arm" / "spool")
+    assert cfg.spool_path({"ARM_SPOOL_DIR": "/s"}) == "/s"
+    off = parse_config({"local_decisions": False, "spool_dir": "/x", "upstreams": {"a": upstream()}}, env={"KEY": "k"})
+    assert not off.local_decisions and off.spool_path({"ARM_SPOOL_DIR": "/s"}) == "/x"
 
 
 @pytest.mark.parametrize(("raw", "field"), [
@@ -45,6 +49,9 @@ def test_a_full_config_is_read(tmp_path: Path) -> None:
     ({"upstreams": {"a": upstream()}, "http": {"port": "x"}}, "http.port"),
     ({"upstreams": {"a": upstream()}, "hide_denied_tools": "yes"}, "hide_denied_tools"),
     ({"upstreams": {"a": upstream()}, "policy_refresh_s": 0}, "policy_refresh_s"),
+    ({"upstreams": {"a": upstream()}, "local_decisions": "on"}, "local_decisions"),
+    ({"upstreams": {"a": upstream()}, "spool_dir": 3}, "spool_dir"),
+    ({"upstreams": {"a": upstream()}, "direct_http_calls": 1}, "direct_http_calls"),
 ])
 def test_bad_configs_are_refused_naming_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -79,6 +86,8 @@ def test_the_documented_config_is_what_the_gateway_loads(tmp_path: Path, monkeyp
     cfg = load_config(path)
     files, search = cfg.upstreams
     assert (cfg.http_port, cfg.hide_denied_tools, cfg.policy_refresh_s, cfg.approval_wait_s) == (8765, True, 10, 30)
+    assert (cfg.local_decisions, cfg.direct_http_calls, cfg.spool_path({})) == (
+        True, True, str(Path.home() / ".arm" / "spool"))
     assert (files.prefix, files.command, files.agent.api_key, files.risk_of("move_file")) == (
         "files", "npx", "files-key", "CRITICAL")
     assert (search.prefix, search.url, search.agent.api_key, search.risk) == (
@@ -103,8 +112,10 @@ def test_an_upstream_that_does_not_start_is_one_clear_line_and_exit_code_1(tmp_p
         "command": sys.executable, "args": ["-c", "import sys; sys.exit(3)"],
         "agent": {"instance_id": "ins_x", "api_key_env": "GW_TEST_KEY"}}}}))
     done = subprocess.run([sys.executable, "-m", "arm_gateway", "--config", str(config)], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "GW_TEST_KEY": "arm_key_x_y"}, stdin=subprocess.DEVNULL)
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "GW_TEST_KEY": "arm_key_x_y", "ARM_SPOOL_DIR": str(tmp_path / "spool")})
     assert done.returncode == 1, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("arm_gateway: ")]
     assert len(lines) == 1 and "upstream 'docs'" in lines[0] and "did not start" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert (tmp_path / "spool" / "decisions-ins_x").is_dir()  # local decisions (the default) spool in ARM_SPOOL_DIR

@@ -20,23 +20,31 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import mcp_types as types
+import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from arm.governance.v1 import approvals_pb2 as apb
+from arm.governance.v1 import decision_pb2 as dpb
 from arm.telemetry.v1 import events_pb2 as ev
 from arm.telemetry.v1 import telemetry_pb2 as tpb
 from tests.client.conftest import Agent
 from tests.processes import free_port, stop
 
 UPSTREAM = Path(__file__).with_name("upstream.py")
+LOCAL_DECISIONS = os.environ.get("ARM_TEST_GATEWAY_LOCAL_DECISIONS", "1") != "0"
+"""The gateways the tests start decide locally (the default) unless this is "0": run the suite
+both ways (`ARM_TEST_GATEWAY_LOCAL_DECISIONS=0 pytest tests/gateway`)."""
 EV = ev.OpEventType
 
 
-def upstream_calls(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def upstream_calls(path: Path, with_ids: bool = False) -> list[dict[str, Any]]:
+    """The calls the upstream received: tool and arguments (and their JSON-RPC request ids)."""
+    calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return calls if with_ids else [{k: v for k, v in c.items() if k != "request_id"} for c in calls]
 
 
 def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, url: str = "",
@@ -51,6 +59,7 @@ def write_config(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float, u
                 "governance_address": governance_address or agent.governance.address,
                 "telemetry_address": agent.telemetry.address},
         "approval_wait_s": approval_wait_s, "call_timeout_s": call_timeout_s,
+        "local_decisions": LOCAL_DECISIONS, "spool_dir": str(tmp / "spool"),
         **({"http": {"port": http_port}} if http_port else {}), **(extra or {}),
         "upstreams": {"up": {
             **serve, "agent": {"instance_id": agent.instance_id, "api_key_file": str(key_file)},
@@ -161,6 +170,45 @@ async def test_allow_deny_and_approval_through_the_gateway(agent: Agent, tmp_pat
     assert events[3].payload["decision"] == "DENY"
 
 
+LOCAL_ID = re.compile(r"dec_[0-9a-f]{12}[0-9]{10}")
+"""A decision id made in the gateway's process (arm_client.local); governance's own differ."""
+
+
+@pytest.mark.skipif(not LOCAL_DECISIONS, reason="the gateways decide through Check (ARM_TEST_GATEWAY_LOCAL_DECISIONS=0)")
+async def test_allowed_and_denied_calls_are_decided_in_the_gateway_and_logged_by_governance(
+        agent: Agent, tmp_path: Path) -> None:
+    """With local_decisions (the default) the gateway decides ALLOW / DENY in its process once
+    governance's inputs have arrived: the events carry those decision ids, and governance's
+    decision log has each one (shipped from the spool) for the call's run and tool call."""
+    calls = tmp_path / "calls.jsonl"
+    async with gateway(agent, tmp_path, calls) as session:
+        for i in range(20):  # the first calls may go to Check while the inputs are on their way
+            assert text(await session.call_tool("up.echo", {"text": str(i)})) == f"echo: {i}"
+            await asyncio.sleep(0.05)
+        denied = await session.call_tool("up.delete", {"path": "/etc/passwd"})
+        assert denied.is_error and "BASELINE_CRITICAL" in text(denied)
+    run_id = run_id_of(tmp_path / "gateway.log")
+    events = await run_trace(agent, run_id)
+    decided = [e for e in events if e.type in (EV.OP_EVENT_TYPE_TOOL_CALL_STARTED, EV.OP_EVENT_TYPE_TOOL_CALL_BLOCKED)]
+    assert len(decided) == 21 and decided[-1].payload["decision"] == "DENY"
+    assert LOCAL_ID.fullmatch(decided[-1].payload["decision_id"])
+    assert any(LOCAL_ID.fullmatch(e.payload["decision_id"]) for e in decided[:-1])
+    for e in decided:
+        logged = (await agent.admin.decisions.GetDecision(
+            dpb.GetDecisionRequest(decision_id=e.payload["decision_id"]))).decision
+        assert (logged.run_id, logged.tool_call_id, logged.tool_name) == (run_id, e.tool_call_id, e.payload["tool_name"])
+    assert len(upstream_calls(calls)) == 20
+
+
+async def test_a_spool_that_cannot_be_opened_leaves_the_calls_to_check(agent: Agent, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    calls = tmp_path / "calls.jsonl"
+    async with gateway(agent, tmp_path, calls, extra={"local_decisions": True, "spool_dir": str(not_a_dir)}) as session:
+        assert text(await session.call_tool("up.echo", {"text": "hi"})) == "echo: hi"
+    assert "local decisions off, every call goes to Check" in (tmp_path / "gateway.log").read_text()
+
+
 async def test_approval_timed_out_then_retried_picks_up_the_same_approval(agent: Agent, tmp_path: Path) -> None:
     calls = tmp_path / "calls.jsonl"
     async with gateway(agent, tmp_path, calls, approval_wait_s=0.3) as session:
@@ -244,22 +292,92 @@ async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Pa
     assert traces[other] == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED", "RUN_COMPLETED"]
 
 
-async def test_a_streamable_http_upstream_is_governed_the_same(agent: Agent, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("direct", "json_answers"), [(True, False), (True, True), (False, False)],
+                         ids=["direct-post", "direct-post-json-upstream", "sdk-session"])
+async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, json_answers: bool, agent: Agent,
+                                                               tmp_path: Path) -> None:
+    """A streamable HTTP upstream (answering with event streams, or plain JSON), its calls sent
+    as direct POSTs beside the SDK's session (the default) or through the session: the
+    upstream's result unchanged; an upstream that dies
+    mid-call, hangs past call_timeout_s, or was restarted behind the gateway's back (its session
+    gone: 404) gives an error result, and the next calls reach it again."""
     calls = tmp_path / "calls.jsonl"
     port = free_port()
-    with (tmp_path / "upstream.log").open("ab") as log:
-        upstream = subprocess.Popen([sys.executable, str(UPSTREAM), "--http", str(port)], stdout=log,
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    async def start() -> subprocess.Popen[bytes]:
+        with (tmp_path / "upstream.log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, str(UPSTREAM), "--http", str(port),
+                                     *(["--json"] if json_answers else [])], stdout=log,
                                     stderr=subprocess.STDOUT, env={**os.environ, "UPSTREAM_CALLS": str(calls)})
+        await accepting(port, proc, tmp_path / "upstream.log")
+        return proc
+
+    async def recovered(tag: str) -> None:
+        with anyio.fail_after(60):  # the gateway reconnects (backing off while the upstream is down)
+            while (again := await session.call_tool("up.echo", {"text": tag})).is_error:
+                assert 'upstream server "up" failed' in text(again), text(again)
+                await asyncio.sleep(0.1)
+        assert text(again) == f"echo: {tag}"
+
+    upstream = await start()
     try:
-        await accepting(port, upstream, tmp_path / "upstream.log")
-        async with gateway(agent, tmp_path, calls, url=f"http://127.0.0.1:{port}/mcp") as session:
+        async with http_session(url) as plain:
+            expected = await plain.call_tool("echo", {"text": "over http"})
+        async with gateway(agent, tmp_path, calls, url=url, call_timeout_s=1.0,
+                           extra={"direct_http_calls": direct}) as session:
             assert sorted(t.name for t in (await session.list_tools()).tools) == [
                 "up.crash", "up.delete", "up.echo", "up.hang", "up.pay"]
             allowed = await session.call_tool("up.echo", {"text": "over http"})
-            assert not allowed.is_error and text(allowed) == "echo: over http"
+            assert allowed.model_dump() == expected.model_dump()
             denied = await session.call_tool("up.delete", {"path": "x"})
             assert denied.is_error and "BASELINE_CRITICAL" in text(denied)
-            assert upstream_calls(calls) == [{"tool": "echo", "arguments": {"text": "over http"}}]
+            assert upstream_calls(calls)[1:] == [{"tool": "echo", "arguments": {"text": "over http"}}]
+            # A log message, a ping and an elicitation on the call's stream before its answer: the
+            # ping answered, the elicitation refused (the gateway's client offers none), as the SDK does.
+            if not json_answers:  # (a JSON answer has no stream to carry them)
+                chatty = await session.call_tool("up.echo", {"text": "chatty"})
+                assert text(chatty) == "echo: chatty (pinged; elicitation refused)", text(chatty)
+
+            # A call the client gives up on: the upstream is told (notifications/cancelled) and
+            # stops it, and the connection goes on.
+            hanging = asyncio.create_task(session.call_tool("up.hang", {}))
+            with anyio.fail_after(30):
+                while not (hung_calls := [c for c in upstream_calls(calls, with_ids=True) if c["tool"] == "hang"]):
+                    await asyncio.sleep(0.05)
+            hanging.cancel()
+            cancelled = Path(f"{calls}.cancelled")
+            with anyio.fail_after(30):
+                while not cancelled.exists() or not cancelled.read_text():
+                    await asyncio.sleep(0.05)
+            assert [json.loads(line) for line in cancelled.read_text().splitlines()] == [hung_calls[0]["request_id"]]
+            assert text(await session.call_tool("up.echo", {"text": "after the cancel"})) == "echo: after the cancel"
+
+            crashed = await session.call_tool("up.crash", {})
+            assert crashed.is_error and 'upstream server "up" failed' in text(crashed)
+            upstream.wait(30)
+            upstream = await start()
+            await recovered("after the crash")
+
+            hung = await session.call_tool("up.hang", {})
+            assert hung.is_error and 'upstream server "up" failed' in text(hung) and "timed out" in text(hung)
+            await recovered("after the hang")
+
+            upstream.terminate()
+            upstream.wait(30)
+            upstream = await start()
+            stale = await session.call_tool("up.echo", {"text": "stale"})
+            assert stale.is_error and 'upstream server "up" failed' in text(stale), text(stale)
+            assert "Session not found" in text(stale)  # the new process's 404, as a JSON-RPC error
+            await recovered("after the restart")
+        gated = upstream_calls(calls, with_ids=True)[1:]
+        chatty_calls = [] if json_answers else ["chatty"]
+        assert [c["tool"] for c in gated] == ["echo", *["echo"] * len(chatty_calls), "hang", "echo", "crash", "echo",
+                                              "hang", "echo", "echo"]
+        assert [c["arguments"].get("text") for c in gated if c["tool"] == "echo"] == [
+            "over http", *chatty_calls, "after the cancel", "after the crash", "after the hang", "after the restart"]
+        # Direct POSTs carry the gateway's own request ids; the SDK's are integers.
+        assert all(str(c["request_id"]).startswith("arm-gw-") == direct for c in gated)
     finally:
         upstream.terminate()
         upstream.wait(30)

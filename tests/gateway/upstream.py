@@ -1,5 +1,5 @@
-"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`) for the gateway's tests: five tools, each call
-appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it), its
+"""A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`, answering with event streams, or plain JSON with `--json`) for the gateway's tests: five tools, each call
+(its tool, arguments and JSON-RPC request id) appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it), its
 pid appended to UPSTREAM_CALLS.pid at each start."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
 
 TOOLS = [
     types.Tool(name="echo", description="Echoes its text.",
@@ -29,9 +31,9 @@ TOOLS = [
 ]
 
 
-def record(name: str, arguments: dict[str, Any]) -> None:
+def record(name: str, arguments: dict[str, Any], request_id: Any) -> None:
     with open(os.environ["UPSTREAM_CALLS"], "a") as f:
-        f.write(json.dumps({"tool": name, "arguments": arguments}) + "\n")
+        f.write(json.dumps({"tool": name, "arguments": arguments, "request_id": request_id}) + "\n")
 
 
 async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
@@ -40,15 +42,21 @@ async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequ
 
 async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
     args = params.arguments or {}
-    record(params.name, args)
+    record(params.name, args, ctx.request_id)
     if params.name == "echo":
         text = str(args.get("text", ""))
+        if text == "chatty":  # request-scoped traffic on the call's stream before the answer
+            text = await chatter(ctx)
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"echo: {text}")],
                                     structured_content={"echoed": text, "length": len(text)})
     if params.name == "delete":
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"deleted {args.get('path')}")])
-    if params.name == "hang":  # never answers
-        await anyio.sleep_forever()
+    if params.name == "hang":  # never answers; its cancellation is appended to UPSTREAM_CALLS.cancelled
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with open(os.environ["UPSTREAM_CALLS"] + ".cancelled", "a") as f:
+                f.write(json.dumps(ctx.request_id) + "\n")
     if params.name == "crash":  # dies mid-call, answering nothing
         os._exit(3)
     if params.name == "pay":
@@ -56,13 +64,27 @@ async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolReques
     return types.CallToolResult(content=[types.TextContent(type="text", text="no such tool")], is_error=True)
 
 
+async def chatter(ctx: ServerRequestContext[Any]) -> str:
+    """A log message, a ping and an elicitation, each sent on the call's own stream."""
+    related = ServerMessageMetadata(related_request_id=ctx.request_id)
+    await ctx.session.send_log_message("info", "working on it", related_request_id=ctx.request_id)
+    await ctx.session.send_request(types.PingRequest(), types.EmptyResult, metadata=related)
+    try:
+        await ctx.session.send_request(types.ElicitRequest(params=types.ElicitRequestFormParams(
+            message="Sure?", requested_schema={"type": "object", "properties": {}})), types.ElicitResult,
+            metadata=related)
+    except MCPError:
+        return "chatty (pinged; elicitation refused)"
+    return "chatty (pinged; elicitation answered)"
+
+
 async def main() -> None:
     with open(os.environ["UPSTREAM_CALLS"] + ".pid", "a") as f:  # every start, so a test can kill it
         f.write(f"{os.getpid()}\n")
     server: Server[Any] = Server("test-upstream", on_list_tools=list_tools, on_call_tool=call_tool)
-    if len(sys.argv) == 3 and sys.argv[1] == "--http":  # streamable HTTP on 127.0.0.1:<port>/mcp
-        config = uvicorn.Config(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[2]),
-                                log_level="warning")
+    if len(sys.argv) >= 3 and sys.argv[1] == "--http":  # streamable HTTP on 127.0.0.1:<port>/mcp
+        app = server.streamable_http_app(json_response="--json" in sys.argv[3:])  # else event streams
+        config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
         await uvicorn.Server(config).serve()
         return
     async with stdio_server() as (read, write):

@@ -9,6 +9,9 @@
     max_argument_bytes: 262144            # larger arguments (as JSON) are refused, unchecked
     hide_denied_tools: false              # leave tools the policy denies outright out of tools/list
     policy_refresh_s: 10                  # how often hidden tools are recomputed (with hide_denied_tools)
+    local_decisions: true                 # decide ALLOW/DENY in process, spooled and shipped (default true)
+    spool_dir: /var/lib/arm-gateway/spool # the local decisions' spool (default ARM_SPOOL_DIR, else ~/.arm/spool)
+    direct_http_calls: true               # tools/call to an HTTP upstream as one POST beside the SDK session
     upstreams:
       files:                              # tools appear as "files.<tool>" (or "<prefix>.<tool>")
         command: python                   # a stdio server …
@@ -81,6 +84,19 @@ class GatewayConfig:
     """Leave the tools that the agent's policy denies whatever the arguments out of tools/list."""
     policy_refresh_s: float = 10.0
     """How often the hidden tools are recomputed; clients are sent tools/list_changed on a change."""
+    local_decisions: bool = True
+    """Decide calls in the gateway's process with governance's engine (`Arm(local_decisions=True)`):
+    ALLOW / DENY spooled and shipped to governance; approvals, grants, budgets and a stale inputs
+    stream still go to `Check`."""
+    spool_dir: str = ""
+    """The local decisions' spool directory ("": ARM_SPOOL_DIR, else ~/.arm/spool)."""
+    direct_http_calls: bool = True
+    """Send a streamable HTTP upstream's tools/call as a direct POST beside the SDK's session
+    (arm_gateway.direct); False: through the SDK's ClientSession."""
+
+    def spool_path(self, env: dict[str, str] | None = None) -> str:
+        env = dict(os.environ) if env is None else env
+        return os.path.expanduser(self.spool_dir or env.get("ARM_SPOOL_DIR") or "~/.arm/spool")
 
 
 def _str(d: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
@@ -179,9 +195,18 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     refresh = raw.get("policy_refresh_s", 10.0)
     if not isinstance(refresh, int | float) or isinstance(refresh, bool) or refresh <= 0:
         raise ConfigError("policy_refresh_s: a number of seconds > 0 is required")
+    local = raw.get("local_decisions", True)
+    if not isinstance(local, bool):
+        raise ConfigError("local_decisions: true or false is required")
+    spool = raw.get("spool_dir", "")
+    if not isinstance(spool, str):
+        raise ConfigError("spool_dir: a directory path is required")
+    direct = raw.get("direct_http_calls", True)
+    if not isinstance(direct, bool):
+        raise ConfigError("direct_http_calls: true or false is required")
     return GatewayConfig(tuple(upstreams), float(wait), arm.get("registry_address"), arm.get("governance_address"),
                          arm.get("telemetry_address"), arm.get("address"), max_bytes, float(call_timeout), host,
-                         port, hide, float(refresh))
+                         port, hide, float(refresh), local, spool, direct)
 
 
 def load_config(path: str | Path) -> GatewayConfig:

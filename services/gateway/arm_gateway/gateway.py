@@ -15,8 +15,15 @@
   session, so a retry of the same call picks the same approval up instead of opening another.
 - Arguments larger than `max_argument_bytes` (as JSON), or that do not match the tool's input
   schema, are refused at the gateway, unchecked: an error result saying why.
-- Governance unreachable fails closed: an error result, the upstream is not called. An upstream
+- With `local_decisions` (the default) the `Arm` decides calls in the gateway's process with
+  governance's engine and its streamed inputs, spooling each ALLOW / DENY and shipping it to
+  governance, which logs it as a `Check`; approvals, grants, budgets and a stale stream go to
+  `Check` (README, "Local decisions"). The answers, texts and events are the same either way.
+- Governance unreachable fails closed: an error result, the upstream is not called (deciding
+  locally: once the inputs stream has been silent for `local_stale_after_s`, 3 s). An upstream
   that fails, dies or takes longer than `call_timeout_s` gives an error result (TOOL_CALL_FAILED).
+- A streamable HTTP upstream's calls are direct POSTs beside the SDK's session
+  (`direct_http_calls`, arm_gateway.direct); a stdio upstream's go through the session.
 - Events (through each agent's `Arm` event sender): the session is a run (RUN_STARTED …
   RUN_COMPLETED); each call sends TOOL_CALL_STARTED and TOOL_CALL_COMPLETED / TOOL_CALL_FAILED
   when forwarded, TOOL_CALL_BLOCKED when refused, with durations.
@@ -66,8 +73,10 @@ from arm_client.errors import (
     ArmError,
     GovernanceUnavailable,
 )
+from arm_client.local import SpoolError
 from arm_client.sdk import OPEN_STATUSES, Decision, risk_level
 from arm_gateway.config import GatewayConfig, UpstreamConfig
+from arm_gateway.direct import DirectCalls
 
 log = logging.getLogger("arm_gateway")
 
@@ -119,12 +128,41 @@ class Upstream:
     """Called when a reconnection finds other tools than before."""
     validators: dict[str, Any] = field(default_factory=dict)
     """Per tool, a JSON Schema validator of its input schema (None: the schema is unusable)."""
+    direct: DirectCalls | None = None
+    """A streamable HTTP upstream's calls as direct POSTs on the session's HTTP client (with
+    `direct_http_calls`; see arm_gateway.direct); None: through the SDK's session."""
+    direct_calls: bool = True
 
-    def transport(self) -> contextlib.AbstractAsyncContextManager[Any]:
+    @contextlib.asynccontextmanager
+    async def transport(self) -> AsyncIterator[Any]:
         uc = self.config
-        if uc.url:
-            return streamable_http_client(uc.url)
-        return stdio_client(StdioServerParameters(command=uc.command, args=list(uc.args), env=uc.env or None))
+        if not uc.url:
+            async with stdio_client(StdioServerParameters(command=uc.command, args=list(uc.args),
+                                                          env=uc.env or None)) as streams:
+                yield streams
+            return
+        if not self.direct_calls:
+            async with streamable_http_client(uc.url) as streams:
+                yield streams
+            return
+        direct = DirectCalls(uc.url)
+        async with direct.client, streamable_http_client(uc.url, http_client=direct.client) as streams:
+            self.direct = direct
+            try:
+                yield streams
+            finally:
+                self.direct = None
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any], timeout_s: float) -> types.CallToolResult:
+        """One call on the current connection: a direct POST to a streamable HTTP upstream, else
+        (stdio, or after a redirect) through the SDK's session."""
+        session, direct = self.session, self.direct
+        assert session is not None
+        if direct is not None and direct.usable:
+            result = await direct.call_tool(session, tool, arguments, timeout_s)
+            if result is not None:
+                return result
+        return await session.call_tool(tool, arguments, read_timeout_seconds=timeout_s)
 
     async def keep_connected(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connects, and reconnects whenever a call marks the connection broken. The first
@@ -415,8 +453,7 @@ class Gateway:
         try:
             with anyio.fail_after(RECONNECT_WAIT_S):  # an upstream being restarted
                 await up.ready.wait()
-            assert up.session is not None
-            result = await up.session.call_tool(tool, arguments, read_timeout_seconds=self.config.call_timeout_s)
+            result = await up.call_tool(tool, arguments, self.config.call_timeout_s)
         except Exception as exc:
             up.restart()
             arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_FAILED, run_id=session.run_id, tool_call_id=tcid, payload={
@@ -453,13 +490,8 @@ async def connected(config: GatewayConfig) -> AsyncIterator[Gateway]:
         for uc in config.upstreams:
             agent_key = (uc.agent.instance_id, uc.agent.api_key)
             if agent_key not in arms:
-                arm = Arm(config.address, uc.agent.api_key, instance_id=uc.agent.instance_id,
-                          registry_address=config.registry_address, governance_address=config.governance_address,
-                          telemetry_address=config.telemetry_address,
-                          approval_timeout_s=config.approval_wait_s)
-                await stack.enter_async_context(arm)
-                arms[agent_key] = arm
-            upstreams.append(Upstream(uc, arms[agent_key]))
+                arms[agent_key] = await _open_arm(stack, config, uc)
+            upstreams.append(Upstream(uc, arms[agent_key], direct_calls=config.direct_http_calls))
         supervisors = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(supervisors.cancel_scope.cancel)  # on exit: close every upstream
         for up in upstreams:
@@ -473,6 +505,27 @@ async def connected(config: GatewayConfig) -> AsyncIterator[Gateway]:
         finally:
             if gateway._fallback is not None:
                 gateway.end_session(gateway._fallback)
+
+
+async def _open_arm(stack: contextlib.AsyncExitStack, config: GatewayConfig, uc: UpstreamConfig) -> Arm:
+    """The `Arm` of the upstream's agent, deciding locally with `local_decisions`. A spool that
+    cannot be opened (another process holds it, or it is not writable) leaves that agent's calls
+    to `Check`, with a warning, rather than not starting."""
+
+    def make(local: bool) -> Arm:
+        return Arm(config.address, uc.agent.api_key, instance_id=uc.agent.instance_id,
+                   registry_address=config.registry_address, governance_address=config.governance_address,
+                   telemetry_address=config.telemetry_address, approval_timeout_s=config.approval_wait_s,
+                   local_decisions=local, local_spool_dir=config.spool_path() if local else None)
+
+    if config.local_decisions:
+        arm = make(True)
+        try:
+            return await stack.enter_async_context(arm)
+        except (SpoolError, OSError) as exc:
+            await arm.close()
+            log.warning("agent %s: local decisions off, every call goes to Check: %s", uc.agent.instance_id, exc)
+    return await stack.enter_async_context(make(False))
 
 
 async def serve_stdio(config: GatewayConfig) -> None:
