@@ -375,6 +375,17 @@ class LocalDecider:
             return False
         return True
 
+    async def caught_up(self, epoch: int, timeout_s: float) -> bool:
+        """Waits until the inputs are at the tenant's policy `epoch` or later, so that what the
+        caller read from governance at that epoch (say, ListDeniedTools) and what is decided
+        here agree; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._inputs is None or self._inputs.epoch < epoch:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     @property
     def live(self) -> bool:
         """Inputs heard from within `stale_after_s`."""

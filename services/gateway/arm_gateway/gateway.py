@@ -101,6 +101,8 @@ RECONNECT_WAIT_S = 30.0
 """How long a call waits for an upstream that is being reconnected before failing."""
 DENIED_TOOLS_BATCH = 500
 """Tools per ListDeniedTools request (governance's limit)."""
+POLICY_CATCH_UP_S = 2.0
+"""How long a hidden-tools refresh waits for the local decision inputs to reach its policy epoch."""
 
 
 def canonical(arguments: Mapping[str, Any] | None) -> str:
@@ -323,6 +325,10 @@ class Gateway:
                     instance_id=arm.settings.instance_id, tools=queries[i:i + DENIED_TOOLS_BATCH]))
                 for d in resp.denied:
                     hidden[d.tool_name] = "; ".join(f"{r.code}: {r.message}" for r in d.reasons)
+                # Deciding in process: the list a client is sent must not run ahead of the
+                # decisions, so wait (briefly) for the local inputs to reach the answer's epoch.
+                if arm.local is not None and not await arm.local.caught_up(resp.policy_epoch, POLICY_CATCH_UP_S):
+                    log.warning("local decision inputs are behind governance's policy epoch %d", resp.policy_epoch)
         return hidden
 
     async def refresh_hidden(self) -> bool:
