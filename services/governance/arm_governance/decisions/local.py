@@ -8,10 +8,10 @@ epoch; on every replica via LISTEN/NOTIFY) or an agent change from the registry'
 WatchAgentChanges (instance, version, tenant state). Between changes it sends heartbeats, so the
 runtime knows its inputs are current.
 
-`RecordLocalDecisions` logs what the runtime decided: each decision is built by the decision
-path's own `Decider.pending` (the decision row, its opEvent, a DENY's POLICY_DENIED record) and
-a batch is written in one transaction (one multi-row statement on PostgreSQL, as the decision
-log's group commit), skipping decision ids already logged."""
+`RecordLocalDecisions` logs what the runtime decided: the rows `Decider.pending` would build (the
+decision row, its opEvent, a DENY's POLICY_DENIED record), built per batch from parts cached per
+(agent, result) by `local_log.LocalRows`, and written in one transaction (COPY on PostgreSQL,
+see `local_log.write_pg`), skipping decision ids already logged."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import asyncpg
 from google.protobuf import timestamp_pb2
-from sqlalchemy import Table, select
+from sqlalchemy import Table, select, text
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,7 +39,7 @@ from arm_common.errors import InvalidArgument, NotFound, PermissionDenied, Viola
 from arm_common.outbox import enqueue_many
 from arm_engine import engine
 from arm_governance import convert, models
-from arm_governance.decisions.log import DecisionLog, PendingDecision
+from arm_governance.decisions import local_log
 from arm_governance.decisions.service import Decider, validate_check
 from arm_governance.models import OUTBOX
 
@@ -47,7 +48,6 @@ DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,64}")
 _LOCAL_EFFECTS = (policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _CLOCK_SKEW = timedelta(minutes=5)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # decide_time as a datetime: what ToDatetime(tzinfo=UTC) gives
 _STEPS = frozenset(int(x) for x in engine.Step) - {int(engine.Step.APPROVAL_GRANT)}
 _RISKS = frozenset(int(x) for x in engine.Risk)
 _SCOPES = frozenset(int(x) for x in engine.Scope)
@@ -181,6 +181,7 @@ class LocalDecisions:
         self.changes = changes
         self.authenticator = authenticator
         self._results: dict[bytes, engine.Result] = {}
+        self.rows = local_log.LocalRows()
 
     # --- WatchDecisionInputs --------------------------------------------------------------------
 
@@ -281,46 +282,59 @@ class LocalDecisions:
         resolved = await self.decider.agents.resolve(current_api_key(), p.tenant_id, "instance_id", instance_id)
         if resolved is None:
             raise NotFound.of("agent_instance", instance_id)
-        agent_bytes = resolved.SerializeToString()
-        batch: list[PendingDecision] = []
-        for item, key in zip(request.decisions, keys, strict=True):
-            req, resp = item.request, item.response
-            # The argument digest binds approvals only: a local decision creates none.
-            batch.append(self.decider.pending(
-                p, req, resolved, agent_bytes, self._result(key), resp.policy_epoch, "", None,
-                _EPOCH + timedelta(seconds=resp.decide_time.seconds, microseconds=resp.decide_time.nanos // 1000),
-                item.decision_id))
+        # The argument digest binds approvals only: a local decision creates none.
+        rows, messages = self.rows.build(p, resolved, resolved.SerializeToString(), request.decisions, keys,
+                                         [self._result(key) for key in keys], _naive_now())
+        db = self.decider.log.db
+        write = self._write_pg if db.is_postgres else self._write_sqlite
         try:
-            recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
-        except IntegrityError:
+            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages))
+        except (IntegrityError, asyncpg.UniqueViolationError):
             # A concurrent call logged some of these ids first: now they are skipped.
-            recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
+            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages))
         for relay in self.decider.log.relays:
             if relay.topic in topics:
                 relay.notify()
-        return decision_pb2.RecordLocalDecisionsResponse(recorded=recorded, duplicates=len(batch) - recorded)
+        return decision_pb2.RecordLocalDecisionsResponse(recorded=recorded,
+                                                         duplicates=len(request.decisions) - recorded)
 
-    async def _write(self, s: AsyncSession, tenant_id: str, batch: list[PendingDecision]) -> tuple[int, set[str]]:
+    @staticmethod
+    async def _write_pg(s: AsyncSession, tenant_id: str, rows: list[tuple[Any, ...]],
+                        messages: list[list[tuple[Any, ...]]]) -> tuple[int, set[str]]:
+        # Through the session first: that opens the transaction the COPYs then join.
+        await s.execute(text("SELECT 1"))
+        return await local_log.write_pg(await driver_connection(s), tenant_id, rows, messages)
+
+    @staticmethod
+    async def _write_sqlite(s: AsyncSession, tenant_id: str, rows: list[tuple[Any, ...]],
+                            messages: list[list[tuple[Any, ...]]]) -> tuple[int, set[str]]:
         d = models.DecisionRecord
-        ids = [item.record["id"] for item in batch]
-        logged = {row.id: row.tenant_id for row in (await s.execute(
-            select(d.id, d.tenant_id).where(d.id.in_(ids)))).all()}
+        ids = [row[0] for row in rows]
+        logged: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            logged.update((r.id, r.tenant_id) for r in (await s.execute(
+                select(d.id, d.tenant_id).where(d.id.in_(ids[start:start + 500])))).all())
         if any(tenant != tenant_id for tenant in logged.values()):
             raise InvalidArgument("a decision id is taken", reason="DECISION_ID_TAKEN")
-        fresh: list[PendingDecision] = []
-        seen = set(logged)
-        for item in batch:
-            if item.record["id"] not in seen:
-                seen.add(item.record["id"])
-                fresh.append(item)
-        decisions, messages = DecisionLog._rows(fresh)
-        if self.decider.log.db.is_postgres:
-            await DecisionLog._execute_pg(await driver_connection(s), [], decisions, messages)
-        else:
-            if decisions:
-                await s.execute(sa_insert(_DECISIONS), decisions)
-            await enqueue_many(s, OUTBOX, messages)
-        return len(fresh), {row["topic"] for row in messages}
+        decisions, outbox = [], []
+        for row, rows_of in zip(rows, messages, strict=True):
+            if row[0] in logged:
+                continue
+            decision = dict(zip(local_log.DECISION_COLUMNS, row, strict=True))
+            decision["decided_at"] = decision["decided_at"].replace(tzinfo=UTC)
+            decisions.append(decision)
+            for m in rows_of:
+                message = dict(zip(local_log.OUTBOX_COLUMNS, m, strict=True))
+                message["created_at"] = message["next_attempt_at"] = message["created_at"].replace(tzinfo=UTC)
+                outbox.append(message)
+        if decisions:
+            await s.execute(sa_insert(_DECISIONS), decisions)
+        await enqueue_many(s, OUTBOX, outbox)
+        return len(decisions), {row["topic"] for row in outbox}
+
+
+def _naive_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class LocalDecisionRpcs:
