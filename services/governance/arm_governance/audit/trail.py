@@ -7,18 +7,25 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
-from arm_common.canonical import canonical_json
-from arm_common.chain import SEQUENCE_GAP, Anchor, ChainReport, ChainVerifier, raise_on_rejected, record_hash
+from arm_common.canonical import canonical_json, sha256_hex
+from arm_common.chain import (
+    SEQUENCE_GAP,
+    Anchor,
+    ChainReport,
+    ChainVerifier,
+    chain_content,
+    raise_on_rejected,
+)
 from arm_common.db import Database
 from arm_common.errors import NotFound
 from arm_common.messages import struct, ts
@@ -90,6 +97,33 @@ def _row(record: common_pb2.ChangeRecord, tenant_id: str) -> models.ChangeRecord
         payload=_struct("payload"), before=_struct("before"), after=_struct("after"),
         reason=record.reason, source=record.source,
         occur_time=record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None)
+
+
+_STRUCTS = ("payload", "before", "after")
+
+
+def _new_row(record: common_pb2.ChangeRecord, tenant_id: str, sequence: int, now: datetime,
+             prev_hash: str) -> dict[str, Any]:
+    """The change_records row appending `record` writes, its hash included: what `_row` then
+    `record_hash(to_proto(row))` give, with each Struct converted once for both the stored JSON
+    and the hashed content (tests/governance/test_audit.py compares the two)."""
+    structs = {name: json_format.MessageToDict(getattr(record, name)) if record.HasField(name) else None
+               for name in _STRUCTS}
+    full = common_pb2.ChangeRecord()
+    full.CopyFrom(record)
+    full.ClearField("hash")
+    full.tenant_id, full.sequence, full.prev_hash = tenant_id, sequence, prev_hash
+    full.record_time.CopyFrom(ts(now))
+    return {
+        "tenant_id": tenant_id, "sequence": sequence, "record_id": record.record_id, "type": record.type,
+        "actor_type": record.actor.type, "actor_id": record.actor.id, "target_type": record.target_type,
+        "target_id": record.target_id, "project_id": record.project_id, "template_id": record.template_id,
+        "version_id": record.version_id, "instance_id": record.instance_id, "summary": record.summary,
+        **{name: _json(value) for name, value in structs.items()},
+        "reason": record.reason, "source": record.source,
+        "occur_time": record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None,
+        "record_time": now, "prev_hash": prev_hash,
+        "hash": sha256_hex(canonical_json(chain_content(full, structs)))}
 
 
 @dataclass(frozen=True)
@@ -196,16 +230,14 @@ class AuditTrail:
                     record_id=rec.record_id, status=DUPLICATE, sequence=sequence, hash=hash_)))
                 continue
             seq += 1
-            row = _row(rec, tenant)
-            row.sequence, row.record_time, row.prev_hash, row.hash = seq, now, prev, ""
-            row.hash = prev = record_hash(to_proto(row))
+            row = _new_row(rec, tenant, seq, now, prev)
             rows.append(row)
-            stored[rec.record_id] = (seq, row.hash)
+            prev = row["hash"]
+            stored[rec.record_id] = (seq, prev)
             out.append((i, audit_pb2.AppendChangeRecordResult(
-                record_id=rec.record_id, status=APPENDED, sequence=seq, hash=row.hash)))
+                record_id=rec.record_id, status=APPENDED, sequence=seq, hash=prev)))
         if rows:
-            s.add_all(rows)
-            await s.flush()
+            await s.execute(insert(M), rows)
             await s.execute(update(models.ChainHead).where(models.ChainHead.tenant_id == tenant)
                             .values(last_sequence=seq, last_hash=prev))
         return out
