@@ -141,7 +141,8 @@ async def test_a_batch_shipped_again_is_logged_once(agent: Agent) -> None:
         events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED}
     denied = [common_pb2.ChangeRecord.FromString(p) for p in outbox.get(TOPIC_CHANGE_RECORD, [])]
     denied_ids = sorted(r.payload.fields["decision_id"].string_value for r in denied
-                        if r.type == common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED)
+                        if r.type == common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED
+                        and r.payload.fields["decision_id"].string_value in ids)
     assert denied_ids == sorted(item.decision_id for item in items if item.response.decision == DENY.decision)
     await client.close()
 

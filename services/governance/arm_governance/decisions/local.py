@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -39,15 +40,18 @@ from arm_common.errors import InvalidArgument, NotFound, PermissionDenied, Viola
 from arm_common.outbox import enqueue_many
 from arm_engine import engine
 from arm_governance import convert, models
+from arm_governance.approvals.rules import RISK_LEVELS
 from arm_governance.decisions import local_log
-from arm_governance.decisions.service import Decider, validate_check
+from arm_governance.decisions.service import MAX_ARGUMENT_BYTES, Decider, validate_check
 from arm_governance.models import OUTBOX
+from arm_governance.policy import limits
 
 MAX_BATCH = 1000
 DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,64}")
 _LOCAL_EFFECTS = (policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _CLOCK_SKEW = timedelta(minutes=5)
+_MAX_FLOAT = sys.float_info.max
 _STEPS = frozenset(int(x) for x in engine.Step) - {int(engine.Step.APPROVAL_GRANT)}
 _RISKS = frozenset(int(x) for x in engine.Risk)
 _SCOPES = frozenset(int(x) for x in engine.Scope)
@@ -122,55 +126,107 @@ def _part_checks(key: bytes) -> list[tuple[str, str]]:
 
 
 def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> list[bytes]:
-    """Raises InvalidArgument naming every bad field; returns each response's `result_key`."""
+    """Raises InvalidArgument naming every bad field; returns each response's `result_key`.
+    An item `_fine` finds nothing wrong with is not checked further; any other item is checked
+    field by field (`_check_item`), which names what is wrong."""
     v = Violations()
     n = len(request.decisions)
     if not 1 <= n <= MAX_BATCH:
         v.add("decisions", f"must hold 1 to {MAX_BATCH} decisions")
         v.raise_if_any()
     instance = request.decisions[0].request.instance_id
+    probe = Violations()
+    val.resource_id(probe, "", instance)
+    instance_ok = not probe and "\x00" not in instance
     latest = int((datetime.now(UTC) + _CLOCK_SKEW).timestamp())
     keys = []
     for i, item in enumerate(request.decisions):
-        at = f"decisions[{i}]."
-        if not DECISION_ID.fullmatch(item.decision_id):
-            v.add(f"{at}decision_id", 'must be "dec_" then 16 to 64 letters, digits, "_" or "-"')
-        req = item.request
-        v.items.extend(edge.violations(req, f"{at}request"))
-        if req.WhichOneof("agent") != "instance_id":
-            v.add(f"{at}request.instance_id", "is required (local decisions are made for an instance)")
-        elif req.instance_id != instance:
-            v.add(f"{at}request.instance_id", "all decisions of a batch must be of one instance")
-        if req.approval_id:
-            v.add(f"{at}request.approval_id", "must be empty: grants are decided by Check")
-        if req.request_id:
-            v.add(f"{at}request.request_id", "must be empty: the decision id is the idempotency key")
-        try:
-            validate_check(req, f"{at}request.")
-        except InvalidArgument as exc:
-            v.items.extend(exc.violations)
-        r = item.response
-        key = result_key(r)
+        key = result_key(item.response)
         keys.append(key)
-        for field, description in _part_checks(key):
-            v.add(f"{at}response.{field}" if field else f"{at}response", description)
-        for name in ("request_id", "approval_id"):
-            if "\x00" in getattr(r, name):
-                v.add(f"{at}response.{name}", "must not contain NUL characters")
-        if not r.HasField("decide_time"):
-            v.add(f"{at}response.decide_time", "is required")
-        else:
-            bad = edge.violations(r.decide_time, f"{at}response.decide_time")
-            if bad:
-                v.items.extend(bad)
-            elif r.decide_time.seconds > latest:  # (whole seconds: the skew allowed is minutes)
-                v.add(f"{at}response.decide_time", "must not be in the future")
-        if r.policy_epoch < 0:
-            v.add(f"{at}response.policy_epoch", "must be >= 0")
-        if len(key) > 64 * 1024:
-            v.add(f"{at}response", "must be at most 64 KiB with at most 50 reasons")
+        if not (instance_ok and _fine(item, instance, latest, key)):
+            _check_item(v, i, item, instance, latest, key)
     v.raise_if_any()
     return keys
+
+
+_GOOD_TOOLS: set[str] = set()
+_MAX_REQUEST = MAX_ARGUMENT_BYTES + 4096
+
+
+def _good_tool(name: str) -> bool:
+    if name in _GOOD_TOOLS:
+        return True
+    v = Violations()
+    limits.tool_name(v, "", name)
+    if v:
+        return False
+    if len(_GOOD_TOOLS) >= 4096:
+        _GOOD_TOOLS.clear()
+    _GOOD_TOOLS.add(name)
+    return True
+
+
+def _fine(item: decision_pb2.LocalDecision, instance: str, latest: int, key: bytes) -> bool:
+    """True only when `_check_item` would find nothing wrong with the item (given a valid
+    `instance`): the same checks, without building paths and messages, the tool name and the
+    result part each checked once per distinct value."""
+    req, r = item.request, item.response
+    return bool(
+        DECISION_ID.fullmatch(item.decision_id)
+        and req.instance_id == instance and req.WhichOneof("agent") == "instance_id"
+        and not req.approval_id and not req.request_id
+        and _good_tool(req.tool_name)
+        and len(req.run_id) <= 128 and "\x00" not in req.run_id
+        and len(req.tool_call_id) <= 128 and "\x00" not in req.tool_call_id
+        and (not req.declared_risk or req.declared_risk in RISK_LEVELS)
+        and 0.0 <= req.estimated_cost_usd <= _MAX_FLOAT
+        and (not req.HasField("arguments") or not edge.violations(req.arguments))
+        and (not req.HasField("context") or not edge.violations(req.context))
+        and req.ByteSize() <= _MAX_REQUEST
+        and not _part_checks(key)
+        and "\x00" not in r.request_id and "\x00" not in r.approval_id
+        and r.HasField("decide_time")
+        and edge.TIMESTAMP_MIN_S <= r.decide_time.seconds <= latest and 0 <= r.decide_time.nanos <= edge.NANOS_MAX
+        and r.policy_epoch >= 0 and len(key) <= 64 * 1024)
+
+
+def _check_item(v: Violations, i: int, item: decision_pb2.LocalDecision, instance: str, latest: int,
+                key: bytes) -> None:
+    at = f"decisions[{i}]."
+    if not DECISION_ID.fullmatch(item.decision_id):
+        v.add(f"{at}decision_id", 'must be "dec_" then 16 to 64 letters, digits, "_" or "-"')
+    req = item.request
+    v.items.extend(edge.violations(req, f"{at}request"))
+    if req.WhichOneof("agent") != "instance_id":
+        v.add(f"{at}request.instance_id", "is required (local decisions are made for an instance)")
+    elif req.instance_id != instance:
+        v.add(f"{at}request.instance_id", "all decisions of a batch must be of one instance")
+    if req.approval_id:
+        v.add(f"{at}request.approval_id", "must be empty: grants are decided by Check")
+    if req.request_id:
+        v.add(f"{at}request.request_id", "must be empty: the decision id is the idempotency key")
+    try:
+        validate_check(req, f"{at}request.")
+    except InvalidArgument as exc:
+        v.items.extend(exc.violations)
+    r = item.response
+    for field, description in _part_checks(key):
+        v.add(f"{at}response.{field}" if field else f"{at}response", description)
+    for name in ("request_id", "approval_id"):
+        if "\x00" in getattr(r, name):
+            v.add(f"{at}response.{name}", "must not contain NUL characters")
+    if not r.HasField("decide_time"):
+        v.add(f"{at}response.decide_time", "is required")
+    else:
+        bad = edge.violations(r.decide_time, f"{at}response.decide_time")
+        if bad:
+            v.items.extend(bad)
+        elif r.decide_time.seconds > latest:  # (whole seconds: the skew allowed is minutes)
+            v.add(f"{at}response.decide_time", "must not be in the future")
+    if r.policy_epoch < 0:
+        v.add(f"{at}response.policy_epoch", "must be >= 0")
+    if len(key) > 64 * 1024:
+        v.add(f"{at}response", "must be at most 64 KiB with at most 50 reasons")
 
 
 class LocalDecisions:
