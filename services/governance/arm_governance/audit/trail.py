@@ -8,10 +8,10 @@ import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
-from sqlalchemy import Select, func, insert, select, update
+from sqlalchemy import Select, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -100,6 +100,7 @@ def _row(record: common_pb2.ChangeRecord, tenant_id: str) -> models.ChangeRecord
 
 
 _STRUCTS = ("payload", "before", "after")
+_TABLE = cast(Table, M.__table__)
 
 
 def _new_row(record: common_pb2.ChangeRecord, tenant_id: str, sequence: int, now: datetime,
@@ -237,7 +238,7 @@ class AuditTrail:
             out.append((i, audit_pb2.AppendChangeRecordResult(
                 record_id=rec.record_id, status=APPENDED, sequence=seq, hash=prev)))
         if rows:
-            await s.execute(insert(M), rows)
+            await s.execute(insert(_TABLE), rows)  # Core: no ORM bulk-insert bookkeeping per row
             await s.execute(update(models.ChainHead).where(models.ChainHead.tenant_id == tenant)
                             .values(last_sequence=seq, last_hash=prev))
         return out
