@@ -158,9 +158,15 @@ async def orchestrate(args: argparse.Namespace) -> None:
                   f"{cpu_sent / n * 1e6:.1f} µs/decision while sending, {cpu_all / n * 1e6:.1f} with its relays; "
                   f"PostgreSQL {pg / n * 1e6:.1f} µs/decision")
         conn = await asyncpg.connect(args.postgres)
-        rows = await conn.fetchval(f'SELECT count(*) FROM "{schemas["governance"]}".decisions')
+        gov = schemas["governance"]
+        rows = await conn.fetchval(f'SELECT count(*) FROM "{gov}".decisions')
+        sizes = await conn.fetchrow(f'SELECT avg(octet_length(request)) AS request, avg(octet_length(agent)) AS agent, '
+                                    f'avg(octet_length(response)) AS response FROM "{gov}".decisions')
+        outbox = await conn.fetchval(f'SELECT avg(octet_length(payload)) FROM "{gov}".outbox_messages')
         await conn.close()
-        print(f"decision log rows in governance: {rows} (expected {n + 2 * args.batch + len(TOOLS)})")
+        print(f"decision log rows in governance: {rows} (expected {n + 2 * args.batch + len(TOOLS)}); bytes per row: "
+              f"request {sizes['request']:.0f}, agent {sizes['agent']:.0f}, response {sizes['response']:.0f}; "
+              f"outbox payload {outbox:.0f}")
     finally:
         for p in procs:
             if p.poll() is None:
