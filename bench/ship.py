@@ -37,7 +37,7 @@ from sdk_local import TOOLS  # noqa: E402
 METHOD = "/arm.governance.v1.DecisionService/RecordLocalDecisions"
 
 
-async def templates(gov: str, key: str, instance: str) -> list[tuple[bytes, bytes]]:
+async def templates(gov: str, key: str, instance: str, tools: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
     """(request, response) per tool: the response as Check answered it, less its decision id."""
     import grpc
 
@@ -46,7 +46,7 @@ async def templates(gov: str, key: str, instance: str) -> list[tuple[bytes, byte
     out = []
     async with grpc.aio.insecure_channel(gov) as channel:
         stub = decision_pb2_grpc.DecisionServiceStub(channel)
-        for tool in TOOLS:
+        for tool in tools:
             request = decision_pb2.CheckRequest(instance_id=instance, tool_name=tool, declared_risk=1,
                                                 run_id="bench-run")
             request.arguments.update({"path": f"/srv/{tool}"})
@@ -141,12 +141,13 @@ async def orchestrate(args: argparse.Namespace) -> None:
         instance = await setup_world(addr["registry"], key, addr["governance"])
         async with ArmClient(addr["registry"], key) as reg:
             agent_key = (await reg.access.CreateApiKey(access_pb2.CreateApiKeyRequest(instance_id=instance))).secret
-        parts = await templates(addr["governance"], agent_key, instance)
+        tools = tuple(args.tools.split(","))
+        parts = await templates(addr["governance"], agent_key, instance, tools)
         await send(addr["governance"], agent_key, batches(parts, 2, args.batch), args.in_flight)  # warm-up
         payloads = batches(parts, args.batches, args.batch)
         n = args.batches * args.batch
         print(f"# {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; PostgreSQL; "
-              f"{args.batches} batches of {args.batch}, {args.in_flight} in flight; tools {','.join(TOOLS)}")
+              f"{args.batches} batches of {args.batch}, {args.in_flight} in flight; tools {','.join(tools)}")
         await settle(gov_pid)
         for label in ("new", "retry (all duplicates)"):
             cpu0, pg0, t0 = cpu_seconds([gov_pid]), postgres_cpu_seconds(), time.perf_counter()
@@ -164,7 +165,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                                     f'avg(octet_length(response)) AS response FROM "{gov}".decisions')
         outbox = await conn.fetchval(f'SELECT avg(octet_length(payload)) FROM "{gov}".outbox_messages')
         await conn.close()
-        print(f"decision log rows in governance: {rows} (expected {n + 2 * args.batch + len(TOOLS)}); bytes per row: "
+        print(f"decision log rows in governance: {rows} (expected {n + 2 * args.batch + len(tools)}); bytes per row: "
               f"request {sizes['request']:.0f}, agent {sizes['agent']:.0f}, response {sizes['response']:.0f}; "
               f"outbox payload {outbox:.0f}")
     finally:
@@ -185,6 +186,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=2)
+    parser.add_argument("--tools", default=",".join(TOOLS), help="the tools decided, round robin (default: "
+                        "sdk_local's, one in six a DENY)")
     parser.add_argument("--profile-governance", default="", help="cProfile governance's process to this file")
     asyncio.run(orchestrate(parser.parse_args()))
 

@@ -26,7 +26,7 @@ from arm_common.chain import (
     chain_content,
     raise_on_rejected,
 )
-from arm_common.db import Database
+from arm_common.db import Database, driver_connection
 from arm_common.errors import NotFound
 from arm_common.messages import struct, ts
 from arm_common.outbox import OutboxMessage
@@ -101,6 +101,11 @@ def _row(record: common_pb2.ChangeRecord, tenant_id: str) -> models.ChangeRecord
 
 _STRUCTS = ("payload", "before", "after")
 _TABLE = cast(Table, M.__table__)
+_COLUMNS = tuple(c.name for c in _TABLE.columns)
+
+
+def _naive_utc(value: Any) -> Any:
+    return value.astimezone(UTC).replace(tzinfo=None) if isinstance(value, datetime) else value
 
 
 def _new_row(record: common_pb2.ChangeRecord, tenant_id: str, sequence: int, now: datetime,
@@ -219,8 +224,16 @@ class AuditTrail:
                              ) -> list[tuple[int, audit_pb2.AppendChangeRecordResult]]:
         head = await self._lock_head(s, tenant)
         ids = list({rec.record_id for _, rec in items})
-        stored = {r.record_id: (r.sequence, r.hash) for r in (await s.execute(
-            select(M.record_id, M.sequence, M.hash).where(M.tenant_id == tenant, M.record_id.in_(ids)))).all()}
+        apg = await driver_connection(s) if self.db.is_postgres else None
+        if apg is not None:
+            # One statement whatever the number of ids (an IN list is a new statement, parsed
+            # and planned again, for every batch size).
+            found = await apg.fetch("SELECT record_id, sequence, hash FROM change_records "
+                                    "WHERE tenant_id = $1 AND record_id = ANY($2::text[])", tenant, ids)
+        else:
+            found = (await s.execute(select(M.record_id, M.sequence, M.hash).where(
+                M.tenant_id == tenant, M.record_id.in_(ids)))).all()
+        stored = {r[0]: (r[1], r[2]) for r in found}
         seq, prev = head.last_sequence, head.last_hash
         now = utcnow()
         rows, out = [], []
@@ -237,8 +250,14 @@ class AuditTrail:
             stored[rec.record_id] = (seq, prev)
             out.append((i, audit_pb2.AppendChangeRecordResult(
                 record_id=rec.record_id, status=APPENDED, sequence=seq, hash=prev)))
-        if rows:
+        if rows and apg is not None:
+            # COPY (in the transaction the head lock opened): a multi-row INSERT would be a new
+            # statement for every batch size. It bypasses UtcDateTime: times go as naive UTC.
+            await apg.copy_records_to_table("change_records", columns=_COLUMNS, records=[
+                tuple(_naive_utc(row[c]) for c in _COLUMNS) for row in rows])
+        elif rows:
             await s.execute(insert(_TABLE), rows)  # Core: no ORM bulk-insert bookkeeping per row
+        if rows:
             await s.execute(update(models.ChainHead).where(models.ChainHead.tenant_id == tenant)
                             .values(last_sequence=seq, last_hash=prev))
         return out
