@@ -28,7 +28,7 @@ from arm_common.chain import (
 )
 from arm_common.db import Database, driver_connection
 from arm_common.errors import NotFound
-from arm_common.messages import struct, ts
+from arm_common.messages import plain, struct, ts
 from arm_common.outbox import OutboxMessage
 from arm_common.tables import utcnow
 from arm_governance import models
@@ -113,8 +113,7 @@ def _new_row(record: common_pb2.ChangeRecord, tenant_id: str, sequence: int, now
     """The change_records row appending `record` writes, its hash included: what `_row` then
     `record_hash(to_proto(row))` give, with each Struct converted once for both the stored JSON
     and the hashed content (tests/governance/test_audit.py compares the two)."""
-    structs = {name: json_format.MessageToDict(getattr(record, name)) if record.HasField(name) else None
-               for name in _STRUCTS}
+    structs = {name: plain(getattr(record, name)) if record.HasField(name) else None for name in _STRUCTS}
     full = common_pb2.ChangeRecord()
     full.CopyFrom(record)
     full.ClearField("hash")
