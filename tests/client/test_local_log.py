@@ -166,3 +166,35 @@ async def test_a_decision_id_of_another_tenant_is_refused(agent: Agent, registry
     assert await _record(other_client, [theirs]) == (1, 0)
     for c in (client, other_client, other.admin, *other.approvers):
         await c.close()
+
+
+async def test_a_batch_whose_outbox_rows_fail_logs_none_of_its_decisions(agent: Agent) -> None:
+    """The decisions and their outbox rows commit together (on PostgreSQL: the COPYs share one
+    transaction): when the outbox write fails, here on an opEvent id taken beforehand, no
+    decision of the batch is logged, and the batch goes in whole once the obstacle is gone."""
+    from arm_common.tables import utcnow
+
+    client = agent.governance.client(agent.key)
+    items = [_local(agent.instance_id, ALLOW, i) for i in range(3)]
+    blocker = f"evt-{items[2].decision_id}"
+
+    async def block(s: Any) -> None:
+        now = utcnow()
+        await s.execute(OUTBOX.insert().values(message_id=blocker, topic="test.blocker", tenant_id="ten_none",
+                                               payload=b"", created_at=now, attempts=0, next_attempt_at=now))
+    await agent.governance.db.run(block)
+    try:
+        await client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(decisions=items))
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() != grpc.StatusCode.OK
+    else:
+        raise AssertionError("the batch was accepted although its outbox rows could not be written")
+    ids = [item.decision_id for item in items]
+    assert await logged_counts(agent, ids) == {}
+
+    async def unblock(s: Any) -> None:
+        await s.execute(OUTBOX.delete().where(OUTBOX.c.message_id == blocker))
+    await agent.governance.db.run(unblock)
+    assert await _record(client, items) == (3, 0)
+    assert await logged_counts(agent, ids) == dict.fromkeys(ids, 1)
+    await client.close()
