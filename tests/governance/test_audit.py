@@ -386,3 +386,31 @@ async def test_a_record_the_trail_rejects_is_not_marked_delivered(governance: Go
         assert got.record.sequence > 0
         await expect_failure(client.audit.GetChangeRecord(audit_pb2.GetChangeRecordRequest(
             record_id=bad.record_id)), grpc.StatusCode.NOT_FOUND)
+
+
+def test_an_appended_row_is_what_the_orm_form_gives() -> None:
+    """`_new_row` (the append path: each Struct converted once) writes the columns and the hash
+    that `_row` then `record_hash(to_proto(row))` give, for records with and without structs,
+    times and odd numbers."""
+    from arm_common.messages import struct
+    from arm_governance.audit.trail import _new_row, _row, to_proto
+
+    now = datetime(2026, 12, 7, 12, 30, 1, 123456, tzinfo=UTC)
+    full = common_pb2.ChangeRecord(
+        record_id="chg_1", type=common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED,
+        actor=common_pb2.Actor(type=common_pb2.ACTOR_TYPE_AGENT, id="ins_1"), target_type="tool_call",
+        target_id="tc-1", project_id="prj", template_id="tpl", version_id="ver", instance_id="ins_1",
+        summary="db.drop_table denied: ✓ \"quoted\"", reason="r", source="governance", hash="ignored",
+        prev_hash="ignored too",
+        payload=struct({"n": 7, "x": 0.1, "big": 1e21, "neg": -0.0, "nested": {"a": [1, "b", None, True]}}),
+        before=struct({}), after=struct({"consumed": True}))
+    full.occur_time.FromNanoseconds(1_765_000_000_123_456_789)
+    bare = common_pb2.ChangeRecord(record_id="chg_2", type=common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED,
+                                   actor=common_pb2.Actor(type=common_pb2.ACTOR_TYPE_SYSTEM, id="svc"))
+    for record in (full, bare):
+        got = _new_row(record, "ten_1", 42, now, "ab" * 32)
+        row = _row(record, "ten_1")
+        row.sequence, row.record_time, row.prev_hash, row.hash = 42, now, "ab" * 32, ""
+        expected = {c: getattr(row, c) for c in got if c != "hash"}
+        assert {c: v for c, v in got.items() if c != "hash"} == expected
+        assert got["hash"] == record_hash(to_proto(row))

@@ -14,6 +14,8 @@ from typing import Any
 
 def js_number(value: float | int) -> str:
     """Formats a number the way JavaScript does (`String(x)`): `1` not `1.0`, `1e+21`, `1e-7`."""
+    if type(value) is float and value.is_integer() and -(2**53) <= value <= 2**53:
+        return str(int(value))  # what the digits below give for it (JavaScript writes 7.0 as "7", -0 as "0")
     if isinstance(value, bool):
         raise TypeError("booleans are not numbers here")
     if isinstance(value, int):
@@ -55,7 +57,25 @@ def js_number(value: float | int) -> str:
 
 
 def _encode(value: Any, out: list[str]) -> None:
-    if value is None:
+    kind = type(value)
+    if kind is str:  # the common cases first (exact types; subclasses take the general branches)
+        out.append(encode_basestring(value))
+    elif kind is dict:
+        out.append("{")
+        for i, key in enumerate(sorted(value)):
+            if not isinstance(key, str):
+                raise TypeError(f"object keys must be strings, got {type(key).__name__}")
+            if i:
+                out.append(",")
+            out.append(encode_basestring(key))
+            out.append(":")
+            item = value[key]
+            if type(item) is str:
+                out.append(encode_basestring(item))
+            else:
+                _encode(item, out)
+        out.append("}")
+    elif value is None:
         out.append("null")
     elif value is True:
         out.append("true")

@@ -49,8 +49,11 @@ def _struct(record: common_pb2.ChangeRecord, name: str) -> Any:
     return json_format.MessageToDict(getattr(record, name))
 
 
-def chain_content(record: common_pb2.ChangeRecord) -> dict[str, Any]:
-    """Everything a record's hash covers."""
+def chain_content(record: common_pb2.ChangeRecord, structs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a record's hash covers. `structs`: payload, before and after already converted
+    (`json_format.MessageToDict`, None when unset), for a caller that has them."""
+    if structs is None:
+        structs = {name: _struct(record, name) for name in ("payload", "before", "after")}
     return {
         "record_id": record.record_id,
         "tenant_id": record.tenant_id,
@@ -65,9 +68,9 @@ def chain_content(record: common_pb2.ChangeRecord) -> dict[str, Any]:
         "version_id": record.version_id,
         "instance_id": record.instance_id,
         "summary": record.summary,
-        "payload": _struct(record, "payload"),
-        "before": _struct(record, "before"),
-        "after": _struct(record, "after"),
+        "payload": structs["payload"],
+        "before": structs["before"],
+        "after": structs["after"],
         "reason": record.reason,
         "occur_time": _time(record, "occur_time"),
         "record_time": _time(record, "record_time"),

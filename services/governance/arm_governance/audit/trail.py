@@ -7,21 +7,28 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 from google.protobuf import json_format
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
-from arm_common.canonical import canonical_json
-from arm_common.chain import SEQUENCE_GAP, Anchor, ChainReport, ChainVerifier, raise_on_rejected, record_hash
-from arm_common.db import Database
+from arm_common.canonical import canonical_json, sha256_hex
+from arm_common.chain import (
+    SEQUENCE_GAP,
+    Anchor,
+    ChainReport,
+    ChainVerifier,
+    chain_content,
+    raise_on_rejected,
+)
+from arm_common.db import Database, driver_connection
 from arm_common.errors import NotFound
-from arm_common.messages import struct, ts
+from arm_common.messages import plain, struct, ts
 from arm_common.outbox import OutboxMessage
 from arm_common.tables import utcnow
 from arm_governance import models
@@ -90,6 +97,38 @@ def _row(record: common_pb2.ChangeRecord, tenant_id: str) -> models.ChangeRecord
         payload=_struct("payload"), before=_struct("before"), after=_struct("after"),
         reason=record.reason, source=record.source,
         occur_time=record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None)
+
+
+_STRUCTS = ("payload", "before", "after")
+_TABLE = cast(Table, M.__table__)
+_COLUMNS = tuple(c.name for c in _TABLE.columns)
+
+
+def _naive_utc(value: Any) -> Any:
+    return value.astimezone(UTC).replace(tzinfo=None) if isinstance(value, datetime) else value
+
+
+def _new_row(record: common_pb2.ChangeRecord, tenant_id: str, sequence: int, now: datetime,
+             prev_hash: str) -> dict[str, Any]:
+    """The change_records row appending `record` writes, its hash included: what `_row` then
+    `record_hash(to_proto(row))` give, with each Struct converted once for both the stored JSON
+    and the hashed content (tests/governance/test_audit.py compares the two)."""
+    structs = {name: plain(getattr(record, name)) if record.HasField(name) else None for name in _STRUCTS}
+    full = common_pb2.ChangeRecord()
+    full.CopyFrom(record)
+    full.ClearField("hash")
+    full.tenant_id, full.sequence, full.prev_hash = tenant_id, sequence, prev_hash
+    full.record_time.CopyFrom(ts(now))
+    return {
+        "tenant_id": tenant_id, "sequence": sequence, "record_id": record.record_id, "type": record.type,
+        "actor_type": record.actor.type, "actor_id": record.actor.id, "target_type": record.target_type,
+        "target_id": record.target_id, "project_id": record.project_id, "template_id": record.template_id,
+        "version_id": record.version_id, "instance_id": record.instance_id, "summary": record.summary,
+        **{name: _json(value) for name, value in structs.items()},
+        "reason": record.reason, "source": record.source,
+        "occur_time": record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None,
+        "record_time": now, "prev_hash": prev_hash,
+        "hash": sha256_hex(canonical_json(chain_content(full, structs)))}
 
 
 @dataclass(frozen=True)
@@ -184,8 +223,16 @@ class AuditTrail:
                              ) -> list[tuple[int, audit_pb2.AppendChangeRecordResult]]:
         head = await self._lock_head(s, tenant)
         ids = list({rec.record_id for _, rec in items})
-        stored = {r.record_id: (r.sequence, r.hash) for r in (await s.execute(
-            select(M.record_id, M.sequence, M.hash).where(M.tenant_id == tenant, M.record_id.in_(ids)))).all()}
+        apg = await driver_connection(s) if self.db.is_postgres else None
+        if apg is not None:
+            # One statement whatever the number of ids (an IN list is a new statement, parsed
+            # and planned again, for every batch size).
+            found = await apg.fetch("SELECT record_id, sequence, hash FROM change_records "
+                                    "WHERE tenant_id = $1 AND record_id = ANY($2::text[])", tenant, ids)
+        else:
+            found = (await s.execute(select(M.record_id, M.sequence, M.hash).where(
+                M.tenant_id == tenant, M.record_id.in_(ids)))).all()
+        stored = {r[0]: (r[1], r[2]) for r in found}
         seq, prev = head.last_sequence, head.last_hash
         now = utcnow()
         rows, out = [], []
@@ -196,16 +243,20 @@ class AuditTrail:
                     record_id=rec.record_id, status=DUPLICATE, sequence=sequence, hash=hash_)))
                 continue
             seq += 1
-            row = _row(rec, tenant)
-            row.sequence, row.record_time, row.prev_hash, row.hash = seq, now, prev, ""
-            row.hash = prev = record_hash(to_proto(row))
+            row = _new_row(rec, tenant, seq, now, prev)
             rows.append(row)
-            stored[rec.record_id] = (seq, row.hash)
+            prev = row["hash"]
+            stored[rec.record_id] = (seq, prev)
             out.append((i, audit_pb2.AppendChangeRecordResult(
-                record_id=rec.record_id, status=APPENDED, sequence=seq, hash=row.hash)))
+                record_id=rec.record_id, status=APPENDED, sequence=seq, hash=prev)))
+        if rows and apg is not None:
+            # COPY (in the transaction the head lock opened): a multi-row INSERT would be a new
+            # statement for every batch size. It bypasses UtcDateTime: times go as naive UTC.
+            await apg.copy_records_to_table("change_records", columns=_COLUMNS, records=[
+                tuple(_naive_utc(row[c]) for c in _COLUMNS) for row in rows])
+        elif rows:
+            await s.execute(insert(_TABLE), rows)  # Core: no ORM bulk-insert bookkeeping per row
         if rows:
-            s.add_all(rows)
-            await s.flush()
             await s.execute(update(models.ChainHead).where(models.ChainHead.tenant_id == tenant)
                             .values(last_sequence=seq, last_hash=prev))
         return out

@@ -8,21 +8,23 @@ epoch; on every replica via LISTEN/NOTIFY) or an agent change from the registry'
 WatchAgentChanges (instance, version, tenant state). Between changes it sends heartbeats, so the
 runtime knows its inputs are current.
 
-`RecordLocalDecisions` logs what the runtime decided: each decision is built by the decision
-path's own `Decider.pending` (the decision row, its opEvent, a DENY's POLICY_DENIED record) and
-a batch is written in one transaction (one multi-row statement on PostgreSQL, as the decision
-log's group commit), skipping decision ids already logged."""
+`RecordLocalDecisions` logs what the runtime decided: the rows `Decider.pending` would build (the
+decision row, its opEvent, a DENY's POLICY_DENIED record), built per batch from parts cached per
+(agent, result) by `local_log.LocalRows`, and written in one transaction (COPY on PostgreSQL,
+see `local_log.write_pg`), skipping decision ids already logged."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import asyncpg
 from google.protobuf import timestamp_pb2
-from sqlalchemy import Table, select
+from sqlalchemy import Table, select, text
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,16 +41,18 @@ from arm_common.outbox import enqueue_many
 from arm_common.tables import utcnow
 from arm_engine import engine
 from arm_governance import convert, models
-from arm_governance.decisions.log import DecisionLog, PendingDecision
-from arm_governance.decisions.service import Decider, validate_check
+from arm_governance.approvals.rules import RISK_LEVELS
+from arm_governance.decisions import local_log
+from arm_governance.decisions.service import MAX_ARGUMENT_BYTES, Decider, validate_check
 from arm_governance.models import OUTBOX
+from arm_governance.policy import limits
 
 MAX_BATCH = 1000
 DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,64}")
 _LOCAL_EFFECTS = (policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _CLOCK_SKEW = timedelta(minutes=5)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # decide_time as a datetime: what ToDatetime(tzinfo=UTC) gives
+_MAX_FLOAT = sys.float_info.max
 _STEPS = frozenset(int(x) for x in engine.Step) - {int(engine.Step.APPROVAL_GRANT)}
 _RISKS = frozenset(int(x) for x in engine.Risk)
 _SCOPES = frozenset(int(x) for x in engine.Scope)
@@ -123,55 +127,107 @@ def _part_checks(key: bytes) -> list[tuple[str, str]]:
 
 
 def validate_record(request: decision_pb2.RecordLocalDecisionsRequest) -> list[bytes]:
-    """Raises InvalidArgument naming every bad field; returns each response's `result_key`."""
+    """Raises InvalidArgument naming every bad field; returns each response's `result_key`.
+    An item `_fine` finds nothing wrong with is not checked further; any other item is checked
+    field by field (`_check_item`), which names what is wrong."""
     v = Violations()
     n = len(request.decisions)
     if not 1 <= n <= MAX_BATCH:
         v.add("decisions", f"must hold 1 to {MAX_BATCH} decisions")
         v.raise_if_any()
     instance = request.decisions[0].request.instance_id
+    probe = Violations()
+    val.resource_id(probe, "", instance)
+    instance_ok = not probe and "\x00" not in instance
     latest = int((datetime.now(UTC) + _CLOCK_SKEW).timestamp())
     keys = []
     for i, item in enumerate(request.decisions):
-        at = f"decisions[{i}]."
-        if not DECISION_ID.fullmatch(item.decision_id):
-            v.add(f"{at}decision_id", 'must be "dec_" then 16 to 64 letters, digits, "_" or "-"')
-        req = item.request
-        v.items.extend(edge.violations(req, f"{at}request"))
-        if req.WhichOneof("agent") != "instance_id":
-            v.add(f"{at}request.instance_id", "is required (local decisions are made for an instance)")
-        elif req.instance_id != instance:
-            v.add(f"{at}request.instance_id", "all decisions of a batch must be of one instance")
-        if req.approval_id:
-            v.add(f"{at}request.approval_id", "must be empty: grants are decided by Check")
-        if req.request_id:
-            v.add(f"{at}request.request_id", "must be empty: the decision id is the idempotency key")
-        try:
-            validate_check(req, f"{at}request.")
-        except InvalidArgument as exc:
-            v.items.extend(exc.violations)
-        r = item.response
-        key = result_key(r)
+        key = result_key(item.response)
         keys.append(key)
-        for field, description in _part_checks(key):
-            v.add(f"{at}response.{field}" if field else f"{at}response", description)
-        for name in ("request_id", "approval_id"):
-            if "\x00" in getattr(r, name):
-                v.add(f"{at}response.{name}", "must not contain NUL characters")
-        if not r.HasField("decide_time"):
-            v.add(f"{at}response.decide_time", "is required")
-        else:
-            bad = edge.violations(r.decide_time, f"{at}response.decide_time")
-            if bad:
-                v.items.extend(bad)
-            elif r.decide_time.seconds > latest:  # (whole seconds: the skew allowed is minutes)
-                v.add(f"{at}response.decide_time", "must not be in the future")
-        if r.policy_epoch < 0:
-            v.add(f"{at}response.policy_epoch", "must be >= 0")
-        if len(key) > 64 * 1024:
-            v.add(f"{at}response", "must be at most 64 KiB with at most 50 reasons")
+        if not (instance_ok and _fine(item, instance, latest, key)):
+            _check_item(v, i, item, instance, latest, key)
     v.raise_if_any()
     return keys
+
+
+_GOOD_TOOLS: set[str] = set()
+_MAX_REQUEST = MAX_ARGUMENT_BYTES + 4096
+
+
+def _good_tool(name: str) -> bool:
+    if name in _GOOD_TOOLS:
+        return True
+    v = Violations()
+    limits.tool_name(v, "", name)
+    if v:
+        return False
+    if len(_GOOD_TOOLS) >= 4096:
+        _GOOD_TOOLS.clear()
+    _GOOD_TOOLS.add(name)
+    return True
+
+
+def _fine(item: decision_pb2.LocalDecision, instance: str, latest: int, key: bytes) -> bool:
+    """True only when `_check_item` would find nothing wrong with the item (given a valid
+    `instance`): the same checks, without building paths and messages, the tool name and the
+    result part each checked once per distinct value."""
+    req, r = item.request, item.response
+    return bool(
+        DECISION_ID.fullmatch(item.decision_id)
+        and req.instance_id == instance and req.WhichOneof("agent") == "instance_id"
+        and not req.approval_id and not req.request_id
+        and _good_tool(req.tool_name)
+        and len(req.run_id) <= 128 and "\x00" not in req.run_id
+        and len(req.tool_call_id) <= 128 and "\x00" not in req.tool_call_id
+        and (not req.declared_risk or req.declared_risk in RISK_LEVELS)
+        and 0.0 <= req.estimated_cost_usd <= _MAX_FLOAT
+        and (not req.HasField("arguments") or not edge.violations(req.arguments))
+        and (not req.HasField("context") or not edge.violations(req.context))
+        and req.ByteSize() <= _MAX_REQUEST
+        and not _part_checks(key)
+        and "\x00" not in r.request_id and "\x00" not in r.approval_id
+        and r.HasField("decide_time")
+        and edge.TIMESTAMP_MIN_S <= r.decide_time.seconds <= latest and 0 <= r.decide_time.nanos <= edge.NANOS_MAX
+        and r.policy_epoch >= 0 and len(key) <= 64 * 1024)
+
+
+def _check_item(v: Violations, i: int, item: decision_pb2.LocalDecision, instance: str, latest: int,
+                key: bytes) -> None:
+    at = f"decisions[{i}]."
+    if not DECISION_ID.fullmatch(item.decision_id):
+        v.add(f"{at}decision_id", 'must be "dec_" then 16 to 64 letters, digits, "_" or "-"')
+    req = item.request
+    v.items.extend(edge.violations(req, f"{at}request"))
+    if req.WhichOneof("agent") != "instance_id":
+        v.add(f"{at}request.instance_id", "is required (local decisions are made for an instance)")
+    elif req.instance_id != instance:
+        v.add(f"{at}request.instance_id", "all decisions of a batch must be of one instance")
+    if req.approval_id:
+        v.add(f"{at}request.approval_id", "must be empty: grants are decided by Check")
+    if req.request_id:
+        v.add(f"{at}request.request_id", "must be empty: the decision id is the idempotency key")
+    try:
+        validate_check(req, f"{at}request.")
+    except InvalidArgument as exc:
+        v.items.extend(exc.violations)
+    r = item.response
+    for field, description in _part_checks(key):
+        v.add(f"{at}response.{field}" if field else f"{at}response", description)
+    for name in ("request_id", "approval_id"):
+        if "\x00" in getattr(r, name):
+            v.add(f"{at}response.{name}", "must not contain NUL characters")
+    if not r.HasField("decide_time"):
+        v.add(f"{at}response.decide_time", "is required")
+    else:
+        bad = edge.violations(r.decide_time, f"{at}response.decide_time")
+        if bad:
+            v.items.extend(bad)
+        elif r.decide_time.seconds > latest:  # (whole seconds: the skew allowed is minutes)
+            v.add(f"{at}response.decide_time", "must not be in the future")
+    if r.policy_epoch < 0:
+        v.add(f"{at}response.policy_epoch", "must be >= 0")
+    if len(key) > 64 * 1024:
+        v.add(f"{at}response", "must be at most 64 KiB with at most 50 reasons")
 
 
 class LocalDecisions:
@@ -182,6 +238,7 @@ class LocalDecisions:
         self.changes = changes
         self.authenticator = authenticator
         self._results: dict[bytes, engine.Result] = {}
+        self.rows = local_log.LocalRows()
 
     # --- WatchDecisionInputs --------------------------------------------------------------------
 
@@ -287,46 +344,59 @@ class LocalDecisions:
         resolved = await self.decider.agents.resolve(current_api_key(), p.tenant_id, "instance_id", instance_id)
         if resolved is None:
             raise NotFound.of("agent_instance", instance_id)
-        agent_bytes = resolved.SerializeToString()
-        batch: list[PendingDecision] = []
-        for item, key in zip(request.decisions, keys, strict=True):
-            req, resp = item.request, item.response
-            # The argument digest binds approvals only: a local decision creates none.
-            batch.append(self.decider.pending(
-                p, req, resolved, agent_bytes, self._result(key), resp.policy_epoch, "", None,
-                _EPOCH + timedelta(seconds=resp.decide_time.seconds, microseconds=resp.decide_time.nanos // 1000),
-                item.decision_id))
+        # The argument digest binds approvals only: a local decision creates none.
+        rows, messages = self.rows.build(p, resolved, resolved.SerializeToString(), request.decisions, keys,
+                                         [self._result(key) for key in keys], _naive_now())
+        db = self.decider.log.db
+        write = self._write_pg if db.is_postgres else self._write_sqlite
         try:
-            recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
-        except IntegrityError:
+            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages))
+        except (IntegrityError, asyncpg.UniqueViolationError):
             # A concurrent call logged some of these ids first: now they are skipped.
-            recorded, topics = await self.decider.log.db.run(lambda s: self._write(s, p.tenant_id, batch))
+            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages))
         for relay in self.decider.log.relays:
             if relay.topic in topics:
                 relay.notify()
-        return decision_pb2.RecordLocalDecisionsResponse(recorded=recorded, duplicates=len(batch) - recorded)
+        return decision_pb2.RecordLocalDecisionsResponse(recorded=recorded,
+                                                         duplicates=len(request.decisions) - recorded)
 
-    async def _write(self, s: AsyncSession, tenant_id: str, batch: list[PendingDecision]) -> tuple[int, set[str]]:
+    @staticmethod
+    async def _write_pg(s: AsyncSession, tenant_id: str, rows: list[tuple[Any, ...]],
+                        messages: list[list[tuple[Any, ...]]]) -> tuple[int, set[str]]:
+        # Through the session first: that opens the transaction the COPYs then join.
+        await s.execute(text("SELECT 1"))
+        return await local_log.write_pg(await driver_connection(s), tenant_id, rows, messages)
+
+    @staticmethod
+    async def _write_sqlite(s: AsyncSession, tenant_id: str, rows: list[tuple[Any, ...]],
+                            messages: list[list[tuple[Any, ...]]]) -> tuple[int, set[str]]:
         d = models.DecisionRecord
-        ids = [item.record["id"] for item in batch]
-        logged = {row.id: row.tenant_id for row in (await s.execute(
-            select(d.id, d.tenant_id).where(d.id.in_(ids)))).all()}
+        ids = [row[0] for row in rows]
+        logged: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            logged.update((r.id, r.tenant_id) for r in (await s.execute(
+                select(d.id, d.tenant_id).where(d.id.in_(ids[start:start + 500])))).all())
         if any(tenant != tenant_id for tenant in logged.values()):
             raise InvalidArgument("a decision id is taken", reason="DECISION_ID_TAKEN")
-        fresh: list[PendingDecision] = []
-        seen = set(logged)
-        for item in batch:
-            if item.record["id"] not in seen:
-                seen.add(item.record["id"])
-                fresh.append(item)
-        decisions, messages = DecisionLog._rows(fresh)
-        if self.decider.log.db.is_postgres:
-            await DecisionLog._execute_pg(await driver_connection(s), [], decisions, messages)
-        else:
-            if decisions:
-                await s.execute(sa_insert(_DECISIONS), decisions)
-            await enqueue_many(s, OUTBOX, messages)
-        return len(fresh), {row["topic"] for row in messages}
+        decisions, outbox = [], []
+        for row, rows_of in zip(rows, messages, strict=True):
+            if row[0] in logged:
+                continue
+            decision = dict(zip(local_log.DECISION_COLUMNS, row, strict=True))
+            decision["decided_at"] = decision["decided_at"].replace(tzinfo=UTC)
+            decisions.append(decision)
+            for m in rows_of:
+                message = dict(zip(local_log.OUTBOX_COLUMNS, m, strict=True))
+                message["created_at"] = message["next_attempt_at"] = message["created_at"].replace(tzinfo=UTC)
+                outbox.append(message)
+        if decisions:
+            await s.execute(sa_insert(_DECISIONS), decisions)
+        await enqueue_many(s, OUTBOX, outbox)
+        return len(decisions), {row["topic"] for row in outbox}
+
+
+def _naive_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class LocalDecisionRpcs:

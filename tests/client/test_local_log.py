@@ -1,0 +1,200 @@
+"""Governance's logging of local decisions (`RecordLocalDecisions`, decisions/local_log.py), on
+SQLite and PostgreSQL (there by COPY): the rows built per batch are what `Decider.pending` builds
+for the same decision; a batch shipped again, overlapping, or twice at once logs each decision,
+its opEvent and a DENY's POLICY_DENIED record exactly once; an id another tenant logged is
+refused."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from sqlalchemy import select
+
+from arm.common.v1 import common_pb2
+from arm.governance.v1 import decision_pb2, policy_pb2
+from arm.registry.v1 import compat_pb2
+from arm.telemetry.v1 import events_pb2
+from arm_common.auth import Principal
+from arm_common.decision_inputs import result_from_response
+from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
+from arm_governance.decisions import local_log
+from arm_governance.decisions.local import result_key
+from arm_governance.decisions.log import DecisionLog
+from arm_governance.decisions.service import Decider
+from arm_governance.models import OUTBOX
+from tests.client.conftest import Agent, make_agent
+from tests.client.test_local_decisions import logged_counts
+from tests.conftest import GovernanceServer, RegistryServer, make_tenant
+from tests.helpers import expect_failure
+from tests.telemetry.conftest import TelemetryServer
+
+ALLOW = decision_pb2.CheckResponse(
+    decision=policy_pb2.DECISION_ALLOW, effective_risk=1, step=decision_pb2.DECISION_STEP_ENVELOPE,
+    scope=policy_pb2.POLICY_SCOPE_VERSION, scope_id="ver_x", envelope_id="env_x", envelope_revision=2,
+    rule_kind=policy_pb2.RULE_KIND_TOOL_RULE, rule_index=0, rule_description="fs.read",
+    reasons=[policy_pb2.Reason(code="TOOL_RULE", message="fs.read is allowed")])
+DENY = decision_pb2.CheckResponse(
+    decision=policy_pb2.DECISION_DENY, effective_risk=2, step=decision_pb2.DECISION_STEP_LOCKED_RULE,
+    scope=policy_pb2.POLICY_SCOPE_TENANT, scope_id="ten_x", envelope_id="env_y", envelope_revision=1,
+    rule_kind=policy_pb2.RULE_KIND_TOOL_RULE, rule_index=1, rule_description="locked",
+    reasons=[policy_pb2.Reason(code="TOOL_DENIED", message="db.drop* is denied")])
+
+
+def _local(instance_id: str, response: decision_pb2.CheckResponse, i: int) -> decision_pb2.LocalDecision:
+    item = decision_pb2.LocalDecision(decision_id=f"dec_{secrets.token_hex(12)}")
+    item.request.CopyFrom(decision_pb2.CheckRequest(
+        instance_id=instance_id, tool_name="db.drop_table" if response.decision == DENY.decision else "fs.read",
+        declared_risk=1, run_id="run-1", tool_call_id=f"tc-{i}"))
+    item.request.arguments.update({"path": f"/srv/{i}", "n": i})
+    item.response.CopyFrom(response)
+    item.response.decision_id = item.decision_id
+    item.response.policy_epoch = 7
+    item.response.decide_time.FromNanoseconds(1_765_000_000_123_456_789 + i)
+    return item
+
+
+def _without_record_id(payload: bytes) -> common_pb2.ChangeRecord:
+    record = common_pb2.ChangeRecord.FromString(payload)
+    record.ClearField("record_id")
+    return record
+
+
+def test_local_rows_are_what_check_logs() -> None:
+    """The lean per-batch builder writes, field for field, what the decision path's
+    `Decider.pending` writes for the same decision (the change record's id is random in both)."""
+    p = Principal(tenant_id="ten_aaaaaaaaaaaaaaaa", actor_type="AGENT", actor_id="ins_aaaaaaaaaaaaaaaa",
+                  api_key_id="key_aaaaaaaaaaaaaaaa")
+    resolved = compat_pb2.ResolvedAgent(
+        tenant_id=p.tenant_id, instance_id=p.actor_id, project_id="prj_x", version_id="ver_x", template_id="tpl_x",
+        environment_id="env_e", legacy_agent_id="legacy-1")
+    agent = resolved.SerializeToString()
+    items = [_local(p.actor_id, response, i) for i, response in enumerate([ALLOW, DENY, ALLOW, DENY])]
+    items.append(items[0])  # the same id twice in a batch: built once
+    keys = [result_key(item.response) for item in items]
+    results = {key: result_from_response(decision_pb2.CheckResponse.FromString(key)) for key in keys}
+    now = datetime(2026, 12, 7, 12, 0, 0)  # noqa: DTZ001 - naive UTC, as COPY takes it
+    rows, messages = local_log.LocalRows().build(p, resolved, agent, items, keys, [results[k] for k in keys], now)
+    assert len(rows) == len(messages) == 4
+    assert [len(m) for m in messages] == [1, 2, 1, 2]
+    for item, key, row, out in zip(items, keys, rows, messages, strict=False):
+        resp = item.response
+        decided = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=resp.decide_time.seconds,
+                                                               microseconds=resp.decide_time.nanos // 1000)
+        pending = Decider.pending(Decider.__new__(Decider), p, item.request, resolved, agent, results[key],
+                                  resp.policy_epoch, "", None, decided, item.decision_id)
+        decisions, outbox = DecisionLog._rows([pending])
+        expected = dict(decisions[0])
+        got = dict(zip(local_log.DECISION_COLUMNS, row, strict=True))
+        assert got.pop("decided_at") == expected.pop("decided_at").replace(tzinfo=None)
+        assert (decision_pb2.CheckResponse.FromString(got.pop("response"))
+                == decision_pb2.CheckResponse.FromString(expected.pop("response")))
+        assert got == expected
+        assert [m[:3] for m in out][:1] == [(m["message_id"], m["topic"], m["tenant_id"]) for m in outbox][:1]
+        assert [m[1] for m in out] == [m["topic"] for m in outbox]
+        assert events_pb2.OpEvent.FromString(out[0][3]) == events_pb2.OpEvent.FromString(outbox[0]["payload"])
+        if len(out) > 1:
+            assert out[1][1] == TOPIC_CHANGE_RECORD
+            assert _without_record_id(out[1][3]) == _without_record_id(outbox[1]["payload"])
+        assert all(m[4] == now and m[5] == 0 and m[6] == now for m in out)
+
+
+async def _outbox(governance: GovernanceServer) -> dict[str, list[bytes]]:
+    """Topic -> payloads in the outbox."""
+    rows = await governance.db.read(lambda s: s.execute(select(OUTBOX.c.topic, OUTBOX.c.payload)))
+    out: dict[str, list[bytes]] = {}
+    for topic, payload in rows.all():
+        out.setdefault(topic, []).append(payload)
+    return out
+
+
+async def _record(client: Any, items: list[decision_pb2.LocalDecision]) -> tuple[int, int]:
+    got = await client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(decisions=items))
+    return got.recorded, got.duplicates
+
+
+async def test_a_batch_shipped_again_is_logged_once(agent: Agent) -> None:
+    """A batch resent after a lost acknowledgment, a later batch overlapping it, and the same batch
+    sent twice at once: every decision, its opEvent and a DENY's POLICY_DENIED record once
+    (on PostgreSQL the resends go through the COPY path's fallback, the temporary table)."""
+    client = agent.governance.client(agent.key)
+    first = [_local(agent.instance_id, DENY if i % 3 == 2 else ALLOW, i) for i in range(6)]
+    assert await _record(client, first) == (6, 0)
+    assert await _record(client, first) == (0, 6)
+    more = [_local(agent.instance_id, DENY if i % 3 == 2 else ALLOW, i) for i in range(6, 12)]
+    assert await _record(client, first[3:] + more) == (6, 3)
+    twins = [_local(agent.instance_id, DENY if i % 3 == 2 else ALLOW, i) for i in range(12, 20)]
+    a, b = await asyncio.gather(_record(client, twins), _record(client, twins))
+    assert a[0] + b[0] == len(twins) and a[0] + a[1] == b[0] + b[1] == len(twins)
+    items = first + more + twins
+    ids = [item.decision_id for item in items]
+    assert await logged_counts(agent, ids) == dict.fromkeys(ids, 1)
+
+    outbox = await _outbox(agent.governance)
+    events = [events_pb2.OpEvent.FromString(p) for p in outbox[TOPIC_OP_EVENT]]
+    mine = [e for e in events if e.payload.fields["decision_id"].string_value in ids]
+    assert sorted(e.event_id for e in mine) == sorted(f"evt-{i}" for i in ids)
+    assert {e.type for e in mine if e.tool_call_id.endswith(("-2", "-5"))} == {
+        events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED}
+    denied = [common_pb2.ChangeRecord.FromString(p) for p in outbox.get(TOPIC_CHANGE_RECORD, [])]
+    denied_ids = sorted(r.payload.fields["decision_id"].string_value for r in denied
+                        if r.type == common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED
+                        and r.payload.fields["decision_id"].string_value in ids)
+    assert denied_ids == sorted(item.decision_id for item in items if item.response.decision == DENY.decision)
+    await client.close()
+
+
+async def test_a_decision_id_of_another_tenant_is_refused(agent: Agent, registry: RegistryServer,
+                                                          system_admin: Any, governance: GovernanceServer,
+                                                          telemetry: TelemetryServer) -> None:
+    client = agent.governance.client(agent.key)
+    item = _local(agent.instance_id, ALLOW, 0)
+    assert await _record(client, [item]) == (1, 0)
+    other = await make_agent(await make_tenant(registry, system_admin), governance, telemetry)
+    theirs = _local(other.instance_id, ALLOW, 0)
+    taken = _local(other.instance_id, ALLOW, 1)
+    taken.decision_id = taken.response.decision_id = item.decision_id
+    other_client = governance.client(other.key)
+    await expect_failure(other_client.decisions.RecordLocalDecisions(
+        decision_pb2.RecordLocalDecisionsRequest(decisions=[theirs, taken])),
+        grpc.StatusCode.INVALID_ARGUMENT, "DECISION_ID_TAKEN")
+    # Nothing of the refused batch was logged; their own id still goes in.
+    assert await logged_counts(agent, [theirs.decision_id, item.decision_id]) == {item.decision_id: 1}
+    assert await _record(other_client, [theirs]) == (1, 0)
+    for c in (client, other_client, other.admin, *other.approvers):
+        await c.close()
+
+
+async def test_a_batch_whose_outbox_rows_fail_logs_none_of_its_decisions(agent: Agent) -> None:
+    """The decisions and their outbox rows commit together (on PostgreSQL: the COPYs share one
+    transaction): when the outbox write fails, here on an opEvent id taken beforehand, no
+    decision of the batch is logged, and the batch goes in whole once the obstacle is gone."""
+    from arm_common.tables import utcnow
+
+    client = agent.governance.client(agent.key)
+    items = [_local(agent.instance_id, ALLOW, i) for i in range(3)]
+    blocker = f"evt-{items[2].decision_id}"
+
+    async def block(s: Any) -> None:
+        now = utcnow()
+        await s.execute(OUTBOX.insert().values(message_id=blocker, topic="test.blocker", tenant_id="ten_none",
+                                               payload=b"", created_at=now, attempts=0, next_attempt_at=now))
+    await agent.governance.db.run(block)
+    try:
+        await client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(decisions=items))
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() != grpc.StatusCode.OK
+    else:
+        raise AssertionError("the batch was accepted although its outbox rows could not be written")
+    ids = [item.decision_id for item in items]
+    assert await logged_counts(agent, ids) == {}
+
+    async def unblock(s: Any) -> None:
+        await s.execute(OUTBOX.delete().where(OUTBOX.c.message_id == blocker))
+    await agent.governance.db.run(unblock)
+    assert await _record(client, items) == (3, 0)
+    assert await logged_counts(agent, ids) == dict.fromkeys(ids, 1)
+    await client.close()
