@@ -155,7 +155,15 @@ def examples(backend: str) -> list[Any]:
         out.append(example)
 
     collect()
-    return out
+    # One fixed example first: whatever the random draws, both paths are exercised (an ALLOW
+    # decided locally, a NEEDS_APPROVAL left to Check).
+    both = policy_pb2.PolicyEnvelope(
+        name="fixed", scope=policy_pb2.POLICY_SCOPE_VERSION, mode=policy_pb2.POLICY_MODE_ENFORCE, active=True,
+        default_effect=policy_pb2.DECISION_ALLOW,
+        tool_rules=[policy_pb2.ToolRule(tool="payments.send", effect=policy_pb2.DECISION_NEEDS_APPROVAL)])
+    plain = policy_pb2.PolicyEnvelope(name="fixed", scope=policy_pb2.POLICY_SCOPE_PROJECT,
+                                      mode=policy_pb2.POLICY_MODE_ENFORCE, active=True)
+    return [(both, plain, False, [("search.web", 0, 0), ("payments.send", 4, 0), ("files.read", 2, 1)]), *out]
 
 
 def comparable(resp: decision_pb2.CheckResponse) -> decision_pb2.CheckResponse:
