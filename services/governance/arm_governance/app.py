@@ -35,6 +35,7 @@ from arm_governance.audit.checkpoints import Checkpoints, load_signing_key
 from arm_governance.audit.servicer import AuditServicer
 from arm_governance.audit.trail import AuditTrail
 from arm_governance.decisions.log import DecisionLog
+from arm_governance.decisions.op_events import DerivedOpEvents
 from arm_governance.decisions.service import Approvals, Decider, SpendBook
 from arm_governance.decisions.servicer import DecisionServicer
 from arm_governance.deployments.service import DeploymentStore
@@ -96,7 +97,10 @@ class GovernanceComponent:
         # lets a pass carry what many decisions wrote instead of one record per pass.
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
                                    poll_interval_s=config.outbox_poll_s, min_interval_s=0.25),
-                       OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, op_events, poll_interval_s=config.outbox_poll_s)]
+                       # Each op_event row names a batch of decisions whose opEvents it derives
+                       # from the decision log (decisions/op_events.py): fewer rows per pass.
+                       OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, DerivedOpEvents(db, op_events) if op_events is not None else None,
+                                   poll_interval_s=config.outbox_poll_s, batch_size=50)]
         # Approval notifications: the relay fans each out to the tenant's webhooks
         # (webhook_deliveries), the dispatcher POSTs those (arm_governance.webhooks.delivery).
         self.secret_box = load_secret_box(config)

@@ -1,7 +1,8 @@
 """The decision log with group commit: every decision is committed before its answer is sent,
 and the decisions of many concurrent Checks share one transaction. The same transaction writes
 the approval a NEEDS_APPROVAL creates (one per instance and tool call id), the POLICY_DENIED
-change record of a DENY, and each decision's opEvent, the latter two through the outbox.
+change record of a DENY through the outbox, and per tenant one outbox row naming the batch's
+decisions, from which the relay derives their opEvents (decisions/op_events.py).
 No decision is answered that is not logged: with the database unavailable, Check fails closed
 (UNAVAILABLE with RetryInfo, never ALLOW), whatever its caches could have decided."""
 
@@ -26,6 +27,7 @@ from arm_common import otel
 from arm_common.db import Database, driver_connection, is_connection_error
 from arm_common.errors import DatabaseUnavailable, Unavailable
 from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_row
+from arm_common.tables import utcnow
 from arm_common.tasks import cancel_and_wait
 from arm_governance import models
 from arm_governance.models import OUTBOX
@@ -42,6 +44,9 @@ def _naive_utc(value: Any) -> Any:
     return value
 
 
+# The message id prefix of an op_event outbox row that names decisions (its payload: their ids,
+# one a line) instead of holding one opEvent; decisions/op_events.py expands it.
+OP_EVENTS_MARKER = "opd-"
 _OUTBOX_COLUMNS = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
 _APPROVALS = cast(Table, models.Approval.__table__)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
@@ -205,11 +210,21 @@ class DecisionLog:
         """The decision rows (with their responses) and outbox rows of the items to log."""
         decisions: list[dict[str, Any]] = []
         messages: list[dict[str, Any]] = []
+        by_tenant: dict[str, list[str]] = {}
         for item in fresh:
-            item.record["response"] = item.response.SerializeToString()
-            decisions.append(item.record)
-            messages.extend(outbox_row(topic=topic, tenant_id=item.record["tenant_id"], message_id=mid,
-                                       message=message) for topic, mid, message in item.messages)
+            record = item.record
+            record["response"] = item.response.SerializeToString()
+            decisions.append(record)
+            by_tenant.setdefault(record["tenant_id"], []).append(record["id"])
+            if item.messages:
+                messages.extend(outbox_row(topic=topic, tenant_id=record["tenant_id"], message_id=mid,
+                                           message=message) for topic, mid, message in item.messages)
+        if by_tenant:
+            # Their opEvents: one row per tenant naming the decisions (decisions/op_events.py).
+            now = utcnow()
+            messages.extend({"message_id": f"{OP_EVENTS_MARKER}{ids[0]}", "topic": TOPIC_OP_EVENT,
+                             "tenant_id": tenant_id, "payload": "\n".join(ids).encode(), "created_at": now,
+                             "attempts": 0, "next_attempt_at": now} for tenant_id, ids in by_tenant.items())
         return decisions, messages
 
     @staticmethod
@@ -310,9 +325,6 @@ class DecisionLog:
                 # APPROVAL_REQUESTED record, and no second notification.
                 item.messages = [m for m in item.messages
                                  if m[1] != item.approval_record and m[0] != TOPIC_NOTIFICATION]
-                for topic, _, message in item.messages:
-                    if topic == TOPIC_OP_EVENT:
-                        message.payload.fields["approval_id"].string_value = existing[key]  # type: ignore[attr-defined]
                 continue
             if approval["tool_call_id"]:
                 existing[key] = approval["id"]
