@@ -20,7 +20,7 @@ from opentelemetry import trace
 from sqlalchemy import DateTime, String, Table, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from arm.governance.v1 import decision_pb2
 from arm_common import otel
@@ -110,6 +110,9 @@ class DecisionLog:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[PendingDecision] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        # PostgreSQL: the writer's pooled connection, kept between batches (a checkout and
+        # return per batch cost ~55 µs of CPU); dropped on any error.
+        self._conn: AsyncConnection | None = None
         self.traced = otel.enabled()
 
     async def start(self) -> None:
@@ -117,6 +120,17 @@ class DecisionLog:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
+        await self._release()
+
+    async def _release(self, *, invalidate: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if invalidate:
+                    await conn.invalidate()
+                await conn.close()
+            except Exception:  # noqa: BLE001 - a dead connection: nothing to give back
+                log.debug("closing the decision log's connection failed", exc_info=True)
 
     async def append(self, pending: PendingDecision) -> decision_pb2.CheckResponse:
         """Returns once the decision is committed: the response to send (for a retried
@@ -193,17 +207,20 @@ class DecisionLog:
         return await self.db.run(lambda s: self._write(s, batch))
 
     async def _commit_pg(self, batch: list[PendingDecision]) -> set[str]:
-        async with self.db.engine.connect() as conn:
-            apg = await driver_connection(conn)
+        if self._conn is None:
+            self._conn = await self.db.engine.connect()
+        try:
+            apg = await driver_connection(self._conn)
             decisions, messages = self._rows(batch)
             approvals = [item.approval for item in batch if item.approval is not None]
-            try:
-                await self._execute_pg(apg, approvals, decisions, messages)
-            except BaseException:
-                if apg.is_closed():  # SQLAlchemy did not see it die: keep it out of the pool
-                    await conn.invalidate()
-                raise
-            return {row["topic"] for row in messages}
+            await self._execute_pg(apg, approvals, decisions, messages)
+        except BaseException:
+            # Whatever went wrong (rare: the batch is then written the general way), the next
+            # batch starts on a fresh connection, and this one, maybe dead under SQLAlchemy's
+            # feet, is not returned to the pool.
+            await self._release(invalidate=True)
+            raise
+        return {row["topic"] for row in messages}
 
     @staticmethod
     def _rows(fresh: list[PendingDecision]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
