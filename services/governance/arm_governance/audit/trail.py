@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 from google.protobuf import json_format
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, String, Table, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,7 +19,7 @@ from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
 from arm_common.canonical import canonical_json
 from arm_common.chain import SEQUENCE_GAP, Anchor, ChainReport, ChainVerifier, raise_on_rejected, record_hash
-from arm_common.db import Database
+from arm_common.db import Database, driver_connection
 from arm_common.errors import NotFound
 from arm_common.messages import struct, ts
 from arm_common.outbox import OutboxMessage
@@ -36,6 +36,33 @@ _LIMITS = {"record_id": 128, "actor.id": 128, "target_type": 64, "target_id": 12
 _READ_BATCH = 1000
 
 M = models.ChangeRecord
+# PostgreSQL's append (AuditTrail._append_tenant): the head created if new, then locked (the
+# tenant's append lock), the records already stored, the new ones in one INSERT ... unnest(),
+# the head moved. Unqualified names: the connection's search_path is the service's schema.
+_COLUMNS = [c.name for c in cast(Table, M.__table__).columns]
+_PG_HEAD_INSERT = text("INSERT INTO change_record_heads (tenant_id, last_sequence, last_hash) "
+                       "VALUES (:tenant, 0, '') ON CONFLICT (tenant_id) DO NOTHING")
+_PG_HEAD_LOCK = "SELECT last_sequence, last_hash FROM change_record_heads WHERE tenant_id = $1 FOR UPDATE"
+_PG_HEAD_UPDATE = "UPDATE change_record_heads SET last_sequence = $2, last_hash = $3 WHERE tenant_id = $1"
+_PG_STORED = "SELECT record_id, sequence, hash FROM change_records WHERE tenant_id = $1 AND record_id = ANY($2::text[])"
+
+
+def _pg_insert() -> str:
+    dialect = postgresql.dialect()
+    table = cast(Table, M.__table__)
+    casts = [f"${n}::{'TEXT' if isinstance(c.type, String) else c.type.compile(dialect=dialect)}[]"
+             for n, c in enumerate(table.columns, 1)]
+    return f"INSERT INTO change_records ({', '.join(_COLUMNS)}) SELECT * FROM unnest({', '.join(casts)})"
+
+
+_PG_INSERT = _pg_insert()
+
+
+def _naive_utc(value: Any) -> Any:
+    """asyncpg bypasses the UtcDateTime column type: store UTC without a zone as it does."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
 APPENDED = audit_pb2.APPEND_STATUS_APPENDED
 DUPLICATE = audit_pb2.APPEND_STATUS_DUPLICATE
 REJECTED = audit_pb2.APPEND_STATUS_REJECTED
@@ -182,11 +209,23 @@ class AuditTrail:
     async def _append_tenant(self, s: AsyncSession, tenant: str,
                              items: list[tuple[int, common_pb2.ChangeRecord]]
                              ) -> list[tuple[int, audit_pb2.AppendChangeRecordResult]]:
-        head = await self._lock_head(s, tenant)
         ids = list({rec.record_id for _, rec in items})
-        stored = {r.record_id: (r.sequence, r.hash) for r in (await s.execute(
-            select(M.record_id, M.sequence, M.hash).where(M.tenant_id == tenant, M.record_id.in_(ids)))).all()}
-        seq, prev = head.last_sequence, head.last_hash
+        if self.db.is_postgres:
+            # The same statements on the transaction's asyncpg connection, each prepared once: the
+            # ORM's unit of work and SQL compilation cost ~3.5 ms of CPU per append of one record.
+            # The first statement goes through SQLAlchemy: its asyncpg adapter sends BEGIN only
+            # then, and the lock below must be held until the transaction ends.
+            await s.execute(_PG_HEAD_INSERT, {"tenant": tenant})
+            apg = await driver_connection(s)
+            assert apg.is_in_transaction()
+            head = await apg.fetchrow(_PG_HEAD_LOCK, tenant)
+            stored = {r["record_id"]: (r["sequence"], r["hash"]) for r in await apg.fetch(_PG_STORED, tenant, ids)}
+            seq, prev = head["last_sequence"], head["last_hash"]
+        else:
+            head = await self._lock_head(s, tenant)
+            stored = {r.record_id: (r.sequence, r.hash) for r in (await s.execute(
+                select(M.record_id, M.sequence, M.hash).where(M.tenant_id == tenant, M.record_id.in_(ids)))).all()}
+            seq, prev = head.last_sequence, head.last_hash
         now = utcnow()
         rows, out = [], []
         for i, rec in items:
@@ -203,7 +242,10 @@ class AuditTrail:
             stored[rec.record_id] = (seq, row.hash)
             out.append((i, audit_pb2.AppendChangeRecordResult(
                 record_id=rec.record_id, status=APPENDED, sequence=seq, hash=row.hash)))
-        if rows:
+        if rows and self.db.is_postgres:
+            await apg.execute(_PG_INSERT, *([_naive_utc(getattr(r, c)) for r in rows] for c in _COLUMNS))
+            await apg.execute(_PG_HEAD_UPDATE, tenant, seq, prev)
+        elif rows:
             s.add_all(rows)
             await s.flush()
             await s.execute(update(models.ChainHead).where(models.ChainHead.tenant_id == tenant)
