@@ -22,6 +22,7 @@ from arm.registry.v1 import compat_pb2
 from arm.telemetry.v1 import events_pb2
 from arm_common.db import Database
 from arm_common.decision_inputs import result_from_response
+from arm_common.messages import ts
 from arm_common.outbox import TOPIC_OP_EVENT, Deliver, OutboxMessage
 from arm_governance import models
 from arm_governance.decisions.log import OP_EVENTS_MARKER
@@ -39,33 +40,61 @@ def marker_ids(message: OutboxMessage) -> list[str]:
     return message.payload.decode().split("\n") if message.payload else []
 
 
+_PAYLOADS: dict[tuple[Any, ...], bytes] = {}  # what decided → the payload fields it alone sets
+_AGENTS: dict[bytes, tuple[str, str]] = {}  # resolved agent → (environment id, template id)
+_LIMIT = 4096  # entries per cache (cleared when full)
+
+
+def _payload_fields(response: decision_pb2.CheckResponse) -> bytes:
+    """The payload fields that depend on what decided alone (provenance, reason codes),
+    serialized; cached, as a relay pass sees the same few results over and over."""
+    key = (response.decision, response.effective_risk, response.step, response.scope, response.scope_id,
+           response.envelope_id, response.envelope_revision, response.rule_kind,
+           response.rule_index if response.HasField("rule_index") else None, response.rule_description,
+           tuple(r.code for r in response.reasons))
+    fields = _PAYLOADS.get(key)
+    if fields is None:
+        payload = struct_pb2.Struct()
+        payload.update(provenance(result_from_response(response)))
+        payload.fields["reasons"].list_value.values.extend(
+            struct_pb2.Value(string_value=r.code) for r in response.reasons)
+        if len(_PAYLOADS) >= _LIMIT:
+            _PAYLOADS.clear()
+        fields = _PAYLOADS[key] = payload.SerializeToString()
+    return fields
+
+
+def _agent_ids(agent: bytes) -> tuple[str, str]:
+    ids = _AGENTS.get(agent)
+    if ids is None:
+        resolved = compat_pb2.ResolvedAgent.FromString(agent)
+        if len(_AGENTS) >= _LIMIT:
+            _AGENTS.clear()
+        ids = _AGENTS[agent] = (resolved.environment_id, resolved.template_id)
+    return ids
+
+
 def op_event(row: Any) -> events_pb2.OpEvent:
-    """A decision row's opEvent: ids and agent from the row's request and resolved agent, the
-    payload from its response (what decided, the reason codes, the policy epoch and approval)."""
-    request = decision_pb2.CheckRequest.FromString(row.request)
+    """A logged decision's opEvent, from its row (a DecisionRecord or its columns): ids, tool and
+    agent from the row's columns and resolved agent, the payload from its response (what decided,
+    the reason codes) and columns (policy epoch, approval)."""
     response = decision_pb2.CheckResponse.FromString(row.response)
-    blocked = response.decision == policy_pb2.DECISION_DENY
+    blocked = row.decision == policy_pb2.DECISION_DENY
     event = events_pb2.OpEvent(
-        event_id=f"evt-{row.id}", tenant_id=row.tenant_id,
+        event_id=f"evt-{row.id}", tenant_id=row.tenant_id, occur_time=ts(row.decided_at),
         type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED if blocked else events_pb2.OP_EVENT_TYPE_DECISION_MADE,
-        run_id=request.run_id, tool_call_id=request.tool_call_id)
-    event.occur_time.CopyFrom(response.decide_time)
+        run_id=row.run_id, tool_call_id=row.tool_call_id, legacy_agent_id=row.legacy_agent_id)
     payload = event.payload
-    payload.update(provenance(result_from_response(response)))
-    payload.fields["reasons"].list_value.values.extend(
-        struct_pb2.Value(string_value=r.code) for r in response.reasons)
-    payload.fields["decision_id"].string_value = row.id
-    payload.fields["tool_name"].string_value = request.tool_name
-    payload.fields["policy_epoch"].number_value = response.policy_epoch
-    if response.approval_id:
-        payload.fields["approval_id"].string_value = response.approval_id
+    payload.MergeFromString(_payload_fields(response))
+    fields = payload.fields
+    fields["decision_id"].string_value = row.id
+    fields["tool_name"].string_value = row.tool_name
+    fields["policy_epoch"].number_value = row.policy_epoch
+    if row.approval_id:
+        fields["approval_id"].string_value = row.approval_id
     if row.agent:
-        agent = compat_pb2.ResolvedAgent.FromString(row.agent)
-        event.project_id, event.environment_id = agent.project_id, agent.environment_id
-        event.template_id, event.version_id = agent.template_id, agent.version_id
-        event.instance_id, event.legacy_agent_id = agent.instance_id, agent.legacy_agent_id
-    else:
-        event.legacy_agent_id = request.legacy_agent_id
+        event.environment_id, event.template_id = _agent_ids(row.agent)
+        event.project_id, event.version_id, event.instance_id = row.project_id, row.version_id, row.instance_id
     return event
 
 
@@ -76,7 +105,10 @@ async def decision_rows(s: AsyncSession, keys: Iterable[tuple[str, str]]) -> dic
     found: dict[tuple[str, str], Any] = {}
     for start in range(0, len(wanted), _READ_CHUNK):
         chunk = wanted[start:start + _READ_CHUNK]
-        rows = (await s.execute(select(d.id, d.tenant_id, d.request, d.agent, d.response).where(
+        rows = (await s.execute(select(
+            d.id, d.tenant_id, d.run_id, d.tool_call_id, d.tool_name, d.legacy_agent_id, d.instance_id,
+            d.version_id, d.project_id, d.decision, d.policy_epoch, d.approval_id, d.decided_at, d.agent,
+            d.response).where(
             d.id.in_([k[1] for k in chunk])))).all()
         found.update(((r.tenant_id, r.id), r) for r in rows)
     return found
