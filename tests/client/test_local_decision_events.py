@@ -15,7 +15,10 @@ async def test_recorded_local_decisions_get_one_op_event_each(agent: Agent) -> N
     client = agent.governance.client(agent.key)
     allowed = _decision(agent.instance_id, policy_epoch=3)
     denied = _decision(agent.instance_id, decision=policy_pb2.DECISION_DENY)
-    request = decision_pb2.RecordLocalDecisionsRequest(decisions=[allowed, denied])
+    # 64 characters, the decisions table's limit: the batch's marker id (a prefix plus the first
+    # decision id) would not fit the outbox's 64 and is hashed.
+    denied.decision_id = "dec_" + "x" * 60
+    request = decision_pb2.RecordLocalDecisionsRequest(decisions=[denied, allowed])
     first = await client.decisions.RecordLocalDecisions(request)
     again = await client.decisions.RecordLocalDecisions(request)
     assert (first.recorded, again.duplicates) == (2, 2)

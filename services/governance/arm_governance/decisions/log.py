@@ -9,6 +9,7 @@ No decision is answered that is not logged: with the database unavailable, Check
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +48,17 @@ def _naive_utc(value: Any) -> Any:
 # The message id prefix of an op_event outbox row that names decisions (its payload: their ids,
 # one a line) instead of holding one opEvent; decisions/op_events.py expands it.
 OP_EVENTS_MARKER = "opd-"
+
+
+def _marker_id(first_decision_id: str) -> str:
+    """A marker's message id (unique: it names its batch's first decision), within the outbox's
+    64 characters (a runtime's decision ids may be longer than Check's)."""
+    mid = OP_EVENTS_MARKER + first_decision_id
+    if len(mid) > 64:
+        mid = OP_EVENTS_MARKER + hashlib.sha256(first_decision_id.encode()).hexdigest()[:40]
+    return mid
+
+
 _OUTBOX_COLUMNS = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
 _APPROVALS = cast(Table, models.Approval.__table__)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
@@ -239,7 +251,7 @@ class DecisionLog:
         if by_tenant:
             # Their opEvents: one row per tenant naming the decisions (decisions/op_events.py).
             now = utcnow()
-            messages.extend({"message_id": f"{OP_EVENTS_MARKER}{ids[0]}", "topic": TOPIC_OP_EVENT,
+            messages.extend({"message_id": _marker_id(ids[0]), "topic": TOPIC_OP_EVENT,
                              "tenant_id": tenant_id, "payload": "\n".join(ids).encode(), "created_at": now,
                              "attempts": 0, "next_attempt_at": now} for tenant_id, ids in by_tenant.items())
         return decisions, messages
