@@ -4,8 +4,9 @@ floor.py (grpc.aio plus one durable group-committed INSERT per batch, no ARM cod
 
 Registry and governance run as their own processes on PostgreSQL; the load generator runs in
 its own process. Each configuration is measured at 1 and at 64 calls in flight; with --workers N,
-N governance processes serve one port (SO_REUSEPORT) and the load generator opens one channel
-per worker so the kernel spreads connections over them.
+N governance processes serve one port (SO_REUSEPORT) and the load generator opens two channels
+per worker so the kernel spreads connections over them (one channel with one process, as to the
+echo and the floor; --check-channels overrides).
 
 With `--cerbos` (or when bench/peers holds it: `make bench-peers` installs it), Cerbos's PDP
 from the npm package @cerbos/cerbos-linux-x64 serves the same ten-case policy as scoped resource
@@ -214,6 +215,12 @@ async def compare_decisions(gov_address: str, key: str, instance: str, cerbos_ad
     return risks
 
 
+def check_channels(args: argparse.Namespace, workers: int) -> int:
+    """The load generator's channels to governance: one, as to the echo and the floor, with one
+    process; two per process with several, so the kernel spreads connections over them."""
+    return args.check_channels or (1 if workers == 1 else 2 * workers)
+
+
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=open(log, "ab"),  # noqa: SIM115
                             stderr=subprocess.STDOUT)
@@ -384,7 +391,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                          "--duration", str(int(args.seconds)), "--rate", "250",
                          *(["--native"] if args.profile_native else ["--nonblocking"]), "--format", "raw",
                          "-o", f"{args.profile}-w{workers}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, max(1, workers * 2), False,
+                r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, check_channels(args, workers), False,
                              [p.pid for p in gov_procs], old_client, tools)
                 if spy is not None:
                     spy.wait(60)
@@ -432,6 +439,8 @@ def main() -> None:
                                                              "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--check-channels", type=int, default=0,
+                        help="channels to governance (default: 1 with one process, 2 per process with more)")
     parser.add_argument("--echo-interceptor", action="store_true",
                         help="also measure the echo with a pass-through grpc.aio server interceptor")
     parser.add_argument("--compare-client", action="store_true",

@@ -1,12 +1,14 @@
-"""What provenance adds to a decision's opEvent: building it (`Decider._op_event`, the per-call
-epoch) and serializing it for the outbox, against the same event without the provenance fields,
-measured in the same run. `python bench/provenance_cost.py [--n 200000]`"""
+"""What provenance adds to a decision's opEvent: deriving it from the logged decision row
+(`op_events.op_event`, what governance's op_event relay does since issue 16; before, `Check`
+built it per call) and serializing it, against the same event built without the provenance
+fields, measured in the same run. `python bench/provenance_cost.py [--n 200000]`"""
 
 from __future__ import annotations
 
 import argparse
 import time
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 from arm.governance.v1 import decision_pb2
 from arm.registry.v1 import compat_pb2
@@ -14,6 +16,8 @@ from arm.telemetry.v1 import events_pb2
 from arm_common.auth import Principal
 from arm_common.messages import ts
 from arm_engine import engine
+from arm_governance.decisions.log import DecisionLog
+from arm_governance.decisions.op_events import op_event
 from arm_governance.decisions.service import Decider
 
 PROVENANCE_KEYS = ("envelope_id", "envelope_revision", "scope", "scope_id", "rule_kind", "rule_index",
@@ -33,19 +37,22 @@ def main() -> None:
     request = decision_pb2.CheckRequest(instance_id="ins_1", tool_name="shell.exec", run_id="r", tool_call_id="c")
     now = datetime.now(UTC)
 
+    pending = Decider(None, None, None, None, None).pending(  # type: ignore[arg-type]
+        principal, request, resolved, resolved.SerializeToString(), result, 7, "", None, now, "dec_1")
+    DecisionLog._rows([pending])
+    row = SimpleNamespace(**pending.record)
+
     def with_provenance() -> bytes:
-        event = Decider._op_event(principal, request, resolved, result, "dec_1", now)
-        event.payload.fields["policy_epoch"].number_value = 7
-        return event.SerializeToString()
+        return op_event(row).SerializeToString()
 
     # The reference: the same event as before provenance, its payload stripped to the old fields.
-    base = Decider._op_event(principal, request, resolved, result, "dec_1", now)
+    base = op_event(row)
     for key in PROVENANCE_KEYS:
         base.payload.fields.pop(key, None)
     old_payload = base.payload.SerializeToString()
 
     def without_provenance() -> bytes:
-        # Decider._op_event as it was, with the cached payload of the old fields.
+        # The opEvent as Check built it before provenance, with the cached payload of the old fields.
         event = events_pb2.OpEvent(
             event_id="evt-dec_1", tenant_id=principal.tenant_id, type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED,
             occur_time=ts(now), run_id=request.run_id, tool_call_id=request.tool_call_id)

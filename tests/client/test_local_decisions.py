@@ -523,6 +523,11 @@ async def test_record_local_decisions_validates_checks_the_caller_and_is_idempot
             "decisions[1].request.approval_id"} <= set(got.violations)
     await expect_failure(client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest()),
                          grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELDS")
+    long = _decision(agent.instance_id)
+    long.decision_id = "dec_" + "x" * 61  # 65 characters: more than the decision log's ids hold
+    got = await expect_failure(client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(
+        decisions=[long])), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELDS")
+    assert "decisions[0].decision_id" in got.violations
     # What the generic edge check names (checked here per item, each distinct result part once).
     odd = _decision(agent.instance_id, scope_id="a\x00b")
     odd.request.arguments.update({"k\x00": 1, "n": float("nan")})

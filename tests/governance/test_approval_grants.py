@@ -29,6 +29,7 @@ from arm_common.canonical import canonical_hash
 from arm_common.db import rowcount
 from arm_common.tables import utcnow
 from arm_governance import models
+from arm_governance.decisions.op_events import waiting_op_events
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
 from tests.governance.test_audit import all_records, wait_for_record
@@ -369,11 +370,11 @@ async def denied_records(world: World) -> list[common_pb2.ChangeRecord]:
 
 
 async def op_events(world: World) -> dict[str, events_pb2.OpEvent]:
+    """The opEvents waiting in the outbox, as the relay derives them from the decision log."""
     out = {}
-    for message_id, payload in await outbox(world, "op_event"):
-        event = events_pb2.OpEvent.FromString(payload)
-        assert message_id == event.event_id and message_id not in out
-        out[message_id] = event
+    for event in await world.db.read(lambda s: waiting_op_events(s, world.tenant_id)):
+        assert event.event_id not in out
+        out[event.event_id] = event
     return out
 
 

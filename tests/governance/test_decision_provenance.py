@@ -10,13 +10,12 @@ import json
 
 import grpc
 from google.protobuf import json_format
-from sqlalchemy import select
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2, decision_pb2, policy_pb2
 from arm.registry.v1 import agents_pb2
 from arm.telemetry.v1 import events_pb2
-from arm_governance.models import OUTBOX
+from arm_governance.decisions.op_events import waiting_op_events
 from tests.conftest import GovernanceServer, RegistryServer, TenantContext, make_tenant
 from tests.helpers import approved_version, expect_failure, operator_key
 
@@ -55,13 +54,9 @@ async def test_a_deny_names_its_envelope_revision_and_rule_everywhere(
         "decision": "DECISION_DENY", "decision_id": denied.decision_id,
     }
 
-    # The opEvent (waiting in governance's outbox: no telemetry here).
-    async def outbox_event(s):  # type: ignore[no-untyped-def]
-        row = (await s.execute(select(OUTBOX.c.payload).where(
-            OUTBOX.c.message_id == f"evt-{denied.decision_id}"))).scalar_one()
-        return events_pb2.OpEvent.FromString(row)
-
-    event = await governance.db.read(outbox_event)
+    # The opEvent (waiting in governance's outbox, derived from the decision log: no telemetry here).
+    events = await governance.db.read(lambda s: waiting_op_events(s, tenant.tenant.id))
+    [event] = [e for e in events if e.event_id == f"evt-{denied.decision_id}"]
     assert event.type == events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED
     payload = json_format.MessageToDict(event.payload)
     assert {k: payload.get(k) for k in expected} == expected, payload

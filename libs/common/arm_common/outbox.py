@@ -12,12 +12,13 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from google.protobuf.message import Message
 from sqlalchemy import and_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from arm_common.db import Database
+from arm_common.db import Database, driver_connection
 from arm_common.errors import DatabaseUnavailable
 from arm_common.tables import utcnow
 
@@ -176,13 +177,29 @@ class OutboxRelay:
             "big", signed=True)
         if not (await session.execute(text("select pg_try_advisory_xact_lock(:k)"), {"k": lock_key})).scalar():
             return 0
-        ready = await self._claim(session)
+        # That statement began the transaction; the claim and the mark run on its asyncpg
+        # connection as statements prepared once (through SQLAlchemy Core a pass cost ~1.8 ms of
+        # CPU, most of it compiling and wrapping).
+        apg = await driver_connection(session)
+        name = self.table.name
+        rows = await apg.fetch(
+            f"SELECT position, message_id, topic, tenant_id, payload, attempts, next_attempt_at FROM {name} "
+            "WHERE topic = $1 AND delivered_at IS NULL ORDER BY position LIMIT $2", self.topic, self.batch_size)
+        now = utcnow().replace(tzinfo=None)  # the column holds UTC without a zone
+        ready = []
+        for row in rows:  # in order, up to the first message still backing off (see _claim)
+            if row["next_attempt_at"] > now:
+                break
+            ready.append(OutboxMessage(row["position"], row["message_id"], row["topic"], row["tenant_id"],
+                                       row["payload"], row["attempts"]))
         if not ready:
             return 0
-        return await self._deliver_and_mark(ready, session)
+        return await self._deliver_and_mark(ready, session, apg)
 
     async def _deliver_and_mark(self, ready: list[OutboxMessage],
-                                session: AsyncSession | None = None) -> int:
+                                session: AsyncSession | None = None, apg: Any = None) -> int:
+        """Delivers and marks the messages, in `session` when given (on PostgreSQL, a delivery
+        is marked through `apg`, the asyncpg connection of that session's transaction)."""
         assert self.deliver is not None
         t = self.table
         positions = [m.position for m in ready]
@@ -206,6 +223,11 @@ class OutboxRelay:
             if self._failing:
                 log.info("outbox %s: delivering again after %d failed attempts", self.topic, self._failing)
                 self._failing = 0
+            if apg is not None:
+                await apg.execute(f"UPDATE {t.name} SET delivered_at = $1, attempts = attempts + 1, "
+                                  "last_error = NULL WHERE position = ANY($2::bigint[])",
+                                  utcnow().replace(tzinfo=None), positions)  # UTC without a zone
+                return len(ready)
             stmt = update(t).where(t.c.position.in_(positions)).values(
                 delivered_at=utcnow(), attempts=t.c.attempts + 1, last_error=None)
             delivered = len(ready)

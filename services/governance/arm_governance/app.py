@@ -35,6 +35,7 @@ from arm_governance.audit.checkpoints import Checkpoints, load_signing_key
 from arm_governance.audit.servicer import AuditServicer
 from arm_governance.audit.trail import AuditTrail
 from arm_governance.decisions.log import DecisionLog
+from arm_governance.decisions.op_events import DerivedOpEvents
 from arm_governance.decisions.service import Approvals, Decider, SpendBook
 from arm_governance.decisions.servicer import DecisionServicer
 from arm_governance.deployments.service import DeploymentStore
@@ -54,6 +55,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICES = ["arm.governance.v1.PolicyService", "arm.governance.v1.DecisionService",
             "arm.governance.v1.ApprovalService", "arm.governance.v1.DeploymentService",
             "arm.governance.v1.AuditService", "arm.governance.v1.WebhookService"]
+
+RELAY_INTERVAL_S = 0.25  # governance's outbox relays pass at most this often while busy (see below)
 
 # What the application role may do to the audit tables (every other table: full DML). Without
 # UPDATE or DELETE, and owning nothing, it can neither edit records nor touch the triggers.
@@ -92,12 +95,16 @@ class GovernanceComponent:
         if op_events is None and config.telemetry_address:
             op_events = OpEventForwarder(config.telemetry_address, config.service_api_key, config.tls)
         self.op_events = op_events
-        # Change records (APPROVAL_REQUESTED, POLICY_DENIED, ...) go to the local audit trail in
-        # passes of two transactions each, whatever their size: at most four passes a second
-        # lets a pass carry what many decisions wrote instead of one record per pass.
+        # Every relay pass costs two transactions whatever its size, and under load every decision
+        # batch notifies: at most four passes a second (RELAY_INTERVAL_S) per topic lets a pass
+        # carry what many decisions wrote. Change records (APPROVAL_REQUESTED, POLICY_DENIED, ...)
+        # go to the local audit trail; opEvents, derived from the decision log (each op_event
+        # row names a batch of decisions, decisions/op_events.py), to telemetry.
+        forward = DerivedOpEvents(db, op_events) if op_events is not None else None
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
-                                   poll_interval_s=config.outbox_poll_s, min_interval_s=0.25),
-                       OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, op_events, poll_interval_s=config.outbox_poll_s)]
+                                   poll_interval_s=config.outbox_poll_s, min_interval_s=RELAY_INTERVAL_S),
+                       OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, forward, poll_interval_s=config.outbox_poll_s,
+                                   batch_size=50, min_interval_s=RELAY_INTERVAL_S)]
         # Approval notifications: the relay fans each out to the tenant's webhooks
         # (webhook_deliveries), the dispatcher POSTs those (arm_governance.webhooks.delivery).
         self.secret_box = load_secret_box(config)
@@ -107,7 +114,7 @@ class GovernanceComponent:
                                           max_backoff_s=config.webhook_max_backoff_s,
                                           poll_s=config.outbox_poll_s)
         self.relays.append(OutboxRelay(db, OUTBOX, TOPIC_NOTIFICATION, self.webhooks.fan_out,
-                                       poll_interval_s=config.outbox_poll_s))
+                                       poll_interval_s=config.outbox_poll_s, min_interval_s=RELAY_INTERVAL_S))
         self.log = DecisionLog(db, self.relays)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
         self.store = PolicyStore(db, self.changes)

@@ -48,7 +48,7 @@ from arm_governance.models import OUTBOX
 from arm_governance.policy import limits
 
 MAX_BATCH = 1000
-DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,64}")
+DECISION_ID = re.compile(r"dec_[A-Za-z0-9_-]{16,60}")
 _LOCAL_EFFECTS = (policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _CLOCK_SKEW = timedelta(minutes=5)
@@ -195,7 +195,7 @@ def _check_item(v: Violations, i: int, item: decision_pb2.LocalDecision, instanc
                 key: bytes) -> None:
     at = f"decisions[{i}]."
     if not DECISION_ID.fullmatch(item.decision_id):
-        v.add(f"{at}decision_id", 'must be "dec_" then 16 to 64 letters, digits, "_" or "-"')
+        v.add(f"{at}decision_id", 'must be "dec_" then 16 to 60 letters, digits, "_" or "-"')
     req = item.request
     v.items.extend(edge.violations(req, f"{at}request"))
     if req.WhichOneof("agent") != "instance_id":
@@ -391,6 +391,11 @@ class LocalDecisions:
                 outbox.append(message)
         if decisions:
             await s.execute(sa_insert(_DECISIONS), decisions)
+            now = _naive_now()
+            marker = local_log.op_events_marker(tenant_id, [d["id"] for d in decisions], now)
+            message = dict(zip(local_log.OUTBOX_COLUMNS, marker, strict=True))
+            message["created_at"] = message["next_attempt_at"] = now.replace(tzinfo=UTC)
+            outbox.append(message)
         await enqueue_many(s, OUTBOX, outbox)
         return len(decisions), {row["topic"] for row in outbox}
 

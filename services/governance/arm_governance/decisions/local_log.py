@@ -12,7 +12,8 @@ On PostgreSQL the rows go in by COPY (`write_pg`): the decisions into `decisions
 savepoint — the common case, no id logged before — else, when the primary key refuses them (a
 batch shipped again after a lost acknowledgment), through a per-connection temporary table and
 one INSERT … SELECT … ON CONFLICT (id) DO NOTHING RETURNING id, which names the ones that went
-in; then the outbox rows of those decisions only, by COPY, in the same transaction."""
+in; then the outbox rows of those decisions only (a DENY's POLICY_DENIED record, and one row
+from which the relay derives their opEvents), by COPY, in the same transaction."""
 
 from __future__ import annotations
 
@@ -24,13 +25,12 @@ import asyncpg
 
 from arm.governance.v1 import decision_pb2
 from arm.registry.v1 import compat_pb2
-from arm.telemetry.v1 import events_pb2
 from arm_common.auth import Principal
 from arm_common.errors import InvalidArgument
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_engine import engine
 from arm_governance import convert
-from arm_governance.decisions import service
+from arm_governance.decisions.log import marker_id
 from arm_governance.decisions.service import Decider
 
 DECISION_COLUMNS = ("id", "tenant_id", "request_id", "instance_id", "legacy_agent_id", "version_id", "project_id",
@@ -50,7 +50,6 @@ class _Part:
     step: int
     risk: int
     response: bytes  # CheckResponse without the per-decision fields
-    event: bytes  # OpEvent without event_id, occur_time, run_id, tool_call_id and the per-call payload fields
     deny: bool
 
 
@@ -65,16 +64,8 @@ class LocalRows:
               result: engine.Result) -> _Part:
         part = self._parts.get((agent, tenant_id, key))
         if part is None:
-            deny = result.effect == engine.Effect.DENY
-            event = events_pb2.OpEvent(
-                tenant_id=tenant_id,
-                type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED if deny else events_pb2.OP_EVENT_TYPE_DECISION_MADE,
-                project_id=resolved.project_id, environment_id=resolved.environment_id,
-                template_id=resolved.template_id, version_id=resolved.version_id,
-                instance_id=resolved.instance_id, legacy_agent_id=resolved.legacy_agent_id)
-            event.payload.MergeFromString(service._PAYLOAD_FIELDS.get(result))
             part = _Part(result, int(result.effect), int(result.step), int(result.risk),
-                         convert._RESPONSE_FIELDS.get(result), event.SerializeToString(), deny)
+                         convert._RESPONSE_FIELDS.get(result), result.effect == engine.Effect.DENY)
             if len(self._parts) >= self.limit:
                 self._parts.clear()
             self._parts[(agent, tenant_id, key)] = part
@@ -84,13 +75,13 @@ class LocalRows:
               items: Any, keys: list[bytes], results: list[engine.Result], now: datetime
               ) -> tuple[list[tuple[Any, ...]], list[list[tuple[Any, ...]]]]:
         """Per decision (duplicate ids within the batch left out): its row (DECISION_COLUMNS,
-        `decided_at` naive UTC) and its outbox rows (OUTBOX_COLUMNS, the opEvent then a DENY's
-        POLICY_DENIED record; timestamps naive UTC). `now` (naive UTC) is the outbox rows'
-        `created_at`."""
+        `decided_at` naive UTC) and its outbox rows (OUTBOX_COLUMNS: a DENY's POLICY_DENIED
+        record; timestamps naive UTC; the opEvents come from the log, see `op_events_marker`).
+        `now` (naive UTC) is the outbox rows' `created_at`."""
         tenant_id = p.tenant_id
         instance_id, legacy_agent_id = resolved.instance_id, resolved.legacy_agent_id
         version_id, project_id = resolved.version_id, resolved.project_id
-        response_from, event_from = decision_pb2.CheckResponse.FromString, events_pb2.OpEvent.FromString
+        response_from = decision_pb2.CheckResponse.FromString
         rows: list[tuple[Any, ...]] = []
         messages: list[list[tuple[Any, ...]]] = []
         seen: set[str] = set()
@@ -112,22 +103,19 @@ class LocalRows:
             rows.append((decision_id, tenant_id, None, instance_id, legacy_agent_id, version_id, project_id,
                          req.run_id, req.tool_call_id, req.tool_name, part.decision, part.step, part.risk, epoch,
                          "", req.SerializeToString(), agent, response.SerializeToString(), decided))
-            event = event_from(part.event)
-            event_id = f"evt-{decision_id}"
-            event.event_id, event.run_id, event.tool_call_id = event_id, req.run_id, req.tool_call_id
-            stamp = event.occur_time
-            stamp.seconds, stamp.nanos = seconds, nanos
-            fields = event.payload.fields
-            fields["decision_id"].string_value = decision_id
-            fields["tool_name"].string_value = req.tool_name
-            fields["policy_epoch"].number_value = epoch
-            out = [(event_id, TOPIC_OP_EVENT, tenant_id, event.SerializeToString(), now, 0, now)]
+            out: list[tuple[Any, ...]] = []
             if part.deny:
                 change = Decider._denied_record(p, req, resolved, result, decision_id, epoch,
                                                 decided.replace(tzinfo=UTC))
                 out.append((change.record_id, TOPIC_CHANGE_RECORD, tenant_id, change.SerializeToString(), now, 0, now))
             messages.append(out)
         return rows, messages
+
+
+def op_events_marker(tenant_id: str, decision_ids: list[str], now: datetime) -> tuple[Any, ...]:
+    """The outbox row (OUTBOX_COLUMNS) from which the relay derives the opEvents of these logged
+    decisions, as the decision log writes for a Check's (decisions/op_events.py)."""
+    return (marker_id(decision_ids[0]), TOPIC_OP_EVENT, tenant_id, "\n".join(decision_ids).encode(), now, 0, now)
 
 
 async def write_pg(apg: Any, tenant_id: str, rows: list[tuple[Any, ...]],
@@ -154,6 +142,9 @@ async def write_pg(apg: Any, tenant_id: str, rows: list[tuple[Any, ...]],
             raise InvalidArgument("a decision id is taken", reason="DECISION_ID_TAKEN") from None
         fresh = [row for row in rows if row[0] in inserted]
         out = [m for row, rows_of in zip(rows, messages, strict=True) if row[0] in inserted for m in rows_of]
+    if fresh:
+        out.append(op_events_marker(tenant_id, [row[0] for row in fresh],
+                                    datetime.now(UTC).replace(tzinfo=None)))
     if out:
         await apg.copy_records_to_table("outbox_messages", columns=OUTBOX_COLUMNS, records=out)
     return len(fresh), {row[1] for row in out}

@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2, decision_pb2, policy_pb2
-from arm.telemetry.v1 import events_pb2
 from arm_common import otel
 from arm_common import validation as val
 from arm_common.auth import Principal, actor_of
@@ -29,7 +28,7 @@ from arm_common.db import Database, rowcount
 from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
 from arm_common.ids import new_id
 from arm_common.messages import struct, ts
-from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
+from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_common.tagged_cache import TaggedCache
 from arm_engine import engine
@@ -73,7 +72,7 @@ _EMPTY_DIGEST = canonical_hash({})
 
 
 def provenance(result: engine.Result) -> dict[str, Any]:
-    """What decided, as opEvent payloads, POLICY_DENIED records and decision spans name it:
+    """What decided, as opEvent payloads (op_events.py), POLICY_DENIED records and decision spans name it:
     the deciding envelope's id, revision, scope and rule, and the step (envelope fields empty
     when no envelope decided). The policy epoch is added per call."""
     return {
@@ -94,8 +93,9 @@ PROVENANCE = convert.ResultCache(provenance)
 
 
 def _payload_fields(result: engine.Result) -> bytes:
-    """The opEvent payload fields that depend on the result alone, serialized (a Struct's fields
-    are map entries, so the per-call ones are added after parsing these)."""
+    """The POLICY_DENIED payload fields that depend on the result alone (provenance and reason
+    codes, as in the opEvent payload), serialized (a Struct's fields are map entries, so the
+    per-call ones are added after parsing these)."""
     payload = struct_pb2.Struct()
     payload.update(PROVENANCE.get(result))
     payload.fields["reasons"].list_value.values.extend(
@@ -395,9 +395,9 @@ class Decider:
     def pending(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                 agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
                 args: dict[str, Any] | None, now: datetime, decision_id: str) -> PendingDecision:
-        """What logging one decision writes (the decision row, its opEvent, a POLICY_DENIED or
-        APPROVAL_CONSUMED record, a NEEDS_APPROVAL's approval); also used for the decisions
-        runtimes make locally (local_decisions.py)."""
+        """What logging one decision writes (the decision row, a POLICY_DENIED or APPROVAL_CONSUMED
+        record, a NEEDS_APPROVAL's approval; its opEvent is derived from the row, see
+        op_events.py); also used for the decisions runtimes make locally (local.py)."""
         approval_row = None
         # An ALLOW from a grant names the approval it used up; a NEEDS_APPROVAL from a presented
         # approval still open names that approval (no new one).
@@ -427,11 +427,6 @@ class Decider:
                 webhooks.E.WEBHOOK_EVENT_TYPE_APPROVAL_REQUESTED,
                 approvals_pb2.Approval.FromString(approval_row["body"]), requested.actor,
                 "; ".join(r.message for r in result.reasons)))
-        event = self._op_event(principal, request, resolved, result, decision_id, now)
-        event.payload.fields["policy_epoch"].number_value = epoch
-        if approval_id:  # the decision log swaps in an earlier approval of the same tool call
-            event.payload.fields["approval_id"].string_value = approval_id
-        pending.messages.append((TOPIC_OP_EVENT, f"evt-{decision_id}", event))
         if result.effect == engine.Effect.DENY:
             change = self._denied_record(principal, request, resolved, result, decision_id, epoch, now)
             pending.messages.append((TOPIC_CHANGE_RECORD, change.record_id, change))
@@ -467,28 +462,6 @@ class Decider:
             requested_by=principal.actor_id, body=body.SerializeToString(), created_at=now,
             expires_at=expires, consumed_at=None, revision=1, target_id="",
             escalate_at=now + ESCALATE_EVERY, resolved_at=None)
-
-    @staticmethod
-    def _op_event(principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
-                  result: engine.Result, decision_id: str, now: datetime) -> events_pb2.OpEvent:
-        blocked = result.effect == engine.Effect.DENY
-        event = events_pb2.OpEvent(
-            event_id=f"evt-{decision_id}", tenant_id=principal.tenant_id,
-            type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED if blocked else events_pb2.OP_EVENT_TYPE_DECISION_MADE,
-            occur_time=ts(now), run_id=request.run_id, tool_call_id=request.tool_call_id)
-        # Payload: decision_id, tool_name, decision, risk, step, reasons (the last four cached
-        # per result; Struct.update builds them in Python, a sizeable share of a decision).
-        payload = event.payload
-        payload.MergeFromString(_PAYLOAD_FIELDS.get(result))
-        payload.fields["decision_id"].string_value = decision_id
-        payload.fields["tool_name"].string_value = request.tool_name
-        if resolved is not None:
-            event.project_id, event.environment_id = resolved.project_id, resolved.environment_id
-            event.template_id, event.version_id = resolved.template_id, resolved.version_id
-            event.instance_id, event.legacy_agent_id = resolved.instance_id, resolved.legacy_agent_id
-        else:
-            event.legacy_agent_id = request.legacy_agent_id
-        return event
 
     @staticmethod
     def _requested_record(principal: Principal, resolved: Any, row: dict[str, Any],

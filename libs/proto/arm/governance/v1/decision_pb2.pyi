@@ -1356,7 +1356,7 @@ class LocalDecision(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
-    """The decision's id, chosen by the runtime ("dec_" then 16 to 64 letters, digits, "_" or "-");
+    """The decision's id, chosen by the runtime ("dec_" then 16 to 60 letters, digits, "_" or "-");
     the idempotency key.
     """
     @_builtins.property
