@@ -23,7 +23,8 @@ from arm_common.decision_inputs import result_from_response
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_governance.decisions import local_log
 from arm_governance.decisions.local import result_key
-from arm_governance.decisions.log import DecisionLog
+from arm_governance.decisions.log import DecisionLog, marker_id
+from arm_governance.decisions.op_events import waiting_op_events
 from arm_governance.decisions.service import Decider
 from arm_governance.models import OUTBOX
 from tests.client.conftest import Agent, make_agent
@@ -79,7 +80,7 @@ def test_local_rows_are_what_check_logs() -> None:
     now = datetime(2026, 12, 7, 12, 0, 0)  # noqa: DTZ001 - naive UTC, as COPY takes it
     rows, messages = local_log.LocalRows().build(p, resolved, agent, items, keys, [results[k] for k in keys], now)
     assert len(rows) == len(messages) == 4
-    assert [len(m) for m in messages] == [1, 2, 1, 2]
+    assert [len(m) for m in messages] == [0, 1, 0, 1]  # a DENY's POLICY_DENIED record
     for item, key, row, out in zip(items, keys, rows, messages, strict=False):
         resp = item.response
         decided = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=resp.decide_time.seconds,
@@ -93,12 +94,15 @@ def test_local_rows_are_what_check_logs() -> None:
         assert (decision_pb2.CheckResponse.FromString(got.pop("response"))
                 == decision_pb2.CheckResponse.FromString(expected.pop("response")))
         assert got == expected
-        assert [m[:3] for m in out][:1] == [(m["message_id"], m["topic"], m["tenant_id"]) for m in outbox][:1]
-        assert [m[1] for m in out] == [m["topic"] for m in outbox]
-        assert events_pb2.OpEvent.FromString(out[0][3]) == events_pb2.OpEvent.FromString(outbox[0]["payload"])
-        if len(out) > 1:
-            assert out[1][1] == TOPIC_CHANGE_RECORD
-            assert _without_record_id(out[1][3]) == _without_record_id(outbox[1]["payload"])
+        # The opEvent: both write the marker row the relay derives it from, for the same id.
+        marker, = (m for m in outbox if m["topic"] == TOPIC_OP_EVENT)
+        assert local_log.op_events_marker(p.tenant_id, [item.decision_id], now)[:4] == (
+            marker["message_id"], marker["topic"], marker["tenant_id"], marker["payload"])
+        records = [m for m in outbox if m["topic"] != TOPIC_OP_EVENT]
+        assert [m[1] for m in out] == [m["topic"] for m in records]
+        if out:
+            assert out[0][1] == TOPIC_CHANGE_RECORD
+            assert _without_record_id(out[0][3]) == _without_record_id(records[0]["payload"])
         assert all(m[4] == now and m[5] == 0 and m[6] == now for m in out)
 
 
@@ -134,7 +138,7 @@ async def test_a_batch_shipped_again_is_logged_once(agent: Agent) -> None:
     assert await logged_counts(agent, ids) == dict.fromkeys(ids, 1)
 
     outbox = await _outbox(agent.governance)
-    events = [events_pb2.OpEvent.FromString(p) for p in outbox[TOPIC_OP_EVENT]]
+    events = await agent.governance.db.read(lambda s: waiting_op_events(s, agent.tenant.tenant.id))
     mine = [e for e in events if e.payload.fields["decision_id"].string_value in ids]
     assert sorted(e.event_id for e in mine) == sorted(f"evt-{i}" for i in ids)
     assert {e.type for e in mine if e.tool_call_id.endswith(("-2", "-5"))} == {
@@ -170,13 +174,13 @@ async def test_a_decision_id_of_another_tenant_is_refused(agent: Agent, registry
 
 async def test_a_batch_whose_outbox_rows_fail_logs_none_of_its_decisions(agent: Agent) -> None:
     """The decisions and their outbox rows commit together (on PostgreSQL: the COPYs share one
-    transaction): when the outbox write fails, here on an opEvent id taken beforehand, no
+    transaction): when the outbox write fails, here on the opEvents' marker id taken beforehand, no
     decision of the batch is logged, and the batch goes in whole once the obstacle is gone."""
     from arm_common.tables import utcnow
 
     client = agent.governance.client(agent.key)
     items = [_local(agent.instance_id, ALLOW, i) for i in range(3)]
-    blocker = f"evt-{items[2].decision_id}"
+    blocker = marker_id(items[0].decision_id)  # the row the batch's opEvents are derived from
 
     async def block(s: Any) -> None:
         now = utcnow()
