@@ -331,7 +331,7 @@ class LocalDecider:
     """Subscribes, decides, spools and ships for one agent instance (see the module)."""
 
     def __init__(self, governance: grpc.aio.Channel, inputs_stub: Any, instance_id: str, *, spool_dir: str | Path,
-                 stale_after_s: float = 3.0, max_spool: int = 100_000, ship_batch: int = 1000, ship_in_flight: int = 2,
+                 stale_after_s: float = 3.0, max_spool: int = 100_000, ship_batch: int = 1000, ship_in_flight: int = 8,
                  heartbeat_ms: int = 500, fsync_interval_ms: float = 5.0,
                  metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple) -> None:
         if not instance_id:
