@@ -108,16 +108,11 @@ async def decide_compute(local: Any) -> float:
 
 async def cerbos_reference(gov_address: str, key: str, instance: str, seconds: float, log: Any,
                            pids: list[int]) -> bool:
-    """The Cerbos reference (issue 16 part 1), the hook the integrator wires. It runs when
-    bench/check_grpc.py provides Cerbos (branch `perfcheck`: `start_cerbos(grpc_port, http_port,
-    log)` starting the PDP binary `CERBOS_BIN` from the npm package @cerbos/cerbos-linux-x64 that
-    `make bench-peers` installs into bench/peers/node_modules, on the policies of
-    bench/peers/cerbos/; `compare_decisions(gov_address, key, instance, cerbos_address, tools)`
-    checking both decide TOOLS alike and returning tool -> risk; `run_load(...,
-    cerbos_risks=risks)` driving CheckResources with the same load generator) and the binary is
-    installed; it prints Cerbos's rows at 64 and 1 in flight and returns True. Otherwise it
-    returns False and the reference is ARM's own remote Check. Not run in this tree (no
-    bench/peers here)."""
+    """The Cerbos reference, in the same run: Cerbos's PDP (the binary of the npm package
+    @cerbos/cerbos-linux-x64 that `make bench-peers` installs, on bench/peers/cerbos/), checked to
+    decide TOOLS as ARM does (`compare_decisions`), then loaded by check_grpc.py's load generator
+    at 64 and 1 in flight; prints its rows and returns True. Without the binary it returns False
+    and the reference is ARM's own remote Check."""
     import check_grpc
 
     from tests.processes import free_port, wait_serving
