@@ -171,6 +171,9 @@ async def test_forged_altered_foreign_expired_and_signed_out_cookies_are_refused
         page = await client.get("/directory/templates")
         out = await client.post("/signout", data={"csrf_token": csrf_of(page.text)})
         assert out.status_code == 303 and out.headers["location"] == "/signin"
+        landed = await client.get("/signin")  # says so, once
+        assert "You are signed out." in landed.text
+        assert "You are signed out." not in (await client.get("/signin")).text
         async with httpx.AsyncClient(base_url=console.url, cookies={SESSION_COOKIE: good}) as c:
             assert (await c.get("/directory/templates")).status_code == 303
     finally:

@@ -26,12 +26,14 @@ from arm_console.config import ConsoleConfig
 from arm_console.sessions import PRESESSION_COOKIE, PRESESSION_TTL_S, SESSION_COOKIE
 from arm_console.views import VIEWS
 from arm_console.web import (
+    FLASH_COOKIE,
     PACKAGE_DIR,
     Console,
     NavItem,
     Refused,
     SignInRequired,
     local_path,
+    read_flash,
     redirect,
     rpc_message,
 )
@@ -109,8 +111,13 @@ def create_app(config: ConsoleConfig) -> Starlette:
         if console.session_of(request) is not None and not error:
             return RedirectResponse(local_path(request.query_params.get("next"), VIEWS[0].path), status_code=303)
         nonce, token = console.presession_token(request)
+        flash = None if error else read_flash(request)
+        notice = flash["text"] if flash and flash["kind"] == "info" else ""
         response = console.render_bare("common/signin.html", status=status, title="Sign in", csrf_token=token,
-                                       error=error, next=local_path(request.query_params.get("next"), ""))
+                                       error=error, notice=notice,
+                                       next=local_path(request.query_params.get("next"), ""))
+        if flash:
+            response.delete_cookie(FLASH_COOKIE, path="/")
         response.set_cookie(PRESESSION_COOKIE, nonce, max_age=PRESESSION_TTL_S, path="/signin", httponly=True,
                             samesite="strict", secure=console.secure(request))
         return response

@@ -136,16 +136,8 @@ class Console:
         session = self.session_of(request)
         if session is None:
             raise SignInRequired()
-        flash = None
         # A live region's refresh (console.js) leaves the one-time message to the page itself.
-        raw = None if request.headers.get("x-live-refresh") else request.cookies.get(FLASH_COOKIE)
-        if raw:
-            try:
-                data = json.loads(raw)
-                if isinstance(data, dict):
-                    flash = {"kind": str(data.get("kind", "info")), "text": str(data.get("text", ""))}
-            except ValueError:
-                flash = None
+        flash = None if request.headers.get("x-live-refresh") else read_flash(request)
         return Page(request, session, self.client_for(session), self.sessions.csrf_token(session.sid), self, flash)
 
     async def render(self, page: Page, template_name: str, /, *, active: str, title: str, status: int = 200,
@@ -177,6 +169,20 @@ def _close_later(client: ArmClient) -> None:
 
 
 _background: set[Any] = set()
+
+
+def read_flash(request: Request) -> dict[str, str] | None:
+    """The one-time message `redirect` left for this page ({"kind", "text"}), if any."""
+    raw = request.cookies.get(FLASH_COOKIE)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {"kind": str(data.get("kind", "info")), "text": str(data.get("text", ""))}
 
 
 def redirect(url: str, flash: tuple[str, str] | None = None, *, secure: bool = False) -> RedirectResponse:
