@@ -27,8 +27,10 @@ from arm.telemetry.v1 import events_pb2
 from arm_client import ArmClient
 from arm_common.canonical import canonical_hash
 from arm_common.db import rowcount
+from arm_common.errors import Unavailable
 from arm_common.tables import utcnow
 from arm_governance import models
+from arm_governance.decisions.log import PendingDecision
 from arm_governance.decisions.op_events import waiting_op_events
 from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
@@ -313,6 +315,22 @@ async def test_concurrent_uses_of_one_grant_allow_exactly_one(world: World) -> N
     for r in results:
         if r.decision != ALLOW:
             assert_denied(r, "APPROVAL_USED")
+
+
+async def test_a_grant_is_used_up_only_with_its_decision_logged(world: World, governance: Any) -> None:
+    """The grant is marked used in the transaction that logs the decision: when that write
+    fails (here a decision id already logged), the approval stays unused and still allows once."""
+    approval_id = await world.approved()
+    row = (await decision_rows(world))[-1]
+    record = {c.name: getattr(row, c.name) for c in models.DecisionRecord.__table__.columns}
+    pending = PendingDecision(record=record, response=decision_pb2.CheckResponse.FromString(row.response),
+                              consume=approval_id)
+    with pytest.raises(Unavailable):
+        await governance.component.log.append(pending)
+    assert (await world.approval(approval_id)).consumed_at is None
+    used = await world.check(approval_id=approval_id)
+    assert (used.decision, used.step, used.approval_id) == (ALLOW, GRANT, approval_id), used
+    assert (await world.approval(approval_id)).consumed_at is not None
 
 
 async def test_kill_switch_comes_before_the_grant(world: World) -> None:

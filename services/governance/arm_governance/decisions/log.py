@@ -18,14 +18,14 @@ from typing import Any, cast
 from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from sqlalchemy import DateTime, String, Table, select
+from sqlalchemy import DateTime, String, Table, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from arm.governance.v1 import decision_pb2
+from arm.governance.v1 import approvals_pb2, decision_pb2
 from arm_common import otel
-from arm_common.db import Database, driver_connection, is_connection_error
+from arm_common.db import Database, driver_connection, is_connection_error, rowcount
 from arm_common.errors import DatabaseUnavailable, Unavailable
 from arm_common.outbox import TOPIC_OP_EVENT, OutboxRelay, enqueue_many, outbox_row
 from arm_common.tables import utcnow
@@ -98,7 +98,7 @@ def _nothing_to_look_up(item: PendingDecision) -> bool:
     """No request id (a retry would be answered from the log) and no approval that needs a
     lookup (a tool call id may have one already) or ORM defaults (an incomplete row)."""
     approval = item.approval
-    return not item.record["request_id"] and (
+    return not item.record["request_id"] and not item.consume and (
         approval is None or (not approval["tool_call_id"] and _APPROVAL_COLUMNS <= approval.keys()))
 
 
@@ -111,8 +111,23 @@ class PendingDecision:
     approval: dict[str, Any] | None = None  # Approval columns, for NEEDS_APPROVAL
     messages: list[tuple[str, str, Message]] = field(default_factory=list)  # (topic, id, message)
     approval_record: str = ""  # id of the APPROVAL_REQUESTED message, dropped when deduplicated
+    consume: str = ""
+    """An approval this decision uses up (an ALLOW from a grant): marked used in the transaction
+    that logs the decision, so a crash cannot use a grant up without logging its decision."""
+    if_used: PendingDecision | None = None
+    """What to log instead when another call used `consume` first (the decision with the grant USED)."""
     future: asyncio.Future[decision_pb2.CheckResponse] | None = None
     trace_context: otel_context.Context | None = None  # the Check's, with OpenTelemetry on
+
+
+async def _consume(s: AsyncSession, tenant_id: str, approval_id: str) -> bool:
+    """Marks an APPROVED, unused approval used; False when it is not (any more)."""
+    a = models.Approval
+    result = await s.execute(update(a).where(
+        a.id == approval_id, a.tenant_id == tenant_id, a.consumed_at.is_(None),
+        a.status == approvals_pb2.APPROVAL_STATUS_APPROVED,
+    ).values(consumed_at=utcnow(), revision=a.revision + 1))
+    return bool(rowcount(result))
 
 
 class DecisionLog:
@@ -279,6 +294,12 @@ class DecisionLog:
                 if rid:
                     by_request[key] = item
                 fresh.append(item)
+        for item in fresh:
+            if item.consume and not await _consume(s, item.record["tenant_id"], item.consume):
+                used = item.if_used  # another call (here or on another replica) used the grant first
+                assert used is not None, "a decision consuming a grant comes with its alternative"
+                item.record, item.response, item.approval = used.record, used.response, used.approval
+                item.messages, item.approval_record, item.consume = used.messages, used.approval_record, ""
         approvals = await self._approvals(s, [item for item in fresh if item.approval is not None],
                                           insert=not self.db.is_postgres)
         decisions, messages = self._rows(fresh)

@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 from opentelemetry import trace
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -24,7 +24,7 @@ from arm_common import validation as val
 from arm_common.auth import Principal, actor_of
 from arm_common.canonical import canonical_hash
 from arm_common.change_records import change_record
-from arm_common.db import Database, rowcount
+from arm_common.db import Database
 from arm_common.errors import FieldViolation, InvalidArgument, PermissionDenied, Violations
 from arm_common.ids import new_id
 from arm_common.messages import struct, ts
@@ -299,16 +299,6 @@ class Approvals:
         raw = await self.db.read(read)
         return decision_pb2.CheckResponse.FromString(raw) if raw is not None else None
 
-    async def consume(self, tenant_id: str, approval_id: str) -> bool:
-        """Marks the grant used; False when another call used it first."""
-        async def write(s: AsyncSession) -> bool:
-            result = await s.execute(update(models.Approval).where(
-                models.Approval.id == approval_id, models.Approval.tenant_id == tenant_id,
-                models.Approval.consumed_at.is_(None),
-                models.Approval.status == approvals_pb2.APPROVAL_STATUS_APPROVED,
-            ).values(consumed_at=utcnow(), revision=models.Approval.revision + 1))
-            return bool(rowcount(result))
-        return await self.db.run(write)
 
 
 class Decider:
@@ -378,19 +368,19 @@ class Decider:
                            grant=grant)
         classifier = tenant.classifier or self.classifier
         result = engine.decide(policy, agent, call, controls=controls, spend=spend, classifier=classifier)
+        decision_id = new_id("dec")
+        pending = self.pending(principal, request, resolved, agent_bytes, result, tenant.epoch, digest, args, now,
+                               decision_id)
         if (grant is not None and grant.status == "VALID" and result.step == engine.Step.APPROVAL_GRANT
                 and result.effect == engine.Effect.ALLOW):
-            if not await self.approvals.consume(principal.tenant_id, request.approval_id):
-                # Another call used the grant between our read and our consume.
-                result = engine.decide(policy, agent, dataclasses.replace(call, grant=engine.Grant("USED")),
-                                       controls=controls, spend=spend, classifier=classifier)
-        return await self._log(principal, request, resolved, agent_bytes, result, tenant.epoch, digest, args, now)
-
-    async def _log(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
-                   agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
-                   args: dict[str, Any] | None, now: datetime) -> decision_pb2.CheckResponse:
-        return await self.log.append(self.pending(principal, request, resolved, agent_bytes, result, epoch,
-                                                  digest, args, now, new_id("dec")))
+            # The grant is used up in the transaction that logs this decision; if another call
+            # used it first (read and use are apart), the decision with the grant USED is logged.
+            used = engine.decide(policy, agent, dataclasses.replace(call, grant=engine.Grant("USED")),
+                                 controls=controls, spend=spend, classifier=classifier)
+            pending.consume = request.approval_id
+            pending.if_used = self.pending(principal, request, resolved, agent_bytes, used, tenant.epoch, digest,
+                                           args, now, decision_id)
+        return await self.log.append(pending)
 
     def pending(self, principal: Principal, request: decision_pb2.CheckRequest, resolved: Any,
                 agent_bytes: bytes, result: engine.Result, epoch: int, digest: str,
