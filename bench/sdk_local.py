@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from check_grpc import cpu_seconds, run_load, setup_world, spawn  # noqa: E402
+from check_grpc import cpu_seconds, run_load  # noqa: E402
+from stack import registry_and_governance  # noqa: E402
 
 # Decided locally under setup_world's policy (ALLOW, and a locked DENY); NEEDS_APPROVAL tools
 # (payments.send, shell.exec, deploy.prod) go to Check by design and are left out.
@@ -141,35 +140,10 @@ async def cerbos_reference(gov_address: str, key: str, instance: str, seconds: f
 async def orchestrate(args: argparse.Namespace) -> None:
     import asyncpg
 
-    from arm.registry.v1 import access_pb2
-    from arm_client import ArmClient
-    from tests.processes import base_env, free_port, wait_serving
     tmp = Path(tempfile.mkdtemp(prefix="arm-bench-local-"))
-    suffix = secrets.token_hex(4)
-    schemas = {s: f"bench_loc_{s[:3]}_{suffix}" for s in ("registry", "governance")}
-    procs: list[subprocess.Popen[bytes]] = []
-    log = tmp / "services.log"
-    try:
-        addr = {s: f"127.0.0.1:{free_port()}" for s in schemas}
-        reg_env = base_env(ARM_REGISTRY_LISTEN=addr["registry"], ARM_LOG_LEVEL="WARNING",
-                           ARM_REGISTRY_DATABASE_URL=args.postgres, ARM_DATABASE_SCHEMA=schemas["registry"])
-        for cmd in (["migrate"], ["bootstrap"]):
-            subprocess.run([sys.executable, "-m", "arm_registry", *cmd], env=reg_env, cwd=ROOT, check=True,
-                           stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        key = log.read_text().split("(shown once): ")[1].split()[0]
-        procs.append(spawn(["-m", "arm_registry"], reg_env, log))
-        await wait_serving(addr["registry"], procs[-1], log)
-        gov_env = base_env(ARM_GOVERNANCE_LISTEN=addr["governance"], ARM_GOVERNANCE_DATABASE_URL=args.postgres,
-                           ARM_LOG_LEVEL="WARNING", ARM_DATABASE_SCHEMA=schemas["governance"],
-                           ARM_REGISTRY_ADDRESS=addr["registry"], ARM_SERVICE_API_KEY=key)
-        subprocess.run([sys.executable, "-m", "arm_governance", "migrate"], env=gov_env, cwd=ROOT, check=True,
-                       stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        profile = ["-m", "cProfile", "-o", args.profile_governance] if args.profile_governance else []
-        procs.append(spawn([*profile, "-m", "arm_governance"], gov_env, log))
-        await wait_serving(addr["governance"], procs[-1], log)
-        instance = await setup_world(addr["registry"], key, addr["governance"])
-        async with ArmClient(addr["registry"], key) as reg:
-            agent_key = (await reg.access.CreateApiKey(access_pb2.CreateApiKeyRequest(instance_id=instance))).secret
+    async with registry_and_governance(args.postgres, "loc", tmp, profile_governance=args.profile_governance) as stack:
+        addr, schemas, procs, log = stack.addr, stack.schemas, stack.procs, stack.log
+        instance, agent_key = stack.instance, stack.agent_key
         env = {"ARM_REGISTRY_ADDRESS": addr["registry"], "ARM_GOVERNANCE_ADDRESS": addr["governance"],
                "ARM_TELEMETRY_ADDRESS": addr["governance"], "ARM_API_KEY": agent_key, "ARM_INSTANCE_ID": instance}
         spool_dir = args.spool_dir or str(tmp / "spool")
@@ -210,15 +184,6 @@ async def orchestrate(args: argparse.Namespace) -> None:
         n = await conn.fetchval(f'SELECT count(*) FROM "{schemas["governance"]}".decisions')
         await conn.close()
         print(f"decision log rows in governance: {n}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(30)
-        conn = await asyncpg.connect(args.postgres)
-        for schema in schemas.values():
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from check_grpc import cpu_seconds, postgres_cpu_seconds, setup_world, spawn  # noqa: E402
+from check_grpc import cpu_seconds, postgres_cpu_seconds  # noqa: E402
 from sdk_local import TOOLS  # noqa: E402
+from stack import registry_and_governance  # noqa: E402
 
 METHOD = "/arm.governance.v1.DecisionService/RecordLocalDecisions"
 
@@ -111,36 +111,10 @@ async def settle(pid: int) -> float:
 async def orchestrate(args: argparse.Namespace) -> None:
     import asyncpg
 
-    from arm.registry.v1 import access_pb2
-    from arm_client import ArmClient
-    from tests.processes import base_env, free_port, wait_serving
     tmp = Path(tempfile.mkdtemp(prefix="arm-bench-ship-"))
-    suffix = secrets.token_hex(4)
-    schemas = {s: f"bench_shp_{s[:3]}_{suffix}" for s in ("registry", "governance")}
-    procs: list[subprocess.Popen[bytes]] = []
-    log = tmp / "services.log"
-    try:
-        addr = {s: f"127.0.0.1:{free_port()}" for s in schemas}
-        reg_env = base_env(ARM_REGISTRY_LISTEN=addr["registry"], ARM_LOG_LEVEL="WARNING",
-                           ARM_REGISTRY_DATABASE_URL=args.postgres, ARM_DATABASE_SCHEMA=schemas["registry"])
-        for cmd in (["migrate"], ["bootstrap"]):
-            subprocess.run([sys.executable, "-m", "arm_registry", *cmd], env=reg_env, cwd=ROOT, check=True,
-                           stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        key = log.read_text().split("(shown once): ")[1].split()[0]
-        procs.append(spawn(["-m", "arm_registry"], reg_env, log))
-        await wait_serving(addr["registry"], procs[-1], log)
-        gov_env = base_env(ARM_GOVERNANCE_LISTEN=addr["governance"], ARM_GOVERNANCE_DATABASE_URL=args.postgres,
-                           ARM_LOG_LEVEL="WARNING", ARM_DATABASE_SCHEMA=schemas["governance"],
-                           ARM_REGISTRY_ADDRESS=addr["registry"], ARM_SERVICE_API_KEY=key)
-        subprocess.run([sys.executable, "-m", "arm_governance", "migrate"], env=gov_env, cwd=ROOT, check=True,
-                       stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        profile = ["-m", "cProfile", "-o", args.profile_governance] if args.profile_governance else []
-        procs.append(spawn([*profile, "-m", "arm_governance"], gov_env, log))
-        gov_pid = procs[-1].pid
-        await wait_serving(addr["governance"], procs[-1], log)
-        instance = await setup_world(addr["registry"], key, addr["governance"])
-        async with ArmClient(addr["registry"], key) as reg:
-            agent_key = (await reg.access.CreateApiKey(access_pb2.CreateApiKeyRequest(instance_id=instance))).secret
+    async with registry_and_governance(args.postgres, "shp", tmp, profile_governance=args.profile_governance) as stack:
+        addr, schemas, gov_pid = stack.addr, stack.schemas, stack.governance_pid
+        instance, agent_key = stack.instance, stack.agent_key
         tools = tuple(args.tools.split(","))
         parts = await templates(addr["governance"], agent_key, instance, tools)
         await send(addr["governance"], agent_key, batches(parts, 2, args.batch), args.in_flight)  # warm-up
@@ -168,15 +142,6 @@ async def orchestrate(args: argparse.Namespace) -> None:
         print(f"decision log rows in governance: {rows} (expected {n + 2 * args.batch + len(tools)}); bytes per row: "
               f"request {sizes['request']:.0f}, agent {sizes['agent']:.0f}, response {sizes['response']:.0f}; "
               f"outbox payload {outbox:.0f}")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(30)
-        conn = await asyncpg.connect(args.postgres)
-        for schema in schemas.values():
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
 
 
 def main() -> None:
