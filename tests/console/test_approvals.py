@@ -71,7 +71,9 @@ async def test_two_operators_approve_and_the_waiting_check_turns_allow(
 
         # The second approver, in another browser context; the first one's page stays open and
         # must follow the decision live, without a reload.
-        await ui.page.wait_for_function("document.querySelector('.live-dot.on') !== null")
+        # A locator wait: a wait_for_function expression that has to poll is evaluated with eval(),
+        # which the console's Content-Security-Policy (script-src 'self') rightly refuses.
+        await ui.page.locator(".live-dot.on").wait_for(state="attached")
         second = await new_ui(browser, console)
         try:
             await second.sign_in(second_key)
