@@ -56,25 +56,29 @@ def js_number(value: float | int) -> str:
     return sign + digits[0] + "." + digits[1:] + exp_str
 
 
+def _object(value: dict[Any, Any], out: list[str]) -> None:
+    out.append("{")
+    for i, key in enumerate(sorted(value)):
+        if not isinstance(key, str):
+            raise TypeError(f"object keys must be strings, got {type(key).__name__}")
+        if i:
+            out.append(",")
+        out.append(encode_basestring(key))
+        out.append(":")
+        item = value[key]
+        if type(item) is str:  # the common case without a call
+            out.append(encode_basestring(item))
+        else:
+            _encode(item, out)
+    out.append("}")
+
+
 def _encode(value: Any, out: list[str]) -> None:
     kind = type(value)
     if kind is str:  # the common cases first (exact types; subclasses take the general branches)
         out.append(encode_basestring(value))
     elif kind is dict:
-        out.append("{")
-        for i, key in enumerate(sorted(value)):
-            if not isinstance(key, str):
-                raise TypeError(f"object keys must be strings, got {type(key).__name__}")
-            if i:
-                out.append(",")
-            out.append(encode_basestring(key))
-            out.append(":")
-            item = value[key]
-            if type(item) is str:
-                out.append(encode_basestring(item))
-            else:
-                _encode(item, out)
-        out.append("}")
+        _object(value, out)
     elif value is None:
         out.append("null")
     elif value is True:
@@ -86,16 +90,7 @@ def _encode(value: Any, out: list[str]) -> None:
     elif isinstance(value, str):
         out.append(encode_basestring(value))
     elif isinstance(value, dict):
-        out.append("{")
-        for i, key in enumerate(sorted(value)):
-            if not isinstance(key, str):
-                raise TypeError(f"object keys must be strings, got {type(key).__name__}")
-            if i:
-                out.append(",")
-            out.append(encode_basestring(key))
-            out.append(":")
-            _encode(value[key], out)
-        out.append("}")
+        _object(value, out)
     elif isinstance(value, (list, tuple)):
         out.append("[")
         for i, item in enumerate(value):
