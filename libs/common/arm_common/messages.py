@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
+
+M = TypeVar("M", bound=Message)
+
+
+def without(message: M, field: str) -> M:
+    """A copy of `message` with `field` cleared: what an idempotent replay returns of a response
+    whose secret is shown once (the write's `stored_form`)."""
+    kept = type(message)()
+    kept.CopyFrom(message)
+    kept.ClearField(field)  # type: ignore[arg-type]
+    return kept
 
 
 def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -13,6 +13,7 @@ from arm.registry.v1 import access_pb2, compat_pb2
 from arm_common.auth import SCOPE_TENANT, Principal, actor_of
 from arm_common.errors import FailedPrecondition, PermissionDenied
 from arm_common.ids import new_id
+from arm_common.messages import without
 from arm_common.tables import utcnow
 from arm_registry import convert, domain, models
 from arm_registry.reads import get_one, list_page
@@ -217,11 +218,8 @@ class Access:
                 expires_at=expires)
             return access_pb2.CreateApiKeyResponse(api_key=convert.api_key(row), secret=secret)
 
-        def without_secret(resp: access_pb2.CreateApiKeyResponse) -> access_pb2.CreateApiKeyResponse:
-            return access_pb2.CreateApiKeyResponse(api_key=resp.api_key)
-
         return await self.store.write(p, "CreateApiKey", request, access_pb2.CreateApiKeyResponse,
-                                      write, without_secret)
+                                      write, lambda resp: without(resp, "secret"))
 
     async def list_api_keys(self, p: Principal, request: access_pb2.ListApiKeysRequest
                             ) -> access_pb2.ListApiKeysResponse:
@@ -281,15 +279,11 @@ class Access:
             caller = await self.store.get(s, models.ApiKey, p.api_key_id, p.tenant_id, "api_key")
             row, secret = await self.store.create_key_row(
                 s, p, p.tenant_id, operator_id=p.actor_id, display_name=request.display_name or "session",
-                expires_at=expires)
-            row.parent_key_id = caller.parent_key_id or caller.id
+                expires_at=expires, parent_key_id=caller.parent_key_id or caller.id)
             return access_pb2.CreateSessionKeyResponse(api_key=convert.api_key(row), secret=secret)
 
-        def without_secret(resp: access_pb2.CreateSessionKeyResponse) -> access_pb2.CreateSessionKeyResponse:
-            return access_pb2.CreateSessionKeyResponse(api_key=resp.api_key)
-
         return await self.store.write(p, "CreateSessionKey", request, access_pb2.CreateSessionKeyResponse,
-                                      write, without_secret)
+                                      write, lambda resp: without(resp, "secret"))
 
     async def revoke_caller_key(self, p: Principal, request: access_pb2.RevokeCallerKeyRequest
                                 ) -> access_pb2.RevokeCallerKeyResponse:

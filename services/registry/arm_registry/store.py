@@ -208,7 +208,8 @@ class RegistryStore:
     async def create_key_row(self, session: AsyncSession, principal: Principal, tenant_id: str, *,
                              operator_id: str | None = None, instance_id: str | None = None,
                              display_name: str = "", expires_at: datetime | None = None,
-                             preset: str | None = None) -> tuple[models.ApiKey, str]:
+                             preset: str | None = None, parent_key_id: str | None = None
+                             ) -> tuple[models.ApiKey, str]:
         """A new key; with `preset` (a well-formed key minted by `genkey`), that key."""
         if preset is None:
             key_id, secret, key_hash = new_api_key()
@@ -216,7 +217,8 @@ class RegistryStore:
             key_id, secret, key_hash = parse_api_key(preset), preset, hash_api_key(preset)
         row = models.ApiKey(id=key_id, tenant_id=tenant_id, operator_id=operator_id,
                             instance_id=instance_id, key_hash=key_hash, display_name=display_name,
-                            created_at=utcnow(), expires_at=expires_at, revoked_at=None)
+                            created_at=utcnow(), expires_at=expires_at, revoked_at=None,
+                            parent_key_id=parent_key_id)
         session.add(row)
         await self.record(session, principal, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
                           target_type="api_key", target_id=key_id, tenant_id=tenant_id,

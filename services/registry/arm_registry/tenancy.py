@@ -13,6 +13,7 @@ from arm_common import pagination
 from arm_common.auth import Principal
 from arm_common.errors import FailedPrecondition, NotFound
 from arm_common.ids import new_id
+from arm_common.messages import without
 from arm_common.tables import utcnow
 from arm_registry import convert, models
 from arm_registry.reads import get_one, list_page
@@ -48,14 +49,8 @@ class Tenancy:
                 resp.admin_api_key = secret
             return resp
 
-        def without_secret(resp: tenancy_pb2.CreateTenantResponse) -> tenancy_pb2.CreateTenantResponse:
-            kept = tenancy_pb2.CreateTenantResponse()
-            kept.CopyFrom(resp)
-            kept.admin_api_key = ""
-            return kept
-
         return await store.write(p, "CreateTenant", request, tenancy_pb2.CreateTenantResponse,
-                                 write, without_secret)
+                                 write, lambda resp: without(resp, "admin_api_key"))
 
     @staticmethod
     def _tenant_scope(p: Principal) -> str:

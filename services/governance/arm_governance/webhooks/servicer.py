@@ -12,19 +12,12 @@ from arm_common.auth import Principal, current_principal
 from arm_common.db import Database
 from arm_common.errors import Violations
 from arm_common.idempotency import run_idempotent
+from arm_common.messages import without
 from arm_common.outbox import OutboxRelay
 from arm_common.server import Ctx
 from arm_governance.models import IDEMPOTENCY
 from arm_governance.webhooks.egress import EgressPolicy
 from arm_governance.webhooks.service import PERMISSION, WebhookStore, validate_create, validate_id
-
-
-def _without_secret(response: Any) -> Any:
-    """What a replay of the request_id returns: the secret is shown once."""
-    kept = type(response)()
-    kept.CopyFrom(response)
-    kept.secret = ""
-    return kept
 
 
 class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
@@ -42,7 +35,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
         p = current_principal()
         result = await run_idempotent(self.db, IDEMPOTENCY, tenant_id=p.tenant_id, method=method,
                                       request=request, response_type=response_type, write=fn,
-                                      stored_form=_without_secret if one_time_secret else None)
+                                      stored_form=(lambda r: without(r, "secret")) if one_time_secret else None)
         for relay in self.relays:
             relay.notify()
         return result
