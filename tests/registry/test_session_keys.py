@@ -16,6 +16,7 @@ from arm.registry.v1 import access_pb2
 from arm_client import ArmClient
 from tests.conftest import RegistryServer, TenantContext
 from tests.helpers import approved_version, expect_failure, operator_key
+from tests.registry.test_lifecycles import records_for
 
 
 def ttl(seconds: float) -> duration_pb2.Duration:
@@ -53,6 +54,12 @@ async def test_an_operator_makes_a_session_key_of_itself(registry: RegistryServe
     assert session.api_key_id == made.api_key.id
     listed = (await tenant.admin.access.ListApiKeys(access_pb2.ListApiKeysRequest(operator_id=auditor_id))).api_keys
     assert {k.id: k.parent_key_id for k in listed} == {parent.api_key_id: "", made.api_key.id: parent.api_key_id}
+    # The audit trail tells a sign-in's key from an API key an admin made.
+    made_record, = await records_for(registry, tenant.tenant.id, made.api_key.id)
+    assert made_record.summary == "session key created"
+    assert made_record.payload["parent_key_id"] == parent.api_key_id
+    parent_record, = await records_for(registry, tenant.tenant.id, parent.api_key_id)
+    assert parent_record.summary == "API key created"
 
 
 async def test_a_session_key_never_outlives_its_parent(registry: RegistryServer, tenant: TenantContext) -> None:

@@ -222,8 +222,10 @@ class RegistryStore:
         session.add(row)
         await self.record(session, principal, CR.CHANGE_RECORD_TYPE_REGISTRY_UPDATED,
                           target_type="api_key", target_id=key_id, tenant_id=tenant_id,
-                          instance_id=instance_id or "", summary="API key created",
-                          payload={"operator_id": operator_id or "", "instance_id": instance_id or ""})
+                          instance_id=instance_id or "",
+                          summary="session key created" if parent_key_id else "API key created",
+                          payload={"operator_id": operator_id or "", "instance_id": instance_id or "",
+                                   **({"parent_key_id": parent_key_id} if parent_key_id else {})})
         return row, secret
 
     # --- genome ------------------------------------------------------------------------------
