@@ -42,6 +42,7 @@ import grpc  # noqa: E402
 
 from arm.governance.v1 import decision_pb2, policy_pb2  # noqa: E402
 from arm.registry.v1 import agents_pb2  # noqa: E402
+from arm_common.outbox import TOPIC_OP_EVENT  # noqa: E402
 
 ECHO_METHOD = "/bench.Echo/Echo"
 PEERS = ROOT / "bench" / "peers"
@@ -302,6 +303,19 @@ async def setup_world(address: str, key: str, gov_address: str) -> str:
         return inst.id
 
 
+async def logged(postgres: str, schema: str) -> tuple[int, int]:
+    """Decisions logged and group commits so far: without telemetry here, each commit's op_event
+    marker row (one per tenant and batch, decisions/op_events.py) stays in the outbox."""
+    import asyncpg
+    conn = await asyncpg.connect(postgres)
+    try:
+        row = await conn.fetchrow(f'SELECT (SELECT count(*) FROM "{schema}".decisions), '
+                                  f'(SELECT count(*) FROM "{schema}".outbox_messages WHERE topic = $1)', TOPIC_OP_EVENT)
+        return int(row[0]), int(row[1])
+    finally:
+        await conn.close()
+
+
 async def orchestrate(args: argparse.Namespace) -> None:
     import asyncpg
 
@@ -363,12 +377,16 @@ async def orchestrate(args: argparse.Namespace) -> None:
         instance = None
         risks: dict[str, int] | None = None
         tools = tuple(args.tools.split(","))
-        for workers in args.workers:
+        # With --compare-gather, each worker count also runs with the decision log's gathering off
+        # (ARM_DECISION_GATHER_MS=0), right after the default: before and after in one run.
+        variants = [(w, gather) for w in args.workers for gather in ([None, "0"] if args.compare_gather else [None])]
+        for workers, gather in variants:
             gov_port = free_port()
             gov_env = base_env(ARM_GOVERNANCE_LISTEN=f"127.0.0.1:{gov_port}", ARM_LOG_LEVEL="WARNING",
                                ARM_GOVERNANCE_DATABASE_URL=args.postgres,
                                ARM_DATABASE_SCHEMA=schemas["governance"],
-                               ARM_REGISTRY_ADDRESS=f"127.0.0.1:{reg_port}", ARM_SERVICE_API_KEY=key)
+                               ARM_REGISTRY_ADDRESS=f"127.0.0.1:{reg_port}", ARM_SERVICE_API_KEY=key,
+                               **({"ARM_DECISION_GATHER_MS": gather} if gather is not None else {}))
             subprocess.run([sys.executable, "-m", "arm_governance", "migrate"], env=gov_env, cwd=ROOT,
                            check=True, stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
             gov_procs = [spawn(["-m", "arm_governance"], gov_env, log) for _ in range(workers)]
@@ -391,17 +409,21 @@ async def orchestrate(args: argparse.Namespace) -> None:
                          "--duration", str(int(args.seconds)), "--rate", "250",
                          *(["--native"] if args.profile_native else ["--nonblocking"]), "--format", "raw",
                          "-o", f"{args.profile}-w{workers}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                logged0 = await logged(args.postgres, schemas["governance"])
                 r = run_load(f"127.0.0.1:{gov_port}", key, instance, n, args.seconds, check_channels(args, workers), False,
                              [p.pid for p in gov_procs], old_client, tools)
+                logged1 = await logged(args.postgres, schemas["governance"])
                 if spy is not None:
                     spy.wait(60)
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
                 label += " (client icpt)" if old_client else ""
+                label += " (no gather)" if gather is not None else ""
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                       f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
                       f" {r['p50_ms'] / echo[n]['p50_ms']:.2f}x echo p50;"
-                      f" {r['calls_per_s'] / floor[n]['calls_per_s']:.2f}x / {r['p50_ms'] / floor[n]['p50_ms']:.2f}x floor)")
+                      f" {r['calls_per_s'] / floor[n]['calls_per_s']:.2f}x / {r['p50_ms'] / floor[n]['p50_ms']:.2f}x floor;"
+                      f" {(logged1[0] - logged0[0]) / max(1, logged1[1] - logged0[1]):.1f} per commit)")
             for p in gov_procs:
                 p.terminate()
                 p.wait(30)
@@ -443,6 +465,8 @@ def main() -> None:
                         help="channels to governance (default: 1 with one process, 2 per process with more)")
     parser.add_argument("--echo-interceptor", action="store_true",
                         help="also measure the echo with a pass-through grpc.aio server interceptor")
+    parser.add_argument("--compare-gather", action="store_true",
+                        help="also measure Check with the decision log's gathering off (ARM_DECISION_GATHER_MS=0)")
     parser.add_argument("--compare-client", action="store_true",
                         help="also measure Check with the key added by client interceptors (the old load generator)")
     parser.add_argument("--tools", default=",".join(TOOLS),

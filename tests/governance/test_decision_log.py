@@ -19,7 +19,7 @@ from arm_common.outbox import TOPIC_OP_EVENT
 from arm_common.tables import utcnow
 from arm_engine.engine import Spend
 from arm_governance import models
-from arm_governance.decisions.log import DecisionLog, PendingDecision
+from arm_governance.decisions.log import GATHER_BATCH, DecisionLog, PendingDecision
 from arm_governance.decisions.service import SpendBook
 from tests.conftest import PG_URL
 
@@ -156,3 +156,71 @@ async def test_spend_totals_read_across_a_spend_notice_are_not_cached(governance
     assert book._cache.get((tenant, instance, "run-1", now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")))[0] is False
     await book.totals(tenant, instance, "run-1", now)  # undisturbed: cached
     assert len(book._cache) == 1
+
+
+async def test_a_lone_decision_never_waits_for_company(governance) -> None:  # type: ignore[no-untyped-def]
+    """The writer gathers only when decisions queued up while it wrote the last batch: a lone
+    caller is written at once, even with a gathering window far longer than the test may take."""
+    tenant = new_id("tnt")
+    log = DecisionLog(governance.db, [], gather_s=600)
+    await log.start()
+    try:
+        for _ in range(3):
+            item = pending(new_id("dec"), tenant)
+            assert (await asyncio.wait_for(log.append(item), 30)).decision_id == item.record["id"]
+    finally:
+        await log.stop()
+
+
+async def test_a_busy_writer_waits_for_a_full_batch_or_its_window(governance) -> None:  # type: ignore[no-untyped-def]
+    """_gather, without the writer (nothing takes from the queue): it waits while fewer than
+    GATHER_BATCH decisions are there, ends as soon as the last one needed arrives (not at its
+    600 s window), and with a short window ends at the window."""
+    tenant = new_id("tnt")
+    log = DecisionLog(governance.db, [], gather_s=600)
+    first = [pending(new_id("dec"), tenant)]
+    appends = [asyncio.create_task(log.append(pending(new_id("dec"), tenant))) for _ in range(3)]
+    try:
+        await asyncio.sleep(0)
+        gathering = asyncio.create_task(log._gather(first))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not gathering.done()  # 1 + 3 of GATHER_BATCH
+        appends += [asyncio.create_task(log.append(pending(new_id("dec"), tenant)))
+                    for _ in range(GATHER_BATCH - 1 - 3)]
+        await asyncio.wait_for(gathering, 30)
+        assert log._queue.qsize() == GATHER_BATCH - 1
+
+        short = DecisionLog(governance.db, [], gather_s=0.05)
+        appends.append(asyncio.create_task(short.append(pending(new_id("dec"), tenant))))
+        await asyncio.sleep(0)
+        await asyncio.wait_for(short._gather([pending(new_id("dec"), tenant)]), 30)
+        assert short._queue.qsize() == 1
+    finally:
+        for task in appends:
+            task.cancel()
+        await asyncio.gather(*appends, return_exceptions=True)
+
+
+async def test_decisions_arriving_during_commits_are_all_logged_once(governance) -> None:  # type: ignore[no-untyped-def]
+    """Decisions trickling in while batches are written (so the writer gathers): every one is
+    answered with its own response and logged exactly once."""
+    tenant = new_id("tnt")
+    log = DecisionLog(governance.db, [], gather_s=0.01)
+    await log.start()
+    items = [pending(new_id("dec"), tenant) for _ in range(200)]
+    tasks = []
+    try:
+        for item in items:
+            tasks.append(asyncio.create_task(log.append(item)))
+            await asyncio.sleep(0)
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    finally:
+        await log.stop()
+    assert [a.decision_id for a in answers] == [i.record["id"] for i in items]
+
+    async def logged(s):  # type: ignore[no-untyped-def]
+        d = models.DecisionRecord
+        return (await s.execute(select(d.id).where(d.tenant_id == tenant))).scalars().all()
+    ids = await governance.db.read(logged)
+    assert sorted(ids) == sorted(i.record["id"] for i in items)

@@ -115,7 +115,7 @@ class GovernanceComponent:
                                           poll_s=config.outbox_poll_s)
         self.relays.append(OutboxRelay(db, OUTBOX, TOPIC_NOTIFICATION, self.webhooks.fan_out,
                                        poll_interval_s=config.outbox_poll_s, min_interval_s=RELAY_INTERVAL_S))
-        self.log = DecisionLog(db, self.relays)
+        self.log = DecisionLog(db, self.relays, gather_s=config.decision_gather_ms / 1000)
         self.housekeeping = Housekeeping(db, OUTBOX, IDEMPOTENCY)
         self.store = PolicyStore(db, self.changes)
         self.approvals = ApprovalStore(db, self.changes)
