@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,6 +31,19 @@ def approve_in_background(approval_id: str) -> None:
                     approval_id=approval_id, verdict=approvals_pb2.APPROVAL_VERDICT_APPROVE, reason="--approve"))
             print(f"  [approver {n}] approved {approval_id}", flush=True)
     threading.Thread(target=approve, daemon=True).start()
+
+
+def settled_trace(admin: ArmSync, run_id: str, *, decisions: int, wait_s: float = 10.0) -> list[events_pb2.OpEvent]:
+    """The run's trace once it holds its decisions' events. The SDK's own events are flushed
+    above; governance forwards each decision's event (DECISION_MADE, or TOOL_CALL_BLOCKED for a
+    DENY) from its decision log a few times a second, so they may arrive a moment later."""
+    decided = (events_pb2.OP_EVENT_TYPE_DECISION_MADE, events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED)
+    deadline = time.monotonic() + wait_s
+    while True:
+        trace = admin.run_trace(run_id)
+        if sum(e.type in decided for e in trace) >= decisions or time.monotonic() > deadline:
+            return trace
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -71,7 +85,7 @@ def main() -> int:
         arm.flush()
         admin = ArmSync(api_key=os.environ["ARM_QUICKSTART_ADMIN_KEY"])
         print(f"\ntrace of {run.run_id}:")
-        for event in admin.run_trace(run.run_id):
+        for event in settled_trace(admin, run.run_id, decisions=4):
             kind = events_pb2.OpEventType.Name(event.type).removeprefix("OP_EVENT_TYPE_")
             tool = event.payload["tool_name"] if "tool_name" in event.payload else ""
             print(f"  {event.occur_time.ToDatetime():%H:%M:%S.%f}  {kind:<20} {tool}")

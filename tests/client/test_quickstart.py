@@ -54,6 +54,8 @@ async def test_the_readme_quickstart_runs(tmp_path: Path) -> None:
         assert approver_out.decode().count("approved apr_") == 2
         trace = text.split("trace of run-", 1)[1]
         kinds = re.findall(r"^\s+\S+\s+([A-Z_]+)", trace, re.M)
+        # Governance's events of the four decisions (allowed, denied, pending, granted) are in too.
+        assert kinds.count("DECISION_MADE") == 3 and kinds.count("TOOL_CALL_BLOCKED") == 1, trace
         sdk_kinds = [k for k in kinds if k not in ("DECISION_MADE", "TOOL_CALL_BLOCKED")]
         assert sdk_kinds == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED", "TOOL_CALL_STARTED",
                              "TOOL_CALL_COMPLETED", "COST_TICK", "RUN_COMPLETED"], trace
