@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from check_grpc import cpu_seconds, run_load  # noqa: E402
-from stack import registry_and_governance  # noqa: E402
+from stack import Backends, analyze, registry_and_governance  # noqa: E402
 
 # Decided locally under setup_world's policy (ALLOW, and a locked DENY); NEEDS_APPROVAL tools
 # (payments.send, shell.exec, deploy.prod) go to Check by design and are left out.
@@ -42,7 +42,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, seconds: float,
-                     gov_pid: int) -> dict[str, float]:
+                     gov_pid: int, postgres: str = "", schema: str = "") -> dict[str, float]:
     from arm_client import Arm
 
     arm = Arm(env=env, local_decisions=True, local_spool_dir=spool_dir, close_timeout_s=120,
@@ -64,6 +64,8 @@ async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, second
 
     deadline = time.perf_counter() + 1.0  # warm-up
     await asyncio.gather(*(worker(n) for n in range(in_flight)))
+    if schema:
+        await analyze(postgres, schema)
     latencies.clear()
     local_before, remote_before, shipped_before = local.local, local.remote, local.shipped
     started, cpu0 = time.perf_counter(), time.process_time()
@@ -74,15 +76,19 @@ async def local_rate(env: dict[str, str], spool_dir: str, in_flight: int, second
     shipped_during = local.shipped - shipped_before
     backlog = local.spool.pending
     compute = await decide_compute(local) if in_flight == 1 else 0.0
+    backends = Backends(postgres, gov_pid) if postgres else None
+    if backends is not None:
+        await backends.mark()
     t0, gov_cpu0 = time.perf_counter(), cpu_seconds([gov_pid])
     drained = await local.drain(300)
     drain_s, gov_cpu = time.perf_counter() - t0, cpu_seconds([gov_pid]) - gov_cpu0
+    pg_cpu = await backends.seconds() if backends is not None else 0.0
     await arm.close()
     return {"per_s": len(latencies) / elapsed, "p50_us": statistics.median(latencies) * 1e6,
             "p99_us": pct(latencies, 0.99) * 1e6, "local": made, "remote": local.remote - remote_before,
             "cpu_us": cpu / max(1, len(latencies)) * 1e6, "shipped_per_s": shipped_during / elapsed,
             "backlog": backlog, "drain_s": drain_s, "drained": drained, "compute_us": compute,
-            "gov_us": gov_cpu / max(1, backlog) * 1e6}
+            "gov_us": gov_cpu / max(1, backlog) * 1e6, "pg_us": pg_cpu / max(1, backlog) * 1e6}
 
 
 async def decide_compute(local: Any) -> float:
@@ -167,7 +173,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 import cProfile
                 profiler = cProfile.Profile()
                 profiler.enable()
-            r = await local_rate(env, spool_dir, in_flight, args.seconds, procs[1].pid)
+            r = await local_rate(env, spool_dir, in_flight, args.seconds, procs[1].pid, args.postgres,
+                                 "" if args.no_analyze else schemas["governance"])
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile_runtime)
@@ -179,7 +186,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                       f"around it): p50 {r['compute_us']:.1f} µs")
             print(f"{'':28} shipping: {r['shipped_per_s']:.0f}/s during the run, backlog at its end "
                   f"{r['backlog']:.0f}, drained in {r['drain_s']:.1f} s ({'all' if r['drained'] else 'NOT all'} logged; "
-                  f"governance CPU {r['gov_us']:.0f} µs per drained decision)")
+                  f"governance CPU {r['gov_us']:.0f} µs per drained decision, its PostgreSQL backends {r['pg_us']:.0f})")
         conn = await asyncpg.connect(args.postgres)
         n = await conn.fetchval(f'SELECT count(*) FROM "{schemas["governance"]}".decisions')
         await conn.close()
@@ -194,6 +201,8 @@ def main() -> None:
     parser.add_argument("--spool-dir", default="")
     parser.add_argument("--profile-governance", default="", help="cProfile governance's process to this file")
     parser.add_argument("--profile-runtime", default="", help="cProfile this process (64 in flight) to this file")
+    parser.add_argument("--no-analyze", action="store_true", help="measure on the never-analyzed new tables "
+                        "(stack.analyze)")
     parser.add_argument("--skip-reference", action="store_true", help="no reference rows (profiling runs)")
     asyncio.run(orchestrate(parser.parse_args()))
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from check_grpc import cpu_seconds, postgres_cpu_seconds  # noqa: E402
 from sdk_local import TOOLS  # noqa: E402
-from stack import registry_and_governance  # noqa: E402
+from stack import Backends, analyze, registry_and_governance  # noqa: E402
 
 METHOD = "/arm.governance.v1.DecisionService/RecordLocalDecisions"
 
@@ -112,32 +112,44 @@ async def orchestrate(args: argparse.Namespace) -> None:
     import asyncpg
 
     tmp = Path(tempfile.mkdtemp(prefix="arm-bench-ship-"))
-    async with registry_and_governance(args.postgres, "shp", tmp, profile_governance=args.profile_governance) as stack:
+    async with registry_and_governance(args.postgres, "shp", tmp, profile_governance=args.profile_governance,
+                                       telemetry=args.telemetry) as stack:
         addr, schemas, gov_pid = stack.addr, stack.schemas, stack.governance_pid
         instance, agent_key = stack.instance, stack.agent_key
         tools = tuple(args.tools.split(","))
         parts = await templates(addr["governance"], agent_key, instance, tools)
         await send(addr["governance"], agent_key, batches(parts, 2, args.batch), args.in_flight)  # warm-up
         payloads = batches(parts, args.batches, args.batch)
+        if not args.no_analyze:
+            await analyze(args.postgres, schemas["governance"])
         n = args.batches * args.batch
         print(f"# {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; PostgreSQL; "
               f"{args.batches} batches of {args.batch}, {args.in_flight} in flight; tools {','.join(tools)}")
         await settle(gov_pid)
+        backends = Backends(args.postgres, gov_pid)
         for label in ("new", "retry (all duplicates)"):
+            await backends.mark()
             cpu0, pg0, t0 = cpu_seconds([gov_pid]), postgres_cpu_seconds(), time.perf_counter()
             recorded = await send(addr["governance"], agent_key, payloads, args.in_flight)
             elapsed, cpu_sent = time.perf_counter() - t0, cpu_seconds([gov_pid]) - cpu0
+            mine_sent = await backends.seconds()
             await settle(gov_pid)
             cpu_all, pg = cpu_seconds([gov_pid]) - cpu0, postgres_cpu_seconds() - pg0
+            mine = await backends.seconds()
             print(f"{label:24} {n / elapsed:>8.0f} decisions/s  recorded {recorded}  governance CPU "
                   f"{cpu_sent / n * 1e6:.1f} µs/decision while sending, {cpu_all / n * 1e6:.1f} with its relays; "
-                  f"PostgreSQL {pg / n * 1e6:.1f} µs/decision")
+                  f"PostgreSQL {pg / n * 1e6:.1f} µs/decision (all its processes; governance's backends "
+                  f"{mine_sent / n * 1e6:.1f} while sending, {mine / n * 1e6:.1f} with the relays)")
         conn = await asyncpg.connect(args.postgres)
         gov = schemas["governance"]
         rows = await conn.fetchval(f'SELECT count(*) FROM "{gov}".decisions')
         sizes = await conn.fetchrow(f'SELECT avg(octet_length(request)) AS request, avg(octet_length(agent)) AS agent, '
                                     f'avg(octet_length(response)) AS response FROM "{gov}".decisions')
         outbox = await conn.fetchval(f'SELECT avg(octet_length(payload)) FROM "{gov}".outbox_messages')
+        if os.environ.get("SHIP_SCANS"):
+            for r in await conn.fetch("SELECT relname, seq_scan, seq_tup_read, idx_scan, idx_tup_fetch FROM "
+                                      "pg_stat_user_tables WHERE schemaname = $1 AND (seq_scan > 0 OR idx_scan > 0)", gov):
+                print(dict(r))
         await conn.close()
         print(f"decision log rows in governance: {rows} (expected {n + 2 * args.batch + len(tools)}); bytes per row: "
               f"request {sizes['request']:.0f}, agent {sizes['agent']:.0f}, response {sizes['response']:.0f}; "
@@ -153,6 +165,10 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--tools", default=",".join(TOOLS), help="the tools decided, round robin (default: "
                         "sdk_local's, one in six a DENY)")
+    parser.add_argument("--telemetry", action="store_true", help="a telemetry process too: governance's op_event "
+                        "relay derives and delivers every decision's opEvent (counted in its CPU)")
+    parser.add_argument("--no-analyze", action="store_true", help="measure on the never-analyzed new tables "
+                        "(see `analyze`)")
     parser.add_argument("--profile-governance", default="", help="cProfile governance's process to this file")
     asyncio.run(orchestrate(parser.parse_args()))
 
