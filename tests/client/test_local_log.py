@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from sqlalchemy import select
 
 from arm.common.v1 import common_pb2
@@ -21,7 +24,8 @@ from arm.telemetry.v1 import events_pb2
 from arm_common.auth import Principal
 from arm_common.decision_inputs import result_from_response
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
-from arm_governance.decisions import local_log
+from arm_governance import models
+from arm_governance.decisions import local_log, reads, responses
 from arm_governance.decisions.local import result_key
 from arm_governance.decisions.log import DecisionLog, marker_id
 from arm_governance.decisions.op_events import waiting_op_events
@@ -78,8 +82,12 @@ def test_local_rows_are_what_check_logs() -> None:
     keys = [result_key(item.response) for item in items]
     results = {key: result_from_response(decision_pb2.CheckResponse.FromString(key)) for key in keys}
     now = datetime(2026, 12, 7, 12, 0, 0)  # noqa: DTZ001 - naive UTC, as COPY takes it
-    rows, messages = local_log.LocalRows().build(p, resolved, agent, items, keys, [results[k] for k in keys], now)
+    builder = local_log.LocalRows()
+    rows, messages, parts = builder.build(p, resolved, agent, items, keys, [results[k] for k in keys], now)
     assert len(rows) == len(messages) == 4
+    assert len(parts) == 2  # one shared response part per result, named by the rows
+    builder.stored.update(parts)
+    assert builder.build(p, resolved, agent, items, keys, [results[k] for k in keys], now)[2] == {}
     assert [len(m) for m in messages] == [0, 1, 0, 1]  # a DENY's POLICY_DENIED record
     for item, key, row, out in zip(items, keys, rows, messages, strict=False):
         resp = item.response
@@ -91,7 +99,13 @@ def test_local_rows_are_what_check_logs() -> None:
         expected = dict(decisions[0])
         got = dict(zip(local_log.DECISION_COLUMNS, row, strict=True))
         assert got.pop("decided_at") == expected.pop("decided_at").replace(tzinfo=None)
-        assert (decision_pb2.CheckResponse.FromString(got.pop("response"))
+        # The stored response in two parts: the shared part's bytes, then the row's own fields.
+        part = got.pop("response_part")
+        assert part == responses.part_id(p.tenant_id, parts[part])
+        own = decision_pb2.CheckResponse.FromString(got["response"])
+        assert set(f.name for f, _ in own.ListFields()) <= {"decision_id", "policy_epoch", "decide_time"}
+        whole = responses.response_bytes(SimpleNamespace(response=got.pop("response"), response_part=part), parts)
+        assert (decision_pb2.CheckResponse.FromString(whole)
                 == decision_pb2.CheckResponse.FromString(expected.pop("response")))
         assert got == expected
         # The opEvent: both write the marker row the relay derives it from, for the same id.
@@ -202,3 +216,90 @@ async def test_a_batch_whose_outbox_rows_fail_logs_none_of_its_decisions(agent: 
     assert await _record(client, items) == (3, 0)
     assert await logged_counts(agent, ids) == dict.fromkeys(ids, 1)
     await client.close()
+
+
+async def test_split_responses_read_back_whole(agent: Agent) -> None:
+    """A local decision's row holds only its own response fields and names the shared part; the
+    part is written once per result; GetDecision, ListDecisions, ExportDecisions and the opEvents
+    read back the whole response, as the runtime stated it (decide time to the microsecond)."""
+    client = agent.governance.client(agent.key)
+    items = [_local(agent.instance_id, DENY if i % 3 == 2 else ALLOW, i) for i in range(6)]
+    assert await _record(client, items) == (6, 0)
+    items.append(_local(agent.instance_id, ALLOW, 6))
+    assert await _record(client, items[:2] + items[-1:]) == (1, 2)
+    items.append(_local(agent.instance_id, ALLOW, 7))
+    assert await _record(client, items[-1:]) == (1, 0)
+    ids = [item.decision_id for item in items]
+    expected = {}
+    for item in items:
+        response = decision_pb2.CheckResponse()
+        response.CopyFrom(item.response)
+        response.decide_time.nanos = response.decide_time.nanos // 1000 * 1000
+        expected[item.decision_id] = response
+
+    d, t = models.DecisionRecord, models.DecisionResponsePart
+
+    async def stored(s: Any) -> tuple[list[Any], list[Any]]:
+        rows = (await s.execute(select(d.id, d.response, d.response_part).where(d.id.in_(ids)))).all()
+        parts = (await s.execute(select(t.id, t.tenant_id).where(t.id.in_({r.response_part for r in rows})))).all()
+        return rows, parts
+    rows, parts = await agent.governance.db.read(stored)
+    assert len(rows) == len(ids) and all(r.response_part and len(r.response) < 100 for r in rows)
+    assert len(parts) == 2 and {p.tenant_id for p in parts} == {agent.tenant.tenant.id}
+
+    admin = agent.admin
+    for decision_id, response in expected.items():
+        got = (await admin.decisions.GetDecision(decision_pb2.GetDecisionRequest(decision_id=decision_id))).decision
+        assert got.response == response and got.decision_id == decision_id
+    listed = (await admin.decisions.ListDecisions(decision_pb2.ListDecisionsRequest(
+        filter=decision_pb2.DecisionFilter(run_id="run-1"), page_size=500))).decisions
+    assert {x.decision_id: x.response for x in listed} == expected
+    lines = []
+    async for chunk in admin.decisions.ExportDecisions(decision_pb2.ExportDecisionsRequest(
+            filter=decision_pb2.DecisionFilter(run_id="run-1"))):
+        lines += chunk.data.decode().splitlines()
+    exported = {x.decision_id: x for x in (json_format.Parse(line, decision_pb2.LoggedDecision()) for line in lines)}
+    assert {k: v.response for k, v in exported.items()} == expected
+    assert [reads.export_line(exported[x.decision_id]) for x in listed] == [reads.export_line(x) for x in listed]
+
+    events = await agent.governance.db.read(lambda s: waiting_op_events(s, agent.tenant.tenant.id))
+    mine = {e.payload.fields["decision_id"].string_value: e for e in events}
+    for decision_id, response in expected.items():
+        event = mine[decision_id]
+        assert [v.string_value for v in event.payload.fields["reasons"].list_value.values] == [
+            r.code for r in response.reasons]
+        assert event.payload.fields["envelope_id"].string_value == response.envelope_id
+    await client.close()
+
+
+def test_the_migration_down_makes_split_responses_whole(tmp_path: Path) -> None:
+    """Downgrading past 0007 writes each split response back whole into its row."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from arm_common.migrations import alembic_config
+    from arm_governance.app import MIGRATIONS
+
+    cfg = alembic_config(MIGRATIONS)
+    engine = create_engine(f"sqlite:///{tmp_path / 'governance.db'}")
+    whole = decision_pb2.CheckResponse()
+    whole.CopyFrom(DENY)
+    whole.decision_id, whole.policy_epoch = "dec_aaaaaaaaaaaaaaaaaaaa", 3
+    whole.decide_time.FromNanoseconds(1_765_000_000_123_456_000)
+    own = decision_pb2.CheckResponse(decision_id=whole.decision_id, policy_epoch=3, decide_time=whole.decide_time)
+    shared = DENY.SerializeToString()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        conn.execute(text("INSERT INTO decision_responses (id, tenant_id, response) VALUES ('p1', 'ten_x', :r)"),
+                     {"r": shared})
+        conn.execute(text(
+            "INSERT INTO decisions (id, tenant_id, instance_id, legacy_agent_id, version_id, project_id, run_id, "
+            "tool_call_id, tool_name, decision, step, risk, policy_epoch, approval_id, request, agent, response, "
+            "decided_at, response_part) VALUES (:id, 'ten_x', '', '', '', '', '', '', 'db.drop', 2, 1, 1, 3, '', "
+            ":e, :e, :own, '2025-12-06 05:46:40.123456', 'p1')"),
+            {"id": whole.decision_id, "e": b"", "own": own.SerializeToString()})
+        command.downgrade(cfg, "0006")
+        stored = conn.execute(text("SELECT response FROM decisions")).scalar_one()
+        assert decision_pb2.CheckResponse.FromString(stored) == whole
+        command.upgrade(cfg, "head")

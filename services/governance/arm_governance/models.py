@@ -125,8 +125,24 @@ class DecisionRecord(Base):
     # Everything needed to re-evaluate the call (SimulatePolicy) and to answer a retry.
     request: Mapped[bytes] = mapped_column(LargeBinary)  # CheckRequest
     agent: Mapped[bytes] = mapped_column(LargeBinary)  # ResolvedAgent (empty when unknown)
-    response: Mapped[bytes] = mapped_column(LargeBinary)  # CheckResponse
+    response: Mapped[bytes] = mapped_column(LargeBinary)  # CheckResponse (see response_part)
     decided_at: Mapped[datetime]
+    # Set (local decisions): `response` holds only the per-decision fields (decision id, policy
+    # epoch, decide time) and the rest, shared by every decision of that result, is the
+    # `decision_responses` row of this id; the CheckResponse is the two concatenated
+    # (decisions/responses.py). NULL: `response` is the whole CheckResponse.
+    response_part: Mapped[str | None] = mapped_column(String(64))
+
+
+class DecisionResponsePart(Base):
+    """What the logged responses of one result share (a CheckResponse without decision id,
+    policy epoch and decide time), stored once: content-addressed (the id is a digest of the
+    tenant and the bytes), never changed, referenced by `decisions.response_part`."""
+
+    __tablename__ = "decision_responses"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    response: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Approval(Base):

@@ -42,7 +42,7 @@ from arm_common.tables import utcnow
 from arm_engine import engine
 from arm_governance import convert, models
 from arm_governance.approvals.rules import RISK_LEVELS
-from arm_governance.decisions import local_log
+from arm_governance.decisions import local_log, responses
 from arm_governance.decisions.service import MAX_ARGUMENT_BYTES, Decider, validate_check
 from arm_governance.models import OUTBOX
 from arm_governance.policy import limits
@@ -345,15 +345,18 @@ class LocalDecisions:
         if resolved is None:
             raise NotFound.of("agent_instance", instance_id)
         # The argument digest binds approvals only: a local decision creates none.
-        rows, messages = self.rows.build(p, resolved, resolved.SerializeToString(), request.decisions, keys,
-                                         [self._result(key) for key in keys], _naive_now())
+        rows, messages, parts = self.rows.build(p, resolved, resolved.SerializeToString(), request.decisions,
+                                                keys, [self._result(key) for key in keys], _naive_now())
         db = self.decider.log.db
         write = self._write_pg if db.is_postgres else self._write_sqlite
         try:
-            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages))
+            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages, parts))
         except (IntegrityError, asyncpg.UniqueViolationError):
             # A concurrent call logged some of these ids first: now they are skipped.
-            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages))
+            recorded, topics = await db.run(lambda s: write(s, p.tenant_id, rows, messages, parts))
+        if parts:  # committed: the next batches need not write them
+            self.rows.stored.update(parts)
+            responses.remember(parts)
         for relay in self.decider.log.relays:
             if relay.topic in topics:
                 relay.notify()
@@ -362,14 +365,20 @@ class LocalDecisions:
 
     @staticmethod
     async def _write_pg(s: AsyncSession, tenant_id: str, rows: list[tuple[Any, ...]],
-                        messages: list[list[tuple[Any, ...]]]) -> tuple[int, set[str]]:
+                        messages: list[list[tuple[Any, ...]]], parts: dict[str, bytes]) -> tuple[int, set[str]]:
         # Through the session first: that opens the transaction the COPYs then join.
         await s.execute(text("SELECT 1"))
-        return await local_log.write_pg(await driver_connection(s), tenant_id, rows, messages)
+        return await local_log.write_pg(await driver_connection(s), tenant_id, rows, messages, parts)
 
     @staticmethod
     async def _write_sqlite(s: AsyncSession, tenant_id: str, rows: list[tuple[Any, ...]],
-                            messages: list[list[tuple[Any, ...]]]) -> tuple[int, set[str]]:
+                            messages: list[list[tuple[Any, ...]]], parts: dict[str, bytes]) -> tuple[int, set[str]]:
+        if parts:
+            t = models.DecisionResponsePart
+            have = set((await s.execute(select(t.id).where(t.id.in_(sorted(parts))))).scalars())
+            new = [{"id": i, "tenant_id": tenant_id, "response": parts[i]} for i in sorted(parts) if i not in have]
+            if new:
+                await s.execute(sa_insert(cast(Table, t.__table__)), new)
         d = models.DecisionRecord
         ids = [row[0] for row in rows]
         logged: dict[str, str] = {}

@@ -4,9 +4,12 @@
 machinery (the engine result turned into a response message, the opEvent and its payload built
 field by field, the row as a dict, timestamps converted twice). A batch of local decisions is
 all of one agent and repeats a handful of results, so `LocalRows` builds the same rows from
-parts computed once per (agent, result): per decision it only parses a cached template and sets
-the fields that differ (decision id, time, epoch, run and tool call, tool name). What it writes
-is what `Decider.pending` would (tests/governance/test_local_log.py compares the two).
+parts computed once per (agent, result): per decision it only sets the fields that differ
+(decision id, time, epoch, run and tool call, tool name). The response is stored in two parts
+(decisions/responses.py): the row holds the decision's own fields (~50 bytes), and names the
+`decision_responses` row holding the rest of the result's CheckResponse (~650 bytes), written
+once. What it logs is what `Decider.pending` would (tests/client/test_local_log.py compares the
+two).
 
 On PostgreSQL the rows go in by COPY (`write_pg`): the decisions into `decisions` in a
 savepoint — the common case, no id logged before — else, when the primary key refuses them (a
@@ -31,11 +34,12 @@ from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_engine import engine
 from arm_governance import convert
 from arm_governance.decisions.log import marker_id
+from arm_governance.decisions.responses import part_id
 from arm_governance.decisions.service import Decider
 
 DECISION_COLUMNS = ("id", "tenant_id", "request_id", "instance_id", "legacy_agent_id", "version_id", "project_id",
                     "run_id", "tool_call_id", "tool_name", "decision", "step", "risk", "policy_epoch",
-                    "approval_id", "request", "agent", "response", "decided_at")
+                    "approval_id", "request", "agent", "response", "decided_at", "response_part")
 OUTBOX_COLUMNS = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
 _DECIDED_AT = DECISION_COLUMNS.index("decided_at")
 _EPOCH_NAIVE = datetime(1970, 1, 1)  # noqa: DTZ001 - COPY stores UTC without a zone (see log._naive_utc)
@@ -51,6 +55,7 @@ class _Part:
     risk: int
     response: bytes  # CheckResponse without the per-decision fields
     deny: bool
+    part_id: str  # its id in `decision_responses` (responses.part_id)
 
 
 class LocalRows:
@@ -59,31 +64,42 @@ class LocalRows:
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
         self._parts: dict[tuple[bytes, str, bytes], _Part] = {}
+        self.stored: set[str] = set()
+        """Ids of response parts known to be in `decision_responses` (committed): the caller adds
+        a batch's `build` returned once its transaction committed."""
 
     def _part(self, agent: bytes, tenant_id: str, resolved: compat_pb2.ResolvedAgent, key: bytes,
               result: engine.Result) -> _Part:
         part = self._parts.get((agent, tenant_id, key))
         if part is None:
-            part = _Part(result, int(result.effect), int(result.step), int(result.risk),
-                         convert._RESPONSE_FIELDS.get(result), result.effect == engine.Effect.DENY)
+            response = convert._RESPONSE_FIELDS.get(result)
+            part = _Part(result, int(result.effect), int(result.step), int(result.risk), response,
+                         result.effect == engine.Effect.DENY, part_id(tenant_id, response))
             if len(self._parts) >= self.limit:
                 self._parts.clear()
+                self.stored.clear()
             self._parts[(agent, tenant_id, key)] = part
         return part
 
     def build(self, p: Principal, resolved: compat_pb2.ResolvedAgent, agent: bytes,
               items: Any, keys: list[bytes], results: list[engine.Result], now: datetime
-              ) -> tuple[list[tuple[Any, ...]], list[list[tuple[Any, ...]]]]:
+              ) -> tuple[list[tuple[Any, ...]], list[list[tuple[Any, ...]]], dict[str, bytes]]:
         """Per decision (duplicate ids within the batch left out): its row (DECISION_COLUMNS,
-        `decided_at` naive UTC) and its outbox rows (OUTBOX_COLUMNS: a DENY's POLICY_DENIED
-        record; timestamps naive UTC; the opEvents come from the log, see `op_events_marker`).
-        `now` (naive UTC) is the outbox rows' `created_at`."""
+        `decided_at` naive UTC, `response` the decision's own fields, `response_part` the id of
+        the rest) and its outbox rows (OUTBOX_COLUMNS: a DENY's POLICY_DENIED record; timestamps
+        naive UTC; the opEvents come from the log, see `op_events_marker`); and the response
+        parts the rows name that are not known to be stored (`stored`), by id. `now` (naive
+        UTC) is the outbox rows' `created_at`."""
         tenant_id = p.tenant_id
         instance_id, legacy_agent_id = resolved.instance_id, resolved.legacy_agent_id
         version_id, project_id = resolved.version_id, resolved.project_id
-        response_from = decision_pb2.CheckResponse.FromString
+        own = decision_pb2.CheckResponse()  # the decision's own fields, all set for every row
+        stamp = own.decide_time
+        serialize = own.SerializeToString
         rows: list[tuple[Any, ...]] = []
         messages: list[list[tuple[Any, ...]]] = []
+        parts: dict[str, bytes] = {}
+        stored = self.stored
         seen: set[str] = set()
         for item, key, result in zip(items, keys, results, strict=True):
             decision_id = item.decision_id
@@ -91,25 +107,25 @@ class LocalRows:
                 continue
             seen.add(decision_id)
             part = self._part(agent, tenant_id, resolved, key, result)
+            if part.part_id not in stored:
+                parts[part.part_id] = part.response
             req, given = item.request, item.response
             epoch = given.policy_epoch
             seconds, nanos = given.decide_time.seconds, given.decide_time.nanos // 1000 * 1000
             decided = _EPOCH_NAIVE + timedelta(seconds=seconds, microseconds=nanos // 1000)
-            response = response_from(part.response)
-            response.decision_id = decision_id
-            response.policy_epoch = epoch
-            stamp = response.decide_time
+            own.decision_id = decision_id
+            own.policy_epoch = epoch
             stamp.seconds, stamp.nanos = seconds, nanos
             rows.append((decision_id, tenant_id, None, instance_id, legacy_agent_id, version_id, project_id,
                          req.run_id, req.tool_call_id, req.tool_name, part.decision, part.step, part.risk, epoch,
-                         "", req.SerializeToString(), agent, response.SerializeToString(), decided))
+                         "", req.SerializeToString(), agent, serialize(), decided, part.part_id))
             out: list[tuple[Any, ...]] = []
             if part.deny:
                 change = Decider._denied_record(p, req, resolved, result, decision_id, epoch,
                                                 decided.replace(tzinfo=UTC))
                 out.append((change.record_id, TOPIC_CHANGE_RECORD, tenant_id, change.SerializeToString(), now, 0, now))
             messages.append(out)
-        return rows, messages
+        return rows, messages, parts
 
 
 def op_events_marker(tenant_id: str, decision_ids: list[str], now: datetime) -> tuple[Any, ...]:
@@ -119,10 +135,17 @@ def op_events_marker(tenant_id: str, decision_ids: list[str], now: datetime) -> 
 
 
 async def write_pg(apg: Any, tenant_id: str, rows: list[tuple[Any, ...]],
-                   messages: list[list[tuple[Any, ...]]]) -> tuple[int, set[str]]:
-    """Writes the decisions not logged yet and their outbox rows, inside the caller's transaction
-    on `apg` (asyncpg; the transaction must be open already, else each COPY commits alone); returns how many decisions it logged and the outbox topics written to.
-    Raises InvalidArgument DECISION_ID_TAKEN when an id is logged for another tenant."""
+                   messages: list[list[tuple[Any, ...]]], parts: dict[str, bytes]) -> tuple[int, set[str]]:
+    """Writes the response parts not stored yet, the decisions not logged yet and their outbox
+    rows, inside the caller's transaction on `apg` (asyncpg; the transaction must be open
+    already, else each COPY commits alone); returns how many decisions it logged and the outbox
+    topics written to. Raises InvalidArgument DECISION_ID_TAKEN when an id is logged for another
+    tenant."""
+    if parts:
+        ids = sorted(parts)
+        await apg.execute("INSERT INTO decision_responses (id, tenant_id, response) "
+                          "SELECT id, $2, response FROM unnest($1::text[], $3::bytea[]) AS p (id, response) "
+                          "ON CONFLICT (id) DO NOTHING", ids, tenant_id, [parts[i] for i in ids])
     fresh = rows
     try:
         async with apg.transaction():  # a savepoint inside the caller's transaction

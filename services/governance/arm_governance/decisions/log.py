@@ -63,6 +63,8 @@ _OUTBOX_COLUMNS = ("message_id", "topic", "tenant_id", "payload", "created_at", 
 _APPROVALS = cast(Table, models.Approval.__table__)
 _DECISIONS = cast(Table, models.DecisionRecord.__table__)
 _APPROVAL_COLUMNS = frozenset(c.name for c in _APPROVALS.columns)
+# A Check's response is logged whole: `response_part` (local decisions, responses.py) stays NULL.
+_DECISION_COLUMNS = frozenset(c.name for c in _DECISIONS.columns) - {"response_part"}
 
 
 def _pg_insert(*, approvals: bool) -> tuple[str, list[tuple[list[str], list[bool]]]]:
@@ -70,7 +72,7 @@ def _pg_insert(*, approvals: bool) -> tuple[str, list[tuple[list[str], list[bool
     [approvals,] decisions, outbox rows, each an INSERT ... SELECT FROM unnest() of one array
     per column, chained as data-modifying CTEs."""
     dialect = postgresql.dialect()
-    tables: list[tuple[Any, Any]] = [(models.DecisionRecord.__table__, None), (OUTBOX, _OUTBOX_COLUMNS)]
+    tables: list[tuple[Any, Any]] = [(_DECISIONS, _DECISION_COLUMNS), (OUTBOX, _OUTBOX_COLUMNS)]
     if approvals:
         tables.insert(0, (_APPROVALS, None))
     shape, inserts, n = [], [], 0

@@ -20,6 +20,7 @@ from arm_common.db import Database
 from arm_common.errors import NotFound, Violations
 from arm_common.messages import ts
 from arm_governance import models
+from arm_governance.decisions.responses import parts, response_bytes
 
 _READ_BATCH = 500
 _VALID_DECISIONS = set(policy_pb2.Decision.values()) - {0}
@@ -70,13 +71,14 @@ class DecisionFilter:
         return query
 
 
-def logged(row: models.DecisionRecord) -> decision_pb2.LoggedDecision:
+def logged(row: models.DecisionRecord, parts: dict[str, bytes]) -> decision_pb2.LoggedDecision:
+    """`parts`: the response parts the row may name (responses.parts)."""
     return decision_pb2.LoggedDecision(
         decision_id=row.id, tenant_id=row.tenant_id, instance_id=row.instance_id,
         legacy_agent_id=row.legacy_agent_id, project_id=row.project_id, version_id=row.version_id,
         run_id=row.run_id, tool_call_id=row.tool_call_id, tool_name=row.tool_name,
         request=decision_pb2.CheckRequest.FromString(row.request),
-        response=decision_pb2.CheckResponse.FromString(row.response), decide_time=ts(row.decided_at))
+        response=decision_pb2.CheckResponse.FromString(response_bytes(row, parts)), decide_time=ts(row.decided_at))
 
 
 def export_line(decision: decision_pb2.LoggedDecision) -> str:
@@ -92,7 +94,9 @@ class DecisionReader:
         async def read(s: AsyncSession) -> decision_pb2.LoggedDecision | None:
             m = models.DecisionRecord
             row = (await s.execute(select(m).where(m.tenant_id == tenant_id, m.id == decision_id))).scalar_one_or_none()
-            return logged(row) if row is not None else None
+            if row is None:
+                return None
+            return logged(row, await parts(s, [row.response_part]))
 
         found = await self.db.read(read)
         if found is None:  # another tenant's decision is as absent as one that never was
@@ -111,8 +115,9 @@ class DecisionReader:
             query = pagination.newest_first_page(query, m.decided_at, m.id, after, size)
             rows = list((await s.execute(query)).scalars())
             page, more = pagination.split_page(rows, size)
+            stored = await parts(s, [r.response_part for r in page])
             return decision_pb2.ListDecisionsResponse(
-                decisions=[logged(r) for r in page],
+                decisions=[logged(r, stored) for r in page],
                 next_page_token=pagination.time_id_token(page, more, fingerprint, time_attr="decided_at"))
 
         return await self.db.read(read)
@@ -131,7 +136,8 @@ class DecisionReader:
 
             async def run(s: AsyncSession, read: Any = read) -> tuple[list[decision_pb2.LoggedDecision], Any]:
                 rows = list((await read(s)).scalars())
-                return [logged(r) for r in rows], ((rows[-1].decided_at, rows[-1].id) if rows else None)
+                stored = await parts(s, [r.response_part for r in rows])
+                return [logged(r, stored) for r in rows], ((rows[-1].decided_at, rows[-1].id) if rows else None)
 
             batch, last = await self.db.read(run)
             if not batch:
