@@ -147,7 +147,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
     import asyncpg
 
     tmp = Path(tempfile.mkdtemp(prefix="arm-bench-local-"))
-    async with registry_and_governance(args.postgres, "loc", tmp, profile_governance=args.profile_governance) as stack:
+    async with registry_and_governance(args.postgres, "loc", tmp, profile_governance=args.profile_governance,
+                                       telemetry=args.telemetry) as stack:
         addr, schemas, procs, log = stack.addr, stack.schemas, stack.procs, stack.log
         instance, agent_key = stack.instance, stack.agent_key
         env = {"ARM_REGISTRY_ADDRESS": addr["registry"], "ARM_GOVERNANCE_ADDRESS": addr["governance"],
@@ -201,6 +202,8 @@ def main() -> None:
     parser.add_argument("--spool-dir", default="")
     parser.add_argument("--profile-governance", default="", help="cProfile governance's process to this file")
     parser.add_argument("--profile-runtime", default="", help="cProfile this process (64 in flight) to this file")
+    parser.add_argument("--telemetry", action="store_true", help="a telemetry process too: governance's op_event "
+                        "relay derives and delivers every decision's opEvent (counted in its CPU)")
     parser.add_argument("--no-analyze", action="store_true", help="measure on the never-analyzed new tables "
                         "(stack.analyze)")
     parser.add_argument("--skip-reference", action="store_true", help="no reference rows (profiling runs)")

@@ -130,8 +130,10 @@ async def orchestrate(args: argparse.Namespace) -> None:
         for label in ("new", "retry (all duplicates)"):
             await backends.mark()
             cpu0, pg0, t0 = cpu_seconds([gov_pid]), postgres_cpu_seconds(), time.perf_counter()
+            own0 = time.process_time()
             recorded = await send(addr["governance"], agent_key, payloads, args.in_flight)
             elapsed, cpu_sent = time.perf_counter() - t0, cpu_seconds([gov_pid]) - cpu0
+            sender = time.process_time() - own0
             mine_sent = await backends.seconds()
             await settle(gov_pid)
             cpu_all, pg = cpu_seconds([gov_pid]) - cpu0, postgres_cpu_seconds() - pg0
@@ -139,7 +141,9 @@ async def orchestrate(args: argparse.Namespace) -> None:
             print(f"{label:24} {n / elapsed:>8.0f} decisions/s  recorded {recorded}  governance CPU "
                   f"{cpu_sent / n * 1e6:.1f} µs/decision while sending, {cpu_all / n * 1e6:.1f} with its relays; "
                   f"PostgreSQL {pg / n * 1e6:.1f} µs/decision (all its processes; governance's backends "
-                  f"{mine_sent / n * 1e6:.1f} while sending, {mine / n * 1e6:.1f} with the relays)")
+                  f"{mine_sent / n * 1e6:.1f} while sending, {mine / n * 1e6:.1f} with the relays); "
+                  f"the sender (grpc.aio, prebuilt bytes, {len(payloads[0]) / args.batch:.0f} B/decision) "
+                  f"{sender / n * 1e6:.1f} µs/decision")
         conn = await asyncpg.connect(args.postgres)
         gov = schemas["governance"]
         rows = await conn.fetchval(f'SELECT count(*) FROM "{gov}".decisions')
