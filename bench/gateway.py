@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "check": {"local_decisions": False, "direct_http_calls": False},  # as before both levers
-    "local": {"local_decisions": True, "direct_http_calls": False},  # decided in the gateway's process
-    "local+direct": {"local_decisions": True, "direct_http_calls": True},  # and a direct POST upstream (the default)
+    "check": {"local_decisions": False, "direct_http_calls": False, "fast_http_calls": False},  # before the levers
+    "local": {"local_decisions": True, "direct_http_calls": False, "fast_http_calls": False},  # decided in process
+    "local+direct": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False},  # + POST upstream
+    "local+direct+fast": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True},  # the default
 }
 """The gateway configurations measured side by side (each its own process, same upstream)."""
 
@@ -230,14 +231,16 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 gw_port = free_port()
                 config = {"arm": {"registry_address": addr["registry"], "governance_address": addr["governance"],
                                   "telemetry_address": addr["telemetry"]},
-                          "http": {"port": gw_port}, **VARIANTS[variant], "spool_dir": str(tmp / f"spool-{variant}"),
+                          "http": {"port": gw_port}, **{k: v for k, v in VARIANTS[variant].items() if k != "env"},
+                          "spool_dir": str(tmp / f"spool-{variant}"),
                           "upstreams": {"up": {"url": f"http://127.0.0.1:{up_port}/mcp", "risk": "LOW", "agent": {
                               "instance_id": instance_id, "api_key_file": str(tmp / "agent.key")}}}}
                 (tmp / f"gateway-{variant}.yaml").write_text(json.dumps(config))
                 gateway = ["-m", "arm_gateway", "--config", str(tmp / f"gateway-{variant}.yaml")]
                 if args.profile:
                     gateway = ["-m", "cProfile", "-o", str(tmp / f"gateway-{variant}.prof"), *gateway]
-                procs.append(spawn(gateway, dict(os.environ), tmp / f"gateway-{variant}.log"))
+                procs.append(spawn(gateway, {**os.environ, **VARIANTS[variant].get("env", {})},
+                                   tmp / f"gateway-{variant}.log"))
                 await accepting(gw_port, procs[-1], tmp / f"gateway-{variant}.log")
                 urls[variant] = f"http://127.0.0.1:{gw_port}/mcp"
                 pids[f"gw:{variant}"] = procs[-1].pid

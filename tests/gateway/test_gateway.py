@@ -260,12 +260,13 @@ async def http_session(url: str) -> AsyncIterator[ClientSession]:
         yield session
 
 
-async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "sdk-server"])
+async def test_http_clients_are_sessions_of_their_own(fast: bool, agent: Agent, tmp_path: Path) -> None:
     """Two MCP clients over streamable HTTP: each its own run and its own calls; one waiting
-    for an approval does not hold up the other."""
+    for an approval does not hold up the other (with `fast_http_calls` and without)."""
     calls = tmp_path / "calls.jsonl"
     port = free_port()
-    config = write_config(agent, tmp_path, calls, 30.0, http_port=port)
+    config = write_config(agent, tmp_path, calls, 30.0, http_port=port, extra={"fast_http_calls": fast})
     log = tmp_path / "gateway.log"
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "arm_gateway", "--config", str(config)], stdout=out,
@@ -274,6 +275,8 @@ async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Pa
         await accepting(port, proc, log)
         url = f"http://127.0.0.1:{port}/mcp"
         async with http_session(url) as a, http_session(url) as b:
+            for session in (a, b):  # their runs start: their calls can take the fast path
+                await session.list_tools()
             waiting = asyncio.create_task(a.call_tool("up.pay", {"to": "dan", "amount": 3}))
             approval = await pending_approval(agent, "up.pay")
             echoed = await b.call_tool("up.echo", {"text": "meanwhile"})
