@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "local": {"local_decisions": True, "direct_http_calls": False, "fast_http_calls": False},  # decided in process
     "local+direct": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False},  # + POST upstream
     "local+direct+fast": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True},  # the default
+    "fast-httpx": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True,  # direct POSTs on httpx
+                   "env": {"ARM_GATEWAY_LEAN_POSTS": "0"}},
 }
 """The gateway configurations measured side by side (each its own process, same upstream)."""
 

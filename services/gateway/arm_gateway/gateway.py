@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import signal
 import time
@@ -102,6 +103,9 @@ RECONNECT_WAIT_S = 30.0
 """How long a call waits for an upstream that is being reconnected before failing."""
 DENIED_TOOLS_BATCH = 500
 """Tools per ListDeniedTools request (governance's limit)."""
+LEAN_POSTS = os.environ.get("ARM_GATEWAY_LEAN_POSTS", "1") != "0"
+"""Direct calls on the gateway's own HTTP connections (arm_gateway.direct.LeanPosts); "0": on
+httpx's (for A/B in bench/gateway.py)."""
 POLICY_CATCH_UP_S = 2.0
 """How long a hidden-tools refresh waits for the local decision inputs to reach its policy epoch."""
 
@@ -148,13 +152,14 @@ class Upstream:
             async with streamable_http_client(uc.url) as streams:
                 yield streams
             return
-        direct = DirectCalls(uc.url)
+        direct = DirectCalls(uc.url, lean=LEAN_POSTS)
         async with direct.client, streamable_http_client(uc.url, http_client=direct.client) as streams:
             self.direct = direct
             try:
                 yield streams
             finally:
                 self.direct = None
+                direct.close()
 
     async def call_tool(self, tool: str, arguments: dict[str, Any], timeout_s: float) -> types.CallToolResult:
         """One call on the current connection: a direct POST to a streamable HTTP upstream, else
