@@ -37,13 +37,18 @@ sys.path.insert(0, str(ROOT))
 
 
 
+HTTPX = {"ARM_GATEWAY_LEAN_POSTS": "0"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "check": {"local_decisions": False, "direct_http_calls": False, "fast_http_calls": False},  # before the levers
+    # before the levers: a Check per call, the SDK's session for the upstream call, the SDK's server
+    "check": {"local_decisions": False, "direct_http_calls": False, "fast_http_calls": False},
     "local": {"local_decisions": True, "direct_http_calls": False, "fast_http_calls": False},  # decided in process
-    "local+direct": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False},  # + POST upstream
-    "local+direct+fast": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True},  # the default
-    "fast-httpx": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True,  # direct POSTs on httpx
-                   "env": {"ARM_GATEWAY_LEAN_POSTS": "0"}},
+    # and the upstream call as a direct POST, on httpx's client (the default until 2026-12-07 evening)
+    "local+direct": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False, "env": HTTPX},
+    # the direct POSTs on the gateway's own connections (arm_gateway.direct.LeanPosts)
+    "local+direct+lean": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False},
+    # the client's tools/call answered beside the SDK's server (arm_gateway.fast), direct POSTs on httpx
+    "local+direct+fast": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True, "env": HTTPX},
+    "default": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True},  # all of them
 }
 """The gateway configurations measured side by side (each its own process, same upstream)."""
 

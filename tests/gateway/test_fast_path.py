@@ -16,10 +16,12 @@ from typing import Any
 
 import anyio
 import httpx2
+import pytest
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 
 from arm_gateway import _sdk
+from arm_gateway.direct import DirectCalls, LeanPosts
 from tests.client.conftest import Agent
 from tests.gateway.test_gateway import EV, run_trace, upstream_calls, write_config
 from tests.gateway.test_transports import http_gateway
@@ -160,3 +162,15 @@ async def test_the_fast_path_answers_as_the_sdk_does(agent: Agent, tmp_path: Pat
     assert fast_calls == sdk_calls
     # The fast path was taken (for the calls after the first), and only with the flag.
     assert sdk_count == [] and int(fast_count[0]) >= 5, fast_count
+
+
+def test_lean_posts_only_for_plain_http_without_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct calls go on the gateway's own connections to an http:// upstream; to an https://
+    one, or with a proxy in the environment (which httpx honours), on httpx's client."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert LeanPosts.fits("http://127.0.0.1:9000/mcp") and not LeanPosts.fits("https://example.com/mcp")
+    assert DirectCalls("http://127.0.0.1:9000/mcp").lean is not None
+    assert DirectCalls("http://127.0.0.1:9000/mcp", lean=False).lean is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert not LeanPosts.fits("http://127.0.0.1:9000/mcp")
