@@ -242,6 +242,8 @@ T = TypeVar("T")
 KEEPALIVE_S = 4.0
 """An idle connection older than this is closed rather than used (uvicorn, the SDK's server,
 closes them after 5 s)."""
+MAX_CONNECTIONS, MAX_IDLE = 100, 20
+"""Connections open at once (more calls wait), and kept idle: httpx's default limits."""
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(r"\r\n|\n|\r")
 
@@ -261,6 +263,7 @@ class LeanPosts:
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.authority = parts.netloc.rpartition("@")[2]
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.slots = anyio.Semaphore(MAX_CONNECTIONS)
 
     @staticmethod
     def fits(url: str) -> bool:
@@ -280,6 +283,10 @@ class LeanPosts:
     async def post(self, body: bytes, headers: dict[str, str],
                    read: Callable[[_Answer], Awaitable[T]]) -> T:
         """Sends the POST and returns what `read` makes of the answer."""
+        async with self.slots:
+            return await self._post(body, headers, read)
+
+    async def _post(self, body: bytes, headers: dict[str, str], read: Callable[[_Answer], Awaitable[T]]) -> T:
         reader, writer = await self._connection()
         answer: _LeanAnswer | None = None
         try:
@@ -290,7 +297,7 @@ class LeanPosts:
             answer = await _LeanAnswer.read_head(reader)
             return await read(answer)
         finally:
-            if answer is not None and answer.done and answer.reusable:
+            if answer is not None and answer.done and answer.reusable and len(self.idle) < MAX_IDLE:
                 self.idle.append((reader, writer, time.monotonic()))
             else:  # failed, cancelled, or not read to its end: the connection's state is unknown
                 writer.close()

@@ -153,6 +153,8 @@ class Upstream:
                 yield streams
             return
         direct = DirectCalls(uc.url, lean=LEAN_POSTS)
+        log.info("upstream %s: tools/call as direct POSTs on %s", uc.name,
+                 "connections of the gateway's own" if direct.lean is not None else "httpx's client")
         async with direct.client, streamable_http_client(uc.url, http_client=direct.client) as streams:
             self.direct = direct
             try:
