@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from mcp.server.connection import Connection
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 
@@ -39,6 +40,9 @@ def test_the_sdk_internals_the_fast_path_reads_are_there() -> None:
     manager = server.session_manager
     assert _sdk.usable(manager) and _sdk.only_sdk_tracing(server)
     assert manager.json_response and not manager.stateless and manager.max_request_body_size > 0
+    # What the fast path reads off the session's SDK `Connection` (kept by the gateway).
+    assert {"protocol_version", "session_id"} <= set(Connection.__annotations__)
+    assert isinstance(Connection.initialize_accepted, property)
     transport = StreamableHTTPServerTransport(mcp_session_id="abc", idle_timeout=60.0)
     manager._server_instances["abc"] = transport
     assert _sdk.live_transport(manager, "abc") is transport and _sdk.live_transport(manager, "other") is None
