@@ -37,10 +37,18 @@ sys.path.insert(0, str(ROOT))
 
 
 
+HTTPX = {"ARM_GATEWAY_LEAN_POSTS": "0"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "check": {"local_decisions": False, "direct_http_calls": False},  # as before both levers
-    "local": {"local_decisions": True, "direct_http_calls": False},  # decided in the gateway's process
-    "local+direct": {"local_decisions": True, "direct_http_calls": True},  # and a direct POST upstream (the default)
+    # before the levers: a Check per call, the SDK's session for the upstream call, the SDK's server
+    "check": {"local_decisions": False, "direct_http_calls": False, "fast_http_calls": False},
+    "local": {"local_decisions": True, "direct_http_calls": False, "fast_http_calls": False},  # decided in process
+    # and the upstream call as a direct POST, on httpx's client (the default until 2026-12-07 evening)
+    "local+direct": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False, "env": HTTPX},
+    # the direct POSTs on the gateway's own connections (arm_gateway.direct.LeanPosts)
+    "local+direct+lean": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False},
+    # the client's tools/call answered beside the SDK's server (arm_gateway.fast), direct POSTs on httpx
+    "local+direct+fast": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True, "env": HTTPX},
+    "default": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True},  # all of them
 }
 """The gateway configurations measured side by side (each its own process, same upstream)."""
 
@@ -230,14 +238,16 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 gw_port = free_port()
                 config = {"arm": {"registry_address": addr["registry"], "governance_address": addr["governance"],
                                   "telemetry_address": addr["telemetry"]},
-                          "http": {"port": gw_port}, **VARIANTS[variant], "spool_dir": str(tmp / f"spool-{variant}"),
+                          "http": {"port": gw_port}, **{k: v for k, v in VARIANTS[variant].items() if k != "env"},
+                          "spool_dir": str(tmp / f"spool-{variant}"),
                           "upstreams": {"up": {"url": f"http://127.0.0.1:{up_port}/mcp", "risk": "LOW", "agent": {
                               "instance_id": instance_id, "api_key_file": str(tmp / "agent.key")}}}}
                 (tmp / f"gateway-{variant}.yaml").write_text(json.dumps(config))
                 gateway = ["-m", "arm_gateway", "--config", str(tmp / f"gateway-{variant}.yaml")]
                 if args.profile:
                     gateway = ["-m", "cProfile", "-o", str(tmp / f"gateway-{variant}.prof"), *gateway]
-                procs.append(spawn(gateway, dict(os.environ), tmp / f"gateway-{variant}.log"))
+                procs.append(spawn(gateway, {**os.environ, **VARIANTS[variant].get("env", {})},
+                                   tmp / f"gateway-{variant}.log"))
                 await accepting(gw_port, procs[-1], tmp / f"gateway-{variant}.log")
                 urls[variant] = f"http://127.0.0.1:{gw_port}/mcp"
                 pids[f"gw:{variant}"] = procs[-1].pid

@@ -52,6 +52,7 @@ def test_a_full_config_is_read(tmp_path: Path) -> None:
     ({"upstreams": {"a": upstream()}, "local_decisions": "on"}, "local_decisions"),
     ({"upstreams": {"a": upstream()}, "spool_dir": 3}, "spool_dir"),
     ({"upstreams": {"a": upstream()}, "direct_http_calls": 1}, "direct_http_calls"),
+    ({"upstreams": {"a": upstream()}, "fast_http_calls": "no"}, "fast_http_calls"),
 ])
 def test_bad_configs_are_refused_naming_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -86,8 +87,8 @@ def test_the_documented_config_is_what_the_gateway_loads(tmp_path: Path, monkeyp
     cfg = load_config(path)
     files, search = cfg.upstreams
     assert (cfg.http_port, cfg.hide_denied_tools, cfg.policy_refresh_s, cfg.approval_wait_s) == (8765, True, 10, 30)
-    assert (cfg.local_decisions, cfg.direct_http_calls, cfg.spool_path({})) == (
-        True, True, str(Path.home() / ".arm" / "spool"))
+    assert (cfg.local_decisions, cfg.direct_http_calls, cfg.fast_http_calls, cfg.spool_path({})) == (
+        True, True, True, str(Path.home() / ".arm" / "spool"))
     assert (files.prefix, files.command, files.agent.api_key, files.risk_of("move_file")) == (
         "files", "npx", "files-key", "CRITICAL")
     assert (search.prefix, search.url, search.agent.api_key, search.risk) == (

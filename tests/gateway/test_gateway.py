@@ -79,9 +79,11 @@ async def mcp_session(command: list[str], env: dict[str, str], errlog: Path) -> 
             yield session
 
 
-def gateway(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float = 30.0, **kw: Any) -> Any:
+def gateway(agent: Agent, tmp: Path, calls: Path, approval_wait_s: float = 30.0, env: dict[str, str] | None = None,
+            **kw: Any) -> Any:
     config = write_config(agent, tmp, calls, approval_wait_s, **kw)
-    return mcp_session([sys.executable, "-m", "arm_gateway", "--config", str(config)], {}, tmp / "gateway.log")
+    return mcp_session([sys.executable, "-m", "arm_gateway", "--config", str(config)], env or {},
+                       tmp / "gateway.log")
 
 
 def run_id_of(log: Path) -> str:
@@ -260,12 +262,13 @@ async def http_session(url: str) -> AsyncIterator[ClientSession]:
         yield session
 
 
-async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "sdk-server"])
+async def test_http_clients_are_sessions_of_their_own(fast: bool, agent: Agent, tmp_path: Path) -> None:
     """Two MCP clients over streamable HTTP: each its own run and its own calls; one waiting
-    for an approval does not hold up the other."""
+    for an approval does not hold up the other (with `fast_http_calls` and without)."""
     calls = tmp_path / "calls.jsonl"
     port = free_port()
-    config = write_config(agent, tmp_path, calls, 30.0, http_port=port)
+    config = write_config(agent, tmp_path, calls, 30.0, http_port=port, extra={"fast_http_calls": fast})
     log = tmp_path / "gateway.log"
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "arm_gateway", "--config", str(config)], stdout=out,
@@ -274,6 +277,8 @@ async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Pa
         await accepting(port, proc, log)
         url = f"http://127.0.0.1:{port}/mcp"
         async with http_session(url) as a, http_session(url) as b:
+            for session in (a, b):  # their runs start: their calls can take the fast path
+                await session.list_tools()
             waiting = asyncio.create_task(a.call_tool("up.pay", {"to": "dan", "amount": 3}))
             approval = await pending_approval(agent, "up.pay")
             echoed = await b.call_tool("up.echo", {"text": "meanwhile"})
@@ -292,12 +297,16 @@ async def test_http_clients_are_sessions_of_their_own(agent: Agent, tmp_path: Pa
     assert traces[other] == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED", "RUN_COMPLETED"]
 
 
-@pytest.mark.parametrize(("direct", "json_answers"), [(True, False), (True, True), (False, False)],
-                         ids=["direct-post", "direct-post-json-upstream", "sdk-session"])
-async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, json_answers: bool, agent: Agent,
-                                                               tmp_path: Path) -> None:
+@pytest.mark.parametrize(("direct", "json_answers", "lean"),
+                         [(True, False, True), (True, True, True), (True, False, False), (True, True, False),
+                          (False, False, True)],
+                         ids=["direct-post", "direct-post-json-upstream", "direct-post-httpx",
+                              "direct-post-httpx-json-upstream", "sdk-session"])
+async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, json_answers: bool, lean: bool,
+                                                               agent: Agent, tmp_path: Path) -> None:
     """A streamable HTTP upstream (answering with event streams, or plain JSON), its calls sent
-    as direct POSTs beside the SDK's session (the default) or through the session: the
+    as direct POSTs beside the SDK's session (the default: on the gateway's own connections, or
+    with ARM_GATEWAY_LEAN_POSTS=0 on httpx's client) or through the session: the
     upstream's result unchanged; an upstream that dies
     mid-call, hangs past call_timeout_s, or was restarted behind the gateway's back (its session
     gone: 404) gives an error result, and the next calls reach it again."""
@@ -324,8 +333,8 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, jso
     try:
         async with http_session(url) as plain:
             expected = await plain.call_tool("echo", {"text": "over http"})
-        async with gateway(agent, tmp_path, calls, url=url, call_timeout_s=1.0,
-                           extra={"direct_http_calls": direct}) as session:
+        async with gateway(agent, tmp_path, calls, url=url, call_timeout_s=1.0, extra={"direct_http_calls": direct},
+                           env=None if lean else {"ARM_GATEWAY_LEAN_POSTS": "0"}) as session:
             assert sorted(t.name for t in (await session.list_tools()).tools) == [
                 "up.crash", "up.delete", "up.echo", "up.hang", "up.pay"]
             allowed = await session.call_tool("up.echo", {"text": "over http"})
@@ -376,6 +385,8 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, jso
                                               "hang", "echo", "echo"]
         assert [c["arguments"].get("text") for c in gated if c["tool"] == "echo"] == [
             "over http", *chatty_calls, "after the cancel", "after the crash", "after the hang", "after the restart"]
+        on = "connections of the gateway's own" if lean else "httpx's client"
+        assert (f"direct POSTs on {on}" in (tmp_path / "gateway.log").read_text()) == direct
         # Direct POSTs carry the gateway's own request ids; the SDK's are integers.
         assert all(str(c["request_id"]).startswith("arm-gw-") == direct for c in gated)
     finally:

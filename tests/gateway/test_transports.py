@@ -42,7 +42,9 @@ from tests.gateway.test_gateway import (
 from tests.processes import free_port, stop
 from tests.telemetry.conftest import TelemetryServer
 
-TRANSPORTS = ["stdio", "http"]
+TRANSPORTS = ["stdio", "http", "http-sdk"]
+"""Over streamable HTTP with the fast path (`fast_http_calls`, the default) and without it."""
+HTTP = ["http", "http-sdk"]
 LIST_CHANGED = "notifications/tools/list_changed"
 ALL_TOOLS = ["up.crash", "up.delete", "up.echo", "up.hang", "up.pay"]
 
@@ -112,6 +114,8 @@ async def client(transport: str, agent: Agent, tmp: Path, calls: Path, approval_
             yield c
         return
     port = free_port()
+    if transport == "http-sdk":
+        kw["extra"] = {**kw.get("extra", {}), "fast_http_calls": False}
     config = write_config(agent, tmp, calls, approval_wait_s, http_port=port, **kw)
     async with http_gateway(config, port, log) as url, session_at("http", config, log, url) as c:
         yield c
@@ -195,9 +199,11 @@ async def test_a_slow_approval_holds_up_no_other_call_of_the_session(transport: 
     assert [c["tool"] for c in upstream_calls(calls)] == ["echo", "pay"]
 
 
-async def test_deny_and_an_approval_retried_after_timing_out_over_http(agent: Agent, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", HTTP)
+async def test_deny_and_an_approval_retried_after_timing_out_over_http(transport: str, agent: Agent,
+                                                                       tmp_path: Path) -> None:
     calls = tmp_path / "calls.jsonl"
-    async with client("http", agent, tmp_path, calls, approval_wait_s=0.3) as c:
+    async with client(transport, agent, tmp_path, calls, approval_wait_s=0.3) as c:
         denied = await c.session.call_tool("up.delete", {"path": "/etc/passwd"})
         assert denied.is_error and "BASELINE_CRITICAL" in text(denied)
         first = await c.session.call_tool("up.pay", {"to": "gus", "amount": 4})
@@ -215,9 +221,10 @@ async def test_deny_and_an_approval_retried_after_timing_out_over_http(agent: Ag
     assert events[3].payload["approval_id"] == approval.approval_id
 
 
-async def test_an_upstream_that_dies_or_hangs_over_http(agent: Agent, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", HTTP)
+async def test_an_upstream_that_dies_or_hangs_over_http(transport: str, agent: Agent, tmp_path: Path) -> None:
     calls = tmp_path / "calls.jsonl"
-    async with client("http", agent, tmp_path, calls, call_timeout_s=0.5) as c:
+    async with client(transport, agent, tmp_path, calls, call_timeout_s=0.5) as c:
         crashed = await c.session.call_tool("up.crash", {})
         assert crashed.is_error and 'upstream server "up" failed' in text(crashed)
         assert text(await c.session.call_tool("up.echo", {"text": "a"})) == "echo: a"  # restarted

@@ -12,6 +12,7 @@
     local_decisions: true                 # decide ALLOW/DENY in process, spooled and shipped (default true)
     spool_dir: /var/lib/arm-gateway/spool # the local decisions' spool (default ARM_SPOOL_DIR, else ~/.arm/spool)
     direct_http_calls: true               # tools/call to an HTTP upstream as one POST beside the SDK session
+    fast_http_calls: true                 # HTTP clients' tools/call answered beside the SDK's server
     upstreams:
       files:                              # tools appear as "files.<tool>" (or "<prefix>.<tool>")
         command: python                   # a stdio server …
@@ -93,6 +94,10 @@ class GatewayConfig:
     direct_http_calls: bool = True
     """Send a streamable HTTP upstream's tools/call as a direct POST beside the SDK's session
     (arm_gateway.direct); False: through the SDK's ClientSession."""
+    fast_http_calls: bool = True
+    """Answer a streamable HTTP client's `tools/call` (a single request, in a session already
+    started) in the gateway's own ASGI app, beside the SDK's server, with the same checks and the
+    same answers (arm_gateway.fast); False: every request through the SDK's server."""
 
     def spool_path(self, env: dict[str, str] | None = None) -> str:
         env = dict(os.environ) if env is None else env
@@ -204,9 +209,12 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     direct = raw.get("direct_http_calls", True)
     if not isinstance(direct, bool):
         raise ConfigError("direct_http_calls: true or false is required")
+    fast = raw.get("fast_http_calls", True)
+    if not isinstance(fast, bool):
+        raise ConfigError("fast_http_calls: true or false is required")
     return GatewayConfig(tuple(upstreams), float(wait), arm.get("registry_address"), arm.get("governance_address"),
                          arm.get("telemetry_address"), arm.get("address"), max_bytes, float(call_timeout), host,
-                         port, hide, float(refresh), local, spool, direct)
+                         port, hide, float(refresh), local, spool, direct, fast)
 
 
 def load_config(path: str | Path) -> GatewayConfig:

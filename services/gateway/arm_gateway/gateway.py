@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import signal
 import time
@@ -77,6 +78,7 @@ from arm_client.local import SpoolError
 from arm_client.sdk import OPEN_STATUSES, Decision, risk_level
 from arm_gateway.config import GatewayConfig, UpstreamConfig
 from arm_gateway.direct import DirectCalls
+from arm_gateway.fast import FastCalls
 
 log = logging.getLogger("arm_gateway")
 
@@ -101,6 +103,9 @@ RECONNECT_WAIT_S = 30.0
 """How long a call waits for an upstream that is being reconnected before failing."""
 DENIED_TOOLS_BATCH = 500
 """Tools per ListDeniedTools request (governance's limit)."""
+LEAN_POSTS = os.environ.get("ARM_GATEWAY_LEAN_POSTS", "1") != "0"
+"""Direct calls on the gateway's own HTTP connections (arm_gateway.direct.LeanPosts); "0": on
+httpx's (for A/B in bench/gateway.py)."""
 POLICY_CATCH_UP_S = 2.0
 """How long a hidden-tools refresh waits for the local decision inputs to reach its policy epoch."""
 
@@ -147,13 +152,16 @@ class Upstream:
             async with streamable_http_client(uc.url) as streams:
                 yield streams
             return
-        direct = DirectCalls(uc.url)
+        direct = DirectCalls(uc.url, lean=LEAN_POSTS)
+        log.info("upstream %s: tools/call as direct POSTs on %s", uc.name,
+                 "connections of the gateway's own" if direct.lean is not None else "httpx's client")
         async with direct.client, streamable_http_client(uc.url, http_client=direct.client) as streams:
             self.direct = direct
             try:
                 yield streams
             finally:
                 self.direct = None
+                direct.close()
 
     async def call_tool(self, tool: str, arguments: dict[str, Any], timeout_s: float) -> types.CallToolResult:
         """One call on the current connection: a direct POST to a streamable HTTP upstream, else
@@ -240,6 +248,8 @@ class GatewaySession:
     """The MCP session of its latest request: its connection-scoped channel carries list_changed."""
     started: float = field(default_factory=time.perf_counter)
     ended: bool = False
+    http_session_id: str | None = None
+    """Its streamable HTTP `Mcp-Session-Id` (None over stdio)."""
 
 
 class Gateway:
@@ -253,6 +263,9 @@ class Gateway:
         self._fallback: GatewaySession | None = None
         self.sessions: set[GatewaySession] = set()
         """The connected client sessions (list_changed goes to each)."""
+        self.http_sessions: dict[str, tuple[GatewaySession, Any]] = {}
+        """Per streamable HTTP `Mcp-Session-Id`: its session and its SDK `Connection` (for
+        arm_gateway.fast: a session is answered there once a request through the SDK started it)."""
         self.hidden: dict[str, str] = {}
         """Prefixed tool name → why it is hidden (with hide_denied_tools)."""
         self.upstream_changed = anyio.Event()
@@ -275,6 +288,10 @@ class Gateway:
             if found is None:
                 found = state["arm_gateway"] = self.start_session()
                 connection.exit_stack.callback(self.end_session, found)
+                session_id = getattr(connection, "session_id", None)
+                if isinstance(session_id, str):
+                    found.http_session_id = session_id
+                    self.http_sessions[session_id] = (found, connection)
             session = found
         session.notifier = ctx.session
         return session
@@ -292,6 +309,8 @@ class Gateway:
             return
         session.ended = True
         self.sessions.discard(session)
+        if session.http_session_id is not None:
+            self.http_sessions.pop(session.http_session_id, None)
         duration_ms = (time.perf_counter() - session.started) * 1000
         for arm in self.arms:
             arm.emit(EV.OP_EVENT_TYPE_RUN_COMPLETED, run_id=session.run_id,
@@ -549,7 +568,10 @@ async def serve_http(config: GatewayConfig) -> None:
         # Plain JSON answers to POSTs rather than an SSE stream per call: the gateway sends no
         # request-scoped messages, and it costs about a third less of the gateway's CPU per call
         # (bench/gateway.py). Notifications (tools/list_changed) ride the session's GET stream.
-        app = gateway.server.streamable_http_app(host=config.http_host, json_response=True)
+        app: Any = gateway.server.streamable_http_app(host=config.http_host, json_response=True)
+        fast = FastCalls(app, gateway, gateway.server.session_manager) if config.fast_http_calls else None
+        if fast is not None:
+            app = fast
         server = _HttpServer(uvicorn.Config(app, host=config.http_host, port=config.http_port,
                                             log_level="warning", lifespan="on"))
         loop = asyncio.get_running_loop()
@@ -557,6 +579,8 @@ async def serve_http(config: GatewayConfig) -> None:
             loop.add_signal_handler(sig, server.stop)
         log.info("serving MCP over streamable HTTP at http://%s:%d/mcp", config.http_host, config.http_port)
         await server.serve()
+        if fast is not None:
+            log.info("fast_http_calls: %d tools/call answered beside the SDK's server", fast.answered)
     log.info("stopped; events flushed")
 
 
@@ -591,3 +615,4 @@ class _HttpServer(uvicorn.Server):
 
     def stop(self) -> None:
         self.should_exit = True
+
