@@ -360,7 +360,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
               "   (CPU us per call: the server processes'; client: the load generator's; pg: PostgreSQL's)")
         await asyncio.sleep(1)
         echo, floor = {}, {}
-        for n in (1, 64):
+        for n in args.points:
             echo[n] = run_load(f"127.0.0.1:{echo_port}", key, "", n, args.seconds, 1, True, [echo_pid])
             r = echo[n]
             print(f"{'grpc.aio echo (reference)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
@@ -377,9 +377,9 @@ async def orchestrate(args: argparse.Namespace) -> None:
         instance = None
         risks: dict[str, int] | None = None
         tools = tuple(args.tools.split(","))
-        # With --compare-gather, each worker count also runs with the decision log's gathering off
-        # (ARM_DECISION_GATHER_MS=0), right after the default: before and after in one run.
-        variants = [(w, gather) for w in args.workers for gather in ([None, "0"] if args.compare_gather else [None])]
+        # With --compare-gather MS..., each worker count also runs with ARM_DECISION_GATHER_MS set to
+        # each MS (0: the decision log's gathering off), right after the default: all in one run.
+        variants = [(w, gather) for w in args.workers for gather in [None, *args.compare_gather]]
         for workers, gather in variants:
             gov_port = free_port()
             gov_env = base_env(ARM_GOVERNANCE_LISTEN=f"127.0.0.1:{gov_port}", ARM_LOG_LEVEL="WARNING",
@@ -398,7 +398,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 if use_cerbos:
                     risks = await compare_decisions(f"127.0.0.1:{gov_port}", key, instance,
                                                     f"127.0.0.1:{cerbos_port}", tools)
-            for n, old_client in [(n, old) for n in (1, 64) for old in (False, True)
+            for n, old_client in [(n, old) for n in args.points for old in (False, True)
                                   if not old or args.compare_client]:
                 spy = None
                 if args.profile and n == args.profile_at and not old_client:
@@ -417,7 +417,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                     spy.wait(60)
                 label = f"Check, {workers} governance process{'es' if workers > 1 else ''}"
                 label += " (client icpt)" if old_client else ""
-                label += " (no gather)" if gather is not None else ""
+                label += f" (gather {gather} ms)" if gather is not None else ""
                 print(f"{label:34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
                       f" {r['cpu_us']:>7.0f} {r['client_cpu_us']:>7.0f} {r['pg_cpu_us']:>5.0f}"
                       f"   ({r['calls_per_s'] / echo[n]['calls_per_s']:.2f}x echo throughput,"
@@ -428,7 +428,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
                 p.terminate()
                 p.wait(30)
         if use_cerbos and risks is not None:
-            for n in (1, 64):
+            for n in args.points:
                 r = run_load(f"127.0.0.1:{cerbos_port}", key, instance or "", n, args.seconds, 1, False,
                              [cerbos_pid], tools=tools, cerbos_risks=risks)
                 print(f"{'Cerbos 0.55 PDP (peer, no log)':34} {n:>9} {r['calls_per_s']:>9.0f} {r['p50_ms']:>7.2f}"
@@ -465,8 +465,10 @@ def main() -> None:
                         help="channels to governance (default: 1 with one process, 2 per process with more)")
     parser.add_argument("--echo-interceptor", action="store_true",
                         help="also measure the echo with a pass-through grpc.aio server interceptor")
-    parser.add_argument("--compare-gather", action="store_true",
-                        help="also measure Check with the decision log's gathering off (ARM_DECISION_GATHER_MS=0)")
+    parser.add_argument("--points", type=lambda v: [int(x) for x in v.split(",")], default=[1, 64],
+                        help="calls in flight to measure at, comma-separated (default 1,64; the issue's targets are at these)")
+    parser.add_argument("--compare-gather", nargs="+", default=[], metavar="MS",
+                        help="also measure Check with ARM_DECISION_GATHER_MS=MS for each MS (0: gathering off)")
     parser.add_argument("--compare-client", action="store_true",
                         help="also measure Check with the key added by client interceptors (the old load generator)")
     parser.add_argument("--tools", default=",".join(TOOLS),
