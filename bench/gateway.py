@@ -44,11 +44,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "local": {"local_decisions": True, "direct_http_calls": False, "fast_http_calls": False},  # decided in process
     # and the upstream call as a direct POST, on httpx's client (the default until 2026-12-07 evening)
     "local+direct": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False, "env": HTTPX},
-    # the direct POSTs on the gateway's own connections (arm_gateway.direct.LeanPosts)
-    "local+direct+lean": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False},
+    # the direct POSTs on aiohttp's client (arm_gateway.direct.AiohttpPosts; until 2026-12-07 21:00
+    # UTC on hand-written keep-alive connections, the `local+direct+lean` of the figures before)
+    "local+direct+aiohttp": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": False},
     # the client's tools/call answered beside the SDK's server (arm_gateway.fast), direct POSTs on httpx
     "local+direct+fast": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True, "env": HTTPX},
-    "default": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True},  # all of them
+    "default": {"local_decisions": True, "direct_http_calls": True, "fast_http_calls": True},  # all of them (aiohttp)
 }
 """The gateway configurations measured side by side (each its own process, same upstream)."""
 

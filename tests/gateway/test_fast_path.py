@@ -22,7 +22,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 
 from arm_gateway import _sdk
-from arm_gateway.direct import DirectCalls, LeanPosts
+from arm_gateway.direct import AiohttpPosts, DirectCalls, _AiohttpAnswer
 from tests.client.conftest import Agent
 from tests.gateway.test_gateway import EV, run_trace, upstream_calls, write_config
 from tests.gateway.test_transports import http_gateway
@@ -168,13 +168,44 @@ async def test_the_fast_path_answers_as_the_sdk_does(agent: Agent, tmp_path: Pat
     assert sdk_count == [] and int(fast_count[0]) >= 5, fast_count
 
 
-def test_lean_posts_only_for_plain_http_without_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Direct calls go on the gateway's own connections to an http:// upstream; to an https://
-    one, or with a proxy in the environment (which httpx honours), on httpx's client."""
+def test_aiohttp_posts_only_for_plain_http_without_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct calls go on aiohttp's client to an http:// upstream; to an https:// one, or with a
+    proxy in the environment (which httpx honours), on httpx's client."""
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
-    assert LeanPosts.fits("http://127.0.0.1:9000/mcp") and not LeanPosts.fits("https://example.com/mcp")
-    assert DirectCalls("http://127.0.0.1:9000/mcp").lean is not None
-    assert DirectCalls("http://127.0.0.1:9000/mcp", lean=False).lean is None
+    assert AiohttpPosts.fits("http://127.0.0.1:9000/mcp") and not AiohttpPosts.fits("https://example.com/mcp")
+    assert DirectCalls("http://127.0.0.1:9000/mcp").posts is not None
+    assert DirectCalls("http://127.0.0.1:9000/mcp", aiohttp_posts=False).posts is None
+    assert DirectCalls("https://example.com/mcp").posts is None
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
-    assert not LeanPosts.fits("http://127.0.0.1:9000/mcp")
+    assert not AiohttpPosts.fits("http://127.0.0.1:9000/mcp")
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "http://proxy.example:3128")
+    assert not AiohttpPosts.fits("http://127.0.0.1:9000/mcp")
+
+
+async def test_aiohttp_answers_event_streams_as_httpx_does() -> None:
+    """The event-stream reading of aiohttp answers (httpx2's SSE parser, a private class of the
+    pinned httpx2) gives each event's data, split anywhere, with any line ending."""
+
+    class Content:
+        def __init__(self, pieces: list[bytes]) -> None:
+            self.pieces = pieces
+
+        async def readany(self) -> bytes:
+            return self.pieces.pop(0) if self.pieces else b""  # (b"" only at the end, as aiohttp's)
+
+    class Response:
+        status, headers = 200, {"content-type": "text/event-stream"}
+
+        def __init__(self, pieces: list[bytes]) -> None:
+            self.content = Content(pieces)
+
+    stream = 'event: message\r\nid: 1\r\ndata: \r\n\r\ndata: {"a": "h\u00e9"}\r\n\r\ndata: x\ndata: y\n\n: note\rdata: z\r\r'
+    raw = stream.encode()
+    for cut in range(len(raw) + 1):
+        answer = _AiohttpAnswer(Response([p for p in (raw[:cut], raw[cut:]) if p]))  # type: ignore[arg-type]
+        got = []
+        while (data := await answer.next_event()) is not None:
+            got.append(data)
+        assert got == ["", '{"a": "hé"}', "x\ny", "z"], (cut, got)

@@ -1,6 +1,6 @@
 """A small upstream MCP server over stdio (or streamable HTTP with `--http PORT`, answering with event streams, or plain JSON with `--json`) for the gateway's tests: five tools, each call
 (its tool, arguments and JSON-RPC request id) appended as a JSON line to the file named by UPSTREAM_CALLS (so a test sees what reached it), its
-pid appended to UPSTREAM_CALLS.pid at each start."""
+pid appended to UPSTREAM_CALLS.pid at each start; over HTTP, each call's client port (its TCP connection) to UPSTREAM_CALLS.ports."""
 
 from __future__ import annotations
 
@@ -31,9 +31,12 @@ TOOLS = [
 ]
 
 
-def record(name: str, arguments: dict[str, Any], request_id: Any) -> None:
+def record(name: str, arguments: dict[str, Any], request_id: Any, client: Any = None) -> None:
     with open(os.environ["UPSTREAM_CALLS"], "a") as f:
         f.write(json.dumps({"tool": name, "arguments": arguments, "request_id": request_id}) + "\n")
+    if client is not None:  # over HTTP: the TCP connection the call came on (its client port)
+        with open(os.environ["UPSTREAM_CALLS"] + ".ports", "a") as f:
+            f.write(f"{client.port}\n")
 
 
 async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
@@ -42,7 +45,7 @@ async def list_tools(ctx: ServerRequestContext[Any], params: types.PaginatedRequ
 
 async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
     args = params.arguments or {}
-    record(params.name, args, ctx.request_id)
+    record(params.name, args, ctx.request_id, getattr(ctx.request, "client", None))
     if params.name == "echo":
         text = str(args.get("text", ""))
         if text == "chatty":  # request-scoped traffic on the call's stream before the answer

@@ -9,10 +9,10 @@ cancel scopes) costs the gateway more CPU per forwarded call than everything els
 and the negotiated protocol version; its answer, plain JSON or an event stream, is parsed into the
 SDK's own JSON-RPC and `CallToolResult` models and checked against the tool's output schema by
 the session (`validate_tool_result`), as `ClientSession.call_tool` does. To a plain-HTTP upstream
-the POST goes on keep-alive connections of its own (`LeanPosts`: one write per request, the
-answer read straight from the socket), which costs the gateway much less CPU than httpx's client
-(bench/README.md); to an HTTPS one, or through a proxy named in the environment, on the SDK's
-httpx client.
+the POST goes on aiohttp's client (`AiohttpPosts`: its keep-alive pool and C HTTP parser), which
+costs the gateway much less CPU per call than httpx's client (bench/README.md); to an HTTPS one
+(TLS stays configured in one place, the SDK's httpx client), or through a proxy named in the
+environment (httpx honours it), on the SDK's httpx client.
 
 Failures raise `MCPError` as the SDK would for the same answer (a JSON-RPC error, a 404 once a
 session exists: "Session terminated", a timeout), or the HTTP client's own errors; the gateway
@@ -24,19 +24,19 @@ the call goes through the SDK (which follows same-origin ones) and so do later c
 
 from __future__ import annotations
 
-import asyncio
+import codecs
 import itertools
 import json
-import re
-import time
 import urllib.request
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
 import httpx2
 import mcp_types as types
+from httpx2._config import DEFAULT_MAX_EVENT_SIZE_BYTES
+from httpx2._sse import _SSEParser  # (private, as EventSource's parser: tests/gateway checks it)
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import MCP_SESSION_ID
 from mcp.shared.exceptions import MCPError
@@ -66,22 +66,22 @@ class DirectCalls:
     upstream. `client` is the HTTP client to give the SDK's transport too (`http_client=`), with
     the SDK's transport timeouts (30 s; reads 300 s, as streams stay open); close it after."""
 
-    def __init__(self, url: str, lean: bool = True) -> None:
+    def __init__(self, url: str, aiohttp_posts: bool = True) -> None:
         self.url = url
         self.client = httpx2.AsyncClient(timeout=httpx2.Timeout(30.0, read=300.0),
                                          event_hooks={"response": [self._seen]})
         self.session_id: str | None = None
         self.usable = True
         """False once a call met a redirect: calls go through the SDK session."""
-        self.lean = LeanPosts(url) if lean and LeanPosts.fits(url) else None
-        """The calls' POSTs on connections of its own (see LeanPosts); None: on `client`."""
+        self.posts = AiohttpPosts(url) if aiohttp_posts and AiohttpPosts.fits(url) else None
+        """The calls' POSTs on aiohttp's client (see AiohttpPosts); None: on `client`."""
         self._ids = itertools.count(1)
         self._prefix = f"arm-gw-{id(self):x}-"  # never one of the SDK's (integer) request ids
 
-    def close(self) -> None:
-        """Closes the connections of its own (`client` is closed by its owner)."""
-        if self.lean is not None:
-            self.lean.close()
+    async def aclose(self) -> None:
+        """Closes aiohttp's connections (`client` is closed by its owner)."""
+        if self.posts is not None:
+            await self.posts.aclose()
 
     async def _seen(self, response: httpx2.Response) -> None:
         """The SDK's requests share the client: its `initialize` answer carries the session id."""
@@ -109,9 +109,9 @@ class DirectCalls:
         with anyio.move_on_after(timeout_s) as scope:
             try:
                 content = body.model_dump_json(by_alias=True, exclude_unset=True)
-                if self.lean is not None:
-                    answer = await self.lean.post(content.encode(), headers,
-                                                  lambda received: self._answer(received, request_id, headers))
+                if self.posts is not None:
+                    async with self.posts.post(content.encode(), headers) as received:
+                        answer = await self._answer(_AiohttpAnswer(received), request_id, headers)
                 else:
                     async with self.client.stream("POST", self.url, content=content, headers=headers) as response:
                         answer = await self._answer(_HttpxAnswer(response), request_id, headers)
@@ -238,145 +238,76 @@ class _HttpxAnswer:
                 pass
 
 
-T = TypeVar("T")
 KEEPALIVE_S = 4.0
 """An idle connection older than this is closed rather than used (uvicorn, the SDK's server,
 closes them after 5 s)."""
-MAX_CONNECTIONS, MAX_IDLE = 100, 20
-"""Connections open at once (more calls wait), and kept idle: httpx's default limits."""
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_LINE = re.compile(r"\r\n|\n|\r")
+MAX_CONNECTIONS = 100
+"""Connections open at once (more calls wait): httpx's default limit."""
 
 
-class LeanPosts:
-    """HTTP/1.1 POSTs to a plain-HTTP upstream on keep-alive connections of their own, each
-    request sent with one write and its answer (JSON, or an event stream, chunked or not) read
-    straight from the socket. It costs the gateway much less CPU per call than httpx's client
-    (its request, auth, redirect and pool layers, h11, two writes per request); the SDK's own
-    requests (initialize, tools/list, the GET stream) stay on httpx. Not used for HTTPS, or
-    when the environment names an HTTP proxy (httpx honours it)."""
+class AiohttpPosts:
+    """The direct calls' POSTs to a plain-HTTP upstream on aiohttp's client: a keep-alive pool
+    (at most MAX_CONNECTIONS, idle ones kept KEEPALIVE_S) and aiohttp's C HTTP parser, which cost
+    the gateway much less CPU per call than httpx's client (its request, auth, redirect and pool
+    layers, h11); the SDK's own requests (initialize, tools/list, the GET stream) stay on httpx.
+    Not used for HTTPS, or when the environment names an HTTP proxy (httpx honours it; aiohttp
+    is left without `trust_env`). Its session is made at the first call (it needs the running
+    event loop)."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.host = parts.hostname or ""
-        self.port = parts.port or 80
-        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.authority = parts.netloc.rpartition("@")[2]
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
-        self.slots = anyio.Semaphore(MAX_CONNECTIONS)
+        self.url = url
+        self.session: aiohttp.ClientSession | None = None
 
     @staticmethod
     def fits(url: str) -> bool:
         proxies = urllib.request.getproxies()
         return urlsplit(url).scheme == "http" and not ("http" in proxies or "all" in proxies)
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        now = time.monotonic()
-        while self.idle:
-            reader, writer, since = self.idle.pop()
-            if now - since < KEEPALIVE_S and not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()
-        with anyio.fail_after(30.0):  # the SDK's (httpx's) connect timeout
-            return await asyncio.open_connection(self.host, self.port)
+    def post(self, body: bytes, headers: dict[str, str]) -> Any:
+        """The POST, as aiohttp's request context manager (the answer's ClientResponse)."""
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S),
+                # the SDK's (httpx's) timeouts; the call's own (call_timeout_s) is the caller's
+                timeout=aiohttp.ClientTimeout(total=None, connect=30.0, sock_read=300.0))
+        return self.session.post(self.url, data=body, headers=headers, allow_redirects=False)
 
-    async def post(self, body: bytes, headers: dict[str, str],
-                   read: Callable[[_Answer], Awaitable[T]]) -> T:
-        """Sends the POST and returns what `read` makes of the answer."""
-        async with self.slots:
-            return await self._post(body, headers, read)
-
-    async def _post(self, body: bytes, headers: dict[str, str], read: Callable[[_Answer], Awaitable[T]]) -> T:
-        reader, writer = await self._connection()
-        answer: _LeanAnswer | None = None
-        try:
-            head = [f"POST {self.target} HTTP/1.1", f"host: {self.authority}",
-                    *(f"{k}: {v}" for k, v in headers.items()), f"content-length: {len(body)}", "", ""]
-            writer.write("\r\n".join(head).encode("latin-1") + body)
-            await writer.drain()
-            answer = await _LeanAnswer.read_head(reader)
-            return await read(answer)
-        finally:
-            if answer is not None and answer.done and answer.reusable and len(self.idle) < MAX_IDLE:
-                self.idle.append((reader, writer, time.monotonic()))
-            else:  # failed, cancelled, or not read to its end: the connection's state is unknown
-                writer.close()
-
-    def close(self) -> None:
-        for _, writer, _ in self.idle:
-            writer.close()
-        self.idle.clear()
+    async def aclose(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
 
 
-class _LeanAnswer:
-    def __init__(self, reader: asyncio.StreamReader, status: int, version: str, headers: dict[str, str]) -> None:
-        self.reader = reader
-        self.status = status
-        self.content_type = headers.get("content-type", "")
-        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length = headers.get("content-length")
-        self.left: int | None = None if self.chunked else (int(length) if length is not None else None)
-        if status in (204, 304) or status < 200:
-            self.left, self.chunked = 0, False
-        self.reusable = (version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-                         and (self.chunked or self.left is not None))
-        self.done = False
-        self.buffer = b""
+class _AiohttpAnswer:
+    """An aiohttp answer; its event stream parsed by httpx2's SSE parser (the one the SDK's
+    transport uses, through httpx2.EventSource)."""
 
-    @classmethod
-    async def read_head(cls, reader: asyncio.StreamReader) -> _LeanAnswer:
-        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        version, status, _ = (lines[0] + " ").split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        return cls(reader, int(status), version, headers)
-
-    async def chunk(self) -> bytes:
-        """The next piece of the body; b"" at its end."""
-        if self.done:
-            return b""
-        if self.chunked:
-            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                while await self.reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                    pass
-                self.done = True
-                return b""
-            data = await self.reader.readexactly(size)
-            await self.reader.readexactly(2)
-            return data
-        if self.left is not None:
-            data = await self.reader.readexactly(self.left) if self.left else b""
-            self.left = 0
-            self.done = True
-            return data
-        data = await self.reader.read(65536)  # to the end of the connection
-        self.done = not data
-        return data
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.status = response.status
+        self.content_type = response.headers.get("content-type", "")
+        self.parser: Any = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.events: list[Any] = []
+        self.ended = False
 
     async def body(self) -> bytes:
-        parts = []
-        while data := await self.chunk():
-            parts.append(data)
-        return b"".join(parts)
+        return await self.response.read()
 
     async def next_event(self) -> str | None:
-        while not (found := _EVENT_END.search(self.buffer)):
-            data = await self.chunk()
-            if not data:
-                return None  # (an unterminated last event is dropped, as the SSE spec says)
-            self.buffer += data
-        event, self.buffer = self.buffer[:found.start()], self.buffer[found.end():]
-        data_lines = []
-        for line in _LINE.split(event.decode("utf-8", errors="replace")):
-            name, sep, value = line.partition(":")
-            if name == "data":
-                data_lines.append(value[1:] if value.startswith(" ") else value)
-        return "\n".join(data_lines)
+        if self.parser is None:
+            self.parser = _SSEParser(DEFAULT_MAX_EVENT_SIZE_BYTES)
+        while not self.events:
+            if self.ended:
+                return None
+            data = await self.response.content.readany()
+            if data:
+                self.events.extend(self.parser.decode(self.decoder.decode(data)))
+            else:
+                self.ended = True
+                self.events.extend(self.parser.flush())
+        return str(self.events.pop(0).data)
 
     async def drain(self) -> None:
-        while await self.chunk():
+        while await self.response.content.readany():
             pass

@@ -104,8 +104,8 @@ RECONNECT_WAIT_S = 30.0
 DENIED_TOOLS_BATCH = 500
 """Tools per ListDeniedTools request (governance's limit)."""
 LEAN_POSTS = os.environ.get("ARM_GATEWAY_LEAN_POSTS", "1") != "0"
-"""Direct calls on the gateway's own HTTP connections (arm_gateway.direct.LeanPosts); "0": on
-httpx's (for A/B in bench/gateway.py)."""
+"""Direct calls to a plain-HTTP upstream on aiohttp's client (arm_gateway.direct.AiohttpPosts);
+"0": on httpx's, as the SDK's own requests (for A/B in bench/gateway.py)."""
 POLICY_CATCH_UP_S = 2.0
 """How long a hidden-tools refresh waits for the local decision inputs to reach its policy epoch."""
 
@@ -152,16 +152,17 @@ class Upstream:
             async with streamable_http_client(uc.url) as streams:
                 yield streams
             return
-        direct = DirectCalls(uc.url, lean=LEAN_POSTS)
+        direct = DirectCalls(uc.url, aiohttp_posts=LEAN_POSTS)
         log.info("upstream %s: tools/call as direct POSTs on %s", uc.name,
-                 "connections of the gateway's own" if direct.lean is not None else "httpx's client")
+                 "aiohttp's client" if direct.posts is not None else "httpx's client")
         async with direct.client, streamable_http_client(uc.url, http_client=direct.client) as streams:
             self.direct = direct
             try:
                 yield streams
             finally:
                 self.direct = None
-                direct.close()
+                with anyio.CancelScope(shield=True):
+                    await direct.aclose()
 
     async def call_tool(self, tool: str, arguments: dict[str, Any], timeout_s: float) -> types.CallToolResult:
         """One call on the current connection: a direct POST to a streamable HTTP upstream, else
