@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 
 
-HTTPX = {"ARM_GATEWAY_LEAN_POSTS": "0"}
+HTTPX = {"ARM_GATEWAY_DIRECT_ON_HTTPX": "1"}
 VARIANTS: dict[str, dict[str, Any]] = {
     # before the levers: a Check per call, the SDK's session for the upstream call, the SDK's server
     "check": {"local_decisions": False, "direct_http_calls": False, "fast_http_calls": False},

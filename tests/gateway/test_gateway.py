@@ -297,11 +297,11 @@ async def test_http_clients_are_sessions_of_their_own(fast: bool, agent: Agent, 
     assert traces[other] == ["RUN_STARTED", "TOOL_CALL_STARTED", "TOOL_CALL_COMPLETED", "RUN_COMPLETED"]
 
 
-@pytest.mark.parametrize(("json_answers", "lean"), [(False, True), (True, True), (False, False)],
+@pytest.mark.parametrize(("json_answers", "on_aiohttp"), [(False, True), (True, True), (False, False)],
                          ids=["aiohttp", "aiohttp-json-upstream", "httpx"])
-async def test_direct_posts_reuse_their_connections(json_answers: bool, lean: bool, agent: Agent,
+async def test_direct_posts_reuse_their_connections(json_answers: bool, on_aiohttp: bool, agent: Agent,
                                                     tmp_path: Path) -> None:
-    """Direct POSTs (on aiohttp's client, or on httpx's with ARM_GATEWAY_LEAN_POSTS=0) go on
+    """Direct POSTs (on aiohttp's client, or on httpx's with ARM_GATEWAY_DIRECT_ON_HTTPX=1) go on
     keep-alive connections: one after another they share one, and 16 at once at most 16."""
     calls = tmp_path / "calls.jsonl"
     port = free_port()
@@ -313,7 +313,7 @@ async def test_direct_posts_reuse_their_connections(json_answers: bool, lean: bo
     try:
         await accepting(port, upstream, tmp_path / "upstream.log")
         async with gateway(agent, tmp_path, calls, url=f"http://127.0.0.1:{port}/mcp",
-                           env=None if lean else {"ARM_GATEWAY_LEAN_POSTS": "0"}) as session:
+                           env=None if on_aiohttp else {"ARM_GATEWAY_DIRECT_ON_HTTPX": "1"}) as session:
             for i in range(20):
                 assert text(await session.call_tool("up.echo", {"text": f"one {i}"})) == f"echo: one {i}"
             one_by_one = ports.read_text().split()
@@ -324,23 +324,23 @@ async def test_direct_posts_reuse_their_connections(json_answers: bool, lean: bo
             at_once = ports.read_text().split()[len(one_by_one):]
         assert len(one_by_one) == 20 and len(set(one_by_one[1:])) == 1, one_by_one  # (the run's first call: its own)
         assert len(at_once) == 48 and len(set(at_once)) <= 17, at_once
-        on = "aiohttp's client" if lean else "httpx's client"
+        on = "aiohttp's client" if on_aiohttp else "httpx's client"
         assert f"direct POSTs on {on}" in (tmp_path / "gateway.log").read_text()
     finally:
         upstream.terminate()
         upstream.wait(30)
 
 
-@pytest.mark.parametrize(("direct", "json_answers", "lean"),
+@pytest.mark.parametrize(("direct", "json_answers", "on_aiohttp"),
                          [(True, False, True), (True, True, True), (True, False, False), (True, True, False),
                           (False, False, True)],
                          ids=["direct-post-aiohttp", "direct-post-aiohttp-json-upstream", "direct-post-httpx",
                               "direct-post-httpx-json-upstream", "sdk-session"])
-async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, json_answers: bool, lean: bool,
+async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, json_answers: bool, on_aiohttp: bool,
                                                                agent: Agent, tmp_path: Path) -> None:
     """A streamable HTTP upstream (answering with event streams, or plain JSON), its calls sent
     as direct POSTs beside the SDK's session (the default: on aiohttp's client, or with
-    ARM_GATEWAY_LEAN_POSTS=0 on httpx's client) or through the session: the
+    ARM_GATEWAY_DIRECT_ON_HTTPX=1 on httpx's client) or through the session: the
     upstream's result unchanged; an upstream that dies
     mid-call, hangs past call_timeout_s, or was restarted behind the gateway's back (its session
     gone: 404) gives an error result, and the next calls reach it again."""
@@ -368,7 +368,7 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, jso
         async with http_session(url) as plain:
             expected = await plain.call_tool("echo", {"text": "over http"})
         async with gateway(agent, tmp_path, calls, url=url, call_timeout_s=1.0, extra={"direct_http_calls": direct},
-                           env=None if lean else {"ARM_GATEWAY_LEAN_POSTS": "0"}) as session:
+                           env=None if on_aiohttp else {"ARM_GATEWAY_DIRECT_ON_HTTPX": "1"}) as session:
             assert sorted(t.name for t in (await session.list_tools()).tools) == [
                 "up.crash", "up.delete", "up.echo", "up.hang", "up.pay"]
             allowed = await session.call_tool("up.echo", {"text": "over http"})
@@ -419,7 +419,7 @@ async def test_a_streamable_http_upstream_is_governed_the_same(direct: bool, jso
                                               "hang", "echo", "echo"]
         assert [c["arguments"].get("text") for c in gated if c["tool"] == "echo"] == [
             "over http", *chatty_calls, "after the cancel", "after the crash", "after the hang", "after the restart"]
-        on = "aiohttp's client" if lean else "httpx's client"
+        on = "aiohttp's client" if on_aiohttp else "httpx's client"
         assert (f"direct POSTs on {on}" in (tmp_path / "gateway.log").read_text()) == direct
         # Direct POSTs carry the gateway's own request ids; the SDK's are integers.
         assert all(str(c["request_id"]).startswith("arm-gw-") == direct for c in gated)

@@ -103,9 +103,10 @@ RECONNECT_WAIT_S = 30.0
 """How long a call waits for an upstream that is being reconnected before failing."""
 DENIED_TOOLS_BATCH = 500
 """Tools per ListDeniedTools request (governance's limit)."""
-LEAN_POSTS = os.environ.get("ARM_GATEWAY_LEAN_POSTS", "1") != "0"
+AIOHTTP_POSTS = os.environ.get("ARM_GATEWAY_DIRECT_ON_HTTPX", "") != "1"
 """Direct calls to a plain-HTTP upstream on aiohttp's client (arm_gateway.direct.AiohttpPosts);
-"0": on httpx's, as the SDK's own requests (for A/B in bench/gateway.py)."""
+with ARM_GATEWAY_DIRECT_ON_HTTPX=1 on httpx's, as the SDK's own requests (for A/B in
+bench/gateway.py)."""
 POLICY_CATCH_UP_S = 2.0
 """How long a hidden-tools refresh waits for the local decision inputs to reach its policy epoch."""
 
@@ -152,7 +153,7 @@ class Upstream:
             async with streamable_http_client(uc.url) as streams:
                 yield streams
             return
-        direct = DirectCalls(uc.url, aiohttp_posts=LEAN_POSTS)
+        direct = DirectCalls(uc.url, aiohttp_posts=AIOHTTP_POSTS)
         log.info("upstream %s: tools/call as direct POSTs on %s", uc.name,
                  "aiohttp's client" if direct.posts is not None else "httpx's client")
         async with direct.client, streamable_http_client(uc.url, http_client=direct.client) as streams:
