@@ -98,7 +98,9 @@ async def test_backing_off_message_is_not_overtaken(db: Database) -> None:
             raise RuntimeError("boom")
 
     await put(db, ["first"])
-    relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, fail_once, max_backoff_s=30)
+    # A first backoff of 15-30 s: one of a few hundred ms could pass before the next pass on a
+    # loaded machine, and "second" would then rightly follow "first" out.
+    relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, fail_once, first_backoff_s=30, max_backoff_s=30)
     assert await relay.relay_once() == 0
     await put(db, ["second"])
     assert await relay.relay_once() == 0  # "first" is backing off; "second" must wait behind it

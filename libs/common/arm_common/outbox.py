@@ -73,13 +73,15 @@ class OutboxRelay:
 
     def __init__(self, db: Database, outbox_table, topic: str, deliver: Deliver | None, *,  # type: ignore[no-untyped-def]
                  batch_size: int = 200, poll_interval_s: float = 1.0,
-                 max_backoff_s: float = 60.0, min_interval_s: float = 0.05) -> None:
+                 first_backoff_s: float = 0.2, max_backoff_s: float = 60.0,
+                 min_interval_s: float = 0.05) -> None:
         self.db = db
         self.table = outbox_table
         self.topic = topic
         self.deliver = deliver
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
+        self.first_backoff_s = first_backoff_s  # doubled each further failure, up to max_backoff_s
         self.max_backoff_s = max_backoff_s
         # Under steady load every commit notifies; passes at most this often (unless the last
         # one was full) let one pass carry what several commits enqueued.
@@ -207,7 +209,7 @@ class OutboxRelay:
             await self.deliver(ready)
         except Exception as exc:  # noqa: BLE001 - any failure means "retry later"
             attempts = ready[0].attempts + 1
-            delay = min(self.max_backoff_s, 0.1 * 2**attempts) * random.uniform(0.5, 1.0)
+            delay = min(self.max_backoff_s, self.first_backoff_s * 2**(attempts - 1)) * random.uniform(0.5, 1.0)
             self._failing += 1
             if self._failing == 1:
                 log.warning("outbox %s: delivery of %d failed (attempt %d): %s; retrying with "
