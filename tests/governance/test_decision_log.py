@@ -173,17 +173,24 @@ async def test_a_lone_decision_never_waits_for_company(governance) -> None:  # t
 
 
 async def test_a_busy_writer_waits_for_a_full_batch_or_its_window(governance) -> None:  # type: ignore[no-untyped-def]
-    """_gather, without the writer (nothing takes from the queue): it waits while fewer than
-    GATHER_BATCH decisions are there, ends as soon as the last one needed arrives (not at its
-    600 s window), and with a short window ends at the window."""
+    """_gather, without the writer (nothing takes from the queue), while other work keeps the
+    loop busy (as calls being decided do): it waits while fewer than GATHER_BATCH decisions are
+    there, ends as soon as the last one needed arrives (not at its 600 s window), and with a
+    short window ends at the window."""
     tenant = new_id("tnt")
     log = DecisionLog(governance.db, [], gather_s=600)
     first = [pending(new_id("dec"), tenant)]
     appends = [asyncio.create_task(log.append(pending(new_id("dec"), tenant))) for _ in range(3)]
+    stop = False
+
+    async def busy() -> None:
+        while not stop:
+            await asyncio.sleep(0)
+    spinning = asyncio.create_task(busy())
     try:
         await asyncio.sleep(0)
         gathering = asyncio.create_task(log._gather(first))
-        for _ in range(3):
+        for _ in range(20):
             await asyncio.sleep(0)
         assert not gathering.done()  # 1 + 3 of GATHER_BATCH
         appends += [asyncio.create_task(log.append(pending(new_id("dec"), tenant)))
@@ -196,6 +203,25 @@ async def test_a_busy_writer_waits_for_a_full_batch_or_its_window(governance) ->
         await asyncio.sleep(0)
         await asyncio.wait_for(short._gather([pending(new_id("dec"), tenant)]), 30)
         assert short._queue.qsize() == 1
+    finally:
+        stop = True
+        await spinning
+        for task in appends:
+            task.cancel()
+        await asyncio.gather(*appends, return_exceptions=True)
+
+
+async def test_a_gathering_writer_stops_waiting_when_nothing_else_runs(governance) -> None:  # type: ignore[no-untyped-def]
+    """With no other work in the process (a few callers, all waiting on the log), no decision
+    can join the batch: _gather ends though fewer than GATHER_BATCH are queued and its window
+    (600 s) is far from over."""
+    tenant = new_id("tnt")
+    log = DecisionLog(governance.db, [], gather_s=600)
+    appends = [asyncio.create_task(log.append(pending(new_id("dec"), tenant))) for _ in range(3)]
+    try:
+        await asyncio.sleep(0)
+        await asyncio.wait_for(log._gather([pending(new_id("dec"), tenant)]), 30)
+        assert log._queue.qsize() == 3
     finally:
         for task in appends:
             task.cancel()

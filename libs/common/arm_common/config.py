@@ -214,11 +214,12 @@ class ServiceConfig:
     webhook_max_backoff_s: float = 600.0
     """Longest wait between attempts of a failing delivery (`ARM_WEBHOOK_MAX_BACKOFF_S`, default
     600); the wait doubles from 1 s up to it."""
-    decision_gather_ms: float = 0.0
+    decision_gather_ms: float = 1.0
     """Governance: how long a busy decision log may hold a group commit open for more decisions
-    (`ARM_DECISION_GATHER_MS`, default 0 = never wait; try 1–3 for a process serving dozens of
-    concurrent Checks). A lone caller never waits; see
-    arm_governance.decisions.log.DecisionLog._gather for the trade-off."""
+    (`ARM_DECISION_GATHER_MS`, default 1; 0 = never wait). It waits only while the process has
+    other work to run (calls being decided that may join the batch), so a lone caller, or a few
+    callers all waiting on the log, never waits; see
+    arm_governance.decisions.log.DecisionLog._gather."""
     webhook_allowed_networks: tuple[Network, ...] = ()
     """Networks webhook deliveries may reach besides public addresses (`ARM_WEBHOOK_ALLOWED_NETWORKS`,
     comma-separated CIDRs; default none: loopback, private, link-local and reserved addresses are
@@ -263,7 +264,7 @@ class ServiceConfig:
             bootstrap_admin_key=env.get("ARM_BOOTSTRAP_ADMIN_KEY") or None,
             tls=TlsSettings.from_env(env),
             health_probe_s=_float(env, "ARM_HEALTH_PROBE_S", 5.0, minimum=0.01),
-            decision_gather_ms=_float(env, "ARM_DECISION_GATHER_MS", 0.0),
+            decision_gather_ms=_float(env, "ARM_DECISION_GATHER_MS", 1.0),
             console_url=_console_url(env),
             webhook_secret_key_file=env.get("ARM_WEBHOOK_SECRET_KEY_FILE") or None,
             webhook_timeout_s=_float(env, "ARM_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
