@@ -247,9 +247,9 @@ class DecisionLog:
         that could join. So a few busy callers, all waiting on the log, are written at once (a
         fixed wait lost about a third of the calls/s at 4 in flight), while at 64 in flight,
         where calls keep arriving and being decided, batches grow (bench/check_grpc.py with
-        --compare-gather: 10-25% more calls/s for 5-15% less CPU per call at 64 in flight; at 4
-        in flight the same or better). On an event loop without asyncio's runnable queue to
-        look at, it waits the fixed window.
+        --compare-gather, six runs: at 64 in flight a median 1.09x the calls/s of not gathering,
+        with less CPU per call in five; at 4 in flight a median 1.08x; bench/README.md). On an
+        event loop without asyncio's runnable queue to look at, it waits the fixed window.
         """
         want = min(GATHER_BATCH, self.max_batch) - len(batch)
         if self.gather_s <= 0 or self._queue.qsize() >= want:
