@@ -23,12 +23,13 @@ from arm_common.chain import (
     Anchor,
     ChainReport,
     ChainVerifier,
-    chain_content,
+    chain_text,
+    chain_time,
     raise_on_rejected,
 )
 from arm_common.db import Database, driver_connection
 from arm_common.errors import NotFound
-from arm_common.messages import plain, struct, ts
+from arm_common.messages import canonical_struct, struct, ts
 from arm_common.outbox import OutboxMessage
 from arm_common.tables import utcnow
 from arm_governance import models
@@ -119,24 +120,22 @@ def _naive_utc(value: Any) -> Any:
 def _new_row(record: common_pb2.ChangeRecord, tenant_id: str, sequence: int, now: datetime,
              prev_hash: str) -> dict[str, Any]:
     """The change_records row appending `record` writes, its hash included: what `_row` then
-    `record_hash(to_proto(row))` give, with each Struct converted once for both the stored JSON
-    and the hashed content (tests/governance/test_audit.py compares the two)."""
-    structs = {name: plain(getattr(record, name)) if record.HasField(name) else None for name in _STRUCTS}
-    full = common_pb2.ChangeRecord()
-    full.CopyFrom(record)
-    full.ClearField("hash")
-    full.tenant_id, full.sequence, full.prev_hash = tenant_id, sequence, prev_hash
-    full.record_time.CopyFrom(ts(now))
+    `record_hash(to_proto(row))` give, with each Struct encoded once (`canonical_struct`), the
+    text both stored and embedded in the hashed content (`chain_text`), and the occurrence time
+    converted once (tests/governance/test_audit.py compares the two)."""
+    structs = {name: canonical_struct(getattr(record, name)) if record.HasField(name) else None
+               for name in _STRUCTS}
+    occur = record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None
+    text = chain_text(record, tenant_id=tenant_id, sequence=sequence, prev_hash=prev_hash,
+                      occur_time=chain_time(occur), record_time=chain_time(now), structs=structs)
+    actor = record.actor
     return {
         "tenant_id": tenant_id, "sequence": sequence, "record_id": record.record_id, "type": record.type,
-        "actor_type": record.actor.type, "actor_id": record.actor.id, "target_type": record.target_type,
+        "actor_type": actor.type, "actor_id": actor.id, "target_type": record.target_type,
         "target_id": record.target_id, "project_id": record.project_id, "template_id": record.template_id,
         "version_id": record.version_id, "instance_id": record.instance_id, "summary": record.summary,
-        **{name: _json(value) for name, value in structs.items()},
-        "reason": record.reason, "source": record.source,
-        "occur_time": record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None,
-        "record_time": now, "prev_hash": prev_hash,
-        "hash": sha256_hex(canonical_json(chain_content(full, structs)))}
+        **structs, "reason": record.reason, "source": record.source,
+        "occur_time": occur, "record_time": now, "prev_hash": prev_hash, "hash": sha256_hex(text)}
 
 
 @dataclass(frozen=True)
