@@ -5,6 +5,7 @@ hash-chained per tenant, read back, verified and exported. The chain format is
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,6 +112,7 @@ def _row(record: common_pb2.ChangeRecord, tenant_id: str) -> models.ChangeRecord
 _STRUCTS = ("payload", "before", "after")
 _TABLE = cast(Table, M.__table__)
 _COLUMNS = tuple(c.name for c in _TABLE.columns)
+_in_columns = operator.itemgetter(*_COLUMNS)  # a row (dict) as the tuple COPY takes
 
 
 def _naive_utc(value: Any) -> Any:
@@ -265,8 +267,9 @@ class AuditTrail:
         if rows and apg is not None:
             # COPY (in the transaction the head lock opened): a multi-row INSERT would be a new
             # statement for every batch size. It bypasses UtcDateTime: times go as naive UTC.
-            await apg.copy_records_to_table("change_records", columns=_COLUMNS, records=[
-                tuple(_naive_utc(row[c]) for c in _COLUMNS) for row in rows])
+            for row in rows:
+                row["occur_time"], row["record_time"] = _naive_utc(row["occur_time"]), _naive_utc(row["record_time"])
+            await apg.copy_records_to_table("change_records", columns=_COLUMNS, records=map(_in_columns, rows))
             await apg.execute(_PG_HEAD_UPDATE, tenant, seq, prev)
         elif rows:
             await s.execute(insert(_TABLE), rows)  # Core: no ORM bulk-insert bookkeeping per row
