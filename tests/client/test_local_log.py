@@ -70,25 +70,29 @@ def _without_record_id(payload: bytes) -> common_pb2.ChangeRecord:
 
 def test_local_rows_are_what_check_logs() -> None:
     """The lean per-batch builder writes, field for field, what the decision path's
-    `Decider.pending` writes for the same decision (the change record's id is random in both)."""
+    `Decider.pending` writes for the same decision (the change record's id is random in both;
+    the builder's record is a cached part's bytes then the decision's own, parsed as one)."""
     p = Principal(tenant_id="ten_aaaaaaaaaaaaaaaa", actor_type="AGENT", actor_id="ins_aaaaaaaaaaaaaaaa",
                   api_key_id="key_aaaaaaaaaaaaaaaa")
     resolved = compat_pb2.ResolvedAgent(
         tenant_id=p.tenant_id, instance_id=p.actor_id, project_id="prj_x", version_id="ver_x", template_id="tpl_x",
         environment_id="env_e", legacy_agent_id="legacy-1")
     agent = resolved.SerializeToString()
-    items = [_local(p.actor_id, response, i) for i, response in enumerate([ALLOW, DENY, ALLOW, DENY])]
+    items = [_local(p.actor_id, response, i) for i, response in enumerate([ALLOW, DENY, ALLOW, DENY, DENY])]
+    # Another tool, without a tool call id (the record's target is then the decision id): its
+    # POLICY_DENIED record is not the one built for the first tool.
+    items[4].request.tool_name, items[4].request.tool_call_id = "db.truncate", ""
     items.append(items[0])  # the same id twice in a batch: built once
     keys = [result_key(item.response) for item in items]
     results = {key: result_from_response(decision_pb2.CheckResponse.FromString(key)) for key in keys}
     now = datetime(2026, 12, 7, 12, 0, 0)  # noqa: DTZ001 - naive UTC, as COPY takes it
     builder = local_log.LocalRows()
     rows, messages, parts = builder.build(p, resolved, agent, items, keys, [results[k] for k in keys], now)
-    assert len(rows) == len(messages) == 4
+    assert len(rows) == len(messages) == 5
     assert len(parts) == 2  # one shared response part per result, named by the rows
     builder.stored.update(parts)
     assert builder.build(p, resolved, agent, items, keys, [results[k] for k in keys], now)[2] == {}
-    assert [len(m) for m in messages] == [0, 1, 0, 1]  # a DENY's POLICY_DENIED record
+    assert [len(m) for m in messages] == [0, 1, 0, 1, 1]  # a DENY's POLICY_DENIED record
     for item, key, row, out in zip(items, keys, rows, messages, strict=False):
         resp = item.response
         decided = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=resp.decide_time.seconds,
