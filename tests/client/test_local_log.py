@@ -34,7 +34,7 @@ from arm_governance.models import OUTBOX
 from tests.client.conftest import Agent, make_agent
 from tests.client.test_local_decisions import logged_counts
 from tests.conftest import GovernanceServer, RegistryServer, make_tenant
-from tests.helpers import expect_failure
+from tests.helpers import expect_failure, governance_change_records
 from tests.telemetry.conftest import TelemetryServer
 
 ALLOW = decision_pb2.CheckResponse(
@@ -124,15 +124,6 @@ def test_local_rows_are_what_check_logs() -> None:
         assert all(m[4] == now and m[5] == 0 and m[6] == now for m in out)
 
 
-async def _outbox(governance: GovernanceServer) -> dict[str, list[bytes]]:
-    """Topic -> payloads in the outbox."""
-    rows = await governance.db.read(lambda s: s.execute(select(OUTBOX.c.topic, OUTBOX.c.payload)))
-    out: dict[str, list[bytes]] = {}
-    for topic, payload in rows.all():
-        out.setdefault(topic, []).append(payload)
-    return out
-
-
 async def _record(client: Any, items: list[decision_pb2.LocalDecision]) -> tuple[int, int]:
     got = await client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(decisions=items))
     return got.recorded, got.duplicates
@@ -155,13 +146,13 @@ async def test_a_batch_shipped_again_is_logged_once(agent: Agent) -> None:
     ids = [item.decision_id for item in items]
     assert await logged_counts(agent, ids) == dict.fromkeys(ids, 1)
 
-    outbox = await _outbox(agent.governance)
     events = await agent.governance.db.read(lambda s: waiting_op_events(s, agent.tenant.tenant.id))
     mine = [e for e in events if e.payload.fields["decision_id"].string_value in ids]
     assert sorted(e.event_id for e in mine) == sorted(f"evt-{i}" for i in ids)
     assert {e.type for e in mine if e.tool_call_id.endswith(("-2", "-5"))} == {
         events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED}
-    denied = [common_pb2.ChangeRecord.FromString(p) for p in outbox.get(TOPIC_CHANGE_RECORD, [])]
+    # Each DENY's record once, in the audit trail or still waiting in the outbox.
+    denied = await governance_change_records(agent.governance.db, agent.tenant.tenant.id)
     denied_ids = sorted(r.payload.fields["decision_id"].string_value for r in denied
                         if r.type == common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED
                         and r.payload.fields["decision_id"].string_value in ids)
