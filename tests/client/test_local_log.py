@@ -124,6 +124,28 @@ def test_local_rows_are_what_check_logs() -> None:
         assert all(m[4] == now and m[5] == 0 and m[6] == now for m in out)
 
 
+def test_cached_denial_records_are_bounded() -> None:
+    """The POLICY_DENIED records cached per (result, actor, agent, tool) are bounded over all
+    results by the builder's limit; a DENY of a tool no longer cached still gets its own record."""
+    p = Principal(tenant_id="ten_aaaaaaaaaaaaaaaa", actor_type="AGENT", actor_id="ins_aaaaaaaaaaaaaaaa",
+                  api_key_id="key_aaaaaaaaaaaaaaaa")
+    resolved = compat_pb2.ResolvedAgent(tenant_id=p.tenant_id, instance_id=p.actor_id, project_id="prj_x",
+                                        version_id="ver_x", template_id="tpl_x")
+    items = [_local(p.actor_id, DENY, i) for i in range(5)]
+    for i, item in enumerate(items):
+        item.request.tool_name = f"db.tool_{i % 3}"
+    keys = [result_key(item.response) for item in items]
+    results = [result_from_response(decision_pb2.CheckResponse.FromString(key)) for key in keys]
+    builder = local_log.LocalRows(limit=2)
+    _, messages, _ = builder.build(p, resolved, resolved.SerializeToString(), items, keys, results,
+                                   datetime(2026, 12, 7, 12, 0, 0))  # noqa: DTZ001 - naive UTC
+    assert sum(len(part.denials) for part in builder._parts.values()) <= 2
+    records = [common_pb2.ChangeRecord.FromString(out[0][3]) for out in messages]
+    assert [r.summary.split(" ")[0] for r in records] == [f"db.tool_{i % 3}" for i in range(5)]
+    assert [r.payload.fields["tool_name"].string_value for r in records] == [f"db.tool_{i % 3}" for i in range(5)]
+    assert [r.target_id for r in records] == [f"tc-{i}" for i in range(5)]
+
+
 async def _record(client: Any, items: list[decision_pb2.LocalDecision]) -> tuple[int, int]:
     got = await client.decisions.RecordLocalDecisions(decision_pb2.RecordLocalDecisionsRequest(decisions=items))
     return got.recorded, got.duplicates

@@ -69,6 +69,7 @@ class LocalRows:
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
+        self._denials = 0  # records cached in the parts' `denials`
         self._parts: dict[tuple[bytes, str, bytes], _Part] = {}
         self.stored: set[str] = set()
         """Ids of response parts known to be in `decision_responses` (committed): the caller adds
@@ -83,6 +84,7 @@ class LocalRows:
                          result.effect == engine.Effect.DENY, part_id(tenant_id, response))
             if len(self._parts) >= self.limit:
                 self._parts.clear()
+                self._denials = 0
                 self.stored.clear()
             self._parts[(agent, tenant_id, key)] = part
         return part
@@ -139,8 +141,7 @@ class LocalRows:
             messages.append(out)
         return rows, messages, parts
 
-    @staticmethod
-    def _denied(part: _Part, p: Principal, resolved: compat_pb2.ResolvedAgent,
+    def _denied(self, part: _Part, p: Principal, resolved: compat_pb2.ResolvedAgent,
                 req: decision_pb2.CheckRequest) -> bytes:
         """What `Decider._denied_record` builds for a DENY of `part`'s result, less the fields a
         decision sets itself (record id, target id, occurrence time, the payload's decision id
@@ -156,8 +157,11 @@ class LocalRows:
                 record.ClearField(name)  # type: ignore[arg-type]
             del record.payload.fields["decision_id"]
             del record.payload.fields["policy_epoch"]
-            if len(part.denials) >= 256:
-                part.denials.clear()
+            if self._denials >= self.limit:  # bounded over all parts (~0.7 kB each), not per part
+                for cached in self._parts.values():
+                    cached.denials.clear()
+                self._denials = 0
+            self._denials += 1
             prefix = part.denials[key] = record.SerializeToString()
         return prefix
 
