@@ -142,3 +142,33 @@ async def operator_key(admin: ArmClient, *role_names: str, scope_type: int = 0,
             operator_id=op.id, role_id=roles[name], scope_type=scope_type, scope_id=scope_id))
     key = (await admin.access.CreateApiKey(access_pb2.CreateApiKeyRequest(operator_id=op.id))).secret
     return op.id, key
+
+
+async def governance_change_records(db: Any, tenant_id: str | None = None) -> list[Any]:
+    """The change records governance wrote to its outbox, in the order written: those its relay
+    delivered (it deletes their outbox rows) read back from its audit trail without the fields
+    the trail adds (sequence, record time, hashes), then those still waiting in the outbox."""
+    from sqlalchemy import select
+
+    from arm.common.v1 import common_pb2
+    from arm_common.outbox import TOPIC_CHANGE_RECORD
+    from arm_governance.audit.trail import to_proto
+    from arm_governance.models import OUTBOX, ChangeRecord
+
+    async def read(s: Any) -> list[common_pb2.ChangeRecord]:
+        waiting_q = select(OUTBOX.c.payload).where(OUTBOX.c.topic == TOPIC_CHANGE_RECORD)
+        trail_q = select(ChangeRecord).where(ChangeRecord.source == "governance")
+        if tenant_id is not None:
+            waiting_q = waiting_q.where(OUTBOX.c.tenant_id == tenant_id)
+            trail_q = trail_q.where(ChangeRecord.tenant_id == tenant_id)
+        # The outbox first: a record delivered between the two reads is then in both, never in neither.
+        waiting = [common_pb2.ChangeRecord.FromString(bytes(p)) for p in
+                   (await s.execute(waiting_q.order_by(OUTBOX.c.position))).scalars()]
+        delivered = [to_proto(r) for r in (await s.execute(trail_q.order_by(
+            ChangeRecord.record_time, ChangeRecord.tenant_id, ChangeRecord.sequence))).scalars()]
+        for record in delivered:
+            for name in ("sequence", "record_time", "prev_hash", "hash"):
+                record.ClearField(name)  # type: ignore[arg-type]
+        ids = {r.record_id for r in delivered}
+        return delivered + [r for r in waiting if r.record_id not in ids]
+    return list(await db.read(read))

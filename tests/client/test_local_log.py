@@ -34,7 +34,7 @@ from arm_governance.models import OUTBOX
 from tests.client.conftest import Agent, make_agent
 from tests.client.test_local_decisions import logged_counts
 from tests.conftest import GovernanceServer, RegistryServer, make_tenant
-from tests.helpers import expect_failure
+from tests.helpers import expect_failure, governance_change_records
 from tests.telemetry.conftest import TelemetryServer
 
 ALLOW = decision_pb2.CheckResponse(
@@ -70,25 +70,29 @@ def _without_record_id(payload: bytes) -> common_pb2.ChangeRecord:
 
 def test_local_rows_are_what_check_logs() -> None:
     """The lean per-batch builder writes, field for field, what the decision path's
-    `Decider.pending` writes for the same decision (the change record's id is random in both)."""
+    `Decider.pending` writes for the same decision (the change record's id is random in both;
+    the builder's record is a cached part's bytes then the decision's own, parsed as one)."""
     p = Principal(tenant_id="ten_aaaaaaaaaaaaaaaa", actor_type="AGENT", actor_id="ins_aaaaaaaaaaaaaaaa",
                   api_key_id="key_aaaaaaaaaaaaaaaa")
     resolved = compat_pb2.ResolvedAgent(
         tenant_id=p.tenant_id, instance_id=p.actor_id, project_id="prj_x", version_id="ver_x", template_id="tpl_x",
         environment_id="env_e", legacy_agent_id="legacy-1")
     agent = resolved.SerializeToString()
-    items = [_local(p.actor_id, response, i) for i, response in enumerate([ALLOW, DENY, ALLOW, DENY])]
+    items = [_local(p.actor_id, response, i) for i, response in enumerate([ALLOW, DENY, ALLOW, DENY, DENY])]
+    # Another tool, without a tool call id (the record's target is then the decision id): its
+    # POLICY_DENIED record is not the one built for the first tool.
+    items[4].request.tool_name, items[4].request.tool_call_id = "db.truncate", ""
     items.append(items[0])  # the same id twice in a batch: built once
     keys = [result_key(item.response) for item in items]
     results = {key: result_from_response(decision_pb2.CheckResponse.FromString(key)) for key in keys}
     now = datetime(2026, 12, 7, 12, 0, 0)  # noqa: DTZ001 - naive UTC, as COPY takes it
     builder = local_log.LocalRows()
     rows, messages, parts = builder.build(p, resolved, agent, items, keys, [results[k] for k in keys], now)
-    assert len(rows) == len(messages) == 4
+    assert len(rows) == len(messages) == 5
     assert len(parts) == 2  # one shared response part per result, named by the rows
     builder.stored.update(parts)
     assert builder.build(p, resolved, agent, items, keys, [results[k] for k in keys], now)[2] == {}
-    assert [len(m) for m in messages] == [0, 1, 0, 1]  # a DENY's POLICY_DENIED record
+    assert [len(m) for m in messages] == [0, 1, 0, 1, 1]  # a DENY's POLICY_DENIED record
     for item, key, row, out in zip(items, keys, rows, messages, strict=False):
         resp = item.response
         decided = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=resp.decide_time.seconds,
@@ -120,13 +124,26 @@ def test_local_rows_are_what_check_logs() -> None:
         assert all(m[4] == now and m[5] == 0 and m[6] == now for m in out)
 
 
-async def _outbox(governance: GovernanceServer) -> dict[str, list[bytes]]:
-    """Topic -> payloads in the outbox."""
-    rows = await governance.db.read(lambda s: s.execute(select(OUTBOX.c.topic, OUTBOX.c.payload)))
-    out: dict[str, list[bytes]] = {}
-    for topic, payload in rows.all():
-        out.setdefault(topic, []).append(payload)
-    return out
+def test_cached_denial_records_are_bounded() -> None:
+    """The POLICY_DENIED records cached per (result, actor, agent, tool) are bounded over all
+    results by the builder's limit; a DENY of a tool no longer cached still gets its own record."""
+    p = Principal(tenant_id="ten_aaaaaaaaaaaaaaaa", actor_type="AGENT", actor_id="ins_aaaaaaaaaaaaaaaa",
+                  api_key_id="key_aaaaaaaaaaaaaaaa")
+    resolved = compat_pb2.ResolvedAgent(tenant_id=p.tenant_id, instance_id=p.actor_id, project_id="prj_x",
+                                        version_id="ver_x", template_id="tpl_x")
+    items = [_local(p.actor_id, DENY, i) for i in range(5)]
+    for i, item in enumerate(items):
+        item.request.tool_name = f"db.tool_{i % 3}"
+    keys = [result_key(item.response) for item in items]
+    results = [result_from_response(decision_pb2.CheckResponse.FromString(key)) for key in keys]
+    builder = local_log.LocalRows(limit=2)
+    _, messages, _ = builder.build(p, resolved, resolved.SerializeToString(), items, keys, results,
+                                   datetime(2026, 12, 7, 12, 0, 0))  # noqa: DTZ001 - naive UTC
+    assert sum(len(part.denials) for part in builder._parts.values()) <= 2
+    records = [common_pb2.ChangeRecord.FromString(out[0][3]) for out in messages]
+    assert [r.summary.split(" ")[0] for r in records] == [f"db.tool_{i % 3}" for i in range(5)]
+    assert [r.payload.fields["tool_name"].string_value for r in records] == [f"db.tool_{i % 3}" for i in range(5)]
+    assert [r.target_id for r in records] == [f"tc-{i}" for i in range(5)]
 
 
 async def _record(client: Any, items: list[decision_pb2.LocalDecision]) -> tuple[int, int]:
@@ -151,13 +168,13 @@ async def test_a_batch_shipped_again_is_logged_once(agent: Agent) -> None:
     ids = [item.decision_id for item in items]
     assert await logged_counts(agent, ids) == dict.fromkeys(ids, 1)
 
-    outbox = await _outbox(agent.governance)
     events = await agent.governance.db.read(lambda s: waiting_op_events(s, agent.tenant.tenant.id))
     mine = [e for e in events if e.payload.fields["decision_id"].string_value in ids]
     assert sorted(e.event_id for e in mine) == sorted(f"evt-{i}" for i in ids)
     assert {e.type for e in mine if e.tool_call_id.endswith(("-2", "-5"))} == {
         events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED}
-    denied = [common_pb2.ChangeRecord.FromString(p) for p in outbox.get(TOPIC_CHANGE_RECORD, [])]
+    # Each DENY's record once, in the audit trail or still waiting in the outbox.
+    denied = await governance_change_records(agent.governance.db, agent.tenant.tenant.id)
     denied_ids = sorted(r.payload.fields["decision_id"].string_value for r in denied
                         if r.type == common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED
                         and r.payload.fields["decision_id"].string_value in ids)

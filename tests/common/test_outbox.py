@@ -88,6 +88,36 @@ async def test_failing_receiver_gets_retries_with_backoff_and_nothing_is_lost(db
     assert all(r.attempts == 4 and r.delivered_at is not None and r.last_error is None for r in rows)
 
 
+async def test_a_relay_not_keeping_delivered_rows_deletes_each_with_its_delivery(db: Database) -> None:
+    """keep_delivered=False (a receiver that keeps what it gets, e.g. governance's own audit
+    trail): a delivered message's row is deleted in the pass that delivered it; a failed pass
+    (the receiver down, or the process gone before the pass committed) deletes nothing, and the
+    messages go out again, in order."""
+    got: list[list[str]] = []
+    fail = True
+
+    async def deliver(batch: Sequence[OutboxMessage]) -> None:
+        got.append([m.message_id for m in batch])  # received, then the pass fails
+        if fail:
+            raise ConnectionError("gone before the pass committed")
+
+    ids = [f"m{i:03d}" for i in range(150)]
+    await put(db, ids)
+    relay = OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, deliver, batch_size=100, first_backoff_s=0,
+                        keep_delivered=False)
+    assert await relay.relay_once() == 0
+    async with db.transaction() as s:
+        rows = (await s.execute(select(OUTBOX.c.message_id, OUTBOX.c.attempts).order_by(OUTBOX.c.position))).all()
+    assert [r.message_id for r in rows] == ids and [r.attempts for r in rows[:100]] == [1] * 100
+    fail = False
+    while await relay.relay_once():
+        pass
+    assert got == [ids[:100], ids[:100], ids[100:]]
+    async with db.transaction() as s:
+        assert (await s.execute(select(OUTBOX.c.message_id))).all() == []
+    assert await relay.relay_once() == 0
+
+
 async def test_backing_off_message_is_not_overtaken(db: Database) -> None:
     """After a failure nothing is delivered until the backoff passes, so order is kept."""
     calls: list[list[str]] = []

@@ -32,10 +32,9 @@ from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.decisions.log import PendingDecision
 from arm_governance.decisions.op_events import waiting_op_events
-from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
 from tests.governance.test_audit import all_records, wait_for_record
-from tests.helpers import AgentSet, approved_version, expect_failure, operator_key
+from tests.helpers import AgentSet, approved_version, expect_failure, governance_change_records, operator_key
 
 ALLOW, DENY, NA = policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY, policy_pb2.DECISION_NEEDS_APPROVAL
 GRANT = decision_pb2.DECISION_STEP_APPROVAL_GRANT
@@ -375,15 +374,8 @@ async def decision_rows(world: World) -> list[models.DecisionRecord]:
     return await world.db.read(read)
 
 
-async def outbox(world: World, topic: str) -> list[tuple[str, bytes]]:
-    async def read(s: Any) -> list[tuple[str, bytes]]:
-        return [(r.message_id, r.payload) for r in (await s.execute(select(OUTBOX.c.message_id, OUTBOX.c.payload).where(
-            OUTBOX.c.tenant_id == world.tenant_id, OUTBOX.c.topic == topic).order_by(OUTBOX.c.position)))]
-    return await world.db.read(read)
-
-
 async def denied_records(world: World) -> list[common_pb2.ChangeRecord]:
-    records = [common_pb2.ChangeRecord.FromString(p) for _, p in await outbox(world, "change_record")]
+    records = await governance_change_records(world.db, world.tenant_id)
     return [r for r in records if r.type == common_pb2.CHANGE_RECORD_TYPE_POLICY_DENIED]
 
 

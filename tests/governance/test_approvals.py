@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2 as apb
@@ -26,13 +26,11 @@ from arm_client import ArmClient
 from arm_common.db import rowcount
 from arm_common.errors import FailedPrecondition, PermissionDenied
 from arm_common.messages import ts
-from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.approvals import service as approvals
-from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant, new_database_spec, start_governance, stop_governance
-from tests.helpers import AgentSet, approved_version, expect_failure, operator_key
+from tests.helpers import AgentSet, approved_version, expect_failure, governance_change_records, operator_key
 
 S = apb.ApprovalStatus
 A = apb.ApprovalActionType
@@ -162,10 +160,7 @@ async def world(governance: Any, tenant: TenantContext) -> AsyncIterator[World]:
 
 
 async def change_records(governance: Any, approval_id: str) -> list[common_pb2.ChangeRecord]:
-    async def read(s: Any) -> list[bytes]:
-        return list((await s.execute(select(OUTBOX.c.payload).where(
-            OUTBOX.c.topic == TOPIC_CHANGE_RECORD).order_by(OUTBOX.c.position))).scalars())
-    records = [common_pb2.ChangeRecord.FromString(p) for p in await governance.db.read(read)]
+    records = await governance_change_records(governance.db)
     return [r for r in records if r.target_id == approval_id]
 
 

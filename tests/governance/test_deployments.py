@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import text, update
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import approvals_pb2 as apb
@@ -21,13 +21,19 @@ from arm.governance.v1 import deployments_pb2 as dpb
 from arm.registry.v1 import agents_pb2, tenancy_pb2
 from arm_client import ArmClient
 from arm_common.auth import Grant, Principal
-from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import models
 from arm_governance.deployments.service import DeploymentStore
-from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
-from tests.helpers import AgentSet, approved_version, expect_failure, genome, operator_key, walk_version
+from tests.helpers import (
+    AgentSet,
+    approved_version,
+    expect_failure,
+    genome,
+    governance_change_records,
+    operator_key,
+    walk_version,
+)
 
 D = dpb.DeploymentStatus
 PENDING, ACTIVE, RETIRED = D.DEPLOYMENT_STATUS_PENDING, D.DEPLOYMENT_STATUS_ACTIVE, D.DEPLOYMENT_STATUS_RETIRED
@@ -94,11 +100,7 @@ async def registry_records(registry: Any, tenant_id: str) -> list[common_pb2.Cha
 
 
 async def records(governance: Any, tenant_id: str, target_id: str) -> list[common_pb2.ChangeRecord]:
-    async def read(s: Any) -> list[bytes]:
-        return list((await s.execute(select(OUTBOX.c.payload).where(
-            OUTBOX.c.topic == TOPIC_CHANGE_RECORD, OUTBOX.c.tenant_id == tenant_id)
-            .order_by(OUTBOX.c.position))).scalars())
-    out = [common_pb2.ChangeRecord.FromString(p) for p in await governance.db.read(read)]
+    out = await governance_change_records(governance.db, tenant_id)
     return [r for r in out if r.target_id == target_id]
 
 

@@ -15,15 +15,19 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
-from sqlalchemy import select
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import access_pb2, agents_pb2
 from arm_client import ArmClient
-from arm_governance.models import OUTBOX
 from tests.conftest import TenantContext, make_tenant
-from tests.helpers import AgentSet, approved_version, expect_failure, operator_with_roles
+from tests.helpers import (
+    AgentSet,
+    approved_version,
+    expect_failure,
+    governance_change_records,
+    operator_with_roles,
+)
 
 ALLOW, DENY, NA = policy_pb2.DECISION_ALLOW, policy_pb2.DECISION_DENY, policy_pb2.DECISION_NEEDS_APPROVAL
 TENANT, PROJECT, VERSION = (policy_pb2.POLICY_SCOPE_TENANT, policy_pb2.POLICY_SCOPE_PROJECT,
@@ -81,12 +85,8 @@ async def check(gov: ArmClient, instance_id: str, tool: str = "fs.read", **kw: A
 
 
 async def change_records(governance: Any, tenant_id: str) -> list[common_pb2.ChangeRecord]:
-    """The tenant's change records waiting in governance's outbox, in insertion order."""
-    async def read(s: Any) -> list[Any]:
-        return list((await s.execute(select(OUTBOX.c.payload).where(
-            OUTBOX.c.tenant_id == tenant_id, OUTBOX.c.topic == "change_record")
-            .order_by(OUTBOX.c.position))).scalars())
-    return [common_pb2.ChangeRecord.FromString(p) for p in await governance.db.read(read)]
+    """The tenant's change records governance wrote (delivered or waiting), in insertion order."""
+    return await governance_change_records(governance.db, tenant_id)
 
 
 def policy_records(records: list[common_pb2.ChangeRecord], envelope_id: str) -> list[int]:

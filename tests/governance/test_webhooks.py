@@ -25,10 +25,8 @@ from arm.governance.v1 import approvals_pb2 as apb
 from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.governance.v1 import webhooks_pb2 as wpb
 from arm_client import ArmClient
-from arm_common.outbox import TOPIC_CHANGE_RECORD
 from arm_common.tables import utcnow
 from arm_governance import models
-from arm_governance.models import OUTBOX
 from arm_governance.webhooks import service as webhooks
 from tests.conftest import (
     GovernanceServer,
@@ -39,7 +37,7 @@ from tests.conftest import (
     stop_governance,
 )
 from tests.governance.test_approvals import active_instance
-from tests.helpers import approved_version, expect_failure, operator_key
+from tests.helpers import approved_version, expect_failure, governance_change_records, operator_key
 from tests.webhook_receiver import Receiver, assert_signed
 
 E = wpb.WebhookEventType
@@ -325,14 +323,12 @@ async def test_validation_rbac_tenancy_and_idempotency(
         await expect_failure(t.admin.webhooks.RotateWebhookSecret(wpb.RotateWebhookSecretRequest(
             webhook_id=hook_id, etag="1")), grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
         # The secret is stored encrypted and in no change record.
-        async def stored(session: Any) -> tuple[bytes, list[bytes]]:
-            row = (await session.execute(select(models.Webhook.secret).where(models.Webhook.id == hook_id))).scalar_one()
-            records = list((await session.execute(select(OUTBOX.c.payload).where(
-                OUTBOX.c.topic == TOPIC_CHANGE_RECORD))).scalars())
-            return row, records
-        sealed, records = await gov.db.read(stored)
+        async def stored(session: Any) -> bytes:
+            return bytes((await session.execute(select(models.Webhook.secret).where(
+                models.Webhook.id == hook_id))).scalar_one())
+        sealed = await gov.db.read(stored)
         assert rotated.secret.encode() not in sealed and gov.component.secret_box.open(sealed) == rotated.secret
-        mine = [common_pb2.ChangeRecord.FromString(p) for p in records]
+        mine = await governance_change_records(gov.db)
         mine = [r for r in mine if r.target_id == hook_id]
         assert not any(first.secret in str(r) or rotated.secret in str(r) for r in mine)
         # Deleted: gone, with a record of each change.
@@ -357,10 +353,7 @@ async def test_validation_rbac_tenancy_and_idempotency(
 
 
 async def _records(gov: GovernanceServer) -> tuple[None, list[common_pb2.ChangeRecord]]:
-    async def read(session: Any) -> list[bytes]:
-        return list((await session.execute(select(OUTBOX.c.payload).where(
-            OUTBOX.c.topic == TOPIC_CHANGE_RECORD).order_by(OUTBOX.c.position))).scalars())
-    return None, [common_pb2.ChangeRecord.FromString(p) for p in await gov.db.read(read)]
+    return None, await governance_change_records(gov.db)
 
 
 def test_signature_scheme() -> None:

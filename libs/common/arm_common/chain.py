@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any
 
 from google.protobuf import json_format
 
 from arm.common.v1 import common_pb2
 from arm.governance.v1 import audit_pb2
-from arm_common.canonical import canonical_json, sha256_hex
+from arm_common.canonical import canonical_json, js_number, sha256_hex
 from arm_common.merkle import TreeBuilder, leaf_hash, leaf_of
 
 HASH_MISMATCH = "HASH_MISMATCH"
@@ -34,7 +35,10 @@ def chain_time(value: datetime | None) -> str:
     """The form of a time in the hashed content: UTC, microseconds, `Z` (\"\" when unset)."""
     if value is None:
         return ""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    value = value.astimezone(UTC)
+    if value.year >= 1000:  # isoformat writes the same text, faster; strftime pads no year below 1000
+        return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _time(record: common_pb2.ChangeRecord, name: str) -> str:
@@ -77,6 +81,38 @@ def chain_content(record: common_pb2.ChangeRecord, structs: dict[str, Any] | Non
         "source": record.source,
         "prev_hash": record.prev_hash,
     }
+
+
+_TYPE_NAMES = {number: common_pb2.ChangeRecordType.Name(number) for number in common_pb2.ChangeRecordType.values()}
+_ACTOR_NAMES = {number: common_pb2.ActorType.Name(number) for number in common_pb2.ActorType.values()}
+# chain_content's keys in canonical (sorted) order, as chain_text writes them.
+_TEXT_KEYS = ("actor_id", "actor_type", "after", "before", "instance_id", "occur_time", "payload", "prev_hash",
+              "project_id", "reason", "record_id", "record_time", "sequence", "source", "summary", "target_id",
+              "target_type", "template_id", "tenant_id", "type", "version_id")
+assert list(_TEXT_KEYS) == sorted(chain_content(common_pb2.ChangeRecord()))
+
+
+def chain_text(record: common_pb2.ChangeRecord, *, tenant_id: str, sequence: int, prev_hash: str,
+               occur_time: str, record_time: str, structs: dict[str, str | None]) -> str:
+    """`canonical_json(chain_content(r))` for `r` = `record` with the tenant, sequence, previous
+    hash and record time given (as the trail appends it), written directly: `occur_time` and
+    `record_time` already in `chain_time` form, `structs` the payload, before and after already
+    in canonical JSON (None when unset), so the appender encodes each Struct once for both the
+    stored column and the hash. tests/common/test_chain_text.py holds the two equal."""
+    actor = record.actor
+    s = encode_basestring
+    return "".join((
+        '{"actor_id":', s(actor.id), ',"actor_type":', s(_ACTOR_NAMES.get(actor.type) or common_pb2.ActorType.Name(actor.type)),
+        ',"after":', structs["after"] or "null", ',"before":', structs["before"] or "null",
+        ',"instance_id":', s(record.instance_id), ',"occur_time":', s(occur_time),
+        ',"payload":', structs["payload"] or "null", ',"prev_hash":', s(prev_hash),
+        ',"project_id":', s(record.project_id), ',"reason":', s(record.reason), ',"record_id":', s(record.record_id),
+        ',"record_time":', s(record_time), ',"sequence":', js_number(sequence), ',"source":', s(record.source),
+        ',"summary":', s(record.summary), ',"target_id":', s(record.target_id),
+        ',"target_type":', s(record.target_type), ',"template_id":', s(record.template_id),
+        ',"tenant_id":', s(tenant_id),
+        ',"type":', s(_TYPE_NAMES.get(record.type) or common_pb2.ChangeRecordType.Name(record.type)),
+        ',"version_id":', s(record.version_id), "}"))
 
 
 def record_hash(record: common_pb2.ChangeRecord) -> str:

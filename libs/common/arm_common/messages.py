@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
+
+from arm_common.canonical import js_number
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
@@ -67,3 +70,49 @@ def _plain(value: struct_pb2.Value) -> Any:
     if kind == "list_value":
         return [_plain(item) for item in value.list_value.values]
     return None
+
+
+def canonical_struct(value: struct_pb2.Struct) -> str:
+    """`canonical_json(plain(value))` in one pass, without the dict in between: the text the
+    audit trail stores for a record's Struct and embeds in its hashed content (`chain_text`).
+    NaN and infinities are refused with ValueError, as `plain` refuses them."""
+    out: list[str] = []
+    _struct_into(value, out)
+    return "".join(out)
+
+
+def _struct_into(value: struct_pb2.Struct, out: list[str]) -> None:
+    out.append("{")
+    comma = False
+    for key, item in sorted(value.fields.items()):  # keys are unique: the Values are never compared
+        if comma:
+            out.append(",")
+        comma = True
+        out.append(encode_basestring(key))
+        out.append(":")
+        _value_into(item, out)
+    out.append("}")
+
+
+def _value_into(value: struct_pb2.Value, out: list[str]) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        out.append(encode_basestring(value.string_value))
+    elif kind == "number_value":
+        number = value.number_value
+        if math.isinf(number) or math.isnan(number):
+            raise ValueError("a Struct number must be finite (JSON has no NaN or Infinity)")
+        out.append(js_number(number))
+    elif kind == "bool_value":
+        out.append("true" if value.bool_value else "false")
+    elif kind == "struct_value":
+        _struct_into(value.struct_value, out)
+    elif kind == "list_value":
+        out.append("[")
+        for i, item in enumerate(value.list_value.values):
+            if i:
+                out.append(",")
+            _value_into(item, out)
+        out.append("]")
+    else:  # null_value, or no kind set: what `plain` gives as None
+        out.append("null")

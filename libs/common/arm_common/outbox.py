@@ -15,8 +15,9 @@ from datetime import timedelta
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import and_, select, text, update
+from sqlalchemy import and_, delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Executable
 
 from arm_common.db import Database, driver_connection
 from arm_common.errors import DatabaseUnavailable
@@ -74,7 +75,7 @@ class OutboxRelay:
     def __init__(self, db: Database, outbox_table, topic: str, deliver: Deliver | None, *,  # type: ignore[no-untyped-def]
                  batch_size: int = 200, poll_interval_s: float = 1.0,
                  first_backoff_s: float = 0.2, max_backoff_s: float = 60.0,
-                 min_interval_s: float = 0.05) -> None:
+                 min_interval_s: float = 0.05, keep_delivered: bool = True) -> None:
         self.db = db
         self.table = outbox_table
         self.topic = topic
@@ -86,6 +87,12 @@ class OutboxRelay:
         # Under steady load every commit notifies; passes at most this often (unless the last
         # one was full) let one pass carry what several commits enqueued.
         self.min_interval_s = min_interval_s
+        # Delivered rows are kept (marked `delivered_at`, deleted by housekeeping after
+        # OUTBOX_RETENTION) unless the receiver keeps them itself: then a delivered row is deleted
+        # in the pass that delivered it, which costs PostgreSQL a fraction of rewriting the row
+        # (and later deleting it). A crash before that pass commits leaves the rows, delivered
+        # again: the receiver deduplicates, as for any redelivery.
+        self.keep_delivered = keep_delivered
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -217,7 +224,7 @@ class OutboxRelay:
             else:
                 log.debug("outbox %s: delivery of %d failed (attempt %d): %s", self.topic,
                           len(ready), attempts, exc)
-            stmt = update(t).where(t.c.position.in_(positions)).values(
+            stmt: Executable = update(t).where(t.c.position.in_(positions)).values(
                 attempts=t.c.attempts + 1, last_error=str(exc)[:2000],
                 next_attempt_at=utcnow() + timedelta(seconds=delay))
             delivered = 0
@@ -225,13 +232,19 @@ class OutboxRelay:
             if self._failing:
                 log.info("outbox %s: delivering again after %d failed attempts", self.topic, self._failing)
                 self._failing = 0
+            if apg is not None and not self.keep_delivered:
+                await apg.execute(f"DELETE FROM {t.name} WHERE position = ANY($1::bigint[])", positions)
+                return len(ready)
             if apg is not None:
                 await apg.execute(f"UPDATE {t.name} SET delivered_at = $1, attempts = attempts + 1, "
                                   "last_error = NULL WHERE position = ANY($2::bigint[])",
                                   utcnow().replace(tzinfo=None), positions)  # UTC without a zone
                 return len(ready)
-            stmt = update(t).where(t.c.position.in_(positions)).values(
-                delivered_at=utcnow(), attempts=t.c.attempts + 1, last_error=None)
+            if self.keep_delivered:
+                stmt = update(t).where(t.c.position.in_(positions)).values(
+                    delivered_at=utcnow(), attempts=t.c.attempts + 1, last_error=None)
+            else:
+                stmt = delete(t).where(t.c.position.in_(positions))
             delivered = len(ready)
         if session is not None:
             await session.execute(stmt)

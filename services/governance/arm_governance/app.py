@@ -101,8 +101,12 @@ class GovernanceComponent:
         # go to the local audit trail; opEvents, derived from the decision log (each op_event
         # row names a batch of decisions, decisions/op_events.py), to telemetry.
         forward = DerivedOpEvents(db, op_events) if op_events is not None else None
+        # A change record delivered is in the audit trail, in this database: its outbox row goes
+        # in the pass that delivered it (keep_delivered=False) rather than being rewritten as
+        # delivered and kept for housekeeping; a redelivery after a crash is a DUPLICATE.
         self.relays = [OutboxRelay(db, OUTBOX, TOPIC_CHANGE_RECORD, self.audit.deliver,
-                                   poll_interval_s=config.outbox_poll_s, min_interval_s=RELAY_INTERVAL_S),
+                                   poll_interval_s=config.outbox_poll_s, min_interval_s=RELAY_INTERVAL_S,
+                                   keep_delivered=False),
                        OutboxRelay(db, OUTBOX, TOPIC_OP_EVENT, forward, poll_interval_s=config.outbox_poll_s,
                                    batch_size=50, min_interval_s=RELAY_INTERVAL_S)]
         # Approval notifications: the relay fans each out to the tenant's webhooks

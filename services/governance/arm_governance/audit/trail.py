@@ -5,6 +5,7 @@ hash-chained per tenant, read back, verified and exported. The chain format is
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,12 +24,13 @@ from arm_common.chain import (
     Anchor,
     ChainReport,
     ChainVerifier,
-    chain_content,
+    chain_text,
+    chain_time,
     raise_on_rejected,
 )
 from arm_common.db import Database, driver_connection
 from arm_common.errors import NotFound
-from arm_common.messages import plain, struct, ts
+from arm_common.messages import canonical_struct, struct, ts
 from arm_common.outbox import OutboxMessage
 from arm_common.tables import utcnow
 from arm_governance import models
@@ -110,6 +112,7 @@ def _row(record: common_pb2.ChangeRecord, tenant_id: str) -> models.ChangeRecord
 _STRUCTS = ("payload", "before", "after")
 _TABLE = cast(Table, M.__table__)
 _COLUMNS = tuple(c.name for c in _TABLE.columns)
+_in_columns = operator.itemgetter(*_COLUMNS)  # a row (dict) as the tuple COPY takes
 
 
 def _naive_utc(value: Any) -> Any:
@@ -119,24 +122,22 @@ def _naive_utc(value: Any) -> Any:
 def _new_row(record: common_pb2.ChangeRecord, tenant_id: str, sequence: int, now: datetime,
              prev_hash: str) -> dict[str, Any]:
     """The change_records row appending `record` writes, its hash included: what `_row` then
-    `record_hash(to_proto(row))` give, with each Struct converted once for both the stored JSON
-    and the hashed content (tests/governance/test_audit.py compares the two)."""
-    structs = {name: plain(getattr(record, name)) if record.HasField(name) else None for name in _STRUCTS}
-    full = common_pb2.ChangeRecord()
-    full.CopyFrom(record)
-    full.ClearField("hash")
-    full.tenant_id, full.sequence, full.prev_hash = tenant_id, sequence, prev_hash
-    full.record_time.CopyFrom(ts(now))
+    `record_hash(to_proto(row))` give, with each Struct encoded once (`canonical_struct`), the
+    text both stored and embedded in the hashed content (`chain_text`), and the occurrence time
+    converted once (tests/governance/test_audit.py compares the two)."""
+    structs = {name: canonical_struct(getattr(record, name)) if record.HasField(name) else None
+               for name in _STRUCTS}
+    occur = record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None
+    text = chain_text(record, tenant_id=tenant_id, sequence=sequence, prev_hash=prev_hash,
+                      occur_time=chain_time(occur), record_time=chain_time(now), structs=structs)
+    actor = record.actor
     return {
         "tenant_id": tenant_id, "sequence": sequence, "record_id": record.record_id, "type": record.type,
-        "actor_type": record.actor.type, "actor_id": record.actor.id, "target_type": record.target_type,
+        "actor_type": actor.type, "actor_id": actor.id, "target_type": record.target_type,
         "target_id": record.target_id, "project_id": record.project_id, "template_id": record.template_id,
         "version_id": record.version_id, "instance_id": record.instance_id, "summary": record.summary,
-        **{name: _json(value) for name, value in structs.items()},
-        "reason": record.reason, "source": record.source,
-        "occur_time": record.occur_time.ToDatetime(tzinfo=UTC) if record.HasField("occur_time") else None,
-        "record_time": now, "prev_hash": prev_hash,
-        "hash": sha256_hex(canonical_json(chain_content(full, structs)))}
+        **structs, "reason": record.reason, "source": record.source,
+        "occur_time": occur, "record_time": now, "prev_hash": prev_hash, "hash": sha256_hex(text)}
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,9 @@ class AuditTrail:
         if rows and apg is not None:
             # COPY (in the transaction the head lock opened): a multi-row INSERT would be a new
             # statement for every batch size. It bypasses UtcDateTime: times go as naive UTC.
-            await apg.copy_records_to_table("change_records", columns=_COLUMNS, records=[
-                tuple(_naive_utc(row[c]) for c in _COLUMNS) for row in rows])
+            for row in rows:
+                row["occur_time"], row["record_time"] = _naive_utc(row["occur_time"]), _naive_utc(row["record_time"])
+            await apg.copy_records_to_table("change_records", columns=_COLUMNS, records=map(_in_columns, rows))
             await apg.execute(_PG_HEAD_UPDATE, tenant, seq, prev)
         elif rows:
             await s.execute(insert(_TABLE), rows)  # Core: no ORM bulk-insert bookkeeping per row

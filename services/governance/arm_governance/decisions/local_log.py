@@ -20,16 +20,18 @@ from which the relay derives their opEvents), by COPY, in the same transaction."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from arm.common.v1 import common_pb2
 from arm.governance.v1 import decision_pb2
 from arm.registry.v1 import compat_pb2
 from arm_common.auth import Principal
 from arm_common.errors import InvalidArgument
+from arm_common.ids import new_id
 from arm_common.outbox import TOPIC_CHANGE_RECORD, TOPIC_OP_EVENT
 from arm_engine import engine
 from arm_governance import convert
@@ -42,6 +44,7 @@ DECISION_COLUMNS = ("id", "tenant_id", "request_id", "instance_id", "legacy_agen
                     "approval_id", "request", "agent", "response", "decided_at", "response_part")
 OUTBOX_COLUMNS = ("message_id", "topic", "tenant_id", "payload", "created_at", "attempts", "next_attempt_at")
 _DECIDED_AT = DECISION_COLUMNS.index("decided_at")
+_PER_DENIAL = ("record_id", "target_id", "occur_time")  # with the payload's decision_id and policy_epoch
 _EPOCH_NAIVE = datetime(1970, 1, 1)  # noqa: DTZ001 - COPY stores UTC without a zone (see log._naive_utc)
 
 
@@ -56,6 +59,9 @@ class _Part:
     response: bytes  # CheckResponse without the per-decision fields
     deny: bool
     part_id: str  # its id in `decision_responses` (responses.part_id)
+    denials: dict[tuple[str, str, str, str], bytes] = field(default_factory=dict)
+    """A DENY's POLICY_DENIED record less its per-decision fields, serialized, per (actor type,
+    actor id, agent ref, tool name): see `LocalRows._denied`."""
 
 
 class LocalRows:
@@ -63,6 +69,7 @@ class LocalRows:
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
+        self._denials = 0  # records cached in the parts' `denials`
         self._parts: dict[tuple[bytes, str, bytes], _Part] = {}
         self.stored: set[str] = set()
         """Ids of response parts known to be in `decision_responses` (committed): the caller adds
@@ -77,6 +84,7 @@ class LocalRows:
                          result.effect == engine.Effect.DENY, part_id(tenant_id, response))
             if len(self._parts) >= self.limit:
                 self._parts.clear()
+                self._denials = 0
                 self.stored.clear()
             self._parts[(agent, tenant_id, key)] = part
         return part
@@ -94,6 +102,8 @@ class LocalRows:
         instance_id, legacy_agent_id = resolved.instance_id, resolved.legacy_agent_id
         version_id, project_id = resolved.version_id, resolved.project_id
         own = decision_pb2.CheckResponse()  # the decision's own fields, all set for every row
+        mine = common_pb2.ChangeRecord()  # a DENY's POLICY_DENIED record: the decision's own fields
+        occur, mine_payload = mine.occur_time, mine.payload.fields
         stamp = own.decide_time
         serialize = own.SerializeToString
         rows: list[tuple[Any, ...]] = []
@@ -121,11 +131,39 @@ class LocalRows:
                          "", req.SerializeToString(), agent, serialize(), decided, part.part_id))
             out: list[tuple[Any, ...]] = []
             if part.deny:
-                change = Decider._denied_record(p, req, resolved, result, decision_id, epoch,
-                                                decided.replace(tzinfo=UTC))
-                out.append((change.record_id, TOPIC_CHANGE_RECORD, tenant_id, change.SerializeToString(), now, 0, now))
+                record_id = new_id("chg")
+                mine.record_id, mine.target_id = record_id, req.tool_call_id or decision_id
+                occur.seconds, occur.nanos = seconds, nanos
+                mine_payload["decision_id"].string_value = decision_id
+                mine_payload["policy_epoch"].number_value = epoch
+                out.append((record_id, TOPIC_CHANGE_RECORD, tenant_id,
+                            self._denied(part, p, resolved, req) + mine.SerializeToString(), now, 0, now))
             messages.append(out)
         return rows, messages, parts
+
+    def _denied(self, part: _Part, p: Principal, resolved: compat_pb2.ResolvedAgent,
+                req: decision_pb2.CheckRequest) -> bytes:
+        """What `Decider._denied_record` builds for a DENY of `part`'s result, less the fields a
+        decision sets itself (record id, target id, occurrence time, the payload's decision id
+        and policy epoch), serialized once per (actor, agent ref, tool): `build` appends those
+        fields' serialization, and protobuf's concatenation is the merge (the Struct's map
+        entries included), so the two parse to the very record `_denied_record` gives."""
+        kind = req.WhichOneof("agent") or "instance_id"
+        key = (p.actor_type, p.actor_id, getattr(req, kind), req.tool_name)
+        prefix = part.denials.get(key)
+        if prefix is None:
+            record = Decider._denied_record(p, req, resolved, part.result, "dec_", 0, _EPOCH_NAIVE)
+            for name in _PER_DENIAL:
+                record.ClearField(name)  # type: ignore[arg-type]
+            del record.payload.fields["decision_id"]
+            del record.payload.fields["policy_epoch"]
+            if self._denials >= self.limit:  # bounded over all parts (~0.7 kB each), not per part
+                for cached in self._parts.values():
+                    cached.denials.clear()
+                self._denials = 0
+            self._denials += 1
+            prefix = part.denials[key] = record.SerializeToString()
+        return prefix
 
 
 def op_events_marker(tenant_id: str, decision_ids: list[str], now: datetime) -> tuple[Any, ...]:
