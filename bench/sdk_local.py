@@ -183,7 +183,7 @@ async def orchestrate(args: argparse.Namespace) -> None:
             print("## reference: ARM's remote Check (check_grpc.py's load generator, its own process); "
                   "Cerbos is measured by bench/peers (not in this tree)")
             for in_flight in (64, 1):
-                r = run_load(addr["governance"], agent_key, instance, in_flight, args.seconds, 1, False,
+                r: dict[str, Any] = run_load(addr["governance"], agent_key, instance, in_flight, args.seconds, 1, False,
                              [p.pid for p in procs], tools=TOOLS)
                 print(f"{'remote Check':28} {in_flight:>3} in flight {r['calls_per_s']:>9.0f}/s  "
                       f"p50 {r['p50_ms'] * 1000:>8.0f} µs  p99 {r['p99_ms'] * 1000:>8.0f} µs")
