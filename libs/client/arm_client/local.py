@@ -49,6 +49,7 @@ from arm_common.decision_inputs import (
     result_fields,
     risk_classifier,
 )
+from arm_common.wire import SMALL_VARINTS, encode_varint, repeated, varint
 from arm_engine import engine
 
 try:
@@ -291,7 +292,7 @@ def _compile(inputs: decision_pb2.DecisionInputs, default: engine.Classifier) ->
     return _Inputs(agent, policy, engine.Controls(control_mode_name(inputs.tenant_control),
                                                   control_mode_name(inputs.project_control)),
                    classifier, inputs.policy_epoch,
-                   inputs.budgets_apply, b"\x78" + _varint(inputs.policy_epoch) if inputs.policy_epoch else b"",
+                   inputs.budgets_apply, b"\x78" + varint(inputs.policy_epoch) if inputs.policy_epoch else b"",
                    inputs.spend if inputs.budgets_apply and inputs.HasField("spend") else None)
 
 
@@ -453,17 +454,17 @@ class LocalDecider:
         # The response's bytes: the result's (cached) + decision_id, policy_epoch, decide_time.
         seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
         if seconds != self._second:
-            self._second, self._second_field = seconds, b"\x08" + _varint(seconds)
-        stamp = self._second_field + b"\x10" + _encode_varint(nanos) if nanos else self._second_field
+            self._second, self._second_field = seconds, b"\x08" + varint(seconds)
+        stamp = self._second_field + b"\x10" + encode_varint(nanos) if nanos else self._second_field
         encoded_id = decision_id.encode()
-        id_field = _SMALL_VARINTS[len(encoded_id)] + encoded_id
+        id_field = SMALL_VARINTS[len(encoded_id)] + encoded_id
         response_bytes = b"".join((parts.response, b"\x6a", id_field, inputs.epoch_field,
-                                   b"\x8a\x01", _SMALL_VARINTS[len(stamp)], stamp))
+                                   b"\x8a\x01", SMALL_VARINTS[len(stamp)], stamp))
         # A LocalDecision's bytes (fields 1-3), without copying the request into a new message.
         request_bytes = request.SerializeToString()
         self.spool.append(b"".join((b"\x0a", id_field,
-                                    b"\x12", _varint(len(request_bytes)), request_bytes,
-                                    b"\x1a", _varint(len(response_bytes)), response_bytes)))
+                                    b"\x12", varint(len(request_bytes)), request_bytes,
+                                    b"\x1a", varint(len(response_bytes)), response_bytes)))
         self.local += 1
         clock = time.monotonic()
         if clock - self._yielded > 0.001:
@@ -509,7 +510,7 @@ class LocalDecider:
     async def _ship_batch(self, records: list[tuple[int, bytes]], slots: asyncio.Semaphore) -> None:
         # A RecordLocalDecisionsRequest is its LocalDecisions as field 1: their concatenation is
         # the request's wire form, sent as it is (no parsing and re-serializing per decision).
-        request = b"".join(b"\x0a" + _varint(len(body)) + body for _, body in records)
+        request = repeated(b"\x0a", (body for _, body in records))
         delay = 0.05
         try:
             while True:
@@ -545,22 +546,3 @@ class LocalDecider:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.spool.close()
-
-
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-_SMALL_VARINTS = [_encode_varint(n) for n in range(1 << 14)]  # lengths and small numbers: 1-2 bytes
-
-
-def _varint(n: int) -> bytes:
-    return _SMALL_VARINTS[n] if n < 16384 else _encode_varint(n)

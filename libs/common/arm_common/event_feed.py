@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import grpc
 
 from arm.telemetry.v1 import telemetry_pb2
-from arm_common import tls
+from arm_common import tls, wire
 from arm_common.auth import auth_metadata
 from arm_common.outbox import OutboxMessage
 
@@ -27,18 +27,9 @@ _INGEST = "/arm.telemetry.v1.TelemetryService/IngestEvents"
 _EVENTS_TAG = b"\x12"  # IngestEventsRequest.events: field 2, length-delimited
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def ingest_request(payloads: Sequence[bytes]) -> bytes:
     """The serialized IngestEventsRequest of these serialized OpEvents."""
-    return b"".join(b"%s%s%s" % (_EVENTS_TAG, _varint(len(p)), p) for p in payloads)
+    return wire.repeated(_EVENTS_TAG, payloads)
 
 
 class OpEventForwarder:
