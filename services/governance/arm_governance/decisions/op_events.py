@@ -117,11 +117,9 @@ def op_event(row: Any, parts: Mapping[str, bytes] | None = None) -> events_pb2.O
     return event
 
 
-_COLUMNS = ("id", "tenant_id", "run_id", "tool_call_id", "tool_name", "legacy_agent_id", "instance_id", "version_id",
-            "project_id", "decision", "policy_epoch", "approval_id", "decided_at", "agent", "response", "response_part")
-
-
 class _Row(NamedTuple):
+    """The decision columns an opEvent is made of."""
+
     id: str
     tenant_id: str
     run_id: str
@@ -140,7 +138,7 @@ class _Row(NamedTuple):
     response_part: str | None
 
 
-_PG_ROWS = f"SELECT {', '.join(_COLUMNS)} FROM decisions WHERE id = ANY($1::text[])"
+_PG_ROWS = f"SELECT {', '.join(_Row._fields)} FROM decisions WHERE id = ANY($1::text[])"
 
 
 async def decision_rows(s: AsyncSession, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
@@ -158,10 +156,7 @@ async def decision_rows(s: AsyncSession, keys: Iterable[tuple[str, str]]) -> dic
         return found
     for start in range(0, len(wanted), _READ_CHUNK):
         chunk = wanted[start:start + _READ_CHUNK]
-        rows = (await s.execute(select(
-            d.id, d.tenant_id, d.run_id, d.tool_call_id, d.tool_name, d.legacy_agent_id, d.instance_id,
-            d.version_id, d.project_id, d.decision, d.policy_epoch, d.approval_id, d.decided_at, d.agent,
-            d.response, d.response_part).where(
+        rows = (await s.execute(select(*(getattr(d, c) for c in _Row._fields)).where(
             d.id.in_([k[1] for k in chunk])))).all()
         found.update(((r.tenant_id, r.id), r) for r in rows)
     return found
