@@ -617,4 +617,3 @@ class _HttpServer(uvicorn.Server):
 
     def stop(self) -> None:
         self.should_exit = True
-
