@@ -114,6 +114,26 @@ async def test_a_failed_run_and_concurrent_runs_stay_apart(agent: Agent) -> None
     assert failed[1].payload["error_type"] == "ValueError"
 
 
+async def test_events_given_one_id_are_stored_once(agent: Agent) -> None:
+    """`emit(event_id=...)`: two reports of one outcome under one id (the gateway's
+    TOOL_CALL_BLOCKED of a DENY and the one governance derives from the logged decision) are
+    one event in telemetry."""
+    arm = agent.arm()
+    blocked = T.Value("OP_EVENT_TYPE_TOOL_CALL_BLOCKED")
+    try:
+        async with arm.run("one id") as run:
+            given = f"evt-once-{run.run_id}"
+            first = arm.emit(blocked, payload={"report": 1}, event_id=given)
+            second = arm.emit(blocked, payload={"report": 2}, event_id=given)
+            other = arm.emit(blocked, payload={"report": 3})
+        assert first == second == given != other
+        assert await arm.flush()
+        events = [e for e in await trace(agent, run.run_id) if e.type == blocked]
+        assert sorted(e.event_id for e in events) == sorted([given, other])
+    finally:
+        await arm.close()
+
+
 async def test_telemetry_down_for_a_while_then_back(agent: Agent, registry: RegistryServer,
                                                     tmp_path: Path) -> None:
     port = free_port()

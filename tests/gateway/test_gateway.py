@@ -170,6 +170,8 @@ async def test_allow_deny_and_approval_through_the_gateway(agent: Agent, tmp_pat
     assert events[4].payload["approval_id"] == approval.approval_id
     assert all(events[i].payload["duration_ms"] >= 0 for i in (2, 3, 5, 6))
     assert events[3].payload["decision"] == "DENY"
+    # Under the id of the opEvent governance derives from that logged DENY: telemetry keeps one.
+    assert events[3].event_id == f"evt-{events[3].payload['decision_id']}"
 
 
 LOCAL_ID = re.compile(r"dec_[0-9a-f]{12}[0-9]{10}")
@@ -193,6 +195,7 @@ async def test_allowed_and_denied_calls_are_decided_in_the_gateway_and_logged_by
     events = await run_trace(agent, run_id)
     decided = [e for e in events if e.type in (EV.OP_EVENT_TYPE_TOOL_CALL_STARTED, EV.OP_EVENT_TYPE_TOOL_CALL_BLOCKED)]
     assert len(decided) == 21 and decided[-1].payload["decision"] == "DENY"
+    assert decided[-1].event_id == f"evt-{decided[-1].payload['decision_id']}"
     assert LOCAL_ID.fullmatch(decided[-1].payload["decision_id"])
     assert any(LOCAL_ID.fullmatch(e.payload["decision_id"]) for e in decided[:-1])
     for e in decided:

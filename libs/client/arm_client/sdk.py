@@ -699,21 +699,22 @@ class Arm:
                    tool_call_id=tool_call_id, payload=payload)
 
     def emit(self, event_type: int, *, run_id: str | None = None, tool_call_id: str = "",
-             payload: Mapping[str, Any] | None = None) -> str:
-        """Queues any opEvent (e.g. RUN_STEP, MESSAGE_SENT) for the current run; returns its id."""
+             payload: Mapping[str, Any] | None = None, event_id: str | None = None) -> str:
+        """Queues any opEvent (e.g. RUN_STEP, MESSAGE_SENT) for the current run; returns its id.
+        `event_id`: the event's id (default a new one); telemetry stores one event per id."""
         run = _current_run.get()
         return self._emit(event_type, run_id=run_id if run_id is not None else (run.run_id if run else ""),
-                          tool_call_id=tool_call_id, payload=payload)
+                          tool_call_id=tool_call_id, payload=payload, event_id=event_id)
 
     def _emit(self, event_type: int, *, run_id: str = "", tool_call_id: str = "",
-              payload: Mapping[str, Any] | None = None) -> str:
+              payload: Mapping[str, Any] | None = None, event_id: str | None = None) -> str:
         # Strictly increasing microseconds: a run trace orders by time, and these are one
         # process's events in the order they happened.
         now_us = time.time_ns() // 1000
         with self._clock_lock:
             now_us = max(now_us, self._last_us + 1)
             self._last_us = now_us
-        event_id = f"{self._event_prefix}-{next(self._event_seq):010d}"
+        event_id = event_id or f"{self._event_prefix}-{next(self._event_seq):010d}"
         ev = events_pb2.OpEvent(event_id=event_id, type=event_type,  # type: ignore[arg-type]
                                 run_id=run_id, tool_call_id=tool_call_id, **self._event_agent())
         ev.occur_time.FromMicroseconds(now_us)

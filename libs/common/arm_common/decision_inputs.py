@@ -18,6 +18,14 @@ _CONTROL_NAMES = {policy_pb2.OPERATOR_CONTROL_MODE_NORMAL: "NORMAL",
                   policy_pb2.OPERATOR_CONTROL_MODE_QUARANTINED: "QUARANTINED"}
 
 
+def decision_event_id(decision_id: str) -> str:
+    """The id of the opEvent governance derives from a logged decision (DECISION_MADE, or
+    TOOL_CALL_BLOCKED for a DENY). Telemetry stores one event per tenant and id, so a runtime
+    that reports the same outcome itself (the MCP gateway's TOOL_CALL_BLOCKED of a DENY) gives
+    its event this id, and the call is recorded as blocked once."""
+    return f"evt-{decision_id}"
+
+
 def control_mode_name(mode: int | None) -> str:
     return _CONTROL_NAMES.get(mode or policy_pb2.OPERATOR_CONTROL_MODE_NORMAL, "NORMAL")  # type: ignore[call-overload]
 

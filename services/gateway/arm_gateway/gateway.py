@@ -76,6 +76,7 @@ from arm_client.errors import (
 )
 from arm_client.local import SpoolError
 from arm_client.sdk import OPEN_STATUSES, Decision, risk_level
+from arm_common.decision_inputs import decision_event_id
 from arm_gateway.config import GatewayConfig, UpstreamConfig
 from arm_gateway.direct import DirectCalls
 from arm_gateway.fast import FastCalls
@@ -410,8 +411,8 @@ class Gateway:
         tcid = f"tc-{secrets.token_hex(8)}"
         risk = up.config.risk_of(tool)
 
-        def blocked(text: str, **payload: Any) -> types.CallToolResult:
-            arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_BLOCKED, run_id=session.run_id, tool_call_id=tcid,
+        def blocked(text: str, event_id: str | None = None, **payload: Any) -> types.CallToolResult:
+            arm.emit(EV.OP_EVENT_TYPE_TOOL_CALL_BLOCKED, run_id=session.run_id, tool_call_id=tcid, event_id=event_id,
                      payload={"tool_name": name, "duration_ms": (time.perf_counter() - started) * 1000, **payload})
             return error_result(text)
 
@@ -463,9 +464,11 @@ class Gateway:
         if decision.denied:
             session.pending.pop(key, None)
             reasons = "; ".join(f"{r.code}: {r.message}" for r in decision.reasons) or "no reason given"
+            # Governance derives a TOOL_CALL_BLOCKED from the logged DENY too: under the id it
+            # gives it (decision_event_id), telemetry keeps one of the two.
             return blocked(f'ARM policy denied the call to "{name}"; it was not run. Reason: {reasons} '
-                           "Do not retry it unchanged.", decision="DENY", decision_id=decision.decision_id,
-                           reasons=[r.code for r in decision.reasons])
+                           "Do not retry it unchanged.", event_id=decision_event_id(decision.decision_id),
+                           decision="DENY", decision_id=decision.decision_id, reasons=[r.code for r in decision.reasons])
         session.pending.pop(key, None)
         return await self.forward(session, up, name, tool, arguments, decision, tcid)
 

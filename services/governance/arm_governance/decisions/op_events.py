@@ -22,7 +22,7 @@ from arm.governance.v1 import decision_pb2, policy_pb2
 from arm.registry.v1 import compat_pb2
 from arm.telemetry.v1 import events_pb2
 from arm_common.db import Database, driver_connection
-from arm_common.decision_inputs import result_from_response
+from arm_common.decision_inputs import decision_event_id, result_from_response
 from arm_common.messages import ts
 from arm_common.outbox import TOPIC_OP_EVENT, Deliver, OutboxMessage
 from arm_governance import models
@@ -100,7 +100,7 @@ def op_event(row: Any, parts: Mapping[str, bytes] | None = None) -> events_pb2.O
         fields = _payload_fields(decision_pb2.CheckResponse.FromString(row.response))
     blocked = row.decision == policy_pb2.DECISION_DENY
     event = events_pb2.OpEvent(
-        event_id=f"evt-{row.id}", tenant_id=row.tenant_id, occur_time=ts(row.decided_at),
+        event_id=decision_event_id(row.id), tenant_id=row.tenant_id, occur_time=ts(row.decided_at),
         type=events_pb2.OP_EVENT_TYPE_TOOL_CALL_BLOCKED if blocked else events_pb2.OP_EVENT_TYPE_DECISION_MADE,
         run_id=row.run_id, tool_call_id=row.tool_call_id, legacy_agent_id=row.legacy_agent_id)
     payload = event.payload
@@ -182,7 +182,7 @@ async def expand(s: AsyncSession, messages: Sequence[OutboxMessage]) -> list[Out
             if row is None:
                 missing += 1
                 continue
-            out.append(OutboxMessage(m.position, f"evt-{decision_id}", m.topic, m.tenant_id,
+            out.append(OutboxMessage(m.position, decision_event_id(decision_id), m.topic, m.tenant_id,
                                      op_event(row, stored).SerializeToString(), m.attempts))
     if missing:
         log.warning("%d opEvents not sent: their decisions are no longer in the decision log", missing)
